@@ -1,0 +1,45 @@
+# Entry points: `make launch RECIPE=vgg_finetune [CLUSTER=local] [ARGS="trainer.epochs=2"]`, `make test`.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+RECIPE ?= digits
+CLUSTER ?= local
+ARGS ?=
+RUN_NAME ?=
+PRETRAINED := artifacts/vgg_pretrain.pt
+
+.PHONY: setup launch test test-fast bench slurm-up slurm-down clean
+
+setup: $(VENV)/.installed
+
+# Pinning torch first keeps pip from replacing it with a multi-GB CUDA build when resolving the rest.
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -m pip install -q -e ".[dev]" "torch==$(TORCH_VERSION)"
+	touch $@
+
+# vgg_finetune starts from weights that vgg_pretrain learned on the other half of the digits.
+$(PRETRAINED): | setup
+	$(PY) -m launcher launch vgg_pretrain --run-name vgg_pretrain --cluster $(CLUSTER)
+	$(PY) -m launcher export vgg_pretrain --to $(PRETRAINED) --cluster $(CLUSTER)
+
+launch: setup $(if $(filter vgg_finetune,$(RECIPE)),$(PRETRAINED))
+	$(PY) -m launcher launch $(RECIPE) --cluster $(CLUSTER) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(ARGS)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
+
+slurm-up:
+	bash scripts/slurm_local.sh start
+
+slurm-down:
+	bash scripts/slurm_local.sh stop
+
+clean:
+	rm -rf runs artifacts bench/results

@@ -1,0 +1,84 @@
+"""Distributed setup and parallelism, applied to a plain model by functions (torchtitan's way)."""
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.env import RankEnv
+from launcher.config import ParallelConfig, TrainerConfig
+
+log = logging.getLogger("jobs.parallel")
+
+
+def pick_device(cfg: TrainerConfig, env: RankEnv) -> torch.device:
+    """cuda:<local_rank> when asked for or available under `auto`; the choice is logged, not silent."""
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("trainer.device=cuda but no CUDA device is visible; use trainer.device=cpu")
+        torch.cuda.set_device(env.local_rank)
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    if env.is_main:
+        why = "requested" if cfg.device != "auto" else "auto: " + ("CUDA available" if device.type == "cuda"
+                                                                   else "no CUDA device")
+        log.info("device %s (%s)", device, why)
+    return device
+
+
+def init_distributed(env: RankEnv, device: torch.device) -> None:
+    """NCCL on CUDA, gloo on CPU; a single rank runs without a process group."""
+    if not env.distributed or dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                            timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+    if env.is_main:
+        log.info("process group: %s, %d ranks, rendezvous %s:%d", backend, env.world_size,
+                 env.master_addr, env.master_port)
+
+
+def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
+    """Wrap a plain model for the configured strategy (only DDP so far; FSDP/pipeline slot in here)."""
+    model = model.to(device)
+    if not env.distributed:
+        return model
+    if cfg.strategy == "ddp":
+        ids = [device.index] if device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    raise ValueError(f"parallel.strategy {cfg.strategy!r} is not implemented")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        values /= dist.get_world_size()
+    return values
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is True on any rank: how ranks agree on a stop at a step boundary."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,59 @@
+"""Rank entry point: `python -m jobs.train --run-dir RUN_DIR` (started by torchrun, srun or submitit).
+
+It reads the resolved config that the launcher wrote into the run directory and the rank
+environment (torchrun's variables), and knows nothing about which backend started it."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from jobs import parallel
+from jobs.env import RankEnv
+from jobs.preempt import StopFlag
+from jobs.trainer import RunInfo, train
+from launcher.config import ClusterConfig, RecipeConfig, load_resolved
+
+
+def setup_logging(run_dir: Path, env: RankEnv) -> None:
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+    to_file = logging.FileHandler(run_dir / "logs" / f"rank{env.rank}.log")
+    to_file.setFormatter(fmt)
+    to_console = logging.StreamHandler(sys.stdout)
+    to_console.setFormatter(fmt)
+    to_console.setLevel(logging.INFO if env.is_main else logging.WARNING)  # one voice on the console
+    root = logging.getLogger()
+    root.handlers[:] = [to_file, to_console]
+    root.setLevel(logging.INFO)
+
+
+def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+    env = env or RankEnv.from_environ()
+    env.check()
+    stop = stop or StopFlag().install()
+    setup_logging(run_dir, env)
+    recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
+    cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
+    info = json.loads((run_dir / "run.json").read_text())
+    run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
+                  resume=info.get("resume", "auto") == "auto", checkpoint_uri=info.get("checkpoint_uri"))
+    try:
+        return train(recipe, run, cluster.storage, env, stop)
+    finally:
+        parallel.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    run_training(args.run_dir.resolve())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""`launcher` command line: a thin layer over config loading, run directories and backends."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from launcher import backends
+from launcher.config import load_cluster, load_recipe, to_yaml
+from launcher.errors import UsageError
+from launcher.runs import default_run_name, find_run, prepare_run, runs_root
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cluster = load_cluster(args.cluster)
+    cluster.check_recipe(recipe, f"cluster config {args.cluster}")
+    print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, "
+          f"gradient accumulation {recipe.grad_accum}, default run name {default_run_name(recipe)}")
+    print(to_yaml(recipe), end="")
+    print(f"# cluster {cluster.name}")
+    print(to_yaml(cluster), end="")
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    cluster = load_cluster(args.cluster)
+    cluster.check_recipe(recipe, f"cluster config {args.cluster}")
+    backend = backends.get(cluster)
+    backend.check(recipe, cluster)  # everything is validated before a directory is made or a job started
+    name = args.run_name or default_run_name(recipe)
+    run = prepare_run(recipe, cluster, name, runs_root(cluster, args.runs_dir), args.resume)
+    print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
+    code = backend.launch(recipe, cluster, run)
+    return _report(run.dir, code)
+
+
+def _report(run_dir: Path, code: int) -> int:
+    result_path = run_dir / "result.json"
+    if code == 0 and result_path.exists():
+        result = json.loads(result_path.read_text())
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("val/"))
+        print(f"{result['outcome']} at step {result['step']}: {metrics}", flush=True)
+    elif code != 0:
+        print(f"run failed with exit code {code}; logs: {run_dir / 'logs'}", file=sys.stderr)
+    return code
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export_run
+
+    cluster = load_cluster(args.cluster)
+    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    where, n = export_run(run, Path(args.to))
+    print(f"wrote {args.to}: {n} tensors from {where}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    cluster = load_cluster(args.cluster)
+    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    for key, value in backends.status(run).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    cluster = load_cluster(args.cluster)
+    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    path = run.dir / "logs" / f"rank{args.rank}.log"
+    if not path.exists():
+        raise UsageError(f"{path}: no log for rank {args.rank} (yet)")
+    with open(path) as f:
+        sys.stdout.write(f.read())
+        while args.follow and backends.status(run).get("state") in ("running", "pending", "requeued"):
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+        sys.stdout.write(f.read())
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    cluster = load_cluster(args.cluster)
+    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    print(backends.cancel(run))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launcher", description="Launch PyTorch training recipes anywhere.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(fn=fn)
+        p.add_argument("--cluster", default=os.environ.get("LAUNCHER_CLUSTER", "local"),
+                       help="cluster config name or path (default local)")
+        p.add_argument("--runs-dir", default=os.environ.get("LAUNCHER_RUNS_DIR"),
+                       help="where run directories live (default: the cluster config's runs_dir)")
+        return p
+
+    p = add("show", cmd_show, "print the resolved recipe and cluster config")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p = add("launch", cmd_launch, "validate, then start a run (or resume it)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--run-name", help="stable name; launching it again resumes it (default: recipe-confighash)")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest committed checkpoint (default)")
+    p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
+    p.add_argument("run")
+    p.add_argument("--to", required=True, help="output file (path or fsspec URI)")
+    p = add("status", cmd_status, "show a run's state")
+    p.add_argument("run")
+    p = add("logs", cmd_logs, "print a rank's log")
+    p.add_argument("run")
+    p.add_argument("--rank", type=int, default=0)
+    p.add_argument("--follow", "-f", action="store_true")
+    p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
+    p.add_argument("run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return err.exit_code
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
