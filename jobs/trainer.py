@@ -117,13 +117,16 @@ def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, datasets: tuple[Data
     progress = _progress(recipe, total, st.step, env)
     last_save, loss_sum, loss_n, window_start = time.monotonic(), torch.zeros((), device=device), 0, time.perf_counter()
     last_eval: dict[str, float] = {}
-    outcome = "completed"
+    outcome, first_step = "completed", True
     while st.step < total:
         sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
         for micro in _micro_batches(train_set, sampler, st.step_in_epoch, steps_per_epoch, t.micro_batch, accum,
                                     recipe.data.num_workers):
             loss_sum += _train_step(parts, micro, recipe, device)
             loss_n += 1
+            if first_step and env.is_main:  # process start to first step: the launch benchmark reads this
+                (run.run_dir / "first_step.json").write_text(json.dumps({"time": time.time(), "step": st.step + 1}))
+            first_step = False
             st.step += 1
             st.step_in_epoch += 1
             if progress is not None:

@@ -220,7 +220,7 @@ class RecipeConfig:
                 src, "trainer.grad_accum",
                 f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
                 "leave trainer.grad_accum unset to derive it")
-        if self.model.name == "cnn" and self.model.pretrained is None and self.model.freeze:
+        if self.model.pretrained is None and self.model.freeze:
             raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
                               "set model.pretrained or drop model.freeze")
 

@@ -1,0 +1,94 @@
+"""Run under torchrun: the trainer's time per step against a hand-written DDP loop on the same
+model, data and ranks, alternating A/B blocks in one process group so both see the same machine."""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler
+
+from jobs import parallel
+from jobs.data import build_datasets
+from jobs.env import RankEnv
+from jobs.models import build_model
+from jobs.preempt import StopFlag
+from jobs.trainer import RunInfo, train
+from launcher.config import RecipeConfig, StorageConfig, load_recipe
+
+STEPS, WINDOW = 60, 10
+OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.epochs=null", "checkpoint.every_steps=0",
+             "checkpoint.at_end=false", f"logging.log_every={WINDOW}", "logging.progress_bar=false",
+             "trainer.eval_every=0", "model.dropout=0"]
+
+
+def plain_ddp(recipe: RecipeConfig, env: RankEnv) -> list[float]:
+    """The loop a user would write by hand: seconds per step for each window after the first."""
+    t = recipe.trainer
+    torch.manual_seed(t.seed)
+    train_set, _ = build_datasets(recipe.data, recipe.model)
+    model = torch.nn.parallel.DistributedDataParallel(build_model(recipe.model))
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
+    sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=t.seed, drop_last=True)
+    windows, step, start = [], 0, time.perf_counter()
+    while step < STEPS:
+        sampler.set_epoch(step)
+        for x, y in DataLoader(train_set, batch_size=t.micro_batch, sampler=sampler, drop_last=True):
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step % WINDOW == 0:
+                loss.item()
+                windows.append((time.perf_counter() - start) / WINDOW)
+                start = time.perf_counter()
+            if step == STEPS:
+                break
+    return windows[1:]
+
+
+def ours(recipe: RecipeConfig, env: RankEnv) -> list[float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        run_dir = Path(tmp)
+        if env.world_size > 1:
+            box = [tmp if env.is_main else None]
+            dist.broadcast_object_list(box)
+            run_dir = Path(box[0])
+        run = RunInfo(run_dir, "bench", "bench", resume=False, checkpoint_uri=None)
+        train(recipe, run, StorageConfig(), env, StopFlag())
+        if env.world_size > 1:
+            dist.barrier()
+        if not env.is_main:
+            return []
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        per_step = [recipe.trainer.global_batch / x["samples_per_s"] for x in lines if "samples_per_s" in x]
+        return per_step[1:]
+
+
+def main() -> None:
+    env = RankEnv.from_environ()
+    recipe_name = sys.argv[1] if len(sys.argv) > 1 else "vgg_pretrain"
+    recipe = load_recipe(recipe_name, OVERRIDES + [f"parallel.procs_per_node={env.world_size}"])
+    parallel.init_distributed(env, torch.device("cpu"))
+    plain: list[float] = []
+    mine: list[float] = []
+    for _ in range(2):  # A B A B: drift in machine load hits both sides
+        plain += plain_ddp(recipe, env)
+        mine += ours(recipe, env)
+    if env.is_main:
+        p, m = statistics.median(plain), statistics.median(mine)
+        print(json.dumps({"recipe": recipe_name, "ranks": env.world_size, "plain_s_per_step": p,
+                          "trainer_s_per_step": m, "ratio": m / p}))
+    parallel.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""`make bench`: writes bench/results/bench.json and prints a table.
+
+(a) trainer s/step vs a hand-written DDP loop (same model, data, ranks; one run, ratio; goal <= 1.03)
+(b) seconds from `launcher launch` to the first finished step vs bare torchrun on a minimal script
+(c) checkpoints (when jobs.checkpoint is present): blocked seconds per async save vs torch.save
+    of the same >= 100M-parameter state; seconds to resume vs a fresh start
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+OUT = REPO / "bench" / "results"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def torchrun(*args: str, nproc: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+
+
+def bench_step_overhead(recipe: str) -> dict:
+    proc = subprocess.run(torchrun("-m", "bench.ddp_overhead", recipe), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, check=True)
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def bench_startup(repeats: int) -> dict:
+    ours, bare = [], []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.time()
+            subprocess.run([sys.executable, "-m", "launcher", "launch", "digits", "trainer.max_steps=1",
+                            "checkpoint.at_end=false", "--runs-dir", tmp, "--run-name", f"startup{i}"],
+                           cwd=REPO, env=ENV, capture_output=True, check=True)
+            first = json.loads((Path(tmp) / f"startup{i}" / "first_step.json").read_text())["time"]
+            ours.append(first - start)
+        start = time.time()
+        proc = subprocess.run(torchrun(str(REPO / "bench" / "minimal_ddp.py")), cwd=REPO, env=ENV,
+                              capture_output=True, text=True, check=True)
+        bare.append(json.loads(proc.stdout.strip().splitlines()[-1])["first_step_time"] - start)
+    return {"launcher_s_to_first_step": statistics.median(ours), "torchrun_s_to_first_step": statistics.median(bare),
+            "repeats": repeats}
+
+
+def bench_checkpoints() -> dict | None:
+    try:
+        from bench import checkpoint_bench
+    except ImportError:
+        return None
+    return checkpoint_bench.run()
+
+
+def table(results: dict) -> str:
+    rows = []
+    a = results["step_overhead"]
+    rows.append(("trainer s/step (2 ranks, %s)" % a["recipe"], f"{a['trainer_s_per_step'] * 1e3:.2f} ms",
+                 f"plain DDP {a['plain_s_per_step'] * 1e3:.2f} ms", f"ratio {a['ratio']:.3f} (goal <= 1.03)"))
+    b = results["startup"]
+    rows.append(("launch -> first step", f"{b['launcher_s_to_first_step']:.2f} s",
+                 f"bare torchrun {b['torchrun_s_to_first_step']:.2f} s",
+                 f"ratio {b['launcher_s_to_first_step'] / b['torchrun_s_to_first_step']:.2f}"))
+    for row in results.get("checkpoint_rows", []):
+        rows.append(tuple(row))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--recipe", default="vgg_pretrain")
+    parser.add_argument("--startup-repeats", type=int, default=3)
+    parser.add_argument("--only", choices=["step", "startup", "checkpoint"], default=None)
+    args = parser.parse_args()
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if args.only in (None, "step"):
+        results["step_overhead"] = bench_step_overhead(args.recipe)
+    if args.only in (None, "startup"):
+        results["startup"] = bench_startup(args.startup_repeats)
+    if args.only in (None, "checkpoint"):
+        ckpt = bench_checkpoints()
+        if ckpt:
+            results["checkpoint"] = ckpt["results"]
+            results["checkpoint_rows"] = ckpt["rows"]
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
+    if "step_overhead" in results and "startup" in results:
+        print(table(results))
+    else:
+        print(json.dumps(results, indent=2))
+    print(f"wrote {OUT / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

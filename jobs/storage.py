@@ -1,0 +1,80 @@
+"""fsspec file systems for paths and URIs (local, file://, s3://, gs://, memory://), configured
+from the cluster's `storage:` section.
+
+Credentials are left to the store's own client (s3fs reads AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+profiles and instance roles); nothing here reads, prints or stores them.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from launcher.config import StorageConfig
+
+# s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
+# store that is down that is minutes per call. The checkpointer does its own backoff, so the
+# client gives up quickly.
+S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
+S3_CALL_RETRIES = 2
+
+
+def filesystem(uri: str, storage: StorageConfig) -> tuple[AbstractFileSystem, str]:
+    """(file system, path inside it) for a local path or an fsspec URI.
+
+    The s3 instance is private (`skip_instance_cache`), so its short retry settings do not leak to
+    other users of s3fs in the process, and its directory listings are our own to invalidate.
+    """
+    if is_s3(uri):
+        fs, path = fsspec.core.url_to_fs(uri, **s3_options(storage))
+        fs.retries = S3_CALL_RETRIES
+        return fs, path
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except ImportError as err:  # e.g. gs:// without gcsfs
+        raise RuntimeError(f"cannot open {uri!r}: {err}. Install the fsspec package for this protocol "
+                           f"(gcsfs for gs://, s3fs for s3://) in the environment the ranks run in") from None
+
+
+def s3_options(storage: StorageConfig) -> dict[str, Any]:
+    """s3fs keyword arguments from the `storage:` section, falling back to the standard AWS variables."""
+    options: dict[str, Any] = {"skip_instance_cache": True, "config_kwargs": dict(S3_CLIENT_CONFIG)}
+    endpoint = storage.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        options["endpoint_url"] = endpoint
+    if storage.profile:
+        options["profile"] = storage.profile
+    region = storage.region or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Local disks can rename atomically; object stores cannot, but their single PUTs are atomic."""
+    return isinstance(fs, LocalFileSystem)
+
+
+def join(uri: str, *names: str) -> str:
+    """Child of a path or URI, keeping the caller's spelling (so `s3://b/run` gives `s3://b/run/x`)."""
+    return "/".join([uri.rstrip("/"), *names])
+
+
+def fresh_listing(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
+    """Entries of a folder as the store has them now ([] if it does not exist).
+
+    s3fs caches listings per instance: without the invalidation a restarted server or files written
+    by another process would not be seen.
+    """
+    fs.invalidate_cache(path)
+    try:
+        return fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
