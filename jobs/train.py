@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     env.check()
     stop = stop or StopFlag().install()
     setup_logging(run_dir, env)
+    logging.getLogger("jobs.train").info("rank %d of %d on %s (local rank %d), run %s", env.rank, env.world_size,
+                                         socket.gethostname(), env.local_rank, run_dir)
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     info = json.loads((run_dir / "run.json").read_text())

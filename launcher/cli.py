@@ -53,11 +53,14 @@ def _report(run_dir: Path, code: int) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import export_run
+    from jobs.export import export_run  # the data plane reads tensors; the CLI only points it at the run
 
     cluster = load_cluster(args.cluster)
     run = find_run(args.run, runs_root(cluster, args.runs_dir))
-    where, n = export_run(run, Path(args.to))
+    try:
+        where, n = export_run(run.dir, args.to)
+    except FileNotFoundError as err:
+        raise UsageError(str(err)) from None
     print(f"wrote {args.to}: {n} tensors from {where}")
     return 0
 
