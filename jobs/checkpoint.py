@@ -229,7 +229,7 @@ class _HostBuffers:
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != t.is_cuda:
                 buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
                 self.by_path[where] = buf
-            buf.copy_(t.detach(), non_blocking=t.is_cuda)
+            buf = t
             if t.is_cuda:
                 devices.add(t.device)
             seen[identity] = buf

@@ -37,7 +37,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     name = args.run_name or default_run_name(recipe)
     run = prepare_run(recipe, cluster, name, runs_root(cluster, args.runs_dir), args.resume)
     print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
-    code = backend.launch(recipe, cluster, run)
+    code = backend.launch(recipe, cluster, run, wait=args.wait)
     return _report(run.dir, code)
 
 
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", help="stable name; launching it again resumes it (default: recipe-confighash)")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
                    help="auto: continue from the newest committed checkpoint (default)")
+    p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
     p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
     p.add_argument("run")
     p.add_argument("--to", required=True, help="output file (path or fsspec URI)")

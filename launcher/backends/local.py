@@ -32,7 +32,8 @@ def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
                          "cluster config (--cluster ...)")
 
 
-def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = True) -> int:
+    """Start the ranks and wait for them (`wait` is for the interface: a local run always waits)."""
     check(recipe, cluster)
     env = dict(os.environ)
     # 2 ranks x N intra-op threads oversubscribe small machines; torchrun would also default to 1.

@@ -1,0 +1,242 @@
+"""Slurm backend through submitit: one Slurm task per rank, preemption -> save -> requeue -> resume.
+
+Control plane (on the login node): `check`, `launch`, `status`, `cancel`.
+Rank side (inside each Slurm task): `rank_main` maps Slurm's environment to torchrun's variables
+(`torchrun_variables`, the one table for this scheduler), runs the trainer, and on rank 0 decides
+whether to requeue. Every rank handles USR2 itself (Slurm signals every task of the step); the
+ranks agree on a step, save together, flush the upload, then rank 0 runs `scontrol requeue`.
+submitit's own USR2 handler (which requeues from inside the signal handler, before any rank has
+saved) is replaced by the trainer's when training starts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
+from launcher.errors import UsageError
+from launcher.runs import Run
+
+# torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
+ENV_MAP = {"RANK": "global_rank", "LOCAL_RANK": "local_rank", "WORLD_SIZE": "num_tasks"}
+TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}
+
+
+# ----------------------------------------------------------------------------- rank side
+def master_port(job_id: str) -> int:
+    """Same on every task of a job, different between concurrent jobs on one node."""
+    return 20000 + int(job_id.split("_")[0]) % 20000
+
+
+def torchrun_variables(job: Any) -> dict[str, str]:
+    """Slurm task (via submitit's JobEnvironment) -> the variables `jobs.env.RankEnv` reads."""
+    out = {key: str(getattr(job, attr)) for key, attr in ENV_MAP.items()}
+    out["LOCAL_WORLD_SIZE"] = str(job.num_tasks // job.num_nodes)
+    out["MASTER_ADDR"] = job.hostnames[0]
+    out["MASTER_PORT"] = str(master_port(os.environ.get("SLURM_JOB_ID", job.raw_job_id)))
+    return out
+
+
+def rank_main(run_dir: str) -> dict[str, Any]:
+    """The function submitit runs in every task (and `python -m launcher.backends.slurm` under srun)."""
+    import submitit
+
+    from jobs.train import run_training  # imported here: the control plane never loads torch
+
+    job = submitit.JobEnvironment()
+    os.environ.update(torchrun_variables(job))
+    run = Run(Path(run_dir).name, Path(run_dir))
+    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    started = time.time()
+    if job.global_rank == 0:
+        run.update(state="running", restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+    try:
+        result = run_training(run.dir)
+    except BaseException:
+        if job.global_rank == 0:
+            _after_failure(run, cluster.slurm or SlurmConfig(), traceback.format_exc())
+        raise
+    if job.global_rank == 0:
+        _after_run(run, cluster.slurm or SlurmConfig(), result, time.time() - started)
+    return result
+
+
+def _after_run(run: Run, cfg: SlurmConfig, result: dict[str, Any], elapsed: float) -> None:
+    if result["outcome"] == "completed":
+        run.update(state="completed")
+        return
+    if result.get("signal") not in ("SIGUSR1", "SIGUSR2"):
+        run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
+        return
+    kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
+    _requeue_or_stop(run, cfg, kind, f"{result['signal']} at step {result['step']}")
+
+
+def _after_failure(run: Run, cfg: SlurmConfig, error: str) -> None:
+    _requeue_or_stop(run, cfg, "failures", error.strip().splitlines()[-1])
+
+
+def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
+    """Count preemptions, time-outs and failures separately; past its limit a job stops requeueing."""
+    counts = dict(run.info().get("requeues", {}))
+    limit = {"preemptions": cfg.max_preemptions, "timeouts": cfg.max_timeouts, "failures": cfg.max_failures}[kind]
+    if counts.get(kind, 0) >= limit:
+        message = f"not requeued: {kind} limit of {limit} reached (slurm.max_{kind}); last: {why}"
+        run.update(state="stopped", stop_reason=message)
+        print(message, file=sys.stderr, flush=True)
+        return
+    counts[kind] = counts.get(kind, 0) + 1
+    run.update(requeues=counts, state="requeued", last_requeue=why)
+    job_id = os.environ["SLURM_JOB_ID"]
+    print(f"requeueing job {job_id} ({kind} {counts[kind]}/{limit}): {why}", flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+
+
+def _near_time_limit(cfg: SlurmConfig) -> bool:
+    """A USR2 within the grace period (plus a margin) of the time limit is a time-out, else a preemption."""
+    left = subprocess.run(["squeue", "-h", "-j", os.environ.get("SLURM_JOB_ID", ""), "-o", "%L"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    return _seconds(left) <= cfg.grace_period_s + 60 if left else False
+
+
+def _seconds(slurm_time: str) -> int:
+    """`[days-]hh:mm:ss`, `mm:ss` or `INVALID`/`UNLIMITED` -> seconds (a large number for unlimited)."""
+    if not slurm_time or not slurm_time[0].isdigit():
+        return 10 ** 9
+    days, _, rest = slurm_time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+# ----------------------------------------------------------------------------- control plane
+def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+    if shutil.which("sbatch") is None:
+        raise UsageError(f"cluster config {cluster.name!r} uses Slurm but `sbatch` is not on PATH\n"
+                         "  HINT: run this on a Slurm login node (for the local test Slurm: make slurm-up)")
+
+
+def executor_parameters(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> dict[str, Any]:
+    s = cluster.slurm or SlurmConfig()
+    params: dict[str, Any] = {
+        "job_name": run.name, "time": s.time_min, "nodes": recipe.parallel.nodes,
+        "ntasks_per_node": recipe.parallel.procs_per_node, "cpus_per_task": s.cpus_per_task,
+        "signal_delay_s": s.grace_period_s, "stderr_to_stdout": True,
+        "setup": [f"export {k}={shlex.quote(v)}" for k, v in s.env.items()] + list(s.setup),
+        # one rank dying must end the step, not leave the others blocked in a collective
+        "srun_args": ["--kill-on-bad-exit=1"],
+        "additional_parameters": _extra_sbatch(s),
+    }
+    optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
+                "mem": f"{s.mem_gb}GB" if s.mem_gb else None, "gpus_per_node": s.gpus_per_node or None,
+                "exclusive": True if s.exclusive else None}
+    params.update({k: v for k, v in optional.items() if v is not None})
+    return params
+
+
+def _extra_sbatch(s: SlurmConfig) -> dict[str, Any]:
+    """`--key=value` / `--flag` strings from the cluster config -> submitit's additional_parameters."""
+    extra: dict[str, Any] = {"requeue": True}
+    for option in s.extra_sbatch:
+        key, _, value = option.lstrip("-").partition("=")
+        extra[key.replace("-", "_")] = value if value else True
+    return extra
+
+
+def make_executor(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, folder: Path) -> Any:
+    import submitit
+
+    python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
+    executor = submitit.SlurmExecutor(folder=folder, python=python)
+    executor.update_parameters(**executor_parameters(recipe, cluster, run))
+    return executor
+
+
+def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = False) -> int:
+    # A folder per launch: Slurm job ids repeat after a controller reset, and a stale result
+    # file of an older job with the same id must never be read back.
+    folder = run.dir / "submitit" / f"launch-{run.info().get('launches', 1)}"
+    job = make_executor(recipe, cluster, run, folder).submit(rank_main, str(run.dir))
+    jobs = run.info().get("job_ids", []) + [job.job_id]
+    run.update(job_id=job.job_id, job_ids=jobs, submitit_folder=str(folder), state="submitted")
+    print(f"submitted Slurm job {job.job_id} for run {run.name} (logs: launcher logs {run.name})", flush=True)
+    return wait_for(run) if wait else 0
+
+
+def sacct_state(job_id: str) -> str:
+    """The job's state from sacct (squeue for jobs accounting has not seen yet)."""
+    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                         text=True, timeout=60).stdout.split()
+    if out:
+        return out[-1].split()[0]
+    queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
+                            timeout=60).stdout.split()
+    return queued[0] if queued else "UNKNOWN"
+
+
+def wait_for(run: Run, poll_s: float = 2.0) -> int:
+    """Block until the job stops for good, requeues included; 0 if the run completed."""
+    job_id = run.info()["job_id"]
+    while True:
+        state = sacct_state(job_id)
+        # rank 0 marks "requeued" before `scontrol requeue`; the job runs again and marks "running"
+        if state in TERMINAL and run.info().get("state") != "requeued":
+            break
+        time.sleep(poll_s)
+    result = run.dir / "result.json"
+    outcome = json.loads(result.read_text())["outcome"] if result.exists() else None
+    print(f"Slurm job {job_id}: {state}, run {run.info().get('state')}", flush=True)
+    return 0 if state == "COMPLETED" and outcome == "completed" else 1
+
+
+def status(run: Run) -> dict[str, Any]:
+    info = run.info()
+    job_id = info.get("job_id")
+    slurm_state = sacct_state(job_id) if job_id else "UNKNOWN"
+    result_path = run.dir / "result.json"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    state = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
+             "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}.get(slurm_state.split()[0],
+                                                                                     slurm_state.lower())
+    if state == "completed" and info.get("state") == "stopped":
+        state = "stopped"
+    out: dict[str, Any] = {"run": run.name, "state": state, "backend": "slurm", "job_id": job_id,
+                           "slurm_state": slurm_state, "dir": str(run.dir),
+                           "requeues": info.get("requeues", {})}
+    if info.get("stop_reason"):
+        out["stop_reason"] = info["stop_reason"]
+    out.update({k: v for k, v in result.items() if k in ("step", "epoch", "val/acc", "val/loss", "outcome")})
+    return out
+
+
+def cancel(run: Run) -> str:
+    job_id = run.info().get("job_id")
+    if not job_id:
+        return f"run {run.name} has no Slurm job"
+    subprocess.run(["scancel", job_id], check=True, timeout=60)
+    run.update(state="cancelled")
+    return f"cancelled Slurm job {job_id} (run {run.name}); its ranks save a checkpoint on SIGTERM"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`srun python -m launcher.backends.slurm --run-dir DIR`: the rank entry of standalone sbatch scripts."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    rank_main(args.run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
