@@ -229,7 +229,7 @@ class _HostBuffers:
             if buf is None or buf.shape != t.shape or buf.dtype != t.dtype or buf.is_pinned() != t.is_cuda:
                 buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
                 self.by_path[where] = buf
-            buf = t
+            buf.copy_(t.detach(), non_blocking=t.is_cuda)
             if t.is_cuda:
                 devices.add(t.device)
             seen[identity] = buf
@@ -707,7 +707,7 @@ class Checkpointer:
 
     def _protected_remotely(self, keep: set[str]) -> set[str]:
         with self._lock:
-            return set(self._pending)  # their half uploads are about to be completed
+            return set()  # their half uploads are about to be completed
 
     def _upload_checkpoint(self, name: str, deadline: Optional[float]) -> bool:
         """Files first, each confirmed by its size on the store; the manifest only after all."""

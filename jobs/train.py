@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -50,7 +51,20 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
         parallel.shutdown()
 
 
+def stop_with_parent() -> None:
+    """Linux: SIGTERM this rank when its parent (torchrun, srun) dies. torchrun starts ranks in their
+    own sessions, so without this a SIGKILLed agent leaves ranks training on as orphans; with it they
+    agree on a step, save and exit like any other stop."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: nothing to do
+
+
 def main(argv: list[str] | None = None) -> int:
+    stop_with_parent()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, required=True)
     args = parser.parse_args(argv)

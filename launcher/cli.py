@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from launcher import backends
+from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
 from launcher.runs import default_run_name, find_run, prepare_run, runs_root
@@ -43,10 +43,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 def _report(run_dir: Path, code: int) -> int:
     result_path = run_dir / "result.json"
-    if code == 0 and result_path.exists():
+    if result_path.exists():
         result = json.loads(result_path.read_text())
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("val/"))
         print(f"{result['outcome']} at step {result['step']}: {metrics}", flush=True)
+        if result["outcome"] == "preempted":
+            print(f"stopped by {result['signal']} after a checkpoint; the same command resumes it", flush=True)
+            return code or 1
     elif code != 0:
         print(f"run failed with exit code {code}; logs: {run_dir / 'logs'}", file=sys.stderr)
     return code
@@ -133,6 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true")
     p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
     p.add_argument("run")
+    p = add("sbatch", sbatch.cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--run-name", help="stable name; submitting it again resumes it (default: recipe-confighash)")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest committed checkpoint (default)")
+    p.add_argument("--submit", action="store_true", help="also submit the script with sbatch")
     return parser
 
 

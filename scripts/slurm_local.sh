@@ -325,7 +325,7 @@ start_munge() {
     fi
     log "starting munged"
     pid_alive "$MUNGE_PID" munged && stop_pid "$MUNGE_PID" munged 5
-    runuser -u munge -- /usr/sbin/munged --force --log-file="$MUNGE_LOG" --pid-file="$MUNGE_PID" \
+    runuser -u munge -- /usr/sbin/munged --force --log-file="$MUNGE_LOG" --pid-file="$MUNGE_PID" 9>&- \
         || die "munged failed to start" "$MUNGE_LOG"
     wait_for 10 munge munge_ok || die "munge credential check failed" "$MUNGE_LOG"
 }
@@ -345,7 +345,7 @@ start_mariadb() {
         log "starting mariadbd"
         setsid /usr/sbin/mariadbd --user=mysql --skip-networking \
             --socket="$MYSQL_SOCK" --pid-file="$MYSQL_PID" \
-            --log-error="$MARIADB_LOG" </dev/null >>"$MARIADB_LOG" 2>&1 &
+            --log-error="$MARIADB_LOG" </dev/null >>"$MARIADB_LOG" 2>&1 9>&- &
         disown || true
         wait_daemon "$TIMEOUT" "$MYSQL_PID" mariadbd mysql_ok \
             || die "mariadbd not answering ping (exited, or ${TIMEOUT}s timeout)" "$MARIADB_LOG"
@@ -366,7 +366,7 @@ start_slurmdbd() {
     fi
     pid_alive "$DBD_PID" slurmdbd && stop_pid "$DBD_PID" slurmdbd 10
     log "starting slurmdbd"
-    /usr/sbin/slurmdbd >>"$LOG_DIR/slurmdbd.log" 2>&1 || die "slurmdbd failed to start" "$LOG_DIR/slurmdbd.log"
+    /usr/sbin/slurmdbd >>"$LOG_DIR/slurmdbd.log" 2>&1 9>&- || die "slurmdbd failed to start" "$LOG_DIR/slurmdbd.log"
     wait_daemon "$TIMEOUT" "$DBD_PID" slurmdbd port_open 6819 \
         || die "slurmdbd not listening on port 6819 (exited, or ${TIMEOUT}s timeout)" "$LOG_DIR/slurmdbd.log" "$MARIADB_LOG"
 }
@@ -376,7 +376,7 @@ start_slurmctld() {
         return 0
     fi
     log "starting slurmctld"
-    /usr/sbin/slurmctld >>"$LOG_DIR/slurmctld.log" 2>&1 || die "slurmctld failed to start" "$LOG_DIR/slurmctld.log"
+    /usr/sbin/slurmctld >>"$LOG_DIR/slurmctld.log" 2>&1 9>&- || die "slurmctld failed to start" "$LOG_DIR/slurmctld.log"
     wait_daemon "$TIMEOUT" "$CTLD_PID" slurmctld timeout 5 scontrol ping \
         || die "slurmctld not answering 'scontrol ping' (exited, or ${TIMEOUT}s timeout)" "$LOG_DIR/slurmctld.log"
 }
@@ -386,7 +386,7 @@ start_slurmd() {
         return 0
     fi
     log "starting slurmd"
-    /usr/sbin/slurmd -N "$HOST" >>"$LOG_DIR/slurmd.log" 2>&1 || die "slurmd failed to start" "$LOG_DIR/slurmd.log"
+    /usr/sbin/slurmd -N "$HOST" >>"$LOG_DIR/slurmd.log" 2>&1 9>&- || die "slurmd failed to start" "$LOG_DIR/slurmd.log"
     wait_for 10 slurmd pid_alive "$SLURMD_PID" slurmd || die "slurmd exited right after start" "$LOG_DIR/slurmd.log"
 }
 

@@ -1,0 +1,129 @@
+"""Tier 2: exact resume. A run stopped at a random step (SIGTERM: it saves first; SIGKILL: it
+does not) and relaunched with the same command ends bit-for-bit equal to an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, read_result, run_cli
+
+# vgg_pretrain keeps dropout on, so the RNG state must be restored too; 11 steps per epoch on 2 ranks
+BASE = ["trainer.epochs=2", "checkpoint.every_steps=4", "logging.log_every=1", "logging.progress_bar=false"]
+CASES = {
+    "2ranks-sigterm": (["parallel.procs_per_node=2"], signal.SIGTERM),
+    "2ranks-sigkill": (["parallel.procs_per_node=2"], signal.SIGKILL),
+    "2ranks-accum-sigterm": (["parallel.procs_per_node=2", "trainer.micro_batch=16"], signal.SIGTERM),
+    "1rank-sigterm": (["parallel.procs_per_node=1"], signal.SIGTERM),
+    "1rank-sigkill": (["parallel.procs_per_node=1"], signal.SIGKILL),
+}
+
+
+def _start(runs_dir: Path, name: str, overrides: list[str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *overrides, "--run-name", name,
+           "--runs-dir", str(runs_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        if metrics.exists():
+            steps = [json.loads(x).get("step", 0) for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.02)
+    raise TimeoutError(f"run never reached step {step}")
+
+
+def _kill_tree(root: int) -> None:
+    """SIGKILL a process and all its descendants at once, as a dying machine would (torchrun runs
+    its ranks in sessions of their own, so a process-group kill would miss them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    for pid in tree:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
+    """Final weights of uninterrupted runs, one per distinct config, shared by the cases."""
+    cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def get(overrides: list[str]) -> dict[str, torch.Tensor]:
+        key = tuple(overrides)
+        if key not in cache:
+            runs = tmp_path_factory.mktemp("straight")
+            run_cli("launch", "vgg_pretrain", *overrides, "--run-name", "straight", runs_dir=runs, check=True)
+            cache[key] = _params(runs / "straight")
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_stopped_and_relaunched_equals_uninterrupted(case: str, runs_dir: Path, uninterrupted) -> None:
+    extra, sig = CASES[case]
+    overrides = BASE + extra
+    target = random.Random().randint(13, 18)  # inside epoch 1 (steps 12-21 of 22)
+    print(f"stopping {case} near step {target}")
+
+    proc = _start(runs_dir, "cut", overrides)
+    _wait_for_step(runs_dir / "cut", target, proc)
+    if sig == signal.SIGKILL:
+        _kill_tree(proc.pid)
+    else:
+        os.kill(proc.pid, sig)  # the launcher forwards it to torchrun, which forwards it to every rank
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, out
+
+    if sig == signal.SIGTERM:
+        stopped = read_result(runs_dir / "cut")
+        assert stopped["outcome"] == "preempted" and stopped["signal"] == "SIGTERM", stopped
+        assert 12 < stopped["step"] < 22 and stopped["epoch"] == 1, f"not a mid-epoch stop: {stopped}"
+        assert stopped["checkpoints_committed"]
+        assert "the same command resumes it" in out
+
+    again = run_cli("launch", "vgg_pretrain", *overrides, "--run-name", "cut", runs_dir=runs_dir, check=True)
+    log = (runs_dir / "cut" / "logs" / "rank0.log").read_text()
+    resumed = [line for line in log.splitlines() if "resumed from" in line]
+    assert resumed, again.stdout
+    resumed_step = int(resumed[-1].split(": step ")[1].split(",")[0])
+    if sig == signal.SIGTERM:
+        assert resumed_step == stopped["step"]  # saved on the signal: nothing lost
+    else:
+        assert resumed_step % 4 == 0 and resumed_step <= target + 4  # the last periodic checkpoint
+    assert read_result(runs_dir / "cut")["outcome"] == "completed"
+
+    straight, cut = uninterrupted(overrides), _params(runs_dir / "cut")
+    assert straight.keys() == cut.keys()
+    for key in straight:
+        assert torch.equal(straight[key], cut[key]), f"{case}: {key} differs after resume"
