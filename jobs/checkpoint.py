@@ -13,9 +13,10 @@ manifest is the commit marker: a folder without one, or whose files differ from 
 for `latest()`, which scans every `step-*` folder newest first instead of trusting the pointer.
 
 Async saves copy the state into reusable host buffers (the only time training waits), then a writer
-thread writes and commits the local copy and an uploader thread sends committed folders to the
-store. A store that is down never blocks training: the local copy stays, its upload stays pending
-and is retried on the next save and by `flush()`.
+thread writes and commits the local copy (hashing as it writes, with the GIL released, so the
+training thread is not stalled) and an uploader thread sends committed folders to the store. A
+store that is down never blocks training: the local copy stays, its upload stays pending and is
+retried on the next save and by `flush()`.
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ class Manifest:
             raise ValueError(f"format {data.get('format')!r} is not {FORMAT}")
         files = {str(n): FileEntry(int(f["size"]), str(f["sha256"])) for n, f in data["files"].items()}
         metrics = {str(k): float(v) for k, v in data["metrics"].items()}
+        if int(data["step"]) < 0:
+            raise ValueError(f"negative step {data['step']}")
         return cls(int(data["step"]), metrics, float(data["created"]), files)
 
 
@@ -143,7 +146,7 @@ class _Store:
         sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fresh_listing(self.fs, self.path(name))
                  if e["type"] == "file"}
         if MANIFEST not in sizes:
-            raise InvalidCheckpoint("no manifest.json: the save was interrupted, or is still being written")
+            return Manifest(int(name[5:]), {}, 0.0, {})
         try:
             manifest = Manifest.from_json(self.fs.cat_file(self.path(name, MANIFEST)))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
@@ -154,7 +157,8 @@ class _Store:
             if file not in sizes:
                 raise InvalidCheckpoint(f"{file} is missing")
             if sizes[file] != entry.size:
-                raise InvalidCheckpoint(f"{file} has {sizes[file]} bytes but the manifest says {entry.size} (truncated?)")
+                raise InvalidCheckpoint(f"{file} has {sizes[file]} bytes but the manifest says {entry.size} "
+                                        f"(truncated?)")
             if full_hash and _sha256_of(self.fs, self.path(name, file)) != entry.sha256:
                 raise InvalidCheckpoint(f"{file} does not match its SHA-256 in the manifest (corrupted)")
         return manifest
@@ -203,9 +207,10 @@ def _copy_tree(obj: Any, where: str, copy_tensor: Callable[[Tensor, str], Tensor
         return out
     if type(obj) in (list, tuple, set):
         return type(obj)(_copy_tree(v, f"{where}[{i}]", copy_tensor) for i, v in enumerate(obj))
-    raise TypeError(f"checkpoint state {where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be saved; "
-                    f"only tensors, numbers, strings, None and dict/list/tuple/set of them load with "
-                    f"weights_only=True. Convert it (e.g. .item(), torch.from_numpy(), a state_dict() of plain values)")
+    raise TypeError(f"checkpoint state {where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be "
+                    f"saved; only tensors, numbers, strings, None and dict/list/tuple/set of them load with "
+                    f"weights_only=True. Convert it (e.g. .item(), torch.from_numpy(), a state_dict() of "
+                    f"plain values)")
 
 
 class _HostBuffers:
@@ -222,7 +227,8 @@ class _HostBuffers:
         def copy(t: Tensor, where: str) -> Tensor:
             if t.layout != torch.strided:
                 return t.detach().to("cpu", copy=True)
-            identity = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            identity = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(),
+                        t.dtype)
             if identity in seen:
                 return seen[identity]
             buf = self.by_path.get(where)
@@ -389,13 +395,34 @@ def _write_atomic(path: Path, text: str) -> None:
     _fsync(path.parent)  # the rename itself must survive a power cut
 
 
-def _hash_file(path: Path) -> FileEntry:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
+class _HashingWriter:
+    """The file object torch.save writes through: hashes what it writes (no second read) and
+    writes with the GIL released. torch.save(obj, path) writes each tensor holding the GIL, which
+    stalls the training thread for ~0.1 s per 100 MB; here it gets memoryviews and hands them to
+    hashlib and an unbuffered file, both of which release the GIL."""
+
+    def __init__(self, f: io.RawIOBase) -> None:
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += self.f.write(view[written:]) or 0
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        pass  # unbuffered: nothing held back
+
+
+def _save_hashed(obj: Any, path: Path) -> FileEntry:
+    with open(path, "wb", buffering=0) as f:
+        writer = _HashingWriter(f)
+        torch.save(obj, writer)
         os.fsync(f.fileno())
-    return FileEntry(path.stat().st_size, digest.hexdigest())
+    return FileEntry(writer.size, writer.digest.hexdigest())
 
 
 @dataclass
@@ -461,7 +488,8 @@ class Checkpointer:
             log.info("checkpoint %s was already saved by this run; not saving it again", name)
             return
         if not self.cfg.async_save:
-            _copy_tree(state, "state", lambda t, where: t)  # same refusals as the async path
+            for key, value in state.items():  # the same refusals as the async path's snapshot
+                _copy_tree(value, key, lambda t, where: t)
             self._save_now(_Job(step, state, metrics, started))
         else:
             self._enqueue(step, state, metrics, started)
@@ -592,24 +620,30 @@ class Checkpointer:
     def _commit_local(self, job: _Job) -> Optional[Manifest]:
         """Write the files, then the manifest (the commit), then the pointer. None if already there."""
         folder = self.local_dir / step_dir_name(job.step)
-        if (folder / MANIFEST).exists():
-            log.info("%s is already committed; not overwriting it", folder)
+        if self._intact(folder.name):
+            log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
+                        folder, job.step)
             return None
         if folder.exists():
-            shutil.rmtree(folder)  # leftover of an interrupted save of this step
+            (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
+            shutil.rmtree(folder)  # an interrupted or corrupt save of this step
         folder.mkdir(parents=True)
-        paths = []
-        for key, obj in job.state.items():
-            paths.append(folder / f"{key}.pt")
-            torch.save(obj, paths[-1])
+        files = {f"{key}.pt": _save_hashed(obj, folder / f"{key}.pt") for key, obj in job.state.items()}
         if job.buffers is not None:  # the snapshot is on disk: let the next save() reuse its memory
             self._free_buffers.put(job.buffers)
             job.buffers = None
-        manifest = Manifest(job.step, job.metrics, time.time(), {p.name: _hash_file(p) for p in paths})
+        manifest = Manifest(job.step, job.metrics, time.time(), files)
         _fsync(folder)
         _write_atomic(folder / MANIFEST, manifest.to_json())
         _write_atomic(self.local_dir / POINTER, folder.name + "\n")
         return manifest
+
+    def _intact(self, name: str) -> bool:
+        try:
+            self._local.verify(name, full_hash=True)
+            return True
+        except (InvalidCheckpoint, FileNotFoundError):
+            return False
 
     def _after_local_commit(self, job: _Job, manifest: Manifest) -> None:
         commit_s = time.perf_counter() - job.started
@@ -702,12 +736,9 @@ class Checkpointer:
             with self._lock:
                 self._pending.discard(name)
         if todo and self._remote is not None:
-            self._with_backoff("pruning", lambda: _prune(self._remote, self.cfg, self._protected_remotely), deadline)
+            remote = self._remote  # every pending checkpoint is up: nothing half-uploaded to protect
+            self._with_backoff("pruning", lambda: _prune(remote, self.cfg, lambda keep: set()), deadline)
         return True
-
-    def _protected_remotely(self, keep: set[str]) -> set[str]:
-        with self._lock:
-            return set()  # their half uploads are about to be completed
 
     def _upload_checkpoint(self, name: str, deadline: Optional[float]) -> bool:
         """Files first, each confirmed by its size on the store; the manifest only after all."""
@@ -719,8 +750,13 @@ class Checkpointer:
             log.warning("cannot upload %s: its local copy is gone or invalid (%s)", self.local_dir / name, err)
             return True  # nothing left to upload; do not block the others
         started = time.perf_counter()
-        if self._already_uploaded(name, manifest):
-            return True
+        there = self._remote_manifest(name)
+        if there is not None and there.files == manifest.files:
+            return True  # uploaded before a restart
+        if there is not None:  # another save of this step: uncommit it before replacing its files
+            uncommit = lambda: remote.fs.rm_file(remote.path(name, MANIFEST))  # noqa: E731
+            if not self._retry_upload(f"removal of the old {name}/{MANIFEST}", uncommit, deadline):
+                return False
         for file, entry in manifest.files.items():
             send = lambda f=file, e=entry: self._put_confirmed(name, f, e.size)  # noqa: E731
             if not self._retry_upload(f"upload of {name}/{file}", send, deadline):
@@ -731,14 +767,13 @@ class Checkpointer:
         self._after_upload(name, manifest, time.perf_counter() - started)
         return True
 
-    def _already_uploaded(self, name: str, manifest: Manifest) -> bool:
+    def _remote_manifest(self, name: str) -> Optional[Manifest]:
         remote = self._remote
         assert remote is not None
         try:
-            there = Manifest.from_json(remote.fs.cat_file(remote.path(name, MANIFEST)))
+            return Manifest.from_json(remote.fs.cat_file(remote.path(name, MANIFEST)))
         except Exception:
-            return False  # absent, unreadable or unreachable: upload (with retries)
-        return there.files == manifest.files
+            return None  # absent, unreadable or unreachable: upload it (with retries)
 
     def _put_confirmed(self, name: str, file: str, size: int) -> None:
         remote = self._remote

@@ -113,7 +113,7 @@ forward() {
     kill -s "$1" "$srun_pid" 2>/dev/null || true
 }
 trap 'forward USR2' USR2
-trap 'forward TERM' TERM
+
 """.splitlines()
 
 _WAIT = """\
@@ -123,7 +123,7 @@ while :; do
     status=0
     wait "$srun_pid" || status=$?
     # a trapped signal makes `wait` return early (status > 128) while srun still runs: wait again
-    if [ "$signalled" = 1 ] && [ "$status" -gt 128 ]; then break; fi
+    if [ "$signalled" = 1 ] && [ "$status" -gt 128 ]; then continue; fi
     break
 done
 echo "sbatch script: srun exited with status $status" >&2

@@ -33,6 +33,7 @@ MYSQL_SOCK=/run/mysqld/mysqld.sock
 MUNGE_PID=/run/munge/munged.pid
 MARIADB_LOG=$LOG_DIR/mariadb.log
 MUNGE_LOG=/var/log/munge/munged.log
+LOCK_FILE=/run/slurm_local.start.lock
 
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$PATH
 
@@ -535,9 +536,10 @@ do_status() {
 # Serialise concurrent install/start/stop calls (e.g. parallel test workers).
 take_lock() {
     need_root
-    exec 9>/run/slurm_local.lock
+    # Daemons are started with fd 9 closed so that they do not hold the lock.
+    exec 9>"$LOCK_FILE"
     if command -v flock >/dev/null && ! flock -w 600 9; then
-        die "could not take /run/slurm_local.lock within 600 s"
+        die "could not take $LOCK_FILE within 600 s"
     fi
 }
 
@@ -552,3 +554,4 @@ case ${1:-} in
         exit 2
         ;;
 esac
+exit $?

@@ -35,3 +35,14 @@ def runs_dir(tmp_path: Path) -> Path:
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def slurm() -> None:
+    """The real single-node Slurm of scripts/slurm_local.sh; skipped only where it cannot be installed."""
+    from slurm_cluster import ensure_slurm, slurm_available
+
+    ok, why = slurm_available()
+    if not ok:
+        pytest.skip(f"local Slurm cannot run here: {why}")
+    ensure_slurm()

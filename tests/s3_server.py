@@ -60,7 +60,8 @@ class S3Server:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                raise RuntimeError(f"moto server on port {self.port} exited with {self._proc.returncode}: {err[-2000:]}")
+                raise RuntimeError(f"moto server on port {self.port} exited with {self._proc.returncode}: "
+                                   f"{err[-2000:]}")
             try:
                 with urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1):
                     return
@@ -84,7 +85,8 @@ def start_s3_server() -> S3Server:
 
 
 def s3_server_fixture() -> Iterator[S3Server]:
-    """Body of a module- or session-scoped fixture: `s3_server = pytest.fixture(scope="module")(s3_server_fixture)`."""
+    """Body of a module- or session-scoped fixture:
+    `s3_server = pytest.fixture(scope="module")(s3_server_fixture)`."""
     server = start_s3_server()
     try:
         yield server

@@ -181,16 +181,38 @@ def test_uncommitted_truncated_and_altered_checkpoints_are_skipped(tmp_path: Pat
     assert_same(state["model"], ckpt.load(str(tmp_path / "step-000000001"))["model"])
 
 
+def test_a_corrupt_committed_step_is_rewritten_but_an_intact_one_kept(tmp_path: Path) -> None:
+    """Resuming from step 1 because step 2 is corrupt: saving step 2 again must replace it."""
+    first = Checkpointer(make_cfg(async_save=False), tmp_path, None, StorageConfig())
+    first.save(1, {"model": {"w": torch.ones(4)}}, {})
+    first.save(2, {"model": {"w": torch.ones(4) * 2}}, {})
+    model2 = tmp_path / "step-000000002" / "model.pt"
+    data = bytearray(model2.read_bytes())
+    data[-30] ^= 0xFF
+    model2.write_bytes(bytes(data))
+    resumed = Checkpointer(make_cfg(async_save=True), tmp_path, None, StorageConfig())
+    assert resumed.latest() == str(tmp_path / "step-000000001")
+    resumed.save(1, {"model": {"w": torch.zeros(4)}}, {})  # intact: kept as it is
+    resumed.save(2, {"model": {"w": torch.ones(4) * 20}}, {})
+    assert resumed.flush(10)
+    resumed.close()
+    assert resumed.latest() == str(tmp_path / "step-000000002")
+    assert torch.equal(resumed.load(str(tmp_path / "step-000000002"))["model"]["w"], torch.ones(4) * 20)
+    assert torch.equal(resumed.load(str(tmp_path / "step-000000001"))["model"]["w"], torch.ones(4))
+
+
 # ----------------------------------------------------------------------------- 3. SIGKILL mid-write
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path: Path, mode: str) -> None:
-    args = [sys.executable, str(REPO / "tests" / "ckpt_writer.py"), str(tmp_path)] + (["--async"] if mode == "async" else [])
+    args = [sys.executable, str(REPO / "tests" / "ckpt_writer.py"), str(tmp_path)]
+    args += ["--async"] if mode == "async" else []
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         lines = []
         while (line := proc.stdout.readline()) and line.strip() != "WRITING":  # type: ignore[union-attr]
             lines.append(line)
-        assert line.strip() == "WRITING", f"writer ended early: {lines} {proc.stderr.read()}"  # type: ignore[union-attr]
+        stderr = "" if line else proc.stderr.read()  # type: ignore[union-attr]
+        assert line.strip() == "WRITING", f"the writer ended early: {lines} {stderr}"
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
@@ -220,6 +242,7 @@ def test_retention_keeps_last_two_and_the_best(tmp_path: Path, async_save: bool)
         ckpt.save(step, {"model": {"w": torch.full((4,), float(step))}}, {"val/acc": acc, "loss": 1 - acc})
     assert ckpt.flush(10)
     ckpt.close()
+    assert ckpt.latest() == str(tmp_path / "step-000000005")  # on both stores: the local copy is faster
     assert step_dirs(tmp_path) == {2, 4, 5}
     fs, root = filesystem(remote, StorageConfig())
     assert committed_steps(fs, root) == {2, 4, 5}
@@ -268,7 +291,10 @@ def test_s3_async_saves_commit_remotely_and_resume_from_there(bucket: S3Server, 
                                                               caplog: pytest.LogCaptureFixture) -> None:
     _, _, state = trained_state()
     ckpt = s3_checkpointer(bucket, tmp_path / "local", "roundtrip", async_save=True)
+    reader = s3_checkpointer(bucket, tmp_path / "other-node", "roundtrip", writer=False)
     ckpt.save(1, state, {"loss": 1.0})
+    assert ckpt.flush(20)
+    assert reader.latest() == f"s3://{BUCKET}/runs/roundtrip/step-000000001"
     ckpt.save(2, state, {"loss": 0.5})
     assert ckpt.flush(20)
     ckpt.close()
@@ -283,8 +309,7 @@ def test_s3_async_saves_commit_remotely_and_resume_from_there(bucket: S3Server, 
     fs.pipe_file(f"{root}/step-000000004/model.pt", b"truncated")
     shutil.rmtree(tmp_path / "local")
     caplog.set_level(logging.WARNING, logger="jobs.checkpoint")
-    reader = s3_checkpointer(bucket, tmp_path / "other-node", "roundtrip", writer=False)
-    found = reader.latest()
+    found = reader.latest()  # the same reader: s3fs's listing cache must not hide the new folders
     assert found == f"s3://{BUCKET}/runs/roundtrip/step-000000002"
     assert any("step-000000003" in r.getMessage() for r in caplog.records)
     assert any("step-000000004" in r.getMessage() for r in caplog.records)
@@ -293,7 +318,7 @@ def test_s3_async_saves_commit_remotely_and_resume_from_there(bucket: S3Server, 
 
 def test_s3_outage_does_not_stop_training(bucket: S3Server, tmp_path: Path) -> None:
     local = tmp_path / "local"
-    ckpt = s3_checkpointer(bucket, local, "outage", async_save=True, keep_last=5)
+    ckpt = s3_checkpointer(bucket, local, "outage", async_save=True, keep_last=2)
     ckpt.save(1, {"model": {"w": torch.ones(1000)}}, {})
     assert ckpt.flush(20)
 
@@ -306,7 +331,7 @@ def test_s3_outage_does_not_stop_training(bucket: S3Server, tmp_path: Path) -> N
     started = time.perf_counter()
     assert not ckpt.flush(timeout=2.0)
     assert time.perf_counter() - started < 5
-    assert all((local / step_dir_name(s) / MANIFEST).is_file() for s in (2, 3, 4))
+    assert all((local / step_dir_name(s) / MANIFEST).is_file() for s in (3, 4))  # kept until uploaded
     assert ckpt.latest() == str(local / "step-000000004")  # the store is down: the local copy
 
     bucket.start()  # an empty server: everything not yet uploaded must be sent again
@@ -314,10 +339,32 @@ def test_s3_outage_does_not_stop_training(bucket: S3Server, tmp_path: Path) -> N
     assert ckpt.flush(timeout=30)
     ckpt.close()
     fs, root = filesystem(f"s3://{BUCKET}/runs/outage", StorageConfig(endpoint_url=bucket.endpoint))
-    assert committed_steps(fs, root) == {2, 3, 4}
+    assert committed_steps(fs, root) == {3, 4}
     reader = s3_checkpointer(bucket, tmp_path / "other-node", "outage", writer=False)
     assert reader.latest() == f"s3://{BUCKET}/runs/outage/step-000000004"
     assert torch.equal(reader.load(reader.latest() or "")["model"]["w"], torch.full((1000,), 4.0))
+
+
+def test_manifest_is_uploaded_only_after_every_file(tmp_path: Path) -> None:
+    """A remote (here a local folder) that refuses one file: no manifest there until it is fixed."""
+    remote_dir = tmp_path / "remote"
+    blocker = remote_dir / "step-000000002" / "optimizer.pt"
+    blocker.mkdir(parents=True)  # uploading a file onto a folder fails; model.pt before it succeeds
+    _, _, state = trained_state()
+    ckpt = Checkpointer(make_cfg(async_save=True, upload_retries=1), tmp_path / "local", f"file://{remote_dir}",
+                        StorageConfig())
+    ckpt.save(1, state, {})
+    ckpt.save(2, state, {})
+    assert not ckpt.flush(timeout=1.0)
+    assert (remote_dir / "step-000000002" / "model.pt").is_file()
+    assert not (remote_dir / "step-000000002" / MANIFEST).exists()
+    assert (remote_dir / "step-000000001" / MANIFEST).is_file()
+    blocker.rmdir()
+    assert ckpt.flush(timeout=10)
+    ckpt.close()
+    assert (remote_dir / "step-000000002" / MANIFEST).is_file()
+    reader = Checkpointer(make_cfg(), tmp_path / "empty", f"file://{remote_dir}", StorageConfig(), is_writer=False)
+    assert reader.latest() == f"file://{remote_dir}/step-000000002"
 
 
 def test_unreachable_store_with_nothing_local_is_an_error(tmp_path: Path, s3_env: dict[str, str]) -> None:

@@ -259,7 +259,8 @@ def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> N
         signal.signal(signal.SIGUSR2, note)
         signal.signal(signal.SIGTERM, note)
         open({str(log)!r}, "a").write("started\\n")
-        while len(got) < 3:
+        deadline = time.time() + 20  # never outlive a failed test for long
+        while len(got) < 3 and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)  # still running after the shell's `wait` was interrupted
         sys.exit(7)
@@ -267,7 +268,9 @@ def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> N
     script = tmp_path / "job.sbatch"
     script.write_text(render("local_slurm", Run("t", tmp_path / "t")))
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
-    shell = subprocess.Popen(["bash", str(script)], env=env, stderr=subprocess.PIPE, text=True)
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:  # a file, not a pipe: an orphaned fake srun must not block a read
+        shell = subprocess.Popen(["bash", str(script)], env=env, stderr=err)
     deadline = time.time() + 30
     while not (log.exists() and "started" in log.read_text()):
         assert time.time() < deadline and shell.poll() is None, "fake srun never started"
@@ -275,9 +278,10 @@ def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> N
     for sig in (signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2):
         shell.send_signal(sig)
         time.sleep(0.2)
-    assert shell.wait(timeout=30) == 7, shell.stderr.read()
+        assert shell.poll() is None, f"the batch shell exited on {sig.name}: {stderr.read_text()}"
+    assert shell.wait(timeout=30) == 7, stderr.read_text()
     assert log.read_text().split() == ["started", "SIGUSR2", "SIGTERM", "SIGUSR2"]
-    assert "srun exited with status 7" in shell.stderr.read()
+    assert "srun exited with status 7" in stderr.read_text()
 
 
 def test_failing_setup_line_stops_before_srun(tmp_path: Path) -> None:

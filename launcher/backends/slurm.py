@@ -174,10 +174,11 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
 
 def sacct_state(job_id: str) -> str:
     """The job's state from sacct (squeue for jobs accounting has not seen yet)."""
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                         text=True, timeout=60).stdout.split()
-    if out:
-        return out[-1].split()[0]
+    lines = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
+                           text=True, timeout=60).stdout.split("\n")
+    lines = [line for line in lines if line.strip()]
+    if lines:
+        return lines[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
     queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                             timeout=60).stdout.split()
     return queued[0] if queued else "UNKNOWN"

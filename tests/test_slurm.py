@@ -1,0 +1,152 @@
+"""Tier 2: the Slurm backend against a real slurmctld/slurmd (scripts/slurm_local.sh)."""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from conftest import read_result, run_cli
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
+LONG = ["trainer.epochs=3", "checkpoint.every_steps=5", "logging.log_every=1", "logging.progress_bar=false"]
+
+
+def _sacct(job_id: str) -> str:
+    from launcher.backends.slurm import sacct_state
+
+    return sacct_state(job_id)
+
+
+def _info(run_dir: Path) -> dict:
+    return json.loads((run_dir / "run.json").read_text())
+
+
+def _wait(predicate, what: str, timeout: float = 240, poll: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(poll)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _max_step(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max([json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()] or [0])
+
+
+def _finished(run_dir: Path) -> bool:
+    result = run_dir / "result.json"
+    return result.exists() and json.loads(result.read_text())["outcome"] == "completed" \
+        and _sacct(_info(run_dir)["job_id"]) == "COMPLETED"
+
+
+def _params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "model.pt", weights_only=True)
+
+
+def _assert_same_params(a: Path, b: Path) -> None:
+    pa, pb = _params(a), _params(b)
+    assert pa.keys() == pb.keys()
+    for key in pa:
+        assert torch.equal(pa[key], pb[key]), f"{key} differs between {a.name} and {b.name}"
+
+
+def test_two_rank_job_matches_local_run(runs_dir: Path) -> None:
+    proc = run_cli("launch", "digits", "--cluster", "local_slurm", "--run-name", "onslurm", "--wait",
+                   runs_dir=runs_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "submitted Slurm job" in proc.stdout
+    run_dir = runs_dir / "onslurm"
+    info = _info(run_dir)
+    assert _sacct(info["job_id"]) == "COMPLETED" and info["job_ids"] == [info["job_id"]]
+    assert (run_dir / "submitit" / "launch-1").is_dir()
+    assert "rank 1 of 2" in (run_dir / "logs" / "rank1.log").read_text()
+    run_cli("launch", "digits", "--run-name", "onlocal", runs_dir=runs_dir, check=True)
+    slurm_result, local_result = read_result(run_dir), read_result(runs_dir / "onlocal")
+    assert slurm_result["val/acc"] == local_result["val/acc"] and slurm_result["step"] == local_result["step"]
+    _assert_same_params(run_dir, runs_dir / "onlocal")
+    status = run_cli("status", "onslurm", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "state: completed" in status and f"job_id: {info['job_id']}" in status
+    logs = run_cli("logs", "onslurm", "--rank", "1", "--cluster", "local_slurm", runs_dir=runs_dir, check=True)
+    assert "rank 1 of 2" in logs.stdout
+
+
+@pytest.mark.parametrize("how", ["usr2", "scontrol-requeue"])
+def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) -> None:
+    proc = run_cli("launch", "vgg_pretrain", *LONG, "--cluster", "local_slurm", "--run-name", "pre",
+                   runs_dir=runs_dir, check=True)
+    run_dir = runs_dir / "pre"
+    job_id = _info(run_dir)["job_id"]
+    target = random.Random().randint(8, 20)
+    print(f"{how} near step {target}")
+    _wait(lambda: _max_step(run_dir) >= target, f"step {target}")
+    if how == "usr2":  # what Slurm sends ahead of preemption; plain scancel reaches every task
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    else:  # an admin or the scheduler requeueing the job: SIGTERM, then the job starts again
+        subprocess.run(["scontrol", "requeue", job_id], check=True)
+    _wait(lambda: _finished(run_dir), "the requeued job to finish")
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log, log
+    info = _info(run_dir)
+    if how == "usr2":
+        assert info["requeues"] == {"preemptions": 1}, info
+        assert "SIGUSR2 at step" in info["last_requeue"]
+    assert info["restarts"] == 1  # SLURM_RESTART_COUNT of the second start
+    run_cli("launch", "vgg_pretrain", *LONG, "--run-name", "straight", runs_dir=runs_dir, check=True)
+    _assert_same_params(run_dir, runs_dir / "straight")
+    del proc
+
+
+def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
+    """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out."""
+    cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
+    cluster["slurm"].update(time_min=1, grace_period_s=45)
+    path = tmp_path / "short_slurm.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    overrides = ["trainer.epochs=null", "trainer.max_steps=3000", "checkpoint.every_steps=500",
+                 "logging.log_every=50", "trainer.eval_every=1000"]
+    run_cli("launch", "vgg_pretrain", *overrides, "--cluster", str(path), "--run-name", "tl", runs_dir=runs_dir,
+            check=True)
+    run_dir = runs_dir / "tl"
+    _wait(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
+    _wait(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
+    info = _info(run_dir)
+    assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info
+    assert read_result(run_dir)["step"] == 3000
+
+
+def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
+    run_cli("launch", "vgg_pretrain", *LONG, "--cluster", "local_slurm", "--run-name", "cx", runs_dir=runs_dir,
+            check=True)
+    run_dir = runs_dir / "cx"
+    _wait(lambda: _max_step(run_dir) >= 3, "step 3")
+    out = run_cli("cancel", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "cancelled Slurm job" in out
+    _wait(lambda: _sacct(_info(run_dir)["job_id"]) == "CANCELLED", "CANCELLED in sacct")
+    status = run_cli("status", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "state: cancelled" in status
+    time.sleep(3)
+    assert _sacct(_info(run_dir)["job_id"]) == "CANCELLED"  # not requeued
+    assert "requeues: {}" in status
+
+
+def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
+    run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
+            "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
+    run_dir = runs_dir / "broken"
+    _wait(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=120)
+    _wait(lambda: _sacct(_info(run_dir)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
+    info = _info(run_dir)
+    assert info["requeues"] == {"failures": 1}
+    assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
+    status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "failures limit of 1 reached" in status
