@@ -146,7 +146,7 @@ class _Store:
         sizes = {e["name"].rsplit("/", 1)[-1]: e["size"] for e in fresh_listing(self.fs, self.path(name))
                  if e["type"] == "file"}
         if MANIFEST not in sizes:
-            return Manifest(int(name[5:]), {}, 0.0, {})
+            raise InvalidCheckpoint("no manifest.json: the save was interrupted, or is still being written")
         try:
             manifest = Manifest.from_json(self.fs.cat_file(self.path(name, MANIFEST)))
         except (ValueError, KeyError, TypeError, AttributeError) as err:

@@ -33,7 +33,8 @@ def setup_logging(run_dir: Path, env: RankEnv) -> None:
     root.setLevel(logging.INFO)
 
 
-def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None) -> dict[str, Any]:
+def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None,
+                 force_resume: bool = False) -> dict[str, Any]:
     env = env or RankEnv.from_environ()
     env.check()
     stop = stop or StopFlag().install()
@@ -44,7 +45,7 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     info = json.loads((run_dir / "run.json").read_text())
     run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
-                  resume=info.get("resume", "auto") == "auto", checkpoint_uri=info.get("checkpoint_uri"))
+                  resume=force_resume or info.get("resume", "auto") == "auto", checkpoint_uri=info.get("checkpoint_uri"))
     try:
         return train(recipe, run, cluster.storage, env, stop)
     finally:

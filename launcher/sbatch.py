@@ -12,6 +12,8 @@ Config values never reach the shell unquoted:
 - Command lines and `export KEY=value` use `shlex.quote`; env keys must be shell identifiers.
 - `slurm.setup` lines are shell commands by design (module load, venv activation) and are inserted
   verbatim; each must be a single line, so one entry cannot smuggle in more lines than it shows.
+  They run after `slurm.env` is exported, in the order the submitit backend uses, so setup lines
+  may refer to those variables.
 """
 from __future__ import annotations
 
@@ -86,9 +88,6 @@ def _body(src: str, s: SlurmConfig, run: Run, python: str) -> list[str]:
              "set -eo pipefail", ""]
     if s.env:
         lines += ["# slurm.env"] + [_export(src, key, value) for key, value in s.env.items()]
-    lines += ["# launcher.backends.slurm reads the task's Slurm variables through submitit.JobEnvironment,",
-              "# which recognises Slurm only when SUBMITIT_EXECUTOR=slurm (submitit's own scripts export it).",
-              "export SUBMITIT_EXECUTOR=slurm", ""]
     if s.setup:
         lines += ["# slurm.setup: shell lines from the cluster config, inserted verbatim"]
         lines += [_one_line(src, f"slurm.setup[{i}]", line) for i, line in enumerate(s.setup)] + [""]
@@ -113,7 +112,7 @@ forward() {
     kill -s "$1" "$srun_pid" 2>/dev/null || true
 }
 trap 'forward USR2' USR2
-
+trap 'forward TERM' TERM
 """.splitlines()
 
 _WAIT = """\

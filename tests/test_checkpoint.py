@@ -23,7 +23,7 @@ from torch import nn
 from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, export_model, step_dir_name, strip_prefixes
 from jobs.storage import filesystem
 from launcher.config import CheckpointConfig, StorageConfig
-from tests.s3_server import S3Server, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
+from s3_server import S3Server, free_port, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 
 s3_server = pytest.fixture(scope="module")(s3_server_fixture)
 
@@ -369,8 +369,6 @@ def test_manifest_is_uploaded_only_after_every_file(tmp_path: Path) -> None:
 
 def test_unreachable_store_with_nothing_local_is_an_error(tmp_path: Path, s3_env: dict[str, str]) -> None:
     """Returning None would restart training from step 0 while the store may hold the run."""
-    from tests.s3_server import free_port
-
     ckpt = Checkpointer(make_cfg(upload_retries=1), tmp_path, "s3://nowhere/run",
                         StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}"), is_writer=False)
     with pytest.raises(CheckpointError, match="cannot list checkpoints at s3://nowhere/run"):

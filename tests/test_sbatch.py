@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, read_result, run_cli
+from conftest import read_result, run_cli
+from launcher.backends.slurm import sacct_state
 from launcher.config import load_cluster, load_recipe
-from launcher.errors import ConfigError, UsageError
+from launcher.errors import ConfigError
 from launcher.runs import Run
 from launcher.sbatch import render_sbatch
-from slurm_cluster import ensure_slurm, slurm_available
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 PYTHON = "/usr/bin/python3"
@@ -127,7 +127,7 @@ def test_golden_scripts_are_valid_and_complete() -> None:
         # every #SBATCH line sits before the first command, or sbatch would silently ignore it
         assert script.count("#SBATCH") == len(sbatch_arguments(script)), cluster_name
         assert opts["--signal"].startswith("B:USR2@") and "--requeue" in opts
-        assert opts["--output"] == f"/runs/digits-golden/slurm-%j.out" and opts["--open-mode"] == "append"
+        assert opts["--output"] == "/runs/digits-golden/slurm-%j.out" and opts["--open-mode"] == "append"
         assert "srun --kill-on-bad-exit=1 /usr/bin/python3 -u -m launcher.backends.slurm " \
                "--run-dir /runs/digits-golden &" in script
     gpu = option_values((GOLDEN / "gpu_cluster.sbatch").read_text())
@@ -184,7 +184,7 @@ def test_hostile_values_never_execute_and_arrive_intact(tmp_path: Path) -> None:
     out = tmp_path / "srun.json"
     fake_srun(tmp_path / "bin", f"""\
         import json, os, sys
-        keys = {sorted(HOSTILE_ENV) + ["SETUP_SEEN", "SUBMITIT_EXECUTOR"]!r}
+        keys = {sorted(HOSTILE_ENV) + ["SETUP_SEEN"]!r}
         json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, open({str(out)!r}, "w"))
         """)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
@@ -194,7 +194,7 @@ def test_hostile_values_never_execute_and_arrive_intact(tmp_path: Path) -> None:
     assert seen["argv"] == ["--kill-on-bad-exit=1", python, "-u", "-m", "launcher.backends.slurm",
                             "--run-dir", str(run.dir)]
     assert seen["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
-                           "SETUP_SEEN": "verbatim: 2", "SUBMITIT_EXECUTOR": "slurm"}
+                           "SETUP_SEEN": "verbatim: 2"}
     assert not list(pwned.rglob("PWNED*")) and not list(tmp_path.rglob("PWNED*"))
 
 
@@ -295,20 +295,7 @@ def test_failing_setup_line_stops_before_srun(tmp_path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- tier 2: real Slurm
-@pytest.fixture(scope="module")
-def slurm() -> None:
-    ok, why = slurm_available()
-    if not ok:
-        pytest.skip(f"local Slurm unavailable: {why}")
-    ensure_slurm()
-
-
-def sacct_state(job_id: str) -> str:
-    out = subprocess.run(["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State"], capture_output=True,
-                         text=True, timeout=60).stdout.split()
-    return out[-1] if out else "UNKNOWN"  # one line per requeue; the last is the current one
-
-
+# The `slurm` fixture (conftest.py) starts the local Slurm, skipping only where it cannot be installed.
 def wait_done(run_dir: Path, job_id: str, timeout: float = 180) -> str:
     """Until Slurm says the job ended and rank 0 is not in the middle of requeueing it."""
     deadline = time.time() + timeout
@@ -376,22 +363,42 @@ def test_slurm_usr2_to_batch_shell_requeues_and_resumes(slurm: None, runs_dir: P
 
 
 @pytest.mark.slurm
-def test_slurm_reads_quoted_header_as_rendered(slurm: None, tmp_path: Path) -> None:
-    """sbatch itself parses the quoted #SBATCH values back to the exact run name and run directory."""
+def test_slurm_runs_hostile_script_intact(slurm: None, tmp_path: Path) -> None:
+    """Real sbatch and srun read the quoted header and command back to the exact values: the job name,
+    the output file inside a run directory full of shell syntax, argv and env of every task."""
+    pwned = tmp_path / "pwned"
+    pwned.mkdir()
+    data = yaml.safe_load(hostile_cluster(tmp_path, pwned).read_text())
+    data["slurm"].update(partition="debug", account=None, constraint=None, time_min=5, grace_period_s=60,
+                         extra_sbatch=["--comment=`touch " + str(pwned) + "/PWNED_c` ; #x"])
+    cluster = load_cluster(str(write_cluster(tmp_path / "hostile.yaml", data["slurm"])))
     name = "odd name $HOME `id` 'q\" #x %j"
-    cfg = write_cluster(tmp_path / "odd.yaml", {"partition": "debug", "time_min": 5, "grace_period_s": 60,
-                                                "extra_sbatch": ["--hold", "--comment=a b#c"]})
-    run = Run(name, tmp_path / "runs $x" / name)
+    run = Run(name, tmp_path / "runs $(touch PWNED_d)" / name)
+    run.dir.mkdir(parents=True)
+    dump = tmp_path / "dump rank.py"  # stands in for python: records what each task received
+    dump.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    "keys = " + repr(sorted(HOSTILE_ENV)) + "\n"
+                    "json.dump({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in keys}},\n"
+                    "          open(os.path.join(sys.argv[-1], f\"dump-{os.environ['SLURM_PROCID']}.json\"), 'w'))\n")
+    dump.chmod(0o755)
     script = tmp_path / "job.sbatch"
-    script.write_text(render_sbatch(load_recipe("digits"), load_cluster(str(cfg)), run, PYTHON))
-    job_id = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, check=True,
-                            timeout=60).stdout.strip().split(";")[0]
-    try:
-        shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
-                               check=True, timeout=60).stdout
-    finally:
-        subprocess.run(["scancel", job_id], timeout=60)
-    assert f"JobName={name} " in shown
-    print(shown)
-    assert f"StdOut={str(run.dir).replace('%', '%%')}/slurm-{job_id}.out" in shown
-    assert "Comment=a b#c " in shown and "Partition=debug " in shown
+    script.write_text(render_sbatch(load_recipe("digits"), cluster, run, str(dump)))
+    sub = subprocess.run(["sbatch", "--parsable", str(script)], cwd=pwned, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    job_id = sub.stdout.strip().split(";")[0]
+    deadline = time.time() + 120
+    while sacct_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.time() < deadline, f"job {job_id} did not finish: {sacct_state(job_id)}"
+        time.sleep(0.5)
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
+                           timeout=60).stdout
+    output = run.dir / f"slurm-{job_id}.out"  # %j expanded, the run name's literal %j kept
+    assert sacct_state(job_id) == "COMPLETED", _tail(output)
+    assert f"JobName={name} " in shown and f"Comment=`touch {pwned}/PWNED_c` ; #x " in shown
+    assert "srun exited with status 0" in output.read_text()
+    expected_env = {k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()}
+    for rank in (0, 1):
+        seen = json.loads((run.dir / f"dump-{rank}.json").read_text())
+        assert seen["argv"] == ["-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir)]
+        assert seen["env"] == expected_env
+    assert not list(tmp_path.rglob("PWNED*"))

@@ -109,11 +109,11 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) ->
 def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
     """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out."""
     cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
-    cluster["slurm"].update(time_min=1, grace_period_s=45)
+    cluster["slurm"].update(time_min=1, grace_period_s=30, max_timeouts=20)  # USR2 about 30 s in
     path = tmp_path / "short_slurm.yaml"
     path.write_text(yaml.safe_dump(cluster))
-    overrides = ["trainer.epochs=null", "trainer.max_steps=3000", "checkpoint.every_steps=500",
-                 "logging.log_every=50", "trainer.eval_every=1000"]
+    overrides = ["trainer.epochs=null", "trainer.max_steps=1000", "checkpoint.every_steps=500",
+                 "logging.log_every=50", "trainer.eval_every=500"]
     run_cli("launch", "vgg_pretrain", *overrides, "--cluster", str(path), "--run-name", "tl", runs_dir=runs_dir,
             check=True)
     run_dir = runs_dir / "tl"
@@ -121,7 +121,8 @@ def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
     _wait(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
     info = _info(run_dir)
     assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info
-    assert read_result(run_dir)["step"] == 3000
+    assert read_result(run_dir)["step"] == 1000
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
 
 
 def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:

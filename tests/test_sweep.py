@@ -1,10 +1,12 @@
 """Hyper-parameter sweeps: pure tests of the search space and naming, refusals through the CLI,
-a real local 2-trial sweep, and a real Slurm job array of 4 trials."""
+a real local 2-trial sweep, and a real Slurm job array of 4 trials (the `slurm` fixture of conftest.py
+starts the local Slurm, and skips only where it cannot run)."""
 from __future__ import annotations
 
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +15,10 @@ from conftest import read_result, run_cli
 from launcher.cli import main
 from launcher.config import load_cluster, load_recipe
 from launcher.errors import UsageError
-from launcher.sweep import SweepSpec, check_one_shape, default_sweep_name, expand, sort_rows, split_values
-from slurm_cluster import ensure_slurm, slurm_available
+from launcher import backends
+from launcher.runs import Run
+from launcher.sweep import (SweepSpec, check_one_shape, default_sweep_name, expand, expand_job_ids, sort_rows,
+                            split_values, trial_state)
 
 QUICK = ["trainer.max_steps=10", "trainer.epochs=null", "parallel.procs_per_node=1", "trainer.global_batch=32"]
 
@@ -132,6 +136,12 @@ def test_rows_sort_best_first_with_missing_metric_last() -> None:
     assert [r["run"] for r in sort_rows(rows, "min")] == ["d", "b", "c", "a"]
 
 
+def test_sacct_array_notation_expands_to_elements() -> None:
+    assert expand_job_ids("15_[0-2,5%4]") == ["15_0", "15_1", "15_2", "15_5"]
+    assert expand_job_ids("15_[3]") == ["15_3"]
+    assert expand_job_ids("9_1") == ["9_1"] and expand_job_ids("16") == ["16"]
+
+
 # ----------------------------------------------------------------------------- refusals through the CLI
 def test_bad_trial_is_refused_before_anything_exists(runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["sweep", "digits", "trainer.max_steps=5", "--grid", "optim.lr=0.1,0.01",
@@ -207,14 +217,6 @@ def test_local_sweep_runs_each_trial_and_ranks_them(runs_dir: Path) -> None:
     assert json.loads((runs_dir / f"{name}-t00" / "run.json").read_text())["launches"] == 1
 
 
-@pytest.fixture
-def slurm() -> None:
-    ok, why = slurm_available()
-    if not ok:
-        pytest.skip(f"local Slurm not available: {why}")
-    ensure_slurm()
-
-
 @pytest.mark.slurm
 def test_slurm_sweep_is_one_job_array(runs_dir: Path, slurm: None) -> None:
     proc = run_cli("sweep", "digits", "trainer.max_steps=15", "trainer.epochs=null", "--grid", "optim.lr=0.05,0.1",
@@ -243,3 +245,21 @@ def test_slurm_sweep_is_one_job_array(runs_dir: Path, slurm: None) -> None:
 
     trial = run_cli("status", f"{name}-t02", "--cluster", "local_slurm", runs_dir=runs_dir)
     assert f"job_id: {array}_2" in trial.stdout and "slurm_state: COMPLETED" in trial.stdout
+
+
+@pytest.mark.slurm
+def test_array_element_cancelled_while_pending_is_not_unknown(tmp_path: Path, slurm: None) -> None:
+    """sacct has no row for `<array>_1` when the array was cancelled before the element started."""
+    import subprocess
+
+    array = subprocess.run(["sbatch", "--parsable", "--hold", "--array=0-2", "-p", "debug", "-o", "/dev/null",
+                            "--wrap", "true"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout.strip()
+    subprocess.run(["scancel", array], check=True)
+    run = Run("t", tmp_path / "t")
+    run.dir.mkdir()
+    run.update(backend="slurm", job_id=f"{array}_1")
+    deadline = time.monotonic() + 30
+    while (state := trial_state(run, {})) == "unknown" and time.monotonic() < deadline:
+        time.sleep(0.5)  # accounting lags a moment behind scancel
+    assert state == "cancelled"
+    assert backends.status(run)["state"] == "unknown"  # what the single-job lookup sees: no row for <array>_1

@@ -47,19 +47,25 @@ def torchrun_variables(job: Any) -> dict[str, str]:
 
 def rank_main(run_dir: str) -> dict[str, Any]:
     """The function submitit runs in every task (and `python -m launcher.backends.slurm` under srun)."""
-    import submitit
+    from submitit.slurm.slurm import SlurmJobEnvironment
 
     from jobs.train import run_training  # imported here: the control plane never loads torch
 
-    job = submitit.JobEnvironment()
+    # Not submitit.JobEnvironment(): that one only recognises Slurm inside submitit's own scripts
+    # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
+    job = SlurmJobEnvironment()
     os.environ.update(torchrun_variables(job))
     run = Run(Path(run_dir).name, Path(run_dir))
     cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
     started = time.time()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
-        run.update(state="running", restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
+        # a requeued job always continues its own checkpoints, even if launched with --resume never
+        run.update(state="running", restarts=restarts)
     try:
-        result = run_training(run.dir)
+        # a requeued job always continues its own checkpoints, even if launched with --resume never;
+        # every rank derives this itself, so they all take the same (collective) resume path
+        result = run_training(run.dir, force_resume=restarts > 0)
     except BaseException:
         if job.global_rank == 0:
             _after_failure(run, cluster.slurm or SlurmConfig(), traceback.format_exc())
