@@ -138,7 +138,8 @@ def sample(dist: str, args: list[str], rng: random.Random) -> str:
         value = math.exp(rng.uniform(math.log(low), math.log(high)))
     else:
         value = rng.uniform(low, high)
-    return repr(min(max(value, low), high))  # repr round-trips; clamp against exp/log rounding
+    text = f"{value:.4g}"  # 4 significant digits: readable run tables, and plenty for a search
+    return text if low <= float(text) <= high else repr(low if float(text) < low else high)
 
 
 def expand(spec: SweepSpec, sweep_name: str) -> list[Trial]:

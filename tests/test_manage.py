@@ -1,0 +1,39 @@
+"""Tier 2: status, logs and cancel for local runs (the Slurm ones are in test_slurm.py)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import REPO, read_result, run_cli
+
+
+def test_local_status_logs_cancel(runs_dir: Path) -> None:
+    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", "trainer.epochs=50", "logging.log_every=1",
+           "--run-name", "live", "--runs-dir", str(runs_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = runs_dir / "live" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
+
+    status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
+    assert "state: running" in status and "backend: local" in status
+    logs = run_cli("logs", "live", "--rank", "1", runs_dir=runs_dir, check=True).stdout
+    assert "rank 1 of 2" in logs
+    assert run_cli("logs", "live", "--rank", "7", runs_dir=runs_dir).returncode == 2
+
+    out = run_cli("cancel", "live", runs_dir=runs_dir, check=True).stdout
+    assert "saves a checkpoint and stops" in out
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0 and "the same command resumes it" in output
+    result = read_result(runs_dir / "live")
+    assert result["outcome"] == "preempted" and result["checkpoints_committed"]
+    assert (runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "manifest.json").exists()
+    status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
+    assert "state: preempted" in status and f"step: {result['step']}" in status
+    assert run_cli("status", "nosuchrun", runs_dir=runs_dir).returncode == 2
