@@ -14,6 +14,7 @@ from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
 from launcher.runs import default_run_name, find_run, prepare_run, runs_root
+from launcher.sweep import add_sweep_commands
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", "-f", action="store_true")
     p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
     p.add_argument("run")
+    add_sweep_commands(sub, add)
     p = add("sbatch", sbatch.cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")

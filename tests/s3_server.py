@@ -35,7 +35,8 @@ class S3Server:
             return
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **TEST_CREDENTIALS})
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **TEST_CREDENTIALS},
+            preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
 
     def stop(self) -> None:
@@ -70,6 +71,15 @@ class S3Server:
         self.stop()
         raise RuntimeError(f"moto server on port {self.port} did not answer within {timeout} s; "
                            f"is moto[server] installed in {sys.executable}?")
+
+
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGKILL when the test process dies, so a killed pytest leaves no orphan."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
