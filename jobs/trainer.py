@@ -118,6 +118,7 @@ def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, datasets: tuple[Data
     last_save, loss_sum, loss_n, window_start = time.monotonic(), torch.zeros((), device=device), 0, time.perf_counter()
     last_eval: dict[str, float] = {}
     outcome, first_step = "completed", True
+    agreement = _Agreement(device)
     while st.step < total:
         sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
         for micro in _micro_batches(train_set, sampler, st.step_in_epoch, steps_per_epoch, t.micro_batch, accum,
@@ -136,7 +137,7 @@ def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, datasets: tuple[Data
                 loss_sum, loss_n, window_start = torch.zeros((), device=device), 0, time.perf_counter()
             if t.eval_every and st.step % t.eval_every == 0:
                 last_eval = _evaluate_and_log(parts.model, val_set, recipe, env, device, metrics, st.step)
-            preempted, time_due = _agree(stop.requested, _time_due(recipe, last_save), device)
+            preempted, time_due = agreement.exchange(stop.requested, _time_due(recipe, last_save))
             if preempted or _step_due(recipe, st.step) or time_due:
                 _save(ckpt, parts, recipe, run, env, last_eval)
                 last_save = time.monotonic()
@@ -151,6 +152,7 @@ def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, datasets: tuple[Data
             st.epoch, st.step_in_epoch = st.epoch + 1, 0
             if not t.eval_every:
                 last_eval = _evaluate_and_log(parts.model, val_set, recipe, env, device, metrics, st.step)
+    agreement.drain()
     if progress is not None:
         progress.close()
     return _finish(outcome, recipe, run, parts, ckpt, env, device, val_set, metrics, last_eval, stop)
@@ -340,13 +342,33 @@ def _progress(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> Any:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _agree(stop_requested: bool, time_due: bool, device: torch.device) -> tuple[bool, bool]:
-    """One collective per step carries both flags, so every rank saves and stops at the same step."""
-    if not torch.distributed.is_initialized():
-        return stop_requested, time_due
-    flags = torch.tensor([float(stop_requested), float(time_due)], device=device)
-    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-    return bool(flags[0]), bool(flags[1])
+class _Agreement:
+    """How ranks agree on stopping (a signal) and on time-based saves without a blocking collective
+    per step: each step starts an asynchronous MAX all-reduce of this rank's flags and acts on the
+    previous step's result, which every rank sees identically. The collective's latency hides
+    behind the next step's compute; the price is acting one step later."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.distributed = torch.distributed.is_initialized()
+        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+
+    def exchange(self, stop_requested: bool, time_due: bool) -> tuple[bool, bool]:
+        if not self.distributed:
+            return stop_requested, time_due
+        flags = torch.tensor([float(stop_requested), float(time_due)], device=self.device)
+        work = torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX, async_op=True)
+        previous, self._pending = self._pending, (work, flags)
+        if previous is None:
+            return False, False
+        previous[0].wait()
+        return bool(previous[1][0]), bool(previous[1][1])
+
+    def drain(self) -> None:
+        """Finish the collective still in flight so every rank leaves the loop with none pending."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
 
 def _step_due(recipe: RecipeConfig, step: int) -> bool:
