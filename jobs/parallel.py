@@ -79,6 +79,11 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def shutdown() -> None:
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets at a barrier: destroying a
+    gloo group while a peer is still inside a collective aborts the process (std::terminate) about
+    one run in six on a busy machine. After an error the peers may be gone, so no barrier."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()

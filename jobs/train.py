@@ -47,9 +47,12 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
                   resume=force_resume or info.get("resume", "auto") == "auto", checkpoint_uri=info.get("checkpoint_uri"))
     try:
-        return train(recipe, run, cluster.storage, env, stop)
-    finally:
-        parallel.shutdown()
+        result = train(recipe, run, cluster.storage, env, stop)
+    except BaseException:
+        parallel.shutdown(clean=False)
+        raise
+    parallel.shutdown()
+    return result
 
 
 def stop_with_parent() -> None:

@@ -136,3 +136,13 @@ def test_every_sample_once_per_epoch_across_ranks() -> None:
 
 def test_mid_epoch_skip_continues_the_same_order() -> None:
     assert _epoch_indices(1, 2, skip=3) == _epoch_indices(1, 2)[30:]
+
+
+def test_digits_read_directly_match_sklearn() -> None:
+    from sklearn.datasets import load_digits
+
+    from jobs.data import digits_arrays
+
+    pixels, labels = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(pixels, bunch.images) and np.array_equal(labels, bunch.target)
