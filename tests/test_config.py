@@ -149,3 +149,19 @@ def test_show_prints_resolved_config(capsys: pytest.CaptureFixture) -> None:
     assert main(["show", "digits", "trainer.epochs=3"]) == 0
     out = capsys.readouterr().out
     assert "epochs: 3" in out and "world size 2" in out and "backend: local" in out
+
+
+def test_slurm_config_mistakes_are_caught_before_submission(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    f = tmp_path / "gpu.yaml"
+    f.write_text("backend: slurm\nslurm:\n  time_min: 1\n  grace_period_s: 120\n")
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(f))
+    assert info.value.key == "slurm.time_min" and "grace period of 120 s" in str(info.value)
+    f.write_text("backend: slurm\nslurm:\n  gpus_per_node: 8\n  partiton: gpu\n")
+    with pytest.raises(ConfigError, match="did you mean 'partition'"):
+        load_cluster(str(f))
+    f.write_text("backend: slurm\nslurm:\n  gpus_per_node: 8\n")
+    assert main(["launch", "digits", "--cluster", str(f), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "slurm.gpus_per_node" in err and "parallel.procs_per_node=2" in err and "set parallel.procs_per_node=8" in err
+    assert not (tmp_path / "runs").exists()

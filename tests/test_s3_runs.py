@@ -37,6 +37,19 @@ def _cli(*args: str, runs_dir: Path, check: bool = True) -> subprocess.Completed
     return run_cli(*args, runs_dir=runs_dir, env=TEST_CREDENTIALS, check=check)
 
 
+def _start(runs_dir: Path, name: str, overrides: list[str], cluster: Path, lines: int) -> subprocess.Popen:
+    """Launch in the background; return once the run has logged `lines` metric lines."""
+    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *overrides, "--cluster", str(cluster),
+           "--run-name", name, "--runs-dir", str(runs_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **TEST_CREDENTIALS, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = runs_dir / name / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= lines):
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    return proc
+
+
 def _remote_steps(server: S3Server, run: str) -> list[str]:
     fs = fsspec.filesystem("s3", endpoint_url=server.endpoint, key="testing", secret="testing",
                            skip_instance_cache=True)
@@ -46,14 +59,7 @@ def _remote_steps(server: S3Server, run: str) -> list[str]:
 def test_resume_from_s3_on_a_fresh_machine(s3: tuple[S3Server, Path], runs_dir: Path) -> None:
     """Stopped mid-run, local copies gone (a new VM): the relaunch resumes from S3, bit-exact."""
     server, cluster = s3
-    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *BASE, "--cluster", str(cluster),
-           "--run-name", "cut", "--runs-dir", str(runs_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **TEST_CREDENTIALS, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = runs_dir / "cut" / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 14):
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.05)
+    proc = _start(runs_dir, "cut", BASE, cluster, lines=14)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     stopped = read_result(runs_dir / "cut")
@@ -78,14 +84,7 @@ def test_store_outage_does_not_stop_training(s3: tuple[S3Server, Path], runs_dir
     on the next launch once the server is back; no half-uploaded checkpoint is ever used."""
     server, cluster = s3
     overrides = BASE + ["checkpoint.flush_timeout_s=3", "checkpoint.upload_retries=2", "trainer.epochs=3"]
-    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *overrides, "--cluster", str(cluster),
-           "--run-name", "down", "--runs-dir", str(runs_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **TEST_CREDENTIALS, "OMP_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = runs_dir / "down" / "metrics.jsonl"
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 6):
-        assert proc.poll() is None, proc.communicate()[0]
-        time.sleep(0.05)
+    proc = _start(runs_dir, "down", overrides, cluster, lines=6)
     server.stop()
     out = proc.communicate(timeout=300)[0]
     result = read_result(runs_dir / "down")
