@@ -65,6 +65,9 @@ def table(results: dict) -> str:
     rows.append(("trainer s/step (2 ranks, %s)" % a["recipe"], f"{a['trainer_s_per_step'] * 1e3:.2f} ms",
                  f"plain DDP {a['plain_s_per_step'] * 1e3:.2f} ms",
                  f"ratio {a['ratio']:.3f} (goal <= 1.03; median of {len(a.get('pair_ratios', []))} A/B pairs{spread})"))
+    if "trainer_extras_s_per_step" in a:
+        rows.append(("trainer's own work per step, timed alone", f"{a['trainer_extras_s_per_step'] * 1e3:.3f} ms",
+                     f"{a['extras_share_of_plain_step'] * 100:.2f}% of a plain step", "(agreement, LR schedule, checks)"))
     b = results["startup"]
     rows.append(("launch -> first step", f"{b['launcher_s_to_first_step']:.2f} s",
                  f"bare torchrun {b['torchrun_s_to_first_step']:.2f} s",

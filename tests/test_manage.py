@@ -27,11 +27,18 @@ def test_local_status_logs_cancel(runs_dir: Path) -> None:
     assert "rank 1 of 2" in logs
     assert run_cli("logs", "live", "--rank", "7", runs_dir=runs_dir).returncode == 2
 
+    follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "live", "--follow", "--runs-dir",
+                               str(runs_dir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    time.sleep(1.0)
+    assert follow.poll() is None  # still following while the run is alive
+
     out = run_cli("cancel", "live", runs_dir=runs_dir, check=True).stdout
     assert "saves a checkpoint and stops" in out
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0 and "the same command resumes it" in output
     result = read_result(runs_dir / "live")
+    followed = follow.communicate(timeout=30)[0]  # --follow ends by itself once the run has stopped
+    assert "rank 0 of 2" in followed and f"preempted at step {result['step']}" in followed
     assert result["outcome"] == "preempted" and result["checkpoints_committed"]
     assert (runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "manifest.json").exists()
     status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
