@@ -88,7 +88,8 @@ def train(recipe: RecipeConfig, run: RunInfo, storage: StorageConfig, env: RankE
     if env.is_main:
         log.info("model %s; %d tensors frozen %s", summary(model), frozen, list(recipe.model.freeze))
     model = parallel.parallelize(model, recipe.parallel, env, device)
-    parts = _build_parts(recipe, model, device, _total_steps(recipe, len(train_set), env))
+    total = _total_steps(recipe, len(train_set), env)
+    parts = _build_parts(recipe, model, device, total)
     _seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
 
     ckpt = Checkpointer(recipe.checkpoint, run.run_dir / "checkpoints", run.checkpoint_uri, storage,
@@ -97,20 +98,19 @@ def train(recipe: RecipeConfig, run: RunInfo, storage: StorageConfig, env: RankE
         _resume(ckpt, parts, recipe, env, device)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, to_dict(recipe), env.is_main)
     try:
-        return _loop(recipe, run, parts, (train_set, val_set), ckpt, metrics, env, device, stop)
+        return _loop(recipe, run, parts, (train_set, val_set, total), ckpt, metrics, env, device, stop)
     finally:
         metrics.close()
         ckpt.close()
 
 
-def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, datasets: tuple[Dataset, Dataset], ckpt: Checkpointer,
+def _loop(recipe: RecipeConfig, run: RunInfo, parts: Parts, data: tuple[Dataset, Dataset, int], ckpt: Checkpointer,
           metrics: MetricsLogger, env: RankEnv, device: torch.device, stop: StopFlag) -> dict[str, Any]:
     t, accum, st = recipe.trainer, recipe.grad_accum, parts.state
-    train_set, val_set = datasets
+    train_set, val_set, total = data
     sampler = DistributedSampler(train_set, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                  seed=t.seed, drop_last=True)
     steps_per_epoch = len(sampler) // (t.micro_batch * accum)
-    total = _total_steps(recipe, len(train_set), env)
     if env.is_main:
         log.info("%d ranks x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps",
                  env.world_size, t.micro_batch, accum, t.global_batch, steps_per_epoch, total)

@@ -62,10 +62,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     cluster = load_cluster(args.cluster)
     run = find_run(args.run, runs_root(cluster, args.runs_dir))
     try:
-        where, n = export_run(run.dir, args.to)
+        where = export_run(run.dir, args.to)
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
-    print(f"wrote {args.to}: {n} tensors from {where}")
+    print(f"wrote {args.to}: model weights from {where}")
     return 0
 
 

@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from conftest import REPO, read_result, run_cli
+from jobs.models import build_model
+from launcher.config import load_recipe
 
 
 def test_local_status_logs_cancel(runs_dir: Path) -> None:
@@ -44,3 +48,14 @@ def test_local_status_logs_cancel(runs_dir: Path) -> None:
     status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
     assert "state: preempted" in status and f"step: {result['step']}" in status
     assert run_cli("status", "nosuchrun", runs_dir=runs_dir).returncode == 2
+
+    # export takes the newest committed checkpoint: a plain state dict that loads into the bare model
+    exported = runs_dir / "weights.pt"
+    out = run_cli("export", "live", "--to", str(exported), runs_dir=runs_dir, check=True).stdout
+    assert f"step-{result['step']:09d}" in out
+    weights = torch.load(exported, weights_only=True)
+    model = build_model(load_recipe("vgg_pretrain").model)
+    model.load_state_dict(weights)
+    saved = torch.load(runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "model.pt",
+                       weights_only=True)
+    assert all(torch.equal(weights[k], saved[k]) for k in saved)
