@@ -18,8 +18,6 @@ import itertools
 import json
 import math
 import random
-import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -294,7 +292,7 @@ def _skip_reason(run: Run) -> Optional[str]:
     """Completed trials are kept; a trial still queued or running must not get a second job."""
     if not run.info_path.exists():
         return None
-    state = trial_state(run, {})
+    state = trial_state(run)
     if state in DONE_STATES:
         return "already completed"
     if state in ACTIVE_STATES:
@@ -302,52 +300,11 @@ def _skip_reason(run: Run) -> Optional[str]:
     return None
 
 
-def trial_state(run: Run, arrays: dict[str, dict[str, str]]) -> str:
-    """`backends.status(run)`'s state, asking the whole job array when Slurm does not know the element
-    (`arrays` caches one sacct call per array)."""
+def trial_state(run: Run) -> str:
+    """`backends.status(run)`'s state (the Slurm backend also knows array elements that never started)."""
     if not run.info_path.exists():
         return "not started"
-    state = backends.status(run).get("state", "unknown")
-    job_id = run.info().get("job_id")
-    if state == "unknown" and run.info().get("backend") == "slurm" and job_id:
-        array_id = str(job_id).split("_")[0]
-        if array_id not in arrays:
-            arrays[array_id] = array_states(array_id)
-        state = arrays[array_id].get(job_id, "UNKNOWN").lower()
-    return state
-
-
-def array_states(array_id: str) -> dict[str, str]:
-    """Slurm state of every element of a job array, `<array>_<i>` -> state, in one sacct call.
-
-    Needed because `sacct -j 15_0` returns nothing for an element cancelled (or failed) while still
-    pending: sacct keeps such elements as one row, `15_[0-3%4]`. squeue fills in what sacct has not
-    seen yet (it lags behind a fresh submission)."""
-    out: dict[str, str] = {}
-    rows = subprocess.run(["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                          text=True, timeout=60).stdout.splitlines()
-    for row in rows:
-        job, _, state = row.partition("|")
-        for element in expand_job_ids(job.strip()):
-            out[element] = (state.split() or ["UNKNOWN"])[0]  # "CANCELLED by 0" -> CANCELLED
-    queued = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"], capture_output=True, text=True,
-                            timeout=60).stdout.splitlines()
-    for row in queued:
-        job, _, state = row.partition("|")
-        out.setdefault(job.strip(), state.strip() or "UNKNOWN")
-    return out
-
-
-def expand_job_ids(job: str) -> list[str]:
-    """sacct's array notation -> element ids: `15_[0-2,5%4]` -> 15_0 15_1 15_2 15_5; `9_1` -> 9_1."""
-    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
-    if not match:
-        return [job]
-    ids = []
-    for part in match.group(2).split(","):
-        first, _, last = part.partition("-")
-        ids += [f"{match.group(1)}_{i}" for i in range(int(first), int(last or first) + 1)]
-    return ids
+    return backends.status(run).get("state", "unknown")
 
 
 def _set_trial_job(record: dict[str, Any], run_name: str, job_id: Optional[str]) -> None:
@@ -409,7 +366,7 @@ def _submit_array(todo: list[tuple[Trial, RecipeConfig]], cluster: ClusterConfig
 
 def _wait_all(root: Path, record: dict[str, Any], poll_s: float = 3.0, lost_after_s: float = 120.0) -> int:
     """Block until every submitted trial stops for good (requeues included); 0 if all completed."""
-    from launcher.backends.slurm import TERMINAL
+    from launcher.backends.slurm import TERMINAL, array_states
 
     pending = {e["run_name"]: e["job_id"] for e in record["trials"] if e.get("job_id")}
     final: dict[str, str] = {}
@@ -464,10 +421,10 @@ def _latest_logged(run: Run, metric: str) -> tuple[Optional[int], Optional[float
 
 
 def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str, Any]]:
-    rows, arrays = [], {}
+    rows = []
     for entry in record["trials"]:
         run = Run(entry["run_name"], root / entry["run_name"])
-        state = trial_state(run, arrays)
+        state = trial_state(run)
         result = _result(run)
         final = metric in result
         step, value = (result.get("step"), result[metric]) if final else _latest_logged(run, metric)

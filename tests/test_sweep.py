@@ -17,7 +17,8 @@ from launcher.config import load_cluster, load_recipe
 from launcher.errors import UsageError
 from launcher import backends
 from launcher.runs import Run
-from launcher.sweep import (SweepSpec, check_one_shape, default_sweep_name, expand, expand_job_ids, sort_rows,
+from launcher.backends.slurm import expand_job_ids
+from launcher.sweep import (SweepSpec, check_one_shape, default_sweep_name, expand, sort_rows,
                             split_values, trial_state)
 
 QUICK = ["trainer.max_steps=10", "trainer.epochs=null", "parallel.procs_per_node=1", "trainer.global_batch=32"]
@@ -259,7 +260,7 @@ def test_array_element_cancelled_while_pending_is_not_unknown(tmp_path: Path, sl
     run.dir.mkdir()
     run.update(backend="slurm", job_id=f"{array}_1")
     deadline = time.monotonic() + 30
-    while (state := trial_state(run, {})) == "unknown" and time.monotonic() < deadline:
+    while (state := trial_state(run)) == "unknown" and time.monotonic() < deadline:
         time.sleep(0.5)  # accounting lags a moment behind scancel
     assert state == "cancelled"
-    assert backends.status(run)["state"] == "unknown"  # what the single-job lookup sees: no row for <array>_1
+    assert backends.status(run)["state"] == "cancelled"  # `launcher status <trial>` sees it too

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -187,7 +188,44 @@ def sacct_state(job_id: str) -> str:
         return lines[-1].split()[0]  # "CANCELLED by 0" -> CANCELLED
     queued = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True,
                             timeout=60).stdout.split()
-    return queued[0] if queued else "UNKNOWN"
+    if queued:
+        return queued[0]
+    if "_" in job_id:  # an array element that never started has no row of its own
+        return array_states(job_id.split("_")[0]).get(job_id, "UNKNOWN")
+    return "UNKNOWN"
+
+
+def array_states(array_id: str) -> dict[str, str]:
+    """Slurm state of every element of a job array, `<array>_<i>` -> state, in one sacct call.
+
+    Needed because `sacct -j 15_0` returns nothing for an element cancelled (or failed) while still
+    pending: sacct keeps such elements as one row, `15_[0-3%4]`. squeue fills in what sacct has not
+    seen yet (it lags behind a fresh submission)."""
+    out: dict[str, str] = {}
+    rows = subprocess.run(["sacct", "-j", array_id, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
+                          text=True, timeout=60).stdout.splitlines()
+    for row in rows:
+        job, _, state = row.partition("|")
+        for element in expand_job_ids(job.strip()):
+            out[element] = (state.split() or ["UNKNOWN"])[0]  # "CANCELLED by 0" -> CANCELLED
+    queued = subprocess.run(["squeue", "-h", "-r", "-j", array_id, "-o", "%i|%T"], capture_output=True, text=True,
+                            timeout=60).stdout.splitlines()
+    for row in queued:
+        job, _, state = row.partition("|")
+        out.setdefault(job.strip(), state.strip() or "UNKNOWN")
+    return out
+
+
+def expand_job_ids(job: str) -> list[str]:
+    """sacct's array notation -> element ids: `15_[0-2,5%4]` -> 15_0 15_1 15_2 15_5; `9_1` -> 9_1."""
+    match = re.fullmatch(r"(\d+)_\[([0-9,\-]+)(?:%\d+)?\]", job)
+    if not match:
+        return [job]
+    ids = []
+    for part in match.group(2).split(","):
+        first, _, last = part.partition("-")
+        ids += [f"{match.group(1)}_{i}" for i in range(int(first), int(last or first) + 1)]
+    return ids
 
 
 def wait_for(run: Run, poll_s: float = 2.0) -> int:
