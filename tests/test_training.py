@@ -106,3 +106,14 @@ def test_trackers_wandb_offline_and_tensorboard(runs_dir: Path) -> None:
     tb = _launch(runs_dir, "tb", *QUICK, "trainer.max_steps=2", "parallel.procs_per_node=1",
                  "trainer.global_batch=32", "logging.tracker=tensorboard")
     assert list((tb / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_time_based_saves_are_agreed_by_all_ranks(runs_dir: Path) -> None:
+    """checkpoint.every_minutes: rank clocks differ, so the ranks must agree on the step to save at
+    (a disagreement would deadlock the save's collective and time the test out)."""
+    run_dir = _launch(runs_dir, "timed", "trainer.epochs=3", "checkpoint.every_steps=0", "checkpoint.at_end=false",
+                      "checkpoint.every_minutes=0.004", "checkpoint.keep_last=100", recipe="vgg_pretrain")
+    saves = [json.loads(x) for x in (run_dir / "checkpoints" / "saves.jsonl").read_text().splitlines()]
+    steps = [s["step"] for s in saves if s.get("event") == "save"]
+    assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
+    assert any(step % 11 for step in steps)  # not tied to epoch ends: taken when the clock said so
