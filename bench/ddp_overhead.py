@@ -3,6 +3,7 @@ model, data and ranks, alternating A/B blocks in one process group so both see t
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -93,6 +94,9 @@ def trainer_extras(recipe: RecipeConfig, env: RankEnv, iterations: int = 500) ->
 
 def main() -> None:
     env = RankEnv.from_environ()
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= env.local_world_size:  # one core per rank: less scheduler noise, for both loops alike
+        os.sched_setaffinity(0, {cpus[env.local_rank]})
     recipe_name = sys.argv[1] if len(sys.argv) > 1 else "vgg_pretrain"
     recipe = load_recipe(recipe_name, OVERRIDES + [f"parallel.procs_per_node={env.world_size}"])
     parallel.init_distributed(env, torch.device("cpu"))
