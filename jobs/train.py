@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import socket
 import sys
@@ -67,12 +68,26 @@ def stop_with_parent() -> None:
         pass  # not Linux: nothing to do
 
 
+def exit_cleanly() -> None:
+    """End a rank whose run finished, skipping the interpreter's teardown of C++ objects: under
+    load, a gloo rank sometimes aborts there (`terminate called without an active exception`) after
+    everything was saved, and Slurm then marks the finished job FAILED. Everything of ours is
+    flushed and closed by now; only call this when the run succeeded."""
+    if getattr(sys, "last_value", None) is not None:  # an uncaught exception is on its way out
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def main(argv: list[str] | None = None) -> int:
     stop_with_parent()
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, required=True)
     args = parser.parse_args(argv)
     run_training(args.run_dir.resolve())
+    exit_cleanly()
     return 0
 
 

@@ -10,6 +10,7 @@ saved) is replaced by the trainer's when training starts.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -50,7 +51,7 @@ def rank_main(run_dir: str) -> dict[str, Any]:
     """The function submitit runs in every task (and `python -m launcher.backends.slurm` under srun)."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
-    from jobs.train import run_training  # imported here: the control plane never loads torch
+    from jobs.train import exit_cleanly, run_training  # imported here: the control plane never loads torch
 
     # Not submitit.JobEnvironment(): that one only recognises Slurm inside submitit's own scripts
     # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
@@ -73,6 +74,7 @@ def rank_main(run_dir: str) -> dict[str, Any]:
         raise
     if job.global_rank == 0:
         _after_run(run, cluster.slurm or SlurmConfig(), result, time.time() - started)
+    atexit.register(exit_cleanly)  # runs after submitit has written its result file
     return result
 
 
