@@ -9,7 +9,7 @@ ARGS ?=
 RUN_NAME ?=
 PRETRAINED := artifacts/vgg_pretrain.pt
 
-.PHONY: setup launch test test-fast bench slurm-up slurm-down clean
+.PHONY: setup launch test bench slurm-up slurm-down clean
 
 setup: $(VENV)/.installed
 
