@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
-from launcher.runs import default_run_name, find_run, prepare_run, runs_root
+from launcher.runs import Run, default_run_name, find_run, prepare_run, runs_root
 from launcher.sweep import add_sweep_commands
 
 
@@ -39,28 +37,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
     run = prepare_run(recipe, cluster, name, runs_root(cluster, args.runs_dir), args.resume)
     print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
     code = backend.launch(recipe, cluster, run, wait=args.wait)
-    return _report(run.dir, code)
+    return _report(run, code)
 
 
-def _report(run_dir: Path, code: int) -> int:
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        result = json.loads(result_path.read_text())
+def _report(run: Run, code: int) -> int:
+    result = run.result()
+    if result:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("val/"))
         print(f"{result['outcome']} at step {result['step']}: {metrics}", flush=True)
         if result["outcome"] == "preempted":
             print(f"stopped by {result['signal']} after a checkpoint; the same command resumes it", flush=True)
             return code or 1
     elif code != 0:
-        print(f"run failed with exit code {code}; logs: {run_dir / 'logs'}", file=sys.stderr)
+        print(f"run failed with exit code {code}; logs: {run.dir / 'logs'}", file=sys.stderr)
     return code
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from jobs.export import export_run  # the data plane reads tensors; the CLI only points it at the run
 
-    cluster = load_cluster(args.cluster)
-    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    run = _existing_run(args)
     try:
         where = export_run(run.dir, args.to)
     except FileNotFoundError as err:
@@ -70,16 +66,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    cluster = load_cluster(args.cluster)
-    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    run = _existing_run(args)
     for key, value in backends.status(run).items():
         print(f"{key}: {value}")
     return 0
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
-    cluster = load_cluster(args.cluster)
-    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    run = _existing_run(args)
     path = run.dir / "logs" / f"rank{args.rank}.log"
     if not path.exists():
         raise UsageError(f"{path}: no log for rank {args.rank} (yet)")
@@ -97,10 +91,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    cluster = load_cluster(args.cluster)
-    run = find_run(args.run, runs_root(cluster, args.runs_dir))
+    run = _existing_run(args)
     print(backends.cancel(run))
     return 0
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    """What `launch` and `sbatch` share: the recipe, its overrides, the run name and resume policy."""
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--run-name", help="stable name; launching it again resumes it (default: recipe-confighash)")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue from the newest committed checkpoint (default)")
+
+
+def _existing_run(args: argparse.Namespace) -> Run:
+    return find_run(args.run, runs_root(load_cluster(args.cluster), args.runs_dir))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p = add("launch", cmd_launch, "validate, then start a run (or resume it)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--run-name", help="stable name; launching it again resumes it (default: recipe-confighash)")
-    p.add_argument("--resume", choices=["auto", "never"], default="auto",
-                   help="auto: continue from the newest committed checkpoint (default)")
+    _run_arguments(p)
     p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
     p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
     p.add_argument("run")
@@ -139,11 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     add_sweep_commands(sub, add)
     p = add("sbatch", sbatch.cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
-    p.add_argument("recipe")
-    p.add_argument("overrides", nargs="*", help="section.key=value")
-    p.add_argument("--run-name", help="stable name; submitting it again resumes it (default: recipe-confighash)")
-    p.add_argument("--resume", choices=["auto", "never"], default="auto",
-                   help="auto: continue from the newest committed checkpoint (default)")
+    _run_arguments(p)
     p.add_argument("--submit", action="store_true", help="also submit the script with sbatch")
     return parser
 

@@ -30,6 +30,11 @@ class Run:
     def info(self) -> dict[str, Any]:
         return json.loads(self.info_path.read_text()) if self.info_path.exists() else {}
 
+    def result(self) -> dict[str, Any]:
+        """What the trainer wrote at the end of the last launch (empty while running or after a crash)."""
+        path = self.dir / "result.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
     def update(self, **fields: Any) -> None:
         info = {**self.info(), **fields}
         tmp = self.info_path.with_suffix(".tmp")

@@ -323,7 +323,7 @@ def _run_locally(todo: list[tuple[Trial, RecipeConfig]], cluster: ClusterConfig,
         run = prepare_run(recipe, cluster, trial.name, root, "auto")
         print(f"[{i + 1}/{len(todo)}] trial {trial.name}: {' '.join(trial.overrides)}", flush=True)
         code = local.launch(recipe, cluster, run)
-        result = _result(run)
+        result = run.result()
         if result.get("signal"):  # Ctrl-C / SIGTERM reached the ranks: they saved; resume by re-running
             print(f"trial {trial.name} stopped by {result['signal']} at step {result.get('step')}; the sweep stops "
                   "here (run the same command again to resume it)", file=sys.stderr, flush=True)
@@ -393,15 +393,10 @@ def _wait_all(root: Path, record: dict[str, Any], poll_s: float = 3.0, lost_afte
               f"(launcher sweep-status {record['name']})", file=sys.stderr)
         return 130
     bad = {n: s for n, s in final.items()
-           if s != "COMPLETED" or _result(Run(n, root / n)).get("outcome") != "completed"}
+           if s != "COMPLETED" or Run(n, root / n).result().get("outcome") != "completed"}
     for run_name, state in bad.items():
         print(f"trial {run_name}: Slurm {state}; logs: launcher logs {run_name}", file=sys.stderr)
     return 1 if bad else 0
-
-
-def _result(run: Run) -> dict[str, Any]:
-    path = run.dir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 # ----------------------------------------------------------------------------- status table
@@ -425,7 +420,7 @@ def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str
     for entry in record["trials"]:
         run = Run(entry["run_name"], root / entry["run_name"])
         state = trial_state(run)
-        result = _result(run)
+        result = run.result()
         final = metric in result
         step, value = (result.get("step"), result[metric]) if final else _latest_logged(run, metric)
         rows.append({"run": run.name, "overrides": " ".join(entry["overrides"]), "state": state,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,6 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-import fsspec
 import pytest
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import run_cli
 from launcher.cli import main
 from launcher.config import (CLUSTERS_DIR, RECIPES_DIR, ClusterConfig, RecipeConfig, load_cluster, load_recipe,
                              load_resolved, parse_overrides, to_yaml)

@@ -4,7 +4,6 @@ starts the local Slurm, and skips only where it cannot run)."""
 from __future__ import annotations
 
 import json
-import math
 import re
 import time
 from pathlib import Path

@@ -36,7 +36,7 @@ def status(run: Run) -> dict[str, Any]:
         from launcher.backends import slurm
 
         return slurm.status(run)
-    result = _result(run)
+    result = run.result()
     pid = info.get("pid")
     if pid and _alive(pid):
         state = "running"
@@ -58,13 +58,6 @@ def cancel(run: Run) -> str:
         return f"run {run.name} is not running"
     os.kill(pid, signal.SIGTERM)  # the ranks save a checkpoint, then exit
     return f"sent SIGTERM to run {run.name} (pid {pid}); it saves a checkpoint and stops"
-
-
-def _result(run: Run) -> dict[str, Any]:
-    import json
-
-    path = run.dir / "result.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _summary(result: dict[str, Any]) -> dict[str, Any]:

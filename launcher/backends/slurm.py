@@ -11,7 +11,6 @@ saved) is replaced by the trainer's when training starts.
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import re
 import shlex
@@ -239,8 +238,7 @@ def wait_for(run: Run, poll_s: float = 2.0) -> int:
         if state in TERMINAL and run.info().get("state") != "requeued":
             break
         time.sleep(poll_s)
-    result = run.dir / "result.json"
-    outcome = json.loads(result.read_text())["outcome"] if result.exists() else None
+    outcome = run.result().get("outcome")
     print(f"Slurm job {job_id}: {state}, run {run.info().get('state')}", flush=True)
     return 0 if state == "COMPLETED" and outcome == "completed" else 1
 
@@ -249,8 +247,7 @@ def status(run: Run) -> dict[str, Any]:
     info = run.info()
     job_id = info.get("job_id")
     slurm_state = sacct_state(job_id) if job_id else "UNKNOWN"
-    result_path = run.dir / "result.json"
-    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    result = run.result()
     state = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
              "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}.get(slurm_state.split()[0],
                                                                                      slurm_state.lower())
