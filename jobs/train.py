@@ -11,14 +11,18 @@ import os
 import signal
 import socket
 import sys
+import traceback
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from jobs import parallel
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.trainer import RunInfo, train
-from launcher.config import ClusterConfig, RecipeConfig, load_resolved
+from launcher.config import ClusterConfig, RecipeConfig, load_resolved, to_dict
+from launcher.runs import checkpoint_uri
+from launcher.secrets import RedactFilter, secret_values
 
 
 def setup_logging(run_dir: Path, env: RankEnv) -> None:
@@ -34,6 +38,19 @@ def setup_logging(run_dir: Path, env: RankEnv) -> None:
     root.setLevel(logging.INFO)
 
 
+def redact_logs(values: set[str]) -> None:
+    """Every handler masks the run's secrets, and so does the hook that prints an uncaught exception
+    (it writes to stderr directly, past the handlers)."""
+    mask = RedactFilter(values)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(mask)
+
+    def masked_hook(kind: type[BaseException], err: BaseException, tb: TracebackType | None) -> None:
+        sys.stderr.write(mask.mask("".join(traceback.format_exception(kind, err, tb))))
+
+    sys.excepthook = masked_hook
+
+
 def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None,
                  force_resume: bool = False) -> dict[str, Any]:
     env = env or RankEnv.from_environ()
@@ -44,9 +61,11 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
                                          socket.gethostname(), env.local_rank, run_dir)
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
+    redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
     info = json.loads((run_dir / "run.json").read_text())
     run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
-                  resume=force_resume or info.get("resume", "auto") == "auto", checkpoint_uri=info.get("checkpoint_uri"))
+                  resume=force_resume or info.get("resume", "auto") == "auto",
+                  checkpoint_uri=checkpoint_uri(recipe, info["run_name"]))  # run.json shows it redacted
     try:
         result = train(recipe, run, cluster.storage, env, stop)
     except BaseException:

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -27,7 +28,8 @@ from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained
 from jobs.tracking import MetricsLogger
-from launcher.config import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict, to_yaml
+from launcher.config import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict
+from launcher.secrets import redact
 
 log = logging.getLogger("jobs.trainer")
 
@@ -96,7 +98,8 @@ def train(recipe: RecipeConfig, run: RunInfo, storage: StorageConfig, env: RankE
                         is_writer=env.is_main)
     if run.resume:
         _resume(ckpt, parts, recipe, env, device)
-    metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, to_dict(recipe), env.is_main)
+    metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
+                            env.is_main)
     try:
         return _loop(recipe, run, parts, (train_set, val_set, total), ckpt, metrics, env, device, stop)
     finally:
@@ -432,7 +435,7 @@ def _save(ckpt: Checkpointer, parts: Parts, recipe: RecipeConfig, run: RunInfo, 
         "scheduler": parts.scheduler.state_dict(),
         "trainer": st.state_dict(),
         "rng": rngs,
-        "meta": {"config": to_yaml(recipe), "config_hash": config_hash(recipe), "run_id": run.run_id,
+        "meta": {"config": yaml.safe_dump(redact(to_dict(recipe)), sort_keys=False), "config_hash": config_hash(recipe), "run_id": run.run_id,
                  "world_size": env.world_size, "metrics": {k: v for k, v in last_eval.items() if k[0] != "_"}},
     }
     if parts.scaler is not None:

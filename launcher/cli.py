@@ -11,6 +11,7 @@ from typing import Callable
 from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
+from launcher.secrets import redact_text
 from launcher.runs import Run, default_run_name, find_run, prepare_run, runs_root
 from launcher.sweep import add_sweep_commands
 
@@ -21,9 +22,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     cluster.check_recipe(recipe, f"cluster config {args.cluster}")
     print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, "
           f"gradient accumulation {recipe.grad_accum}, default run name {default_run_name(recipe)}")
-    print(to_yaml(recipe), end="")
+    print(to_yaml(recipe, redacted=True), end="")
     print(f"# cluster {cluster.name}")
-    print(to_yaml(cluster), end="")
+    print(to_yaml(cluster, redacted=True), end="")
     return 0
 
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
 
 

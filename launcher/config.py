@@ -19,6 +19,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from launcher import secrets
 from launcher.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -484,8 +485,10 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def to_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+def to_yaml(cfg: Any, redacted: bool = False) -> str:
+    """YAML of a config; `redacted` masks credentials (for anything a person sees)."""
+    tree = to_dict(cfg)
+    return yaml.safe_dump(secrets.redact(tree) if redacted else tree, sort_keys=False)
 
 
 def config_hash(cfg: Any) -> str:
@@ -493,7 +496,8 @@ def config_hash(cfg: Any) -> str:
 
 
 def load_resolved(path: Path, cls: type) -> Any:
-    """Reload a resolved config written to a run directory (validated again: it may have been edited)."""
-    cfg = build(cls, read_yaml(path), str(path))
+    """Reload a resolved config written to a run directory (validated again: it may have been edited),
+    with the real values of its redacted secrets put back."""
+    cfg = build(cls, secrets.overlay(path, read_yaml(path)), str(path))
     cfg.check(str(path))
     return cfg

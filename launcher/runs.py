@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from launcher.config import ClusterConfig, RecipeConfig, config_hash, to_yaml
+from launcher import secrets
+from launcher.config import ClusterConfig, RecipeConfig, config_hash, to_dict
 from launcher.errors import UsageError
 
 
@@ -67,6 +68,10 @@ def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
     return f"{uri.rstrip('/')}/{run_name}" if uri else None
 
 
+def _shown(uri: Optional[str]) -> Optional[str]:
+    return secrets.redact_text(uri) if uri else None
+
+
 def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str) -> Run:
     run = Run(name, root / name)
     previous = run.info()
@@ -75,8 +80,7 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
                          "pass --resume auto to continue it, or choose another --run-name")
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / "result.json").unlink(missing_ok=True)  # belongs to the previous launch
-    (run.dir / "config.yaml").write_text(to_yaml(recipe))
-    (run.dir / "cluster.yaml").write_text(to_yaml(cluster))
+    secrets.write_configs(run.dir, {"config.yaml": to_dict(recipe), "cluster.yaml": to_dict(cluster)})
     run.update(
         run_name=name,
         run_id=previous.get("run_id") or uuid.uuid4().hex[:12],  # the tracker's run id: kept across relaunches
@@ -84,7 +88,7 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
         cluster=cluster.name,
         backend=cluster.backend,
         resume=resume,
-        checkpoint_uri=checkpoint_uri(recipe, name),
+        checkpoint_uri=_shown(checkpoint_uri(recipe, name)),  # for people; ranks derive it from the recipe
         config_hash=config_hash(recipe),
         created=previous.get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         launches=previous.get("launches", 0) + 1,

@@ -28,6 +28,7 @@ from launcher import backends
 from launcher.config import RECIPES_DIR, ClusterConfig, RecipeConfig, find_config, load_cluster, load_recipe
 from launcher.errors import UsageError
 from launcher.runs import Run, prepare_run, runs_root
+from launcher.secrets import redact_text
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 # States after which a trial needs nothing more; "completed" trials are not started again on a re-run.
@@ -48,8 +49,9 @@ class SweepSpec:
     seed: int  # seed of the random samples
 
     def to_dict(self) -> dict[str, Any]:
-        return {"recipe": self.recipe, "fixed": list(self.fixed), "grid": list(self.grid),
-                "random": list(self.random), "trials": self.trials, "seed": self.seed}
+        """As stored in the sweep record: credentials inside override values are masked."""
+        return {"recipe": self.recipe, "fixed": _shown(self.fixed), "grid": _shown(self.grid),
+                "random": _shown(self.random), "trials": self.trials, "seed": self.seed}
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
@@ -59,6 +61,10 @@ class SweepSpec:
 class Trial:
     name: str  # run name, `<sweep>-tNN`
     overrides: tuple[str, ...]  # this trial's own overrides (after the fixed ones)
+
+
+def _shown(overrides: tuple[str, ...]) -> list[str]:
+    return [redact_text(item) for item in overrides]
 
 
 def split_values(raw: str) -> list[str]:
@@ -249,7 +255,7 @@ def new_record(spec: SweepSpec, name: str, cluster: ClusterConfig, trials: list[
     return {"name": name, "recipe": recipe.name, "cluster": cluster.name, "spec": spec.to_dict(),
             "best_metric": recipe.checkpoint.best_metric or "val/acc", "best_mode": recipe.checkpoint.best_mode,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "launches": 0, "arrays": [],
-            "trials": [{"run_name": t.name, "overrides": list(t.overrides), "job_id": None} for t in trials]}
+            "trials": [{"run_name": t.name, "overrides": _shown(t.overrides), "job_id": None} for t in trials]}
 
 
 # ----------------------------------------------------------------------------- running
