@@ -6,10 +6,10 @@ import json
 import multiprocessing
 import os
 import subprocess
+import sys
 from pathlib import Path
 
-from conftest import run_cli
-from launcher.backends import process_start
+from conftest import REPO, run_cli
 from launcher.runs import Run
 
 
@@ -64,8 +64,7 @@ def test_launch_refuses_an_unreadable_run_json(runs_dir: Path) -> None:
 def test_cancel_never_signals_a_process_that_reused_the_pid(runs_dir: Path) -> None:
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        start = process_start(bystander.pid)
-        assert start is not None
+        start = int(Path(f"/proc/{bystander.pid}/stat").read_text().rpartition(")")[2].split()[19])
         _write_run(runs_dir, "other", pid=bystander.pid, pid_start=start + 1, launcher_pid=bystander.pid,
                    launcher_start=start + 1, state="running")
         _write_run(runs_dir, "old", pid=bystander.pid, launcher_pid=bystander.pid, state="running")  # no start time
@@ -80,11 +79,20 @@ def test_cancel_never_signals_a_process_that_reused_the_pid(runs_dir: Path) -> N
 
 
 def test_cancel_refuses_pids_that_mean_a_group(runs_dir: Path) -> None:
-    """pid 0 or -1 in a (hand-edited) run.json would signal this process group or every process."""
-    for name, pid in (("zero", 0), ("minus", -1)):
-        _write_run(runs_dir, name, pid=pid, launcher_pid=pid)
-        out = run_cli("cancel", name, runs_dir=runs_dir, check=True).stdout
-        assert out.strip() == f"run {name} is not running"
+    """pid 0 or a negative pid in a (hand-edited) run.json would signal a whole process group (-1: every
+    process). Each case here is contained, so that the old code fails this test without harm: the
+    `cancel` runs in a session of its own (pid 0 hits only it), and -N names the group of a `sleep`."""
+    group = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        for name, pid in (("zero", 0), ("group", -group.pid)):
+            _write_run(runs_dir, name, pid=pid, launcher_pid=pid)
+            cancel = subprocess.run([sys.executable, "-m", "launcher", "cancel", name, "--runs-dir", str(runs_dir)],
+                                    cwd=REPO, capture_output=True, text=True, timeout=60, start_new_session=True)
+            assert cancel.returncode == 0 and cancel.stdout.strip() == f"run {name} is not running", cancel
+        assert group.poll() is None  # never signalled
+    finally:
+        group.kill()
+        group.wait()
 
 
 def test_finished_run_leaves_no_pid(runs_dir: Path) -> None:
@@ -125,7 +133,7 @@ def test_run_directory_must_stay_inside_the_runs_dir(runs_dir: Path, tmp_path: P
     assert proc.returncode == 2 and "outside the runs directory" in proc.stderr, proc.stderr
     assert list(outside.iterdir()) == []
 
-    _write_run(tmp_path, "victim", pid=os.getpid(), launcher_pid=os.getpid())
+    _write_run(tmp_path, "victim")
     (runs_dir / "lure").symlink_to(tmp_path / "victim")
     for command in ("status", "cancel"):
         proc = run_cli(command, "lure", runs_dir=runs_dir)
