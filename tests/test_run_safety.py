@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import REPO, run_cli
@@ -76,6 +77,24 @@ def test_cancel_never_signals_a_process_that_reused_the_pid(runs_dir: Path) -> N
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_dead_unreaped_rank_is_not_running(runs_dir: Path) -> None:
+    """A killed launcher leaves its rank a zombie until init reaps it: kill(pid, 0) still succeeds and
+    /proc still shows the recorded start time, but the run is not running and may be launched again."""
+    zombie = subprocess.Popen(["true"])
+    try:
+        stat = Path(f"/proc/{zombie.pid}/stat")
+        deadline = time.monotonic() + 30
+        while stat.read_text().rpartition(")")[2].split()[0] != "Z":  # exited, not reaped (no wait() yet)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = int(stat.read_text().rpartition(")")[2].split()[19])
+        _write_run(runs_dir, "dead", pid=zombie.pid, pid_start=start, launcher_pid=zombie.pid, launcher_start=start)
+        assert "state: running" not in run_cli("status", "dead", runs_dir=runs_dir, check=True).stdout
+        assert run_cli("cancel", "dead", runs_dir=runs_dir, check=True).stdout.strip() == "run dead is not running"
+    finally:
+        zombie.wait()
 
 
 def test_cancel_refuses_pids_that_mean_a_group(runs_dir: Path) -> None:

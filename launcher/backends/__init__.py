@@ -32,12 +32,14 @@ def get(cluster: ClusterConfig) -> ModuleType:
 
 def process_start(pid: int) -> Optional[int]:
     """When process `pid` started, in clock ticks since boot (field 22 of /proc/<pid>/stat); None where
-    unknown. A pid is reused after its process ends; the pair (pid, start) names one process."""
+    unknown or once the process has ended (a zombie not yet reaped). A pid is reused after its process
+    ends; the pair (pid, start) names one process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rpartition(")")[2].split()[19])  # after the command name, which may hold spaces and ')'
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces and ')'
+    return None if fields[0] in ("Z", "X") else int(fields[19])  # fields[0] is field 3, the state
 
 
 def run_process(info: dict[str, Any], pid_key: str, start_key: str) -> Optional[int]:
