@@ -79,12 +79,13 @@ class Run:
     def update(self, *, remove: Iterable[str] = (), **fields: Any) -> None:
         """Set `fields` and delete the keys in `remove`, as one atomic change to run.json."""
         with self._locked():
-            info = self._info_or_refuse()
+            info = self.readable_info()
             for key in remove:
                 info.pop(key, None)
             self._write_info({**info, **fields})
 
-    def _info_or_refuse(self) -> dict[str, Any]:
+    def readable_info(self) -> dict[str, Any]:
+        """run.json for a writer: a UsageError naming the file if it exists but cannot be read."""
         info, problem = read_object(self.info_path, INFO_TYPES)
         if problem:  # writing over it would lose the run id and job ids it may still hold
             raise UsageError(f"{self.info_path}: unreadable: {problem}\n  HINT: repair or delete this file "
@@ -100,10 +101,17 @@ class Run:
         finally:
             os.close(fd)  # closing releases the lock
 
+    def _mode(self) -> int:
+        """The permissions run.json has (0644 for a new one: mkstemp's 0600 would hide status from others)."""
+        try:
+            return self.info_path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            return 0o644
+
     def _write_info(self, info: dict[str, Any]) -> None:
         fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".run.json.", suffix=".tmp")  # unique per writer
         try:
-            os.fchmod(fd, 0o644)  # mkstemp makes 0600; run.json holds no secret and others may read status
+            os.fchmod(fd, self._mode())
             with os.fdopen(fd, "w") as f:
                 f.write(json.dumps(info, indent=2) + "\n")
             os.replace(tmp, self.info_path)  # atomic: a reader never sees half a file
@@ -175,7 +183,7 @@ def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
 
 def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str) -> Run:
     run = run_at(root, name)
-    previous = run._info_or_refuse()
+    previous = run.readable_info()
     if previous and resume == "never" and any((run.dir / "checkpoints").glob("step-*")):
         raise UsageError(f"run {name!r} already has checkpoints in {run.dir / 'checkpoints'}; "
                          "pass --resume auto to continue it, or choose another --run-name")
