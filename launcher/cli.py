@@ -11,8 +11,8 @@ from typing import Callable
 from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
+from launcher.runs import Run, default_run_name, find_run, prepare_run, run_at, runs_root
 from launcher.secrets import redact_text
-from launcher.runs import Run, default_run_name, find_run, prepare_run, runs_root
 from launcher.sweep import add_sweep_commands
 
 
@@ -35,6 +35,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     backend = backends.get(cluster)
     backend.check(recipe, cluster)  # everything is validated before a directory is made or a job started
     name = args.run_name or default_run_name(recipe)
+    backends.refuse_if_running(run_at(runs_root(cluster, args.runs_dir), name))  # before its directory is touched
     run = prepare_run(recipe, cluster, name, runs_root(cluster, args.runs_dir), args.resume)
     print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
     code = backend.launch(recipe, cluster, run, wait=args.wait)

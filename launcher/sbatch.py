@@ -28,7 +28,7 @@ from typing import Optional
 from launcher import backends
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
 from launcher.errors import ConfigError, UsageError
-from launcher.runs import Run, default_run_name, prepare_run, runs_root
+from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
 
 SCRIPT_NAME = "sbatch.sh"  # written into the run directory next to run.json
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./|&*!?<>()\[\]{}^~-]*")  # needs no quoting for sbatch's parser
@@ -206,6 +206,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     root = runs_root(cluster, args.runs_dir)
     # rendered once before the directory exists, so a refused value leaves nothing behind
     render_sbatch(recipe, cluster, Run(name, root / name), slurm.python or sys.executable)
+    backends.refuse_if_running(run_at(root, name))  # a live job would read the rewritten config.yaml
     run = prepare_run(recipe, cluster, name, root, args.resume)
     script = render_sbatch(recipe, cluster, run, slurm.python or sys.executable)
     path = run.dir / SCRIPT_NAME

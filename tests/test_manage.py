@@ -1,6 +1,7 @@
 """Tier 2: status, logs and cancel for local runs (the Slurm ones are in test_slurm.py)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -59,3 +60,34 @@ def test_local_status_logs_cancel(runs_dir: Path) -> None:
     saved = torch.load(runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "model.pt",
                        weights_only=True)
     assert all(torch.equal(weights[k], saved[k]) for k in saved)
+
+
+def test_relaunch_of_a_running_run_is_refused(runs_dir: Path) -> None:
+    """A second `launch` of a live local run names its pid and changes nothing; once the run has
+    stopped, run.json no longer holds a pid that another process could reuse."""
+    cmd = [sys.executable, "-m", "launcher", "launch", "digits", "trainer.epochs=1000", "--run-name", "busy",
+           "--runs-dir", str(runs_dir)]
+    first = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    run_dir = runs_dir / "busy"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "metrics.jsonl").exists():  # the ranks train: run.json holds the pids by now
+        assert first.poll() is None and time.monotonic() < deadline, first.communicate()[0]
+        time.sleep(0.1)
+    pid = json.loads((run_dir / "run.json").read_text())["pid"]
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.suffix in (".json", ".yaml")}
+    try:
+        again = run_cli("launch", "digits", "trainer.max_steps=3", "--run-name", "busy", runs_dir=runs_dir,
+                        timeout=60)
+        assert again.returncode == 2, again.stdout + again.stderr
+        assert again.stderr.startswith(f"error: run busy is already running (pid {pid}, "), again.stderr
+        assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name in files} == files
+    finally:
+        cancel = run_cli("cancel", "busy", runs_dir=runs_dir)
+        if "saves a checkpoint and stops" not in cancel.stdout:
+            first.terminate()  # the launcher forwards it to the ranks
+        first.communicate(timeout=120)
+    assert cancel.returncode == 0 and "saves a checkpoint and stops" in cancel.stdout, cancel
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["state"] == "preempted" and not {"pid", "launcher_pid"} & info.keys()
+    assert run_cli("cancel", "busy", runs_dir=runs_dir, check=True).stdout.strip() == "run busy is not running"

@@ -2,7 +2,9 @@
 
 The launcher process stays in front of torchrun: it records its pid for `launcher cancel` and
 turns SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a SIGTERM for torchrun, which forwards it to every
-rank; the ranks then agree on a step, save and exit (torchrun itself does not forward USR1/USR2)."""
+rank; the ranks then agree on a step, save and exit (torchrun itself does not forward USR1/USR2).
+Each pid goes into run.json with its process start time, and both leave run.json when the run
+ends: a pid reused by another process later is never taken for the run's."""
 from __future__ import annotations
 
 import os
@@ -11,6 +13,7 @@ import subprocess
 import sys
 from types import FrameType
 
+from launcher.backends import process_start
 from launcher.config import ClusterConfig, RecipeConfig
 from launcher.errors import UsageError
 from launcher.runs import Run
@@ -41,15 +44,24 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
     if not env["OMP_NUM_THREADS"]:
         del env["OMP_NUM_THREADS"]
     child = subprocess.Popen(rank_command(recipe, run), env=env)
-    run.update(pid=child.pid, launcher_pid=os.getpid(), state="running")
+    try:
+        run.update(pid=child.pid, pid_start=process_start(child.pid), launcher_pid=os.getpid(),
+                   launcher_start=process_start(os.getpid()), state="running")
+        return _wait(child)
+    finally:
+        if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
+            outcome = run.result().get("outcome") or ("failed" if child.returncode else "finished")
+            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
+                       exit_code=child.returncode)
 
+
+def _wait(child: subprocess.Popen) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
         child.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        code = child.wait()
+        return child.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return code
