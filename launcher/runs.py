@@ -67,7 +67,9 @@ def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
     return f"{uri.rstrip('/')}/{run_name}" if uri else None
 
 
-def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str) -> Run:
+def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str,
+                run_id: Optional[str] = None) -> Run:
+    """The run directory, created or updated for this launch; a new run takes `run_id` if given."""
     run = Run(name, root / name)
     previous = run.info()
     if previous and resume == "never" and any((run.dir / "checkpoints").glob("step-*")):
@@ -79,7 +81,7 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
     (run.dir / "cluster.yaml").write_text(to_yaml(cluster))
     run.update(
         run_name=name,
-        run_id=previous.get("run_id") or uuid.uuid4().hex[:12],  # the tracker's run id: kept across relaunches
+        run_id=previous.get("run_id") or run_id or uuid.uuid4().hex[:12],  # the tracker's id: kept across launches
         recipe=recipe.name,
         cluster=cluster.name,
         backend=cluster.backend,
