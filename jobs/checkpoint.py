@@ -5,6 +5,7 @@ Layout, locally and on the remote store alike:
     <dir>/step-000000123/model.pt, optimizer.pt, ...   one torch.save file per top-level state key
     <dir>/step-000000123/manifest.json                  step, metrics, created, every file's size and SHA-256
     <dir>/latest                                        text: the newest committed folder (a hint for humans)
+    <remote>/run-owner.json                             the run id the remote folder belongs to
     <local_dir>/saves.jsonl                             one JSON line per save and per upload (timings, bytes)
 
 Commit protocol: the files are written (and fsynced) first; `manifest.json` is written last, by an
@@ -17,6 +18,11 @@ thread writes and commits the local copy (hashing as it writes, with the GIL rel
 training thread is not stalled) and an uploader thread sends committed folders to the store. A
 store that is down never blocks training: the local copy stays, its upload stays pending and is
 retried on the next save and by `flush()`.
+
+Faults cost a save, not the run: a write error (a full disk, a quota) removes the partial folder,
+is logged as an ERROR and training goes on; the next save tries again. A remote folder belongs to
+one run (its owner record, written before the first upload, and every manifest name the run id):
+a Checkpointer of another run refuses it before reading, writing or pruning anything there.
 """
 from __future__ import annotations
 
@@ -952,7 +958,7 @@ class Checkpointer:
             raise
         except Exception as err:
             log.warning("cannot check which run owns %s now (%s); checked again before the first upload",
-                        self.remote_uri, _describe(err))
+                        mask_userinfo(str(self.remote_uri)), _describe(err))
 
     def _check_owner(self, claim: bool) -> None:
         """Raise ForeignRunFolder if the remote folder belongs to another run. With `claim`, a
@@ -963,11 +969,12 @@ class Checkpointer:
         try:
             owner = folder_owner(remote.fs, remote.root)
         except ValueError as err:
-            raise ForeignRunFolder(f"cannot tell which run owns {self.remote_uri}: {err}. If the folder is this "
-                                   f"run's (id {self.run_id}), delete {OWNER_FILE} there") from None
+            raise ForeignRunFolder(f"cannot tell which run owns {mask_userinfo(remote.uri)}: {err}. If the folder "
+                                   f"is this run's (id {self.run_id}), delete {OWNER_FILE} there") from None
         if owner is None and claim:
             self._put_text("", OWNER_FILE, json.dumps({"run_id": self.run_id, "created": time.time()}) + "\n")
-            log.info("%s now belongs to run %s (%s)", self.remote_uri, self.run_id, OWNER_FILE, extra=FILE_ONLY)
+            log.info("%s now belongs to run %s (%s)", mask_userinfo(remote.uri), self.run_id, OWNER_FILE,
+                     extra=FILE_ONLY)
         elif owner is not None and owner != self.run_id:
             raise ForeignRunFolder(foreign_folder_message(remote.uri, owner, f"this run (id {self.run_id})"))
 

@@ -68,7 +68,8 @@ def as_displayed(raw: str) -> list[str]:
 
 
 def test_log_lines_never_cut_the_progress_bar(runs_dir: Path) -> None:
-    overrides = ["trainer.max_steps=16", "trainer.eval_every=4", "checkpoint.every_steps=4", "logging.progress_bar=true"]
+    overrides = ["trainer.max_steps=16", "trainer.eval_every=4", "checkpoint.every_steps=4",
+                 "logging.progress_bar=true"]
     raw = run_on_terminal(["launch", "digits", *overrides, "--run-name", "tty", "--runs-dir", str(runs_dir)])
     shown = as_displayed(raw)
     assert any(BAR.search(line) for line in shown), raw  # rank 0 saw a terminal and drew its bar

@@ -139,7 +139,8 @@ def test_two_runs_never_share_a_remote_folder(s3: tuple[S3Server, Path], tmp_pat
     _cli("launch", "digits", *overrides, "--cluster", str(cluster), "--run-name", "shared", "--run-id", first_id,
          runs_dir=second)
     assert json.loads((second / "shared" / "run.json").read_text())["run_id"] == first_id
-    assert "resumed from s3://ckpts/runs/shared/step-000000006" in (second / "shared" / "logs" / "rank0.log").read_text()
+    log = (second / "shared" / "logs" / "rank0.log").read_text()
+    assert "resumed from s3://ckpts/runs/shared/step-000000006" in log
     assert read_result(second / "shared")["step"] == 8
 
 
