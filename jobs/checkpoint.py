@@ -5,6 +5,7 @@ Layout, locally and on the remote store alike:
     <dir>/step-000000123/model.pt, optimizer.pt, ...   one torch.save file per top-level state key
     <dir>/step-000000123/manifest.json                  step, metrics, created, every file's size and SHA-256
     <dir>/latest                                        text: the newest committed folder (a hint for humans)
+    <remote>/run-owner.json                             the run id the remote folder belongs to
     <local_dir>/saves.jsonl                             one JSON line per save and per upload (timings, bytes)
 
 Commit protocol: the files are written (and fsynced) first; `manifest.json` is written last, by an
@@ -17,6 +18,11 @@ thread writes and commits the local copy (hashing as it writes, with the GIL rel
 training thread is not stalled) and an uploader thread sends committed folders to the store. A
 store that is down never blocks training: the local copy stays, its upload stays pending and is
 retried on the next save and by `flush()`.
+
+Faults cost a save, not the run: a write error (a full disk, a quota) removes the partial folder,
+is logged as an ERROR and training goes on; the next save tries again. A remote folder belongs to
+one run (its owner record, written before the first upload, and every manifest name the run id):
+a Checkpointer of another run refuses it before reading, writing or pruning anything there.
 """
 from __future__ import annotations
 
@@ -41,16 +47,15 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
-from jobs.storage import filesystem, fresh_listing, is_local, join
+from jobs.storage import (MANIFEST, OWNER_FILE, STEP_DIR, filesystem, folder_owner, foreign_folder_message,
+                          fresh_listing, is_local, join, mask_userinfo)
 from launcher.config import CheckpointConfig, StorageConfig
 
 log = logging.getLogger("jobs.checkpoint")
 
-MANIFEST = "manifest.json"
 POINTER = "latest"
 SAVES_LOG = "saves.jsonl"
 FORMAT = 1
-STEP_DIR = re.compile(r"^step-(\d+)$")
 STATE_KEY = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 4.0
@@ -59,10 +64,21 @@ HASH_CHUNK = 8 << 20
 # user can still fix it, rather than at resume time.
 PLAIN_LEAVES = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
 WRAPPER_NAMES = ("module", "_orig_mod")  # added by DistributedDataParallel and torch.compile
+# `extra=` of per-save detail (saved, uploaded, pruned): the rank's log file keeps it, the console
+# shows only what a person watching needs (see jobs.train.setup_logging).
+FILE_ONLY = {"console": False}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be saved or loaded; the message names it and what to do."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A file of a committed checkpoint does not match its manifest's size or SHA-256."""
+
+
+class ForeignRunFolder(CheckpointError):
+    """The remote checkpoint folder belongs to another run: nothing is written or deleted there."""
 
 
 class InvalidCheckpoint(Exception):
@@ -88,6 +104,7 @@ class Manifest:
     metrics: dict[str, float]
     created: float  # seconds since the epoch
     files: dict[str, FileEntry]  # file name -> size and hash
+    run_id: Optional[str] = None  # the run that wrote it (None: written before manifests named their run)
 
     @property
     def total_bytes(self) -> int:
@@ -98,6 +115,7 @@ class Manifest:
             "format": FORMAT, "step": self.step, "metrics": self.metrics, "created": self.created,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.created)),
             "files": {name: {"size": f.size, "sha256": f.sha256} for name, f in self.files.items()},
+            **({"run_id": self.run_id} if self.run_id else {}),
         }, indent=1)
 
     @classmethod
@@ -110,7 +128,8 @@ class Manifest:
         metrics = {str(k): float(v) for k, v in data["metrics"].items()}
         if int(data["step"]) < 0:
             raise ValueError(f"negative step {data['step']}")
-        return cls(int(data["step"]), metrics, float(data["created"]), files)
+        run_id = data.get("run_id")
+        return cls(int(data["step"]), metrics, float(data["created"]), files, str(run_id) if run_id else None)
 
 
 # ----------------------------------------------------------------------------- one store's folder
@@ -292,7 +311,7 @@ def _prune(store: _Store, cfg: CheckpointConfig, protected: Callable[[set[str]],
             continue
         what = "committed" if name in manifests else "uncommitted leftover"
         log.info("deleting %s checkpoint %s (retention: keep_last=%d, best_metric=%s)",
-                 what, store.location(name), cfg.keep_last, cfg.best_metric)
+                 what, store.location(name), cfg.keep_last, cfg.best_metric, extra=FILE_ONLY)
         store.remove(name)
 
 
@@ -321,7 +340,7 @@ def _load_file(store: _Store, file: str, entry: FileEntry, map_location: str | t
     where = store.location(file)
     data = store.fs.cat_file(store.path(file))
     if len(data) != entry.size or hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise CheckpointError(f"{where} does not match the size/SHA-256 in its manifest: the checkpoint is "
+        raise CorruptCheckpoint(f"{where} does not match the size/SHA-256 in its manifest: the checkpoint is "
                               f"corrupt. Resume from an older one (latest() skips corrupt checkpoints)")
     try:
         return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
@@ -403,13 +422,18 @@ class _HashingWriter:
 
     def __init__(self, f: io.RawIOBase) -> None:
         self.f, self.digest, self.size = f, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None  # torch.save turns it into a RuntimeError without the errno
 
     def write(self, data: bytes | memoryview) -> int:
         self.digest.update(data)
         view = memoryview(data)
         written = 0
-        while written < len(view):
-            written += self.f.write(view[written:]) or 0
+        try:
+            while written < len(view):
+                written += self.f.write(view[written:]) or 0
+        except OSError as err:
+            self.error = self.error or err
+            raise
         self.size += written
         return written
 
@@ -420,7 +444,12 @@ class _HashingWriter:
 def _save_hashed(obj: Any, path: Path) -> FileEntry:
     with open(path, "wb", buffering=0) as f:
         writer = _HashingWriter(f)
-        torch.save(obj, writer)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
         os.fsync(f.fileno())
     return FileEntry(writer.size, writer.digest.hexdigest())
 
@@ -441,11 +470,15 @@ class Checkpointer:
 
     Only the writer (rank 0) writes: on other ranks save() does nothing and flush() returns True,
     so the trainer can call them on every rank. Every rank may call latest() and load().
+
+    With a `run_id`, the remote folder belongs to that run: its owner record (`run-owner.json`) is
+    written before the first upload, and a folder owned by another run is neither read, written
+    nor pruned (ForeignRunFolder).
     """
 
     def __init__(self, cfg: CheckpointConfig, local_dir: Path, remote: str | None,
-                 storage: StorageConfig, is_writer: bool = True) -> None:
-        self.cfg, self.storage, self.is_writer = cfg, storage, is_writer
+                 storage: StorageConfig, is_writer: bool = True, run_id: Optional[str] = None) -> None:
+        self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
         self.local_dir = Path(local_dir).absolute()
         self.remote_uri = remote.rstrip("/") if remote else None
         self._local = _Store(LocalFileSystem(), str(self.local_dir), str(self.local_dir))
@@ -462,12 +495,15 @@ class Checkpointer:
         self._pointer_step = -1
         self._error: Optional[BaseException] = None
         self._submitted: set[int] = set()
+        self._saves_committed = self._saves_failed = 0
+        self._corrupt_remote: set[str] = set()  # found corrupt at load: uploaded again even if the manifest matches
         self._stop = threading.Event()
         self._jsonl_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closed = False
         if is_writer:
             self.local_dir.mkdir(parents=True, exist_ok=True)
+            self._claim_remote_folder()
             self._pending = self._not_yet_uploaded()
             if cfg.async_save:
                 self._start_threads()
@@ -502,13 +538,32 @@ class Checkpointer:
         it is faster), and skips invalid ones with a warning. Local copies are checked against
         their SHA-256; remote ones by size (load() checks the hashes as it downloads).
         """
+        return self._latest(skip=set())
+
+    def load_latest(self, map_location: str | torch.device = "cpu") -> Optional[tuple[str, dict[str, Any]]]:
+        """(location, state) of the newest checkpoint that loads, or None. A remote checkpoint whose
+        files do not match their SHA-256 as they download is skipped for the next older one."""
+        skipped: set[str] = set()
+        while (found := self._latest(skipped)) is not None:
+            try:
+                return found, self.load(found, map_location)
+            except CorruptCheckpoint as err:
+                log.warning("skipping checkpoint %s: %s", found, err)
+                skipped.add(found)
+                self._corrupt_remote.add(found.rsplit("/", 1)[-1])
+        return None
+
+    def _latest(self, skip: set[str]) -> str | None:
         candidates = [(step, 0, self._local, name) for name, step in self._local.step_dirs().items()]
         remote_error = None
         if self._remote is not None:
             try:
                 candidates += [(s, 1, self._remote, n) for n, s in self._list_remote_with_retries().items()]
+            except ForeignRunFolder:
+                raise
             except Exception as err:
                 remote_error = err
+        candidates = [c for c in candidates if c[2].location(c[3]) not in skip]
         found = self._first_valid(sorted(candidates, key=lambda c: (-c[0], c[1])))
         if remote_error is not None:
             self._report_unreachable(remote_error, found)
@@ -521,7 +576,8 @@ class Checkpointer:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to `timeout` s (default checkpoint.flush_timeout_s) for queued saves and pending
-        uploads. True when everything is committed locally and, with a remote, remotely."""
+        uploads. True when everything is committed locally and, with a remote, remotely, and
+        not every save of this run failed to write."""
         if not self.is_writer:
             return True
         deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout is None else timeout)
@@ -536,7 +592,8 @@ class Checkpointer:
             self._upload_deadline = None
         self._raise_background_error()
         with self._lock:
-            return self._in_flight == 0 and not self._pending
+            nothing_saved = self._saves_failed > 0 and self._saves_committed == 0
+            return self._in_flight == 0 and not self._pending and not nothing_saved
 
     def close(self) -> None:
         """Finish queued local saves and stop the background threads. Does not wait for uploads:
@@ -588,7 +645,8 @@ class Checkpointer:
             self._in_flight += 1
         job.blocked_s = time.perf_counter() - started
         self._jobs.put(job)
-        log.info("checkpoint step %d: training blocked %.3f s for the host copy", step, job.blocked_s)
+        log.info("checkpoint step %d: training blocked %.3f s for the host copy", step, job.blocked_s,
+                 extra=FILE_ONLY)
 
     def _save_now(self, job: _Job) -> None:
         """Synchronous save: commit locally, upload (with retries) and prune, all before returning."""
@@ -618,12 +676,27 @@ class Checkpointer:
                 self._request_upload_round()
 
     def _commit_local(self, job: _Job) -> Optional[Manifest]:
-        """Write the files, then the manifest (the commit), then the pointer. None if already there."""
+        """Write the files, then the manifest (the commit), then the pointer. None if already there
+        or if the disk refused the write."""
         folder = self.local_dir / step_dir_name(job.step)
         if self._intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
                         folder, job.step)
+            self._count_save(committed=True)
             return None
+        try:
+            manifest = self._write_folder(folder, job)
+        except OSError as err:
+            self._discard_failed_save(folder, job.step, err)
+            return None
+        self._count_save(committed=True)
+        try:
+            _write_atomic(self.local_dir / POINTER, folder.name + "\n")
+        except OSError as err:  # the checkpoint is committed: the pointer is only a hint for humans
+            log.warning("could not update %s (%s)", self.local_dir / POINTER, _describe(err))
+        return manifest
+
+    def _write_folder(self, folder: Path, job: _Job) -> Manifest:
         if folder.exists():
             (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
             shutil.rmtree(folder)  # an interrupted or corrupt save of this step
@@ -632,11 +705,26 @@ class Checkpointer:
         if job.buffers is not None:  # the snapshot is on disk: let the next save() reuse its memory
             self._free_buffers.put(job.buffers)
             job.buffers = None
-        manifest = Manifest(job.step, job.metrics, time.time(), files)
+        manifest = Manifest(job.step, job.metrics, time.time(), files, self.run_id)
         _fsync(folder)
         _write_atomic(folder / MANIFEST, manifest.to_json())
-        _write_atomic(self.local_dir / POINTER, folder.name + "\n")
         return manifest
+
+    def _discard_failed_save(self, folder: Path, step: int, err: OSError) -> None:
+        """A full disk (or a quota, or a file size limit) costs this save, not the run: the partial
+        folder goes, training continues, and the next save tries again."""
+        shutil.rmtree(folder, ignore_errors=True)
+        self._count_save(committed=False)
+        log.error("checkpoint step %d NOT saved: writing %s failed (%s). Removed the partial folder; training "
+                  "continues and the next save tries again. Free space in %s", step, folder, _describe(err),
+                  self.local_dir)
+
+    def _count_save(self, committed: bool) -> None:
+        with self._lock:
+            if committed:
+                self._saves_committed += 1
+            else:
+                self._saves_failed += 1
 
     def _intact(self, name: str) -> bool:
         try:
@@ -648,7 +736,7 @@ class Checkpointer:
     def _after_local_commit(self, job: _Job, manifest: Manifest) -> None:
         commit_s = time.perf_counter() - job.started
         log.info("checkpoint step %d committed to %s in %.3f s (%.1f MB; training blocked %.3f s)",
-                 job.step, self.local_dir, commit_s, manifest.total_bytes / 1e6, job.blocked_s)
+                 job.step, self.local_dir, commit_s, manifest.total_bytes / 1e6, job.blocked_s, extra=FILE_ONLY)
         self._append_jsonl({"event": "save", "step": job.step, "blocked_s": round(job.blocked_s, 4),
                             "commit_s": round(commit_s, 4), "bytes": manifest.total_bytes,
                             "async": self.cfg.async_save, "time": manifest.created})
@@ -663,13 +751,17 @@ class Checkpointer:
         with self._lock:
             dropped = self._pending - keep - {self._uploading}
             if dropped:
-                log.info("not uploading %s any more: newer checkpoints replace them", sorted(dropped))
+                log.info("not uploading %s any more: newer checkpoints replace them", sorted(dropped),
+                         extra=FILE_ONLY)
             self._pending -= dropped
             return {self._uploading} if self._uploading else set()
 
     def _append_jsonl(self, record: dict[str, Any]) -> None:
-        with self._jsonl_lock, open(self.local_dir / SAVES_LOG, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self._jsonl_lock, open(self.local_dir / SAVES_LOG, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # timings only: a full disk must not cost the checkpoint itself
+            log.warning("could not append to %s (%s)", self.local_dir / SAVES_LOG, _describe(err))
 
     def _not_yet_uploaded(self) -> set[str]:
         """At start, every retained local checkpoint may be missing remotely (a crash before its
@@ -694,6 +786,9 @@ class Checkpointer:
                 ticket, deadline = self._rounds_requested, self._upload_deadline
             try:
                 self._upload_round(deadline)
+            except ForeignRunFolder as err:  # raised to the training loop by the next save() or flush()
+                log.error("%s", err)
+                self._error = self._error or err
             except Exception:
                 log.exception("checkpoint upload round failed unexpectedly; uploads stay pending")
             with self._lock:
@@ -721,6 +816,9 @@ class Checkpointer:
         assert self._remote is not None or not self._pending
         with self._lock:
             todo = sorted(self._pending)
+        # Checked before every round: another run may have claimed the folder since the last one.
+        if todo and self._with_backoff("owner check", lambda: self._check_owner(claim=True), deadline) is not None:
+            return False
         for name in todo:
             with self._lock:
                 if name not in self._pending:
@@ -751,7 +849,7 @@ class Checkpointer:
             return True  # nothing left to upload; do not block the others
         started = time.perf_counter()
         there = self._remote_manifest(name)
-        if there is not None and there.files == manifest.files:
+        if there is not None and there.files == manifest.files and name not in self._corrupt_remote:
             return True  # uploaded before a restart
         if there is not None:  # another save of this step: uncommit it before replacing its files
             uncommit = lambda: remote.fs.rm_file(remote.path(name, MANIFEST))  # noqa: E731
@@ -802,7 +900,8 @@ class Checkpointer:
     def _after_upload(self, name: str, manifest: Manifest, upload_s: float) -> None:
         assert self._remote is not None
         log.info("checkpoint step %d committed to %s in %.3f s (%.1f MB)", manifest.step,
-                 self._remote.location(name), upload_s, manifest.total_bytes / 1e6)
+                 self._remote.location(name), upload_s, manifest.total_bytes / 1e6, extra=FILE_ONLY)
+        self._corrupt_remote.discard(name)
         self._append_jsonl({"event": "upload", "step": manifest.step, "upload_s": round(upload_s, 4),
                             "bytes": manifest.total_bytes, "time": time.time()})
         if manifest.step > self._pointer_step:  # a pointer is only a hint, but never move it backwards
@@ -817,6 +916,8 @@ class Checkpointer:
             try:
                 action()
                 return None
+            except ForeignRunFolder:
+                raise  # not a store failure: retrying does not change who owns the folder
             except Exception as err:
                 delay = min(BACKOFF_FIRST_S * 2 ** (attempt - 1), BACKOFF_CAP_S)
                 last = attempt == attempts or (deadline is not None and time.monotonic() + delay > deadline)
@@ -837,10 +938,45 @@ class Checkpointer:
         remote = self._remote
         assert remote is not None
         found: dict[str, int] = {}
-        error = self._with_backoff("listing", lambda: found.update(remote.step_dirs()), None)
+
+        def listing() -> None:
+            self._check_owner(claim=False)  # another run's checkpoints are not this run's to resume from
+            found.update(remote.step_dirs())
+
+        error = self._with_backoff("listing", listing, None)
         if error is not None:
             raise error
         return found
+
+    # ------------------------------------------------------------------ owning the remote folder
+    def _claim_remote_folder(self) -> None:
+        """At start: refuse a folder owned by another run before anything is read or written.
+        A store that cannot be reached now is checked again before the first upload."""
+        try:
+            self._check_owner(claim=True)
+        except ForeignRunFolder:
+            raise
+        except Exception as err:
+            log.warning("cannot check which run owns %s now (%s); checked again before the first upload",
+                        mask_userinfo(str(self.remote_uri)), _describe(err))
+
+    def _check_owner(self, claim: bool) -> None:
+        """Raise ForeignRunFolder if the remote folder belongs to another run. With `claim`, a
+        folder no run owns yet gets this run's owner record."""
+        remote = self._remote
+        if remote is None or self.run_id is None:
+            return
+        try:
+            owner = folder_owner(remote.fs, remote.root)
+        except ValueError as err:
+            raise ForeignRunFolder(f"cannot tell which run owns {mask_userinfo(remote.uri)}: {err}. If the folder "
+                                   f"is this run's (id {self.run_id}), delete {OWNER_FILE} there") from None
+        if owner is None and claim:
+            self._put_text("", OWNER_FILE, json.dumps({"run_id": self.run_id, "created": time.time()}) + "\n")
+            log.info("%s now belongs to run %s (%s)", mask_userinfo(remote.uri), self.run_id, OWNER_FILE,
+                     extra=FILE_ONLY)
+        elif owner is not None and owner != self.run_id:
+            raise ForeignRunFolder(foreign_folder_message(remote.uri, owner, f"this run (id {self.run_id})"))
 
     def _first_valid(self, candidates: list[tuple[int, int, _Store, str]]) -> str | None:
         for _, _, store, name in candidates:
@@ -866,4 +1002,4 @@ class Checkpointer:
 
 def _describe(err: BaseException) -> str:
     """An error for the log, with any user:password@ in URLs masked."""
-    return re.sub(r"://[^/\s@]+@", "://***@", f"{type(err).__name__}: {err}")
+    return mask_userinfo(f"{type(err).__name__}: {err}")

@@ -6,8 +6,10 @@ profiles and instance roles); nothing here reads, prints or stores them.
 """
 from __future__ import annotations
 
+import json
 import os
-from typing import Any
+import re
+from typing import Any, Optional
 
 import fsspec
 from fsspec import AbstractFileSystem
@@ -20,6 +22,9 @@ from launcher.config import StorageConfig
 # client gives up quickly.
 S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
 S3_CALL_RETRIES = 2
+MANIFEST = "manifest.json"  # a checkpoint's commit marker (see jobs.checkpoint)
+OWNER_FILE = "run-owner.json"  # which run a remote checkpoint folder belongs to
+STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[AbstractFileSystem, str]:
@@ -78,3 +83,48 @@ def fresh_listing(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         return fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
+
+
+def mask_userinfo(text: str) -> str:
+    """`text` with any user:password@ in URLs masked, for messages and logs."""
+    return re.sub(r"://[^/\s@]+@", "://***@", text)
+
+
+def folder_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
+    """The run id a remote checkpoint folder belongs to, or None for a folder no run has claimed.
+
+    The owner record decides; a folder without one (written before owner records existed, or the
+    record was deleted) belongs to the run its manifests name. Raises ValueError for an owner
+    record that cannot be read, OSError when the store cannot be reached.
+    """
+    record = f"{root.rstrip('/')}/{OWNER_FILE}"
+    try:
+        data = json.loads(fs.cat_file(record))
+    except FileNotFoundError:
+        return _manifest_owner(fs, root)
+    if not isinstance(data, dict) or not isinstance(data.get("run_id"), str):
+        raise ValueError(f"{record} does not hold a run id ({str(data)[:80]!r})")
+    return data["run_id"]
+
+
+def _manifest_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
+    for entry in fresh_listing(fs, root):
+        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+        if entry["type"] != "directory" or not STEP_DIR.match(name):
+            continue
+        try:
+            run_id = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{MANIFEST}")).get("run_id")
+        except (FileNotFoundError, ValueError, AttributeError):
+            continue  # uncommitted or unreadable: says nothing about the owner
+        if isinstance(run_id, str):
+            return run_id
+    return None
+
+
+
+def foreign_folder_message(folder: str, owner: str, this: str) -> str:
+    """Why a run may not use a checkpoint folder another run owns, and what to do instead."""
+    return (f"checkpoint folder {mask_userinfo(folder)} belongs to run id {owner}, not to {this}: two runs in one "
+            f"folder would delete each other's checkpoints\n  HINT: choose another --run-name or checkpoint.uri; "
+            f"or, if this is run {owner} on a new machine (its runs directory lost), continue it with "
+            f"--run-id {owner}")

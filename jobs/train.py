@@ -16,6 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from tqdm import tqdm
+
 from jobs import parallel
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
@@ -25,14 +27,32 @@ from launcher.runs import checkpoint_uri
 from launcher.secrets import RedactFilter, secret_values
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """Writes through tqdm, which lifts the progress bar, prints the line and draws the bar again
+    below it: a log line never lands in the middle of the bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
+def on_console(record: logging.LogRecord) -> bool:
+    """Per-save detail (logged with `extra={"console": False}`) stays in the rank's log file."""
+    return getattr(record, "console", True)
+
+
 def setup_logging(run_dir: Path, env: RankEnv) -> None:
     (run_dir / "logs").mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
     to_file = logging.FileHandler(run_dir / "logs" / f"rank{env.rank}.log")
     to_file.setFormatter(fmt)
-    to_console = logging.StreamHandler(sys.stdout)
+    to_console = ConsoleHandler(sys.stdout)
     to_console.setFormatter(fmt)
     to_console.setLevel(logging.INFO if env.is_main else logging.WARNING)  # one voice on the console
+    to_console.addFilter(on_console)
     root = logging.getLogger()
     root.handlers[:] = [to_file, to_console]
     root.setLevel(logging.INFO)

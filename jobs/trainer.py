@@ -95,7 +95,7 @@ def train(recipe: RecipeConfig, run: RunInfo, storage: StorageConfig, env: RankE
     _seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
 
     ckpt = Checkpointer(recipe.checkpoint, run.run_dir / "checkpoints", run.checkpoint_uri, storage,
-                        is_writer=env.is_main)
+                        is_writer=env.is_main, run_id=run.run_id)
     if run.resume:
         _resume(ckpt, parts, recipe, env, device)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
@@ -444,14 +444,16 @@ def _save(ckpt: Checkpointer, parts: Parts, recipe: RecipeConfig, run: RunInfo, 
 
 
 def _resume(ckpt: Checkpointer, parts: Parts, recipe: RecipeConfig, env: RankEnv, device: torch.device) -> None:
-    found = [ckpt.latest() if env.is_main else None]
+    # Rank 0 picks (skipping corrupt checkpoints as it loads them); the others load what it picked.
+    loaded = ckpt.load_latest(map_location="cpu") if env.is_main else None
+    found = [loaded[0] if loaded else None]
     if torch.distributed.is_initialized():
         torch.distributed.broadcast_object_list(found, src=0)
     if found[0] is None:
         if env.is_main:
             log.info("no committed checkpoint: starting from step 0")
         return
-    state = ckpt.load(found[0], map_location="cpu")
+    state = loaded[1] if loaded else ckpt.load(found[0], map_location="cpu")
     parallel.unwrap(parts.model).load_state_dict(state["model"])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(state["scheduler"])

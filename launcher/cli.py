@@ -11,6 +11,7 @@ from typing import Callable
 from launcher import backends, sbatch
 from launcher.config import load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
+from launcher.ownership import check_checkpoint_folder
 from launcher.runs import Run, default_run_name, find_run, prepare_run, run_at, runs_root
 from launcher.secrets import redact_text
 from launcher.sweep import add_sweep_commands
@@ -35,8 +36,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     backend = backends.get(cluster)
     backend.check(recipe, cluster)  # everything is validated before a directory is made or a job started
     name = args.run_name or default_run_name(recipe)
-    backends.refuse_if_running(run_at(runs_root(cluster, args.runs_dir), name))  # before its directory is touched
-    run = prepare_run(recipe, cluster, name, runs_root(cluster, args.runs_dir), args.resume)
+    root = runs_root(cluster, args.runs_dir)
+    backends.refuse_if_running(run_at(root, name))  # before its directory is touched
+    check_checkpoint_folder(recipe, cluster, run_at(root, name), args.run_id)  # before anything is written
+    run = prepare_run(recipe, cluster, name, root, args.resume, run_id=args.run_id)
     print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
     code = backend.launch(recipe, cluster, run, wait=args.wait)
     return _report(run, code)
@@ -130,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("launch", cmd_launch, "validate, then start a run (or resume it)")
     _run_arguments(p)
     p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
+    p.add_argument("--run-id", help="continue the run with this id (in its run.json) on a machine without its run dir")
     p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
     p.add_argument("run")
     p.add_argument("--to", required=True, help="output file (path or fsspec URI)")

@@ -186,12 +186,16 @@ def _shown(uri: Optional[str]) -> Optional[str]:
     return secrets.redact_text(uri) if uri else None
 
 
-def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str) -> Run:
+def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: Path, resume: str,
+                run_id: Optional[str] = None) -> Run:
+    """The run directory, created or updated for this launch; a new run takes `run_id` if given."""
     run = run_at(root, name)
     previous = run.readable_info()
     if previous and resume == "never" and any((run.dir / "checkpoints").glob("step-*")):
         raise UsageError(f"run {name!r} already has checkpoints in {run.dir / 'checkpoints'}; "
                          "pass --resume auto to continue it, or choose another --run-name")
+    if run_id and not previous.get("run_id"):  # `--run-id`: a new directory continues that run
+        previous = {**previous, "run_id": run_id}
     created = not run.dir.exists()
     try:
         _write_run_files(run, recipe, cluster, previous, resume)

@@ -1,6 +1,7 @@
 """Tier 2: whole runs checkpointing to a real S3 endpoint (moto's server on loopback, s3fs)."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ import yaml
 from conftest import REPO, read_result, run_cli
 from s3_server import TEST_CREDENTIALS, S3Server, start_s3_server
 
+DIGITS = ["trainer.max_steps=6", "checkpoint.every_steps=2", "checkpoint.uri=s3://ckpts/runs",
+          "logging.progress_bar=false"]
 BASE = ["trainer.epochs=2", "checkpoint.every_steps=4", "checkpoint.uri=s3://ckpts/runs", "logging.log_every=1",
         "logging.progress_bar=false"]
 
@@ -50,9 +53,18 @@ def _start(runs_dir: Path, name: str, overrides: list[str], cluster: Path, lines
     return proc
 
 
+def _s3(server: S3Server) -> fsspec.AbstractFileSystem:
+    return fsspec.filesystem("s3", endpoint_url=server.endpoint, key="testing", secret="testing",
+                             skip_instance_cache=True)
+
+
+def _remote_files(server: S3Server, run: str) -> dict[str, bytes]:
+    fs = _s3(server)
+    return {path: fs.cat_file(path) for path in fs.find(f"ckpts/runs/{run}")}
+
+
 def _remote_steps(server: S3Server, run: str) -> list[str]:
-    fs = fsspec.filesystem("s3", endpoint_url=server.endpoint, key="testing", secret="testing",
-                           skip_instance_cache=True)
+    fs = _s3(server)
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"ckpts/runs/{run}") if fs.exists(p + "/manifest.json"))
 
 
@@ -98,3 +110,57 @@ def test_store_outage_does_not_stop_training(s3: tuple[S3Server, Path], runs_dir
                  runs_dir=runs_dir)
     assert read_result(runs_dir / "down")["checkpoints_committed"], again.stdout
     assert "step-000000033" in _remote_steps(server, "down")
+
+
+def test_two_runs_never_share_a_remote_folder(s3: tuple[S3Server, Path], tmp_path: Path) -> None:
+    """The same run name under two runs directories and one checkpoint.uri: the second launch is
+    refused before anything is written; `--run-id` continues the first run from the store."""
+    server, cluster = s3
+    first, second = tmp_path / "runs-a", tmp_path / "runs-b"
+    _cli("launch", "digits", *DIGITS, "--cluster", str(cluster), "--run-name", "shared", runs_dir=first)
+    first_id = json.loads((first / "shared" / "run.json").read_text())["run_id"]
+    before = _remote_files(server, "shared")
+    assert "ckpts/runs/shared/step-000000006/manifest.json" in before
+
+    refused = _cli("launch", "digits", *DIGITS, "--cluster", str(cluster), "--run-name", "shared", runs_dir=second,
+                   check=False)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"belongs to run id {first_id}" in refused.stderr and "s3://ckpts/runs/shared" in refused.stderr
+    assert f"--run-id {first_id}" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (second / "shared").exists()  # nothing written, nothing started
+    assert _remote_files(server, "shared") == before  # the first run's checkpoints are intact
+
+    wrong = _cli("launch", "digits", *DIGITS, "--cluster", str(cluster), "--run-name", "shared", "--run-id", "other1",
+                 runs_dir=second, check=False)
+    assert wrong.returncode == 2 and "other1" in wrong.stderr and first_id in wrong.stderr
+    assert not (second / "shared").exists()
+
+    overrides = [*DIGITS, "trainer.max_steps=8"]
+    _cli("launch", "digits", *overrides, "--cluster", str(cluster), "--run-name", "shared", "--run-id", first_id,
+         runs_dir=second)
+    assert json.loads((second / "shared" / "run.json").read_text())["run_id"] == first_id
+    log = (second / "shared" / "logs" / "rank0.log").read_text()
+    assert "resumed from s3://ckpts/runs/shared/step-000000006" in log
+    assert read_result(second / "shared")["step"] == 8
+
+
+def test_a_corrupt_remote_checkpoint_is_skipped_on_resume(s3: tuple[S3Server, Path], runs_dir: Path) -> None:
+    """The newest checkpoint on the store no longer matches its hashes: the relaunch on a fresh
+    machine resumes from the one before it, saying which it skipped."""
+    server, cluster = s3
+    _cli("launch", "digits", *DIGITS, "--cluster", str(cluster), "--run-name", "bad", runs_dir=runs_dir)
+    assert _remote_steps(server, "bad") == ["step-000000004", "step-000000006"]
+    fs = _s3(server)
+    target = "ckpts/runs/bad/step-000000006/model.pt"
+    data = bytearray(fs.cat_file(target))
+    data[len(data) // 2] ^= 0xFF  # same size: only the hash can tell
+    fs.pipe_file(target, bytes(data))
+    for child in (runs_dir / "bad" / "checkpoints").iterdir():  # the new machine has no local copies
+        subprocess.run(["rm", "-rf", str(child)], check=True)
+
+    _cli("launch", "digits", *DIGITS, "trainer.max_steps=8", "--cluster", str(cluster), "--run-name", "bad",
+         runs_dir=runs_dir)
+    log = (runs_dir / "bad" / "logs" / "rank0.log").read_text()
+    assert "WARNING jobs.checkpoint: skipping checkpoint s3://ckpts/runs/bad/step-000000006" in log
+    assert "resumed from s3://ckpts/runs/bad/step-000000004" in log
+    assert read_result(runs_dir / "bad")["step"] == 8
