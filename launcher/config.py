@@ -472,15 +472,32 @@ def _finite_float(value: Any, src: str, key: str) -> float:
 
 # ----------------------------------------------------------------------------- safe YAML
 # Limits far above any real config, so that a hostile or broken file fails in milliseconds with one line.
-_MAX_FILE_BYTES = 1 << 20  # recipes are a few hundred bytes
+_MAX_FILE_BYTES = 256 << 10  # recipes are a few hundred bytes; PyYAML scans ~0.5 MB/s
 _MAX_OVERRIDE_CHARS = 64 << 10
-_MAX_VALUES = 100_000  # values once aliases are expanded: a 478-byte "billion laughs" document holds 10**9
+_MAX_VALUES = 10_000  # values, aliases expanded: a 478-byte "billion laughs" holds 10**9; PyYAML: ~50 us each
 _MAX_DEPTH = 64  # nesting levels
 _STR_TAG, _MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, turning the plain exceptions some of its constructors raise into YAML errors."""
+    """PyYAML's safe loader, bounding its work and turning the plain exceptions of constructors into YAML errors."""
+
+    def __init__(self, text: str, src: str, prefix: str) -> None:
+        super().__init__(text)
+        self.src, self.prefix, self.composed, self.depth = src, prefix, 0, 0
+
+    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
+        # Checked while composing, before the graph exists: PyYAML recurses once per level of nesting (deep
+        # input would end in a RecursionError) and takes ~50 us per value (a 1 MiB list would take a minute).
+        self.composed, self.depth = self.composed + 1, self.depth + 1
+        if self.composed > _MAX_VALUES or self.depth > _MAX_DEPTH:
+            line = self.peek_event().start_mark.line + 1
+            what = f"more than {_MAX_VALUES} values" if self.composed > _MAX_VALUES \
+                else f"nested more than {_MAX_DEPTH} levels deep"
+            raise ConfigError(self.src, self.prefix, f"line {line}: {what}", "a config needs a few dozen values")
+        node = super().compose_node(parent, index)
+        self.depth -= 1
+        return node
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
@@ -498,15 +515,13 @@ def _parse_yaml(text: str, src: str, prefix: str = "") -> Any:
     The check walks the composed node graph (an alias is a shared node there: nothing is expanded yet), so
     duplicate keys, keys that are not strings, alias bombs and deep nesting are refused naming key and line.
     """
-    loader = _Loader(text)
+    loader = _Loader(text, src, prefix)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
         _measure(node, prefix, 0, {}, src)
         return loader.construct_document(node)
-    except RecursionError:  # PyYAML's composer recurses once per level, before the check could run
-        raise ConfigError(src, prefix, f"nested more than {_MAX_DEPTH} levels deep") from None
     finally:
         loader.dispose()
 
@@ -567,7 +582,8 @@ def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
     """PyYAML's error as `line L, column C: problem`, without its multi-line excerpt of the file."""
     if isinstance(err, yaml.reader.ReaderError):
         line = text.count("\n", 0, err.position) + 1
-        return f"line {line}: character {ascii(err.character)} is not allowed in YAML"
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        return f"line {line}: character U+{code:04X} is not allowed in YAML"
     if isinstance(err, yaml.MarkedYAMLError):
         mark = err.problem_mark or err.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -577,7 +593,7 @@ def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
 
 
 def _read_text(path: Path) -> str:
-    """A config file's text: at most 1 MiB of UTF-8, every failure a ConfigError naming the file."""
+    """A config file's text: at most 256 KiB of UTF-8, every failure a ConfigError naming the file."""
     try:
         if not path.is_file():
             raise ConfigError(str(path), "", "file not found")
@@ -586,7 +602,7 @@ def _read_text(path: Path) -> str:
     except (OSError, ValueError) as err:  # unreadable, a name too long, a NUL byte in the name
         raise ConfigError(str(path), "", f"cannot read the file: {getattr(err, 'strerror', None) or err}") from None
     if len(raw) > _MAX_FILE_BYTES:
-        raise ConfigError(str(path), "", f"larger than {_MAX_FILE_BYTES >> 20} MiB",
+        raise ConfigError(str(path), "", f"larger than {_MAX_FILE_BYTES >> 10} KiB",
                           "a config is a few hundred bytes: is this the right file?")
     try:
         return raw.decode("utf-8")
