@@ -484,19 +484,20 @@ class _Loader(yaml.SafeLoader):
 
     def __init__(self, text: str, src: str, prefix: str) -> None:
         super().__init__(text)
-        self.src, self.prefix, self.composed, self.depth = src, prefix, 0, 0
+        # names of our own: PyYAML's mixins use plain ones such as `prefix` and `index`
+        self._src, self._path, self._composed, self._nesting = src, prefix, 0, 0
 
     def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
         # Checked while composing, before the graph exists: PyYAML recurses once per level of nesting (deep
         # input would end in a RecursionError) and takes ~50 us per value (a 1 MiB list would take a minute).
-        self.composed, self.depth = self.composed + 1, self.depth + 1
-        if self.composed > _MAX_VALUES or self.depth > _MAX_DEPTH:
+        self._composed, self._nesting = self._composed + 1, self._nesting + 1
+        if self._composed > _MAX_VALUES or self._nesting > _MAX_DEPTH:
             line = self.peek_event().start_mark.line + 1
-            what = f"more than {_MAX_VALUES} values" if self.composed > _MAX_VALUES \
+            what = f"more than {_MAX_VALUES} values" if self._composed > _MAX_VALUES \
                 else f"nested more than {_MAX_DEPTH} levels deep"
-            raise ConfigError(self.src, self.prefix, f"line {line}: {what}", "a config needs a few dozen values")
+            raise ConfigError(self._src, self._path, f"line {line}: {what}", "a config needs a few dozen values")
         node = super().compose_node(parent, index)
-        self.depth -= 1
+        self._nesting -= 1
         return node
 
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
