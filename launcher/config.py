@@ -503,8 +503,10 @@ class _Loader(yaml.SafeLoader):
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
-            # `2001-13-01`, `!!int abc`, `!!bool x` or an int of 5000 digits are not YAMLErrors in PyYAML
+        except yaml.YAMLError:
+            raise
+        except Exception:  # noqa: BLE001 - PyYAML lets out whatever Python raises on a bad scalar:
+            # ValueError (`2001-13-01`, an int of 5000 digits), KeyError (`!!bool x`), IndexError (`!!int ''`)
             what = _short(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
             raise yaml.constructor.ConstructorError(
                 None, None, f"{what} is not a valid {node.tag.rsplit(':', 1)[-1]}", node.start_mark) from None

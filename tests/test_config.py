@@ -311,6 +311,8 @@ def test_recursive_alias_is_refused(tmp_path: Path) -> None:
     (b"x: " + b"[" * 70 + b"]" * 70 + b"\n", "nested more than 64 levels deep"),
     (b"description: 2001-13-01\n", "line 1, column 14: '2001-13-01' is not a valid timestamp"),
     (b"trainer: {epochs: !!int two}\n", "'two' is not a valid int"),
+    (b"trainer: {epochs: !!int }\n", "'' is not a valid int"),
+    (b"trainer: {deterministic: !!bool maybe}\n", "'maybe' is not a valid bool"),
     (b"trainer: {epochs: " + b"9" * 5000 + b"}\n", "is not a valid int"),
     (b"model: !!python/object/apply:os.system [echo hi]\n", "could not determine a constructor"),
     (b"model:\n\tname: cnn\n", "line 2, column 1: found character '\\t' that cannot start any token"),
