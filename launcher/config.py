@@ -21,7 +21,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from launcher.errors import ConfigError, one_line
+from launcher.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -702,7 +702,9 @@ def load_cluster(name: str = "local", overrides: list[str] = ()) -> ClusterConfi
 
 def _source(path: Path, overrides: list[str]) -> str:
     """Where a value came from, for errors; long overrides are cut so the key and the problem stay in view."""
-    return str(path) if not overrides else f"{path} (with overrides {one_line(' '.join(overrides), 60)})"
+    shown = " ".join(overrides)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return f"{path} (with overrides {shown})" if overrides else str(path)
 
 
 def to_dict(cfg: Any) -> dict:
