@@ -76,11 +76,13 @@ class DataConfig:
             raise ConfigError(src, "data.root", "image_folder needs a root", "set data.root=/path/or/s3://bucket/dir")
         _non_empty(src, "data.root", self.root)
         if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(src, "data.val_fraction", f"{_short(self.val_fraction)} must be between 0 and 1 (exclusive)")
+            raise ConfigError(src, "data.val_fraction",
+                              f"{_short(self.val_fraction)} must be between 0 and 1 (exclusive)")
         if self.classes is not None:
             bad = [c for c in self.classes if not 0 <= c <= 9]
             if bad or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
-                raise ConfigError(src, "data.classes", f"{_short(list(self.classes))} must be >= 2 distinct digits 0..9")
+                raise ConfigError(src, "data.classes",
+                                  f"{_short(list(self.classes))} must be >= 2 distinct digits 0..9")
         _seed(src, "data.split_seed", self.split_seed)
         _positive(src, "data.num_samples", self.num_samples)
         _non_negative(src, "data.num_workers", self.num_workers)
@@ -529,7 +531,8 @@ def _parse_yaml(text: str, src: str, prefix: str = "") -> Any:
         loader.dispose()
 
 
-def _measure(node: yaml.Node, path: str, depth: int, seen: dict, src: str) -> tuple[int, int]:
+def _measure(node: yaml.Node, path: str, depth: int, seen: dict[yaml.Node, Optional[tuple[int, int]]],
+             src: str) -> tuple[int, int]:
     """(values, height) of `node` with aliases expanded; `seen` measures each shared node once."""
     if node in seen:
         if seen[node] is None:
