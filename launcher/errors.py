@@ -1,6 +1,10 @@
 """User-facing errors: each names where the problem is and what to do; the CLI turns them into exit code 2."""
 from __future__ import annotations
 
+# A message is one line (plus an optional HINT line) of bounded length, whatever a file or the command line
+# held: a key of 80 MB or a newline in a path must not flood the terminal or fake a second message.
+_SOURCE_CHARS, _KEY_CHARS, _LINE_CHARS, _HINT_CHARS = 160, 80, 320, 240
+
 
 class UsageError(Exception):
     """Bad input from the user (a file, a key, a value). Nothing has been started when this is raised."""
@@ -13,7 +17,15 @@ class ConfigError(UsageError):
 
     def __init__(self, source: str, key: str, message: str, hint: str = "") -> None:
         self.source, self.key, self.message, self.hint = source, key, message, hint
-        text = f"{source}: {key}: {message}" if key else f"{source}: {message}"
+        source, key = one_line(source, _SOURCE_CHARS), one_line(key, _KEY_CHARS)
+        text = one_line(f"{source}: {key}: {message}" if key else f"{source}: {message}", _LINE_CHARS)
         if hint:
-            text += f"\n  HINT: {hint}"
+            text += f"\n  HINT: {one_line(hint, _HINT_CHARS)}"
         super().__init__(text)
+
+
+def one_line(text: str, limit: int) -> str:
+    """`text` with control characters escaped (a newline becomes `\\n`), cut to `limit` characters."""
+    text = text[:limit + 1]  # escaping only ever lengthens: no need to look further
+    shown = "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."

@@ -1,6 +1,7 @@
 """Tier 1: config loading and validation, pure and fast."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def test_resolved_config_roundtrips(tmp_path: Path) -> None:
 
 def test_sections_are_frozen() -> None:
     recipe = load_recipe("digits")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'epochs'"):
         recipe.trainer.epochs = 3  # type: ignore[misc]
 
 
@@ -165,3 +166,191 @@ def test_slurm_config_mistakes_are_caught_before_submission(tmp_path: Path, caps
     err = capsys.readouterr().err
     assert "slurm.gpus_per_node" in err and "parallel.procs_per_node=2" in err and "set parallel.procs_per_node=8" in err
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- numbers that are not numbers
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=.nan", "optim.lr"),
+    ("optim.lr=.inf", "optim.lr"),
+    ("optim.lr=nan", "optim.lr"),  # a string that float() turns into NaN
+    ("optim.lr=1e999", "optim.lr"),  # a string that float() turns into infinity
+    ("optim.weight_decay=.inf", "optim.weight_decay"),
+    ("model.width=.inf", "model.width"),
+    ("schedule.gamma=.nan", "schedule.gamma"),
+    ("trainer.grad_clip=.nan", "trainer.grad_clip"),
+    ("checkpoint.every_minutes=.nan", "checkpoint.every_minutes"),
+    ("checkpoint.flush_timeout_s=.inf", "checkpoint.flush_timeout_s"),
+])
+def test_nan_and_infinity_are_refused(override: str, key: str) -> None:
+    err = _error([override])
+    assert err.key == key and "is not a finite number" in str(err) and "digits.yaml" in str(err)
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("optim.betas=[5,-3]", "optim.betas[0]", "5.0 must be in [0, 1)"),
+    ("optim.betas=[0.9,1]", "optim.betas[1]", "1.0 must be in [0, 1)"),
+    ("optim.betas=[-0.1,0.9]", "optim.betas[0]", "-0.1 must be in [0, 1)"),
+    ("trainer.seed=-1", "trainer.seed", "between 0 and 2147483647"),
+    ("trainer.seed=4294967296", "trainer.seed", "between 0 and 2147483647"),
+    ("data.split_seed=-5", "data.split_seed", "between 0 and 2147483647"),
+    ("trainer.max_steps=100000000000000000000", "trainer.max_steps", "out of range (more than 64 bits)"),
+    ("model.pretrained=''", "model.pretrained", "is empty"),
+    ("checkpoint.uri=' '", "checkpoint.uri", "is empty"),
+    ("checkpoint.best_metric=''", "checkpoint.best_metric", "is empty"),
+    ("logging.project=''", "logging.project", "is empty"),
+    ("data.root=''", "data.root", "is empty"),
+])
+def test_values_out_of_range_name_the_key(override: str, key: str, words: str) -> None:
+    err = _error([override])
+    assert err.key == key and words in str(err)
+
+
+def test_an_empty_freeze_prefix_would_freeze_everything() -> None:
+    err = _error(["model.freeze=[features.0, '']"], recipe="vgg_finetune")
+    assert err.key == "model.freeze[1]" and "is empty" in str(err)
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("slurm.mem_gb=0", "slurm.mem_gb", "0 must be > 0"),
+    ("slurm.mem_gb=-4", "slurm.mem_gb", "-4 must be > 0"),
+    ("slurm.time_min=1000000000000", "slurm.time_min", "more than 365 days"),
+    ("slurm.time_min=1.0e+12", "slurm.time_min", "expected int, got float"),
+    ("slurm.partition=''", "slurm.partition", "is empty"),
+    ("slurm.account=' '", "slurm.account", "is empty"),
+    ("slurm.qos=''", "slurm.qos", "is empty"),
+    ("slurm.constraint=''", "slurm.constraint", "is empty"),
+    ("slurm.python=''", "slurm.python", "is empty"),
+    ("slurm.extra_sbatch=['--exclusive', '']", "slurm.extra_sbatch[1]", "is empty"),
+    ("runs_dir=''", "runs_dir", "is empty"),
+    ("storage.endpoint_url=''", "storage.endpoint_url", "is empty"),
+    ("storage.region=''", "storage.region", "is empty"),
+])
+def test_cluster_values_out_of_range_name_the_key(override: str, key: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_cluster("local_slurm", [override])
+    assert info.value.key == key and words in str(info.value) and "local_slurm.yaml" in str(info.value)
+
+
+def test_time_limit_hint_says_the_maximum() -> None:
+    with pytest.raises(ConfigError, match=r"(?s)more than 365 days.*HINT: use at most 525600"):
+        load_cluster("local_slurm", ["slurm.time_min=600000"])
+
+
+# ----------------------------------------------------------------------------- YAML the loader refuses
+def test_duplicate_keys_name_file_key_and_both_lines(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("trainer:\n  epochs: 2\n  micro_batch: 32\n  epochs: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(f))
+    assert info.value.key == "trainer.epochs" and str(f) in str(info.value)
+    assert "duplicate key (lines 2 and 4)" in str(info.value)
+    c = tmp_path / "c.yaml"
+    c.write_text("backend: local\nruns_dir: a\nbackend: slurm\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: backend: duplicate key \(lines 1 and 3\)"):
+        load_cluster(str(c))
+
+
+def test_duplicate_keys_in_an_override_value() -> None:
+    err = _error(["model={variant: vgg11, variant: vgg13}"])
+    assert err.source == "command line" and err.key == "model.variant" and "duplicate key" in str(err)
+
+
+def test_merge_keys_may_override_on_purpose(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("optim: &o {name: sgd, lr: 0.5}\ntrainer:\n  max_steps: 2\n"
+                 "checkpoint: {every_steps: 1}\n")
+    assert load_recipe(str(f)).optim.lr == 0.5
+    g = tmp_path / "g.yaml"
+    g.write_text("trainer: &t {epochs: 2, max_steps: 3}\ntrainer2: {<<: *t, epochs: 4}\n")
+    with pytest.raises(ConfigError, match="trainer2: unknown key"):  # merged fine, then refused as a key
+        load_recipe(str(g))
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("1: x\n", "", "line 1: key '1' (read as int) is not a string"),
+    ("null: x\n", "", "key 'null' (read as null) is not a string"),
+    ("? [a]\n: b\n", "", "line 1: key that is a list or mapping is not a string"),
+    ("backend: slurm\nslurm:\n  env:\n    on: 1\n", "slurm.env", "line 4: key 'on' (read as bool) is not a string"),
+])
+def test_keys_must_be_strings(tmp_path: Path, text: str, key: str, words: str) -> None:
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_cluster(str(f))
+    assert info.value.key == key and words in str(info.value) and "HINT: keys are names" in str(info.value)
+
+
+def _bomb(levels: int) -> str:
+    """Nested aliases: each level refers to the previous one ten times, so 10**levels values in all."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "description: {" + ", ".join(lines) + "}\n"
+
+
+def test_alias_bomb_is_refused_with_one_short_line(tmp_path: Path) -> None:
+    f = tmp_path / "bomb.yaml"
+    f.write_text(_bomb(6))  # a million values: the old loader put all of them in the error message
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(f))
+    text = str(info.value)
+    assert "more than 10000 values once aliases are expanded" in text and str(f) in text
+    assert info.value.key.startswith("description.") and len(text) < 600
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_text("model: &m\n  freeze: *m\n")
+    with pytest.raises(ConfigError, match="model.freeze: line 1: an alias refers to a value that contains it"):
+        load_recipe(str(f))
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"description: caf\xe9\n", "not UTF-8: byte 0xe9 at offset 16"),
+    (b"description: a\x00b\n", "line 1: character U+0000 is not allowed in YAML"),
+    (b"x: " + b"[" * 2000 + b"]" * 2000, "line 1: nested more than 64 levels deep"),  # no RecursionError
+    (b"x: " + b"[" * 70 + b"]" * 70 + b"\n", "nested more than 64 levels deep"),
+    (b"description: 2001-13-01\n", "line 1, column 14: '2001-13-01' is not a valid timestamp"),
+    (b"trainer: {epochs: !!int two}\n", "'two' is not a valid int"),
+    (b"trainer: {epochs: !!int }\n", "'' is not a valid int"),
+    (b"trainer: {deterministic: !!bool maybe}\n", "'maybe' is not a valid bool"),
+    (b"trainer: {epochs: " + b"9" * 5000 + b"}\n", "is not a valid int"),
+    (b"model: !!python/object/apply:os.system [echo hi]\n", "could not determine a constructor"),
+    (b"model:\n\tname: cnn\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+    (b"a: 1\n---\nb: 2\n", "expected a single document"),
+    (b"- 1\n- 2\n", "expected a mapping at the top level, got list"),
+    (b"description: " + b"x" * (300 << 10) + b"\n", "larger than 256 KiB"),
+])
+def test_unusable_files_are_one_clean_line(tmp_path: Path, content: bytes, words: str) -> None:
+    f = tmp_path / "r.yaml"
+    f.write_bytes(content)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(str(f))
+    text = str(info.value)
+    assert words in text and str(f) in text
+    assert len(text.splitlines()) <= 2 and len(text) < 600
+
+
+def test_huge_values_are_cut_in_messages() -> None:
+    err = _error(["model.variant=" + "v" * 60_000])
+    assert err.key == "model.variant" and "unknown VGG variant 'vvvv" in str(err) and "..." in str(err)
+    assert len(str(err)) < 600
+
+
+def test_control_characters_in_keys_stay_on_one_line() -> None:
+    err = _error(["trainer.epo\nchs=1"])
+    assert len(str(err).splitlines()) == 2 and "trainer.epo\\nchs" in str(err)
+
+
+def test_load_resolved_refuses_an_edited_file_cleanly(tmp_path: Path) -> None:
+    f = tmp_path / "config.yaml"
+    f.write_text(to_yaml(load_recipe("digits")).replace("lr: 0.1", "lr: .nan"))
+    with pytest.raises(ConfigError, match="optim.lr: nan is not a finite number"):
+        load_resolved(f, RecipeConfig)
+
+
+def test_overrides_are_bounded_too() -> None:
+    err = _error(["model.variant=" + "v" * 70_000])
+    assert err.key == "model.variant" and "value longer than 65536 characters" in str(err)
+    bomb = _bomb(6).split(": ", 1)[1].strip()
+    err = _error([f"description={bomb}"])
+    assert err.source == "command line" and "more than 10000 values once aliases are expanded" in str(err)
