@@ -44,7 +44,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def _load_recipe(args: argparse.Namespace) -> RecipeConfig:
     """The recipe with its overrides; its name must be a valid name, since run names derive from it."""
     recipe = load_recipe(args.recipe, args.overrides)
-    check_name(f"recipe name (recipe {args.recipe})", recipe.name)
+    check_name("recipe name", recipe.name)
     return recipe
 
 
@@ -173,6 +173,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def check_names(args: argparse.Namespace) -> None:
+    """Refuse a run or sweep argument that is not a plain name, before a command reads or writes anything."""
     for attr, kind in NAME_ARGUMENTS.items():
         value = getattr(args, attr, None)
         if value is not None:

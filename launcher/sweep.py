@@ -267,7 +267,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         check_name("trial run name (a shorter --name makes it fit)", trial.name)
     cluster = load_cluster(args.cluster)
     recipes = resolve_trials(spec, trials, cluster, args.cluster)  # all of them, before anything exists
-    check_name(f"recipe name (recipe {args.recipe})", recipes[0].name)
+    check_name("recipe name", recipes[0].name)
     root = runs_root(cluster, args.runs_dir)
     record = new_record(spec, name, cluster, trials, recipes[0], root)
     todo = []

@@ -142,14 +142,15 @@ def test_sweep_name_too_long_for_its_trial_names(tmp_path: Path, runs_dir: Path,
     _nothing_created(tmp_path, runs_dir)
 
 
-@pytest.mark.parametrize("command", [["show"], ["launch"], ["sweep", "--grid", "optim.lr=0.1,0.2"]])
+@pytest.mark.parametrize("command", [["show"], ["launch"], ["sbatch", "--cluster", "local_slurm"],
+                                     ["sweep", "--grid", "optim.lr=0.1,0.2"]])
 def test_recipe_whose_name_is_a_path_creates_nothing(command: list[str], tmp_path: Path, runs_dir: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     recipe = tmp_path / "evil.yaml"
     data = yaml.safe_load((Path(__file__).parent.parent / "recipes" / "digits.yaml").read_text())
     recipe.write_text(yaml.safe_dump({**data, "name": "../../evil", "trainer": {**data["trainer"], "max_steps": 1}}))
     _refused(capsys, [command[0], str(recipe), *command[1:], "--runs-dir", str(runs_dir)],
-             "recipe name", "'../../evil' is not a valid name")
+             "recipe name" if command[0] != "sbatch" else "default run name", "'../../evil")
     assert sorted(tmp_path.rglob("*")) == sorted([runs_dir, recipe])
 
 
