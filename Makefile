@@ -1,4 +1,6 @@
 # Entry points: `make launch RECIPE=vgg_finetune [CLUSTER=local] [ARGS="trainer.epochs=2"]`, `make test`.
+# ARGS go to `launcher launch` after the other options (overrides and options, any order);
+# PRETRAIN_ARGS to the vgg_pretrain run that vgg_finetune needs first.
 PYTHON ?= python3
 TORCH_VERSION ?= 2.13.0
 VENV := .venv
@@ -7,6 +9,7 @@ RECIPE ?= digits
 CLUSTER ?= local
 ARGS ?=
 RUN_NAME ?=
+PRETRAIN_ARGS ?=
 PRETRAINED := artifacts/vgg_pretrain.pt
 
 .PHONY: setup launch test bench slurm-up slurm-down clean
@@ -23,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # vgg_finetune starts from weights that vgg_pretrain learned on the other half of the digits.
 $(PRETRAINED): | setup
-	$(PY) -m launcher launch vgg_pretrain --run-name vgg_pretrain --cluster $(CLUSTER)
+	$(PY) -m launcher launch vgg_pretrain --run-name vgg_pretrain --cluster $(CLUSTER) $(PRETRAIN_ARGS)
 	$(PY) -m launcher export vgg_pretrain --to $(PRETRAINED) --cluster $(CLUSTER)
 
 launch: setup $(if $(filter vgg_finetune,$(RECIPE)),$(PRETRAINED))

@@ -9,8 +9,9 @@ import time
 from typing import Callable
 
 from launcher import backends, sbatch
-from launcher.config import load_cluster, load_recipe, to_yaml
+from launcher.config import RecipeConfig, load_cluster, load_recipe, to_yaml
 from launcher.errors import UsageError
+from launcher.names import check_name
 from launcher.ownership import check_checkpoint_folder
 from launcher.runs import Run, default_run_name, find_run, prepare_run, run_at, runs_root
 from launcher.secrets import redact_text
@@ -18,7 +19,7 @@ from launcher.sweep import add_sweep_commands
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load_recipe(args)
     cluster = load_cluster(args.cluster)
     cluster.check_recipe(recipe, f"cluster config {args.cluster}")
     print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, "
@@ -30,12 +31,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = _load_recipe(args)
     cluster = load_cluster(args.cluster)
     cluster.check_recipe(recipe, f"cluster config {args.cluster}")
     backend = backends.get(cluster)
     backend.check(recipe, cluster)  # everything is validated before a directory is made or a job started
-    name = args.run_name or default_run_name(recipe)
+    name = args.run_name or check_name("default run name", default_run_name(recipe))
     root = runs_root(cluster, args.runs_dir)
     backends.refuse_if_running(run_at(root, name))  # before its directory is touched
     check_checkpoint_folder(recipe, cluster, run_at(root, name), args.run_id)  # before anything is written
@@ -43,6 +44,13 @@ def cmd_launch(args: argparse.Namespace) -> int:
     print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
     code = backend.launch(recipe, cluster, run, wait=args.wait)
     return _report(run, code)
+
+
+def _load_recipe(args: argparse.Namespace) -> RecipeConfig:
+    """The recipe with its overrides; its name must be a valid name, since run names derive from it."""
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_name("recipe name", recipe.name)
+    return recipe
 
 
 def _report(run: Run, code: int) -> int:
@@ -82,7 +90,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     path = run.dir / "logs" / f"rank{args.rank}.log"
     if not path.exists():
         raise UsageError(f"{path}: no log for rank {args.rank} (yet)")
-    with open(path) as f:
+    # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
+    with open(path, encoding="utf-8", errors="replace") as f:
         sys.stdout.write(f.read())
         while args.follow and backends.status(run).get("state") in ("running", "pending", "requeued"):
             line = f.readline()
@@ -114,7 +123,12 @@ def _existing_run(args: argparse.Namespace) -> Run:
     return find_run(args.run, runs_root(load_cluster(args.cluster), args.runs_dir))
 
 
-def build_parser() -> argparse.ArgumentParser:
+# Arguments that name a run or a sweep, i.e. a folder or file in the runs directory: checked before any command runs.
+NAME_ARGUMENTS = {"run": "run", "run_name": "run name (--run-name)", "sweep": "sweep", "name": "sweep name (--name)"}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser (help, unknown commands) and each command's own parser."""
     parser = argparse.ArgumentParser(prog="launcher", description="Launch PyTorch training recipes anywhere.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -149,12 +163,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("sbatch", sbatch.cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
     _run_arguments(p)
     p.add_argument("--submit", action="store_true", help="also submit the script with sbatch")
-    return parser
+    return parser, sub.choices
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options and overrides in any order: `launch digits --cluster local trainer.epochs=2`.
+
+    argparse's intermixed parsing refuses a parser with subcommands, so the command's own parser
+    parses everything after the command name, intermixed.
+    """
+    parser, commands = build_parser()
+    if not argv or argv[0] not in commands:
+        return parser.parse_args(argv)  # -h, no command or an unknown one: argparse's own usage message
+    return commands[argv[0]].parse_intermixed_args(argv[1:])
+
+
+def check_names(args: argparse.Namespace) -> None:
+    """Refuse a run or sweep argument that is not a plain name, before a command reads or writes anything."""
+    for attr, kind in NAME_ARGUMENTS.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            check_name(kind, value)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
+        check_names(args)
         return args.fn(args)
     except UsageError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)

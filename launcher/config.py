@@ -23,6 +23,7 @@ import yaml
 
 from launcher import secrets
 from launcher.errors import ConfigError
+from launcher.names import shown
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -669,18 +670,26 @@ def read_yaml(path: Path) -> dict:
 
 
 def find_config(name: str, folder: Path, kind: str) -> Path:
-    """A name (`digits`) is looked up in `folder` (recursively); anything with a slash or .yaml is a path."""
+    """A name (`digits`) is looked up in `folder` (recursively); anything with a slash or .yaml is a path.
+
+    The name is compared with file stems, never used as a glob pattern: `*` or `[ab]` is an unknown name.
+    """
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(name, "", f"{kind} file not found")
+        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else shown(name)
+        try:
+            found = path.is_file()
+        except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+            raise ConfigError(where, "", f"cannot read {kind} file: {getattr(err, 'strerror', None) or err}") from None
+        if not found:
+            raise ConfigError(where, "", f"{kind} file not found")
         return path
-    matches = sorted(folder.rglob(f"{name}.yaml"))
+    files = sorted(folder.rglob("*.yaml"))
+    matches = [p for p in files if p.stem == name]
     if not matches:
-        known = sorted(p.stem for p in folder.rglob("*.yaml"))
+        known = sorted(p.stem for p in files)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(str(folder), "", f"unknown {kind} {name!r}", f"{hint}known {kind}s: {', '.join(known)}")
+        raise ConfigError(str(folder), "", f"unknown {kind} {shown(name)}", f"{hint}known {kind}s: {', '.join(known)}")
     return matches[0]
 
 

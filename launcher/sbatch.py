@@ -28,6 +28,7 @@ from typing import Optional
 from launcher import backends
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
 from launcher.errors import ConfigError, UsageError
+from launcher.names import check_name
 from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
 
 SCRIPT_NAME = "sbatch.sh"  # written into the run directory next to run.json
@@ -202,7 +203,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     slurm = _slurm_section(cluster)
     if args.submit:
         backends.get(cluster).check(recipe, cluster)  # sbatch on PATH
-    name = args.run_name or default_run_name(recipe)
+    name = args.run_name or check_name("default run name", default_run_name(recipe))
     root = runs_root(cluster, args.runs_dir)
     # rendered once before the directory exists, so a refused value leaves nothing behind
     render_sbatch(recipe, cluster, Run(name, root / name), slurm.python or sys.executable)

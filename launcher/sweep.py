@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 from launcher import backends
 from launcher.config import RECIPES_DIR, ClusterConfig, RecipeConfig, find_config, load_cluster, load_recipe
 from launcher.errors import UsageError
+from launcher.names import check_name
 from launcher.runs import Run, prepare_run, runs_root
 from launcher.secrets import redact_text
 
@@ -266,10 +267,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         raise UsageError("--random needs --trials N (how many samples to draw)")
     spec = SweepSpec(args.recipe, tuple(args.overrides), tuple(args.grid), tuple(random_items),
                      args.trials if args.trials is not None else 1, args.seed)
-    name = args.name or default_sweep_name(spec)
+    name = args.name or check_name("default sweep name", default_sweep_name(spec))
     trials = expand(spec, name)
+    for trial in trials:  # `<sweep>-tNN` must itself be a valid run name (length)
+        check_name("trial run name (a shorter --name makes it fit)", trial.name)
     cluster = load_cluster(args.cluster)
     recipes = resolve_trials(spec, trials, cluster, args.cluster)  # all of them, before anything exists
+    check_name("recipe name", recipes[0].name)
     root = runs_root(cluster, args.runs_dir)
     record = new_record(spec, name, cluster, trials, recipes[0], root)
     todo = []

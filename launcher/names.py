@@ -1,0 +1,32 @@
+"""The one rule for names that become file names: run, recipe and sweep names, and run arguments.
+
+A name is a single path component in the runs directory (`<runs_dir>/<run name>/`, `sweeps/<sweep>.json`),
+a Slurm job name and a tracker run name, so it must not be able to leave that directory (`..`, `/`),
+hide in a listing (a leading `.` or `-`), end a line in a script or log (control characters) or exceed
+what file systems and schedulers accept. Anything else is refused before a file or a job exists.
+"""
+from __future__ import annotations
+
+import re
+
+from launcher.errors import UsageError
+
+MAX_LENGTH = 128
+_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LENGTH - 1}}}")
+RULE = (f"1 to {MAX_LENGTH} characters from A-Z a-z 0-9 . _ -, starting with a letter or a digit "
+        "(a name is one folder in the runs directory, never a path)")
+_SHOWN = 80  # characters of a refused value kept in a message: a huge value must not flood the terminal
+
+
+def shown(value: str) -> str:
+    """`repr(value)`, cut to a readable length; repr also makes newlines and undecodable bytes visible."""
+    text = repr(value)
+    return text if len(text) <= _SHOWN else f"{text[:_SHOWN - 3]}... ({len(value)} characters)"
+
+
+def check_name(kind: str, value: str) -> str:
+    """`value` if it is a valid name; otherwise a UsageError naming `kind` (e.g. "run name") and the rule."""
+    # fullmatch, not match with `$`: `$` would also accept a trailing newline
+    if _NAME.fullmatch(value) is None:
+        raise UsageError(f"{kind} {shown(value)} is not a valid name\n  HINT: use {RULE}")
+    return value

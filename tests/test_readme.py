@@ -1,0 +1,204 @@
+"""Every command the README shows is run here, shortened, so an example can never silently rot.
+
+The commands are read from README.md itself: each line of a ```bash block and each form in the CLI
+table. CASES maps each of them to what is actually run (the same command, shortened with overrides
+such as `trainer.max_steps=2`) and to text its output must contain. A README command missing from
+CASES fails `test_every_readme_command_has_a_case`: a new example needs its shortened form here.
+
+Everything runs in a copy of the repository, so runs, artifacts and bench results land there. `make`
+runs with the running interpreter (`VENV=... PY=...`, `-o .../.installed`: no virtualenv is built).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+README = REPO / "README.md"
+SHELL_BLOCKS = ("bash", "sh", "shell", "console")
+CLI_TABLE_HEADING = "## The `launcher` CLI"
+RUN = "readme-run"  # a finished digits run, made once (fixture `finished_run`) for the commands that need a run
+AS_SHOW = "<the README command with `launcher launch` replaced by `launcher show`>"
+CI_RUNS_IT = "<run by .ci/run, not here: the suite cannot run itself>"
+SHORT = "trainer.max_steps=2"
+
+# README command -> the steps run for it: (command line, text its output must contain).
+# `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
+CASES: dict[str, tuple[tuple[str, str], ...]] = {
+    # ```bash blocks
+    "make launch RECIPE=vgg_finetune": (
+        (f'make launch RECIPE=vgg_finetune PRETRAIN_ARGS={SHORT} ARGS="{SHORT}"',
+         "pretrained weights: artifacts/vgg_pretrain.pt"),),
+    "make test": ((CI_RUNS_IT, ""),),
+    "make launch RECIPE=digits": ((f'make launch RECIPE=digits ARGS="{SHORT}"', "completed at step 2"),),
+    'make launch RECIPE=digits ARGS="trainer.epochs=2 optim.lr=0.05"': (
+        ('make launch RECIPE=digits ARGS="trainer.epochs=2 optim.lr=0.05"', "completed at step"),),
+    "make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm": (
+        ("make slurm-up", ""),
+        (f'make launch RECIPE=digits CLUSTER=local_slurm ARGS="{SHORT} --wait"', "completed at step 2"),),
+    "make launch RECIPE=digits RUN_NAME=my-run": (
+        (f'make launch RECIPE=digits RUN_NAME=my-run ARGS="{SHORT}"', "run my-run: "),),
+    "make bench": (('make bench BENCH_ARGS="--only startup --startup-repeats 1"', "bench.json"),),
+    # needs a GPU cluster: its arguments are validated by `show` instead
+    "launcher launch vgg_finetune --cluster cluster_configs/examples/gpu_cluster.yaml parallel.nodes=2 "
+    "parallel.procs_per_node=8 trainer.global_batch=512 model.pretrained=s3://bucket/vgg11-8a719046.pth "
+    "model.width=1 model.hidden=4096 model.pool_size=7 model.image_size=224 data.name=image_folder "
+    "data.root=s3://bucket/flowers model.num_classes=5": ((AS_SHOW, "world size 16"),),
+    # the CLI table
+    "launcher show RECIPE [k=v ...] [--cluster C]": (
+        ("launcher show digits trainer.epochs=3 --cluster local", "epochs: 3"),),
+    "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume auto|never] [--wait]": (
+        (f"launcher launch digits {SHORT} --cluster local --run-name readme-launch --resume never --wait",
+         "completed at step 2"),),
+    "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
+    "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
+    "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),
+    "launcher cancel RUN": ((f"launcher cancel {RUN}", "is not running"),),
+    "launcher sbatch RECIPE --cluster C [--submit]": (
+        (f"launcher sbatch digits --cluster local_slurm {SHORT} --run-name readme-sbatch", "srun"),),
+    "launcher sweep RECIPE --cluster C --grid k=a,b ...": (
+        (f"launcher sweep digits --cluster local --grid optim.lr=0.01,0.05 {SHORT} --name readme-grid",
+         "sweep readme-grid: 2 trials"),),
+    "--random k=loguniform:lo:hi --trials N": (
+        (f"launcher sweep digits --cluster local --random optim.lr=loguniform:1e-3:1e-1 --trials 1 {SHORT} "
+         "--name readme-random", "sweep readme-random: 1 trials"),),
+    "launcher sweep-status SWEEP": (
+        (f"launcher sweep digits --grid model.dropout=0.1 {SHORT} --name readme-status", ""),
+        ("launcher sweep-status readme-status", "by val/acc (max), best first"),),
+}
+SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm"}
+
+
+# ----------------------------------------------------------------------------- reading the README
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def shell_block_commands(text: str) -> list[str]:
+    """Each command of a ```bash block: continuation lines joined, trailing `# comments` dropped."""
+    commands, language, pending = [], None, ""
+    for line in text.splitlines():
+        if line.startswith("```"):
+            language = line[3:].strip() if language is None else None
+            continue
+        if language not in SHELL_BLOCKS:
+            continue
+        line = re.sub(r"\s+#\s.*$", "", line)
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        if (pending + line).strip():
+            commands.append(_one_line(pending + line))
+        pending = ""
+    return commands
+
+
+def cli_table_commands(text: str) -> list[str]:
+    """Each code span in the first column of the CLI table (`launcher status RUN` / `launcher logs ...`)."""
+    section = text.split(CLI_TABLE_HEADING, 1)[1].split("\n#", 1)[0]
+    commands = []
+    for row in section.splitlines():
+        if row.startswith("| `"):
+            first_cell = re.split(r"(?<!\\)\|", row)[1]
+            commands += [_one_line(span.replace("\\|", "|")) for span in re.findall(r"`([^`]+)`", first_cell)]
+    return commands
+
+
+def readme_commands() -> list[str]:
+    text = README.read_text()
+    return shell_block_commands(text) + cli_table_commands(text)
+
+
+# ----------------------------------------------------------------------------- running them
+@pytest.fixture(scope="module")
+def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository's sources in a temporary folder: the commands write runs/, artifacts/, bench/results/."""
+    copy = tmp_path_factory.mktemp("readme") / "repo"
+    junk = shutil.ignore_patterns("__pycache__", "results", "*.egg-info")
+    copy.mkdir()
+    for name in ("Makefile", "pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, copy / name)
+    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "scripts"):
+        shutil.copytree(REPO / name, copy / name, ignore=junk)
+    return copy
+
+
+def make_command(args: list[str]) -> list[str]:
+    """`make` with this interpreter as the virtualenv, which make must not rebuild."""
+    venv = Path(sys.prefix)
+    return ["make", f"VENV={venv}", f"PY={sys.executable}", "-o", f"{venv}/.installed", *args]
+
+
+def run_step(command: str, cwd: Path) -> subprocess.CompletedProcess:
+    argv = shlex.split(command)
+    if argv[0] == "make":
+        argv = make_command(argv[1:])
+    elif argv[0] == "launcher":
+        argv = [sys.executable, "-m", "launcher", *argv[1:]]
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LAUNCHER_RUNS_DIR", "LAUNCHER_CLUSTER", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(cwd))  # ranks import the copy too
+    return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def check_step(command: str, expect: str, cwd: Path) -> None:
+    proc = run_step(command, cwd)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{output[-4000:]}"
+    assert expect in output, f"{command}: {expect!r} not in its output:\n{output[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def finished_run(repo_copy: Path) -> str:
+    check_step(f"launcher launch digits {SHORT} --run-name {RUN}", "completed at step 2", repo_copy)
+    return RUN
+
+
+def _params() -> list:
+    return [pytest.param(command, marks=[pytest.mark.slurm] if command in SLURM_CASES else [], id=command[:60])
+            for command, steps in CASES.items() if steps[0][0] != CI_RUNS_IT]
+
+
+def test_every_readme_command_has_a_case() -> None:
+    found = readme_commands()
+    missing = [c for c in found if c not in CASES]
+    assert not missing, f"README.md shows commands that tests/test_readme.py does not run; add them to CASES: {missing}"
+    stale = [c for c in CASES if c not in found]
+    assert not stale, f"CASES lists commands that README.md no longer shows: {stale}"
+
+
+def test_readme_parsing_finds_continued_lines_and_table_forms() -> None:
+    text = ("```bash\nmake a   # comment\nlauncher b \\\n  c=1\n```\n```yaml\nkey: v\n```\n"
+            f"{CLI_TABLE_HEADING}\n\n| command | what |\n| --- | --- |\n"
+            "| `launcher x RUN` / `launcher y [--r a\\|b]` | `launcher not_this` |\n\n## Next\n| `launcher z` | |\n")
+    assert shell_block_commands(text) == ["make a", "launcher b c=1"]
+    assert cli_table_commands(text) == ["launcher x RUN", "launcher y [--r a|b]"]
+
+
+def test_make_test_is_what_ci_runs() -> None:
+    """`make test` runs this suite, so it is not run from inside it: CI runs it, and it runs pytest."""
+    assert CASES["make test"] == ((CI_RUNS_IT, ""),)
+    assert "make test" in (REPO / ".ci" / "run").read_text().splitlines()
+    dry = subprocess.run(make_command(["-n", "test"]), cwd=REPO, capture_output=True, text=True, check=True)
+    assert f"{sys.executable} -m pytest" in dry.stdout
+
+
+@pytest.mark.parametrize("readme_command", _params())
+def test_readme_command_runs(readme_command: str, repo_copy: Path, request: pytest.FixtureRequest) -> None:
+    if readme_command in SLURM_CASES:
+        request.getfixturevalue("slurm")
+    steps = CASES[readme_command]
+    if any(RUN in command for command, _ in steps):
+        request.getfixturevalue("finished_run")
+    for command, expect in steps:
+        if command == AS_SHOW:
+            command = readme_command.replace("launcher launch ", "launcher show ", 1)
+        check_step(command, expect, repo_copy)
