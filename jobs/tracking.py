@@ -1,12 +1,14 @@
 """Metrics sinks on rank 0: JSON lines in the run directory always, plus wandb or TensorBoard."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from launcher.config import LoggingConfig
 
@@ -37,7 +39,7 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._to_wandb(lambda: self._wandb.log(metrics, step=step))
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
@@ -47,9 +49,21 @@ class MetricsLogger:
             return
         self._jsonl.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._to_wandb(self._wandb.finish)
         if self._tb is not None:
             self._tb.close()
+
+    def _to_wandb(self, call: Callable[[], Any]) -> None:
+        """wandb talks to its service process (wandb-core). A SIGTERM to the whole job (scancel,
+        `scontrol requeue`, the time limit) also reaches that process, and Go programs exit on it
+        even when it is ignored, so the connection can be gone while the ranks are still saving.
+        A lost tracker must not turn a clean stop into a failed run: metrics.jsonl keeps every value."""
+        try:
+            call()
+        except OSError as err:  # ConnectionResetError, BrokenPipeError: the service is gone
+            log.warning("wandb's service process is gone (%s: %s); metrics continue in metrics.jsonl only",
+                        type(err).__name__, err)
+            self._wandb = None
 
 
 def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, config: dict[str, Any]) -> Any:
@@ -57,7 +71,23 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, 
 
     # Offline unless the user has a key or chose a mode: a missing login must not kill a queued job.
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    run = wandb.init(project=cfg.project, name=run_name, id=run_id, resume="allow", config=config,
-                     dir=str(run_dir), mode=mode)
+    with _service_ignores(signal.SIGINT, signal.SIGHUP):
+        run = wandb.init(project=cfg.project, name=run_name, id=run_id, resume="allow", config=config,
+                         dir=str(run_dir), mode=mode)
     log.info("wandb run %s (mode %s): same id on resume, so the metrics continue the same run", run_id, mode)
     return run
+
+
+@contextlib.contextmanager
+def _service_ignores(*signals: signal.Signals) -> Iterator[None]:
+    """Start wandb's service (forked inside `wandb.init`) with these signals ignored, then restore
+    our handlers. A Go program keeps an inherited SIG_IGN for SIGINT and SIGHUP only, so this makes
+    wandb-core outlive an INT or HUP sent to the whole job (the rank treats them as stop requests).
+    USR1/USR2 need nothing: wandb-core catches and drops them. SIGTERM cannot be kept from it (see
+    `MetricsLogger._to_wandb`)."""
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
