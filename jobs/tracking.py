@@ -1,14 +1,12 @@
 """Metrics sinks on rank 0: JSON lines in the run directory always, plus wandb or TensorBoard."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from launcher.config import LoggingConfig
 
@@ -54,10 +52,11 @@ class MetricsLogger:
             self._tb.close()
 
     def _to_wandb(self, call: Callable[[], Any]) -> None:
-        """wandb talks to its service process (wandb-core). A SIGTERM to the whole job (scancel,
-        `scontrol requeue`, the time limit) also reaches that process, and Go programs exit on it
-        even when it is ignored, so the connection can be gone while the ranks are still saving.
-        A lost tracker must not turn a clean stop into a failed run: metrics.jsonl keeps every value."""
+        """wandb talks to its service process (wandb-core 0.31). A TERM or INT to the whole job
+        (scancel, `scontrol requeue`, the time limit, Ctrl-C) also reaches that process, which exits
+        on them whatever it inherits (it catches both itself; USR1/USR2 it ignores), so the connection
+        can be gone while the ranks are still saving. A lost tracker must not turn a clean stop into
+        a failed run: metrics.jsonl keeps every value."""
         try:
             call()
         except OSError as err:  # ConnectionResetError, BrokenPipeError: the service is gone
@@ -71,23 +70,8 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, 
 
     # Offline unless the user has a key or chose a mode: a missing login must not kill a queued job.
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
-    with _service_ignores(signal.SIGINT, signal.SIGHUP):
-        run = wandb.init(project=cfg.project, name=run_name, id=run_id, resume="allow", config=config,
-                         dir=str(run_dir), mode=mode)
+    run = wandb.init(project=cfg.project, name=run_name, id=run_id, resume="allow", config=config,
+                     dir=str(run_dir), mode=mode)
     log.info("wandb run %s (mode %s): same id on resume, so the metrics continue the same run", run_id, mode)
     return run
 
-
-@contextlib.contextmanager
-def _service_ignores(*signals: signal.Signals) -> Iterator[None]:
-    """Start wandb's service (forked inside `wandb.init`) with these signals ignored, then restore
-    our handlers. A Go program keeps an inherited SIG_IGN for SIGINT and SIGHUP only, so this makes
-    wandb-core outlive an INT or HUP sent to the whole job (the rank treats them as stop requests).
-    USR1/USR2 need nothing: wandb-core catches and drops them. SIGTERM cannot be kept from it (see
-    `MetricsLogger._to_wandb`)."""
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

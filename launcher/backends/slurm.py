@@ -322,8 +322,8 @@ def status(run: Run) -> dict[str, Any]:
     state = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
              "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}.get(slurm_state.split()[0],
                                                                                      slurm_state.lower())
-    if state == "completed" and info.get("state") == "stopped":
-        state = "stopped"
+    if state in ("completed", "failed") and info.get("state") == "stopped":
+        state = "stopped"  # past a requeue limit: stop_reason says which
     out: dict[str, Any] = {"run": run.name, "state": state, "backend": "slurm", "job_id": job_id,
                            "slurm_state": slurm_state, "dir": str(run.dir),
                            "requeues": info.get("requeues", {})}
