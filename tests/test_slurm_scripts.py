@@ -288,34 +288,36 @@ def test_loader_workers_outlive_the_jobs_signals() -> None:
             signal.signal(sig, handler)
 
 
-def _wandb_logger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    from jobs.tracking import MetricsLogger
-    from launcher.config import LoggingConfig
+TRACKER_UNDER_SIGNAL = """\
+import json, os, signal, sys, time
+from pathlib import Path
+from jobs.tracking import MetricsLogger
+from launcher.config import LoggingConfig
+from test_slurm_scripts import _descendants
 
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    return MetricsLogger(LoggingConfig(tracker="wandb", project="t"), tmp_path, "r", f"id{os.getpid()}", {}, True)
+sig, out = signal.Signals(int(sys.argv[1])), Path(sys.argv[2])
+metrics = MetricsLogger(LoggingConfig(tracker="wandb", project="t"), out, "r", "sigtest", {}, True)
+metrics.log(1, {"loss": 1.0})
+service = [p for p in _descendants(os.getpid()) if Path(f"/proc/{p}/comm").read_text().strip() == "wandb-core"]
+signal.signal(sig, lambda *_: None)  # the rank's own handler: a stop request
+os.kill(service[0], sig)
+time.sleep(1)
+metrics.log(2, {"loss": 0.5})
+metrics.close()
+print(json.dumps({"tracker_kept": metrics._wandb is not None}))
+"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2, signal.SIGTERM])
-def test_tracker_survives_a_signal_to_wandbs_service(sig: signal.Signals, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tracker_survives_a_signal_to_wandbs_service(sig: signal.Signals, tmp_path: Path) -> None:
     """USR2: wandb-core lives on. INT/TERM: wandb-core exits (it catches them itself, so no inherited
-    disposition helps), and losing the tracker does not fail the rank; metrics.jsonl keeps everything."""
-    metrics = _wandb_logger(tmp_path, monkeypatch)
-    metrics.log(1, {"loss": 1.0})
-    service = [pid for pid in _descendants(os.getpid()) if Path(f"/proc/{pid}/comm").read_text().strip()
-               == "wandb-core"]
-    assert service
-    previous = signal.signal(sig, lambda *_: None)  # the rank's own handler: a stop request
-    try:
-        os.kill(service[0], sig)
-        time.sleep(1)
-        metrics.log(2, {"loss": 0.5})
-        metrics.close()
-    finally:
-        signal.signal(sig, previous)
+    disposition helps), and losing the tracker does not fail the rank; metrics.jsonl keeps everything.
+    A process per case: wandb keeps one service per process."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", TRACKER_UNDER_SIGNAL, str(int(sig)), str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
-    if sig == signal.SIGUSR2:
-        assert metrics._wandb is not None, "wandb's service died: the tracker was dropped"
+    assert json.loads(proc.stdout.splitlines()[-1])["tracker_kept"] == (sig == signal.SIGUSR2), proc.stderr[-3000:]
