@@ -1,8 +1,9 @@
 """Standalone sbatch scripts: `launcher sbatch RECIPE --cluster C` prints a script for plain `sbatch`.
 
 The script runs the same rank entry point as the submitit backend (`python -m launcher.backends.slurm
---run-dir DIR` under srun), so preemption, saving and requeueing behave the same: rank 0 decides
-whether to requeue and calls `scontrol requeue` itself; the script only forwards signals.
+--run-dir DIR` under srun), so preemption, saving and requeueing behave the same: after a stop
+signal rank 0 decides whether to requeue and calls `scontrol requeue` itself; the script forwards
+signals, and counts a crash of any rank after srun (below).
 
 Config values never reach the shell unquoted: `launcher.slurm_options` computes and checks them
 for both paths (see its docstring). Here a value of a `#SBATCH` line that is not plainly safe is
