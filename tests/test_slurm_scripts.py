@@ -16,13 +16,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from conftest import run_cli
 from launcher.backends import slurm
