@@ -231,6 +231,16 @@ def test_after_srun_leaves_a_decided_run_alone(tmp_path: Path, stub_bin: Path, m
     assert run.info()["requeues"] == {"preemptions": 1} and not calls(tmp_path / "scontrol.jsonl")
 
 
+def test_after_srun_finds_the_run_of_a_job_array_element(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit's teardown only knows its folder: the element's pickle names the run (sweeps)."""
+    from submitit.core.utils import DelayedSubmission
+
+    DelayedSubmission(slurm.rank_main, "/runs/trial-2").dump(tmp_path / "12_2_submitted.pkl")
+    for key, value in {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "2"}.items():
+        monkeypatch.setenv(key, value)
+    assert slurm._submitted_run_dir(tmp_path) == "/runs/trial-2"
+
+
 def test_plain_script_counts_a_crash_but_not_a_stop(tmp_path: Path, stub_bin: Path) -> None:
     """`launcher sbatch`'s script: srun failing on its own runs --after-srun; after a TERM it does not."""
     python = stub(tmp_path / "python", tmp_path / "python.jsonl", [])
