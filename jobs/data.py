@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import signal
 from pathlib import Path
-
 
 import fsspec
 import numpy as np
@@ -16,6 +16,15 @@ from torch.utils.data import Dataset, TensorDataset
 from launcher.config import DataConfig, ModelConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a stop signal is the rank's to handle, not its workers'. Slurm
+    signals every process of a job step (a preemption's USR2, a requeue's TERM) and Ctrl-C reaches
+    the whole process group; a worker dying of it makes the rank fail instead of saving. The
+    workers still end with their rank (PyTorch's workers watch their parent)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def build_datasets(data: DataConfig, model: ModelConfig) -> tuple[Dataset, Dataset]:

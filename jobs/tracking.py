@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from launcher.config import LoggingConfig
 
@@ -37,7 +37,7 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         if self._wandb is not None:
-            self._wandb.log(metrics, step=step)
+            self._to_wandb(lambda: self._wandb.log(metrics, step=step))
         if self._tb is not None:
             for key, value in metrics.items():
                 self._tb.add_scalar(key, value, step)
@@ -47,9 +47,22 @@ class MetricsLogger:
             return
         self._jsonl.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            self._to_wandb(self._wandb.finish)
         if self._tb is not None:
             self._tb.close()
+
+    def _to_wandb(self, call: Callable[[], Any]) -> None:
+        """wandb talks to its service process (wandb-core 0.31). A TERM or INT to the whole job
+        (scancel, `scontrol requeue`, the time limit, Ctrl-C) also reaches that process, which exits
+        on them whatever it inherits (it catches both itself; USR1/USR2 it ignores), so the connection
+        can be gone while the ranks are still saving. A lost tracker must not turn a clean stop into
+        a failed run: metrics.jsonl keeps every value."""
+        try:
+            call()
+        except OSError as err:  # ConnectionResetError, BrokenPipeError: the service is gone
+            log.warning("wandb's service process is gone (%s: %s); metrics continue in metrics.jsonl only",
+                        type(err).__name__, err)
+            self._wandb = None
 
 
 def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, config: dict[str, Any]) -> Any:
@@ -61,3 +74,4 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, 
                      dir=str(run_dir), mode=mode)
     log.info("wandb run %s (mode %s): same id on resume, so the metrics continue the same run", run_id, mode)
     return run
+

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jobs import parallel
 from jobs.checkpoint import Checkpointer
-from jobs.data import build_datasets
+from jobs.data import build_datasets, ignore_stop_signals
 from jobs.env import RankEnv
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
@@ -252,7 +252,7 @@ def _micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: in
     # dropout stream would drift from the uninterrupted run's.
     gen = torch.Generator().manual_seed(len(indices) * 7919 + skip_steps)
     loader = DataLoader(dataset, batch_size=micro, sampler=indices, num_workers=workers, drop_last=False,
-                        generator=gen)
+                        generator=gen, worker_init_fn=ignore_stop_signals)
     group: list[tuple[torch.Tensor, torch.Tensor]] = []
     for batch in loader:
         group.append(batch)

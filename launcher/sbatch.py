@@ -1,19 +1,18 @@
 """Standalone sbatch scripts: `launcher sbatch RECIPE --cluster C` prints a script for plain `sbatch`.
 
 The script runs the same rank entry point as the submitit backend (`python -m launcher.backends.slurm
---run-dir DIR` under srun), so preemption, saving and requeueing behave the same: rank 0 decides
-whether to requeue and calls `scontrol requeue` itself; the script only forwards signals.
+--run-dir DIR` under srun), so preemption, saving and requeueing behave the same: after a stop
+signal rank 0 decides whether to requeue and calls `scontrol requeue` itself; the script forwards
+signals, and counts a crash of any rank after srun (below).
 
-Config values never reach the shell unquoted:
-- `#SBATCH` lines are bash comments, but sbatch parses them with its own rules (whitespace splits
-  arguments, `#` starts a comment, double quotes and backslashes quote). A value that is not plainly
-  safe is double-quoted for that parser; a value with a newline or another control character is
-  refused, since it would end the comment and turn the rest of the value into shell code.
-- Command lines and `export KEY=value` use `shlex.quote`; env keys must be shell identifiers.
-- `slurm.setup` lines are shell commands by design (module load, venv activation) and are inserted
-  verbatim; each must be a single line, so one entry cannot smuggle in more lines than it shows.
-  They run after `slurm.env` is exported, in the order the submitit backend uses, so setup lines
-  may refer to those variables.
+Config values never reach the shell unquoted: `launcher.slurm_options` computes and checks them
+for both paths (see its docstring). Here a value of a `#SBATCH` line that is not plainly safe is
+double-quoted for sbatch's parser; command lines use `shlex.quote`. `slurm.setup` lines run after
+the non-secret `slurm.env` entries are exported, in the order the submitit backend uses, so setup
+lines may refer to those variables.
+
+If srun fails while nobody told the job to stop (no TERM to this shell), the script runs the rank
+entry's `--after-srun` step, which counts the crash of any rank against `slurm.max_failures`.
 """
 from __future__ import annotations
 
@@ -27,52 +26,35 @@ from typing import Optional
 
 from launcher import backends
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
-from launcher.errors import ConfigError, UsageError
+from launcher.errors import UsageError
 from launcher.names import check_name
 from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
+from launcher.slurm_options import (SlurmOption, env_exports, one_line, resource_options, setup_lines,
+                                    slurm_section, source)
 
 SCRIPT_NAME = "sbatch.sh"  # written into the run directory next to run.json
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./|&*!?<>()\[\]{}^~-]*")  # needs no quoting for sbatch's parser
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_LONG_OPTION = re.compile(r"--[A-Za-z][A-Za-z0-9_-]*")
 
 
 # ----------------------------------------------------------------------------- rendering
 def render_sbatch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, python: str) -> str:
     """The whole script: #SBATCH header, environment, setup, then srun in the background."""
-    s = _slurm_section(cluster)
-    src = f"cluster config {cluster.name}"
-    _one_line("command line", "run name", run.name)
-    _one_line("command line", "run directory (--runs-dir, --run-name)", str(run.dir))
+    s, src = slurm_section(cluster), source(cluster)
+    one_line("command line", "run name", run.name)
+    one_line("command line", "run directory (--runs-dir, --run-name)", str(run.dir))
     header = ["#!/bin/bash",
               f"# {run.name}: recipe "
-              f"{_one_line(f'recipe {recipe.name!r}', 'name', recipe.name)} on cluster "
-              f"{_one_line(src, 'name', cluster.name)}, written by `launcher sbatch`.",
+              f"{one_line(f'recipe {recipe.name!r}', 'name', recipe.name)} on cluster "
+              f"{one_line(src, 'name', cluster.name)}, written by `launcher sbatch`.",
               "# Submit with plain `sbatch THIS_FILE`; `launcher status/logs/cancel RUN` follow it."]
     directives = [_directive(src, key, option, value) for key, option, value in sbatch_options(recipe, s, run, src)]
     return "\n".join(header + directives + [""] + _body(src, s, run, python)) + "\n"
 
 
-def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> list[tuple[str, str, Optional[str]]]:
+def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> list[SlurmOption]:
     """(config key for error messages, sbatch option, value or None for a flag), in script order."""
-    optional = [("slurm.partition", "--partition", s.partition), ("slurm.account", "--account", s.account),
-                ("slurm.qos", "--qos", s.qos)]
-    opts: list[tuple[str, str, Optional[str]]] = [("run name", "--job-name", run.name)]
-    opts += [(key, option, value) for key, option, value in optional if value is not None]
-    opts += [("slurm.time_min", "--time", str(s.time_min)),
-             ("parallel.nodes", "--nodes", str(recipe.parallel.nodes)),
-             ("parallel.procs_per_node", "--ntasks-per-node", str(recipe.parallel.procs_per_node)),
-             ("slurm.cpus_per_task", "--cpus-per-task", str(s.cpus_per_task))]
-    if s.gpus_per_node > 0:
-        opts.append(("slurm.gpus_per_node", "--gpus-per-node", str(s.gpus_per_node)))
-    if s.mem_gb is not None:
-        opts.append(("slurm.mem_gb", "--mem", f"{s.mem_gb}G"))
-    if s.constraint is not None:
-        opts.append(("slurm.constraint", "--constraint", s.constraint))
-    if s.exclusive:
-        opts.append(("slurm.exclusive", "--exclusive", None))
-    opts += [_extra_option(src, f"slurm.extra_sbatch[{i}]", entry) for i, entry in enumerate(s.extra_sbatch)]
+    opts: list[SlurmOption] = [("run name", "--job-name", run.name)]
+    opts += resource_options(recipe, s, src)
     # B: the batch shell only; its trap forwards to srun, so the ranks see USR2 exactly once
     opts += [("slurm.grace_period_s", "--signal", f"B:USR2@{s.grace_period_s}"),
              ("", "--requeue", None),
@@ -82,17 +64,20 @@ def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> 
 
 
 def _body(src: str, s: SlurmConfig, run: Run, python: str) -> list[str]:
-    srun = ["srun", "--kill-on-bad-exit=1", python, "-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir)]
-    _one_line(src, "slurm.python", python)
+    entry = [python, "-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir)]
+    one_line(src, "slurm.python", python)
+    srun = " ".join(shlex.quote(a) for a in ["srun", "--kill-on-bad-exit=1", *entry])
+    after = " ".join(shlex.quote(a) for a in [*entry, "--after-srun"])
     lines = ["# -e: a failing setup line stops the job before any rank starts. -u comes after the setup:",
              "# activation scripts often read unset variables.",
              "set -eo pipefail", ""]
-    if s.env:
-        lines += ["# slurm.env"] + [_export(src, key, value) for key, value in s.env.items()]
-    if s.setup:
-        lines += ["# slurm.setup: shell lines from the cluster config, inserted verbatim"]
-        lines += [_one_line(src, f"slurm.setup[{i}]", line) for i, line in enumerate(s.setup)] + [""]
-    return lines + ["set -u", "", *_SIGNALS, " ".join(shlex.quote(a) for a in srun) + " &", *_WAIT]
+    exports = env_exports(src, s)
+    if exports:
+        lines += ["# slurm.env (secret-looking keys are set by each rank itself, never written here)"] + exports
+    setup = setup_lines(src, s)
+    if setup:
+        lines += ["# slurm.setup: shell lines from the cluster config, inserted verbatim"] + setup + [""]
+    return lines + ["set -u", "", *_SIGNALS, srun + " &", *_WAIT, *_after_srun(after)]
 
 
 # --signal=B: reaches this shell, not the ranks: forward to srun, which forwards to every task.
@@ -102,8 +87,10 @@ _SIGNALS = """\
 # --signal=B:USR2 reaches this shell only: forward it (and TERM) to srun, which forwards to every rank.
 srun_pid=""
 signalled=0
+terminated=0
 forward() {
     signalled=1
+    if [ "$1" = TERM ]; then terminated=1; fi
     if [ -z "$srun_pid" ]; then
         echo "sbatch script: SIG$1 before srun started" >&2
         if [ "$1" = TERM ]; then exit 143; fi
@@ -127,30 +114,23 @@ while :; do
     break
 done
 echo "sbatch script: srun exited with status $status" >&2
-exit "$status"
 """.splitlines()
 
 
+def _after_srun(command: str) -> list[str]:
+    """A rank crashed (srun failed) and the job was not told to stop: count it, requeue or stop."""
+    return ["# srun failed without a TERM to the job (scancel, requeue, time limit): a rank crashed;",
+            "# count it against slurm.max_failures, then requeue or stop the run",
+            'if [ "$status" -ne 0 ] && [ "$terminated" = 0 ]; then',
+            f"    {command} || true",
+            "fi",
+            'exit "$status"']
+
+
 # ----------------------------------------------------------------------------- quoting and checks
-def _slurm_section(cluster: ClusterConfig) -> SlurmConfig:
-    if cluster.backend != "slurm" or cluster.slurm is None:
-        raise UsageError(f"cluster config {cluster.name!r} uses backend {cluster.backend!r}; an sbatch script needs "
-                         "a Slurm cluster config\n  HINT: pass --cluster local_slurm or another config with "
-                         "backend: slurm")
-    return cluster.slurm
-
-
-def _one_line(src: str, key: str, value: str) -> str:
-    """A value that must stay on its line: a newline would turn the rest into script lines of its own."""
-    if _CONTROL.search(value):
-        raise ConfigError(src, key, f"{value!r} contains a newline or another control character",
-                          "use a single line of printable characters")
-    return value
-
-
 def _sbatch_value(src: str, key: str, value: str) -> str:
     """Quote for sbatch's #SBATCH parser (not bash: the line is a comment to bash)."""
-    _one_line(src, key, value)
+    one_line(src, key, value)
     if _PLAIN.fullmatch(value):
         return value
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -160,27 +140,12 @@ def _directive(src: str, key: str, option: str, value: Optional[str]) -> str:
     return f"#SBATCH {option}" if value is None else f"#SBATCH {option}={_sbatch_value(src, key, value)}"
 
 
-def _extra_option(src: str, key: str, entry: str) -> tuple[str, str, Optional[str]]:
-    option, eq, value = entry.partition("=")
-    if not _LONG_OPTION.fullmatch(option):
-        raise ConfigError(src, key, f"{entry!r} is not a long sbatch option",
-                          "write it as --option=value or --flag, e.g. --reservation=training")
-    return key, option, value if eq else None
-
-
 def _output_pattern(run_dir: Path) -> str:
     """The run directory inside --output, where sbatch expands %-patterns: keep a literal % literal."""
     if "\\" in str(run_dir):
         raise UsageError(f"run directory {str(run_dir)!r} contains a backslash, which turns off sbatch's "
                          "%j expansion in --output\n  HINT: choose a run name and runs directory without '\\'")
     return str(run_dir).replace("%", "%%")
-
-
-def _export(src: str, key: str, value: str) -> str:
-    if not _SHELL_NAME.fullmatch(key):
-        raise ConfigError(src, f"slurm.env.{key}", f"{key!r} is not a valid environment variable name",
-                          "use letters, digits and underscores, not starting with a digit")
-    return f"export {key}={shlex.quote(_one_line(src, f'slurm.env.{key}', value))}"
 
 
 # ----------------------------------------------------------------------------- submitting
@@ -200,7 +165,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     cluster = load_cluster(args.cluster)
     cluster.check_recipe(recipe, f"cluster config {args.cluster}")
-    slurm = _slurm_section(cluster)
+    slurm = slurm_section(cluster)
     if args.submit:
         backends.get(cluster).check(recipe, cluster)  # sbatch on PATH
     name = args.run_name or check_name("default run name", default_run_name(recipe))

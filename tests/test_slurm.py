@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -151,3 +153,100 @@ def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
     assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
     status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert "failures limit of 1 reached" in status
+
+
+# ----------------------------------------------------------------------------- issue 7: points 10 and 11
+FAILING_PYTHON = """\
+#!{python}
+# Stands in for slurm.python: on rank 1 only, the training step raises at step 3 (a real Python
+# error in a real rank); everything else runs as `python -u -m MODULE ARGS`.
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())  # what -m does
+module, sys.argv = sys.argv[3], sys.argv[3:]
+if os.environ.get("SLURM_PROCID") == "1" and module == "submitit.core._submit":
+    import jobs.trainer
+    real, calls = jobs.trainer._train_step, []
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("planted failure on rank 1 at step 3")
+        return real(*args, **kwargs)
+    jobs.trainer._train_step = failing
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_path: Path) -> None:
+    """srun --kill-on-bad-exit ends the step when rank 1 raises, often by killing rank 0 first: the
+    failure is still counted (from the job's outcome), requeued once (max_failures=1), then stopped."""
+    python = tmp_path / "failing python"
+    python.write_text(FAILING_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
+    cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
+    cluster["slurm"].update(python=str(python), max_failures=1)
+    path = tmp_path / "crash_slurm.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    run_cli("launch", "digits", "trainer.epochs=null", "trainer.max_steps=20", "--cluster", str(path),
+            "--run-name", "crash", runs_dir=runs_dir, check=True)
+    run_dir = runs_dir / "crash"
+    _wait(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=180)
+    info = _info(run_dir)
+    assert info["requeues"] == {"failures": 1} and info["restarts"] == 1, info
+    assert "failures limit of 1 reached" in info["stop_reason"], info
+    assert "rank 1: RuntimeError: planted failure on rank 1 at step 3" in info["stop_reason"], info
+    assert "rank 1: RuntimeError: planted failure" in info["last_requeue"], info
+    assert len(list((run_dir / "failures").glob("*.rank1"))) == 2  # one per start of the job
+    status = run_cli("status", "crash", "--cluster", str(path), runs_dir=runs_dir, check=True).stdout
+    assert "state: stopped" in status and "failures limit of 1 reached" in status, status
+
+
+def _wandb_history_steps(path: Path) -> tuple[str, list[int]]:
+    """(run id, history steps) of an offline run file: leveldb-log blocks of wandb's Record protos."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, buf, run_id, steps = path.read_bytes(), 7, b"", "", []
+    assert data[:4] == b":W&B", path
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a chunk header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        buf, pos = buf + data[pos + 7:pos + 7 + length], pos + 7 + length
+        if kind in (1, 4):  # a whole record, or the last chunk of one
+            record = pb.Record()
+            record.ParseFromString(buf)
+            buf = b""
+            if record.WhichOneof("record_type") == "run":
+                run_id = record.run.run_id
+            elif record.WhichOneof("record_type") == "history":
+                steps.append(record.history.step.num)
+    return run_id, steps
+
+
+def test_usr2_to_whole_job_is_a_preemption_with_wandb_and_loader_workers(runs_dir: Path) -> None:
+    """`scancel --signal=USR2 --full`: the batch shell, srun, the ranks, their data-loader workers and
+    wandb's service all get USR2. The shell and helpers survive; the run is a counted preemption,
+    requeued, resumed, and its offline wandb run continues under the same id."""
+    steps = 400
+    run_cli("launch", "digits", "trainer.epochs=null", f"trainer.max_steps={steps}", "checkpoint.every_steps=0",
+            "logging.tracker=wandb", "logging.log_every=10", "logging.progress_bar=false", "data.num_workers=1",
+            "--cluster", "local_slurm", "--run-name", "full", runs_dir=runs_dir, check=True,
+            env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    run_dir = runs_dir / "full"
+    job_id = _info(run_dir)["job_id"]
+    _wait(lambda: (run_dir / "first_step.json").exists(), "the first step")
+    time.sleep(0.5)  # every rank's handler is installed by its first step
+    subprocess.run(["scancel", "--signal=USR2", "--full", job_id], check=True, timeout=60)
+    _wait(lambda: _finished(run_dir), "the requeued job to finish", timeout=240)
+    info = _info(run_dir)
+    assert info["requeues"] == {"preemptions": 1}, f"finished before the signal? {info}"
+    assert info["restarts"] == 1 and info["state"] == "completed" and "SIGUSR2 at step" in info["last_requeue"]
+    assert read_result(run_dir)["step"] == steps
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert "resumed from" in log and "service process is gone" not in log  # wandb's service lived on
+    runs = sorted((run_dir / "wandb").glob(f"offline-run-*-{info['run_id']}"))
+    assert len(runs) == 2, list((run_dir / "wandb").iterdir())
+    (id1, first), (id2, second) = (_wandb_history_steps(r / f"run-{info['run_id']}.wandb") for r in runs)
+    assert id1 == id2 == info["run_id"]
+    assert first and second and max(first) < steps and second[-1] == steps and min(second) > min(first), \
+        (first, second)

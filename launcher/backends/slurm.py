@@ -3,10 +3,21 @@
 Control plane (on the login node): `check`, `launch`, `status`, `cancel`.
 Rank side (inside each Slurm task): `rank_main` maps Slurm's environment to torchrun's variables
 (`torchrun_variables`, the one table for this scheduler), runs the trainer, and on rank 0 decides
-whether to requeue. Every rank handles USR2 itself (Slurm signals every task of the step); the
-ranks agree on a step, save together, flush the upload, then rank 0 runs `scontrol requeue`.
-submitit's own USR2 handler (which requeues from inside the signal handler, before any rank has
-saved) is replaced by the trainer's when training starts.
+whether to requeue after a stop signal. Every rank handles USR2 itself (Slurm signals every task of
+the step); the ranks agree on a step, save together, flush the upload, then rank 0 runs `scontrol
+requeue`. submitit's own USR2 handler (which requeues from inside the signal handler, before any
+rank has saved) is replaced by the trainer's when training starts.
+
+A crash is decided from the job's outcome, not from rank 0 alone: `srun --kill-on-bad-exit` ends
+the step when any rank fails, often by killing rank 0 before it could count anything. So every
+rank that raises writes `<run>/failures/<job>.<restart>.rank<N>`, and the batch script, after
+srun returned non-zero without the job being told to stop, runs `--after-srun` (`after_srun`),
+which counts one failure (the earliest rank's error as the reason) and requeues or stops the run.
+Both paths do this: submitit's script in its teardown lines, `launcher sbatch`'s after its wait.
+
+The batch shell must outlive a signal sent to the whole job (`scancel --full --signal=USR2`, as
+some preemption setups do): submitit's script gets a trap for USR1/USR2 (srun in the batch step
+forwards the signal to the ranks itself); `launcher sbatch`'s script already forwards them.
 """
 from __future__ import annotations
 
@@ -25,6 +36,7 @@ from typing import Any
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
 from launcher.errors import UsageError
 from launcher.runs import Run
+from launcher.slurm_options import check_cluster, env_exports, one_line, resource_options, setup_lines, source
 
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
 ENV_MAP = {"RANK": "global_rank", "LOCAL_RANK": "local_rank", "WORLD_SIZE": "num_tasks"}
@@ -58,23 +70,47 @@ def rank_main(run_dir: str) -> dict[str, Any]:
     os.environ.update(torchrun_variables(job))
     run = Run(Path(run_dir).name, Path(run_dir))
     cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    # every slurm.env entry, secret ones included: the batch scripts only export the non-secret ones
+    os.environ.update((cluster.slurm or SlurmConfig()).env)
     started = time.time()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
-        # a requeued job always continues its own checkpoints, even if launched with --resume never
         run.update(state="running", restarts=restarts)
     try:
         # a requeued job always continues its own checkpoints, even if launched with --resume never;
         # every rank derives this itself, so they all take the same (collective) resume path
         result = run_training(run.dir, force_resume=restarts > 0)
     except BaseException:
-        if job.global_rank == 0:
-            _after_failure(run, cluster.slurm or SlurmConfig(), traceback.format_exc())
+        record_failure(run, job.global_rank, traceback.format_exc())
         raise
     if job.global_rank == 0:
         _after_run(run, cluster.slurm or SlurmConfig(), result, time.time() - started)
     atexit.register(exit_cleanly)  # runs after submitit has written its result file
     return result
+
+
+def _attempt() -> str:
+    """This start of the job: requeues keep the job id and count SLURM_RESTART_COUNT up."""
+    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def record_failure(run: Run, rank: int, error: str) -> None:
+    """One file per failing rank (no shared file to lock); `after_srun` reads them."""
+    folder = run.dir / "failures"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{_attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
+
+
+def after_srun(run: Run) -> None:
+    """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
+    Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
+    if run.info().get("state") in ("requeued", "stopped", "completed", "cancelled"):
+        return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
+    records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
+    why = records[0].read_text().strip() if records else \
+        "srun failed without a Python error on any rank (killed? see the job's output file)"
+    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    _requeue_or_stop(run, cluster.slurm or SlurmConfig(), "failures", why)
 
 
 def _after_run(run: Run, cfg: SlurmConfig, result: dict[str, Any], elapsed: float) -> None:
@@ -86,10 +122,6 @@ def _after_run(run: Run, cfg: SlurmConfig, result: dict[str, Any], elapsed: floa
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
     _requeue_or_stop(run, cfg, kind, f"{result['signal']} at step {result['step']}")
-
-
-def _after_failure(run: Run, cfg: SlurmConfig, error: str) -> None:
-    _requeue_or_stop(run, cfg, "failures", error.strip().splitlines()[-1])
 
 
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
@@ -128,45 +160,84 @@ def _seconds(slurm_time: str) -> int:
 
 # ----------------------------------------------------------------------------- control plane
 def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+    """Everything a job script is made of, checked before a run directory exists (exit 2, nothing written)."""
+    check_cluster(recipe, cluster)
     if shutil.which("sbatch") is None:
         raise UsageError(f"cluster config {cluster.name!r} uses Slurm but `sbatch` is not on PATH\n"
                          "  HINT: run this on a Slurm login node (for the local test Slurm: make slurm-up)")
 
 
+# The batch shell must outlive USR1/USR2 sent to the whole job (`scancel --full`): bash would die of
+# them, srun would then abort the step and the ranks would see SIGTERM instead of a preemption. A
+# trap with a command (not '') lets children start with default dispositions; srun, itself in the
+# batch step, gets the signal too and forwards it to every rank.
+_SURVIVE_SIGNALS = [
+    "# USR1/USR2 to the whole job (scancel --full): keep this shell alive; srun forwards them to the ranks",
+    "trap 'echo \"submitit batch script: got SIGUSR1\" >&2' USR1",
+    "trap 'echo \"submitit batch script: got SIGUSR2\" >&2' USR2",
+]
+# submitit's own parameter names for options it renders itself (the rest go to additional_parameters)
+_SUBMITIT_NAMED = {"partition", "account", "qos", "time", "nodes", "ntasks_per_node", "cpus_per_task",
+                   "gpus_per_node", "mem", "constraint", "exclusive"}
+
+
 def executor_parameters(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> dict[str, Any]:
-    s = cluster.slurm or SlurmConfig()
+    """submitit's parameters from the options `launcher sbatch` also uses (launcher.slurm_options)."""
+    s, src = cluster.slurm or SlurmConfig(), source(cluster)
     params: dict[str, Any] = {
-        "job_name": run.name, "time": s.time_min, "nodes": recipe.parallel.nodes,
-        "ntasks_per_node": recipe.parallel.procs_per_node, "cpus_per_task": s.cpus_per_task,
+        "job_name": _for_sbatch(one_line("command line", "run name", run.name)),
         "signal_delay_s": s.grace_period_s, "stderr_to_stdout": True,
-        "setup": [f"export {k}={shlex.quote(v)}" for k, v in s.env.items()] + list(s.setup),
+        "setup": _SURVIVE_SIGNALS + env_exports(src, s) + setup_lines(src, s),
         # one rank dying must end the step, not leave the others blocked in a collective
         "srun_args": ["--kill-on-bad-exit=1"],
-        "additional_parameters": _extra_sbatch(s),
+        "additional_parameters": {"requeue": True},
     }
-    optional = {"partition": s.partition, "account": s.account, "qos": s.qos, "constraint": s.constraint,
-                "mem": f"{s.mem_gb}GB" if s.mem_gb else None, "gpus_per_node": s.gpus_per_node or None,
-                "exclusive": True if s.exclusive else None}
-    params.update({k: v for k, v in optional.items() if v is not None})
+    for _, option, value in resource_options(recipe, s, src):
+        name = option[2:]
+        typed: Any = True if value is None else int(value) if value.isdigit() else _for_sbatch(value)
+        if name.replace("-", "_") in _SUBMITIT_NAMED:
+            params[name.replace("-", "_")] = typed
+        else:
+            params["additional_parameters"][name] = typed
     return params
 
 
-def _extra_sbatch(s: SlurmConfig) -> dict[str, Any]:
-    """`--key=value` / `--flag` strings from the cluster config -> submitit's additional_parameters."""
-    extra: dict[str, Any] = {"requeue": True}
-    for option in s.extra_sbatch:
-        key, _, value = option.lstrip("-").partition("=")
-        extra[key.replace("-", "_")] = value if value else True
-    return extra
+def _for_sbatch(value: str) -> str:
+    """submitit writes `#SBATCH --key=<shlex.quote(value)>`; sbatch's parser (not bash: the line is a
+    comment) takes a backslash as an escape even inside single quotes, so double it to keep it."""
+    return value.replace("\\", "\\\\")
+
+
+def _after_srun_lines(python: str, folder: Path) -> list[str]:
+    """submitit's teardown: runs after srun, where `$?` is still srun's status. On TERM (scancel,
+    requeue, time limit) this shell dies at once, so only a crash of a rank gets here."""
+    command = " ".join(shlex.quote(a) for a in [python, "-u", "-m", "launcher.backends.slurm",
+                                                "--after-srun", "--submitit-folder", str(folder)])
+    return ["status=$?",
+            "# srun failed and the job was not told to stop: a rank crashed; count it, requeue or stop",
+            f'if [ "$status" -ne 0 ]; then {command} || true; fi',
+            'exit "$status"']
 
 
 def make_executor(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, folder: Path) -> Any:
     import submitit
 
-    python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
-    executor = submitit.SlurmExecutor(folder=folder, python=python)
-    executor.update_parameters(**executor_parameters(recipe, cluster, run))
+    src = source(cluster)
+    python = one_line(src, "slurm.python", (cluster.slurm.python if cluster.slurm else None) or sys.executable)
+    _check_folder(folder)
+    # submitit puts `python` into the command line as given: quote it here
+    executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python))
+    executor.update_parameters(**executor_parameters(recipe, cluster, run), teardown=_after_srun_lines(python, folder))
     return executor
+
+
+def _check_folder(folder: Path) -> None:
+    """submitit writes the folder into `#SBATCH --output=` (where sbatch expands %-patterns and
+    eats backslashes) and into command lines: it must be one plain line."""
+    one_line("command line", "run directory (--runs-dir, --run-name)", str(folder))
+    if "%" in str(folder) or "\\" in str(folder):
+        raise UsageError(f"run directory {str(folder)!r} contains '%' or '\\', which sbatch would expand in "
+                         "the job's output path\n  HINT: choose a run name and runs directory without them")
 
 
 def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = False) -> int:
@@ -251,8 +322,8 @@ def status(run: Run) -> dict[str, Any]:
     state = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
              "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}.get(slurm_state.split()[0],
                                                                                      slurm_state.lower())
-    if state == "completed" and info.get("state") == "stopped":
-        state = "stopped"
+    if state in ("completed", "failed") and info.get("state") == "stopped":
+        state = "stopped"  # past a requeue limit: stop_reason says which
     out: dict[str, Any] = {"run": run.name, "state": state, "backend": "slurm", "job_id": job_id,
                            "slurm_state": slurm_state, "dir": str(run.dir),
                            "requeues": info.get("requeues", {})}
@@ -272,14 +343,32 @@ def cancel(run: Run) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`srun python -m launcher.backends.slurm --run-dir DIR`: the rank entry of standalone sbatch scripts."""
+    """`srun python -m launcher.backends.slurm --run-dir DIR`: the rank entry of standalone sbatch scripts;
+    with `--after-srun`, the batch script's step after srun failed (the run from --run-dir, or for
+    submitit's scripts from the job's pickle in --submitit-folder)."""
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--run-dir", required=True)
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir")
+    where.add_argument("--submitit-folder")
+    parser.add_argument("--after-srun", action="store_true")
     args = parser.parse_args(argv)
-    rank_main(args.run_dir)
+    run_dir = args.run_dir or _submitted_run_dir(Path(args.submitit_folder))
+    if args.after_srun:
+        after_srun(Run(Path(run_dir).name, Path(run_dir)))
+    else:
+        rank_main(run_dir)
     return 0
+
+
+def _submitted_run_dir(folder: Path) -> str:
+    """The run directory submitit's job was submitted with (one job array holds several runs)."""
+    from submitit.core.utils import DelayedSubmission, JobPaths
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    delayed = DelayedSubmission.load(JobPaths(folder, job_id=SlurmJobEnvironment().job_id).submitted_pickle)
+    return str(delayed.args[0])
 
 
 if __name__ == "__main__":
