@@ -55,9 +55,10 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     # the CLI table
     "launcher show RECIPE [k=v ...] [--cluster C]": (
         ("launcher show digits trainer.epochs=3 --cluster local", "epochs: 3"),),
-    "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume auto|never] [--wait]": (
-        (f"launcher launch digits {SHORT} --cluster local --run-name readme-launch --resume never --wait",
-         "completed at step 2"),),
+    "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume auto|never] [--run-id ID] [--wait]": (
+        (f"launcher launch digits {SHORT} --cluster local --run-name readme-launch --resume never "
+         "--run-id readme0id --wait", "completed at step 2"),
+        ("launcher status readme-launch", "state: completed"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
     "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),
