@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import sys
 import time
@@ -177,7 +178,9 @@ def _finish(outcome: str, recipe: RecipeConfig, run: RunInfo, parts: Parts, ckpt
     if env.is_main:
         if outcome == "completed":
             torch.save(parallel.unwrap(parts.model).state_dict(), run.run_dir / "model.pt")
-        (run.run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        tmp = run.run_dir / f".result.json.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(run.run_dir / "result.json")  # `launcher status` never reads half a file
         log.info("%s at step %d: %s", outcome, st.step,
                  ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items() if not k.startswith("_")))
     return result
@@ -435,7 +438,8 @@ def _save(ckpt: Checkpointer, parts: Parts, recipe: RecipeConfig, run: RunInfo, 
         "scheduler": parts.scheduler.state_dict(),
         "trainer": st.state_dict(),
         "rng": rngs,
-        "meta": {"config": yaml.safe_dump(redact(to_dict(recipe)), sort_keys=False), "config_hash": config_hash(recipe), "run_id": run.run_id,
+        "meta": {"config": yaml.safe_dump(redact(to_dict(recipe)), sort_keys=False),  # shown by people: masked
+                 "config_hash": config_hash(recipe), "run_id": run.run_id,
                  "world_size": env.world_size, "metrics": {k: v for k, v in last_eval.items() if k[0] != "_"}},
     }
     if parts.scaler is not None:

@@ -2,8 +2,10 @@
 
     <runs_dir>/<run_name>/
         run.json        names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
-        config.yaml     resolved recipe      cluster.yaml  resolved cluster config
+        config.yaml     resolved recipe      cluster.yaml  resolved cluster config (both with secrets masked)
+        secrets.yaml    the masked values, mode 0600 (only when there are any; see launcher.secrets)
         logs/rankN.log  metrics.jsonl  result.json  checkpoints/ (local copies)
+        failures/       one file per rank that raised, read after srun to count a failure (Slurm)
 
 Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
 read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
@@ -26,6 +28,7 @@ from typing import Any, Iterable, Iterator, Optional
 from launcher import secrets
 from launcher.config import ClusterConfig, RecipeConfig, config_hash, to_dict
 from launcher.errors import UsageError
+from launcher.names import check_name
 
 # Fields other code relies on, with their JSON type: a file where one has another type is unreadable,
 # so that no caller meets a string where it expects a pid.
@@ -155,7 +158,7 @@ def _why(err: BaseException) -> str:
 def run_at(root: Path, name: str) -> Run:
     """The run `name` in `root`; its directory must resolve to a direct child of `root`, so that no
     name (`..`, an absolute path) and no symlink puts a run's files elsewhere."""
-    path = root / name
+    path = root / check_name("run name", name)
     try:
         inside = path.resolve().parent == root.resolve()
         _exists(path)

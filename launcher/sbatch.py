@@ -28,6 +28,7 @@ from launcher import backends
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
 from launcher.errors import UsageError
 from launcher.names import check_name
+from launcher.ownership import check_checkpoint_folder
 from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
 from launcher.slurm_options import (SlurmOption, env_exports, one_line, resource_options, setup_lines,
                                     slurm_section, source)
@@ -173,6 +174,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
     # rendered once before the directory exists, so a refused value leaves nothing behind
     render_sbatch(recipe, cluster, Run(name, root / name), slurm.python or sys.executable)
     backends.refuse_if_running(run_at(root, name))  # a live job would read the rewritten config.yaml
+    check_checkpoint_folder(recipe, cluster, run_at(root, name), None)  # another run's remote folder
     run = prepare_run(recipe, cluster, name, root, args.resume)
     script = render_sbatch(recipe, cluster, run, slurm.python or sys.executable)
     path = run.dir / SCRIPT_NAME

@@ -35,3 +35,13 @@ def test_run_id_must_be_an_id_and_match_the_run(runs_dir: Path, tmp_path: Path) 
     code, err = _launch(runs_dir, tmp_path / "store", "--run-id", "ccc333")
     assert code == 2 and "bbb222" in err and "ccc333" in err, err
     assert sorted(p.name for p in (runs_dir / "x").iterdir()) == ["run.json"]
+
+
+def test_sbatch_refuses_another_runs_folder_too(runs_dir: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "store"
+    (remote / "x").mkdir(parents=True)
+    (remote / "x" / "run-owner.json").write_text(json.dumps({"run_id": "aaa111"}))
+    proc = run_cli("sbatch", "digits", f"checkpoint.uri=file://{remote}", "--run-name", "x",
+                   "--cluster", "local_slurm", runs_dir=runs_dir, timeout=120)
+    assert proc.returncode == 2 and "belongs to run id aaa111" in proc.stderr, proc.stderr
+    assert not (runs_dir / "x").exists()
