@@ -12,7 +12,6 @@ import difflib
 import hashlib
 import json
 import math
-import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import yaml
 from launcher import secrets
 from launcher.errors import ConfigError
 from launcher.names import shown
+from launcher.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml, short
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -49,7 +49,7 @@ class ModelConfig:
 
     def check(self, src: str) -> None:
         if self.variant not in ("vgg11", "vgg13", "vgg16", "vgg19"):
-            raise ConfigError(src, "model.variant", f"unknown VGG variant {_short(self.variant)}",
+            raise ConfigError(src, "model.variant", f"unknown VGG variant {short(self.variant)}",
                               "use one of vgg11, vgg13, vgg16, vgg19")
         _non_empty(src, "model.pretrained", self.pretrained)
         for i, prefix in enumerate(self.freeze):
@@ -79,12 +79,12 @@ class DataConfig:
         _non_empty(src, "data.root", self.root)
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(src, "data.val_fraction",
-                              f"{_short(self.val_fraction)} must be between 0 and 1 (exclusive)")
+                              f"{short(self.val_fraction)} must be between 0 and 1 (exclusive)")
         if self.classes is not None:
             bad = [c for c in self.classes if not 0 <= c <= 9]
             if bad or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
                 raise ConfigError(src, "data.classes",
-                                  f"{_short(list(self.classes))} must be >= 2 distinct digits 0..9")
+                                  f"{short(list(self.classes))} must be >= 2 distinct digits 0..9")
         _seed(src, "data.split_seed", self.split_seed)
         _positive(src, "data.num_samples", self.num_samples)
         _non_negative(src, "data.num_workers", self.num_workers)
@@ -105,7 +105,7 @@ class OptimConfig:
         _fraction(src, "optim.momentum", self.momentum)
         for i, beta in enumerate(self.betas):
             if not 0.0 <= beta < 1.0:
-                raise ConfigError(src, f"optim.betas[{i}]", f"{_short(beta)} must be in [0, 1)",
+                raise ConfigError(src, f"optim.betas[{i}]", f"{short(beta)} must be in [0, 1)",
                                   "AdamW's betas are decay rates, e.g. optim.betas=[0.9,0.999]")
 
 
@@ -256,7 +256,7 @@ class StorageConfig:
         for key in ("endpoint_url", "region", "profile"):
             _non_empty(src, f"storage.{key}", getattr(self, key))
         if self.endpoint_url and not self.endpoint_url.startswith(("http://", "https://")):
-            raise ConfigError(src, "storage.endpoint_url", f"{_short(self.endpoint_url)} is not an http(s) URL")
+            raise ConfigError(src, "storage.endpoint_url", f"{short(self.endpoint_url)} is not an http(s) URL")
 
 
 @dataclass(frozen=True)
@@ -338,45 +338,28 @@ _MAX_SEED = 2**31 - 1  # numpy seeds with seed + rank and refuses values of 2**3
 
 def _positive(src: str, key: str, value: float) -> None:
     if value <= 0:
-        raise ConfigError(src, key, f"{_short(value)} must be > 0")
+        raise ConfigError(src, key, f"{short(value)} must be > 0")
 
 
 def _non_negative(src: str, key: str, value: float) -> None:
     if value < 0:
-        raise ConfigError(src, key, f"{_short(value)} must be >= 0")
+        raise ConfigError(src, key, f"{short(value)} must be >= 0")
 
 
 def _fraction(src: str, key: str, value: float) -> None:
     if not 0.0 <= value <= 1.0:
-        raise ConfigError(src, key, f"{_short(value)} must be between 0 and 1")
+        raise ConfigError(src, key, f"{short(value)} must be between 0 and 1")
 
 
 def _seed(src: str, key: str, value: int) -> None:
     if not 0 <= value <= _MAX_SEED:
-        raise ConfigError(src, key, f"{_short(value)} must be between 0 and {_MAX_SEED}")
+        raise ConfigError(src, key, f"{short(value)} must be between 0 and {_MAX_SEED}")
 
 
 def _non_empty(src: str, key: str, value: Optional[str]) -> None:
     """Optional strings are unset (null) or say something: an empty partition or URI is a mistake."""
     if value is not None and not value.strip():
-        raise ConfigError(src, key, f"{_short(value)} is empty", f"set a value, or leave {key} out (null)")
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib that also survives ints too long for str() (Python refuses more than 4300 digits)."""
-
-    def repr_int(self, x: int, level: int) -> str:
-        return super().repr_int(x, level) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
-
-
-_REPR = _ShortRepr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 3
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr() of a value for an error message, cut to `limit` characters without building the full repr."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+        raise ConfigError(src, key, f"{short(value)} is empty", f"set a value, or leave {key} out (null)")
 
 
 # ----------------------------------------------------------------------------- generic building
@@ -386,7 +369,7 @@ def build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(src, where, f"expected a mapping of keys, got {type(data).__name__} {_short(data)}")
+        raise ConfigError(src, where, f"expected a mapping of keys, got {type(data).__name__} {short(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     for key in data:
@@ -426,19 +409,19 @@ def _convert(tp: Any, value: Any, src: str, key: str) -> Any:
         if value not in args:
             close = difflib.get_close_matches(_word(value), [str(a) for a in args], n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(src, key, f"invalid value {_short(value)}",
+            raise ConfigError(src, key, f"invalid value {short(value)}",
                               f"{hint}choose one of: {', '.join(map(str, args))}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(src, key, f"expected a list, got {type(value).__name__} {_short(value)}")
+            raise ConfigError(src, key, f"expected a list, got {type(value).__name__} {short(value)}")
         item_types = [args[0]] * len(value) if (len(args) == 2 and args[1] is Ellipsis) else list(args)
         if len(item_types) != len(value):
-            raise ConfigError(src, key, f"expected {len(item_types)} items, got {len(value)}: {_short(value)}")
+            raise ConfigError(src, key, f"expected {len(item_types)} items, got {len(value)}: {short(value)}")
         return tuple(_convert(t, v, src, f"{key}[{i}]") for i, (t, v) in enumerate(zip(item_types, value)))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(src, key, f"expected a mapping, got {type(value).__name__} {_short(value)}")
+            raise ConfigError(src, key, f"expected a mapping, got {type(value).__name__} {short(value)}")
         return {str(k): _scalar(str, v, src, f"{key}.{k}") for k, v in value.items()}
     return _scalar(tp, value, src, key)
 
@@ -453,170 +436,25 @@ def _scalar(tp: type, value: Any, src: str, key: str) -> Any:
         return str(value)  # env values such as 1 or 0.5
     if tp is bool and not isinstance(value, bool) or tp is not bool and isinstance(value, bool) \
             or not isinstance(value, tp):
-        raise ConfigError(src, key, f"expected {tp.__name__}, got {type(value).__name__} {_short(value)}")
+        raise ConfigError(src, key, f"expected {tp.__name__}, got {type(value).__name__} {short(value)}")
     if tp is int and not -_INT_BOUND < value < _INT_BOUND:
-        raise ConfigError(src, key, f"{_short(value)} is out of range (more than 64 bits)")
+        raise ConfigError(src, key, f"{short(value)} is out of range (more than 64 bits)")
     return value
 
 
 def _finite_float(value: Any, src: str, key: str) -> float:
     """Every float field of every section: NaN and infinity pass `> 0` checks, so they are refused here, once."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(src, key, f"expected float, got {type(value).__name__} {_short(value)}")
+        raise ConfigError(src, key, f"expected float, got {type(value).__name__} {short(value)}")
     try:
         number = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
     except ValueError:
-        raise ConfigError(src, key, f"expected float, got {type(value).__name__} {_short(value)}") from None
+        raise ConfigError(src, key, f"expected float, got {type(value).__name__} {short(value)}") from None
     except OverflowError:  # an int beyond the float range
         number = math.inf
     if not math.isfinite(number):
-        raise ConfigError(src, key, f"{_short(value)} is not a finite number", "use a finite value, e.g. 0.001")
+        raise ConfigError(src, key, f"{short(value)} is not a finite number", "use a finite value, e.g. 0.001")
     return number
-
-
-# ----------------------------------------------------------------------------- safe YAML
-# Limits far above any real config, so that a hostile or broken file fails in milliseconds with one line.
-_MAX_FILE_BYTES = 256 << 10  # recipes are a few hundred bytes; PyYAML scans ~0.5 MB/s
-_MAX_OVERRIDE_CHARS = 64 << 10
-_MAX_VALUES = 10_000  # values, aliases expanded: a 478-byte "billion laughs" holds 10**9; PyYAML: ~50 us each
-_MAX_DEPTH = 64  # nesting levels
-_STR_TAG, _MERGE_TAG = "tag:yaml.org,2002:str", "tag:yaml.org,2002:merge"
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, bounding its work and turning the plain exceptions of constructors into YAML errors."""
-
-    def __init__(self, text: str, src: str, prefix: str) -> None:
-        super().__init__(text)
-        # names of our own: PyYAML's mixins use plain ones such as `prefix` and `index`
-        self._src, self._path, self._composed, self._nesting = src, prefix, 0, 0
-
-    def compose_node(self, parent: Optional[yaml.Node], index: Any) -> yaml.Node:
-        # Checked while composing, before the graph exists: PyYAML recurses once per level of nesting (deep
-        # input would end in a RecursionError) and takes ~50 us per value (a 1 MiB list would take a minute).
-        self._composed, self._nesting = self._composed + 1, self._nesting + 1
-        if self._composed > _MAX_VALUES or self._nesting > _MAX_DEPTH:
-            line = self.peek_event().start_mark.line + 1
-            what = f"more than {_MAX_VALUES} values" if self._composed > _MAX_VALUES \
-                else f"nested more than {_MAX_DEPTH} levels deep"
-            raise ConfigError(self._src, self._path, f"line {line}: {what}", "a config needs a few dozen values")
-        node = super().compose_node(parent, index)
-        self._nesting -= 1
-        return node
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        try:
-            return super().construct_object(node, deep)
-        except yaml.YAMLError:
-            raise
-        except Exception:  # noqa: BLE001 - PyYAML lets out whatever Python raises on a bad scalar:
-            # ValueError (`2001-13-01`, an int of 5000 digits), KeyError (`!!bool x`), IndexError (`!!int ''`)
-            what = _short(node.value) if isinstance(node, yaml.ScalarNode) else "this value"
-            raise yaml.constructor.ConstructorError(
-                None, None, f"{what} is not a valid {node.tag.rsplit(':', 1)[-1]}", node.start_mark) from None
-
-
-def _parse_yaml(text: str, src: str, prefix: str = "") -> Any:
-    """One YAML document, checked before it is built; raises yaml.YAMLError for bad syntax, ConfigError else.
-
-    The check walks the composed node graph (an alias is a shared node there: nothing is expanded yet), so
-    duplicate keys, keys that are not strings, alias bombs and deep nesting are refused naming key and line.
-    """
-    loader = _Loader(text, src, prefix)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _measure(node, prefix, 0, {}, src)
-        return loader.construct_document(node)
-    finally:
-        loader.dispose()
-
-
-def _measure(node: yaml.Node, path: str, depth: int, seen: dict[yaml.Node, Optional[tuple[int, int]]],
-             src: str) -> tuple[int, int]:
-    """(values, height) of `node` with aliases expanded; `seen` measures each shared node once."""
-    if node in seen:
-        if seen[node] is None:
-            raise ConfigError(src, path, f"line {node.start_mark.line + 1}: an alias refers to a value that "
-                              "contains it", "YAML anchors must not be recursive in a config")
-        values, height = seen[node]
-        _check_depth(depth + height, path, src)
-        return values, height
-    _check_depth(depth, path, src)
-    seen[node] = None  # open: meeting it again below means a recursive alias
-    values, height = 1, 0
-    for child_path, child in _children(node, path, src):
-        child_values, child_height = _measure(child, child_path, depth + 1, seen, src)
-        values, height = values + child_values, max(height, child_height + 1)
-        if values > _MAX_VALUES:
-            raise ConfigError(src, path, f"more than {_MAX_VALUES} values once aliases are expanded",
-                              "a config needs a few dozen: remove the nested aliases (*name)")
-    seen[node] = (values, height)
-    return values, height
-
-
-def _check_depth(depth: int, path: str, src: str) -> None:
-    if depth > _MAX_DEPTH:
-        raise ConfigError(src, path, f"nested more than {_MAX_DEPTH} levels deep")
-
-
-def _children(node: yaml.Node, path: str, src: str) -> typing.Iterator[tuple[str, yaml.Node]]:
-    """A collection's values with their dotted paths; mapping keys must be distinct strings."""
-    if isinstance(node, yaml.SequenceNode):
-        yield from ((f"{path}[{i}]", child) for i, child in enumerate(node.value))
-    if not isinstance(node, yaml.MappingNode):
-        return
-    first_line: dict[str, int] = {}
-    for key_node, value_node in node.value:
-        if key_node.tag == _MERGE_TAG:  # `<<: *base` overrides keys on purpose
-            yield path, value_node
-            continue
-        line = key_node.start_mark.line + 1
-        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != _STR_TAG:
-            what = f"{_short(key_node.value)} (read as {key_node.tag.rsplit(':', 1)[-1]})" \
-                if isinstance(key_node, yaml.ScalarNode) else "that is a list or mapping"
-            raise ConfigError(src, path, f"line {line}: key {what} is not a string",
-                              "keys are names: quote it (\"1\": ...) or fix the indentation")
-        key = key_node.value
-        if key in first_line:
-            raise ConfigError(src, _join(path, key), f"duplicate key (lines {first_line[key]} and {line})",
-                              "keep one of them: YAML would silently use the last")
-        first_line[key] = line
-        yield _join(path, key), value_node
-
-
-def _yaml_problem(err: yaml.YAMLError, text: str) -> str:
-    """PyYAML's error as `line L, column C: problem`, without its multi-line excerpt of the file."""
-    if isinstance(err, yaml.reader.ReaderError):
-        line = text.count("\n", 0, err.position) + 1
-        code = err.character if isinstance(err.character, int) else ord(err.character)
-        return f"line {line}: character U+{code:04X} is not allowed in YAML"
-    if isinstance(err, yaml.MarkedYAMLError):
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        context = f" ({err.context})" if err.context and err.problem else ""
-        return f"{where}{err.problem or err.context}{context}"
-    return type(err).__name__
-
-
-def _read_text(path: Path) -> str:
-    """A config file's text: at most 256 KiB of UTF-8, every failure a ConfigError naming the file."""
-    try:
-        if not path.is_file():
-            raise ConfigError(str(path), "", "file not found")
-        with open(path, "rb") as f:
-            raw = f.read(_MAX_FILE_BYTES + 1)
-    except (OSError, ValueError) as err:  # unreadable, a name too long, a NUL byte in the name
-        raise ConfigError(str(path), "", f"cannot read the file: {getattr(err, 'strerror', None) or err}") from None
-    if len(raw) > _MAX_FILE_BYTES:
-        raise ConfigError(str(path), "", f"larger than {_MAX_FILE_BYTES >> 10} KiB",
-                          "a config is a few hundred bytes: is this the right file?")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(str(path), "", f"not UTF-8: byte 0x{raw[err.start]:02x} at offset {err.start}",
-                          "save the file as UTF-8") from None
 
 
 # ----------------------------------------------------------------------------- files and overrides
@@ -628,11 +466,11 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ConfigError("command line", item, "an override must look like section.key=value",
                               "e.g. trainer.epochs=2")
         key, raw = item.split("=", 1)
-        if len(raw) > _MAX_OVERRIDE_CHARS:
-            raise ConfigError("command line", key, f"value longer than {_MAX_OVERRIDE_CHARS} characters",
+        if len(raw) > MAX_OVERRIDE_CHARS:
+            raise ConfigError("command line", key, f"value longer than {MAX_OVERRIDE_CHARS} characters",
                               "put it in a recipe file")
         try:
-            value = _parse_yaml(raw, "command line", key) if raw != "" else None
+            value = parse_yaml(raw, "command line", key) if raw != "" else None
         except yaml.YAMLError:
             value = raw
         node = out
@@ -653,20 +491,6 @@ def _merge(base: dict, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
-
-
-def read_yaml(path: Path) -> dict:
-    text = _read_text(path)
-    try:
-        data = _parse_yaml(text, str(path))
-    except yaml.YAMLError as err:
-        raise ConfigError(str(path), "", f"malformed YAML: {_yaml_problem(err, text)}",
-                          "fix the YAML syntax") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(str(path), "", f"expected a mapping at the top level, got {type(data).__name__}")
-    return data
 
 
 def find_config(name: str, folder: Path, kind: str) -> Path:
