@@ -132,6 +132,12 @@ def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
             check=True)
     run_dir = runs_dir / "cx"
     _wait(lambda: _max_step(run_dir) >= 3, "step 3")
+    job_id = _info(run_dir)["job_id"]
+    config = (run_dir / "config.yaml").read_text()
+    again = run_cli("launch", "vgg_pretrain", *LONG, "trainer.epochs=4", "--cluster", "local_slurm", "--run-name",
+                    "cx", runs_dir=runs_dir)  # a second launch of a running job: refused, nothing rewritten
+    assert again.returncode == 2 and f"job {job_id}" in again.stderr, again.stderr
+    assert (run_dir / "config.yaml").read_text() == config and _info(run_dir)["job_ids"] == [job_id]
     out = run_cli("cancel", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert "cancelled Slurm job" in out
     _wait(lambda: _sacct(_info(run_dir)["job_id"]) == "CANCELLED", "CANCELLED in sacct")
