@@ -74,4 +74,3 @@ def _start_wandb(cfg: LoggingConfig, run_dir: Path, run_name: str, run_id: str, 
                      dir=str(run_dir), mode=mode)
     log.info("wandb run %s (mode %s): same id on resume, so the metrics continue the same run", run_id, mode)
     return run
-
