@@ -20,6 +20,7 @@ from jobs.data import build_datasets
 from jobs.env import RankEnv
 from jobs.models import build_model
 from jobs.preempt import StopFlag
+from jobs.train import exit_cleanly
 from jobs.trainer import RunInfo, _Agreement, _lr_lambda, _step_due, _time_due, train
 from launcher.config import RecipeConfig, StorageConfig, load_recipe
 
@@ -113,6 +114,7 @@ def main() -> None:
                           "trainer_s_per_step": m, "ratio": statistics.median(ratios), "pair_ratios": ratios,
                           "trainer_extras_s_per_step": extras, "extras_share_of_plain_step": extras / p}))
     parallel.shutdown()
+    exit_cleanly()  # as a rank of a real run ends: gloo sometimes aborts in the interpreter's C++ teardown
 
 
 if __name__ == "__main__":
