@@ -49,7 +49,8 @@ def slurm_section(cluster: ClusterConfig) -> SlurmConfig:
 def one_line(src: str, key: str, value: str) -> str:
     """A value that must stay on its line: a newline would turn the rest into script lines of its own."""
     if _CONTROL.search(value):
-        raise ConfigError(src, key, f"{value!r} contains a newline or another control character",
+        shown = "the value" if is_secret_key(key.rsplit(".", 1)[-1]) else repr(value)  # an error is printed
+        raise ConfigError(src, key, f"{shown} contains a newline or another control character",
                           "use a single line of printable characters")
     return value
 

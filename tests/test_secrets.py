@@ -155,3 +155,11 @@ def test_planted_secrets_reach_the_job_but_no_file_or_line(tmp_path: Path, runs_
         assert stat.S_IMODE(path.stat().st_mode) == 0o600 and TOKEN.encode() in path.read_bytes()
     assert _leaks(runs_dir, kept) == []
     assert os.path.exists(run / "model.pt")
+
+
+def test_a_refused_secret_is_not_quoted_in_the_error(tmp_path: Path, runs_dir: Path) -> None:
+    cluster = tmp_path / "bad.yaml"
+    cluster.write_text(yaml.safe_dump({"backend": "slurm", "slurm": {"env": {"HF_TOKEN": f"x\n{TOKEN}"}}}))
+    proc = run_cli("sbatch", "digits", "--cluster", str(cluster), "--run-name", "r", runs_dir=runs_dir)
+    assert proc.returncode == 2 and "slurm.env.HF_TOKEN: the value contains a newline" in proc.stderr, proc.stderr
+    assert TOKEN not in proc.stdout + proc.stderr and not (runs_dir / "r").exists()
