@@ -8,6 +8,7 @@ import torch
 
 from jobs.checkpoint import Checkpointer, export_model
 from launcher.config import ClusterConfig, RecipeConfig, load_resolved
+from launcher.runs import checkpoint_uri
 
 
 def export_run(run_dir: Path, to: str) -> str:
@@ -16,8 +17,9 @@ def export_run(run_dir: Path, to: str) -> str:
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     info = json.loads((run_dir / "run.json").read_text())
-    ckpt = Checkpointer(recipe.checkpoint, run_dir / "checkpoints", info.get("checkpoint_uri"), cluster.storage,
-                        is_writer=False)
+    # the URI from the recipe: run.json shows it with credentials masked; the run id guards the folder's owner
+    ckpt = Checkpointer(recipe.checkpoint, run_dir / "checkpoints", checkpoint_uri(recipe, info["run_name"]),
+                        cluster.storage, is_writer=False, run_id=info.get("run_id"))
     try:
         where = ckpt.latest()
     finally:
