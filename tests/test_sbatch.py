@@ -218,10 +218,10 @@ def test_unsafe_values_are_refused(tmp_path: Path, slurm: dict, key: str) -> Non
 
 
 def test_cli_refuses_newline_with_exit_2_and_no_run_dir(tmp_path: Path, runs_dir: Path) -> None:
-    cfg = write_cluster(tmp_path / "nl.yaml", {"partition": "debug", "env": {"TOKEN": "a\n$(touch PWNED)"}})
+    cfg = write_cluster(tmp_path / "nl.yaml", {"partition": "debug", "env": {"GREETING": "a\n$(touch PWNED)"}})
     proc = run_cli("sbatch", "digits", "--cluster", str(cfg), "--run-name", "nl", runs_dir=runs_dir)
     assert proc.returncode == 2, proc.stderr
-    assert "slurm.env.TOKEN" in proc.stderr and "newline" in proc.stderr and "'a\\n$(touch PWNED)'" in proc.stderr
+    assert "slurm.env.GREETING" in proc.stderr and "newline" in proc.stderr and "'a\\n$(touch PWNED)'" in proc.stderr
     assert proc.stdout == "" and not (runs_dir / "nl").exists()
     name = run_cli("sbatch", "digits", "--cluster", "local_slurm", "--run-name", "a\nb", runs_dir=runs_dir)
     assert name.returncode == 2 and "run name" in name.stderr and not list(runs_dir.iterdir())
