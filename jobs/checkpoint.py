@@ -48,8 +48,9 @@ from fsspec.implementations.local import LocalFileSystem
 from torch import Tensor
 
 from jobs.storage import (MANIFEST, OWNER_FILE, STEP_DIR, filesystem, folder_owner, foreign_folder_message,
-                          fresh_listing, is_local, join, mask_userinfo)
+                          fresh_listing, is_local, join)
 from launcher.config import CheckpointConfig, StorageConfig
+from launcher.secrets import redact_text
 
 log = logging.getLogger("jobs.checkpoint")
 
@@ -958,7 +959,7 @@ class Checkpointer:
             raise
         except Exception as err:
             log.warning("cannot check which run owns %s now (%s); checked again before the first upload",
-                        mask_userinfo(str(self.remote_uri)), _describe(err))
+                        redact_text(str(self.remote_uri)), _describe(err))
 
     def _check_owner(self, claim: bool) -> None:
         """Raise ForeignRunFolder if the remote folder belongs to another run. With `claim`, a
@@ -969,11 +970,11 @@ class Checkpointer:
         try:
             owner = folder_owner(remote.fs, remote.root)
         except ValueError as err:
-            raise ForeignRunFolder(f"cannot tell which run owns {mask_userinfo(remote.uri)}: {err}. If the folder "
+            raise ForeignRunFolder(f"cannot tell which run owns {redact_text(remote.uri)}: {err}. If the folder "
                                    f"is this run's (id {self.run_id}), delete {OWNER_FILE} there") from None
         if owner is None and claim:
             self._put_text("", OWNER_FILE, json.dumps({"run_id": self.run_id, "created": time.time()}) + "\n")
-            log.info("%s now belongs to run %s (%s)", mask_userinfo(remote.uri), self.run_id, OWNER_FILE,
+            log.info("%s now belongs to run %s (%s)", redact_text(remote.uri), self.run_id, OWNER_FILE,
                      extra=FILE_ONLY)
         elif owner is not None and owner != self.run_id:
             raise ForeignRunFolder(foreign_folder_message(remote.uri, owner, f"this run (id {self.run_id})"))
@@ -1002,4 +1003,4 @@ class Checkpointer:
 
 def _describe(err: BaseException) -> str:
     """An error for the log, with any user:password@ in URLs masked."""
-    return mask_userinfo(f"{type(err).__name__}: {err}")
+    return redact_text(f"{type(err).__name__}: {err}")

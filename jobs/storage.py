@@ -16,6 +16,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from launcher.config import StorageConfig
+from launcher.secrets import redact_text
 
 # s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
 # store that is down that is minutes per call. The checkpointer does its own backoff, so the
@@ -85,11 +86,6 @@ def fresh_listing(fs: AbstractFileSystem, path: str) -> list[dict[str, Any]]:
         return []
 
 
-def mask_userinfo(text: str) -> str:
-    """`text` with any user:password@ in URLs masked, for messages and logs."""
-    return re.sub(r"://[^/\s@]+@", "://***@", text)
-
-
 def folder_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
     """The run id a remote checkpoint folder belongs to, or None for a folder no run has claimed.
 
@@ -121,10 +117,9 @@ def _manifest_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
     return None
 
 
-
 def foreign_folder_message(folder: str, owner: str, this: str) -> str:
     """Why a run may not use a checkpoint folder another run owns, and what to do instead."""
-    return (f"checkpoint folder {mask_userinfo(folder)} belongs to run id {owner}, not to {this}: two runs in one "
+    return (f"checkpoint folder {redact_text(folder)} belongs to run id {owner}, not to {this}: two runs in one "
             f"folder would delete each other's checkpoints\n  HINT: choose another --run-name or checkpoint.uri; "
             f"or, if this is run {owner} on a new machine (its runs directory lost), continue it with "
             f"--run-id {owner}")

@@ -21,9 +21,8 @@ from typing import Any, Literal, Optional
 import yaml
 
 from launcher import secrets
-from launcher.errors import ConfigError
-from launcher.names import shown
-from launcher.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml, short
+from launcher.errors import ConfigError, short
+from launcher.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPES_DIR = REPO_ROOT / "recipes"
@@ -499,7 +498,7 @@ def find_config(name: str, folder: Path, kind: str) -> Path:
     The name is compared with file stems, never used as a glob pattern: `*` or `[ab]` is an unknown name.
     """
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else shown(name)
+        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else short(name)
         try:
             found = path.is_file()
         except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
@@ -513,7 +512,7 @@ def find_config(name: str, folder: Path, kind: str) -> Path:
         known = sorted(p.stem for p in files)
         close = difflib.get_close_matches(name, known, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(str(folder), "", f"unknown {kind} {shown(name)}", f"{hint}known {kind}s: {', '.join(known)}")
+        raise ConfigError(str(folder), "", f"unknown {kind} {short(name)}", f"{hint}known {kind}s: {', '.join(known)}")
     return matches[0]
 
 
@@ -539,9 +538,9 @@ def load_cluster(name: str = "local", overrides: list[str] = ()) -> ClusterConfi
 
 def _source(path: Path, overrides: list[str]) -> str:
     """Where a value came from, for errors; long overrides are cut so the key and the problem stay in view."""
-    shown = " ".join(overrides)
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return f"{path} (with overrides {shown})" if overrides else str(path)
+    given = " ".join(overrides)
+    given = given if len(given) <= 60 else given[:57] + "..."
+    return f"{path} (with overrides {given})" if overrides else str(path)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -9,24 +9,17 @@ from __future__ import annotations
 
 import re
 
-from launcher.errors import UsageError
+from launcher.errors import UsageError, short
 
 MAX_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LENGTH - 1}}}")
 RULE = (f"1 to {MAX_LENGTH} characters from A-Z a-z 0-9 . _ -, starting with a letter or a digit "
         "(a name is one folder in the runs directory, never a path)")
-_SHOWN = 80  # characters of a refused value kept in a message: a huge value must not flood the terminal
-
-
-def shown(value: str) -> str:
-    """`repr(value)`, cut to a readable length; repr also makes newlines and undecodable bytes visible."""
-    text = repr(value)
-    return text if len(text) <= _SHOWN else f"{text[:_SHOWN - 3]}... ({len(value)} characters)"
 
 
 def check_name(kind: str, value: str) -> str:
     """`value` if it is a valid name; otherwise a UsageError naming `kind` (e.g. "run name") and the rule."""
     # fullmatch, not match with `$`: `$` would also accept a trailing newline
     if _NAME.fullmatch(value) is None:
-        raise UsageError(f"{kind} {shown(value)} is not a valid name\n  HINT: use {RULE}")
+        raise UsageError(f"{kind} {short(value)} is not a valid name\n  HINT: use {RULE}")
     return value

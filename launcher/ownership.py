@@ -14,6 +14,7 @@ from typing import Optional
 from launcher.config import ClusterConfig, RecipeConfig
 from launcher.errors import UsageError
 from launcher.runs import Run, checkpoint_uri
+from launcher.secrets import redact_text
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # what `--run-id` may be: a tracker id and a file field
 
@@ -27,17 +28,17 @@ def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: R
     uri = checkpoint_uri(recipe, run.name)
     if uri is None:
         return
-    from jobs.storage import filesystem, folder_owner, foreign_folder_message, mask_userinfo  # fsspec: only when needed
+    from jobs.storage import filesystem, folder_owner, foreign_folder_message  # fsspec: only when needed
 
     try:
         fs, root = filesystem(uri, cluster.storage)
         owner = folder_owner(fs, root)
     except ValueError as err:
-        raise UsageError(f"cannot tell which run owns {mask_userinfo(uri)}: {err}\n  HINT: if the folder belongs "
+        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}\n  HINT: if the folder belongs "
                          f"to this run, delete its run-owner.json") from None
     except Exception as err:  # the store is down or needs credentials only the ranks have: they check again
-        print(f"warning: cannot check which run owns {mask_userinfo(uri)} "
-              f"({mask_userinfo(f'{type(err).__name__}: {err}')[:300]}); the run checks before its first upload",
+        print(f"warning: cannot check which run owns {redact_text(uri)} "
+              f"({redact_text(f'{type(err).__name__}: {err}')[:300]}); the run checks before its first upload",
               file=sys.stderr)
         return
     this = run_id or existing

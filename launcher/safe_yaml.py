@@ -2,35 +2,17 @@
 
 PyYAML's safe loader (no Python tags), bounded: file size, values once aliases are expanded, nesting
 depth; duplicate keys and keys that are not strings are refused naming the key and both lines; every
-exception a constructor raises becomes a ConfigError. `short()` cuts any value shown in an error.
+exception a constructor raises becomes a ConfigError.
 """
 from __future__ import annotations
 
-import reprlib
 import typing
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
 
-from launcher.errors import ConfigError
-
-
-class _ShortRepr(reprlib.Repr):
-    """reprlib that also survives ints too long for str() (Python refuses more than 4300 digits)."""
-
-    def repr_int(self, x: int, level: int) -> str:
-        return super().repr_int(x, level) if x.bit_length() <= 128 else f"<int of {x.bit_length()} bits>"
-
-
-_REPR = _ShortRepr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlevel = 60, 60, 3
-
-
-def short(value: Any, limit: int = 80) -> str:
-    """repr() of a value for an error message, cut to `limit` characters without building the full repr."""
-    text = _REPR.repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+from launcher.errors import ConfigError, short
 
 
 # Limits far above any real config, so that a hostile or broken file fails in milliseconds with one line.
