@@ -17,7 +17,6 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -29,7 +28,7 @@ from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained
 from jobs.tracking import MetricsLogger
-from launcher.config import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict
+from launcher.config import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict, to_yaml
 from launcher.secrets import redact
 
 log = logging.getLogger("jobs.trainer")
@@ -438,7 +437,7 @@ def _save(ckpt: Checkpointer, parts: Parts, recipe: RecipeConfig, run: RunInfo, 
         "scheduler": parts.scheduler.state_dict(),
         "trainer": st.state_dict(),
         "rng": rngs,
-        "meta": {"config": yaml.safe_dump(redact(to_dict(recipe)), sort_keys=False),  # shown by people: masked
+        "meta": {"config": to_yaml(recipe, redacted=True),  # read by people: credentials masked
                  "config_hash": config_hash(recipe), "run_id": run.run_id,
                  "world_size": env.world_size, "metrics": {k: v for k, v in last_eval.items() if k[0] != "_"}},
     }
