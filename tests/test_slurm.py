@@ -148,6 +148,22 @@ def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
     assert "requeues: {}" in status
 
 
+def test_a_job_sbatch_refuses_is_one_line_and_leaves_nothing(runs_dir: Path, tmp_path: Path) -> None:
+    """The local Slurm has no GPUs, so sbatch refuses --gpus-per-node: exit 2, one line, no run dir."""
+    cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
+    cluster["slurm"]["gpus_per_node"] = 1
+    path = tmp_path / "gpu_slurm.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    proc = run_cli("launch", "digits", "parallel.procs_per_node=1", "--cluster", str(path), "--run-name", "nogpu",
+                   runs_dir=runs_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    # submitit echoes sbatch's own line first; then our one-line error and its HINT
+    lines = proc.stderr.splitlines()
+    assert lines[-2].startswith("error: sbatch refused the job of run nogpu: sbatch: error:"), proc.stderr
+    assert lines[-1].startswith("  HINT: ") and len(lines) <= 3, proc.stderr
+    assert not (runs_dir / "nogpu").exists()
+
+
 def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
     run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
             "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)

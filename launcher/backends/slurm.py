@@ -33,6 +33,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from launcher import errors
 from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
 from launcher.errors import UsageError
 from launcher.runs import Run
@@ -243,12 +244,27 @@ def _check_folder(folder: Path) -> None:
 def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = False) -> int:
     # A folder per launch: Slurm job ids repeat after a controller reset, and a stale result
     # file of an older job with the same id must never be read back.
+    from submitit.core.utils import FailedJobError
+
     folder = run.dir / "submitit" / f"launch-{run.info().get('launches', 1)}"
-    job = make_executor(recipe, cluster, run, folder).submit(rank_main, str(run.dir))
+    try:
+        job = make_executor(recipe, cluster, run, folder).submit(rank_main, str(run.dir))
+    except FailedJobError as err:  # sbatch refused: the config asks for something this cluster does not have
+        _forget_unsubmitted(run)
+        raise UsageError(f"sbatch refused the job of run {run.name}: {errors.one_line(str(err).strip(), 300)}\n  HINT: "
+                         f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
+                         "scontrol show partition)") from None
     jobs = run.info().get("job_ids", []) + [job.job_id]
     run.update(job_id=job.job_id, job_ids=jobs, submitit_folder=str(folder), state="submitted")
     print(f"submitted Slurm job {job.job_id} for run {run.name} (logs: launcher logs {run.name})", flush=True)
     return wait_for(run) if wait else 0
+
+
+def _forget_unsubmitted(run: Run) -> None:
+    """A run directory made by a launch that never got a job is removed: nothing stays behind."""
+    info = run.info()
+    if info.get("launches") == 1 and not info.get("job_ids"):
+        shutil.rmtree(run.dir, ignore_errors=True)
 
 
 def sacct_state(job_id: str) -> str:
