@@ -22,7 +22,7 @@ from jobs.models import build_model
 from jobs.preempt import StopFlag
 from jobs.train import exit_cleanly
 from jobs.trainer import RunInfo, _Agreement, _lr_lambda, _step_due, _time_due, train
-from launcher.config import RecipeConfig, StorageConfig, load_recipe
+from schema import RecipeConfig, StorageConfig, load_recipe
 
 STEPS, WINDOW = 70, 10
 PAIRS = 6

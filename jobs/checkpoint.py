@@ -49,8 +49,8 @@ from torch import Tensor
 
 from jobs.storage import (MANIFEST, OWNER_FILE, STEP_DIR, filesystem, folder_owner, foreign_folder_message,
                           fresh_listing, is_local, join)
-from launcher.config import CheckpointConfig, StorageConfig
-from launcher.secrets import redact_text
+from schema import CheckpointConfig, StorageConfig
+from schema.secrets import redact_text
 
 log = logging.getLogger("jobs.checkpoint")
 
@@ -977,7 +977,8 @@ class Checkpointer:
             log.info("%s now belongs to run %s (%s)", redact_text(remote.uri), self.run_id, OWNER_FILE,
                      extra=FILE_ONLY)
         elif owner is not None and owner != self.run_id:
-            raise ForeignRunFolder(foreign_folder_message(remote.uri, owner, f"this run (id {self.run_id})"))
+            message, hint = foreign_folder_message(remote.uri, owner, f"this run (id {self.run_id})")
+            raise ForeignRunFolder(f"{message}\n  HINT: {hint}")
 
     def _first_valid(self, candidates: list[tuple[int, int, _Store, str]]) -> str | None:
         for _, _, store, name in candidates:

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from jobs.checkpoint import Checkpointer, export_model
-from launcher.config import ClusterConfig, RecipeConfig, load_resolved
+from schema import ClusterConfig, RecipeConfig, load_resolved
 from launcher.runs import checkpoint_uri
 
 

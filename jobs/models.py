@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from launcher.config import ModelConfig
+from schema import ModelConfig
 
 VGG_LAYERS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from jobs.env import RankEnv
-from launcher.config import ParallelConfig, TrainerConfig
+from schema import ParallelConfig, TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 

@@ -12,7 +12,7 @@ from torch import nn
 from jobs.checkpoint import strip_prefixes
 from jobs.models import head_prefix
 from jobs.storage import filesystem
-from launcher.config import StorageConfig
+from schema import StorageConfig
 
 
 def read_state_dict(uri: str, storage: StorageConfig) -> dict[str, torch.Tensor]:

@@ -15,8 +15,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from launcher.config import StorageConfig
-from launcher.secrets import redact_text
+from schema import StorageConfig
+from schema.secrets import redact_text
 
 # s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
 # store that is down that is minutes per call. The checkpointer does its own backoff, so the
@@ -117,9 +117,9 @@ def _manifest_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
     return None
 
 
-def foreign_folder_message(folder: str, owner: str, this: str) -> str:
-    """Why a run may not use a checkpoint folder another run owns, and what to do instead."""
+def foreign_folder_message(folder: str, owner: str, this: str) -> tuple[str, str]:
+    """Why a run may not use a checkpoint folder another run owns, and (second) what to do instead."""
     return (f"checkpoint folder {redact_text(folder)} belongs to run id {owner}, not to {this}: two runs in one "
-            f"folder would delete each other's checkpoints\n  HINT: choose another --run-name or checkpoint.uri; "
-            f"or, if this is run {owner} on a new machine (its runs directory lost), continue it with "
-            f"--run-id {owner}")
+            f"folder would delete each other's checkpoints",
+            f"choose another --run-name or checkpoint.uri; or, if this is run {owner} on a new machine "
+            f"(its runs directory lost), continue it with --run-id {owner}")

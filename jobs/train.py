@@ -22,9 +22,9 @@ from jobs import parallel
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.trainer import RunInfo, train
-from launcher.config import ClusterConfig, RecipeConfig, load_resolved, to_dict
+from schema import ClusterConfig, RecipeConfig, load_resolved, to_dict
 from launcher.runs import checkpoint_uri
-from launcher.secrets import RedactFilter, secret_values
+from schema.secrets import RedactFilter, secret_values
 
 
 class ConsoleHandler(logging.StreamHandler):

@@ -28,8 +28,8 @@ from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained
 from jobs.tracking import MetricsLogger
-from launcher.config import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict, to_yaml
-from launcher.secrets import redact
+from schema import RecipeConfig, ScheduleConfig, StorageConfig, config_hash, to_dict, to_yaml
+from schema.secrets import redact
 
 log = logging.getLogger("jobs.trainer")
 

@@ -9,12 +9,12 @@ import time
 from typing import Callable
 
 from launcher import backends, sbatch
-from launcher.config import RecipeConfig, load_cluster, load_recipe, to_yaml
-from launcher.errors import UsageError
-from launcher.names import check_name
+from schema import RecipeConfig, load_cluster, load_recipe, to_yaml
+from schema.errors import UsageError
+from schema.names import check_name
 from launcher.ownership import check_checkpoint_folder
 from launcher.runs import Run, default_run_name, find_run, prepare_run, run_at, runs_root
-from launcher.secrets import redact_text
+from schema.secrets import redact_text
 from launcher.sweep import add_sweep_commands
 
 

@@ -11,10 +11,10 @@ import re
 import sys
 from typing import Optional
 
-from launcher.config import ClusterConfig, RecipeConfig
-from launcher.errors import UsageError
+from schema import ClusterConfig, RecipeConfig
+from schema.errors import UsageError
 from launcher.runs import Run, checkpoint_uri
-from launcher.secrets import redact_text
+from schema.secrets import redact_text
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # what `--run-id` may be: a tracker id and a file field
 
@@ -34,7 +34,7 @@ def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: R
         fs, root = filesystem(uri, cluster.storage)
         owner = folder_owner(fs, root)
     except ValueError as err:
-        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}\n  HINT: if the folder belongs "
+        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}", hint=f"if the folder belongs "
                          f"to this run, delete its run-owner.json") from None
     except Exception as err:  # the store is down or needs credentials only the ranks have: they check again
         print(f"warning: cannot check which run owns {redact_text(uri)} "
@@ -44,7 +44,7 @@ def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: R
     this = run_id or existing
     if owner is not None and owner != this:
         who = f"run id {this} of {run.dir}" if this else f"a new run ({run.dir} has no run.json)"
-        raise UsageError(foreign_folder_message(uri, owner, who))
+        raise UsageError(*foreign_folder_message(uri, owner, who))
 
 
 def _check_given_id(run: Run, run_id: str, existing: Optional[str]) -> None:
@@ -52,5 +52,5 @@ def _check_given_id(run: Run, run_id: str, existing: Optional[str]) -> None:
         raise UsageError(f"--run-id {run_id[:80]!r}: use 1 to 64 letters, digits, _ or -, starting with a letter "
                          f"or digit (the id a run was given is in its run.json and checkpoint manifests)")
     if existing and existing != run_id:
-        raise UsageError(f"--run-id {run_id}: run {run.name} in {run.dir} already has run id {existing}\n  HINT: "
-                         f"drop --run-id to continue it, or choose another --run-name or --runs-dir")
+        raise UsageError(f"--run-id {run_id}: run {run.name} in {run.dir} already has run id {existing}",
+                         hint="drop --run-id to continue it, or choose another --run-name or --runs-dir")

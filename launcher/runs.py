@@ -3,7 +3,7 @@
     <runs_dir>/<run_name>/
         run.json        names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
         config.yaml     resolved recipe      cluster.yaml  resolved cluster config (both with secrets masked)
-        secrets.yaml    the masked values, mode 0600 (only when there are any; see launcher.secrets)
+        secrets.yaml    the masked values, mode 0600 (only when there are any; see schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
 
@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from launcher import secrets
-from launcher.config import ClusterConfig, RecipeConfig, config_hash, to_dict
-from launcher.errors import UsageError
-from launcher.names import check_name
+from schema import secrets
+from schema import ClusterConfig, RecipeConfig, config_hash, to_dict
+from schema.errors import UsageError
+from schema.names import check_name
 
 # Fields other code relies on, with their JSON type: a file where one has another type is unreadable,
 # so that no caller meets a string where it expects a pid.
@@ -92,7 +92,7 @@ class Run:
         """run.json for a writer: a UsageError naming the file if it exists but cannot be read."""
         info, problem = read_object(self.info_path, INFO_TYPES)
         if problem:  # writing over it would lose the run id and job ids it may still hold
-            raise UsageError(f"{self.info_path}: unreadable: {problem}\n  HINT: repair or delete this file "
+            raise UsageError(f"{self.info_path}: unreadable: {problem}", hint=f"repair or delete this file "
                              f"(deleting it gives run {self.name} a new tracker run id)")
         return info
 
@@ -138,7 +138,7 @@ def runs_root(cluster: ClusterConfig, override: Optional[str]) -> Path:
     except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
         raise UsageError(f"{where}: {override or cluster.runs_dir!r:.300} cannot be used: {_why(err)}") from None
     if is_file:
-        raise UsageError(f"{where}: {root} is a file, not a directory\n  HINT: choose a directory for the runs")
+        raise UsageError(f"{where}: {root} is a file, not a directory", hint=f"choose a directory for the runs")
     return root
 
 
@@ -166,7 +166,7 @@ def run_at(root: Path, name: str) -> Run:
         raise UsageError(f"{str(path)!r:.300}: cannot be used as a run directory: {_why(err)}") from None
     if not inside:
         raise UsageError(f"{str(path)!r:.300} resolves to {str(path.resolve())!r:.300}, outside the runs directory "
-                         f"{root}\n  HINT: choose another --run-name (a run directory cannot be a link elsewhere)")
+                         f"{root}", hint=f"choose another --run-name (a run directory cannot be a link elsewhere)")
     return Run(name, path)
 
 

@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from launcher import backends
-from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
-from launcher.errors import UsageError
-from launcher.names import check_name
+from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
+from schema.errors import UsageError
+from schema.names import check_name
 from launcher.ownership import check_checkpoint_folder
 from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
 from launcher.slurm_options import (SlurmOption, env_exports, one_line, resource_options, setup_lines,
@@ -145,7 +145,7 @@ def _output_pattern(run_dir: Path) -> str:
     """The run directory inside --output, where sbatch expands %-patterns: keep a literal % literal."""
     if "\\" in str(run_dir):
         raise UsageError(f"run directory {str(run_dir)!r} contains a backslash, which turns off sbatch's "
-                         "%j expansion in --output\n  HINT: choose a run name and runs directory without '\\'")
+                         "%j expansion in --output", hint="choose a run name and runs directory without '\\'")
     return str(run_dir).replace("%", "%%")
 
 

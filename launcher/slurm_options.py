@@ -8,7 +8,7 @@ What reaches a batch script, and why none of it can run as shell code:
   the rest of the value into shell lines, so control characters are refused everywhere;
 - `slurm.extra_sbatch`: long options `--name` or `--name=value` only;
 - `slurm.env`: keys are shell identifiers, values single lines exported with `shlex.quote`. Keys
-  that look secret (`launcher.secrets.is_secret_key`) are never written into a script: `rank_main`
+  that look secret (`schema.secrets.is_secret_key`) are never written into a script: `rank_main`
   sets every `slurm.env` entry in each rank itself, so the ranks still see them, but the batch
   shell and `slurm.setup` lines only see the non-secret ones;
 - `slurm.setup`: shell lines by design (module load, venv activation), inserted verbatim, one
@@ -21,9 +21,9 @@ import re
 import shlex
 from typing import Optional
 
-from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig
-from launcher.errors import ConfigError, UsageError
-from launcher.secrets import is_secret_key
+from schema import ClusterConfig, RecipeConfig, SlurmConfig
+from schema.errors import ConfigError, UsageError
+from schema.secrets import is_secret_key
 
 # (config key named in errors, sbatch long option, value or None for a flag)
 SlurmOption = tuple[str, str, Optional[str]]
@@ -41,7 +41,7 @@ def source(cluster: ClusterConfig) -> str:
 def slurm_section(cluster: ClusterConfig) -> SlurmConfig:
     if cluster.backend != "slurm" or cluster.slurm is None:
         raise UsageError(f"cluster config {cluster.name!r} uses backend {cluster.backend!r}; an sbatch script needs "
-                         "a Slurm cluster config\n  HINT: pass --cluster local_slurm or another config with "
+                         "a Slurm cluster config", hint="pass --cluster local_slurm or another config with "
                          "backend: slurm")
     return cluster.slurm
 

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from launcher import backends
-from launcher.config import RECIPES_DIR, ClusterConfig, RecipeConfig, find_config, load_cluster, load_recipe
-from launcher.errors import UsageError
-from launcher.names import check_name
+from schema import RECIPES_DIR, ClusterConfig, RecipeConfig, find_config, load_cluster, load_recipe
+from schema.errors import UsageError
+from schema.names import check_name
 from launcher.runs import Run, prepare_run, runs_root
-from launcher.secrets import redact_text
+from schema.secrets import redact_text
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 # States after which a trial needs nothing more; "completed" trials are not started again on a re-run.
@@ -87,7 +87,7 @@ def _key_value(item: str, flag: str) -> tuple[str, str]:
     key, sep, raw = item.partition("=")
     if not sep or not key or not raw:
         example = "optim.lr=1e-3,1e-2" if flag == "--grid" else "optim.lr=loguniform:1e-4:1e-1"
-        raise UsageError(f"{flag} {item!r}: expected KEY=VALUES\n  HINT: e.g. {flag} {example}")
+        raise UsageError(f"{flag} {item!r}: expected KEY=VALUES", hint=f"e.g. {flag} {example}")
     return key.strip(), raw
 
 
@@ -97,7 +97,7 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
         key, raw = _key_value(item, "--grid")
         values = split_values(raw)
         if any(v == "" for v in values):
-            raise UsageError(f"--grid {item!r}: empty value in {raw!r}\n  HINT: separate values with single commas")
+            raise UsageError(f"--grid {item!r}: empty value in {raw!r}", hint=f"separate values with single commas")
         axes.append((key, values))
     return axes
 
@@ -109,12 +109,12 @@ def parse_random(items: list[str]) -> list[tuple[str, str, list[str]]]:
         key, raw = _key_value(item, "--random")
         dist, _, args = raw.partition(":")
         if dist not in DISTRIBUTIONS:
-            raise UsageError(f"--random {item!r}: unknown distribution {dist!r}\n  HINT: use one of uniform:LOW:HIGH, "
+            raise UsageError(f"--random {item!r}: unknown distribution {dist!r}", hint=f"use one of uniform:LOW:HIGH, "
                              "loguniform:LOW:HIGH, randint:LOW:HIGH, choice:A,B,...")
         if dist == "choice":
             values = split_values(args)
             if not args or any(v == "" for v in values):
-                raise UsageError(f"--random {item!r}: choice needs values\n  HINT: e.g. {key}=choice:16,32")
+                raise UsageError(f"--random {item!r}: choice needs values", hint=f"e.g. {key}=choice:16,32")
             out.append((key, dist, values))
             continue
         bounds = args.split(":")
@@ -124,8 +124,8 @@ def parse_random(items: list[str]) -> list[tuple[str, str, list[str]]]:
         except ValueError:
             low = high = None
         if low is None or not low < high:
-            raise UsageError(f"--random {item!r}: {dist} needs two {number.__name__} bounds LOW:HIGH with LOW < HIGH"
-                             f"\n  HINT: e.g. {key}={dist}:{'1:8' if dist == 'randint' else '1e-4:1e-1'}")
+            raise UsageError(f"--random {item!r}: {dist} needs two {number.__name__} bounds LOW:HIGH with LOW < HIGH",
+                             hint=f"e.g. {key}={dist}:{'1:8' if dist == 'randint' else '1e-4:1e-1'}")
         if dist == "loguniform" and low <= 0:
             raise UsageError(f"--random {item!r}: loguniform bounds must be > 0")
         out.append((key, dist, bounds))
@@ -160,8 +160,8 @@ def expand(spec: SweepSpec, sweep_name: str) -> list[Trial]:
     if spec.trials < 1:
         raise UsageError(f"--trials {spec.trials} must be >= 1")
     if spec.trials > 1 and not dists:
-        raise UsageError(f"--trials {spec.trials} repeats identical grid points: it needs --random\n"
-                         "  HINT: to repeat with other seeds, add --grid trainer.seed=0,1,2")
+        raise UsageError(f"--trials {spec.trials} repeats identical grid points: it needs --random",
+                         hint="to repeat with other seeds, add --grid trainer.seed=0,1,2")
     rng = random.Random(spec.seed)
     points = list(itertools.product(*[[f"{k}={v}" for v in values] for k, values in axes]))
     combos = []
@@ -213,8 +213,8 @@ def check_one_shape(trials: list[Trial], recipes: list[RecipeConfig], cluster: C
                 f"trial {trial.name} asks for parallel.nodes={b.nodes} parallel.procs_per_node={b.procs_per_node} "
                 f"but {trials[0].name} for parallel.nodes={a.nodes} parallel.procs_per_node={a.procs_per_node}: "
                 f"a Slurm job array submits every trial with the same resources (one set of #SBATCH options)"
-                f"{' (varied: ' + ', '.join(varied) + ')' if varied else ''}; nothing was submitted\n"
-                "  HINT: keep parallel.* fixed in a sweep, or run one sweep per resource shape")
+                f"{' (varied: ' + ', '.join(varied) + ')' if varied else ''}; nothing was submitted",
+                hint="keep parallel.* fixed in a sweep, or run one sweep per resource shape")
 
 
 # ----------------------------------------------------------------------------- the sweep record
@@ -249,8 +249,8 @@ def new_record(spec: SweepSpec, name: str, cluster: ClusterConfig, trials: list[
     if path.exists():
         record = json.loads(path.read_text())
         if record.get("spec") != spec.to_dict():
-            raise UsageError(f"sweep {name!r} already exists with another spec ({path})\n"
-                             "  HINT: choose another --name, or leave --name out to name the sweep by its spec")
+            raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
+                             hint="choose another --name, or leave --name out to name the sweep by its spec")
         record["cluster"] = cluster.name
         return record
     return {"name": name, "recipe": recipe.name, "cluster": cluster.name, "spec": spec.to_dict(),

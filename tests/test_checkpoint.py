@@ -20,7 +20,7 @@ from torch import nn
 
 from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, export_model, step_dir_name, strip_prefixes
 from jobs.storage import filesystem
-from launcher.config import CheckpointConfig, StorageConfig
+from schema import CheckpointConfig, StorageConfig
 from s3_server import S3Server, free_port, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 
 s3_server = pytest.fixture(scope="module")(s3_server_fixture)

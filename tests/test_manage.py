@@ -12,7 +12,7 @@ import torch
 
 from conftest import REPO, read_result, run_cli
 from jobs.models import build_model
-from launcher.config import load_recipe
+from schema import load_recipe
 
 
 def test_local_status_logs_cancel(runs_dir: Path) -> None:

@@ -15,7 +15,7 @@ from jobs.data import ImageFolder, build_datasets
 from jobs.models import build_model, freeze, summary
 from jobs.pretrained import load_pretrained
 from jobs.trainer import _lr_lambda, _micro_batches
-from launcher.config import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
+from schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
 
 # torchvision's vgg11: conv layers at these feature indices, classifier Linear at 0, 3, 6
 VGG11_KEYS = [f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13, 16, 18) for p in ("weight", "bias")] + \

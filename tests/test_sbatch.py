@@ -21,8 +21,8 @@ import yaml
 
 from conftest import read_result, run_cli
 from launcher.backends.slurm import sacct_state
-from launcher.config import load_cluster, load_recipe
-from launcher.errors import ConfigError
+from schema import load_cluster, load_recipe
+from schema.errors import ConfigError
 from launcher.runs import Run
 from launcher.sbatch import render_sbatch
 

@@ -24,8 +24,8 @@ import pytest
 
 from conftest import run_cli
 from launcher.backends import slurm
-from launcher.config import load_cluster, load_recipe
-from launcher.errors import ConfigError
+from schema import load_cluster, load_recipe
+from schema.errors import ConfigError
 from launcher.runs import Run, prepare_run
 from launcher.sbatch import render_sbatch
 from test_sbatch import HOSTILE_ENV, option_values, write_cluster
@@ -300,7 +300,7 @@ TRACKER_UNDER_SIGNAL = """\
 import json, os, signal, sys, time
 from pathlib import Path
 from jobs.tracking import MetricsLogger
-from launcher.config import LoggingConfig
+from schema import LoggingConfig
 from test_slurm_scripts import _descendants
 
 sig, out = signal.Signals(int(sys.argv[1])), Path(sys.argv[2])

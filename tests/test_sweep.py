@@ -12,8 +12,8 @@ import pytest
 
 from conftest import read_result, run_cli
 from launcher.cli import main
-from launcher.config import load_cluster, load_recipe
-from launcher.errors import UsageError
+from schema import load_cluster, load_recipe
+from schema.errors import UsageError
 from launcher import backends
 from launcher.runs import Run
 from launcher.backends.slurm import expand_job_ids

@@ -10,8 +10,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
 
-from launcher.config import ClusterConfig
-from launcher.errors import UsageError
+from schema import ClusterConfig
+from schema.errors import UsageError
 from launcher.runs import Run
 
 # Slurm states (as `status` reports them) of a job that still runs or will run again
@@ -92,15 +92,15 @@ def refuse_if_running(run: Run) -> None:
         return
     if info.get("backend") == "slurm" and shutil.which("sacct") is None:
         raise UsageError(f"run {run.name} ({run.dir}) was submitted to Slurm as job {info.get('job_id')}, and "
-                         "without `sacct` on PATH this machine cannot tell whether it still runs\n  HINT: launch it "
+                         "without `sacct` on PATH this machine cannot tell whether it still runs", hint="launch it "
                          "from the Slurm login node, or choose another --run-name")
     state = status(run)
     if state["state"] == "running" and state.get("pid"):
-        raise UsageError(f"run {run.name} is already running (pid {state['pid']}, {run.dir})\n  HINT: wait for it, "
+        raise UsageError(f"run {run.name} is already running (pid {state['pid']}, {run.dir})", hint=f"wait for it, "
                          f"stop it with `launcher cancel {run.name}`, or choose another --run-name")
     if state.get("backend") == "slurm" and state["state"] in LIVE_SLURM_STATES:
         raise UsageError(f"run {run.name} is already {state['state']} as Slurm job {state.get('job_id')} "
-                         f"({run.dir})\n  HINT: wait for it, stop it with `launcher cancel {run.name}`, "
+                         f"({run.dir})", hint=f"wait for it, stop it with `launcher cancel {run.name}`, "
                          "or choose another --run-name")
 
 

@@ -14,8 +14,8 @@ import sys
 from types import FrameType
 
 from launcher.backends import process_start
-from launcher.config import ClusterConfig, RecipeConfig
-from launcher.errors import UsageError
+from schema import ClusterConfig, RecipeConfig
+from schema.errors import UsageError
 from launcher.runs import Run
 
 
@@ -31,7 +31,7 @@ def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
 def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
     if recipe.parallel.nodes != 1:
         raise UsageError(f"cluster config {cluster.name!r} (local) runs one node but the recipe asks for "
-                         f"parallel.nodes={recipe.parallel.nodes}\n  HINT: set parallel.nodes=1 or use a Slurm "
+                         f"parallel.nodes={recipe.parallel.nodes}", hint=f"set parallel.nodes=1 or use a Slurm "
                          "cluster config (--cluster ...)")
 
 

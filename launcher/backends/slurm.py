@@ -33,9 +33,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from launcher import errors
-from launcher.config import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
-from launcher.errors import UsageError
+from schema import errors
+from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
+from schema.errors import UsageError
 from launcher.runs import Run
 from launcher.slurm_options import check_cluster, env_exports, one_line, resource_options, setup_lines, source
 
@@ -164,8 +164,8 @@ def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
     """Everything a job script is made of, checked before a run directory exists (exit 2, nothing written)."""
     check_cluster(recipe, cluster)
     if shutil.which("sbatch") is None:
-        raise UsageError(f"cluster config {cluster.name!r} uses Slurm but `sbatch` is not on PATH\n"
-                         "  HINT: run this on a Slurm login node (for the local test Slurm: make slurm-up)")
+        raise UsageError(f"cluster config {cluster.name!r} uses Slurm but `sbatch` is not on PATH",
+                         hint="run this on a Slurm login node (for the local test Slurm: make slurm-up)")
 
 
 # The batch shell must outlive USR1/USR2 sent to the whole job (`scancel --full`): bash would die of
@@ -238,7 +238,7 @@ def _check_folder(folder: Path) -> None:
     one_line("command line", "run directory (--runs-dir, --run-name)", str(folder))
     if "%" in str(folder) or "\\" in str(folder):
         raise UsageError(f"run directory {str(folder)!r} contains '%' or '\\', which sbatch would expand in "
-                         "the job's output path\n  HINT: choose a run name and runs directory without them")
+                         "the job's output path", hint="choose a run name and runs directory without them")
 
 
 def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = False) -> int:
@@ -251,8 +251,8 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
         job = make_executor(recipe, cluster, run, folder).submit(rank_main, str(run.dir))
     except FailedJobError as err:  # sbatch refused: the config asks for something this cluster does not have
         _forget_unsubmitted(run)
-        raise UsageError(f"sbatch refused the job of run {run.name}: {errors.one_line(str(err).strip(), 300)}\n  HINT: "
-                         f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
+        raise UsageError(f"sbatch refused the job of run {run.name}: {errors.one_line(str(err).strip(), 300)}",
+                         hint=f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
                          "scontrol show partition)") from None
     jobs = run.info().get("job_ids", []) + [job.job_id]
     run.update(job_id=job.job_id, job_ids=jobs, submitit_folder=str(folder), state="submitted")

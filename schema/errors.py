@@ -10,9 +10,16 @@ _SOURCE_CHARS, _KEY_CHARS, _LINE_CHARS, _HINT_CHARS = 160, 80, 320, 240
 
 
 class UsageError(Exception):
-    """Bad input from the user (a file, a key, a value). Nothing has been started when this is raised."""
+    """Bad input from the user (a file, a key, a value). Nothing has been started when this is raised.
+
+    The message is one line; `hint` says what to do and is shown on a second line.
+    """
 
     exit_code = 2
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        self.hint = hint
+        super().__init__(f"{message}\n  HINT: {one_line(hint, _HINT_CHARS)}" if hint else message)
 
 
 class ConfigError(UsageError):
@@ -21,10 +28,8 @@ class ConfigError(UsageError):
     def __init__(self, source: str, key: str, message: str, hint: str = "") -> None:
         self.source, self.key, self.message, self.hint = source, key, message, hint
         source, key = one_line(source, _SOURCE_CHARS), one_line(key, _KEY_CHARS)
-        text = one_line(f"{source}: {key}: {message}" if key else f"{source}: {message}", _LINE_CHARS)
-        if hint:
-            text += f"\n  HINT: {one_line(hint, _HINT_CHARS)}"
-        super().__init__(text)
+        super().__init__(one_line(f"{source}: {key}: {message}" if key else f"{source}: {message}", _LINE_CHARS),
+                         hint)
 
 
 def one_line(text: str, limit: int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from launcher.errors import UsageError, short
+from schema.errors import UsageError, short
 
 MAX_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LENGTH - 1}}}")
@@ -21,5 +21,5 @@ def check_name(kind: str, value: str) -> str:
     """`value` if it is a valid name; otherwise a UsageError naming `kind` (e.g. "run name") and the rule."""
     # fullmatch, not match with `$`: `$` would also accept a trailing newline
     if _NAME.fullmatch(value) is None:
-        raise UsageError(f"{kind} {short(value)} is not a valid name\n  HINT: use {RULE}")
+        raise UsageError(f"{kind} {short(value)} is not a valid name", hint=f"use {RULE}")
     return value

@@ -1,0 +1,143 @@
+"""Config files: lookup by name, command-line overrides, one loader for recipes and cluster configs,
+and the resolved YAML written to (and read back from) a run directory."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from schema import secrets
+from schema.build import build
+from schema.cluster import ClusterConfig
+from schema.errors import ConfigError, short
+from schema.recipe import RecipeConfig
+from schema.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RECIPES_DIR = REPO_ROOT / "recipes"
+CLUSTERS_DIR = REPO_ROOT / "cluster_configs"
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`trainer.epochs=2 optim.lr=1e-3` -> nested dict; values are parsed as YAML (bad syntax: a string)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError("command line", item, "an override must look like section.key=value",
+                              "e.g. trainer.epochs=2")
+        key, raw = item.split("=", 1)
+        if len(raw) > MAX_OVERRIDE_CHARS:
+            raise ConfigError("command line", key, f"value longer than {MAX_OVERRIDE_CHARS} characters",
+                              "put it in a recipe file")
+        try:
+            value = parse_yaml(raw, "command line", key) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError("command line", key, "conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def find_config(name: str, folder: Path, kind: str) -> Path:
+    """A name (`digits`) is looked up in `folder` (recursively); anything with a slash or .yaml is a path.
+
+    The name is compared with file stems, never used as a glob pattern: `*` or `[ab]` is an unknown name.
+    """
+    if name.endswith((".yaml", ".yml")) or "/" in name:
+        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else short(name)
+        try:
+            found = path.is_file()
+        except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
+            raise ConfigError(where, "", f"cannot read {kind} file: {getattr(err, 'strerror', None) or err}") from None
+        if not found:
+            raise ConfigError(where, "", f"{kind} file not found")
+        return path
+    files = sorted(folder.rglob("*.yaml"))
+    matches = [p for p in files if p.stem == name]
+    if not matches:
+        known = sorted(p.stem for p in files)
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(str(folder), "", f"unknown {kind} {short(name)}", f"{hint}known {kind}s: {', '.join(known)}")
+    return matches[0]
+
+
+# What each kind of config is called in messages and where it is looked up by name.
+KINDS: dict[type, tuple[str, Path]] = {RecipeConfig: ("recipe", RECIPES_DIR),
+                                       ClusterConfig: ("cluster config", CLUSTERS_DIR)}
+C = TypeVar("C", RecipeConfig, ClusterConfig)
+
+
+def load(cls: type[C], name: str, overrides: list[str] = ()) -> C:
+    """Find `name` (a file stem or a path), apply `key=value` overrides, build and check it."""
+    kind, folder = KINDS[cls]
+    path = find_config(name, folder, kind)
+    data = read_yaml(path)
+    data.setdefault("name", path.stem)
+    src = _source(path, overrides)
+    cfg = build(cls, _merge(data, parse_overrides(list(overrides))), src)
+    cfg.check(src)
+    return cfg
+
+
+def load_recipe(name: str, overrides: list[str] = ()) -> RecipeConfig:
+    return load(RecipeConfig, name, overrides)
+
+
+def load_cluster(name: str = "local", overrides: list[str] = ()) -> ClusterConfig:
+    return load(ClusterConfig, name, overrides)
+
+
+def _source(path: Path, overrides: list[str]) -> str:
+    """Where a value came from, for errors; long overrides are cut so the key and the problem stay in view."""
+    given = " ".join(overrides)
+    given = given if len(given) <= 60 else given[:57] + "..."
+    return f"{path} (with overrides {given})" if overrides else str(path)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain dict (lists instead of tuples) for YAML/JSON output."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Any, redacted: bool = False) -> str:
+    """YAML of a config; `redacted` masks credentials (for anything a person sees)."""
+    tree = to_dict(cfg)
+    return yaml.safe_dump(secrets.redact(tree) if redacted else tree, sort_keys=False)
+
+
+def config_hash(cfg: Any) -> str:
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def load_resolved(path: Path, cls: type) -> Any:
+    """Reload a resolved config written to a run directory (validated again: it may have been edited),
+    with the real values of its redacted secrets put back."""
+    cfg = build(cls, secrets.overlay(path, read_yaml(path)), str(path))
+    cfg.check(str(path))
+    return cfg

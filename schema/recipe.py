@@ -1,0 +1,225 @@
+"""Recipe sections: what to train (model, data, optimizer, schedule, layout, checkpoint policy, tracking).
+
+One frozen dataclass per section; `schema.build.build` fills them from YAML and each `check()` validates
+ranges and cross-field rules, so a bad value fails before anything is started or submitted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from schema.checks import fraction, non_empty, non_negative, positive, seed
+from schema.errors import ConfigError, short
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: Literal["vgg", "cnn"] = "cnn"  # model family
+    variant: str = "vgg11"  # VGG depth: vgg11, vgg13, vgg16, vgg19
+    width: float = 1.0  # channel multiplier (1.0 = torchvision's widths); small values run on a CPU
+    hidden: int = 4096  # width of the VGG classifier's hidden layers
+    batch_norm: bool = False  # VGG with BatchNorm (vgg11_bn layout)
+    num_classes: int = 10  # outputs of the classifier head
+    in_channels: int = 3  # input image channels
+    image_size: int = 224  # input height and width
+    pool_size: int = 7  # VGG adaptive-pool output side (7 = torchvision's; smaller for small CPU models)
+    dropout: float = 0.5  # dropout in the classifier
+    pretrained: Optional[str] = None  # path or fsspec URI of a torchvision-format or project checkpoint
+    replace_head: bool = True  # do not load the final classifier layer: fresh head for the target classes
+    freeze: tuple[str, ...] = ()  # parameter-name prefixes kept frozen (e.g. "features")
+
+    def check(self, src: str) -> None:
+        if self.variant not in ("vgg11", "vgg13", "vgg16", "vgg19"):
+            raise ConfigError(src, "model.variant", f"unknown VGG variant {short(self.variant)}",
+                              "use one of vgg11, vgg13, vgg16, vgg19")
+        non_empty(src, "model.pretrained", self.pretrained)
+        for i, prefix in enumerate(self.freeze):
+            non_empty(src, f"model.freeze[{i}]", prefix)  # an empty prefix would freeze every parameter
+        positive(src, "model.width", self.width)
+        for key in ("hidden", "num_classes", "in_channels", "image_size", "pool_size"):
+            positive(src, f"model.{key}", getattr(self, key))
+        if self.name == "vgg" and self.image_size < 32:
+            raise ConfigError(src, "model.image_size", f"{self.image_size} is too small for VGG's 5 poolings",
+                              "use image_size >= 32")
+        fraction(src, "model.dropout", self.dropout)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: Literal["digits", "synthetic", "image_folder"] = "digits"  # data set
+    root: Optional[str] = None  # image_folder: local path or fsspec URI, one subfolder per class
+    classes: Optional[tuple[int, ...]] = None  # digits: keep only these labels, relabelled 0..k-1 in this order
+    val_fraction: float = 0.2  # share of samples held out for validation
+    split_seed: int = 0  # seed of the train/validation split (independent of the training seed)
+    num_samples: int = 512  # synthetic: samples in the data set
+    num_workers: int = 0  # DataLoader worker processes per rank
+
+    def check(self, src: str) -> None:
+        if self.name == "image_folder" and not self.root:
+            raise ConfigError(src, "data.root", "image_folder needs a root", "set data.root=/path/or/s3://bucket/dir")
+        non_empty(src, "data.root", self.root)
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(src, "data.val_fraction",
+                              f"{short(self.val_fraction)} must be between 0 and 1 (exclusive)")
+        if self.classes is not None:
+            bad = [c for c in self.classes if not 0 <= c <= 9]
+            if bad or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
+                raise ConfigError(src, "data.classes",
+                                  f"{short(list(self.classes))} must be >= 2 distinct digits 0..9")
+        seed(src, "data.split_seed", self.split_seed)
+        positive(src, "data.num_samples", self.num_samples)
+        non_negative(src, "data.num_workers", self.num_workers)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "sgd"  # optimizer
+    lr: float = 0.1  # peak learning rate
+    momentum: float = 0.9  # SGD momentum
+    nesterov: bool = False  # SGD Nesterov momentum
+    weight_decay: float = 0.0  # decoupled for AdamW, L2 for SGD
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+
+    def check(self, src: str) -> None:
+        positive(src, "optim.lr", self.lr)
+        non_negative(src, "optim.weight_decay", self.weight_decay)
+        fraction(src, "optim.momentum", self.momentum)
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                raise ConfigError(src, f"optim.betas[{i}]", f"{short(beta)} must be in [0, 1)",
+                                  "AdamW's betas are decay rates, e.g. optim.betas=[0.9,0.999]")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "step"] = "cosine"  # decay after warmup
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.0  # cosine: final lr as a fraction of the peak
+    step_size: int = 100  # step: decay every this many steps
+    gamma: float = 0.1  # step: decay factor
+
+    def check(self, src: str) -> None:
+        non_negative(src, "schedule.warmup_steps", self.warmup_steps)
+        fraction(src, "schedule.min_lr_ratio", self.min_lr_ratio)
+        positive(src, "schedule.step_size", self.step_size)
+        positive(src, "schedule.gamma", self.gamma)
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    epochs: Optional[int] = None  # passes over the training set (one of epochs / max_steps)
+    max_steps: Optional[int] = None  # optimizer steps; wins over epochs when both are set
+    global_batch: int = 64  # samples per optimizer step over all ranks
+    micro_batch: int = 32  # samples per forward/backward on one rank
+    grad_accum: Optional[int] = None  # micro-steps per optimizer step; derived when unset
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a GradScaler (CUDA only)
+    grad_clip: Optional[float] = None  # max global gradient norm
+    eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of every epoch
+    seed: int = 0  # seeds model init, data order and dropout
+    deterministic: bool = True  # deterministic kernels (needed for bit-exact resume)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available, logged at start
+
+    def check(self, src: str) -> None:
+        if self.epochs is None and self.max_steps is None:
+            raise ConfigError(src, "trainer", "neither epochs nor max_steps is set", "set trainer.epochs or trainer.max_steps")
+        for key in ("epochs", "max_steps", "grad_accum", "global_batch", "micro_batch"):
+            if getattr(self, key) is not None:
+                positive(src, f"trainer.{key}", getattr(self, key))
+        if self.grad_clip is not None:
+            positive(src, "trainer.grad_clip", self.grad_clip)
+        non_negative(src, "trainer.eval_every", self.eval_every)
+        seed(src, "trainer.seed", self.seed)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    strategy: Literal["ddp", "fsdp", "pipeline"] = "ddp"  # how the model is spread over ranks
+    nodes: int = 1  # machines
+    procs_per_node: int = 1  # ranks per machine (one per GPU on GPU machines)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.procs_per_node
+
+    def check(self, src: str) -> None:
+        if self.strategy != "ddp":
+            raise ConfigError(src, "parallel.strategy", f"{self.strategy!r} is not implemented yet",
+                              "use parallel.strategy=ddp")
+        positive(src, "parallel.nodes", self.nodes)
+        positive(src, "parallel.procs_per_node", self.procs_per_node)
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    uri: Optional[str] = None  # where checkpoints go: path, file://, s3://, gs://, memory://; default <run_dir>/checkpoints
+    every_steps: int = 0  # save every N optimizer steps (0 = off)
+    every_minutes: float = 0.0  # save when this much wall time passed since the last save (0 = off)
+    at_end: bool = True  # save when training finishes
+    keep_last: int = 3  # committed checkpoints kept (the newest ones)
+    best_metric: Optional[str] = None  # also keep the best checkpoint by this metric (e.g. val/acc)
+    best_mode: Literal["max", "min"] = "max"  # whether larger or smaller best_metric is better
+    async_save: bool = True  # write and upload in the background; training blocks only for the host copy
+    queue_size: int = 1  # saves waiting in the background at most (bounds host memory)
+    upload_retries: int = 5  # attempts per file upload before the save is left for a later retry
+    flush_timeout_s: float = 120.0  # at exit / preemption: wait this long for pending uploads
+
+    def check(self, src: str) -> None:
+        non_empty(src, "checkpoint.uri", self.uri)
+        non_empty(src, "checkpoint.best_metric", self.best_metric)
+        non_negative(src, "checkpoint.every_steps", self.every_steps)
+        non_negative(src, "checkpoint.every_minutes", self.every_minutes)
+        positive(src, "checkpoint.keep_last", self.keep_last)
+        positive(src, "checkpoint.queue_size", self.queue_size)
+        positive(src, "checkpoint.upload_retries", self.upload_retries)
+        positive(src, "checkpoint.flush_timeout_s", self.flush_timeout_s)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tracker: Literal["none", "wandb", "tensorboard"] = "none"  # experiment tracker (rank 0)
+    project: str = "launcher"  # wandb project
+    log_every: int = 10  # log train metrics every N optimizer steps
+    progress_bar: bool = True  # tqdm bar on rank 0 when attached to a terminal
+
+    def check(self, src: str) -> None:
+        non_empty(src, "logging.project", self.project)
+        positive(src, "logging.log_every", self.log_every)
+
+
+@dataclass(frozen=True)
+class RecipeConfig:
+    name: str  # recipe name; the default run name derives from it
+    description: str = ""  # one line shown by `launcher show`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-steps per optimizer step: global batch / (micro batch x data-parallel size)."""
+        return self.trainer.global_batch // (self.trainer.micro_batch * self.parallel.world_size)
+
+    def check(self, src: str) -> None:
+        non_empty(src, "name", self.name)
+        for section in (self.model, self.data, self.optim, self.schedule, self.trainer, self.parallel,
+                        self.checkpoint, self.logging):
+            section.check(src)
+        t, world = self.trainer, self.parallel.world_size
+        per_step = t.micro_batch * world
+        if t.global_batch % per_step:
+            raise ConfigError(
+                src, "trainer.global_batch",
+                f"{t.global_batch} is not divisible by micro_batch x world_size = {t.micro_batch} x {world} = {per_step}",
+                f"use a global_batch that is a multiple of {per_step}, or change trainer.micro_batch / parallel.*")
+        if t.grad_accum is not None and t.grad_accum != self.grad_accum:
+            raise ConfigError(
+                src, "trainer.grad_accum",
+                f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
+                "leave trainer.grad_accum unset to derive it")
+        if self.model.pretrained is None and self.model.freeze:
+            raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
+                              "set model.pretrained or drop model.freeze")
