@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.checkpoint import Checkpointer, export_model
+from jobs.checkpoint import Checkpointer
+from jobs.weights import export_model
 from schema import ClusterConfig, RecipeConfig, load_resolved
 from launcher.runs import checkpoint_uri
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from jobs.checkpoint import strip_prefixes
 from jobs.models import head_prefix
 from jobs.storage import filesystem
+from jobs.weights import strip_prefixes
 from schema import StorageConfig
 
 

@@ -18,8 +18,9 @@ import pytest
 import torch
 from torch import nn
 
-from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, export_model, step_dir_name, strip_prefixes
+from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, step_dir_name
 from jobs.storage import filesystem
+from jobs.weights import export_model, strip_prefixes
 from schema import CheckpointConfig, StorageConfig
 from s3_server import S3Server, free_port, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 

@@ -1,0 +1,240 @@
+"""`Checkpointer`: saves, finds and loads the checkpoints of one run by composing the package's
+parts (see jobs/checkpoint/__init__.py for the protocol): host staging and the background saver,
+the local writer, the uploader, retention and the reader."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Collection, Optional
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+
+from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
+    InvalidCheckpoint, describe, log
+from jobs.checkpoint.local import SAVES_LOG, LocalWriter, SavesLog
+from jobs.checkpoint.manifest import Manifest, step_dir_name
+from jobs.checkpoint.reader import load_checkpoint
+from jobs.checkpoint.retention import prune, retained
+from jobs.checkpoint.saver import BackgroundSaver, SaveJob
+from jobs.checkpoint.staging import check_leaves, check_state
+from jobs.checkpoint.store import Store
+from jobs.checkpoint.uploader import Uploader
+from jobs.storage import filesystem
+from schema import CheckpointConfig, StorageConfig
+
+
+class Checkpointer:
+    """Saves, finds and loads checkpoints of one run.
+
+    Only the writer (rank 0) writes: on other ranks save() does nothing and flush() returns True,
+    so the trainer can call them on every rank. Every rank may call latest() and load().
+
+    With a `run_id`, the remote folder belongs to that run: its owner record (`run-owner.json`) is
+    written before the first upload, and a folder owned by another run is neither read, written
+    nor pruned (ForeignRunFolder).
+
+    `local_rank` (this process's rank on its node), when given, lets load() hash local files only
+    on local rank 0: its node-mates read the same files and check their sizes. Without it every
+    load() hashes what it reads. load_latest() always does.
+    """
+
+    def __init__(self, cfg: CheckpointConfig, local_dir: Path, remote: str | None, storage: StorageConfig,
+                 is_writer: bool = True, run_id: Optional[str] = None, local_rank: Optional[int] = None) -> None:
+        self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
+        self.local_dir = Path(local_dir).absolute()
+        self.remote_uri = remote.rstrip("/") if remote else None
+        self._hash_local = local_rank in (None, 0)
+        self._local = Store(LocalFileSystem(), str(self.local_dir), str(self.local_dir))
+        self._saves_log = SavesLog(self.local_dir / SAVES_LOG)
+        self._writer = LocalWriter(self._local, run_id)
+        self._uploader: Optional[Uploader] = None  # the remote side: listing, owner, uploads
+        if remote:
+            fs, root = filesystem(remote, storage)
+            self._uploader = Uploader(cfg, self._local, Store(fs, root, self.remote_uri or remote), run_id,
+                                      self._saves_log)
+        self._saver: Optional[BackgroundSaver] = None
+        self._submitted: set[int] = set()
+        self._closed = False
+        if is_writer:
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            if self._uploader is not None:
+                self._uploader.claim_folder()
+                self._uploader.add_pending(self._not_yet_uploaded())
+            if cfg.async_save:
+                self._saver = BackgroundSaver(cfg.queue_size, self._commit, str(self.local_dir))
+                if self._uploader is not None:
+                    self._uploader.start()
+
+    # ------------------------------------------------------------------ public API
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+        """Checkpoint `state` (name -> object, one file each) at `step`. Async: returns once the
+        tensors are copied to host memory; blocks while `queue_size` saves are already waiting."""
+        if not self.is_writer:
+            return
+        if self._closed:
+            raise CheckpointError(f"save(step={step}) after close(): create a new Checkpointer for {self.local_dir}")
+        self._raise_background_error()
+        job = SaveJob(step, state, check_state(state, metrics), time.perf_counter())
+        name = step_dir_name(step)  # refuses a negative step here, not on the saver's thread
+        if step in self._submitted:
+            log.info("checkpoint %s was already saved by this run; not saving it again", name)
+            return
+        if self._saver is None:
+            check_leaves(state)  # the same refusals as the async path's snapshot
+            self._save_now(job)
+        else:
+            self._saver.submit(job)
+        self._submitted.add(step)
+
+    def latest(self) -> str | None:
+        """Location (local path or remote URI) of the newest committed, intact checkpoint, or None.
+
+        Scans every `step-*` folder of both stores, newest first (the local copy first on a tie:
+        it is faster), and skips invalid ones with a warning. Local copies are checked against
+        their SHA-256; remote ones by size (load() checks the hashes as it downloads). To load
+        the checkpoint too, load_latest() reads every file once instead of twice.
+        """
+        found = self._find(skip=set(), full_hash=True)
+        return found[0].location(found[1]) if found else None
+
+    def load_latest(self, map_location: str | torch.device = "cpu",
+                    keys: Optional[Collection[str]] = None) -> Optional[tuple[str, dict[str, Any]]]:
+        """(location, state) of the newest checkpoint that loads, or None. The newest committed one
+        is chosen by its sizes and its files checked against their SHA-256 as they are read; one
+        that does not match is skipped for the next older one."""
+        skipped: set[str] = set()
+        while (found := self._find(skipped, full_hash=False)) is not None:
+            store, name = found
+            location = store.location(name)
+            try:
+                return location, load_checkpoint(location, self.storage, map_location, keys)
+            except CorruptCheckpoint as err:
+                log.warning("skipping checkpoint %s: %s", location, err)
+                skipped.add(location)
+                if self._uploader is not None and store is not self._local:
+                    self._uploader.mark_corrupt(name)  # replaced by the local copy, if there is one
+        return None
+
+    def load(self, location: str, map_location: str | torch.device = "cpu",
+             keys: Optional[Collection[str]] = None) -> dict[str, Any]:
+        """name -> object of the checkpoint at `location` (from latest()); `keys` limits the files read."""
+        return load_checkpoint(location, self.storage, map_location, keys, hash_local=self._hash_local)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait up to `timeout` s (default checkpoint.flush_timeout_s) for queued saves and pending
+        uploads. True when everything is committed locally and, with a remote, remotely, and
+        not every save of this run failed to write."""
+        if not self.is_writer:
+            return True
+        deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout is None else timeout)
+        if self._saver is not None:
+            self._saver.wait_idle(deadline)
+        if self._uploader is not None:
+            self._uploader.flush(deadline)
+        self._raise_background_error()
+        saved = self._saver is None or self._saver.idle
+        uploaded = self._uploader is None or not self._uploader.pending
+        return saved and uploaded and not self._writer.nothing_saved
+
+    def close(self) -> None:
+        """Finish queued local saves and stop the background threads. Does not wait for uploads:
+        call flush() first; what is still pending is uploaded by the next Checkpointer on this
+        local_dir."""
+        if self._saver is not None and not self._closed:
+            self._saver.close()
+        self._closed = True
+        if self._uploader is not None:
+            self._uploader.stop()
+            if self._uploader.pending:
+                log.warning("checkpoints %s were not uploaded to %s; they stay in %s and are uploaded by the "
+                            "next run using that folder", sorted(self._uploader.pending), self.remote_uri,
+                            self.local_dir)
+        self._raise_background_error()
+
+    # ------------------------------------------------------------------ saving
+    def _save_now(self, job: SaveJob) -> None:
+        """Synchronous save: commit locally, upload (with retries) and prune, all before returning."""
+        manifest = self._writer.commit(job.step, job.state, job.metrics)
+        job.blocked_s = time.perf_counter() - job.started
+        if manifest is not None:
+            self._after_local_commit(job, manifest)
+            if self._uploader is not None:
+                self._uploader.run_round(None)
+
+    def _commit(self, job: SaveJob) -> None:
+        """An async save, on the saver's thread."""
+        try:
+            manifest = self._writer.commit(job.step, job.state, job.metrics)
+            if manifest is not None:
+                self._after_local_commit(job, manifest)
+        finally:
+            if self._uploader is not None:
+                self._uploader.request_round()
+
+    def _after_local_commit(self, job: SaveJob, manifest: Manifest) -> None:
+        commit_s = time.perf_counter() - job.started
+        log.info("checkpoint step %d committed to %s in %.3f s (%.1f MB; training blocked %.3f s)",
+                 job.step, self.local_dir, commit_s, manifest.total_bytes / 1e6, job.blocked_s, extra=FILE_ONLY)
+        self._saves_log.append({"event": "save", "step": job.step, "blocked_s": round(job.blocked_s, 4),
+                                "commit_s": round(commit_s, 4), "bytes": manifest.total_bytes,
+                                "async": self.cfg.async_save, "time": manifest.created})
+        if self._uploader is None:
+            prune(self._local, self.cfg, lambda keep: set())
+            return
+        self._uploader.add_pending([step_dir_name(job.step)])
+        prune(self._local, self.cfg, self._uploader.drop_replaced)
+
+    def _not_yet_uploaded(self) -> set[str]:
+        """At start, every retained local checkpoint may be missing remotely (a crash before its
+        upload); the uploader checks each remote manifest before sending anything."""
+        _, manifests = self._local.committed()
+        return retained(manifests, self.cfg) if manifests else set()
+
+    def _raise_background_error(self) -> None:
+        for part in (self._saver, self._uploader):
+            error = part.take_error() if part is not None else None
+            if error is not None:
+                raise error
+
+    # ------------------------------------------------------------------ finding
+    def _find(self, skip: set[str], full_hash: bool) -> Optional[tuple[Store, str]]:
+        """The newest valid checkpoint of both stores not in `skip` (locations), as (store, folder).
+        Local copies are hashed with `full_hash`; remote ones are checked by size."""
+        candidates = [(step, 0, self._local, name) for name, step in self._local.step_dirs().items()]
+        remote_error = None
+        if self._uploader is not None:
+            remote = self._uploader.remote
+            try:
+                candidates += [(s, 1, remote, n) for n, s in self._uploader.list_steps().items()]
+            except ForeignRunFolder:
+                raise
+            except Exception as err:
+                remote_error = err
+        candidates = [c for c in candidates if c[2].location(c[3]) not in skip]
+        found = self._first_valid(sorted(candidates, key=lambda c: (-c[0], c[1])), full_hash)
+        if remote_error is not None:
+            self._report_unreachable(remote_error, found[0].location(found[1]) if found else None)
+        return found
+
+    def _first_valid(self, candidates: list[tuple[int, int, Store, str]],
+                     full_hash: bool) -> Optional[tuple[Store, str]]:
+        for _, _, store, name in candidates:
+            try:
+                store.verify(name, full_hash=full_hash and store is self._local)
+                return store, name
+            except InvalidCheckpoint as err:
+                log.warning("skipping checkpoint %s: %s", store.location(name), err)
+            except Exception as err:  # a store failing mid-scan, a folder deleted by retention meanwhile
+                log.warning("skipping checkpoint %s: cannot read it (%s)", store.location(name), describe(err))
+        return None
+
+    def _report_unreachable(self, err: BaseException, found: str | None) -> None:
+        """Resuming from nothing while the store may hold newer checkpoints would silently restart
+        training: that is an error. A local checkpoint is used, with a warning."""
+        if found is None:
+            raise CheckpointError(f"cannot list checkpoints at {self.remote_uri} ({describe(err)}) and there is no "
+                                  f"local one in {self.local_dir}: starting from scratch could discard the run. "
+                                  f"Check storage.endpoint_url and the credentials, or wait for the store")
+        log.warning("cannot list checkpoints at %s (%s); resuming from the local %s, which may be older",
+                    self.remote_uri, describe(err), found)

@@ -1,0 +1,183 @@
+"""The local writer: a step folder's files written and fsynced (hashed as they are written), then
+committed by its manifest (an atomic rename), then the `latest` pointer.
+
+Which files a process writes is a `StateWriter`'s job, committing is `commit_folder`'s: a sharded
+save (several ranks writing parts of one checkpoint) is a new StateWriter whose entries name their
+rank, gathered into one manifest that one process commits, last, as here.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional, Protocol
+
+import torch
+
+from jobs.checkpoint.errors import describe, log
+from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
+from jobs.checkpoint.store import Store
+from jobs.storage import MANIFEST
+
+POINTER = "latest"
+SAVES_LOG = "saves.jsonl"
+
+
+class StateWriter(Protocol):
+    """Writes this process's files of one checkpoint into its step folder and says what it wrote
+    (size and SHA-256 per file). It does not commit: the manifest does, once every file is on disk."""
+
+    def write(self, folder: Path, state: dict[str, Any]) -> dict[str, FileEntry]: ...
+
+
+class TorchFileWriter:
+    """One torch.save file per top-level state key (`model.pt`, `optimizer.pt`, ...), all written
+    by one process."""
+
+    def write(self, folder: Path, state: dict[str, Any]) -> dict[str, FileEntry]:
+        return {f"{key}.pt": save_hashed(obj, folder / f"{key}.pt") for key, obj in state.items()}
+
+
+class LocalWriter:
+    """Commits checkpoints into the local folder. A write error (a full disk, a quota) costs that
+    save, not the run: the partial folder is removed and the error logged."""
+
+    def __init__(self, store: Store, run_id: Optional[str], files: Optional[StateWriter] = None) -> None:
+        self.store, self.run_id = store, run_id
+        self.folder = Path(store.root)
+        self.files = files or TorchFileWriter()
+        self._lock = threading.Lock()
+        self.committed = self.failed = 0  # saves of this run
+
+    def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> Optional[Manifest]:
+        """Write the files, then the manifest (the commit), then the pointer. None if already there
+        or if the disk refused the write."""
+        folder = self.folder / step_dir_name(step)
+        if self.store.is_intact(folder.name):
+            log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
+                        folder, step)
+            self._count(committed=True)
+            return None
+        try:
+            manifest = self._write_folder(folder, step, state, metrics)
+        except OSError as err:
+            self._discard_failed_save(folder, step, err)
+            return None
+        self._count(committed=True)
+        try:
+            write_atomic(self.folder / POINTER, folder.name + "\n")
+        except OSError as err:  # the checkpoint is committed: the pointer is only a hint for humans
+            log.warning("could not update %s (%s)", self.folder / POINTER, describe(err))
+        return manifest
+
+    @property
+    def nothing_saved(self) -> bool:
+        """Every save of this run failed to write (and there was at least one)."""
+        with self._lock:
+            return self.failed > 0 and self.committed == 0
+
+    def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float]) -> Manifest:
+        if folder.exists():
+            (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
+            shutil.rmtree(folder)  # an interrupted or corrupt save of this step
+        folder.mkdir(parents=True)
+        manifest = Manifest(step, metrics, time.time(), self.files.write(folder, state), self.run_id)
+        commit_folder(folder, manifest)
+        return manifest
+
+    def _discard_failed_save(self, folder: Path, step: int, err: OSError) -> None:
+        """The partial folder goes, training continues, and the next save tries again."""
+        shutil.rmtree(folder, ignore_errors=True)
+        self._count(committed=False)
+        log.error("checkpoint step %d NOT saved: writing %s failed (%s). Removed the partial folder; training "
+                  "continues and the next save tries again. Free space in %s", step, folder, describe(err),
+                  self.folder)
+
+    def _count(self, committed: bool) -> None:
+        with self._lock:
+            if committed:
+                self.committed += 1
+            else:
+                self.failed += 1
+
+
+def commit_folder(folder: Path, manifest: Manifest) -> None:
+    """The commit: every file's directory entry made durable, then the manifest, atomically."""
+    fsync_path(folder)
+    write_atomic(folder / MANIFEST, manifest.to_json())
+
+
+class SavesLog:
+    """`saves.jsonl`: one JSON line per save and per upload (timings, bytes), from either thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def append(self, record: dict[str, Any]) -> None:
+        try:
+            with self._lock, open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:  # timings only: a full disk must not cost the checkpoint itself
+            log.warning("could not append to %s (%s)", self.path, describe(err))
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    fsync_path(tmp)
+    os.replace(tmp, path)
+    fsync_path(path.parent)  # the rename itself must survive a power cut
+
+
+class HashingWriter:
+    """The file object torch.save writes through: hashes what it writes (no second read) and
+    writes with the GIL released. torch.save(obj, path) writes each tensor holding the GIL, which
+    stalls the training thread for ~0.1 s per 100 MB; here it gets memoryviews and hands them to
+    hashlib and an unbuffered file, both of which release the GIL."""
+
+    def __init__(self, f: io.RawIOBase) -> None:
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+        self.error: Optional[OSError] = None  # torch.save turns it into a RuntimeError without the errno
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.digest.update(data)
+        view = memoryview(data)
+        written = 0
+        try:
+            while written < len(view):
+                written += self.f.write(view[written:]) or 0
+        except OSError as err:
+            self.error = self.error or err
+            raise
+        self.size += written
+        return written
+
+    def flush(self) -> None:
+        pass  # unbuffered: nothing held back
+
+
+def save_hashed(obj: Any, path: Path) -> FileEntry:
+    with open(path, "wb", buffering=0) as f:
+        writer = HashingWriter(f)  # type: ignore[arg-type]
+        try:
+            torch.save(obj, writer)  # type: ignore[arg-type]
+        except RuntimeError:
+            if writer.error is not None:
+                raise writer.error from None
+            raise
+        os.fsync(f.fileno())
+    return FileEntry(writer.size, writer.digest.hexdigest())

@@ -1,0 +1,42 @@
+"""Retention: which committed checkpoints to keep (the last K and the best one), and pruning the rest."""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from jobs.checkpoint.errors import FILE_ONLY, log
+from jobs.checkpoint.manifest import Manifest
+from jobs.checkpoint.store import Store
+from schema import CheckpointConfig
+
+
+def retained(manifests: dict[str, Manifest], cfg: CheckpointConfig) -> set[str]:
+    """The newest `keep_last` committed checkpoints plus the best one by `best_metric`."""
+    newest = sorted(manifests, key=lambda n: manifests[n].step, reverse=True)
+    keep = set(newest[:cfg.keep_last])
+    if cfg.best_metric:
+        sign = 1.0 if cfg.best_mode == "max" else -1.0
+        scored = [(sign * m.metrics[cfg.best_metric], m.step, n) for n, m in manifests.items()
+                  if not math.isnan(m.metrics.get(cfg.best_metric, math.nan))]
+        if scored:
+            keep.add(max(scored)[2])  # ties: the newer one
+    return keep
+
+
+def prune(store: Store, cfg: CheckpointConfig, protected: Callable[[set[str]], set[str]]) -> None:
+    """Delete committed checkpoints outside `retained()` and uncommitted folders older than the
+    newest committed one (newer ones may still be in progress). `protected(keep)` names folders
+    that must stay anyway (being uploaded, waiting for upload)."""
+    dirs, manifests = store.committed()
+    if not manifests:
+        return  # never delete the only candidates for resume
+    keep = retained(manifests, cfg)
+    keep |= protected(keep)
+    newest = max(m.step for m in manifests.values())
+    for name, step in sorted(dirs.items(), key=lambda item: item[1]):
+        if name in keep or (name not in manifests and step >= newest):
+            continue
+        what = "committed" if name in manifests else "uncommitted leftover"
+        log.info("deleting %s checkpoint %s (retention: keep_last=%d, best_metric=%s)",
+                 what, store.location(name), cfg.keep_last, cfg.best_metric, extra=FILE_ONLY)
+        store.remove(name)
