@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from jobs.checkpoint import Checkpointer
-from jobs.weights import export_model
+from jobs.weights import strip_prefixes, write_weights
 from schema import ClusterConfig, RecipeConfig, load_resolved
 from launcher.runs import checkpoint_uri
 
 
 def export_run(run_dir: Path, to: str) -> str:
-    """Write the weights to `to` (path or URI); returns where they came from. A completed run that
-    kept no checkpoint falls back to its final model.pt."""
+    """Write the weights to `to` (path or URI, with the cluster's storage options); returns where
+    they came from. A completed run that kept no checkpoint falls back to its final model.pt."""
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     info = json.loads((run_dir / "run.json").read_text())
@@ -22,15 +22,15 @@ def export_run(run_dir: Path, to: str) -> str:
     ckpt = Checkpointer(recipe.checkpoint, run_dir / "checkpoints", checkpoint_uri(recipe, info["run_name"]),
                         cluster.storage, is_writer=False, run_id=info.get("run_id"))
     try:
-        where = ckpt.latest()
+        found = ckpt.load_latest(map_location="cpu", keys=["model"])  # each file read once, hashes checked
     finally:
         ckpt.close()
-    if where is None:
-        final = run_dir / "model.pt"
-        if not final.exists():
-            raise FileNotFoundError(f"run {run_dir.name} has no committed checkpoint and no final model.pt")
-        Path(to).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(torch.load(final, map_location="cpu", weights_only=True), Path(to))
-        return str(final)
-    export_model(where, to, cluster.storage)
-    return where
+    if found is not None:
+        where, state = found
+        write_weights(strip_prefixes(state["model"]), to, cluster.storage)
+        return where
+    final = run_dir / "model.pt"
+    if not final.exists():
+        raise FileNotFoundError(f"run {run_dir.name} has no committed checkpoint and no final model.pt")
+    write_weights(torch.load(final, map_location="cpu", weights_only=True), to, cluster.storage)
+    return str(final)
