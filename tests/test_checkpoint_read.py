@@ -93,17 +93,16 @@ def test_node_mates_of_local_rank_0_check_sizes_only(tmp_path: Path, hashed: Has
     saved(tmp_path, steps=(1,))
     location = str(tmp_path / step_dir_name(1))
     flip_a_byte(tmp_path / step_dir_name(1) / "model.pt")
-    mate = Checkpointer(CheckpointConfig(), tmp_path, None, StorageConfig(), is_writer=False, local_rank=1)
-    first = Checkpointer(CheckpointConfig(), tmp_path, None, StorageConfig(), is_writer=False, local_rank=0)
+    reader = Checkpointer(CheckpointConfig(), tmp_path, None, StorageConfig(), is_writer=False)
     hashed.total = 0
-    mate.load(location)  # local rank 0 of this node hashes these very files
+    reader.load(location, hash_local=False)  # a node-mate of local rank 0, which hashes these very files
     assert hashed.total == 0
     with pytest.raises(CorruptCheckpoint, match="model.pt"):
-        first.load(location)
+        reader.load(location)
     model = tmp_path / step_dir_name(1) / "model.pt"
     model.write_bytes(model.read_bytes()[:-10])
     with pytest.raises(CorruptCheckpoint, match="model.pt"):
-        mate.load(location)  # sizes are still checked
+        reader.load(location, hash_local=False)  # sizes are still checked
 
 
 def test_a_file_replaced_while_it_is_read_is_not_trusted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -14,6 +14,8 @@ import yaml
 from conftest import REPO, run_cli
 from s3_server import TEST_CREDENTIALS, S3Server, start_s3_server
 
+pytestmark = pytest.mark.slow  # a training run through the real CLI and a moto server on loopback
+
 RUN = ["trainer.max_steps=4", "checkpoint.every_steps=0", "checkpoint.at_end=true", "parallel.procs_per_node=1",
        "logging.progress_bar=false"]
 

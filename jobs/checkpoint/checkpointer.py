@@ -33,18 +33,13 @@ class Checkpointer:
     With a `run_id`, the remote folder belongs to that run: its owner record (`run-owner.json`) is
     written before the first upload, and a folder owned by another run is neither read, written
     nor pruned (ForeignRunFolder).
-
-    `local_rank` (this process's rank on its node), when given, lets load() hash local files only
-    on local rank 0: its node-mates read the same files and check their sizes. Without it every
-    load() hashes what it reads. load_latest() always does.
     """
 
     def __init__(self, cfg: CheckpointConfig, local_dir: Path, remote: str | None, storage: StorageConfig,
-                 is_writer: bool = True, run_id: Optional[str] = None, local_rank: Optional[int] = None) -> None:
+                 is_writer: bool = True, run_id: Optional[str] = None) -> None:
         self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
         self.local_dir = Path(local_dir).absolute()
         self.remote_uri = remote.rstrip("/") if remote else None
-        self._hash_local = local_rank in (None, 0)
         self._local = Store(LocalFileSystem(), str(self.local_dir), str(self.local_dir))
         self._saves_log = SavesLog(self.local_dir / SAVES_LOG)
         self._writer = LocalWriter(self._local, run_id)
@@ -116,10 +111,16 @@ class Checkpointer:
                     self._uploader.mark_corrupt(name)  # replaced by the local copy, if there is one
         return None
 
-    def load(self, location: str, map_location: str | torch.device = "cpu",
-             keys: Optional[Collection[str]] = None) -> dict[str, Any]:
-        """name -> object of the checkpoint at `location` (from latest()); `keys` limits the files read."""
-        return load_checkpoint(location, self.storage, map_location, keys, hash_local=self._hash_local)
+    def load(self, location: str, map_location: str | torch.device = "cpu", keys: Optional[Collection[str]] = None,
+             hash_local: bool = True) -> dict[str, Any]:
+        """name -> object of the checkpoint at `location` (from latest()); `keys` limits the files read.
+
+        Every file's size and SHA-256 is checked as it is read. `hash_local=False` checks only the
+        sizes of local files, for a rank whose node-mate (local rank 0) hashes or hashed the same
+        files: several ranks of a node loading one checkpoint hash it once. Downloads are always
+        hashed: each can differ.
+        """
+        return load_checkpoint(location, self.storage, map_location, keys, hash_local)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait up to `timeout` s (default checkpoint.flush_timeout_s) for queued saves and pending

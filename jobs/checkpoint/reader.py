@@ -42,8 +42,7 @@ def load_checkpoint(location: str, storage: StorageConfig, map_location: str | t
     CorruptCheckpoint for a file that does not match.
 
     `hash_local=False` checks only the sizes of files on a local file system: for a rank whose
-    node-mate (local rank 0) hashes the same files; downloads are always hashed, since each
-    download can differ.
+    node-mate (local rank 0) hashes the same files. Downloads are always hashed: each can differ.
     """
     fs, root = filesystem(location, storage)
     store = Store(fs, root, location)

@@ -146,7 +146,7 @@ class Uploader:
         that fails: the store is probably down, and the rest would wait out the same backoff."""
         todo = sorted(self.pending)
         # Checked before every round: another run may have claimed the folder since the last one.
-        if todo and self.with_backoff("owner check", lambda: self.check_owner(claim=True), deadline) is not None:
+        if todo and self._with_backoff("owner check", lambda: self.check_owner(claim=True), deadline) is not None:
             return False
         for name in todo:
             with self._lock:
@@ -163,7 +163,7 @@ class Uploader:
             with self._lock:
                 self._pending.discard(name)
         if todo:  # every pending checkpoint is up: nothing half-uploaded to protect
-            self.with_backoff("pruning", lambda: prune(self.remote, self.cfg, lambda keep: set()), deadline)
+            self._with_backoff("pruning", lambda: prune(self.remote, self.cfg, lambda keep: set()), deadline)
         return True
 
     # ------------------------------------------------------------------ one checkpoint
@@ -228,10 +228,10 @@ class Uploader:
                                "bytes": manifest.total_bytes, "time": time.time()})
         if manifest.step > self._pointer_step:  # a pointer is only a hint, but never move it backwards
             self._pointer_step = manifest.step
-            self.with_backoff("pointer update", lambda: self._put_text("", POINTER, name + "\n"), None)
+            self._with_backoff("pointer update", lambda: self._put_text("", POINTER, name + "\n"), None)
 
     # ------------------------------------------------------------------ retries
-    def with_backoff(self, what: str, action: Callable[[], Any], deadline: Optional[float]) -> Optional[Exception]:
+    def _with_backoff(self, what: str, action: Callable[[], Any], deadline: Optional[float]) -> Optional[Exception]:
         """Run `action` up to `upload_retries` times with exponential backoff (capped, and cut
         short by `deadline` or stop()); None once it worked, else the last error."""
         attempts, attempt = self.cfg.upload_retries, 0
@@ -251,7 +251,7 @@ class Uploader:
                     return err
 
     def _retry(self, what: str, action: Callable[[], Any], deadline: Optional[float]) -> bool:
-        if self.with_backoff(what, action, deadline) is None:
+        if self._with_backoff(what, action, deadline) is None:
             return True
         log.warning("%s left pending: retried at the next save and by flush()", what)
         return False
@@ -266,7 +266,7 @@ class Uploader:
             self.check_owner(claim=False)  # another run's checkpoints are not this run's to resume from
             found.update(self.remote.step_dirs())
 
-        error = self.with_backoff("listing", listing, None)
+        error = self._with_backoff("listing", listing, None)
         if error is not None:
             raise error
         return found
