@@ -5,7 +5,6 @@ environment (torchrun's variables), and knows nothing about which backend starte
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -23,7 +22,7 @@ from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.trainer import RunInfo, train
 from schema import ClusterConfig, RecipeConfig, load_resolved, to_dict
-from launcher.runs import checkpoint_uri
+from schema.run_dir import Run, checkpoint_uri
 from schema.secrets import RedactFilter, secret_values
 
 
@@ -82,10 +81,9 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
-    info = json.loads((run_dir / "run.json").read_text())
-    run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
-                  resume=force_resume or info.get("resume", "auto") == "auto",
-                  checkpoint_uri=checkpoint_uri(recipe, info["run_name"]))  # run.json shows it redacted
+    info = Run(run_dir.name, run_dir).readable_info()
+    run = RunInfo(run_dir=run_dir, run_name=info.run_name, run_id=info.run_id, resume=force_resume or info.resume == "auto",
+                  checkpoint_uri=checkpoint_uri(recipe, info.run_name))  # run.json shows it redacted
     try:
         result = train(recipe, run, cluster.storage, env, stop)
     except BaseException:

@@ -56,10 +56,10 @@ def _load_recipe(args: argparse.Namespace) -> RecipeConfig:
 def _report(run: Run, code: int) -> int:
     result = run.result()
     if result:
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("val/"))
-        print(f"{result['outcome']} at step {result['step']}: {metrics}", flush=True)
-        if result["outcome"] == "preempted":
-            print(f"stopped by {result['signal']} after a checkpoint; the same command resumes it", flush=True)
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("val/"))
+        print(f"{result.outcome} at step {result.step}: {metrics}", flush=True)
+        if result.outcome == "preempted":
+            print(f"stopped by {result.signal} after a checkpoint; the same command resumes it", flush=True)
             return code or 1
     elif code != 0:
         print(f"run failed with exit code {code}; logs: {run.dir / 'logs'}", file=sys.stderr)

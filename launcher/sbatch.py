@@ -156,7 +156,7 @@ def submit(run: Run, script: Path) -> str:
     if proc.returncode != 0:
         raise UsageError(f"sbatch refused {script} (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
-    run.update(job_id=job_id, job_ids=run.info().get("job_ids", []) + [job_id], sbatch_script=str(script),
+    run.update(job_id=job_id, job_ids=run.info().job_ids + [job_id], sbatch_script=str(script),
                state="submitted")
     return job_id
 

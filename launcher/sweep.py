@@ -334,11 +334,11 @@ def _run_locally(todo: list[tuple[Trial, RecipeConfig]], cluster: ClusterConfig,
         print(f"[{i + 1}/{len(todo)}] trial {trial.name}: {' '.join(trial.overrides)}", flush=True)
         code = local.launch(recipe, cluster, run)
         result = run.result()
-        if result.get("signal"):  # Ctrl-C / SIGTERM reached the ranks: they saved; resume by re-running
-            print(f"trial {trial.name} stopped by {result['signal']} at step {result.get('step')}; the sweep stops "
+        if result.signal:  # Ctrl-C / SIGTERM reached the ranks: they saved; resume by re-running
+            print(f"trial {trial.name} stopped by {result.signal} at step {result.step}; the sweep stops "
                   "here (run the same command again to resume it)", file=sys.stderr, flush=True)
             return 1
-        if code != 0 or result.get("outcome") != "completed":
+        if code != 0 or result.outcome != "completed":
             failed.append(trial.name)
             print(f"trial {trial.name} failed (exit code {code}); logs: {run.dir / 'logs'}", file=sys.stderr,
                   flush=True)
@@ -363,7 +363,7 @@ def _submit_array(todo: list[tuple[Trial, RecipeConfig]], cluster: ClusterConfig
         executor.update_parameters(array_parallelism=args.max_parallel)
     jobs = executor.map_array(rank_main, [str(run.dir) for run in runs])
     for run, job in zip(runs, jobs):
-        run.update(job_id=job.job_id, job_ids=run.info().get("job_ids", []) + [job.job_id],
+        run.update(job_id=job.job_id, job_ids=run.info().job_ids + [job.job_id],
                    submitit_folder=str(folder), state="submitted", sweep=record["name"])
         _set_trial_job(record, run.name, job.job_id)
     array_id = jobs[0].job_id.split("_")[0]
@@ -393,7 +393,7 @@ def _wait_all(root: Path, record: dict[str, Any], poll_s: float = 3.0, lost_afte
                     continue
                 unknown_since.pop(run_name, None)
                 # rank 0 marks "requeued" before `scontrol requeue`; the job runs again and marks "running"
-                if state in TERMINAL and Run(run_name, root / run_name).info().get("state") != "requeued":
+                if state in TERMINAL and Run(run_name, root / run_name).info().state != "requeued":
                     final[run_name] = state
                     del pending[run_name]
             if pending:
@@ -403,7 +403,7 @@ def _wait_all(root: Path, record: dict[str, Any], poll_s: float = 3.0, lost_afte
               f"(launcher sweep-status {record['name']})", file=sys.stderr)
         return 130
     bad = {n: s for n, s in final.items()
-           if s != "COMPLETED" or Run(n, root / n).result().get("outcome") != "completed"}
+           if s != "COMPLETED" or Run(n, root / n).result().outcome != "completed"}
     for run_name, state in bad.items():
         print(f"trial {run_name}: Slurm {state}; logs: launcher logs {run_name}", file=sys.stderr)
     return 1 if bad else 0
@@ -431,10 +431,10 @@ def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str
         run = Run(entry["run_name"], root / entry["run_name"])
         state = trial_state(run)
         result = run.result()
-        final = metric in result
-        step, value = (result.get("step"), result[metric]) if final else _latest_logged(run, metric)
+        final = metric in result.metrics
+        step, value = (result.step, result.metrics[metric]) if final else _latest_logged(run, metric)
         rows.append({"run": run.name, "overrides": " ".join(entry["overrides"]), "state": state,
-                     "step": step if step is not None else result.get("step"), "metric": value, "final": final})
+                     "step": step if step is not None else result.step, "metric": value, "final": final})
     return rows
 
 

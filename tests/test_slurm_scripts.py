@@ -215,10 +215,10 @@ def test_after_srun_counts_the_first_failing_rank_then_stops(tmp_path: Path, stu
         slurm.record_failure(run, 0, "Traceback ...\nRuntimeError: Connection closed by peer\n")
         slurm.after_srun(run)
         info = run.info()
-        assert info["requeues"] == {"failures": 1}, info
-        assert info["last_requeue"] == "rank 1: RuntimeError: boom on rank 1"
-    assert info["state"] == "stopped" and "failures limit of 1 reached" in info["stop_reason"]
-    assert "rank 1: RuntimeError: boom on rank 1" in info["stop_reason"]
+        assert info.requeues == {"failures": 1}, info
+        assert info.last_requeue == "rank 1: RuntimeError: boom on rank 1"
+    assert info.state == "stopped" and "failures limit of 1 reached" in info.stop_reason
+    assert "rank 1: RuntimeError: boom on rank 1" in info.stop_reason
     assert [c["argv"] for c in calls(tmp_path / "scontrol.jsonl")] == [["requeue", "7"]]  # requeued once
 
 
@@ -228,7 +228,7 @@ def test_after_srun_leaves_a_decided_run_alone(tmp_path: Path, stub_bin: Path, m
     slurm.record_failure(run, 1, "RuntimeError: late\n")
     run.update(state="requeued", requeues={"preemptions": 1})  # rank 0 already requeued after a preemption
     slurm.after_srun(run)
-    assert run.info()["requeues"] == {"preemptions": 1} and not calls(tmp_path / "scontrol.jsonl")
+    assert run.info().requeues == {"preemptions": 1} and not calls(tmp_path / "scontrol.jsonl")
 
 
 def test_after_srun_finds_the_run_of_a_job_array_element(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

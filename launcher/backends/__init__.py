@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from schema import ClusterConfig
 from schema.errors import UsageError
-from launcher.runs import Run
+from schema.run_dir import Run, RunInfo, RunResult
 
 # Slurm states (as `status` reports them) of a job that still runs or will run again
 LIVE_SLURM_STATES = {"running", "pending", "requeued", "submitted", "configuring", "completing", "suspended",
@@ -42,10 +42,10 @@ def process_start(pid: int) -> Optional[int]:
     return None if fields[0] in ("Z", "X") else int(fields[19])  # fields[0] is field 3, the state
 
 
-def run_process(info: dict[str, Any], pid_key: str, start_key: str) -> Optional[int]:
+def run_process(info: RunInfo, pid_key: str, start_key: str) -> Optional[int]:
     """The pid in run.json under `pid_key` if that process is alive and is still the one the launcher
     recorded (same start time); None otherwise."""
-    pid = info.get(pid_key)
+    pid = getattr(info, pid_key)
     if not isinstance(pid, int) or pid <= 0:  # 0 and -1 would signal a process group or every process
         return None
     try:
@@ -55,12 +55,12 @@ def run_process(info: dict[str, Any], pid_key: str, start_key: str) -> Optional[
     if not _PROC:
         return pid  # no start times on this system: trust the pid
     start = process_start(pid)
-    return pid if start is not None and start == info.get(start_key) else None
+    return pid if start is not None and start == getattr(info, start_key) else None
 
 
 def status(run: Run) -> dict[str, Any]:
     info = run.info()
-    if info.get("backend") == "slurm":
+    if info.backend == "slurm":
         from launcher.backends import slurm
 
         return {**slurm.status(run), **_notes(run)}
@@ -69,11 +69,11 @@ def status(run: Run) -> dict[str, Any]:
     if pid:
         state = "running"
     elif result:
-        state = result.get("outcome", "unknown")
+        state = result.outcome
     elif run.problems():
         state = "unknown"
     else:
-        state = "failed" if info.get("launches") else "unknown"
+        state = "failed" if info.launches else "unknown"
     running = {"pid": pid} if pid else {}
     return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running,
             **_summary(result), **_notes(run)}
@@ -88,10 +88,10 @@ def refuse_if_running(run: Run) -> None:
     """UsageError naming the live process or Slurm job if `run` is running (or queued): a second launch
     must not rewrite its directory under it."""
     info = run.info()
-    if not info:
+    if not info.run_name:
         return
-    if info.get("backend") == "slurm" and shutil.which("sacct") is None:
-        raise UsageError(f"run {run.name} ({run.dir}) was submitted to Slurm as job {info.get('job_id')}, and "
+    if info.backend == "slurm" and shutil.which("sacct") is None:
+        raise UsageError(f"run {run.name} ({run.dir}) was submitted to Slurm as job {info.job_id}, and "
                          "without `sacct` on PATH this machine cannot tell whether it still runs", hint="launch it "
                          "from the Slurm login node, or choose another --run-name")
     state = status(run)
@@ -106,7 +106,7 @@ def refuse_if_running(run: Run) -> None:
 
 def cancel(run: Run) -> str:
     info = run.info()
-    if info.get("backend") == "slurm":
+    if info.backend == "slurm":
         from launcher.backends import slurm
 
         return slurm.cancel(run)
@@ -117,5 +117,6 @@ def cancel(run: Run) -> str:
     return f"sent SIGTERM to run {run.name} (pid {pid}); it saves a checkpoint and stops"
 
 
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k in ("step", "epoch", "val/acc", "val/loss", "signal")}
+def _summary(result: RunResult) -> dict[str, Any]:
+    flat = {k: v for k, v in result.to_dict().items() if v is not None}
+    return {k: v for k, v in flat.items() if k in ("step", "epoch", "val/acc", "val/loss", "signal")}

@@ -50,7 +50,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
         return _wait(child)
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
-            outcome = run.result().get("outcome") or ("failed" if child.returncode else "finished")
+            outcome = run.result().outcome or ("failed" if child.returncode else "finished")
             run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
                        exit_code=child.returncode)
 

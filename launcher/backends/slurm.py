@@ -105,7 +105,7 @@ def record_failure(run: Run, rank: int, error: str) -> None:
 def after_srun(run: Run) -> None:
     """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
     Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
-    if run.info().get("state") in ("requeued", "stopped", "completed", "cancelled"):
+    if run.info().state in ("requeued", "stopped", "completed", "cancelled"):
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
     records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
@@ -127,7 +127,7 @@ def _after_run(run: Run, cfg: SlurmConfig, result: dict[str, Any], elapsed: floa
 
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
     """Count preemptions, time-outs and failures separately; past its limit a job stops requeueing."""
-    counts = dict(run.info().get("requeues", {}))
+    counts = dict(run.info().requeues)
     limit = {"preemptions": cfg.max_preemptions, "timeouts": cfg.max_timeouts, "failures": cfg.max_failures}[kind]
     if counts.get(kind, 0) >= limit:
         message = f"not requeued: {kind} limit of {limit} reached (slurm.max_{kind}); last: {why}"
@@ -246,7 +246,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
     # file of an older job with the same id must never be read back.
     from submitit.core.utils import FailedJobError
 
-    folder = run.dir / "submitit" / f"launch-{run.info().get('launches', 1)}"
+    folder = run.dir / "submitit" / f"launch-{run.info().launches or 1}"
     try:
         job = make_executor(recipe, cluster, run, folder).submit(rank_main, str(run.dir))
     except FailedJobError as err:  # sbatch refused: the config asks for something this cluster does not have
@@ -254,7 +254,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
         raise UsageError(f"sbatch refused the job of run {run.name}: {errors.one_line(str(err).strip(), 300)}",
                          hint=f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
                          "scontrol show partition)") from None
-    jobs = run.info().get("job_ids", []) + [job.job_id]
+    jobs = run.info().job_ids + [job.job_id]
     run.update(job_id=job.job_id, job_ids=jobs, submitit_folder=str(folder), state="submitted")
     print(f"submitted Slurm job {job.job_id} for run {run.name} (logs: launcher logs {run.name})", flush=True)
     return wait_for(run) if wait else 0
@@ -263,7 +263,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
 def _forget_unsubmitted(run: Run) -> None:
     """A run directory made by a launch that never got a job is removed: nothing stays behind."""
     info = run.info()
-    if info.get("launches") == 1 and not info.get("job_ids"):
+    if info.launches == 1 and not info.job_ids:
         shutil.rmtree(run.dir, ignore_errors=True)
 
 
@@ -318,39 +318,39 @@ def expand_job_ids(job: str) -> list[str]:
 
 def wait_for(run: Run, poll_s: float = 2.0) -> int:
     """Block until the job stops for good, requeues included; 0 if the run completed."""
-    job_id = run.info()["job_id"]
+    job_id = run.info().job_id
     while True:
         state = sacct_state(job_id)
         # rank 0 marks "requeued" before `scontrol requeue`; the job runs again and marks "running"
-        if state in TERMINAL and run.info().get("state") != "requeued":
+        if state in TERMINAL and run.info().state != "requeued":
             break
         time.sleep(poll_s)
-    outcome = run.result().get("outcome")
-    print(f"Slurm job {job_id}: {state}, run {run.info().get('state')}", flush=True)
+    outcome = run.result().outcome
+    print(f"Slurm job {job_id}: {state}, run {run.info().state}", flush=True)
     return 0 if state == "COMPLETED" and outcome == "completed" else 1
 
 
 def status(run: Run) -> dict[str, Any]:
     info = run.info()
-    job_id = info.get("job_id")
+    job_id = info.job_id
     slurm_state = sacct_state(job_id) if job_id else "UNKNOWN"
     result = run.result()
     state = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
              "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}.get(slurm_state.split()[0],
                                                                                      slurm_state.lower())
-    if state in ("completed", "failed") and info.get("state") == "stopped":
+    if state in ("completed", "failed") and info.state == "stopped":
         state = "stopped"  # past a requeue limit: stop_reason says which
     out: dict[str, Any] = {"run": run.name, "state": state, "backend": "slurm", "job_id": job_id,
                            "slurm_state": slurm_state, "dir": str(run.dir),
-                           "requeues": info.get("requeues", {})}
-    if info.get("stop_reason"):
-        out["stop_reason"] = info["stop_reason"]
-    out.update({k: v for k, v in result.items() if k in ("step", "epoch", "val/acc", "val/loss", "outcome")})
+                           "requeues": info.requeues}
+    if info.stop_reason:
+        out["stop_reason"] = info.stop_reason
+    out.update({k: v for k, v in result.to_dict().items() if v is not None and k in ("step", "epoch", "val/acc", "val/loss", "outcome")})
     return out
 
 
 def cancel(run: Run) -> str:
-    job_id = run.info().get("job_id")
+    job_id = run.info().job_id
     if not job_id:
         return f"run {run.name} has no Slurm job"
     subprocess.run(["scancel", job_id], check=True, timeout=60)
