@@ -14,8 +14,12 @@ from torch.utils.data import Dataset, DistributedSampler
 from jobs.data import ImageFolder, build_datasets
 from jobs.models import build_model, freeze, summary
 from jobs.pretrained import load_pretrained
+from jobs.storage import filesystem
 from jobs.trainer import _lr_lambda, _micro_batches
+from s3_server import S3Server, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 from schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
+
+s3_server = pytest.fixture(scope="module")(s3_server_fixture)
 
 # torchvision's vgg11: conv layers at these feature indices, classifier Linear at 0, 3, 6
 VGG11_KEYS = [f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13, 16, 18) for p in ("weight", "bias")] + \
@@ -101,6 +105,21 @@ def test_image_folder_local_and_fsspec(tmp_path: Path, scheme: str) -> None:
     data = ImageFolder(root, image_size=16, channels=3)
     assert data.classes == ["class0", "class1", "class2"] and len(data) == 12
     x, y = data[0]
+    assert x.shape == (3, 16, 16) and y in (0, 1, 2) and x.std() > 0
+
+
+@pytest.mark.slow  # a moto server on loopback (tier 2)
+def test_image_folder_on_s3_reads_through_the_storage_endpoint(s3_server: S3Server, s3_env: dict[str, str]) -> None:
+    """The endpoint is in the cluster's `storage:` section only (s3_env leaves no AWS_ENDPOINT_URL), as for
+    checkpoints; the image folder used to ignore it and ask AWS itself."""
+    s3_server.create_bucket("images")
+    storage = StorageConfig(endpoint_url=s3_server.endpoint)
+    fs, path = filesystem("s3://images/digits", storage)
+    _write_image_folder(fs, path)
+    train, val = build_datasets(DataConfig(name="image_folder", root="s3://images/digits"),
+                                ModelConfig(in_channels=3, image_size=16, num_classes=3), storage)
+    assert len(train) + len(val) == 12 and train.dataset.classes == ["class0", "class1", "class2"]
+    x, y = train[0]
     assert x.shape == (3, 16, 16) and y in (0, 1, 2) and x.std() > 0
 
 
