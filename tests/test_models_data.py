@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from conftest import run_cli
 from jobs.data import ImageFolder, build_datasets
 from jobs.models import build_model, freeze, summary
 from jobs.pretrained import load_pretrained
@@ -121,6 +122,23 @@ def test_image_folder_on_s3_reads_through_the_storage_endpoint(s3_server: S3Serv
     assert len(train) + len(val) == 12 and train.dataset.classes == ["class0", "class1", "class2"]
     x, y = train[0]
     assert x.shape == (3, 16, 16) and y in (0, 1, 2) and x.std() > 0
+
+
+@pytest.mark.slow  # a training run through the real CLI
+@pytest.mark.xfail(strict=True, reason="the trainer passes the cluster's storage to build_datasets")
+def test_run_on_an_s3_image_folder_uses_the_clusters_endpoint(s3_server: S3Server, s3_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    s3_server.create_bucket("run-images")
+    fs, path = filesystem("s3://run-images/digits", StorageConfig(endpoint_url=s3_server.endpoint))
+    _write_image_folder(fs, path)
+    cluster = tmp_path / "s3.yaml"
+    cluster.write_text(f"backend: local\nstorage:\n  endpoint_url: {s3_server.endpoint}\n")
+    proc = run_cli("launch", "digits", "data.name=image_folder", "data.root=s3://run-images/digits",
+                   "model.num_classes=3", "parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=2",
+                   "trainer.global_batch=4", "trainer.micro_batch=4", "--cluster", str(cluster), "--run-name", "s3img",
+                   runs_dir=tmp_path / "runs")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "completed at step 2" in proc.stdout
 
 
 def test_lr_warmup_then_cosine_and_step() -> None:
