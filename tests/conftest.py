@@ -58,7 +58,7 @@ T = TypeVar("T")
 def wait_until(predicate: Callable[[], T], what: str, timeout: float = 240, poll: float = 0.2) -> T:
     """Call `predicate` every `poll` seconds until it returns something true, and return that.
 
-    After `timeout` seconds a TimeoutError names `what` was waited for. A predicate that sees the
+    After `timeout` seconds a TimeoutError says what was waited for (`what`). A predicate that sees the
     wait is hopeless (the process it watches has died) raises, and that error ends the wait at once.
     """
     deadline = time.monotonic() + timeout
