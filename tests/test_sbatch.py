@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import read_result, run_cli
+from conftest import read_result, run_cli, wait_until
 from launcher.backends.slurm import sacct_state
 from schema import load_cluster, load_recipe
 from schema.errors import ConfigError
@@ -298,17 +298,20 @@ def test_failing_setup_line_stops_before_srun(tmp_path: Path) -> None:
 # The `slurm` fixture (conftest.py) starts the local Slurm, skipping only where it cannot be installed.
 def wait_done(run_dir: Path, job_id: str, timeout: float = 180) -> str:
     """Until Slurm says the job ended and rank 0 is not in the middle of requeueing it."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    def ended() -> str:
         state = sacct_state(job_id)
         info = json.loads((run_dir / "run.json").read_text())
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") \
                 and info.get("state") != "requeued":
             return state
-        time.sleep(1)
-    subprocess.run(["scancel", job_id], timeout=60)
-    raise AssertionError(f"job {job_id} not done after {timeout} s (state {state}); "
-                         f"{_tail(run_dir / f'slurm-{job_id}.out')}")
+        return ""
+
+    try:
+        return wait_until(ended, f"job {job_id} to end", timeout, poll=1)
+    except TimeoutError as err:
+        subprocess.run(["scancel", job_id], timeout=60)
+        raise AssertionError(f"{err} (state {sacct_state(job_id)}); "
+                             f"{_tail(run_dir / f'slurm-{job_id}.out')}") from None
 
 
 def _tail(path: Path) -> str:
