@@ -28,7 +28,6 @@ def test_resume_never_refuses_a_run_with_a_committed_checkpoint(tmp_path: Path) 
         _launch(tmp_path, "never")
 
 
-@pytest.mark.xfail(strict=True, reason="lead fixes runs.py")
 def test_resume_never_ignores_a_save_that_never_committed(tmp_path: Path) -> None:
     run = _launch(tmp_path, "auto")
     partial = run.dir / "checkpoints" / step_dir_name(4)
