@@ -34,6 +34,9 @@ log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
 
 @dataclass(eq=False)
 class Trainer:
+    """Everything one rank trains with. The parts (model, optimizers, schedulers, scaler, progress,
+    rng) are what state_dict() saves; the rest is configuration and where results go."""
+
     recipe: RecipeConfig
     run: RunContext
     env: RankEnv
