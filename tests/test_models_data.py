@@ -16,7 +16,8 @@ from jobs.data import ImageFolder, build_datasets
 from jobs.models import build_model, freeze, summary
 from jobs.pretrained import load_pretrained
 from jobs.storage import filesystem
-from jobs.trainer import _lr_lambda, _micro_batches
+from jobs.training.schedule import lr_multiplier
+from jobs.training.step import micro_batches
 from s3_server import S3Server, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 from schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
 
@@ -125,7 +126,6 @@ def test_image_folder_on_s3_reads_through_the_storage_endpoint(s3_server: S3Serv
 
 
 @pytest.mark.slow  # a training run through the real CLI
-@pytest.mark.xfail(strict=True, reason="the trainer passes the cluster's storage to build_datasets")
 def test_run_on_an_s3_image_folder_uses_the_clusters_endpoint(s3_server: S3Server, s3_env: dict[str, str],
                                                                tmp_path: Path) -> None:
     s3_server.create_bucket("run-images")
@@ -142,10 +142,10 @@ def test_run_on_an_s3_image_folder_uses_the_clusters_endpoint(s3_server: S3Serve
 
 
 def test_lr_warmup_then_cosine_and_step() -> None:
-    f = _lr_lambda(ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
+    f = lr_multiplier(ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
     assert [round(f(s), 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
-    g = _lr_lambda(ScheduleConfig(name="step", warmup_steps=0, step_size=3, gamma=0.5), total_steps=10)
+    g = lr_multiplier(ScheduleConfig(name="step", warmup_steps=0, step_size=3, gamma=0.5), total_steps=10)
     assert [g(s) for s in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
 
 
@@ -161,7 +161,7 @@ def _epoch_indices(rank: int, epoch: int, skip: int = 0) -> list[int]:
     sampler = DistributedSampler(_Index(), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
     sampler.set_epoch(epoch)
     steps = len(sampler) // 10
-    return [int(i) for step in _micro_batches(_Index(), sampler, skip, steps, 5, 2, 0) for x, _ in step for i in x]
+    return [int(i) for step in micro_batches(_Index(), sampler, skip, steps, 5, 2, 0) for x, _ in step for i in x]
 
 
 def test_every_sample_once_per_epoch_across_ranks() -> None:

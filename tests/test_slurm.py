@@ -166,14 +166,14 @@ import os, runpy, sys
 sys.path.insert(0, os.getcwd())  # what -m does
 module, sys.argv = sys.argv[3], sys.argv[3:]
 if os.environ.get("SLURM_PROCID") == "1" and module == "submitit.core._submit":
-    import jobs.trainer
-    real, calls = jobs.trainer._train_step, []
+    import jobs.training.trainer
+    real, calls = jobs.training.trainer.train_step, []
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("planted failure on rank 1 at step 3")
         return real(*args, **kwargs)
-    jobs.trainer._train_step = failing
+    jobs.training.trainer.train_step = failing
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 

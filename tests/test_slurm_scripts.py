@@ -277,10 +277,10 @@ def test_loader_workers_outlive_the_jobs_signals() -> None:
     import torch
     from torch.utils.data import TensorDataset
 
-    from jobs.trainer import _micro_batches
+    from jobs.training.step import micro_batches
 
     data = TensorDataset(torch.arange(2000.0).view(-1, 1), torch.zeros(2000, dtype=torch.long))
-    batches = _micro_batches(data, list(range(2000)), 0, 1000, 2, 1, workers=1)  # type: ignore[arg-type]
+    batches = micro_batches(data, list(range(2000)), 0, 1000, 2, 1, workers=1)  # type: ignore[arg-type]
     next(batches)
     workers = _descendants(os.getpid())
     assert workers

@@ -115,3 +115,13 @@ def test_time_based_saves_are_agreed_by_all_ranks(runs_dir: Path) -> None:
     steps = [s["step"] for s in saves if s.get("event") == "save"]
     assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
     assert any(step % 11 for step in steps)  # not tied to epoch ends: taken when the clock said so
+
+
+def test_launch_marks_the_first_step_of_each_start(runs_dir: Path) -> None:
+    """first_step.json (what `make bench` and the Slurm tests wait on) comes from a callback the rank
+    entry point registers, not from the trainer: written once per start, by rank 0, after its first step."""
+    run_dir = _launch(runs_dir, "marked", *QUICK, "trainer.max_steps=3", "checkpoint.at_end=true")
+    first = json.loads((run_dir / "first_step.json").read_text())
+    assert first["step"] == 1 and first["time"] <= (run_dir / "result.json").stat().st_mtime
+    _launch(runs_dir, "marked", *QUICK, "trainer.max_steps=5", "checkpoint.at_end=true")  # resumes at step 3
+    assert json.loads((run_dir / "first_step.json").read_text())["step"] == 4

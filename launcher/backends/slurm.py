@@ -36,7 +36,7 @@ from typing import Any
 from schema import errors
 from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
 from schema.errors import UsageError
-from launcher.runs import Run
+from schema.run_dir import Run, RunResult
 from launcher.slurm_options import check_cluster, env_exports, one_line, resource_options, setup_lines, source
 
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
@@ -59,7 +59,7 @@ def torchrun_variables(job: Any) -> dict[str, str]:
     return out
 
 
-def rank_main(run_dir: str) -> dict[str, Any]:
+def rank_main(run_dir: str) -> RunResult:
     """The function submitit runs in every task (and `python -m launcher.backends.slurm` under srun)."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
@@ -114,15 +114,15 @@ def after_srun(run: Run) -> None:
     _requeue_or_stop(run, cluster.slurm or SlurmConfig(), "failures", why)
 
 
-def _after_run(run: Run, cfg: SlurmConfig, result: dict[str, Any], elapsed: float) -> None:
-    if result["outcome"] == "completed":
+def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
+    if result.outcome == "completed":
         run.update(state="completed")
         return
-    if result.get("signal") not in ("SIGUSR1", "SIGUSR2"):
+    if result.signal not in ("SIGUSR1", "SIGUSR2"):
         run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
-    _requeue_or_stop(run, cfg, kind, f"{result['signal']} at step {result['step']}")
+    _requeue_or_stop(run, cfg, kind, f"{result.signal} at step {result.step}")
 
 
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
