@@ -34,8 +34,8 @@ def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: R
         fs, root = filesystem(uri, cluster.storage)
         owner = folder_owner(fs, root)
     except ValueError as err:
-        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}", hint=f"if the folder belongs "
-                         f"to this run, delete its run-owner.json") from None
+        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}", hint="if the folder belongs "
+                         "to this run, delete its run-owner.json") from None
     except Exception as err:  # the store is down or needs credentials only the ranks have: they check again
         print(f"warning: cannot check which run owns {redact_text(uri)} "
               f"({redact_text(f'{type(err).__name__}: {err}')[:300]}); the run checks before its first upload",

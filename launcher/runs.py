@@ -31,7 +31,7 @@ def runs_root(cluster: ClusterConfig, override: Optional[str]) -> Path:
     except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
         raise UsageError(f"{where}: {override or cluster.runs_dir!r:.300} cannot be used: {_why(err)}") from None
     if is_file:
-        raise UsageError(f"{where}: {root} is a file, not a directory", hint=f"choose a directory for the runs")
+        raise UsageError(f"{where}: {root} is a file, not a directory", hint="choose a directory for the runs")
     return root
 
 
@@ -59,7 +59,7 @@ def run_at(root: Path, name: str) -> Run:
         raise UsageError(f"{str(path)!r:.300}: cannot be used as a run directory: {_why(err)}") from None
     if not inside:
         raise UsageError(f"{str(path)!r:.300} resolves to {str(path.resolve())!r:.300}, outside the runs directory "
-                         f"{root}", hint=f"choose another --run-name (a run directory cannot be a link elsewhere)")
+                         f"{root}", hint="choose another --run-name (a run directory cannot be a link elsewhere)")
     return Run(name, path)
 
 
