@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_cli
 from launcher.runs import Run
 
@@ -114,6 +116,7 @@ def test_cancel_refuses_pids_that_mean_a_group(runs_dir: Path) -> None:
         group.wait()
 
 
+@pytest.mark.slow  # a training run through the real CLI
 def test_finished_run_leaves_no_pid(runs_dir: Path) -> None:
     run_cli("launch", "digits", "trainer.max_steps=2", "--run-name", "done", runs_dir=runs_dir, check=True)
     info = json.loads((runs_dir / "done" / "run.json").read_text())
