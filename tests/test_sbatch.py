@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from conftest import read_result, run_cli
-from launcher.backends.slurm import sacct_state
+from launcher.backends.slurm_watch import job_state
 from schema import load_cluster, load_recipe
 from schema.errors import ConfigError
 from launcher.runs import Run
@@ -128,7 +128,7 @@ def test_golden_scripts_are_valid_and_complete() -> None:
         assert script.count("#SBATCH") == len(sbatch_arguments(script)), cluster_name
         assert opts["--signal"].startswith("B:USR2@") and "--requeue" in opts
         assert opts["--output"] == "/runs/digits-golden/slurm-%j.out" and opts["--open-mode"] == "append"
-        assert "srun --kill-on-bad-exit=1 /usr/bin/python3 -u -m launcher.backends.slurm " \
+        assert "srun --kill-on-bad-exit=1 /usr/bin/python3 -u -m jobs.environments.slurm " \
                "--run-dir /runs/digits-golden &" in script
     gpu = option_values((GOLDEN / "gpu_cluster.sbatch").read_text())
     assert gpu["--nodes"] == "2" and gpu["--ntasks-per-node"] == "8" and gpu["--gpus-per-node"] == "8"
@@ -191,7 +191,7 @@ def test_hostile_values_never_execute_and_arrive_intact(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(path)], cwd=pwned, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(out.read_text())
-    assert seen["argv"] == ["--kill-on-bad-exit=1", python, "-u", "-m", "launcher.backends.slurm",
+    assert seen["argv"] == ["--kill-on-bad-exit=1", python, "-u", "-m", "jobs.environments.slurm",
                             "--run-dir", str(run.dir)]
     assert seen["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
                            "SETUP_SEEN": "verbatim: 2"}
@@ -300,7 +300,7 @@ def wait_done(run_dir: Path, job_id: str, timeout: float = 180) -> str:
     """Until Slurm says the job ended and rank 0 is not in the middle of requeueing it."""
     deadline = time.time() + timeout
     while time.time() < deadline:
-        state = sacct_state(job_id)
+        state = job_state(job_id)
         info = json.loads((run_dir / "run.json").read_text())
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL") \
                 and info.get("state") != "requeued":
@@ -346,7 +346,7 @@ def test_slurm_usr2_to_batch_shell_requeues_and_resumes(slurm: None, runs_dir: P
                              "checkpoint.every_steps=0")
     deadline = time.time() + 120
     while not (run_dir / "first_step.json").exists():  # written after step 1: every rank's handler is installed
-        assert time.time() < deadline and sacct_state(job_id) in ("PENDING", "RUNNING", "UNKNOWN"), \
+        assert time.time() < deadline and job_state(job_id) in ("PENDING", "RUNNING", "UNKNOWN"), \
             _tail(run_dir / f"slurm-{job_id}.out")
         time.sleep(0.2)
     time.sleep(0.5)
@@ -387,18 +387,18 @@ def test_slurm_runs_hostile_script_intact(slurm: None, tmp_path: Path) -> None:
     assert sub.returncode == 0, sub.stderr
     job_id = sub.stdout.strip().split(";")[0]
     deadline = time.time() + 120
-    while sacct_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        assert time.time() < deadline, f"job {job_id} did not finish: {sacct_state(job_id)}"
+    while job_state(job_id) not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+        assert time.time() < deadline, f"job {job_id} did not finish: {job_state(job_id)}"
         time.sleep(0.5)
     shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True,
                            timeout=60).stdout
     output = run.dir / f"slurm-{job_id}.out"  # %j expanded, the run name's literal %j kept
-    assert sacct_state(job_id) == "COMPLETED", _tail(output)
+    assert job_state(job_id) == "COMPLETED", _tail(output)
     assert f"JobName={name} " in shown and f"Comment=`touch {pwned}/PWNED_c` ; #x " in shown
     assert "srun exited with status 0" in output.read_text()
     expected_env = {k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()}
     for rank in (0, 1):
         seen = json.loads((run.dir / f"dump-{rank}.json").read_text())
-        assert seen["argv"] == ["-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir)]
+        assert seen["argv"] == ["-u", "-m", "jobs.environments.slurm", "--run-dir", str(run.dir)]
         assert seen["env"] == expected_env
     assert not list(tmp_path.rglob("PWNED*"))

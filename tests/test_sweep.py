@@ -15,10 +15,11 @@ from launcher.cli import main
 from schema import load_cluster, load_recipe
 from schema.errors import UsageError
 from launcher import backends
+from launcher.backends import slurm
+from launcher.backends.slurm_watch import expand_job_ids
 from launcher.runs import Run
-from launcher.backends.slurm import expand_job_ids
-from launcher.sweep import (SweepSpec, check_one_shape, default_sweep_name, expand, sort_rows,
-                            split_values, trial_state)
+from launcher.sweeps.space import SweepSpec, default_sweep_name, expand, split_values
+from launcher.sweeps.table import sort_rows, trial_state
 
 QUICK = ["trainer.max_steps=10", "trainer.epochs=null", "parallel.procs_per_node=1", "trainer.global_batch=32"]
 
@@ -124,10 +125,10 @@ def test_slurm_array_needs_one_resource_shape() -> None:
     trials = expand(_spec(grid=("parallel.procs_per_node=1,2",)), "s")
     recipes = [load_recipe("digits", list(t.overrides)) for t in trials]
     with pytest.raises(UsageError, match="same resources") as err:
-        check_one_shape(trials, recipes, cluster)
+        slurm.check_many([(t.name, r) for t, r in zip(trials, recipes)], cluster)
     assert "parallel.procs_per_node" in str(err.value)
     same = expand(_spec(grid=("optim.lr=0.1,0.2",)), "s")
-    check_one_shape(same, [load_recipe("digits", list(t.overrides)) for t in same], cluster)
+    slurm.check_many([(t.name, load_recipe("digits", list(t.overrides))) for t in same], cluster)
 
 
 def test_rows_sort_best_first_with_missing_metric_last() -> None:
@@ -159,8 +160,6 @@ def test_bad_trial_is_refused_before_anything_exists(runs_dir: Path, capsys: pyt
 
 def test_varying_parallel_on_slurm_is_refused(runs_dir: Path, capsys: pytest.CaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.backends import slurm
-
     monkeypatch.setattr(slurm, "check", lambda recipe, cluster: None)  # no sbatch needed to refuse
     code = main(["sweep", "digits", "--grid", "parallel.procs_per_node=1,2", "--cluster", "local_slurm",
                  "--runs-dir", str(runs_dir)])
