@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from launcher import backends, sbatch
-from launcher.backends.base import Backend
+from launcher.backends.base import LIVE_STATES, Backend
 from launcher.backends.slurm_options import slurm_section
 from launcher.preflight import Target
 from launcher.runs import Run, default_run_name, find_run, runs_root
@@ -136,7 +136,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
     with open(path, encoding="utf-8", errors="replace") as f:
         sys.stdout.write(f.read())
-        while args.follow and backends.status(run).get("state") in ("running", "pending", "requeued"):
+        while args.follow and backends.status(run).get("state") in LIVE_STATES:
             line = f.readline()
             if line:
                 sys.stdout.write(line)

@@ -103,7 +103,9 @@ def wait_for_trials(backend: Backend, root: Path, record: dict[str, Any]) -> int
         print(f"\nstopped waiting; the trials still queued or running go on "
               f"(launcher sweep-status {record['name']})", file=sys.stderr)
         return 130
-    bad = {n: s for n, s in final.items() if s != "completed" or Run(n, root / n).result().get("outcome") != "completed"}
+    # Slurm's word alone is not enough: the job can complete while the trainer stopped early
+    bad = {n: s for n, s in final.items()
+           if s != "completed" or Run(n, root / n).result().get("outcome") != "completed"}
     for run_name, state in bad.items():
         print(f"trial {run_name}: {state}; logs: launcher logs {run_name}", file=sys.stderr)
     return 1 if bad else 0
