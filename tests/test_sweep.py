@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import read_result, run_cli
 from launcher.cli import main
@@ -262,3 +263,19 @@ def test_array_element_cancelled_while_pending_is_not_unknown(tmp_path: Path, sl
         time.sleep(0.5)  # accounting lags a moment behind scancel
     assert state == "cancelled"
     assert backends.status(run)["state"] == "cancelled"  # `launcher status <trial>` sees it too
+
+
+@pytest.mark.slurm
+def test_job_array_sbatch_refuses_is_one_line_and_leaves_no_trial(runs_dir: Path, tmp_path: Path, slurm: None) -> None:
+    """The local Slurm has no GPUs, so sbatch refuses the array: exit 2, one line and a HINT, no trial directory."""
+    cluster = yaml.safe_load((Path(__file__).parent.parent / "cluster_configs" / "local_slurm.yaml").read_text())
+    cluster["slurm"]["gpus_per_node"] = 1
+    path = tmp_path / "gpu_slurm.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    proc = run_cli("sweep", "digits", "parallel.procs_per_node=1", "--grid", "optim.lr=0.1,0.2", "--cluster", str(path),
+                   "--name", "nogpu", runs_dir=runs_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-2].startswith("error: sbatch refused the job array of nogpu: sbatch: error:"), proc.stderr
+    assert lines[-1].startswith("  HINT: "), proc.stderr
+    assert not (runs_dir / "nogpu-t00").exists() and not (runs_dir / "nogpu-t01").exists()

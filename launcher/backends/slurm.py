@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 from jobs.environments.slurm import ENTRY_MODULE, rank_main
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
-from launcher.backends.slurm_watch import UNKNOWN, WATCHER, wait_for_runs
+from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
 from launcher.runs import Run
 from schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
 from schema.errors import UsageError
@@ -139,7 +139,8 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     # file of an older job with the same id must never be read back.
     folder = run.dir / "submitit" / f"launch-{run.info().get('launches', 1)}"
     executor = make_executor(recipe, cluster, run.name, folder)
-    job = _submitted(cluster, [run], lambda: [executor.submit(rank_main, str(run.dir))])[0]
+    job = _submitted(cluster, [run], f"the job of run {run.name}",
+                     lambda: [executor.submit(rank_main, str(run.dir))])[0]
     _record_job(run, job.job_id, folder)
     print(f"submitted Slurm job {job.job_id} for run {run.name} (logs: launcher logs {run.name})", flush=True)
     return 0
@@ -155,17 +156,18 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
     executor = make_executor(planned[0].recipe, cluster, batch.name, folder)
     if batch.max_parallel:
         executor.update_parameters(array_parallelism=batch.max_parallel)
-    jobs = _submitted(cluster, runs, lambda: executor.map_array(rank_main, [str(run.dir) for run in runs]))
+    jobs = _submitted(cluster, runs, f"the job array of {batch.name}",
+                      lambda: executor.map_array(rank_main, [str(run.dir) for run in runs]))
     for run, job in zip(runs, jobs):
         _record_job(run, job.job_id, folder, sweep=batch.name)
-    array_id = jobs[0].job_id.split("_")[0]
+    array_id = array_of(jobs[0].job_id)
     print(f"submitted Slurm job array {array_id} ({len(jobs)} trials) for {batch.name}", flush=True)
     return Launched(0, ended=False, batch_id=array_id)
 
 
-def _submitted(cluster: ClusterConfig, runs: list[Run], submit: Callable[[], Iterable[Any]]) -> list[Any]:
-    """submitit's jobs from `submit()`; a refusal by sbatch (the config asks for something this
-    cluster does not have) is a one-line UsageError, and run directories made for it are removed."""
+def _submitted(cluster: ClusterConfig, runs: list[Run], what: str, submit: Callable[[], Iterable[Any]]) -> list[Any]:
+    """submitit's jobs from `submit()`; a refusal by sbatch of `what` (the config asks for something
+    this cluster does not have) is a one-line UsageError, and run directories made for it are removed."""
     from submitit.core.utils import FailedJobError
 
     try:
@@ -173,8 +175,7 @@ def _submitted(cluster: ClusterConfig, runs: list[Run], submit: Callable[[], Ite
     except FailedJobError as err:
         for run in runs:
             _forget_unsubmitted(run)
-        names = runs[0].name if len(runs) == 1 else f"{len(runs)} runs ({runs[0].name}, ...)"
-        raise UsageError(f"sbatch refused the job of run {names}: {errors.one_line(str(err).strip(), 300)}",
+        raise UsageError(f"sbatch refused {what}: {errors.one_line(str(err).strip(), 300)}",
                          hint=f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
                          "scontrol show partition)") from None
 
