@@ -115,6 +115,10 @@ class RunResult:
         return cls(**{k: v for k, v in data.items() if k in known},
                    metrics={k: v for k, v in data.items() if k not in known})
 
+    def pick(self, *keys: str) -> dict[str, Any]:
+        """The fields and metrics named in `keys` that this result has, flat (for `status`)."""
+        return {k: v for k, v in self.to_dict().items() if k in keys and v is not None}
+
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "step": self.step, "epoch": self.epoch, "signal": self.signal,
                 "checkpoints_committed": self.checkpoints_committed, **self.metrics}

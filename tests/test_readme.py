@@ -127,7 +127,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, copy / name)
-    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "scripts"):
+    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "schema", "scripts"):
         shutil.copytree(REPO / name, copy / name, ignore=junk)
     return copy
 

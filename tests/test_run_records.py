@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from jobs.checkpoint import Checkpointer, step_dir_name
-from launcher.runs import Run, prepare_run
+from schema.run_dir import Run
+from launcher.runs import prepare_run
 from schema import CheckpointConfig, StorageConfig, load_cluster, load_recipe
 from schema.errors import UsageError
 

@@ -20,9 +20,9 @@ LONG = ["trainer.epochs=3", "checkpoint.every_steps=5", "logging.log_every=1", "
 
 
 def _sacct(job_id: str) -> str:
-    from launcher.backends.slurm import sacct_state
+    from launcher.backends.slurm_watch import job_state
 
-    return sacct_state(job_id)
+    return job_state(job_id)
 
 
 def _info(run_dir: Path) -> dict:
