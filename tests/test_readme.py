@@ -193,6 +193,7 @@ def test_make_test_is_what_ci_runs() -> None:
 
 
 @pytest.mark.parametrize("readme_command", _params())
+@pytest.mark.slow  # each README command runs, shortened, in a copy of the repo
 def test_readme_command_runs(readme_command: str, repo_copy: Path, request: pytest.FixtureRequest) -> None:
     if readme_command in SLURM_CASES:
         request.getfixturevalue("slurm")

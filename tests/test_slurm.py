@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import subprocess
@@ -68,8 +69,9 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) ->
                    runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "pre"
     job_id = _info(run_dir)["job_id"]
-    target = random.Random().randint(8, 20)
-    print(f"{how} near step {target}")
+    seed = os.environ.get("RESUME_SEED", "0")  # as in test_resume: a failure can be replayed
+    target = random.Random(f"{seed}-{how}").randint(8, 20)
+    print(f"{how} near step {target} (RESUME_SEED={seed})")
     wait_until(lambda: max_logged_step(run_dir) >= target, f"step {target}")
     if how == "usr2":  # what Slurm sends ahead of preemption; plain scancel reaches every task
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)

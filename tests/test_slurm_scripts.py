@@ -26,7 +26,7 @@ from conftest import run_cli
 from jobs.environments import slurm as slurm_env
 from launcher.backends import slurm
 from schema import load_cluster, load_recipe
-from schema.errors import ConfigError
+from schema.errors import ConfigError, UsageError
 from schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
@@ -158,7 +158,7 @@ def test_launch_refuses_with_exit_2_before_anything_is_written(tmp_path: Path, r
 
 def test_run_directory_that_sbatch_would_expand_is_refused(tmp_path: Path, stub_bin: Path) -> None:
     cfg = write_cluster(tmp_path / "c.yaml", {"partition": "debug"})
-    with pytest.raises(Exception, match="contains '%'"):
+    with pytest.raises(UsageError, match="contains '%'"):
         submitit_script(cfg, Run("r", tmp_path / "a%jb"), tmp_path / "a%jb" / "submitit")
 
 
@@ -274,6 +274,7 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # real worker processes and signals
 def test_loader_workers_outlive_the_jobs_signals() -> None:
     """Slurm signals every process of a step; a worker dying of USR2/TERM would fail the rank."""
     import torch
@@ -319,6 +320,7 @@ print(json.dumps({"tracker_kept": metrics._wandb is not None}))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.slow  # real worker processes and signals
 def test_tracker_survives_a_signal_to_wandbs_service(sig: signal.Signals, tmp_path: Path) -> None:
     """USR2: wandb-core lives on. INT/TERM: wandb-core exits (it catches them itself, so no inherited
     disposition helps), and losing the tracker does not fail the rank; metrics.jsonl keeps everything.

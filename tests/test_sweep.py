@@ -183,6 +183,7 @@ def test_random_without_trials_is_refused(runs_dir: Path, capsys: pytest.Capture
 
 
 # ----------------------------------------------------------------------------- tier 2: real runs
+@pytest.mark.slow  # training runs through the real CLI
 def test_local_sweep_runs_each_trial_and_ranks_them(runs_dir: Path) -> None:
     args = ["sweep", "digits", *QUICK, "--grid", "optim.lr=0.01,0.1"]
     proc = run_cli(*args, runs_dir=runs_dir)
