@@ -21,7 +21,10 @@ from jobs.env import RankEnv
 from jobs.models import build_model
 from jobs.preempt import StopFlag
 from jobs.train import exit_cleanly
-from jobs.trainer import RunInfo, _Agreement, _lr_lambda, _step_due, _time_due, train
+from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
+from jobs.training.context import RunContext
+from jobs.training.run import train
+from jobs.training.schedule import lr_multiplier
 from schema import RecipeConfig, StorageConfig, load_recipe
 
 STEPS, WINDOW = 70, 10
@@ -65,7 +68,7 @@ def ours(recipe: RecipeConfig, env: RankEnv) -> list[float]:
             box = [tmp if env.is_main else None]
             dist.broadcast_object_list(box)
             run_dir = Path(box[0])
-        run = RunInfo(run_dir, "bench", "bench", resume=False, checkpoint_uri=None)
+        run = RunContext(run_dir, "bench", "bench", resume=False, checkpoint_uri=None)
         train(recipe, run, StorageConfig(), env, StopFlag())
         if env.world_size > 1:
             dist.barrier()
@@ -81,13 +84,13 @@ def trainer_extras(recipe: RecipeConfig, env: RankEnv, iterations: int = 500) ->
     LR schedule, step and time checks, train mode), timed alone: the noise-free part of the ratio."""
     model = build_model(recipe.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.schedule, 1000))
-    agreement, last_save = _Agreement(torch.device("cpu")), time.monotonic()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(recipe.schedule, 1000))
+    agreement, last_save = StopAgreement(torch.device("cpu")), time.monotonic()
     start = time.perf_counter()
     for step in range(iterations):
         model.train()
-        agreement.exchange(False, _time_due(recipe, last_save))
-        _step_due(recipe, step)
+        agreement.exchange(False, save_due_by_time(recipe.checkpoint, last_save))
+        save_due_at_step(recipe.checkpoint, step)
         sched.step()
     agreement.drain()
     return (time.perf_counter() - start) / iterations

@@ -6,14 +6,15 @@ import importlib.util
 import io
 import signal
 from pathlib import Path
+from typing import Optional
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from schema import DataConfig, ModelConfig
+from jobs.storage import filesystem
+from schema import DataConfig, ModelConfig, StorageConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -27,13 +28,18 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def build_datasets(data: DataConfig, model: ModelConfig) -> tuple[Dataset, Dataset]:
-    """(train, validation) shaped for the model: `in_channels` x `image_size` x `image_size`."""
+def build_datasets(data: DataConfig, model: ModelConfig,
+                   storage: Optional[StorageConfig] = None) -> tuple[Dataset, Dataset]:
+    """(train, validation) shaped for the model: `in_channels` x `image_size` x `image_size`.
+
+    `storage` is the cluster's `storage:` section: an image folder on S3 is read through its endpoint,
+    region and profile, as checkpoints and pretrained weights are (None: the defaults and AWS variables).
+    """
     if data.name == "digits":
         return _split(_digits(data, model), data)
     if data.name == "synthetic":
         return _split(_synthetic(data, model), data)
-    return _split(ImageFolder(data.root or "", model.image_size, model.in_channels), data)
+    return _split(ImageFolder(data.root or "", model.image_size, model.in_channels, storage), data)
 
 
 def _split(dataset: Dataset, data: DataConfig) -> tuple[Dataset, Dataset]:
@@ -88,8 +94,8 @@ def _synthetic(data: DataConfig, model: ModelConfig) -> TensorDataset:
 class ImageFolder(Dataset):
     """One subfolder per class under `root` (a path or fsspec URI); classes sorted by name."""
 
-    def __init__(self, root: str, image_size: int, channels: int) -> None:
-        self.fs, path = fsspec.core.url_to_fs(root)
+    def __init__(self, root: str, image_size: int, channels: int, storage: Optional[StorageConfig] = None) -> None:
+        self.fs, path = filesystem(root, storage or StorageConfig())
         self.image_size, self.channels = image_size, channels
         folders = sorted(p for p in self.fs.ls(path, detail=False) if self.fs.isdir(p))
         self.classes = [p.rstrip("/").rsplit("/", 1)[-1] for p in folders]

@@ -1,7 +1,6 @@
 """`launcher export RUN --to model.pt`: the newest committed checkpoint's model as a plain state dict."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,7 +8,7 @@ import torch
 from jobs.checkpoint import Checkpointer
 from jobs.weights import strip_prefixes, write_weights
 from schema import ClusterConfig, RecipeConfig, load_resolved
-from launcher.runs import checkpoint_uri
+from schema.run_dir import Run, checkpoint_uri
 
 
 def export_run(run_dir: Path, to: str) -> str:
@@ -17,10 +16,10 @@ def export_run(run_dir: Path, to: str) -> str:
     they came from. A completed run that kept no checkpoint falls back to its final model.pt."""
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
-    info = json.loads((run_dir / "run.json").read_text())
+    info = Run(run_dir.name, run_dir).readable_info()
     # the URI from the recipe: run.json shows it with credentials masked; the run id guards the folder's owner
-    ckpt = Checkpointer(recipe.checkpoint, run_dir / "checkpoints", checkpoint_uri(recipe, info["run_name"]),
-                        cluster.storage, is_writer=False, run_id=info.get("run_id"))
+    ckpt = Checkpointer(recipe.checkpoint, run_dir / "checkpoints", checkpoint_uri(recipe, info.run_name),
+                        cluster.storage, is_writer=False, run_id=info.run_id or None)
     try:
         found = ckpt.load_latest(map_location="cpu", keys=["model"])  # each file read once, hashes checked
     finally:

@@ -43,14 +43,14 @@ def init_distributed(env: RankEnv, device: torch.device) -> None:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
-    """Wrap a plain model for the configured strategy (only DDP so far; FSDP/pipeline slot in here)."""
+    """Wrap a plain model for the configured strategy. Only DDP so far: ParallelConfig.check()
+    refuses fsdp and pipeline when the recipe is loaded, so no other strategy reaches this point;
+    they slot in here (a function per strategy, as torchtitan's parallelize_* do) when implemented."""
     model = model.to(device)
     if not env.distributed:
         return model
-    if cfg.strategy == "ddp":
-        ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    raise ValueError(f"parallel.strategy {cfg.strategy!r} is not implemented")
+    ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -68,15 +68,6 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is True on any rank: how ranks agree on a stop at a step boundary."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def shutdown(clean: bool = True) -> None:

@@ -1,7 +1,8 @@
-"""Stop requests from signals. A handler only sets a flag; the trainer acts on it at the next
-step boundary (a second Ctrl-C stops at once), after all ranks have agreed (see `jobs.parallel.any_rank`), so every rank saves
-the same step together. SIGTERM (torchrun forwards it to every worker, Slurm sends it at
-cancellation and preemption), SIGUSR1 and SIGUSR2 (Slurm's `--signal`) are all stop requests."""
+"""Stop requests from signals. A handler only sets a flag; the trainer acts on it at a step
+boundary (a second Ctrl-C stops at once), after all ranks have agreed (see
+`jobs.training.agreement.StopAgreement`), so every rank saves the same step together. SIGTERM
+(torchrun forwards it to every worker, Slurm sends it at cancellation and preemption), SIGUSR1 and
+SIGUSR2 (Slurm's `--signal`) are all stop requests."""
 from __future__ import annotations
 
 import signal

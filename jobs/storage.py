@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from typing import Any, Optional
 
 import fsspec
@@ -16,6 +15,7 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from schema import StorageConfig
+from schema.run_dir import MANIFEST, STEP_DIR
 from schema.secrets import redact_text
 
 # s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
@@ -23,9 +23,7 @@ from schema.secrets import redact_text
 # client gives up quickly.
 S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
 S3_CALL_RETRIES = 2
-MANIFEST = "manifest.json"  # a checkpoint's commit marker (see jobs.checkpoint)
 OWNER_FILE = "run-owner.json"  # which run a remote checkpoint folder belongs to
-STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[AbstractFileSystem, str]:

@@ -5,7 +5,6 @@ environment (torchrun's variables), and knows nothing about which backend starte
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
@@ -14,16 +13,18 @@ import sys
 import traceback
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+
 
 from tqdm import tqdm
 
 from jobs import parallel
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
-from jobs.trainer import RunInfo, train
+from jobs.training.callbacks import FirstStepMarker
+from jobs.training.context import RunContext
+from jobs.training.run import train
 from schema import ClusterConfig, RecipeConfig, load_resolved, to_dict
-from launcher.runs import checkpoint_uri
+from schema.run_dir import Run, RunResult, checkpoint_uri
 from schema.secrets import RedactFilter, secret_values
 
 
@@ -72,7 +73,7 @@ def redact_logs(values: set[str]) -> None:
 
 
 def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None,
-                 force_resume: bool = False) -> dict[str, Any]:
+                 force_resume: bool = False) -> RunResult:
     env = env or RankEnv.from_environ()
     env.check()
     stop = stop or StopFlag().install()
@@ -82,17 +83,26 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
-    info = json.loads((run_dir / "run.json").read_text())
-    run = RunInfo(run_dir=run_dir, run_name=info["run_name"], run_id=info["run_id"],
-                  resume=force_resume or info.get("resume", "auto") == "auto",
-                  checkpoint_uri=checkpoint_uri(recipe, info["run_name"]))  # run.json shows it redacted
+    info = Run(run_dir.name, run_dir).readable_info()
+    run = RunContext(run_dir=run_dir, run_name=info.run_name, run_id=info.run_id,
+                     resume=force_resume or info.resume == "auto",
+                     checkpoint_uri=checkpoint_uri(recipe, info.run_name))  # run.json shows it redacted
     try:
-        result = train(recipe, run, cluster.storage, env, stop)
+        result = train(recipe, run, cluster.storage, env, stop, _callbacks(run_dir, env))
     except BaseException:
         parallel.shutdown(clean=False)
         raise
     parallel.shutdown()
     return result
+
+
+def _callbacks(run_dir: Path, env: RankEnv) -> list[FirstStepMarker]:
+    """first_step.json belongs to the run directory, whatever started the run: `make bench` times
+    launch-to-first-step with it and tests wait on it before signalling a run, through `launcher
+    launch`, sbatch or submitit alike. Registering it here, at the one rank entry point every
+    backend goes through, keeps it out of the trainer without an opt-in variable that each backend
+    would have to carry to the ranks. One writer: rank 0."""
+    return [FirstStepMarker(run_dir)] if env.is_main else []
 
 
 def stop_with_parent() -> None:

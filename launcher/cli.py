@@ -1,65 +1,109 @@
-"""`launcher` command line: a thin layer over config loading, run directories and backends."""
+"""`launcher` command line: a thin layer over config loading, run directories and backends.
+
+Every command that starts runs begins with the same checks (`launcher.preflight.Target`); the
+backend comes from the cluster config (`launcher.backends.get`), and commands use only its interface.
+"""
 from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from typing import Callable
 
 from launcher import backends, sbatch
-from schema import RecipeConfig, load_cluster, load_recipe, to_yaml
+from launcher.backends.base import LIVE_STATES, Backend
+from launcher.backends.slurm_options import slurm_section
+from launcher.preflight import Target
+from schema.run_dir import Run
+from launcher.runs import default_run_name, find_run, runs_root
+from launcher.sweeps.record import read_record
+from launcher.sweeps.space import SweepSpec, default_sweep_name
+from launcher.sweeps.table import print_table
+from launcher.sweeps.trials import run_sweep
+from schema import RECIPES_DIR, find_config, load_cluster, to_yaml
 from schema.errors import UsageError
 from schema.names import check_name
-from launcher.ownership import check_checkpoint_folder
-from launcher.runs import Run, default_run_name, find_run, prepare_run, run_at, runs_root
 from schema.secrets import redact_text
-from launcher.sweep import add_sweep_commands
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    recipe = _load_recipe(args)
-    cluster = load_cluster(args.cluster)
-    cluster.check_recipe(recipe, f"cluster config {args.cluster}")
+    target = Target.load(args.cluster)
+    recipe = target.recipe(args.recipe, args.overrides, check_backend=False)
     print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, "
           f"gradient accumulation {recipe.grad_accum}, default run name {default_run_name(recipe)}")
     print(to_yaml(recipe, redacted=True), end="")
-    print(f"# cluster {cluster.name}")
-    print(to_yaml(cluster, redacted=True), end="")
+    print(f"# cluster {target.cluster.name}")
+    print(to_yaml(target.cluster, redacted=True), end="")
     return 0
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    recipe = _load_recipe(args)
-    cluster = load_cluster(args.cluster)
-    cluster.check_recipe(recipe, f"cluster config {args.cluster}")
-    backend = backends.get(cluster)
-    backend.check(recipe, cluster)  # everything is validated before a directory is made or a job started
+    target = Target.load(args.cluster)
+    recipe = target.recipe(args.recipe, args.overrides)  # all checked before a directory or a job exists
     name = args.run_name or check_name("default run name", default_run_name(recipe))
-    root = runs_root(cluster, args.runs_dir)
-    backends.refuse_if_running(run_at(root, name))  # before its directory is touched
-    check_checkpoint_folder(recipe, cluster, run_at(root, name), args.run_id)  # before anything is written
-    run = prepare_run(recipe, cluster, name, root, args.resume, run_id=args.run_id)
-    print(f"run {name}: {run.dir} ({cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
-    code = backend.launch(recipe, cluster, run, wait=args.wait)
+    root = target.runs_root(args.runs_dir)
+    run = target.prepare(recipe, root, name, args.resume, run_id=args.run_id)
+    print(f"run {name}: {run.dir} ({target.cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
+    code = target.backend.launch(recipe, target.cluster, run)
+    if code == 0 and args.wait:
+        code = _wait(target.backend, run)
     return _report(run, code)
 
 
-def _load_recipe(args: argparse.Namespace) -> RecipeConfig:
-    """The recipe with its overrides; its name must be a valid name, since run names derive from it."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_name("recipe name", recipe.name)
-    return recipe
+def _wait(backend: Backend, run: Run) -> int:
+    """`--wait`: until the run has stopped for good (requeues included); 0 if it completed."""
+    state = backend.wait([run])[run.name]
+    print(f"run {run.name} has stopped: {state}", flush=True)
+    return 0 if state == "completed" and run.result().outcome == "completed" else 1
+
+
+def cmd_sbatch(args: argparse.Namespace) -> int:
+    """Validate like `launch`, prepare the run directory, print (and maybe submit) a plain sbatch script."""
+    target = Target.load(args.cluster)
+    recipe = target.recipe(args.recipe, args.overrides, check_backend=args.submit)  # sbatch on PATH to submit
+    python = slurm_section(target.cluster).python or sys.executable
+    name = args.run_name or check_name("default run name", default_run_name(recipe))
+    root = target.runs_root(args.runs_dir)
+    # rendered once before the directory exists, so a refused value leaves nothing behind
+    sbatch.render_sbatch(recipe, target.cluster, Run(name, root / name), python)
+    run = target.prepare(recipe, root, name, args.resume)
+    script = sbatch.render_sbatch(recipe, target.cluster, run, python)
+    path = run.dir / sbatch.SCRIPT_NAME
+    path.write_text(script)
+    sys.stdout.write(script)
+    sys.stdout.flush()
+    print(f"# run {name}: {run.dir}; script written to {path}", file=sys.stderr, flush=True)
+    if args.submit:
+        job_id = sbatch.submit(run, path)
+        print(f"submitted Slurm job {job_id} for run {name} (logs: launcher logs {name})", file=sys.stderr, flush=True)
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    find_config(args.recipe, RECIPES_DIR, "recipe")  # an unknown recipe is reported once, not per trial
+    if args.random and args.trials is None:
+        raise UsageError("--random needs --trials N (how many samples to draw)")
+    spec = SweepSpec(args.recipe, tuple(args.overrides), tuple(args.grid), tuple(args.random),
+                     args.trials if args.trials is not None else 1, args.seed)
+    name = args.name or check_name("default sweep name", default_sweep_name(spec))
+    return run_sweep(spec, name, args.cluster, args.runs_dir, args.wait, args.max_parallel)
+
+
+def cmd_sweep_status(args: argparse.Namespace) -> int:
+    root = runs_root(load_cluster(args.cluster), args.runs_dir)
+    record = read_record(root, args.sweep)
+    print_table(root, record, args.metric or record["best_metric"], args.mode or record["best_mode"])
+    return 0
 
 
 def _report(run: Run, code: int) -> int:
     result = run.result()
     if result:
-        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.items() if k.startswith("val/"))
-        print(f"{result['outcome']} at step {result['step']}: {metrics}", flush=True)
-        if result["outcome"] == "preempted":
-            print(f"stopped by {result['signal']} after a checkpoint; the same command resumes it", flush=True)
+        metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("val/"))
+        print(f"{result.outcome} at step {result.step}: {metrics}", flush=True)
+        if result.outcome == "preempted":
+            print(f"stopped by {result.signal} after a checkpoint; the same command resumes it", flush=True)
             return code or 1
     elif code != 0:
         print(f"run failed with exit code {code}; logs: {run.dir / 'logs'}", file=sys.stderr)
@@ -93,7 +137,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
     with open(path, encoding="utf-8", errors="replace") as f:
         sys.stdout.write(f.read())
-        while args.follow and backends.status(run).get("state") in ("running", "pending", "requeued"):
+        while args.follow and backends.status(run).get("state") in LIVE_STATES:
             line = f.readline()
             if line:
                 sys.stdout.write(line)
@@ -159,11 +203,31 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--follow", "-f", action="store_true")
     p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
     p.add_argument("run")
-    add_sweep_commands(sub, add)
-    p = add("sbatch", sbatch.cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
+    _sweep_commands(add)
+    p = add("sbatch", cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
     _run_arguments(p)
     p.add_argument("--submit", action="store_true", help="also submit the script with sbatch")
     return parser, sub.choices
+
+
+def _sweep_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
+    p = add("sweep", cmd_sweep, "grid or random hyper-parameter search: one run per trial (a job array on Slurm)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, shared by every trial")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                   help="try each value (repeat for a cartesian product)")
+    p.add_argument("--random", action="append", default=[], metavar="KEY=DIST:ARGS",
+                   help="sample: uniform:LOW:HIGH, loguniform:LOW:HIGH, randint:LOW:HIGH or choice:A,B,...")
+    p.add_argument("--trials", type=int, help="random samples (per grid point when combined with --grid)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random samples (default 0)")
+    p.add_argument("--name", help="sweep name (default: <recipe>-sweep-<hash of the sweep spec>)")
+    p.add_argument("--wait", action="store_true", help="Slurm: block until every trial has finished for good")
+    p.add_argument("--max-parallel", type=int, help="Slurm: run at most this many trials at once")
+    p = add("sweep-status", cmd_sweep_status, "table of a sweep's trials, best first")
+    p.add_argument("sweep")
+    p.add_argument("--metric", help="rank by this metric (default: the recipe's checkpoint.best_metric or val/acc)")
+    p.add_argument("--mode", choices=["max", "min"], help="whether larger or smaller is better "
+                                                          "(default: the recipe's checkpoint.best_mode)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -194,8 +258,3 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {redact_text(str(err))}", file=sys.stderr)
         return err.exit_code
-
-
-if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    sys.exit(main())

@@ -12,8 +12,8 @@ import sys
 from typing import Optional
 
 from schema import ClusterConfig, RecipeConfig
+from schema.run_dir import Run, checkpoint_uri
 from schema.errors import UsageError
-from launcher.runs import Run, checkpoint_uri
 from schema.secrets import redact_text
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # what `--run-id` may be: a tracker id and a file field
@@ -22,7 +22,7 @@ RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # what `--run-id` may 
 def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, run_id: Optional[str]) -> None:
     """Raise UsageError if the run's remote checkpoint folder belongs to another run. `run` is the
     run directory about to be prepared (it may not exist yet); `run_id` is `--run-id`, if given."""
-    existing = run.info().get("run_id")
+    existing = run.info().run_id
     if run_id is not None:
         _check_given_id(run, run_id, existing)
     uri = checkpoint_uri(recipe, run.name)
@@ -34,8 +34,8 @@ def check_checkpoint_folder(recipe: RecipeConfig, cluster: ClusterConfig, run: R
         fs, root = filesystem(uri, cluster.storage)
         owner = folder_owner(fs, root)
     except ValueError as err:
-        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}", hint=f"if the folder belongs "
-                         f"to this run, delete its run-owner.json") from None
+        raise UsageError(f"cannot tell which run owns {redact_text(uri)}: {err}", hint="if the folder belongs "
+                         "to this run, delete its run-owner.json") from None
     except Exception as err:  # the store is down or needs credentials only the ranks have: they check again
         print(f"warning: cannot check which run owns {redact_text(uri)} "
               f"({redact_text(f'{type(err).__name__}: {err}')[:300]}); the run checks before its first upload",

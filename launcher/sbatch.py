@@ -1,11 +1,11 @@
 """Standalone sbatch scripts: `launcher sbatch RECIPE --cluster C` prints a script for plain `sbatch`.
 
-The script runs the same rank entry point as the submitit backend (`python -m launcher.backends.slurm
+The script runs the same rank entry point as the submitit backend (`python -m jobs.environments.slurm
 --run-dir DIR` under srun), so preemption, saving and requeueing behave the same: after a stop
 signal rank 0 decides whether to requeue and calls `scontrol requeue` itself; the script forwards
 signals, and counts a crash of any rank after srun (below).
 
-Config values never reach the shell unquoted: `launcher.slurm_options` computes and checks them
+Config values never reach the shell unquoted: `launcher.backends.slurm_options` computes and checks them
 for both paths (see its docstring). Here a value of a `#SBATCH` line that is not plainly safe is
 double-quoted for sbatch's parser; command lines use `shlex.quote`. `slurm.setup` lines run after
 the non-secret `slurm.env` entries are exported, in the order the submitit backend uses, so setup
@@ -16,22 +16,18 @@ entry's `--after-srun` step, which counts the crash of any rank against `slurm.m
 """
 from __future__ import annotations
 
-import argparse
 import re
 import shlex
 import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher import backends
-from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_cluster, load_recipe
+from jobs.environments.slurm import ENTRY_MODULE
+from launcher.backends.slurm_options import SlurmOption, env_exports, job_options, one_line, setup_lines, \
+    slurm_section, source
+from schema.run_dir import Run
+from schema import ClusterConfig, RecipeConfig, SlurmConfig
 from schema.errors import UsageError
-from schema.names import check_name
-from launcher.ownership import check_checkpoint_folder
-from launcher.runs import Run, default_run_name, prepare_run, run_at, runs_root
-from launcher.slurm_options import (SlurmOption, env_exports, one_line, resource_options, setup_lines,
-                                    slurm_section, source)
 
 SCRIPT_NAME = "sbatch.sh"  # written into the run directory next to run.json
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./|&*!?<>()\[\]{}^~-]*")  # needs no quoting for sbatch's parser
@@ -54,8 +50,7 @@ def render_sbatch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, python
 
 def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> list[SlurmOption]:
     """(config key for error messages, sbatch option, value or None for a flag), in script order."""
-    opts: list[SlurmOption] = [("run name", "--job-name", run.name)]
-    opts += resource_options(recipe, s, src)
+    opts = job_options(recipe, s, src, run.name)
     # B: the batch shell only; its trap forwards to srun, so the ranks see USR2 exactly once
     opts += [("slurm.grace_period_s", "--signal", f"B:USR2@{s.grace_period_s}"),
              ("", "--requeue", None),
@@ -65,7 +60,7 @@ def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> 
 
 
 def _body(src: str, s: SlurmConfig, run: Run, python: str) -> list[str]:
-    entry = [python, "-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir)]
+    entry = [python, "-u", "-m", ENTRY_MODULE, "--run-dir", str(run.dir)]
     one_line(src, "slurm.python", python)
     srun = " ".join(shlex.quote(a) for a in ["srun", "--kill-on-bad-exit=1", *entry])
     after = " ".join(shlex.quote(a) for a in [*entry, "--after-srun"])
@@ -156,33 +151,6 @@ def submit(run: Run, script: Path) -> str:
     if proc.returncode != 0:
         raise UsageError(f"sbatch refused {script} (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
-    run.update(job_id=job_id, job_ids=run.info().get("job_ids", []) + [job_id], sbatch_script=str(script),
+    run.update(job_id=job_id, job_ids=run.info().job_ids + [job_id], sbatch_script=str(script),
                state="submitted")
     return job_id
-
-
-def cmd_sbatch(args: argparse.Namespace) -> int:
-    """`launcher sbatch`: validate like `launch`, prepare the run directory, print (and maybe submit) the script."""
-    recipe = load_recipe(args.recipe, args.overrides)
-    cluster = load_cluster(args.cluster)
-    cluster.check_recipe(recipe, f"cluster config {args.cluster}")
-    slurm = slurm_section(cluster)
-    if args.submit:
-        backends.get(cluster).check(recipe, cluster)  # sbatch on PATH
-    name = args.run_name or check_name("default run name", default_run_name(recipe))
-    root = runs_root(cluster, args.runs_dir)
-    # rendered once before the directory exists, so a refused value leaves nothing behind
-    render_sbatch(recipe, cluster, Run(name, root / name), slurm.python or sys.executable)
-    backends.refuse_if_running(run_at(root, name))  # a live job would read the rewritten config.yaml
-    check_checkpoint_folder(recipe, cluster, run_at(root, name), None)  # another run's remote folder
-    run = prepare_run(recipe, cluster, name, root, args.resume)
-    script = render_sbatch(recipe, cluster, run, slurm.python or sys.executable)
-    path = run.dir / SCRIPT_NAME
-    path.write_text(script)
-    sys.stdout.write(script)
-    sys.stdout.flush()
-    print(f"# run {name}: {run.dir}; script written to {path}", file=sys.stderr, flush=True)
-    if args.submit:
-        job_id = submit(run, path)
-        print(f"submitted Slurm job {job_id} for run {name} (logs: launcher logs {name})", file=sys.stderr, flush=True)
-    return 0

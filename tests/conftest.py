@@ -5,9 +5,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import pytest
+
+if TYPE_CHECKING:  # torch is imported where it is used: the pure tests never pay for it
+    import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))
@@ -30,6 +35,42 @@ def read_result(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 
 
+def final_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    """The weights a completed run wrote (model.pt), on the CPU whatever device trained them."""
+    import torch
+
+    return torch.load(run_dir / "model.pt", map_location="cpu", weights_only=True)
+
+
+def max_logged_step(run_dir: Path) -> int:
+    """The highest step in the run's metrics.jsonl so far (0 before there is one). Only whole lines are
+    read: the file is polled while the run appends to it."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().split("\n")[:-1]  # the last piece is "" or a line still being written
+    return max([json.loads(line).get("step", 0) for line in lines if line.strip()] or [0])
+
+
+T = TypeVar("T")
+
+
+def wait_until(predicate: Callable[[], T], what: str, timeout: float = 240, poll: float = 0.2) -> T:
+    """Call `predicate` every `poll` seconds until it returns something true, and return that.
+
+    After `timeout` seconds a TimeoutError says what was waited for (`what`). A predicate that sees the
+    wait is hopeless (the process it watches has died) raises, and that error ends the wait at once.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)
+
+
 @pytest.fixture
 def runs_dir(tmp_path: Path) -> Path:
     d = tmp_path / "runs"
@@ -46,3 +87,12 @@ def slurm() -> None:
     if not ok:
         pytest.skip(f"local Slurm cannot run here: {why}")
     ensure_slurm()
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A Slurm test runs jobs of several processes: it is in the slow tier as well, so that `-m "not slow"`
+    stays the quick tier on a machine where Slurm is installed."""
+    for item in items:
+        if item.get_closest_marker("slurm"):
+            item.add_marker(pytest.mark.slow)

@@ -113,18 +113,21 @@ def test_malformed_yaml_names_file_and_line(tmp_path: Path) -> None:
 def test_missing_epochs_and_steps(tmp_path: Path) -> None:
     f = tmp_path / "r.yaml"
     f.write_text("trainer:\n  global_batch: 64\n  micro_batch: 64\n")
-    with pytest.raises(ConfigError, match="neither epochs nor max_steps"):
+    with pytest.raises(ConfigError, match="neither epochs nor max_steps") as info:
         load_recipe(str(f))
+    assert info.value.key == "trainer" and info.value.source == str(f)
 
 
 def test_cluster_validation(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("backend: slurm\n")
-    with pytest.raises(ConfigError, match="no slurm: section"):
+    with pytest.raises(ConfigError, match="no slurm: section") as info:
         load_cluster(str(f))
+    assert info.value.key == "slurm"
     f.write_text("backend: local\nstorage:\n  endpoint: http://x\n")
-    with pytest.raises(ConfigError, match="did you mean 'endpoint_url'"):
+    with pytest.raises(ConfigError, match="did you mean 'endpoint_url'") as info:
         load_cluster(str(f))
+    assert info.value.key == "storage.endpoint"
 
 
 @pytest.mark.parametrize("args, words", [
@@ -159,8 +162,9 @@ def test_slurm_config_mistakes_are_caught_before_submission(tmp_path: Path, caps
         load_cluster(str(f))
     assert info.value.key == "slurm.time_min" and "grace period of 120 s" in str(info.value)
     f.write_text("backend: slurm\nslurm:\n  gpus_per_node: 8\n  partiton: gpu\n")
-    with pytest.raises(ConfigError, match="did you mean 'partition'"):
+    with pytest.raises(ConfigError, match="did you mean 'partition'") as info:
         load_cluster(str(f))
+    assert info.value.key == "slurm.partiton"
     f.write_text("backend: slurm\nslurm:\n  gpus_per_node: 8\n")
     assert main(["launch", "digits", "--cluster", str(f), "--runs-dir", str(tmp_path / "runs")]) == 2
     err = capsys.readouterr().err
@@ -232,8 +236,9 @@ def test_cluster_values_out_of_range_name_the_key(override: str, key: str, words
 
 
 def test_time_limit_hint_says_the_maximum() -> None:
-    with pytest.raises(ConfigError, match=r"(?s)more than 365 days.*HINT: use at most 525600"):
+    with pytest.raises(ConfigError, match=r"(?s)more than 365 days.*HINT: use at most 525600") as info:
         load_cluster("local_slurm", ["slurm.time_min=600000"])
+    assert info.value.key == "slurm.time_min"
 
 
 # ----------------------------------------------------------------------------- YAML the loader refuses
@@ -246,8 +251,9 @@ def test_duplicate_keys_name_file_key_and_both_lines(tmp_path: Path) -> None:
     assert "duplicate key (lines 2 and 4)" in str(info.value)
     c = tmp_path / "c.yaml"
     c.write_text("backend: local\nruns_dir: a\nbackend: slurm\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: backend: duplicate key \(lines 1 and 3\)"):
+    with pytest.raises(ConfigError, match=r"c\.yaml: backend: duplicate key \(lines 1 and 3\)") as info:
         load_cluster(str(c))
+    assert info.value.key == "backend"
 
 
 def test_duplicate_keys_in_an_override_value() -> None:
@@ -262,8 +268,9 @@ def test_merge_keys_may_override_on_purpose(tmp_path: Path) -> None:
     assert load_recipe(str(f)).optim.lr == 0.5
     g = tmp_path / "g.yaml"
     g.write_text("trainer: &t {epochs: 2, max_steps: 3}\ntrainer2: {<<: *t, epochs: 4}\n")
-    with pytest.raises(ConfigError, match="trainer2: unknown key"):  # merged fine, then refused as a key
+    with pytest.raises(ConfigError, match="trainer2: unknown key") as info:  # merged fine, then refused as a key
         load_recipe(str(g))
+    assert info.value.key == "trainer2"
 
 
 @pytest.mark.parametrize("text, key, words", [
@@ -300,8 +307,10 @@ def test_alias_bomb_is_refused_with_one_short_line(tmp_path: Path) -> None:
 def test_recursive_alias_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "r.yaml"
     f.write_text("model: &m\n  freeze: *m\n")
-    with pytest.raises(ConfigError, match="model.freeze: line 1: an alias refers to a value that contains it"):
+    with pytest.raises(ConfigError) as info:
         load_recipe(str(f))
+    assert info.value.key == "model.freeze"
+    assert "model.freeze: line 1: an alias refers to a value that contains it" in str(info.value)
 
 
 @pytest.mark.parametrize("content, words", [
@@ -344,8 +353,9 @@ def test_control_characters_in_keys_stay_on_one_line() -> None:
 def test_load_resolved_refuses_an_edited_file_cleanly(tmp_path: Path) -> None:
     f = tmp_path / "config.yaml"
     f.write_text(to_yaml(load_recipe("digits")).replace("lr: 0.1", "lr: .nan"))
-    with pytest.raises(ConfigError, match="optim.lr: nan is not a finite number"):
+    with pytest.raises(ConfigError, match="optim.lr: nan is not a finite number") as info:
         load_resolved(f, RecipeConfig)
+    assert info.value.key == "optim.lr" and str(f) in str(info.value)
 
 
 def test_overrides_are_bounded_too() -> None:

@@ -14,8 +14,11 @@ import termios
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO
 
+pytestmark = pytest.mark.slow
 BAR = re.compile(r"\d+/\d+ \[")  # tqdm's "12/20 [00:01<00:00, ...]"
 
 

@@ -1,14 +1,19 @@
 """Tier 3: the same runs on CUDA/NCCL. Skipped, with the reason, where no GPU is present (CI)."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import read_result, run_cli
+from conftest import final_params, read_result, run_cli
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.slow,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+ONE_GPU = ["parallel.procs_per_node=1", "trainer.global_batch=32"]
+NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}  # what a CPU-only machine shows the job
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -28,13 +33,46 @@ def test_two_gpu_nccl_run(runs_dir: Path) -> None:
     assert "process group: nccl, 2 ranks" in proc.stdout
 
 
-def test_gpu_checkpoint_resumes_on_cpu(runs_dir: Path, tmp_path: Path) -> None:
-    """Written on a GPU, loaded with map_location onto a CPU-only run."""
-    run_cli("launch", "digits", "parallel.procs_per_node=1", "trainer.global_batch=32", "trainer.device=cuda",
-            "trainer.epochs=2", "--run-name", "g", runs_dir=runs_dir, check=True)
-    proc = run_cli("launch", "digits", "parallel.procs_per_node=1", "trainer.global_batch=32", "trainer.device=cuda",
-                   "trainer.epochs=2", "--run-name", "g", runs_dir=runs_dir, env={"CUDA_VISIBLE_DEVICES": ""})
+def test_gpu_checkpoint_resumes_on_cpu(runs_dir: Path) -> None:
+    """A run trained on CUDA, relaunched where no GPU is visible with trainer.device=cpu, loads the CUDA
+    checkpoint onto the CPU (map_location) and carries on from exactly the state it was saved in."""
+    steps = ["trainer.epochs=null", "checkpoint.every_steps=3", "logging.log_every=1", "logging.progress_bar=false"]
+    run_dir = runs_dir / "g"
+    run_cli("launch", "digits", *ONE_GPU, *steps, "trainer.max_steps=6", "trainer.device=cuda", "--run-name", "g",
+            runs_dir=runs_dir, check=True)
+    on_gpu = final_params(run_dir)
+    (run_dir / "model.pt").unlink()  # from here on, model.pt is written by the CPU runs
+
+    # Relaunched for the same 6 steps there is nothing left to train: model.pt is the state it loaded.
+    same = run_cli("launch", "digits", *ONE_GPU, *steps, "trainer.max_steps=6", "trainer.device=cpu",
+                   "--run-name", "g", runs_dir=runs_dir, env=NO_GPU, check=True)
+    assert "device cpu (requested)" in same.stdout and re.search(r"resumed from \S+: step 6, ", same.stdout), \
+        same.stdout
+    on_cpu = final_params(run_dir)
+    assert on_gpu.keys() == on_cpu.keys()
+    for key in on_gpu:
+        assert torch.equal(on_gpu[key], on_cpu[key]), f"{key} changed between the GPU save and the CPU load"
+
+    # Relaunched for 12 steps it trains steps 7-12 on the CPU, not 1-12 again.
+    logged = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    more = run_cli("launch", "digits", *ONE_GPU, *steps, "trainer.max_steps=12", "trainer.device=cpu",
+                   "--run-name", "g", runs_dir=runs_dir, env=NO_GPU, check=True)
+    assert re.search(r"resumed from \S+: step 6, ", more.stdout), more.stdout
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()[logged:]]
+    assert [x["step"] for x in lines if "train/loss" in x] == list(range(7, 13)), lines
+    assert read_result(run_dir)["outcome"] == "completed" and read_result(run_dir)["step"] == 12
+    trained = final_params(run_dir)
+    assert any(not torch.equal(on_cpu[key], trained[key]) for key in on_cpu)  # it did train on
+
+
+def test_cuda_run_is_not_moved_to_cpu_silently_and_exports_on_cpu(runs_dir: Path, tmp_path: Path) -> None:
+    """trainer.device=cuda on a machine without a visible GPU fails instead of training on the CPU;
+    the weights of the GPU run export to CPU tensors there."""
+    run_cli("launch", "digits", *ONE_GPU, "trainer.device=cuda", "trainer.epochs=2", "--run-name", "g",
+            runs_dir=runs_dir, check=True)
+    proc = run_cli("launch", "digits", *ONE_GPU, "trainer.device=cuda", "trainer.epochs=2", "--run-name", "g",
+                   runs_dir=runs_dir, env=NO_GPU)
     assert proc.returncode != 0 and "no CUDA device" in proc.stdout + proc.stderr  # device=cuda is not silently CPU
     out = tmp_path / "w.pt"
-    run_cli("export", "g", "--to", str(out), runs_dir=runs_dir, env={"CUDA_VISIBLE_DEVICES": ""}, check=True)
+    run_cli("export", "g", "--to", str(out), runs_dir=runs_dir, env=NO_GPU, check=True)
     assert all(t.device.type == "cpu" for t in torch.load(out, weights_only=True).values())

@@ -8,11 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import REPO, read_result, run_cli
 from jobs.models import build_model
 from schema import load_recipe
+
+pytestmark = pytest.mark.slow  # training runs through the real CLI
 
 
 def test_local_status_logs_cancel(runs_dir: Path) -> None:

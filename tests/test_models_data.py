@@ -11,11 +11,17 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, DistributedSampler
 
+from conftest import run_cli
 from jobs.data import ImageFolder, build_datasets
 from jobs.models import build_model, freeze, summary
 from jobs.pretrained import load_pretrained
-from jobs.trainer import _lr_lambda, _micro_batches
+from jobs.storage import filesystem
+from jobs.training.schedule import lr_multiplier
+from jobs.training.step import micro_batches
+from s3_server import S3Server, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 from schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
+
+s3_server = pytest.fixture(scope="module")(s3_server_fixture)
 
 # torchvision's vgg11: conv layers at these feature indices, classifier Linear at 0, 3, 6
 VGG11_KEYS = [f"features.{i}.{p}" for i in (0, 3, 6, 8, 11, 13, 16, 18) for p in ("weight", "bias")] + \
@@ -104,11 +110,42 @@ def test_image_folder_local_and_fsspec(tmp_path: Path, scheme: str) -> None:
     assert x.shape == (3, 16, 16) and y in (0, 1, 2) and x.std() > 0
 
 
+@pytest.mark.slow  # a moto server on loopback (tier 2)
+def test_image_folder_on_s3_reads_through_the_storage_endpoint(s3_server: S3Server, s3_env: dict[str, str]) -> None:
+    """The endpoint is in the cluster's `storage:` section only (s3_env leaves no AWS_ENDPOINT_URL), as for
+    checkpoints; the image folder used to ignore it and ask AWS itself."""
+    s3_server.create_bucket("images")
+    storage = StorageConfig(endpoint_url=s3_server.endpoint)
+    fs, path = filesystem("s3://images/digits", storage)
+    _write_image_folder(fs, path)
+    train, val = build_datasets(DataConfig(name="image_folder", root="s3://images/digits"),
+                                ModelConfig(in_channels=3, image_size=16, num_classes=3), storage)
+    assert len(train) + len(val) == 12 and train.dataset.classes == ["class0", "class1", "class2"]
+    x, y = train[0]
+    assert x.shape == (3, 16, 16) and y in (0, 1, 2) and x.std() > 0
+
+
+@pytest.mark.slow  # a training run through the real CLI
+def test_run_on_an_s3_image_folder_uses_the_clusters_endpoint(s3_server: S3Server, s3_env: dict[str, str],
+                                                               tmp_path: Path) -> None:
+    s3_server.create_bucket("run-images")
+    fs, path = filesystem("s3://run-images/digits", StorageConfig(endpoint_url=s3_server.endpoint))
+    _write_image_folder(fs, path)
+    cluster = tmp_path / "s3.yaml"
+    cluster.write_text(f"backend: local\nstorage:\n  endpoint_url: {s3_server.endpoint}\n")
+    proc = run_cli("launch", "digits", "data.name=image_folder", "data.root=s3://run-images/digits",
+                   "model.num_classes=3", "parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=2",
+                   "trainer.global_batch=4", "trainer.micro_batch=4", "--cluster", str(cluster), "--run-name", "s3img",
+                   runs_dir=tmp_path / "runs")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "completed at step 2" in proc.stdout
+
+
 def test_lr_warmup_then_cosine_and_step() -> None:
-    f = _lr_lambda(ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
+    f = lr_multiplier(ScheduleConfig(name="cosine", warmup_steps=4, min_lr_ratio=0.1), total_steps=14)
     assert [round(f(s), 4) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.55) and f(14) == pytest.approx(0.1)
-    g = _lr_lambda(ScheduleConfig(name="step", warmup_steps=0, step_size=3, gamma=0.5), total_steps=10)
+    g = lr_multiplier(ScheduleConfig(name="step", warmup_steps=0, step_size=3, gamma=0.5), total_steps=10)
     assert [g(s) for s in (0, 2, 3, 6)] == [1.0, 1.0, 0.5, 0.25]
 
 
@@ -124,7 +161,7 @@ def _epoch_indices(rank: int, epoch: int, skip: int = 0) -> list[int]:
     sampler = DistributedSampler(_Index(), num_replicas=2, rank=rank, shuffle=True, seed=3, drop_last=True)
     sampler.set_epoch(epoch)
     steps = len(sampler) // 10
-    return [int(i) for step in _micro_batches(_Index(), sampler, skip, steps, 5, 2, 0) for x, _ in step for i in x]
+    return [int(i) for step in micro_batches(_Index(), sampler, skip, steps, 5, 2, 0) for x, _ in step for i in x]
 
 
 def test_every_sample_once_per_epoch_across_ranks() -> None:

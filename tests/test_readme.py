@@ -127,7 +127,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, copy / name)
-    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "scripts"):
+    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "schema", "scripts"):
         shutil.copytree(REPO / name, copy / name, ignore=junk)
     return copy
 
@@ -193,6 +193,7 @@ def test_make_test_is_what_ci_runs() -> None:
 
 
 @pytest.mark.parametrize("readme_command", _params())
+@pytest.mark.slow  # each README command runs, shortened, in a copy of the repo
 def test_readme_command_runs(readme_command: str, repo_copy: Path, request: pytest.FixtureRequest) -> None:
     if readme_command in SLURM_CASES:
         request.getfixturevalue("slurm")

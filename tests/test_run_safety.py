@@ -10,8 +10,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import REPO, run_cli
-from launcher.runs import Run
+from schema.run_dir import Run
 
 
 def _set_key(args: tuple[str, int]) -> None:
@@ -114,6 +116,7 @@ def test_cancel_refuses_pids_that_mean_a_group(runs_dir: Path) -> None:
         group.wait()
 
 
+@pytest.mark.slow  # a training run through the real CLI
 def test_finished_run_leaves_no_pid(runs_dir: Path) -> None:
     run_cli("launch", "digits", "trainer.max_steps=2", "--run-name", "done", runs_dir=runs_dir, check=True)
     info = json.loads((runs_dir / "done" / "run.json").read_text())
@@ -161,10 +164,11 @@ def test_run_directory_must_stay_inside_the_runs_dir(runs_dir: Path, tmp_path: P
 
 def test_relaunch_of_a_queued_slurm_run_is_refused(runs_dir: Path, tmp_path: Path) -> None:
     """A run whose Slurm job is still queued: `launch` and `sbatch` name the job and change nothing.
-    `sacct` is a stub that reports the job RUNNING; `sbatch` a stub that fails loudly if reached."""
+    `sacct` is a stub that reports the job RUNNING (as `-o JobID,State -P` prints it); `sbatch` a stub
+    that fails loudly if reached."""
     stubs = tmp_path / "bin"
     stubs.mkdir()
-    (stubs / "sacct").write_text("#!/bin/sh\necho RUNNING\n")
+    (stubs / "sacct").write_text("#!/bin/sh\necho '4242|RUNNING'\n")
     (stubs / "sbatch").write_text("#!/bin/sh\necho 'sbatch must not run' >&2\nexit 99\n")
     for stub in stubs.iterdir():
         stub.chmod(0o755)

@@ -18,6 +18,8 @@ import yaml
 from conftest import REPO, read_result, run_cli
 from s3_server import TEST_CREDENTIALS, S3Server, start_s3_server
 
+pytestmark = pytest.mark.slow  # training runs against a moto S3 server on loopback
+
 DIGITS = ["trainer.max_steps=6", "checkpoint.every_steps=2", "checkpoint.uri=s3://ckpts/runs",
           "logging.progress_bar=false"]
 BASE = ["trainer.epochs=2", "checkpoint.every_steps=4", "checkpoint.uri=s3://ckpts/runs", "logging.log_every=1",

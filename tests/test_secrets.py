@@ -125,6 +125,7 @@ def _leaks(root: Path, allowed: set[Path]) -> list[str]:
     return found
 
 
+@pytest.mark.slow  # a training run through the real CLI
 def test_planted_secrets_reach_the_job_but_no_file_or_line(tmp_path: Path, runs_dir: Path,
                                                            weights_server: _AuthServer) -> None:
     url = f"http://user:{TOKEN}@127.0.0.1:{weights_server.server_port}/weights.pt"

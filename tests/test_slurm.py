@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import subprocess
@@ -13,36 +14,20 @@ import pytest
 import torch
 import yaml
 
-from conftest import read_result, run_cli
+from conftest import final_params, max_logged_step, read_result, run_cli, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 LONG = ["trainer.epochs=3", "checkpoint.every_steps=5", "logging.log_every=1", "logging.progress_bar=false"]
 
 
 def _sacct(job_id: str) -> str:
-    from launcher.backends.slurm import sacct_state
+    from launcher.backends.slurm_watch import job_state
 
-    return sacct_state(job_id)
+    return job_state(job_id)
 
 
 def _info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
-
-
-def _wait(predicate, what: str, timeout: float = 240, poll: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(poll)
-    raise TimeoutError(f"timed out waiting for {what}")
-
-
-def _max_step(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return 0
-    return max([json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip()] or [0])
 
 
 def _finished(run_dir: Path) -> bool:
@@ -51,12 +36,8 @@ def _finished(run_dir: Path) -> bool:
         and _sacct(_info(run_dir)["job_id"]) == "COMPLETED"
 
 
-def _params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
-
-
 def _assert_same_params(a: Path, b: Path) -> None:
-    pa, pb = _params(a), _params(b)
+    pa, pb = final_params(a), final_params(b)
     assert pa.keys() == pb.keys()
     for key in pa:
         assert torch.equal(pa[key], pb[key]), f"{key} differs between {a.name} and {b.name}"
@@ -88,14 +69,15 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) ->
                    runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "pre"
     job_id = _info(run_dir)["job_id"]
-    target = random.Random().randint(8, 20)
-    print(f"{how} near step {target}")
-    _wait(lambda: _max_step(run_dir) >= target, f"step {target}")
+    seed = os.environ.get("RESUME_SEED", "0")  # as in test_resume: a failure can be replayed
+    target = random.Random(f"{seed}-{how}").randint(8, 20)
+    print(f"{how} near step {target} (RESUME_SEED={seed})")
+    wait_until(lambda: max_logged_step(run_dir) >= target, f"step {target}")
     if how == "usr2":  # what Slurm sends ahead of preemption; plain scancel reaches every task
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
     else:  # an admin or the scheduler requeueing the job: SIGTERM, then the job starts again
         subprocess.run(["scontrol", "requeue", job_id], check=True)
-    _wait(lambda: _finished(run_dir), "the requeued job to finish")
+    wait_until(lambda: _finished(run_dir), "the requeued job to finish")
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert "resumed from" in log, log
     info = _info(run_dir)
@@ -119,8 +101,8 @@ def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
     run_cli("launch", "vgg_pretrain", *overrides, "--cluster", str(path), "--run-name", "tl", runs_dir=runs_dir,
             check=True)
     run_dir = runs_dir / "tl"
-    _wait(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
-    _wait(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
+    wait_until(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
+    wait_until(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
     info = _info(run_dir)
     assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info
     assert read_result(run_dir)["step"] == 1000
@@ -131,7 +113,7 @@ def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
     run_cli("launch", "vgg_pretrain", *LONG, "--cluster", "local_slurm", "--run-name", "cx", runs_dir=runs_dir,
             check=True)
     run_dir = runs_dir / "cx"
-    _wait(lambda: _max_step(run_dir) >= 3, "step 3")
+    wait_until(lambda: max_logged_step(run_dir) >= 3, "step 3")
     job_id = _info(run_dir)["job_id"]
     config = (run_dir / "config.yaml").read_text()
     again = run_cli("launch", "vgg_pretrain", *LONG, "trainer.epochs=4", "--cluster", "local_slurm", "--run-name",
@@ -140,7 +122,7 @@ def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
     assert (run_dir / "config.yaml").read_text() == config and _info(run_dir)["job_ids"] == [job_id]
     out = run_cli("cancel", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert "cancelled Slurm job" in out
-    _wait(lambda: _sacct(_info(run_dir)["job_id"]) == "CANCELLED", "CANCELLED in sacct")
+    wait_until(lambda: _sacct(_info(run_dir)["job_id"]) == "CANCELLED", "CANCELLED in sacct")
     status = run_cli("status", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert "state: cancelled" in status
     time.sleep(3)
@@ -168,8 +150,8 @@ def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
     run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
             "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "broken"
-    _wait(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=120)
-    _wait(lambda: _sacct(_info(run_dir)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
+    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=120)
+    wait_until(lambda: _sacct(_info(run_dir)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
     info = _info(run_dir)
     assert info["requeues"] == {"failures": 1}
     assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
@@ -186,14 +168,14 @@ import os, runpy, sys
 sys.path.insert(0, os.getcwd())  # what -m does
 module, sys.argv = sys.argv[3], sys.argv[3:]
 if os.environ.get("SLURM_PROCID") == "1" and module == "submitit.core._submit":
-    import jobs.trainer
-    real, calls = jobs.trainer._train_step, []
+    import jobs.training.trainer
+    real, calls = jobs.training.trainer.train_step, []
     def failing(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise RuntimeError("planted failure on rank 1 at step 3")
         return real(*args, **kwargs)
-    jobs.trainer._train_step = failing
+    jobs.training.trainer.train_step = failing
 runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
@@ -211,7 +193,7 @@ def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_pat
     run_cli("launch", "digits", "trainer.epochs=null", "trainer.max_steps=20", "--cluster", str(path),
             "--run-name", "crash", runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "crash"
-    _wait(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=180)
+    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=180)
     info = _info(run_dir)
     assert info["requeues"] == {"failures": 1} and info["restarts"] == 1, info
     assert "failures limit of 1 reached" in info["stop_reason"], info
@@ -256,10 +238,10 @@ def test_usr2_to_whole_job_is_a_preemption_with_wandb_and_loader_workers(runs_di
             env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
     run_dir = runs_dir / "full"
     job_id = _info(run_dir)["job_id"]
-    _wait(lambda: (run_dir / "first_step.json").exists(), "the first step")
+    wait_until(lambda: (run_dir / "first_step.json").exists(), "the first step")
     time.sleep(0.5)  # every rank's handler is installed by its first step
     subprocess.run(["scancel", "--signal=USR2", "--full", job_id], check=True, timeout=60)
-    _wait(lambda: _finished(run_dir), "the requeued job to finish", timeout=240)
+    wait_until(lambda: _finished(run_dir), "the requeued job to finish", timeout=240)
     info = _info(run_dir)
     assert info["requeues"] == {"preemptions": 1}, f"finished before the signal? {info}"
     assert info["restarts"] == 1 and info["state"] == "completed" and "SIGUSR2 at step" in info["last_requeue"]

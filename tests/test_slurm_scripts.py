@@ -23,10 +23,12 @@ from typing import Any
 import pytest
 
 from conftest import run_cli
+from jobs.environments import slurm as slurm_env
 from launcher.backends import slurm
 from schema import load_cluster, load_recipe
-from schema.errors import ConfigError
-from launcher.runs import Run, prepare_run
+from schema.errors import ConfigError, UsageError
+from schema.run_dir import Run
+from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
 from test_sbatch import HOSTILE_ENV, option_values, write_cluster
 
@@ -56,7 +58,7 @@ def submitit_script(cluster_path: Path, run: Run, folder: Path) -> str:
     """What `launch` would sbatch: submitit renders it from `make_executor`'s parameters."""
     recipe, cluster = load_recipe("digits"), load_cluster(str(cluster_path))
     slurm.check_cluster(recipe, cluster)
-    executor = slurm.make_executor(recipe, cluster, run, folder)
+    executor = slurm.make_executor(recipe, cluster, run.name, folder)
     return executor._make_submission_file_text(executor._submitit_command_str, "test")
 
 
@@ -107,7 +109,7 @@ def test_submitit_script_quotes_every_value_and_runs_nothing(tmp_path: Path, stu
     assert opts["--mem"] == "3G"  # the unit `launcher sbatch` writes too
     assert opts["--output"] == f"{folder}/%j_0_log.out"
 
-    for code in (0, 3):  # 3: srun failed, so the teardown runs `python -m launcher.backends.slurm --after-srun`
+    for code in (0, 3):  # 3: srun failed, so the teardown runs `python -m jobs.environments.slurm --after-srun`
         env = {**os.environ, "SLURM_JOB_ID": "1", "STUB_EXIT": str(code)}
         proc = subprocess.run(["bash", str(path)], cwd=pwned, env=env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == code, proc.stderr
@@ -118,7 +120,7 @@ def test_submitit_script_quotes_every_value_and_runs_nothing(tmp_path: Path, stu
     assert srun_calls[0]["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
                                     "SETUP_SEEN": "verbatim: 2", "WANDB_API_KEY": os.environ.get("WANDB_API_KEY")}
     assert [c["argv"] for c in python_calls] == [
-        ["-u", "-m", "launcher.backends.slurm", "--after-srun", "--submitit-folder", str(folder)]]
+        ["-u", "-m", "jobs.environments.slurm", "--after-srun", "--submitit-folder", str(folder)]]
     assert not list(tmp_path.rglob("PWNED*"))
 
 
@@ -156,7 +158,7 @@ def test_launch_refuses_with_exit_2_before_anything_is_written(tmp_path: Path, r
 
 def test_run_directory_that_sbatch_would_expand_is_refused(tmp_path: Path, stub_bin: Path) -> None:
     cfg = write_cluster(tmp_path / "c.yaml", {"partition": "debug"})
-    with pytest.raises(Exception, match="contains '%'"):
+    with pytest.raises(UsageError, match="contains '%'"):
         submitit_script(cfg, Run("r", tmp_path / "a%jb"), tmp_path / "a%jb" / "submitit")
 
 
@@ -189,7 +191,7 @@ def test_rank_main_sets_every_slurm_env_entry(tmp_path: Path, monkeypatch: pytes
                        "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "localhost"}.items():
         monkeypatch.setenv(key, value)
     try:
-        slurm.rank_main(str(run.dir))
+        slurm_env.rank_main(str(run.dir))
         assert {k: seen.get(k) for k in [*SECRETS, "PLAIN_VALUE"]} == {**SECRETS, "PLAIN_VALUE": "visible"}
     finally:
         for key in [*SECRETS, "PLAIN_VALUE", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
@@ -210,35 +212,35 @@ def test_after_srun_counts_the_first_failing_rank_then_stops(tmp_path: Path, stu
     for restart in (0, 1):
         monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
         run.update(state="terminated")  # what rank 0 records when srun's kill reached it as SIGTERM
-        slurm.record_failure(run, 1, "Traceback ...\nRuntimeError: boom on rank 1\n")
+        slurm_env.record_failure(run, 1, "Traceback ...\nRuntimeError: boom on rank 1\n")
         time.sleep(0.01)
-        slurm.record_failure(run, 0, "Traceback ...\nRuntimeError: Connection closed by peer\n")
-        slurm.after_srun(run)
+        slurm_env.record_failure(run, 0, "Traceback ...\nRuntimeError: Connection closed by peer\n")
+        slurm_env.after_srun(run)
         info = run.info()
-        assert info["requeues"] == {"failures": 1}, info
-        assert info["last_requeue"] == "rank 1: RuntimeError: boom on rank 1"
-    assert info["state"] == "stopped" and "failures limit of 1 reached" in info["stop_reason"]
-    assert "rank 1: RuntimeError: boom on rank 1" in info["stop_reason"]
+        assert info.requeues == {"failures": 1}, info
+        assert info.last_requeue == "rank 1: RuntimeError: boom on rank 1"
+    assert info.state == "stopped" and "failures limit of 1 reached" in info.stop_reason
+    assert "rank 1: RuntimeError: boom on rank 1" in info.stop_reason
     assert [c["argv"] for c in calls(tmp_path / "scontrol.jsonl")] == [["requeue", "7"]]  # requeued once
 
 
 def test_after_srun_leaves_a_decided_run_alone(tmp_path: Path, stub_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run = _crashed_run(tmp_path, max_failures=5)
     monkeypatch.setenv("SLURM_JOB_ID", "8")
-    slurm.record_failure(run, 1, "RuntimeError: late\n")
+    slurm_env.record_failure(run, 1, "RuntimeError: late\n")
     run.update(state="requeued", requeues={"preemptions": 1})  # rank 0 already requeued after a preemption
-    slurm.after_srun(run)
-    assert run.info()["requeues"] == {"preemptions": 1} and not calls(tmp_path / "scontrol.jsonl")
+    slurm_env.after_srun(run)
+    assert run.info().requeues == {"preemptions": 1} and not calls(tmp_path / "scontrol.jsonl")
 
 
 def test_after_srun_finds_the_run_of_a_job_array_element(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """submitit's teardown only knows its folder: the element's pickle names the run (sweeps)."""
     from submitit.core.utils import DelayedSubmission
 
-    DelayedSubmission(slurm.rank_main, "/runs/trial-2").dump(tmp_path / "12_2_submitted.pkl")
+    DelayedSubmission(slurm_env.rank_main, "/runs/trial-2").dump(tmp_path / "12_2_submitted.pkl")
     for key, value in {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "2"}.items():
         monkeypatch.setenv(key, value)
-    assert slurm._submitted_run_dir(tmp_path) == "/runs/trial-2"
+    assert slurm_env._submitted_run_dir(tmp_path) == "/runs/trial-2"
 
 
 def test_plain_script_counts_a_crash_but_not_a_stop(tmp_path: Path, stub_bin: Path) -> None:
@@ -251,7 +253,7 @@ def test_plain_script_counts_a_crash_but_not_a_stop(tmp_path: Path, stub_bin: Pa
     proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3, proc.stderr
     assert [c["argv"] for c in calls(tmp_path / "python.jsonl")] == [
-        ["-u", "-m", "launcher.backends.slurm", "--run-dir", str(run.dir), "--after-srun"]]
+        ["-u", "-m", "jobs.environments.slurm", "--run-dir", str(run.dir), "--after-srun"]]
 
     (tmp_path / "python.jsonl").unlink()
     srun = stub_bin / "srun"  # now an srun that fails only after the shell got TERM (scancel, requeue)
@@ -272,15 +274,16 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow  # real worker processes and signals
 def test_loader_workers_outlive_the_jobs_signals() -> None:
     """Slurm signals every process of a step; a worker dying of USR2/TERM would fail the rank."""
     import torch
     from torch.utils.data import TensorDataset
 
-    from jobs.trainer import _micro_batches
+    from jobs.training.step import micro_batches
 
     data = TensorDataset(torch.arange(2000.0).view(-1, 1), torch.zeros(2000, dtype=torch.long))
-    batches = _micro_batches(data, list(range(2000)), 0, 1000, 2, 1, workers=1)  # type: ignore[arg-type]
+    batches = micro_batches(data, list(range(2000)), 0, 1000, 2, 1, workers=1)  # type: ignore[arg-type]
     next(batches)
     workers = _descendants(os.getpid())
     assert workers
@@ -317,6 +320,7 @@ print(json.dumps({"tracker_kept": metrics._wandb is not None}))
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGUSR2, signal.SIGTERM])
+@pytest.mark.slow  # real worker processes and signals
 def test_tracker_survives_a_signal_to_wandbs_service(sig: signal.Signals, tmp_path: Path) -> None:
     """USR2: wandb-core lives on. INT/TERM: wandb-core exits (it catches them itself, so no inherited
     disposition helps), and losing the tracker does not fail the rank; metrics.jsonl keeps everything.

@@ -9,16 +9,18 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import read_result, run_cli
 from launcher.cli import main
 from schema import load_cluster, load_recipe
 from schema.errors import UsageError
 from launcher import backends
-from launcher.runs import Run
-from launcher.backends.slurm import expand_job_ids
-from launcher.sweep import (SweepSpec, check_one_shape, default_sweep_name, expand, sort_rows,
-                            split_values, trial_state)
+from launcher.backends import slurm
+from launcher.backends.slurm_watch import expand_job_ids
+from schema.run_dir import Run
+from launcher.sweeps.space import SweepSpec, default_sweep_name, expand, split_values
+from launcher.sweeps.table import sort_rows, trial_state
 
 QUICK = ["trainer.max_steps=10", "trainer.epochs=null", "parallel.procs_per_node=1", "trainer.global_batch=32"]
 
@@ -124,10 +126,10 @@ def test_slurm_array_needs_one_resource_shape() -> None:
     trials = expand(_spec(grid=("parallel.procs_per_node=1,2",)), "s")
     recipes = [load_recipe("digits", list(t.overrides)) for t in trials]
     with pytest.raises(UsageError, match="same resources") as err:
-        check_one_shape(trials, recipes, cluster)
+        slurm.check_many([(t.name, r) for t, r in zip(trials, recipes)], cluster)
     assert "parallel.procs_per_node" in str(err.value)
     same = expand(_spec(grid=("optim.lr=0.1,0.2",)), "s")
-    check_one_shape(same, [load_recipe("digits", list(t.overrides)) for t in same], cluster)
+    slurm.check_many([(t.name, load_recipe("digits", list(t.overrides))) for t in same], cluster)
 
 
 def test_rows_sort_best_first_with_missing_metric_last() -> None:
@@ -159,8 +161,6 @@ def test_bad_trial_is_refused_before_anything_exists(runs_dir: Path, capsys: pyt
 
 def test_varying_parallel_on_slurm_is_refused(runs_dir: Path, capsys: pytest.CaptureFixture,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from launcher.backends import slurm
-
     monkeypatch.setattr(slurm, "check", lambda recipe, cluster: None)  # no sbatch needed to refuse
     code = main(["sweep", "digits", "--grid", "parallel.procs_per_node=1,2", "--cluster", "local_slurm",
                  "--runs-dir", str(runs_dir)])
@@ -183,6 +183,7 @@ def test_random_without_trials_is_refused(runs_dir: Path, capsys: pytest.Capture
 
 
 # ----------------------------------------------------------------------------- tier 2: real runs
+@pytest.mark.slow  # training runs through the real CLI
 def test_local_sweep_runs_each_trial_and_ranks_them(runs_dir: Path) -> None:
     args = ["sweep", "digits", *QUICK, "--grid", "optim.lr=0.01,0.1"]
     proc = run_cli(*args, runs_dir=runs_dir)
@@ -263,3 +264,19 @@ def test_array_element_cancelled_while_pending_is_not_unknown(tmp_path: Path, sl
         time.sleep(0.5)  # accounting lags a moment behind scancel
     assert state == "cancelled"
     assert backends.status(run)["state"] == "cancelled"  # `launcher status <trial>` sees it too
+
+
+@pytest.mark.slurm
+def test_job_array_sbatch_refuses_is_one_line_and_leaves_no_trial(runs_dir: Path, tmp_path: Path, slurm: None) -> None:
+    """The local Slurm has no GPUs, so sbatch refuses the array: exit 2, one line and a HINT, no trial directory."""
+    cluster = yaml.safe_load((Path(__file__).parent.parent / "cluster_configs" / "local_slurm.yaml").read_text())
+    cluster["slurm"]["gpus_per_node"] = 1
+    path = tmp_path / "gpu_slurm.yaml"
+    path.write_text(yaml.safe_dump(cluster))
+    proc = run_cli("sweep", "digits", "parallel.procs_per_node=1", "--grid", "optim.lr=0.1,0.2", "--cluster", str(path),
+                   "--name", "nogpu", runs_dir=runs_dir)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[-2].startswith("error: sbatch refused the job array of nogpu: sbatch: error:"), proc.stderr
+    assert lines[-1].startswith("  HINT: "), proc.stderr
+    assert not (runs_dir / "nogpu-t00").exists() and not (runs_dir / "nogpu-t01").exists()

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from conftest import read_result, run_cli
+from conftest import final_params, read_result, run_cli
+
+pytestmark = pytest.mark.slow
 
 QUICK = ["trainer.epochs=null", "model.dropout=0", "checkpoint.at_end=false", "checkpoint.every_steps=0"]
 
@@ -14,10 +17,6 @@ QUICK = ["trainer.epochs=null", "model.dropout=0", "checkpoint.at_end=false", "c
 def _launch(runs_dir: Path, name: str, *overrides: str, recipe: str = "digits") -> Path:
     run_cli("launch", recipe, *overrides, "--run-name", name, runs_dir=runs_dir, check=True)
     return runs_dir / name
-
-
-def _params(run_dir: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run_dir / "model.pt", weights_only=True)
 
 
 def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -51,8 +50,8 @@ def test_ddp_two_ranks_equal_one_rank_double_batch(runs_dir: Path) -> None:
                   "trainer.micro_batch=32", "trainer.global_batch=32")
     init = _launch(runs_dir, "zero", *QUICK, "trainer.max_steps=1", "optim.lr=1e-9", "parallel.procs_per_node=1",
                    "trainer.micro_batch=32", "trainer.global_batch=32")
-    assert _max_diff(_params(two), _params(one)) < 1e-5
-    assert _max_diff(_params(two), _params(init)) > 1e-3  # it did train: the check above is not vacuous
+    assert _max_diff(final_params(two), final_params(one)) < 1e-5
+    assert _max_diff(final_params(two), final_params(init)) > 1e-3  # it did train: the check above is not vacuous
 
 
 def test_gradient_accumulation_equivalence(runs_dir: Path) -> None:
@@ -62,7 +61,7 @@ def test_gradient_accumulation_equivalence(runs_dir: Path) -> None:
     single = _launch(runs_dir, "single", *QUICK, "trainer.max_steps=5", "parallel.procs_per_node=1",
                      "trainer.micro_batch=32", "trainer.global_batch=32")
     assert "x 2 accumulation" in (accum / "logs" / "rank0.log").read_text()
-    assert _max_diff(_params(accum), _params(single)) < 1e-5
+    assert _max_diff(final_params(accum), final_params(single)) < 1e-5
 
 
 def test_vgg_finetune_starts_from_pretrained_and_keeps_frozen(runs_dir: Path, tmp_path: Path) -> None:
@@ -74,7 +73,7 @@ def test_vgg_finetune_starts_from_pretrained_and_keeps_frozen(runs_dir: Path, tm
                    "--run-name", "fine", runs_dir=runs_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"pretrained weights: {weights}" in proc.stdout and "head classifier.6 re-initialised" in proc.stdout
-    before, after = torch.load(weights, weights_only=True), _params(runs_dir / "fine")
+    before, after = torch.load(weights, weights_only=True), final_params(runs_dir / "fine")
     frozen = ["features.0", "features.3", "features.6", "features.8"]
     for key in after:
         if any(key.startswith(p + ".") for p in frozen):
@@ -116,3 +115,13 @@ def test_time_based_saves_are_agreed_by_all_ranks(runs_dir: Path) -> None:
     steps = [s["step"] for s in saves if s.get("event") == "save"]
     assert len(steps) >= 2 and len(set(steps)) == len(steps), steps
     assert any(step % 11 for step in steps)  # not tied to epoch ends: taken when the clock said so
+
+
+def test_launch_marks_the_first_step_of_each_start(runs_dir: Path) -> None:
+    """first_step.json (what `make bench` and the Slurm tests wait on) comes from a callback the rank
+    entry point registers, not from the trainer: written once per start, by rank 0, after its first step."""
+    run_dir = _launch(runs_dir, "marked", *QUICK, "trainer.max_steps=3", "checkpoint.at_end=true")
+    first = json.loads((run_dir / "first_step.json").read_text())
+    assert first["step"] == 1 and first["time"] <= (run_dir / "result.json").stat().st_mtime
+    _launch(runs_dir, "marked", *QUICK, "trainer.max_steps=5", "checkpoint.at_end=true")  # resumes at step 3
+    assert json.loads((run_dir / "first_step.json").read_text())["step"] == 4

@@ -22,7 +22,7 @@ import torch
 from jobs.checkpoint.errors import describe, log
 from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.store import Store
-from jobs.storage import MANIFEST
+from schema.run_dir import MANIFEST
 
 POINTER = "latest"
 SAVES_LOG = "saves.jsonl"

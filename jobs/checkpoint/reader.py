@@ -27,7 +27,8 @@ import torch
 from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint
 from jobs.checkpoint.manifest import FileEntry, Manifest
 from jobs.checkpoint.store import HASH_CHUNK, Store
-from jobs.storage import MANIFEST, filesystem, is_local, join
+from jobs.storage import filesystem, is_local, join
+from schema.run_dir import MANIFEST
 from schema import StorageConfig
 
 HASH_THREADS = 2

@@ -9,7 +9,8 @@ from fsspec import AbstractFileSystem
 
 from jobs.checkpoint.errors import InvalidCheckpoint
 from jobs.checkpoint.manifest import Manifest, step_dir_name
-from jobs.storage import MANIFEST, STEP_DIR, fresh_listing, join
+from jobs.storage import fresh_listing, join
+from schema.run_dir import MANIFEST, STEP_DIR
 
 HASH_CHUNK = 8 << 20
 

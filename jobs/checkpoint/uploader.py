@@ -21,7 +21,8 @@ from jobs.checkpoint.local import POINTER, SavesLog
 from jobs.checkpoint.manifest import Manifest
 from jobs.checkpoint.retention import prune
 from jobs.checkpoint.store import Store
-from jobs.storage import MANIFEST, OWNER_FILE, folder_owner, foreign_folder_message, is_local
+from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local
+from schema.run_dir import MANIFEST
 from schema import CheckpointConfig
 from schema.secrets import redact_text
 

@@ -1,33 +1,62 @@
-"""Backends start ranks. Each is one module with `check(recipe, cluster)` (raise UsageError
-before anything starts) and `launch(recipe, cluster, run) -> exit code`; the cluster config
-names the backend, nothing is auto-detected."""
+"""Backends start, follow and stop runs. The cluster config names one (`backend:`); nothing is
+auto-detected. Each backend is one module implementing `base.Backend` (check, check_many, launch,
+launch_many, status, live, cancel, wait), registered by name in `BACKENDS`.
+
+Adding a backend (e.g. cloud VMs) is one new module here plus one line in `BACKENDS` (and its config
+section in `schema/cluster.py`); no other code names a backend. A run's own backend is the one its
+run.json records, so `status`/`cancel` follow a run whatever cluster config the command was given.
+"""
 from __future__ import annotations
 
+import importlib
 import os
-import shutil
-import signal
 from pathlib import Path
-from types import ModuleType
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, cast
 
-from schema import ClusterConfig
+from launcher.backends.base import Backend
+from schema.run_dir import Run, RunInfo
 from schema.errors import UsageError
-from launcher.runs import Run
 
-# Slurm states (as `status` reports them) of a job that still runs or will run again
-LIVE_SLURM_STATES = {"running", "pending", "requeued", "submitted", "configuring", "completing", "suspended",
-                     "requeue_hold", "requeue_fed", "resizing", "signaling", "stage_out"}
+# name (as in cluster configs and run.json) -> module; imported on first use, so a backend's own
+# dependencies (submitit, a cloud SDK) are only loaded where it is used
+BACKENDS = {
+    "local": "launcher.backends.local",
+    "slurm": "launcher.backends.slurm",
+}
 _PROC = Path("/proc/self/stat").exists()  # Linux: process start times are known, so pids can be checked
 
 
-def get(cluster: ClusterConfig) -> ModuleType:
-    if cluster.backend == "slurm":
-        from launcher.backends import slurm
+def get(name: str) -> Backend:
+    """The backend called `name` (a cluster config's `backend:`, or the one a run.json records)."""
+    if name not in BACKENDS:
+        raise UsageError(f"unknown backend {name!r}", hint=f"use one of {', '.join(sorted(BACKENDS))}")
+    return cast(Backend, importlib.import_module(BACKENDS[name]))
 
-        return slurm
-    from launcher.backends import local
 
-    return local
+def of_run(run: Run) -> Backend:
+    """The backend that launched `run`; local where run.json is missing or unreadable (`problems()` says why)."""
+    return get(run.info().backend or "local")
+
+
+def status(run: Run) -> dict[str, Any]:
+    """`launcher status`: the run's backend's view, plus why run.json or result.json cannot be read."""
+    problems = run.problems()
+    return {**of_run(run).status(run), **({"note": "; ".join(problems)} if problems else {})}
+
+
+def refuse_if_running(run: Run) -> None:
+    """UsageError naming the live process or job if `run` is running (or queued): a second launch
+    must not rewrite its directory under it."""
+    if not run.info():
+        return
+    what = of_run(run).live(run)
+    if what:
+        raise UsageError(f"run {run.name} is already {what}", hint=f"wait for it, stop it with "
+                         f"`launcher cancel {run.name}`, or choose another --run-name")
+
+
+def cancel(run: Run) -> str:
+    return of_run(run).cancel(run)
 
 
 def process_start(pid: int) -> Optional[int]:
@@ -42,10 +71,10 @@ def process_start(pid: int) -> Optional[int]:
     return None if fields[0] in ("Z", "X") else int(fields[19])  # fields[0] is field 3, the state
 
 
-def run_process(info: dict[str, Any], pid_key: str, start_key: str) -> Optional[int]:
+def run_process(info: RunInfo, pid_key: str, start_key: str) -> Optional[int]:
     """The pid in run.json under `pid_key` if that process is alive and is still the one the launcher
     recorded (same start time); None otherwise."""
-    pid = info.get(pid_key)
+    pid = getattr(info, pid_key)
     if not isinstance(pid, int) or pid <= 0:  # 0 and -1 would signal a process group or every process
         return None
     try:
@@ -55,67 +84,10 @@ def run_process(info: dict[str, Any], pid_key: str, start_key: str) -> Optional[
     if not _PROC:
         return pid  # no start times on this system: trust the pid
     start = process_start(pid)
-    return pid if start is not None and start == info.get(start_key) else None
+    return pid if start is not None and start == getattr(info, start_key) else None
 
 
-def status(run: Run) -> dict[str, Any]:
-    info = run.info()
-    if info.get("backend") == "slurm":
-        from launcher.backends import slurm
+if TYPE_CHECKING:  # a type checker verifies that every registered module implements the protocol
+    from launcher.backends import local, slurm
 
-        return {**slurm.status(run), **_notes(run)}
-    result = run.result()
-    pid = run_process(info, "pid", "pid_start")
-    if pid:
-        state = "running"
-    elif result:
-        state = result.get("outcome", "unknown")
-    elif run.problems():
-        state = "unknown"
-    else:
-        state = "failed" if info.get("launches") else "unknown"
-    running = {"pid": pid} if pid else {}
-    return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running,
-            **_summary(result), **_notes(run)}
-
-
-def _notes(run: Run) -> dict[str, Any]:
-    problems = run.problems()
-    return {"note": "; ".join(problems)} if problems else {}
-
-
-def refuse_if_running(run: Run) -> None:
-    """UsageError naming the live process or Slurm job if `run` is running (or queued): a second launch
-    must not rewrite its directory under it."""
-    info = run.info()
-    if not info:
-        return
-    if info.get("backend") == "slurm" and shutil.which("sacct") is None:
-        raise UsageError(f"run {run.name} ({run.dir}) was submitted to Slurm as job {info.get('job_id')}, and "
-                         "without `sacct` on PATH this machine cannot tell whether it still runs", hint="launch it "
-                         "from the Slurm login node, or choose another --run-name")
-    state = status(run)
-    if state["state"] == "running" and state.get("pid"):
-        raise UsageError(f"run {run.name} is already running (pid {state['pid']}, {run.dir})", hint=f"wait for it, "
-                         f"stop it with `launcher cancel {run.name}`, or choose another --run-name")
-    if state.get("backend") == "slurm" and state["state"] in LIVE_SLURM_STATES:
-        raise UsageError(f"run {run.name} is already {state['state']} as Slurm job {state.get('job_id')} "
-                         f"({run.dir})", hint=f"wait for it, stop it with `launcher cancel {run.name}`, "
-                         "or choose another --run-name")
-
-
-def cancel(run: Run) -> str:
-    info = run.info()
-    if info.get("backend") == "slurm":
-        from launcher.backends import slurm
-
-        return slurm.cancel(run)
-    pid = run_process(info, "launcher_pid", "launcher_start") or run_process(info, "pid", "pid_start")
-    if not pid:
-        return f"run {run.name} is not running"
-    os.kill(pid, signal.SIGTERM)  # the ranks save a checkpoint, then exit
-    return f"sent SIGTERM to run {run.name} (pid {pid}); it saves a checkpoint and stops"
-
-
-def _summary(result: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in result.items() if k in ("step", "epoch", "val/acc", "val/loss", "signal")}
+    _IMPLEMENTATIONS: tuple[Backend, ...] = (local, slurm)

@@ -1,4 +1,5 @@
-"""Local backend: ranks on this machine through torchrun (`torch.distributed.run`).
+"""Local backend: ranks on this machine through torchrun (`torch.distributed.run`); several runs
+(a sweep's trials) run one after another.
 
 The launcher process stays in front of torchrun: it records its pid for `launcher cancel` and
 turns SIGTERM/SIGINT/SIGUSR1/SIGUSR2 into a SIGTERM for torchrun, which forwards it to every
@@ -11,12 +12,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from types import FrameType
+from typing import Any, Optional, Sequence
 
-from launcher.backends import process_start
+from launcher.backends import process_start, run_process
+from launcher.backends.base import Batch, Launched, Planned
+from schema.run_dir import Run
 from schema import ClusterConfig, RecipeConfig
 from schema.errors import UsageError
-from launcher.runs import Run
 
 
 def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
@@ -31,12 +35,16 @@ def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
 def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
     if recipe.parallel.nodes != 1:
         raise UsageError(f"cluster config {cluster.name!r} (local) runs one node but the recipe asks for "
-                         f"parallel.nodes={recipe.parallel.nodes}", hint=f"set parallel.nodes=1 or use a Slurm "
+                         f"parallel.nodes={recipe.parallel.nodes}", hint="set parallel.nodes=1 or use a Slurm "
                          "cluster config (--cluster ...)")
 
 
-def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = True) -> int:
-    """Start the ranks and wait for them (`wait` is for the interface: a local run always waits)."""
+def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
+    """Runs launched together run one after another: any mix of recipes will do."""
+
+
+def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+    """Start the ranks and wait for them: the ranks' exit code."""
     check(recipe, cluster)
     env = dict(os.environ)
     # 2 ranks x N intra-op threads oversubscribe small machines; torchrun would also default to 1.
@@ -50,9 +58,68 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run, wait: bool = 
         return _wait(child)
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
-            outcome = run.result().get("outcome") or ("failed" if child.returncode else "finished")
+            outcome = run.result().outcome or ("failed" if child.returncode else "finished")
             run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
                        exit_code=child.returncode)
+
+
+def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
+    """One run after another (they would share this machine's cores); a run stopped by a signal
+    (Ctrl-C, SIGTERM: its ranks saved) stops the rest too, and the same command resumes them."""
+    failed = []
+    for i, plan in enumerate(planned):
+        run = plan.prepare()
+        print(f"[{i + 1}/{len(planned)}] run {run.name}", flush=True)
+        code = launch(plan.recipe, cluster, run)
+        result = run.result()
+        if result.signal:
+            print(f"run {run.name} stopped by {result.signal} at step {result.step}; the rest of "
+                  f"{batch.name} does not start (the same command resumes it)", file=sys.stderr, flush=True)
+            return Launched(1, ended=True)
+        if code != 0 or result.outcome != "completed":
+            failed.append(run.name)
+            print(f"run {run.name} failed (exit code {code}); logs: {run.dir / 'logs'}", file=sys.stderr, flush=True)
+    if failed:
+        print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return Launched(1 if failed else 0, ended=True)
+
+
+def status(run: Run) -> dict[str, Any]:
+    info, result = run.info(), run.result()
+    pid = run_process(info, "pid", "pid_start")
+    if pid:
+        state = "running"
+    elif result:
+        state = result.outcome
+    elif run.problems():
+        state = "unknown"
+    else:
+        state = "failed" if info.launches else "unknown"
+    running = {"pid": pid} if pid else {}
+    summary = result.pick("step", "epoch", "val/acc", "val/loss", "signal")
+    return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary}
+
+
+def live(run: Run) -> Optional[str]:
+    pid = run_process(run.info(), "pid", "pid_start")
+    return f"running (pid {pid}, {run.dir})" if pid else None
+
+
+def cancel(run: Run) -> str:
+    info = run.info()
+    pid = run_process(info, "launcher_pid", "launcher_start") or run_process(info, "pid", "pid_start")
+    if not pid:
+        return f"run {run.name} is not running"
+    os.kill(pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
+    return f"sent SIGTERM to run {run.name} (pid {pid}); it saves a checkpoint and stops"
+
+
+def wait(runs: Sequence[Run], poll_s: float = 1.0) -> dict[str, str]:
+    """Runs launched from this process have ended already; one launched by another process is
+    followed until its ranks have exited."""
+    while any(live(run) for run in runs):
+        time.sleep(poll_s)
+    return {run.name: status(run)["state"] for run in runs}
 
 
 def _wait(child: subprocess.Popen) -> int:

@@ -1,5 +1,7 @@
 """Slurm options from a cluster config, computed and validated in one place for both paths that
-submit: submitit's sbatch file (`launcher launch`, sweeps) and `launcher sbatch`'s script.
+submit: submitit's sbatch file (`launcher launch`, sweeps) and `launcher sbatch`'s script. Both
+take their `#SBATCH` options from `job_options`; each adds only what its own script does
+differently (submitit: `--signal` to every task; `launcher sbatch`: `--signal=B:` to the shell).
 
 What reaches a batch script, and why none of it can run as shell code:
 - option values (`#SBATCH --key=value`): single printable lines; bash sees a comment, and each
@@ -8,9 +10,9 @@ What reaches a batch script, and why none of it can run as shell code:
   the rest of the value into shell lines, so control characters are refused everywhere;
 - `slurm.extra_sbatch`: long options `--name` or `--name=value` only;
 - `slurm.env`: keys are shell identifiers, values single lines exported with `shlex.quote`. Keys
-  that look secret (`schema.secrets.is_secret_key`) are never written into a script: `rank_main`
-  sets every `slurm.env` entry in each rank itself, so the ranks still see them, but the batch
-  shell and `slurm.setup` lines only see the non-secret ones;
+  that look secret (`schema.secrets.is_secret_key`) are never written into a script: the rank entry
+  (`jobs.environments.slurm.rank_main`) sets every `slurm.env` entry in each rank itself, so the ranks
+  still see them, but the batch shell and `slurm.setup` lines only see the non-secret ones;
 - `slurm.setup`: shell lines by design (module load, venv activation), inserted verbatim, one
   line each, so an entry cannot smuggle in more lines than it shows;
 - `slurm.python`, the run name and the run directory: single lines, quoted where they are used.
@@ -55,8 +57,14 @@ def one_line(src: str, key: str, value: str) -> str:
     return value
 
 
+def job_options(recipe: RecipeConfig, s: SlurmConfig, src: str, job_name: str) -> list[SlurmOption]:
+    """The job's name and what it asks of Slurm, in script order: the same options on both paths."""
+    return [("run name", "--job-name", one_line("command line", "run name", job_name)),
+            *resource_options(recipe, s, src)]
+
+
 def resource_options(recipe: RecipeConfig, s: SlurmConfig, src: str) -> list[SlurmOption]:
-    """What the job asks of Slurm, in script order: the same options on both paths."""
+    """What the job asks of Slurm (`--mem` in G on both paths; `extra_sbatch` checked on both)."""
     optional = [("slurm.partition", "--partition", s.partition), ("slurm.account", "--account", s.account),
                 ("slurm.qos", "--qos", s.qos)]
     opts = [(key, option, value) for key, option, value in optional if value is not None]

@@ -1,0 +1,182 @@
+"""Slurm, inside the job: every Slurm task is one rank; after a stop signal rank 0 requeues the job.
+
+`rank_main` runs in every task (submitit unpickles and calls it; `launcher sbatch`'s script runs
+`python -m jobs.environments.slurm --run-dir DIR` under srun). It maps Slurm's environment to
+torchrun's variables (`torchrun_variables`, the one table for this scheduler), runs the trainer, and
+on rank 0 decides whether to requeue after a stop signal. Every rank handles USR2 itself (Slurm
+signals every task of the step); the ranks agree on a step, save together, flush the upload, then
+rank 0 runs `scontrol requeue`. submitit's own USR2 handler (which requeues from inside the signal
+handler, before any rank has saved) is replaced by the trainer's when training starts.
+
+A crash is decided from the job's outcome, not from rank 0 alone: `srun --kill-on-bad-exit` ends
+the step when any rank fails, often by killing rank 0 before it could count anything. So every
+rank that raises writes `<run>/failures/<job>.<restart>.rank<N>`, and the batch script, after
+srun returned non-zero without the job being told to stop, runs `--after-srun` (`after_srun`),
+which counts one failure (the earliest rank's error as the reason) and requeues or stops the run.
+Both batch scripts do this: submitit's in its teardown lines, `launcher sbatch`'s after its wait.
+The control plane (`launcher.backends.slurm`) writes those command lines with `ENTRY_MODULE`.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from schema.run_dir import Run, RunResult
+from schema import ClusterConfig, SlurmConfig, load_resolved
+
+ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
+# torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
+ENV_MAP = {"RANK": "global_rank", "LOCAL_RANK": "local_rank", "WORLD_SIZE": "num_tasks"}
+
+
+def master_port(job_id: str) -> int:
+    """Same on every task of a job, different between concurrent jobs on one node."""
+    return 20000 + int(job_id.split("_")[0]) % 20000
+
+
+def torchrun_variables(job: Any) -> dict[str, str]:
+    """Slurm task (via submitit's JobEnvironment) -> the variables `jobs.env.RankEnv` reads."""
+    out = {key: str(getattr(job, attr)) for key, attr in ENV_MAP.items()}
+    out["LOCAL_WORLD_SIZE"] = str(job.num_tasks // job.num_nodes)
+    out["MASTER_ADDR"] = job.hostnames[0]
+    out["MASTER_PORT"] = str(master_port(os.environ.get("SLURM_JOB_ID", job.raw_job_id)))
+    return out
+
+
+def rank_main(run_dir: str) -> RunResult:
+    """The function submitit runs in every task (and `python -m jobs.environments.slurm` under srun)."""
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    from jobs.train import exit_cleanly, run_training  # imported here: the --after-srun step needs no torch
+
+    # Not submitit.JobEnvironment(): that one only recognises Slurm inside submitit's own scripts
+    # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
+    job = SlurmJobEnvironment()
+    os.environ.update(torchrun_variables(job))
+    run = Run(Path(run_dir).name, Path(run_dir))
+    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    # every slurm.env entry, secret ones included: the batch scripts only export the non-secret ones
+    os.environ.update((cluster.slurm or SlurmConfig()).env)
+    started = time.time()
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if job.global_rank == 0:
+        run.update(state="running", restarts=restarts)
+    try:
+        # a requeued job always continues its own checkpoints, even if launched with --resume never;
+        # every rank derives this itself, so they all take the same (collective) resume path
+        result = run_training(run.dir, force_resume=restarts > 0)
+    except BaseException:
+        record_failure(run, job.global_rank, traceback.format_exc())
+        raise
+    if job.global_rank == 0:
+        _after_run(run, cluster.slurm or SlurmConfig(), result, time.time() - started)
+    atexit.register(exit_cleanly)  # runs after submitit has written its result file
+    return result
+
+
+def _attempt() -> str:
+    """This start of the job: requeues keep the job id and count SLURM_RESTART_COUNT up."""
+    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
+def record_failure(run: Run, rank: int, error: str) -> None:
+    """One file per failing rank (no shared file to lock); `after_srun` reads them."""
+    folder = run.dir / "failures"
+    folder.mkdir(exist_ok=True)
+    (folder / f"{_attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
+
+
+def after_srun(run: Run) -> None:
+    """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
+    Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
+    if run.info().state in ("requeued", "stopped", "completed", "cancelled"):
+        return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
+    records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
+    why = records[0].read_text().strip() if records else \
+        "srun failed without a Python error on any rank (killed? see the job's output file)"
+    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    _requeue_or_stop(run, cluster.slurm or SlurmConfig(), "failures", why)
+
+
+def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
+    if result.outcome == "completed":
+        run.update(state="completed")
+        return
+    if result.signal not in ("SIGUSR1", "SIGUSR2"):
+        run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
+        return
+    kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
+    _requeue_or_stop(run, cfg, kind, f"{result.signal} at step {result.step}")
+
+
+def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
+    """Count preemptions, time-outs and failures separately; past its limit a job stops requeueing."""
+    counts = dict(run.info().requeues)
+    limit = {"preemptions": cfg.max_preemptions, "timeouts": cfg.max_timeouts, "failures": cfg.max_failures}[kind]
+    if counts.get(kind, 0) >= limit:
+        message = f"not requeued: {kind} limit of {limit} reached (slurm.max_{kind}); last: {why}"
+        run.update(state="stopped", stop_reason=message)
+        print(message, file=sys.stderr, flush=True)
+        return
+    counts[kind] = counts.get(kind, 0) + 1
+    run.update(requeues=counts, state="requeued", last_requeue=why)
+    job_id = os.environ["SLURM_JOB_ID"]
+    print(f"requeueing job {job_id} ({kind} {counts[kind]}/{limit}): {why}", flush=True)
+    subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
+
+
+def _near_time_limit(cfg: SlurmConfig) -> bool:
+    """A USR2 within the grace period (plus a margin) of the time limit is a time-out, else a preemption."""
+    left = subprocess.run(["squeue", "-h", "-j", os.environ.get("SLURM_JOB_ID", ""), "-o", "%L"],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+    return _seconds(left) <= cfg.grace_period_s + 60 if left else False
+
+
+def _seconds(slurm_time: str) -> int:
+    """`[days-]hh:mm:ss`, `mm:ss` or `INVALID`/`UNLIMITED` -> seconds (a large number for unlimited)."""
+    if not slurm_time or not slurm_time[0].isdigit():
+        return 10 ** 9
+    days, _, rest = slurm_time.rpartition("-")
+    parts = [int(p) for p in rest.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`srun python -m jobs.environments.slurm --run-dir DIR`: the rank entry of standalone sbatch scripts;
+    with `--after-srun`, the batch script's step after srun failed (the run from --run-dir, or for
+    submitit's scripts from the job's pickle in --submitit-folder)."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run-dir")
+    where.add_argument("--submitit-folder")
+    parser.add_argument("--after-srun", action="store_true")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir or _submitted_run_dir(Path(args.submitit_folder))
+    if args.after_srun:
+        after_srun(Run(Path(run_dir).name, Path(run_dir)))
+    else:
+        rank_main(run_dir)
+    return 0
+
+
+def _submitted_run_dir(folder: Path) -> str:
+    """The run directory submitit's job was submitted with (one job array holds several runs)."""
+    from submitit.core.utils import DelayedSubmission, JobPaths
+    from submitit.slurm.slurm import SlurmJobEnvironment
+
+    delayed = DelayedSubmission.load(JobPaths(folder, job_id=SlurmJobEnvironment().job_id).submitted_pickle)
+    return str(delayed.args[0])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""Build a Trainer from the recipe and run it: what a rank does between reading its config and
+writing result.json. This is the one place that decides how the parts are laid out (today one
+model part per rank, wrapped by DDP); a model-parallel layout changes build_trainer() only."""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from jobs import parallel
+from jobs.checkpoint import Checkpointer
+from jobs.data import build_datasets
+from jobs.env import RankEnv
+from jobs.models import build_model, freeze, summary
+from jobs.preempt import StopFlag
+from jobs.pretrained import load_pretrained
+from jobs.tracking import MetricsLogger
+from jobs.training.callbacks import Callback, Callbacks
+from jobs.training.context import RunContext
+from jobs.training.parts import ModelParts
+from jobs.training.schedule import build_optimizers, build_schedulers, planned_steps
+from jobs.training.state import RankRNG, seed_rank
+from jobs.training.trainer import Trainer
+from schema import RecipeConfig, StorageConfig, to_dict
+from schema.run_dir import RunResult
+from schema.secrets import redact
+
+log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
+
+
+def train(recipe: RecipeConfig, run: RunContext, storage: StorageConfig, env: RankEnv, stop: StopFlag,
+          callbacks: Sequence[Callback] = ()) -> RunResult:
+    """Train this rank's share of the run (resuming it when asked); returns what result.json holds."""
+    trainer = build_trainer(recipe, run, storage, env, stop, callbacks)
+    try:
+        if run.resume:
+            trainer.resume()
+        return trainer.fit()
+    finally:
+        trainer.metrics.close()
+        trainer.checkpointer.close()
+
+
+def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig, env: RankEnv, stop: StopFlag,
+                  callbacks: Sequence[Callback] = ()) -> Trainer:
+    t = recipe.trainer
+    device = parallel.pick_device(t, env)
+    _check_precision(t.precision, device)
+    parallel.init_distributed(env, device)
+    _set_determinism(t.deterministic, device)
+    train_set, val_set = build_datasets(recipe.data, recipe.model, storage)
+    model = ModelParts([parallel.parallelize(_plain_model(recipe, storage, env), recipe.parallel, env, device)])
+    total = planned_steps(recipe, len(train_set), env.world_size)
+    optimizers = build_optimizers(recipe.optim, model)
+    schedulers = build_schedulers(recipe.schedule, optimizers, total)
+    scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+    seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
+    checkpointer = Checkpointer(recipe.checkpoint, run.run_dir / "checkpoints", run.checkpoint_uri, storage,
+                                is_writer=env.is_main, run_id=run.run_id)
+    metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
+                            env.is_main)
+    return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,
+                   total_steps=total, model=model, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
+                   rng=RankRNG(env, device), checkpointer=checkpointer, metrics=metrics, stop=stop,
+                   callbacks=Callbacks(callbacks))
+
+
+def _plain_model(recipe: RecipeConfig, storage: StorageConfig, env: RankEnv) -> nn.Module:
+    """The model before parallelism: initialised, pretrained weights loaded, layers frozen."""
+    torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
+    model = build_model(recipe.model)
+    if recipe.model.pretrained:
+        message = load_pretrained(model, recipe.model.pretrained, recipe.model.replace_head, storage)
+        if env.is_main:
+            log.info("pretrained weights: %s", message)
+    frozen = freeze(model, recipe.model.freeze)
+    if env.is_main:
+        log.info("model %s; %d tensors frozen %s", summary(model), frozen, list(recipe.model.freeze))
+    return model
+
+
+def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("trainer.precision=fp16 needs CUDA (GradScaler); use trainer.precision=bf16 on CPU")
+
+
+def _set_determinism(deterministic: bool, device: torch.device) -> None:
+    torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)

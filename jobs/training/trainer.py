@@ -1,0 +1,215 @@
+"""The Trainer: one rank's stateful parts (model parts, optimizers, LR schedule, gradient scaler,
+progress, RNG streams), the loop over optimizer steps, and a checkpoint of all of it as one state
+dict. `run.build_trainer()` builds the parts; a model-parallel layout changes only that."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset, DistributedSampler
+
+from jobs import parallel
+from jobs.checkpoint import Checkpointer
+from jobs.env import RankEnv
+from jobs.preempt import StopFlag
+from jobs.tracking import MetricsLogger
+from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
+from jobs.training.callbacks import Callbacks
+from jobs.training.context import RunContext
+from jobs.training.evaluate import EvalResult, evaluate
+from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
+from jobs.training.state import RankRNG, TrainState
+from jobs.training.step import LossWindow, MicroBatches, micro_batches, train_step
+from schema import RecipeConfig, config_hash, to_yaml
+from schema.run_dir import FINAL_MODEL, Run, RunResult
+
+log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
+
+
+@dataclass(eq=False)
+class Trainer:
+    """Everything one rank trains with. The parts (model, optimizers, schedulers, scaler, progress,
+    rng) are what state_dict() saves; the rest is configuration and where results go."""
+
+    recipe: RecipeConfig
+    run: RunContext
+    env: RankEnv
+    device: torch.device
+    train_set: Dataset
+    val_set: Dataset
+    total_steps: int  # optimizer steps of the whole run
+    model: ModelParts
+    optimizers: Optimizers
+    schedulers: LRSchedulers
+    scaler: Optional[torch.amp.GradScaler]  # fp16 only
+    rng: RankRNG
+    checkpointer: Checkpointer
+    metrics: MetricsLogger
+    stop: StopFlag
+    callbacks: Callbacks = field(default_factory=Callbacks)
+    progress: TrainState = field(default_factory=TrainState)
+    last_eval: Optional[EvalResult] = None
+    _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds, one file per key. A collective (every rank's RNG streams are
+        gathered): every rank calls it; Checkpointer.save() writes it on rank 0 only."""
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizers.state_dict(),
+            "scheduler": self.schedulers.state_dict(),
+            "trainer": self.progress.state_dict(),
+            "rng": self.rng.state_dict(),
+            "meta": {"config": to_yaml(self.recipe, redacted=True),  # read by people: credentials masked
+                     "config_hash": config_hash(self.recipe), "run_id": self.run.run_id,
+                     "world_size": self.env.world_size, "metrics": self._eval_metrics()},
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The inverse of state_dict() ("meta" is only read by people and resume()'s log line)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizers.load_state_dict(state["optimizer"])
+        self.schedulers.load_state_dict(state["scheduler"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        self.progress.load_state_dict(state["trainer"])
+        self.rng.load_state_dict(state["rng"])
+
+    def save(self) -> None:
+        """Checkpoint the current step. Every rank calls it (state_dict() is a collective)."""
+        metrics = self._eval_metrics()
+        best_key = self.recipe.checkpoint.best_metric
+        if best_key and best_key in metrics:
+            better = max if self.recipe.checkpoint.best_mode == "max" else min
+            best = self.progress.best
+            self.progress.best = metrics[best_key] if best is None else better(best, metrics[best_key])
+        self.checkpointer.save(self.progress.step, self.state_dict(), metrics)
+        self._last_save = time.monotonic()
+
+    def resume(self) -> None:
+        """Continue from the newest committed checkpoint, if there is one."""
+        # Rank 0 picks (skipping corrupt checkpoints as it loads them); the others load what it picked.
+        loaded = self.checkpointer.load_latest(map_location="cpu") if self.env.is_main else None
+        found = [loaded[0] if loaded else None]
+        if dist.is_initialized():
+            dist.broadcast_object_list(found, src=0)
+        if found[0] is None:
+            if self.env.is_main:
+                log.info("no committed checkpoint: starting from step 0")
+            return
+        # Rank 0 hashed every file while loading; of the other ranks, one per node hashes local files (a
+        # shared folder is the same bytes for its node-mates) and the rest check sizes. Downloads are always hashed.
+        state = loaded[1] if loaded else self.checkpointer.load(found[0], map_location="cpu",
+                                                                 hash_local=self.env.local_rank == 0)
+        self.load_state_dict(state)
+        if self.env.is_main:
+            saved_hash, st = state["meta"]["config_hash"], self.progress
+            changed = " (config changed since: %s)" % saved_hash if saved_hash != config_hash(self.recipe) else ""
+            log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s", found[0], st.step, st.epoch,
+                     st.step_in_epoch, changed)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> RunResult:
+        """Train to total_steps or until the ranks agree to stop; returns what result.json holds."""
+        t, st = self.recipe.trainer, self.progress
+        sampler = DistributedSampler(self.train_set, num_replicas=self.env.world_size, rank=self.env.rank,
+                                     shuffle=True, seed=t.seed, drop_last=True)
+        steps_per_epoch = len(sampler) // (t.micro_batch * self.recipe.grad_accum)
+        if self.env.is_main:
+            log.info("%d ranks x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps",
+                     self.env.world_size, t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch,
+                     self.total_steps)
+        bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
+        window, agreement = LossWindow(self.device), StopAgreement(self.device)
+        self._last_save, preempted = time.monotonic(), False
+        while st.step < self.total_steps and not preempted:
+            sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
+            for micro in micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, t.micro_batch,
+                                       self.recipe.grad_accum, self.recipe.data.num_workers):
+                preempted = self._step(micro, window, agreement, bar)
+                if preempted or st.step >= self.total_steps:
+                    break
+            if not preempted and st.step_in_epoch >= steps_per_epoch:
+                st.epoch, st.step_in_epoch = st.epoch + 1, 0
+                if not t.eval_every:
+                    self._evaluate()
+        agreement.drain()
+        if bar is not None:
+            bar.close()
+        return self._finish("preempted" if preempted else "completed")
+
+    def _step(self, micro: MicroBatches, window: LossWindow, agreement: StopAgreement, bar: Any) -> bool:
+        """One optimizer step and what is due after it; True when the ranks agreed to stop."""
+        t, st = self.recipe.trainer, self.progress
+        window.add(train_step(self.model, self.optimizers, self.scaler, micro, t, self.device))
+        self.schedulers.step()
+        st.step += 1
+        st.step_in_epoch += 1
+        self.callbacks.on_step_end(st)
+        if bar is not None:
+            bar.update(1)
+        if st.step % self.recipe.logging.log_every == 0 or st.step == self.total_steps:
+            self._log_train(window)
+        if t.eval_every and st.step % t.eval_every == 0:
+            self._evaluate()
+        preempted, time_due = agreement.exchange(self.stop.requested,
+                                                 save_due_by_time(self.recipe.checkpoint, self._last_save))
+        if preempted or save_due_at_step(self.recipe.checkpoint, st.step) or time_due:
+            self.save()
+        return preempted
+
+    def _finish(self, outcome: str) -> RunResult:
+        st, cfg = self.progress, self.recipe.checkpoint
+        if outcome == "completed":
+            if self.last_eval is None or self.last_eval.step != st.step:
+                self._evaluate()
+            if cfg.at_end and (not cfg.every_steps or st.step % cfg.every_steps):
+                self.save()
+        committed = self.checkpointer.flush(cfg.flush_timeout_s) if self.env.is_main else True
+        result = RunResult(outcome=outcome, step=st.step, epoch=st.epoch, signal=self.stop.signal_name,
+                           checkpoints_committed=committed, metrics=self._eval_metrics())
+        if self.env.is_main:
+            if outcome == "completed":
+                torch.save(self.model.state_dict(), self.run.run_dir / FINAL_MODEL)
+            Run(self.run.run_name, self.run.run_dir).write_result(result)
+            log.info("%s at step %d: %s", outcome, st.step, self.last_eval.line() if self.last_eval else "")
+        return result
+
+    # ------------------------------------------------------------------ evaluation and logging
+    def _evaluate(self) -> None:
+        t, step = self.recipe.trainer, self.progress.step
+        metrics = evaluate(self.model.single, self.val_set, t.micro_batch * 4, self.env, self.device, t.precision)
+        self.metrics.log(step, metrics)
+        if self.env.is_main:
+            log.info("step %d: val/loss %.4f val/acc %.4f", step, metrics["val/loss"], metrics["val/acc"])
+        self.last_eval = EvalResult(step, metrics)
+
+    def _eval_metrics(self) -> dict[str, float]:
+        return dict(self.last_eval.metrics) if self.last_eval is not None else {}
+
+    def _log_train(self, window: LossWindow) -> None:
+        st, seconds, samples = self.progress, window.seconds(), window.steps * self.recipe.trainer.global_batch
+        loss = parallel.all_reduce_mean(window.loss_sum.detach().clone().float()).item() / max(1, window.steps)
+        lr = self.optimizers.lr
+        self.metrics.log(st.step, {"train/loss": loss, "lr": lr, "epoch": st.epoch,
+                                   "samples_per_s": samples / max(seconds, 1e-9)})
+        if self.metrics.enabled and not sys.stderr.isatty():
+            log.info("step %d epoch %d: train/loss %.4f lr %.3g", st.step, st.epoch, loss, lr)
+        window.reset()
+
+
+def _progress_bar(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> Any:
+    if not (env.is_main and recipe.logging.progress_bar and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc=recipe.name, unit="step", dynamic_ncols=True)

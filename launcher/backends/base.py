@@ -1,0 +1,76 @@
+"""What every backend offers: the `Backend` protocol, and the small types its methods exchange.
+
+A backend is a module whose functions match `Backend` (modules satisfy a Protocol like objects do);
+`launcher.backends.get(name)` returns it. Commands and sweeps use these methods only, so nothing
+outside `launcher/backends/` knows which scheduler runs a job.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+from schema.run_dir import Run
+from schema import ClusterConfig, RecipeConfig
+
+# States (as `status` reports them) of a run that still runs or will run again, whatever its backend:
+# a second launch must not rewrite its directory, a sweep must not start it again.
+LIVE_STATES = frozenset({"running", "pending", "requeued", "submitted", "configuring", "completing", "suspended",
+                         "requeue_hold", "requeue_fed", "resizing", "signaling", "stage_out"})
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Several runs launched as one unit (a sweep's trials)."""
+
+    name: str  # the unit's name on a scheduler (the sweep's name)
+    folder: Path  # the unit's own folder: a backend may keep its files there, one subfolder per launch
+    launch: int  # 1 for the first launch of the unit, 2 when the same sweep runs again, ...
+    max_parallel: Optional[int] = None  # at most this many runs at once (None: no limit)
+
+
+@dataclass(frozen=True)
+class Planned:
+    """A run of a batch before its directory is prepared: a backend calls `prepare` right before it
+    starts (or submits) the run, so a run that never starts keeps its directory as it was."""
+
+    recipe: RecipeConfig
+    prepare: Callable[[], Run]
+
+
+@dataclass(frozen=True)
+class Launched:
+    """What `launch_many` did."""
+
+    code: int  # exit code: 0, or 1 once a run has failed or was stopped (known only where `ended`)
+    ended: bool  # True: the runs have ended (local); False: they were queued (`wait` follows them)
+    batch_id: Optional[str] = None  # the scheduler's id of the whole unit (a Slurm job array), if any
+
+
+class Backend(Protocol):
+    """Starts, follows and stops runs, each in its run directory (`launcher.runs`)."""
+
+    def check(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+        """Raise UsageError if this run cannot be launched here; called before anything exists."""
+
+    def check_many(self, named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
+        """Raise UsageError if these runs (each already `check`ed) cannot be launched as one `Batch`."""
+
+    def launch(self, recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+        """Start the run; an exit code. Local: returns when the ranks have ended; Slurm: once queued."""
+
+    def launch_many(self, planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
+        """Start several runs as one unit (all `check`ed and `check_many`ed)."""
+
+    def status(self, run: Run) -> dict[str, Any]:
+        """What `launcher status` prints: at least `run`, `state` and `backend`."""
+
+    def live(self, run: Run) -> Optional[str]:
+        """How the run still runs or will run again, for an error message ("running (pid 7, DIR)"),
+        or None if it does neither."""
+
+    def cancel(self, run: Run) -> str:
+        """Stop the run (its ranks save a checkpoint first); a line saying what was done."""
+
+    def wait(self, runs: Sequence[Run]) -> dict[str, str]:
+        """Block until every run has stopped for good (requeues included): run name -> final state."""

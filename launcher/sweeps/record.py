@@ -1,0 +1,61 @@
+"""The sweep record, `<runs_dir>/sweeps/<sweep>.json`: the spec, the trials and their job ids.
+
+Written atomically (like run.json); only the process running `launcher sweep` writes it.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.sweeps.space import SweepSpec, Trial, shown
+from schema import ClusterConfig, RecipeConfig
+from schema.errors import UsageError
+
+
+def sweeps_dir(root: Path) -> Path:
+    return root / "sweeps"
+
+
+def record_path(root: Path, name: str) -> Path:
+    return sweeps_dir(root) / f"{name}.json"
+
+
+def read_record(root: Path, name: str) -> dict[str, Any]:
+    path = record_path(root, name)
+    if not path.exists():
+        known = sorted(p.stem for p in sweeps_dir(root).glob("*.json")) if sweeps_dir(root).exists() else []
+        raise UsageError(f"{path}: no such sweep (sweeps in {sweeps_dir(root)}: {', '.join(known) or 'none'})")
+    return json.loads(path.read_text())
+
+
+def write_record(root: Path, name: str, record: dict[str, Any]) -> None:
+    path = record_path(root, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(path)  # atomic, like run.json
+
+
+def new_record(spec: SweepSpec, name: str, cluster: ClusterConfig, trials: list[Trial],
+               recipe: RecipeConfig, root: Path) -> dict[str, Any]:
+    """The existing record when the same sweep runs again; a different spec under the same name is refused."""
+    path = record_path(root, name)
+    if path.exists():
+        record = json.loads(path.read_text())
+        if record.get("spec") != spec.to_dict():
+            raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
+                             hint="choose another --name, or leave --name out to name the sweep by its spec")
+        record["cluster"] = cluster.name
+        return record
+    return {"name": name, "recipe": recipe.name, "cluster": cluster.name, "spec": spec.to_dict(),
+            "best_metric": recipe.checkpoint.best_metric or "val/acc", "best_mode": recipe.checkpoint.best_mode,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "launches": 0, "arrays": [],
+            "trials": [{"run_name": t.name, "overrides": shown(t.overrides), "job_id": None} for t in trials]}
+
+
+def set_trial_job(record: dict[str, Any], run_name: str, job_id: Optional[str]) -> None:
+    for entry in record["trials"]:
+        if entry["run_name"] == run_name:
+            entry["job_id"] = job_id

@@ -1,0 +1,159 @@
+"""The search space of a sweep, pure: parse `--grid`/`--random`, draw samples, expand into trials.
+
+Nothing here reads a file or starts anything; every value stays override text (`key=value`), parsed
+as YAML later like any override, so a trial's config is exactly what `launcher launch` would build.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schema.errors import UsageError
+from schema.secrets import redact_text
+
+DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What the user asked for; its hash names the sweep."""
+
+    recipe: str  # recipe name or path, as given
+    fixed: tuple[str, ...]  # overrides shared by every trial
+    grid: tuple[str, ...]  # `key=v1,v2,...`, in command-line order
+    random: tuple[str, ...]  # `key=distribution:args`
+    trials: int  # random samples per grid point (1 without --random)
+    seed: int  # seed of the random samples
+
+    def to_dict(self) -> dict[str, Any]:
+        """As stored in the sweep record: credentials inside override values are masked."""
+        return {"recipe": self.recipe, "fixed": shown(self.fixed), "grid": shown(self.grid),
+                "random": shown(self.random), "trials": self.trials, "seed": self.seed}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+@dataclass(frozen=True)
+class Trial:
+    name: str  # run name, `<sweep>-tNN`
+    overrides: tuple[str, ...]  # this trial's own overrides (after the fixed ones)
+
+
+def shown(overrides: tuple[str, ...]) -> list[str]:
+    """Override items as the sweep record stores them: credentials inside values are masked."""
+    return [redact_text(item) for item in overrides]
+
+
+def split_values(raw: str) -> list[str]:
+    """`1e-3,1e-2` -> two values; commas inside [...] or {...} belong to a YAML list or mapping."""
+    values, depth, current = [], 0, ""
+    for ch in raw:
+        depth += ch in "[{"
+        depth -= ch in "]}"
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    values.append(current)
+    return [v.strip() for v in values]
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or not raw:
+        example = "optim.lr=1e-3,1e-2" if flag == "--grid" else "optim.lr=loguniform:1e-4:1e-1"
+        raise UsageError(f"{flag} {item!r}: expected KEY=VALUES", hint=f"e.g. {flag} {example}")
+    return key.strip(), raw
+
+
+def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
+    axes = []
+    for item in items:
+        key, raw = _key_value(item, "--grid")
+        values = split_values(raw)
+        if any(v == "" for v in values):
+            raise UsageError(f"--grid {item!r}: empty value in {raw!r}", hint="separate values with single commas")
+        axes.append((key, values))
+    return axes
+
+
+def parse_random(items: list[str]) -> list[tuple[str, str, list[str]]]:
+    """`optim.lr=loguniform:1e-4:1e-1` -> ("optim.lr", "loguniform", ["1e-4", "1e-1"]), bounds checked."""
+    out = []
+    for item in items:
+        key, raw = _key_value(item, "--random")
+        dist, _, args = raw.partition(":")
+        if dist not in DISTRIBUTIONS:
+            raise UsageError(f"--random {item!r}: unknown distribution {dist!r}", hint="use one of uniform:LOW:HIGH, "
+                             "loguniform:LOW:HIGH, randint:LOW:HIGH, choice:A,B,...")
+        if dist == "choice":
+            values = split_values(args)
+            if not args or any(v == "" for v in values):
+                raise UsageError(f"--random {item!r}: choice needs values", hint=f"e.g. {key}=choice:16,32")
+            out.append((key, dist, values))
+            continue
+        bounds = args.split(":")
+        number = int if dist == "randint" else float
+        try:
+            low, high = (number(b) for b in bounds) if len(bounds) == 2 else (None, None)
+        except ValueError:
+            low = high = None
+        if low is None or not low < high:
+            raise UsageError(f"--random {item!r}: {dist} needs two {number.__name__} bounds LOW:HIGH with LOW < HIGH",
+                             hint=f"e.g. {key}={dist}:{'1:8' if dist == 'randint' else '1e-4:1e-1'}")
+        if dist == "loguniform" and low <= 0:
+            raise UsageError(f"--random {item!r}: loguniform bounds must be > 0")
+        out.append((key, dist, bounds))
+    return out
+
+
+def sample(dist: str, args: list[str], rng: random.Random) -> str:
+    """One draw, as the text of an override value (parsed as YAML later, like any override)."""
+    if dist == "choice":
+        return rng.choice(args)
+    if dist == "randint":
+        return str(rng.randint(int(args[0]), int(args[1])))
+    low, high = float(args[0]), float(args[1])
+    if dist == "loguniform":
+        value = math.exp(rng.uniform(math.log(low), math.log(high)))
+    else:
+        value = rng.uniform(low, high)
+    text = f"{value:.4g}"  # 4 significant digits: readable run tables, and plenty for a search
+    return text if low <= float(text) <= high else repr(low if float(text) < low else high)
+
+
+def expand(spec: SweepSpec, sweep_name: str) -> list[Trial]:
+    """Cartesian product of the grid, times `trials` random samples per grid point, in a stable order."""
+    axes = parse_grid(list(spec.grid))
+    dists = parse_random(list(spec.random))
+    keys = [k for k, _ in axes] + [k for k, _, _ in dists]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise UsageError(f"{', '.join(repeated)} given more than once in --grid/--random; give each key once")
+    if not axes and not dists:
+        raise UsageError("a sweep needs at least one --grid KEY=V1,V2 or --random KEY=DIST:ARGS")
+    if spec.trials < 1:
+        raise UsageError(f"--trials {spec.trials} must be >= 1")
+    if spec.trials > 1 and not dists:
+        raise UsageError(f"--trials {spec.trials} repeats identical grid points: it needs --random",
+                         hint="to repeat with other seeds, add --grid trainer.seed=0,1,2")
+    rng = random.Random(spec.seed)
+    points = list(itertools.product(*[[f"{k}={v}" for v in values] for k, values in axes]))
+    combos = []
+    for point in points:
+        for _ in range(spec.trials):
+            combos.append(tuple(point) + tuple(f"{k}={sample(d, a, rng)}" for k, d, a in dists))
+    width = max(2, len(str(len(combos) - 1)))
+    return [Trial(f"{sweep_name}-t{i:0{width}d}", combo) for i, combo in enumerate(combos)]
+
+
+def default_sweep_name(spec: SweepSpec) -> str:
+    return f"{Path(spec.recipe).stem}-sweep-{spec.digest()}"

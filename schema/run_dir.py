@@ -1,0 +1,235 @@
+"""A run directory's layout and its two records, read and written by both planes through typed classes.
+
+    <runs_dir>/<run_name>/
+        run.json        RunInfo: names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
+        config.yaml     resolved recipe      cluster.yaml  resolved cluster config (both with secrets masked)
+        secrets.yaml    the masked values, mode 0600 (only when there are any; see schema.secrets)
+        logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
+        failures/       one file per rank that raised, read after srun to count a failure (Slurm)
+
+Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
+read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
+a reader never sees half a file and no update is lost. Readers take no lock. A file that cannot be
+read (not JSON, a field of the wrong type) reads as empty, and `problems()` says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+import re
+import tempfile
+import typing
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+from schema.errors import UsageError
+from schema.recipe import RecipeConfig
+
+RUN_JSON, RESULT_JSON = "run.json", "result.json"
+CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
+CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
+# A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
+# written last (see jobs.checkpoint). The launcher needs this much of the layout too.
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
+    """The run's own folder under `checkpoint.uri`, or None: local checkpoints only."""
+    uri = recipe.checkpoint.uri
+    return f"{uri.rstrip('/')}/{run_name}" if uri else None
+
+
+def committed_steps(folder: Path) -> list[int]:
+    """Steps of the committed checkpoints in a local folder, oldest first; half-written ones are not counted."""
+    try:
+        names = [p.name for p in folder.iterdir() if (p / MANIFEST).is_file()]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted(int(m.group(1)) for m in map(STEP_DIR.match, names) if m)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """run.json. Every field is optional in the file: a run being created has none yet."""
+
+    run_name: str = ""
+    run_id: str = ""  # the tracker's run id and the checkpoint folder's owner: kept across relaunches
+    recipe: str = ""
+    cluster: str = ""
+    backend: str = ""  # the backend that started the last launch
+    resume: str = "auto"
+    checkpoint_uri: Optional[str] = None  # masked, for people: ranks derive the real one from the recipe
+    config_hash: str = ""
+    created: str = ""
+    launches: int = 0
+    state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...
+    exit_code: Optional[int] = None  # of the local rank launcher
+    pid: Optional[int] = None  # local: torchrun, with its start time so a reused pid is not taken for it
+    pid_start: Optional[int] = None
+    launcher_pid: Optional[int] = None  # local: the `launcher launch` process that forwards signals
+    launcher_start: Optional[int] = None
+    job_id: Optional[str] = None  # Slurm: the current job
+    job_ids: list = field(default_factory=list)  # Slurm: every job of this run, oldest first
+    sbatch_script: Optional[str] = None
+    submitit_folder: Optional[str] = None
+    restarts: Optional[int] = None  # Slurm: SLURM_RESTART_COUNT of the running job
+    requeues: dict = field(default_factory=dict)  # Slurm: requeues so far by kind (preemptions, timeouts, ...)
+    last_requeue: Optional[str] = None
+    stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
+    extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunInfo":
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**self.extra, **{k: v for k, v in out.items() if v is not None}}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """result.json: what rank 0 wrote at the end of the last launch; the metrics are flat in the file."""
+
+    outcome: str = ""  # completed or preempted
+    step: Optional[int] = None
+    epoch: Optional[int] = None
+    signal: Optional[str] = None  # the signal that stopped a preempted run
+    checkpoints_committed: Optional[bool] = None  # every checkpoint reached its remote folder in time
+    metrics: dict = field(default_factory=dict)  # last evaluation, e.g. {"val/acc": 0.97}
+
+    def __bool__(self) -> bool:  # no result: running, crashed, or never started
+        return bool(self.outcome)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunResult":
+        known = {f.name for f in dataclasses.fields(cls)} - {"metrics"}
+        return cls(**{k: v for k, v in data.items() if k in known},
+                   metrics={k: v for k, v in data.items() if k not in known})
+
+    def pick(self, *keys: str) -> dict[str, Any]:
+        """The fields and metrics named in `keys` that this result has, flat (for `status`)."""
+        return {k: v for k, v in self.to_dict().items() if k in keys and v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"outcome": self.outcome, "step": self.step, "epoch": self.epoch, "signal": self.signal,
+                "checkpoints_committed": self.checkpoints_committed, **self.metrics}
+
+
+def _json_types(cls: type) -> dict[str, type]:
+    """Each field's JSON type (Optional[int] -> int), so that no reader meets a string where it wants a pid."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if typing.get_origin(tp) is typing.Union:  # Optional[X]
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
+        out[name] = typing.get_origin(tp) or tp
+    out.pop("extra", None)
+    out.pop("metrics", None)
+    return out
+
+
+_INFO_TYPES, _RESULT_TYPES = _json_types(RunInfo), _json_types(RunResult)
+
+
+def read_object(path: Path, types: dict[str, type]) -> tuple[dict[str, Any], str]:
+    """The JSON object in `path` ({} if there is no file) and "", or {} and why it cannot be used."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        return {}, ""
+    except (OSError, ValueError) as err:  # ValueError: invalid JSON or not UTF-8 (a partial write)
+        return {}, str(err)
+    if not isinstance(data, dict):
+        return {}, f"a JSON {type(data).__name__}, not an object"
+    for key, kind in types.items():
+        value = data.get(key)
+        # bool is an int to Python, never a pid or a step
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool) and kind is not bool):
+            return {}, f"{key!r} is {value!r:.40}, not a {kind.__name__}"
+    return data, ""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory; `info()` and `result()` are typed, `update()` changes run.json atomically."""
+
+    name: str
+    dir: Path
+
+    @property
+    def info_path(self) -> Path:
+        return self.dir / RUN_JSON
+
+    def info(self) -> RunInfo:
+        """run.json; empty while there is none or it cannot be read (`problems()` says why)."""
+        return RunInfo.from_dict(read_object(self.info_path, _INFO_TYPES)[0])
+
+    def result(self) -> RunResult:
+        """What the trainer wrote at the end of the last launch: empty (false) while running, after a
+        crash, or while the file cannot be read (`problems()` says why)."""
+        return RunResult.from_dict(read_object(self.dir / RESULT_JSON, _RESULT_TYPES)[0])
+
+    def write_result(self, result: RunResult) -> None:
+        """Atomic, so `launcher status` never reads half a file."""
+        tmp = self.dir / f".{RESULT_JSON}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        tmp.replace(self.dir / RESULT_JSON)
+
+    def problems(self) -> list[str]:
+        """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""
+        found = [(self.info_path, read_object(self.info_path, _INFO_TYPES)[1]),
+                 (self.dir / RESULT_JSON, read_object(self.dir / RESULT_JSON, _RESULT_TYPES)[1])]
+        return [f"{path.name} unreadable: {why}" for path, why in found if why]
+
+    def update(self, *, remove: Iterable[str] = (), **fields: Any) -> RunInfo:
+        """Set `fields` and unset the fields in `remove`, as one atomic change to run.json."""
+        with self._locked():
+            info = self.readable_info().to_dict()
+            for key in remove:
+                info.pop(key, None)
+            new = RunInfo.from_dict({**info, **fields})  # a key RunInfo lacks is kept in `extra`
+            self._write_info(new.to_dict())
+            return new
+
+    def readable_info(self) -> RunInfo:
+        """run.json for a writer: a UsageError naming the file if it exists but cannot be read."""
+        info, problem = read_object(self.info_path, _INFO_TYPES)
+        if problem:  # writing over it would lose the run id and job ids it may still hold
+            raise UsageError(f"{self.info_path}: unreadable: {problem}", hint="repair or delete this file "
+                             f"(deleting it gives run {self.name} a new tracker run id)")
+        return RunInfo.from_dict(info)
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        fd = os.open(self.dir / f"{RUN_JSON}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # closing releases the lock
+
+    def _mode(self) -> int:
+        """The permissions run.json has (0644 for a new one: mkstemp's 0600 would hide status from others)."""
+        try:
+            return self.info_path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            return 0o644
+
+    def _write_info(self, info: dict[str, Any]) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=f".{RUN_JSON}.", suffix=".tmp")  # unique per writer
+        try:
+            os.fchmod(fd, self._mode())
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(info, indent=2) + "\n")
+            os.replace(tmp, self.info_path)  # atomic: a reader never sees half a file
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

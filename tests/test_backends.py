@@ -1,0 +1,175 @@
+"""Tier 1: the backend interface without a real scheduler.
+
+- The registry names every backend; nothing outside `launcher/backends/` asks which backend it has.
+- One Slurm watcher: `sacct`/`squeue` stubs on PATH record their calls, so a status over many runs is
+  seen to cost one call of each, and `wait` is seen to follow a requeue and to give up on a job Slurm
+  has no record of.
+- Both Slurm paths (submitit's script and `launcher sbatch`'s) ask for the same options.
+- A local batch prepares each run right before it starts it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from launcher import backends
+from launcher.backends import local, slurm
+from launcher.backends.base import Batch, Planned
+from launcher.backends.slurm_watch import SlurmWatcher, wait_for_runs
+from schema.run_dir import Run
+from launcher.runs import prepare_run
+from launcher.sbatch import render_sbatch
+from schema import load_cluster, load_recipe
+from schema.errors import UsageError
+from test_sbatch import option_values
+
+REPO = Path(__file__).resolve().parent.parent
+LOGGING_STUB = """\
+#!/bin/sh
+echo "$0 $*" >> {log}
+cat {answer} 2>/dev/null
+"""
+
+
+@pytest.fixture
+def slurm_stubs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`sacct`, `squeue` and `srun` first on PATH: each logs its call and prints `<name>.answer`."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ("sacct", "squeue", "srun"):
+        (bin_dir / name).write_text(LOGGING_STUB.format(log=tmp_path / "calls.log", answer=bin_dir / f"{name}.answer"))
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return bin_dir
+
+
+def _calls(tmp_path: Path, command: str) -> list[str]:
+    log = tmp_path / "calls.log"
+    return [line for line in log.read_text().splitlines() if line.split()[0].endswith(command)] if log.exists() else []
+
+
+def _slurm_run(root: Path, name: str, job_id: str, state: str = "submitted") -> Run:
+    run = Run(name, root / name)
+    run.dir.mkdir(parents=True)
+    run.update(run_name=name, backend="slurm", launches=1, job_id=job_id, job_ids=[job_id], state=state)
+    return run
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_names_each_backend_and_refuses_others() -> None:
+    assert backends.get("local") is local and backends.get("slurm") is slurm
+    with pytest.raises(UsageError, match="unknown backend 'vm'") as err:
+        backends.get("vm")
+    assert "local, slurm" in str(err.value)
+
+
+def test_nothing_outside_the_backends_asks_which_backend_it_has() -> None:
+    """A new backend is one module and one registry line: no `if backend == ...` elsewhere."""
+    asking = re.compile(r"""\.backend\b[^\n]*[!=]=|[!=]=\s*["'](local|slurm)["']""")
+    files = [path for folder in ("launcher", "jobs") for path in (REPO / folder).rglob("*.py")
+             if "backends" not in path.parts]
+    offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if asking.search(line)]
+    assert len(files) > 20 and offenders == []
+
+
+# ----------------------------------------------------------------------------- the Slurm watcher
+def test_status_of_many_runs_costs_one_sacct_call(tmp_path: Path, slurm_stubs: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    (slurm_stubs / "sacct.answer").write_text("12_0|COMPLETED\n12_1|RUNNING\n12_[2-3%4]|CANCELLED by 0\n15|FAILED\n")
+    (slurm_stubs / "squeue.answer").write_text("12_1|RUNNING\n16|PENDING\n")
+    runs = [_slurm_run(tmp_path, f"t{i}", f"12_{i}") for i in range(4)]
+    runs += [_slurm_run(tmp_path, "plain", "15"), _slurm_run(tmp_path, "fresh", "16")]
+    monkeypatch.setattr(slurm, "WATCHER", SlurmWatcher(max_age_s=60))  # as in a new `launcher` process
+    states = [backends.status(run)["state"] for run in reversed(runs)]  # the last three ask about new arrays
+    assert states[::-1] == ["completed", "running", "cancelled", "cancelled", "failed", "pending"]
+    # one call per array never seen before (16, 15, 12), each covering every array seen so far; the other
+    # three elements of array 12 are answered from the same call
+    assert [c.split(" -j ")[1].split()[0] for c in _calls(tmp_path, "sacct")] == ["16", "15,16", "12,15,16"]
+    assert len(_calls(tmp_path, "squeue")) == 3
+
+
+def test_watcher_answers_from_one_read_for_a_moment() -> None:
+    reads: list[list[str]] = []
+
+    def reader(arrays: list[str]) -> dict[str, str]:
+        reads.append(list(arrays))
+        return {"12_0": "RUNNING", "12_1": "PENDING", "15": "COMPLETED"}
+
+    watcher = SlurmWatcher(max_age_s=60, reader=reader)
+    assert watcher.states(["12_0", "15"]) == {"12_0": "RUNNING", "15": "COMPLETED"}
+    assert watcher.state("12_1") == "PENDING" and watcher.state("12_7") == "UNKNOWN"  # same arrays: no new read
+    assert reads == [["12", "15"]]
+    watcher.state("20")
+    assert reads == [["12", "15"], ["12", "15", "20"]]  # a new array: everything is read again, together
+    watcher.states(["15"], max_age_s=0)
+    assert len(reads) == 3
+
+
+def test_wait_follows_a_requeue_to_its_end(tmp_path: Path, slurm_stubs: Path) -> None:
+    """Rank 0 marks run.json "requeued" before `scontrol requeue`: a terminal Slurm state in between
+    is not the end; once the run says otherwise, it is."""
+    (slurm_stubs / "sacct.answer").write_text("5|COMPLETED\n")
+    run = _slurm_run(tmp_path, "r", "5", state="requeued")
+    timer = threading.Timer(0.5, lambda: run.update(state="completed"))
+    timer.start()
+    started = time.monotonic()
+    assert wait_for_runs([run], poll_s=0.05) == {"r": "COMPLETED"}
+    assert time.monotonic() - started >= 0.5
+    timer.join()
+    assert slurm.wait([run]) == {"r": "completed"}  # as `status` names it
+
+
+def test_wait_gives_up_on_a_job_slurm_has_no_record_of(tmp_path: Path, slurm_stubs: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    runs = [_slurm_run(tmp_path, "lost", "404"), Run("never", tmp_path / "never")]  # the second has no job
+    (slurm_stubs / "sacct.answer").write_text("")
+    started = time.monotonic()
+    assert wait_for_runs(runs, poll_s=0.05, lost_after_s=0.3) == {"lost": "UNKNOWN", "never": "UNKNOWN"}
+    assert 0.3 <= time.monotonic() - started < 10
+    assert "Slurm has no record of job 404 (run lost)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- one set of options
+def test_both_slurm_paths_ask_for_the_same_options(tmp_path: Path, slurm_stubs: Path) -> None:
+    """`launch` (submitit's script) and `launcher sbatch` take their options from one function: every
+    option of the plain script is in submitit's with the same value, but for the three that differ
+    by design (the signal goes to every task, not the batch shell; submitit names its own log files)."""
+    recipe = load_recipe("digits", ["parallel.nodes=2", "parallel.procs_per_node=8", "trainer.global_batch=512"])
+    cluster = load_cluster("gpu_cluster")
+    run = Run("same", tmp_path / "same")
+    executor = slurm.make_executor(recipe, cluster, run.name, run.dir / "submitit")
+    submitit_opts = option_values(executor._make_submission_file_text(executor._submitit_command_str, "x"))
+    plain = option_values(render_sbatch(recipe, cluster, run, "/usr/bin/python3"))
+    by_design = {"--signal", "--output", "--open-mode"}
+    assert {k: v for k, v in plain.items() if k not in by_design} == \
+        {k: submitit_opts.get(k, "missing") for k in plain if k not in by_design}
+    assert plain["--mem"] == "480G" and plain["--reservation"] == "training" and "--exclusive" in plain
+    assert submitit_opts["--signal"] == "USR2@180" and plain["--signal"] == "B:USR2@180"
+
+
+# ----------------------------------------------------------------------------- local batches
+def test_local_batch_prepares_each_run_right_before_it_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture) -> None:
+    """A batch stopped by a signal leaves the runs it never started as they were (a sweep's table
+    shows them "not started", not "failed")."""
+    cluster, recipe = load_cluster("local"), load_recipe("digits")
+    prepared: list[str] = []
+
+    def plan(name: str) -> Planned:
+        return Planned(recipe, lambda: prepared.append(name) or prepare_run(recipe, cluster, name, tmp_path, "auto"))
+
+    def interrupted(recipe: object, cluster: object, run: Run) -> int:
+        (run.dir / "result.json").write_text(json.dumps({"outcome": "preempted", "step": 3, "signal": "SIGINT"}))
+        return 1
+
+    monkeypatch.setattr(local, "launch", interrupted)
+    launched = local.launch_many([plan("a"), plan("b")], cluster, Batch("s", tmp_path / "s", 1))
+    assert (launched.code, launched.ended, prepared) == (1, True, ["a"])
+    assert not (tmp_path / "b").exists() and "stopped by SIGINT at step 3" in capsys.readouterr().err
