@@ -94,6 +94,7 @@ def _launch_limited(runs_dir: Path, name: str, overrides: list[str], limit: int)
                           preexec_fn=limit_files)
 
 
+@pytest.mark.slow  # training runs through the real CLI
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_a_run_whose_saves_all_fail_completes_and_says_so(runs_dir: Path, async_save: bool) -> None:
     """AdamW's optimizer.pt (~310 kB) is past the limit, the model (~160 kB) and logs are not."""
