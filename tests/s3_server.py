@@ -16,9 +16,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 import pytest
+import yaml
 
 TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                     "AWS_DEFAULT_REGION": "us-east-1"}
@@ -92,6 +94,19 @@ def start_s3_server() -> S3Server:
     server = S3Server(free_port())
     server.start()
     return server
+
+
+def s3_cluster(folder: Path, bucket: str) -> Iterator[tuple[S3Server, Path]]:
+    """A fresh server with `bucket`, and a local cluster config whose storage endpoint is that server
+    (the only place the endpoint is given, as a user would)."""
+    server = start_s3_server()
+    server.create_bucket(bucket)
+    cluster = folder / "s3_local.yaml"
+    cluster.write_text(yaml.safe_dump({"backend": "local", "storage": {"endpoint_url": server.endpoint}}))
+    try:
+        yield server, cluster
+    finally:
+        server.stop()
 
 
 def s3_server_fixture() -> Iterator[S3Server]:

@@ -9,10 +9,9 @@ from typing import Iterator
 import fsspec
 import pytest
 import torch
-import yaml
 
 from conftest import REPO, run_cli
-from s3_server import TEST_CREDENTIALS, S3Server, start_s3_server
+from s3_server import TEST_CREDENTIALS, S3Server, s3_cluster
 
 pytestmark = pytest.mark.slow  # a training run through the real CLI and a moto server on loopback
 
@@ -22,14 +21,7 @@ RUN = ["trainer.max_steps=4", "checkpoint.every_steps=0", "checkpoint.at_end=tru
 
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[tuple[S3Server, Path]]:
-    server = start_s3_server()
-    server.create_bucket("exports")
-    cluster = tmp_path / "s3_local.yaml"
-    cluster.write_text(yaml.safe_dump({"backend": "local", "storage": {"endpoint_url": server.endpoint}}))
-    try:
-        yield server, cluster
-    finally:
-        server.stop()
+    yield from s3_cluster(tmp_path, "exports")
 
 
 def _read(server: S3Server, key: str) -> dict[str, torch.Tensor]:

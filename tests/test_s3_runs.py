@@ -13,10 +13,9 @@ from typing import Iterator
 import fsspec
 import pytest
 import torch
-import yaml
 
 from conftest import REPO, read_result, run_cli
-from s3_server import TEST_CREDENTIALS, S3Server, start_s3_server
+from s3_server import TEST_CREDENTIALS, S3Server, s3_cluster
 
 pytestmark = pytest.mark.slow  # training runs against a moto S3 server on loopback
 
@@ -28,14 +27,7 @@ BASE = ["trainer.epochs=2", "checkpoint.every_steps=4", "checkpoint.uri=s3://ckp
 
 @pytest.fixture
 def s3(tmp_path: Path) -> Iterator[tuple[S3Server, Path]]:
-    server = start_s3_server()
-    server.create_bucket("ckpts")
-    cluster = tmp_path / "s3_local.yaml"
-    cluster.write_text(yaml.safe_dump({"backend": "local", "storage": {"endpoint_url": server.endpoint}}))
-    try:
-        yield server, cluster
-    finally:
-        server.stop()
+    yield from s3_cluster(tmp_path, "ckpts")
 
 
 def _cli(*args: str, runs_dir: Path, check: bool = True) -> subprocess.CompletedProcess:
