@@ -81,7 +81,7 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
     """The run directory, created or updated for this launch; a new run takes `run_id` if given."""
     run = run_at(root, name)
     previous = run.readable_info()
-    if previous.run_name and resume == "never" and committed_steps(run.dir / CHECKPOINTS):
+    if previous and resume == "never" and committed_steps(run.dir / CHECKPOINTS):
         raise UsageError(f"run {name!r} already has checkpoints in {run.dir / 'checkpoints'}; "
                          "pass --resume auto to continue it, or choose another --run-name")
     if run_id and not previous.run_id:  # `--run-id`: a new directory continues that run

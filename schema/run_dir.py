@@ -84,6 +84,9 @@ class RunInfo:
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
+    def __bool__(self) -> bool:  # false: no run.json yet, or one that cannot be read
+        return self != RunInfo()
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunInfo":
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}

@@ -45,3 +45,14 @@ def test_only_checkpoints_with_a_manifest_count_as_committed(tmp_path: Path) -> 
             (tmp_path / f"step-{step:08d}" / "manifest.json").write_text("{}")
     (tmp_path / "step-x").mkdir()
     assert committed_steps(tmp_path) == [2, 10] and committed_steps(tmp_path / "missing") == []
+
+
+def test_an_empty_or_unreadable_record_is_false(tmp_path: Path) -> None:
+    run = Run("r", tmp_path)
+    assert not run.info() and not run.result()
+    (tmp_path / "run.json").write_text("{not json")
+    assert not run.info()
+    run_json = tmp_path / "run.json"
+    run_json.unlink()
+    run.update(launches=1)
+    assert run.info() and run.info().launches == 1
