@@ -21,7 +21,7 @@ from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table
 from launcher.sweeps.trials import run_sweep
-from schema import RECIPES_DIR, find_config, load_cluster, to_yaml
+from schema import RecipeConfig, find_config, load_cluster, search_path, to_yaml
 from schema.errors import UsageError
 from schema.names import check_name
 from schema.secrets import redact_text
@@ -81,7 +81,7 @@ def cmd_sbatch(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    find_config(args.recipe, RECIPES_DIR, "recipe")  # an unknown recipe is reported once, not per trial
+    find_config(args.recipe, search_path(RecipeConfig), "recipe")  # an unknown recipe is reported once, not per trial
     if args.random and args.trials is None:
         raise UsageError("--random needs --trials N (how many samples to draw)")
     spec = SweepSpec(args.recipe, tuple(args.overrides), tuple(args.grid), tuple(args.random),

@@ -57,8 +57,24 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def find_config(name: str, folder: Path, kind: str) -> Path:
-    """A name (`digits`) is looked up in `folder` (recursively); anything with a slash or .yaml is a path.
+# What each kind of config is called in messages and where its built-in ones are.
+KINDS: dict[type, tuple[str, Path]] = {RecipeConfig: ("recipe", RECIPES_DIR),
+                                       ClusterConfig: ("cluster config", CLUSTERS_DIR)}
+C = TypeVar("C", RecipeConfig, ClusterConfig)
+
+
+def search_path(cls: type) -> list[Path]:
+    """Where configs of this kind are looked up by name: `./recipes` (or `./cluster_configs`) of the
+    directory the command runs in first, so a user's project can add and shadow configs; then the
+    built-in ones."""
+    built_in = KINDS[cls][1]
+    here = Path.cwd() / built_in.name
+    return [built_in] if here.resolve() == built_in.resolve() else [here, built_in]
+
+
+def find_config(name: str, folders: list[Path], kind: str) -> Path:
+    """A name (`digits`) is looked up in `folders` (recursively, the first folder holding it wins);
+    anything with a slash or .yaml is a path.
 
     The name is compared with file stems, never used as a glob pattern: `*` or `[ab]` is an unknown name.
     """
@@ -71,26 +87,22 @@ def find_config(name: str, folder: Path, kind: str) -> Path:
         if not found:
             raise ConfigError(where, "", f"{kind} file not found")
         return path
-    files = sorted(folder.rglob("*.yaml"))
-    matches = [p for p in files if p.stem == name]
-    if not matches:
-        known = sorted(p.stem for p in files)
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(str(folder), "", f"unknown {kind} {short(name)}", f"{hint}known {kind}s: {', '.join(known)}")
-    return matches[0]
-
-
-# What each kind of config is called in messages and where it is looked up by name.
-KINDS: dict[type, tuple[str, Path]] = {RecipeConfig: ("recipe", RECIPES_DIR),
-                                       ClusterConfig: ("cluster config", CLUSTERS_DIR)}
-C = TypeVar("C", RecipeConfig, ClusterConfig)
+    known: set[str] = set()
+    for folder in folders:
+        files = sorted(folder.rglob("*.yaml")) if folder.is_dir() else []
+        matches = [p for p in files if p.stem == name]
+        if matches:
+            return matches[0]
+        known.update(p.stem for p in files)
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(", ".join(map(str, folders)), "", f"unknown {kind} {short(name)}",
+                      f"{hint}known {kind}s: {', '.join(sorted(known))}")
 
 
 def load(cls: type[C], name: str, overrides: list[str] = ()) -> C:
     """Find `name` (a file stem or a path), apply `key=value` overrides, build and check it."""
-    kind, folder = KINDS[cls]
-    path = find_config(name, folder, kind)
+    path = find_config(name, search_path(cls), KINDS[cls][0])
     data = read_yaml(path)
     data.setdefault("name", path.stem)
     src = _source(path, overrides)
