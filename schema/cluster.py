@@ -70,7 +70,7 @@ class SlurmConfig:
 class ClusterConfig:
     name: str  # config name
     backend: Literal["local", "slurm"] = "local"  # what starts the ranks
-    runs_dir: str = "runs"  # run directories live here (relative to the repo root unless absolute)
+    runs_dir: str = "runs"  # run directories live here (relative to the directory of the command unless absolute)
     storage: StorageConfig = field(default_factory=StorageConfig)
     slurm: Optional[SlurmConfig] = None  # required when backend is slurm
 

@@ -6,6 +6,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,8 +20,18 @@ from schema.recipe import RecipeConfig
 from schema.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RECIPES_DIR = REPO_ROOT / "recipes"
-CLUSTERS_DIR = REPO_ROOT / "cluster_configs"
+# Installed as a wheel, the built-in configs are data files under <prefix>/share/launcher (pyproject.toml);
+# in a checkout (editable install) they are the repository's own folders.
+INSTALLED_CONFIGS = Path(sys.prefix) / "share" / "launcher"
+
+
+def _built_in(folder: str) -> Path:
+    here = REPO_ROOT / folder
+    return here if here.is_dir() else INSTALLED_CONFIGS / folder
+
+
+RECIPES_DIR = _built_in("recipes")
+CLUSTERS_DIR = _built_in("cluster_configs")
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """`trainer.epochs=2 optim.lr=1e-3` -> nested dict; values are parsed as YAML (bad syntax: a string)."""
