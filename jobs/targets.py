@@ -38,9 +38,11 @@ def _kind(obj: Any) -> str:
     return "module" if type(obj).__name__ == "module" else type(obj).__name__
 
 
-def _error(src: str, key: str, target: str, found: str) -> ConfigError:
-    return ConfigError(src, key, f"{target!r} \u2014 {found}",
-                       "check the import path and that its package is importable from the launch directory")
+IMPORT_HINT = "check the import path and that its package is importable from the launch directory"
+
+
+def _error(src: str, key: str, target: str, found: str, hint: str = IMPORT_HINT) -> ConfigError:
+    return ConfigError(src, key, f"{target!r} \u2014 {found}", hint)
 
 
 def recipe_targets(recipe: RecipeConfig) -> dict[str, str]:
@@ -77,16 +79,21 @@ def checked_module(src: str, key: str, target: str, value: Any) -> Any:
     from torch import nn
 
     if not isinstance(value, nn.Module):
-        raise _error(src, key, target, f"returned {type(value).__name__}, not an nn.Module")
+        raise _error(src, key, target, f"returned {type(value).__name__}, not an nn.Module",
+                     "a model factory returns a torch.nn.Module")
     return value
+
+
+DATA_HINT = "a data factory returns (train_dataset, val_dataset), e.g. two torch.utils.data.TensorDataset"
 
 
 def checked_datasets(src: str, key: str, target: str, value: Any) -> tuple[Any, Any]:
     """What a data factory returned, if it is a (train, validation) pair of sized, indexable data sets."""
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise _error(src, key, target, f"returned {type(value).__name__}, not a (train, validation) pair")
+        raise _error(src, key, target, f"returned {type(value).__name__}, not a (train, validation) pair",
+                     DATA_HINT)
     for i, part in enumerate(value):
         if not (hasattr(part, "__len__") and hasattr(part, "__getitem__")):
-            raise _error(src, key, target, f"returned a {type(part).__name__} as {('train', 'validation')[i]} "
-                         "data set: it needs __len__ and __getitem__")
+            raise _error(src, key, target, f"returned {type(part).__name__} as the {('train', 'validation')[i]} "
+                         "data set: it needs __len__ and __getitem__", DATA_HINT)
     return value[0], value[1]

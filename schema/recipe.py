@@ -273,6 +273,10 @@ class RecipeConfig:
         for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer, self.parallel,
                         self.checkpoint, self.logging):
             section.check(src)
+        measured = ["val/loss", *(f"val/{name}" for name in self.eval_metrics)]
+        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:
+            raise ConfigError(src, "checkpoint.best_metric", f"{short(self.checkpoint.best_metric)} is not evaluated",
+                              f"evaluation gives {', '.join(measured)}; add a metric under metrics: to rank by it")
         t, world = self.trainer, self.parallel.world_size
         per_step = t.micro_batch * world
         if t.global_batch % per_step:

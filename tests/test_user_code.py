@@ -7,6 +7,7 @@ accuracy): an MLP on y = W x + noise, a Huber loss and a mean-absolute-error met
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from schema.errors import UsageError
 from conftest import REPO, final_params, read_result, wait_until
 
 USER_PACKAGE = '''\
@@ -151,6 +153,28 @@ def test_kwargs_refuse_what_the_ranks_could_not_read_back(project: Path) -> None
     assert proc.returncode == 2 and "model.kwargs.when: date" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("made, found", [
+    ([1, 2, 3], "returned list, not a (train, validation) pair"),
+    ("ab", "returned str, not a (train, validation) pair"),
+    (([1], 3), "returned int as the validation data set"),
+])
+def test_data_factory_must_return_a_pair_of_data_sets(made: object, found: str) -> None:
+    from jobs.targets import checked_datasets
+
+    with pytest.raises(UsageError, match=re.escape(f"config.yaml: data.target: 'p:f' \u2014 {found}")):
+        checked_datasets("config.yaml", "data.target", "p:f", made)
+    assert checked_datasets("config.yaml", "data.target", "p:f", ([1], "ab")) == ([1], "ab")
+
+
+def test_best_metric_must_be_one_that_evaluation_gives(project: Path) -> None:
+    from schema import ConfigError, load_recipe
+
+    assert load_recipe(str(project / "reg.yaml")).eval_metrics == {"mae": "regpkg:mae"}
+    with pytest.raises(ConfigError, match=r"checkpoint.best_metric: 'val/acc' is not evaluated"):
+        load_recipe(str(project / "reg.yaml"), ["metrics=null", "checkpoint.best_metric=val/acc"])
+    assert load_recipe("digits").eval_metrics == {"acc": "jobs.training.objective:accuracy"}
+
+
 # ----------------------------------------------------------------------------- on 2 ranks
 @pytest.mark.slow
 def test_wrong_return_type_fails_the_run_with_one_line_in_the_rank_log(project: Path, tmp_path: Path) -> None:
@@ -187,14 +211,16 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     best = min(maes, key=lambda step: (maes[step], -step))  # retention breaks ties for the newer one
     assert _kept_steps(runs / "straight") == {32, best}  # keep_last=1 plus the lowest val/mae, not the highest
 
-    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(project, runs, "cut")], cwd=project, env=_env(),
-                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    slower = "data.kwargs.delay_s=0.004"  # time to stop it between steps; the samples and the math stay the same
+    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(project, runs, "cut", slower)], cwd=project,
+                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
     wait_until(lambda: _reached(runs / "cut", 14, cut), "run cut to reach step 14", timeout=120, poll=0.02)
     os.kill(cut.pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
     out = cut.communicate(timeout=120)[0]
     stopped = read_result(runs / "cut")
     assert stopped["outcome"] == "preempted" and 14 <= stopped["step"] < 32, out
-    again = launcher(project, *_launch(project, runs, "cut"))
+    again = launcher(project, *_launch(project, runs, "cut", slower))  # the same command
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
     a, b = final_params(runs / "straight"), final_params(runs / "cut")
