@@ -13,8 +13,8 @@ from schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
 from schema.errors import ConfigError, UsageError
 from schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, load, load_cluster,
                           load_recipe, load_resolved, parse_overrides, to_dict, to_yaml)
-from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig, ParallelConfig,
-                           RecipeConfig, ScheduleConfig, TrainerConfig)
+from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
+                           ParallelConfig, RecipeConfig, ScheduleConfig, TrainerConfig)
 
 __all__ = [
     "CLUSTERS_DIR", "RECIPES_DIR", "REPO_ROOT", "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig",

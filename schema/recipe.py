@@ -267,7 +267,7 @@ class RecipeConfig:
         non_empty(src, "name", self.name)
         for name, path in (self.metrics or {}).items():
             check_target(src, f"metrics.{name}", path)
-            if not re.match(r"^\w+$", name) or name == "loss":
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "loss":
                 raise ConfigError(src, f"metrics.{name}", "a metric name is letters, digits and _ (not loss)",
                                   "e.g. metrics.mae=mypkg.metrics:mae (logged as val/mae)")
         for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer, self.parallel,

@@ -115,7 +115,8 @@ def _launch(project: Path, runs: Path, name: str, *overrides: str) -> list[str]:
 BAD_TARGETS = {
     "missing module": ("model.target=nopkg.nets:build", "model.target", "cannot import nopkg.nets"),
     "missing attribute": ("model.target=regpkg:buld", "model.target", "module regpkg has no attribute 'buld'"),
-    "not callable": ("data.target=regpkg:NOT_CALLABLE", "data.target", "regpkg.NOT_CALLABLE is not callable (of type int)"),
+    "not callable": ("data.target=regpkg:NOT_CALLABLE", "data.target",
+                     "regpkg.NOT_CALLABLE is not callable (of type int)"),
     "bad metric": ("metrics.mae=regpkg:mea", "metrics.mae", "module regpkg has no attribute 'mea'"),
     "bad loss": ("loss.target=regpkg.huber", "loss.target", "is not an import path"),
     "bad syntax": ("model.target=regpkg:mlp()", "model.target", "is not an import path"),
@@ -187,7 +188,8 @@ def test_wrong_return_type_fails_the_run_with_one_line_in_the_rank_log(project: 
 
 
 def _kept_steps(run_dir: Path) -> set[int]:
-    return {int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").glob("step-*") if (p / "manifest.json").exists()}
+    steps = (run_dir / "checkpoints").glob("step-*")
+    return {int(p.name.split("-")[1]) for p in steps if (p / "manifest.json").exists()}
 
 
 def _val_mae(run_dir: Path) -> dict[int, float]:
