@@ -107,7 +107,7 @@ def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.Comp
                           text=True, timeout=timeout)
 
 
-def _launch(project: Path, runs: Path, name: str, *overrides: str) -> list[str]:
+def _launch(runs: Path, name: str, *overrides: str) -> list[str]:
     return ["launch", "reg.yaml", *overrides, "--run-name", name, "--runs-dir", str(runs)]
 
 
@@ -127,13 +127,24 @@ BAD_TARGETS = {
 def test_bad_target_exits_2_before_anything_exists(case: str, project: Path, tmp_path: Path) -> None:
     override, key, found = BAD_TARGETS[case]
     runs = tmp_path / "runs"
-    proc = launcher(project, *_launch(project, runs, "bad", override))
+    proc = launcher(project, *_launch(runs, "bad", override))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
     value = override.split("=", 1)[1]
     assert first.startswith("error: ") and key in first and repr(value) in first and found in first, proc.stderr
     assert "Traceback" not in proc.stderr
     assert not runs.exists() or not any(runs.iterdir())  # no run directory written
+
+
+def test_console_script_finds_the_package_in_the_launch_directory(project: Path, tmp_path: Path) -> None:
+    """The `launcher` script's own directory is first on its path, not the current one (as with
+    `python -m launcher`): the check puts the launch directory there itself."""
+    script = Path(sys.executable).parent / "launcher"
+    if not script.exists():
+        pytest.skip(f"no launcher console script beside {sys.executable} (not pip-installed)")
+    proc = subprocess.run([str(script), *_launch(tmp_path / "runs", "x", "metrics.mae=regpkg:mea")],
+                          cwd=project, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "module regpkg has no attribute 'mea'" in proc.stderr, proc.stderr
 
 
 def test_kwargs_of_any_yaml_type_round_trip_through_show(project: Path) -> None:
@@ -180,7 +191,7 @@ def test_best_metric_must_be_one_that_evaluation_gives(project: Path) -> None:
 @pytest.mark.slow
 def test_wrong_return_type_fails_the_run_with_one_line_in_the_rank_log(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, *_launch(project, runs, "wrong", "model.target=regpkg:not_a_model"))
+    proc = launcher(project, *_launch(runs, "wrong", "model.target=regpkg:not_a_model"))
     assert proc.returncode != 0
     log = (runs / "wrong" / "logs" / "rank0.log").read_text()
     assert "model.target: 'regpkg:not_a_model' \u2014 returned str, not an nn.Module" in log, log
@@ -204,7 +215,7 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     from test_resume import _reached  # imports torch: only the slow tier pays for it
 
     runs = tmp_path / "runs"
-    straight = launcher(project, *_launch(project, runs, "straight"))
+    straight = launcher(project, *_launch(runs, "straight"))
     assert straight.returncode == 0, straight.stdout + straight.stderr
     result = read_result(runs / "straight")
     assert result["outcome"] == "completed" and "val/mae" in result and "val/acc" not in result, result
@@ -214,7 +225,7 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     assert _kept_steps(runs / "straight") == {32, best}  # keep_last=1 plus the lowest val/mae, not the highest
 
     slower = "data.kwargs.delay_s=0.004"  # time to stop it between steps; the samples and the math stay the same
-    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(project, runs, "cut", slower)], cwd=project,
+    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(runs, "cut", slower)], cwd=project,
                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     wait_until(lambda: _reached(runs / "cut", 14, cut), "run cut to reach step 14", timeout=120, poll=0.02)
@@ -222,7 +233,7 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     out = cut.communicate(timeout=120)[0]
     stopped = read_result(runs / "cut")
     assert stopped["outcome"] == "preempted" and 14 <= stopped["step"] < 32, out
-    again = launcher(project, *_launch(project, runs, "cut", slower))  # the same command
+    again = launcher(project, *_launch(runs, "cut", slower))  # the same command
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
     a, b = final_params(runs / "straight"), final_params(runs / "cut")
