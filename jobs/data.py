@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from jobs.storage import filesystem
+from jobs.targets import checked_datasets, resolve
 from schema import DataConfig, ModelConfig, StorageConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -28,17 +29,30 @@ def ignore_stop_signals(_worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def build_datasets(data: DataConfig, model: ModelConfig,
-                   storage: Optional[StorageConfig] = None) -> tuple[Dataset, Dataset]:
-    """(train, validation) shaped for the model: `in_channels` x `image_size` x `image_size`.
+def build_datasets(data: DataConfig, model: ModelConfig, storage: Optional[StorageConfig] = None,
+                   src: str = "recipe") -> tuple[Dataset, Dataset]:
+    """(train, validation): what `data.target` returns (called with `data.kwargs`), or a built-in data set;
+    `src` names the recipe in errors."""
+    key = "data.target" if data.target else "data.name"
+    factory = resolve(src, key, data.factory)
+    made = factory(**data.kwargs) if data.target else factory(data, model, storage)
+    return checked_datasets(src, key, data.factory, made)
 
-    `storage` is the cluster's `storage:` section: an image folder on S3 is read through its endpoint,
-    region and profile, as checkpoints and pretrained weights are (None: the defaults and AWS variables).
-    """
-    if data.name == "digits":
-        return _split(_digits(data, model), data)
-    if data.name == "synthetic":
-        return _split(_synthetic(data, model), data)
+
+# The built-in entries (`data.name: digits` is `jobs.data:digits`) take the data and model sections and the
+# cluster's `storage:` section, and return (train, validation) shaped for the model: `in_channels` x
+# `image_size` x `image_size`. An image folder on S3 is read through the storage section's endpoint,
+# region and profile, as checkpoints and pretrained weights are (None: the defaults and AWS variables).
+def digits(data: DataConfig, model: ModelConfig, storage: Optional[StorageConfig]) -> tuple[Dataset, Dataset]:
+    return _split(_digits(data, model), data)
+
+
+def synthetic(data: DataConfig, model: ModelConfig, storage: Optional[StorageConfig]) -> tuple[Dataset, Dataset]:
+    return _split(_synthetic(data, model), data)
+
+
+def image_folder(data: DataConfig, model: ModelConfig,
+                 storage: Optional[StorageConfig]) -> tuple[Dataset, Dataset]:
     return _split(ImageFolder(data.root or "", model.image_size, model.in_channels, storage), data)
 
 

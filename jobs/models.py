@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jobs.targets import checked_module, resolve
 from schema import ModelConfig
 
 VGG_LAYERS: dict[str, list[int | str]] = {
@@ -85,8 +86,22 @@ class SmallCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    return VGG(cfg) if cfg.name == "vgg" else SmallCNN(cfg)
+def vgg(cfg: ModelConfig) -> nn.Module:
+    """The built-in entry `jobs.models:vgg` (`model.name: vgg`): built-in entries take their section."""
+    return VGG(cfg)
+
+
+def cnn(cfg: ModelConfig) -> nn.Module:
+    """The built-in entry `jobs.models:cnn` (`model.name: cnn`)."""
+    return SmallCNN(cfg)
+
+
+def build_model(cfg: ModelConfig, src: str = "recipe") -> nn.Module:
+    """The model `model.target` (called with `model.kwargs`) or the built-in family builds; `src` names
+    the recipe in errors."""
+    key = "model.target" if cfg.target else "model.name"
+    factory = resolve(src, key, cfg.factory)
+    return checked_module(src, key, cfg.factory, factory(**cfg.kwargs) if cfg.target else factory(cfg))
 
 
 def head_prefix(model: nn.Module) -> str:

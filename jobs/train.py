@@ -23,7 +23,7 @@ from jobs.preempt import StopFlag
 from jobs.training.callbacks import FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
-from schema import ClusterConfig, RecipeConfig, load_resolved, to_dict
+from schema import ClusterConfig, RecipeConfig, UsageError, load_resolved, to_dict
 from schema.run_dir import Run, RunResult, checkpoint_uri
 from schema.secrets import RedactFilter, secret_values
 
@@ -84,11 +84,17 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
     redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
     info = Run(run_dir.name, run_dir).readable_info()
+    if info.code_dir:  # the user's package next to the recipe: importable as in the launcher's check
+        sys.path.insert(0, info.code_dir)
     run = RunContext(run_dir=run_dir, run_name=info.run_name, run_id=info.run_id,
                      resume=force_resume or info.resume == "auto",
                      checkpoint_uri=checkpoint_uri(recipe, info.run_name))  # run.json shows it redacted
     try:
         result = train(recipe, run, cluster.storage, env, stop, _callbacks(run_dir, env))
+    except UsageError as err:  # e.g. a factory in the recipe returned the wrong type: one line, no traceback
+        logging.getLogger("jobs.train").error("%s", err)
+        parallel.shutdown(clean=False)
+        raise
     except BaseException:
         parallel.shutdown(clean=False)
         raise
@@ -135,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, required=True)
     args = parser.parse_args(argv)
-    run_training(args.run_dir.resolve())
+    try:
+        run_training(args.run_dir.resolve())
+    except UsageError:
+        return 2  # logged by run_training; the run fails
+
     exit_cleanly()
     return 0
 

@@ -15,7 +15,18 @@ from launcher.ownership import check_checkpoint_folder
 from schema.run_dir import Run
 from launcher.runs import prepare_run, run_at, runs_root
 from schema import ClusterConfig, RecipeConfig, load_cluster, load_recipe
+from schema.recipe import DEFAULT_LOSS
 from schema.names import check_name
+
+
+def check_imports(recipe: RecipeConfig, src: str) -> None:
+    """Import the recipe's user code (model, data, loss, metrics) as the ranks will, with the launch
+    directory first on the path: a typo'd import path fails here, before a directory or a job exists.
+    Built-in recipes name only the project's own modules and skip it: no torch import for them."""
+    from jobs.targets import check_imports as import_targets  # imports user code, which imports torch
+
+    if any((recipe.model.target, recipe.data.target, recipe.loss.target != DEFAULT_LOSS, recipe.metrics)):
+        import_targets(recipe, src, Path.cwd())
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class Target:
         this cluster config (e.g. one rank per GPU), and by the backend (e.g. `sbatch` on PATH)."""
         loaded = load_recipe(recipe, list(overrides))
         check_name("recipe name (default run names begin with it)", loaded.name)
+        check_imports(loaded, f"recipe {recipe}")
         self.cluster.check_recipe(loaded, f"cluster config {self.given}")
         if check_backend:
             self.backend.check(loaded, self.cluster)

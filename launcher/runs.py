@@ -111,6 +111,7 @@ def _write_run_files(run: Run, recipe: RecipeConfig, cluster: ClusterConfig, pre
         resume=resume,
         checkpoint_uri=_shown(checkpoint_uri(recipe, run.name)),  # for people; ranks derive it from the recipe
         config_hash=config_hash(recipe),
+        code_dir=str(Path.cwd()),  # user code (import paths in the recipe) is found here on every rank
         created=previous.created or time.strftime("%Y-%m-%dT%H:%M:%S"),
         launches=previous.launches + 1,
     )

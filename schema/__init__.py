@@ -13,12 +13,12 @@ from schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
 from schema.errors import ConfigError, UsageError
 from schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, load, load_cluster,
                           load_recipe, load_resolved, parse_overrides, search_path, to_dict, to_yaml)
-from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, ModelConfig, OptimConfig, ParallelConfig,
-                           RecipeConfig, ScheduleConfig, TrainerConfig)
+from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
+                           ParallelConfig, RecipeConfig, ScheduleConfig, TrainerConfig)
 
 __all__ = [
     "CLUSTERS_DIR", "RECIPES_DIR", "REPO_ROOT", "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig",
-    "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig",
+    "LoggingConfig", "LossConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig",
     "SlurmConfig", "StorageConfig", "TrainerConfig", "UsageError", "config_hash", "find_config", "load",
     "load_cluster", "load_recipe", "load_resolved", "parse_overrides", "search_path", "to_dict", "to_yaml",
 ]

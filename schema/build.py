@@ -1,7 +1,8 @@
 """Generic building: a dict read from YAML becomes a typed, frozen config dataclass.
 
 `build()` walks the dataclass fields, checks types (finite floats, 64-bit ints, literals, tuples, string
-maps), refuses unknown keys with the list of valid ones and the closest match.
+maps, keyword-argument maps of plain YAML values), refuses unknown keys with the list of valid ones and
+the closest match.
 """
 from __future__ import annotations
 
@@ -73,8 +74,27 @@ def _convert(tp: Any, value: Any, src: str, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(src, key, f"expected a mapping, got {type(value).__name__} {short(value)}")
+        if args and args[1] is Any:  # keyword arguments for user code: passed through as parsed
+            return {str(k): _plain(v, src, f"{key}.{k}") for k, v in value.items()}
         return {str(k): _scalar(str, v, src, f"{key}.{k}") for k, v in value.items()}
     return _scalar(tp, value, src, key)
+
+
+def _plain(value: Any, src: str, key: str) -> Any:
+    """A value of a `dict[str, Any]` field: any YAML null, bool, number, string, list or mapping with string
+    keys, checked all the way down. A date, binary or set is refused: the resolved config is written to
+    the run directory and hashed as JSON, and the ranks read it back as the same value."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, src, f"{key}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise ConfigError(src, key, f"a mapping key must be a string, got {type(k).__name__} {short(k)}")
+        return {k: _plain(v, src, f"{key}.{k}") for k, v in value.items()}
+    raise ConfigError(src, key, f"{type(value).__name__} {short(value)} cannot be passed on",
+                      "use null, a bool, a number, a string, a list or a mapping")
 
 
 _INT_BOUND = 2**63  # every int field ends up in a C int64 somewhere (torch, Slurm); beyond that it is a typo

@@ -5,15 +5,35 @@ ranges and cross-field rules, so a bad value fails before anything is started or
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from schema.checks import fraction, non_empty, non_negative, positive, seed
 from schema.errors import ConfigError, short
 
+# `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
+_TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Built-in names are entries of the same mechanism: `model.name: vgg` is the target `jobs.models:vgg`.
+BUILTIN_MODELS = {"vgg": "jobs.models:vgg", "cnn": "jobs.models:cnn"}
+BUILTIN_DATA = {"digits": "jobs.data:digits", "synthetic": "jobs.data:synthetic",
+                "image_folder": "jobs.data:image_folder"}
+DEFAULT_LOSS = "torch.nn.functional:cross_entropy"
+ACCURACY = "jobs.training.objective:accuracy"
+
+
+def check_target(src: str, key: str, value: Optional[str]) -> None:
+    """An import path is checked for its form when loaded; whether it imports is checked before launch."""
+    if value is not None and not _TARGET.match(value):
+        raise ConfigError(src, key, f"{short(value)} is not an import path",
+                          "write module.path:attribute, e.g. mypkg.nets:build")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    name: Literal["vgg", "cnn"] = "cnn"  # model family
+    name: Literal["vgg", "cnn"] = "cnn"  # built-in model family (ignored when target is set)
+    target: Optional[str] = None  # "pkg.module:fn": a callable returning an nn.Module, called with kwargs
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of target
     variant: str = "vgg11"  # VGG depth: vgg11, vgg13, vgg16, vgg19
     width: float = 1.0  # channel multiplier (1.0 = torchvision's widths); small values run on a CPU
     hidden: int = 4096  # width of the VGG classifier's hidden layers
@@ -27,7 +47,16 @@ class ModelConfig:
     replace_head: bool = True  # do not load the final classifier layer: fresh head for the target classes
     freeze: tuple[str, ...] = ()  # parameter-name prefixes kept frozen (e.g. "features")
 
+    @property
+    def factory(self) -> str:
+        """The import path that builds the model: the user's target or the built-in family's."""
+        return self.target or BUILTIN_MODELS[self.name]
+
     def check(self, src: str) -> None:
+        check_target(src, "model.target", self.target)
+        if self.target is None and self.kwargs:
+            raise ConfigError(src, "model.kwargs", "arguments for a built-in model",
+                              "set model.target, or use the model.* keys of the built-in model")
         if self.variant not in ("vgg11", "vgg13", "vgg16", "vgg19"):
             raise ConfigError(src, "model.variant", f"unknown VGG variant {short(self.variant)}",
                               "use one of vgg11, vgg13, vgg16, vgg19")
@@ -45,7 +74,9 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    name: Literal["digits", "synthetic", "image_folder"] = "digits"  # data set
+    name: Literal["digits", "synthetic", "image_folder"] = "digits"  # built-in data set (ignored when target is set)
+    target: Optional[str] = None  # "pkg.module:fn": a callable returning (train_dataset, val_dataset)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # keyword arguments of target
     root: Optional[str] = None  # image_folder: local path or fsspec URI, one subfolder per class
     classes: Optional[tuple[int, ...]] = None  # digits: keep only these labels, relabelled 0..k-1 in this order
     val_fraction: float = 0.2  # share of samples held out for validation
@@ -53,8 +84,17 @@ class DataConfig:
     num_samples: int = 512  # synthetic: samples in the data set
     num_workers: int = 0  # DataLoader worker processes per rank
 
+    @property
+    def factory(self) -> str:
+        """The import path that builds the data sets: the user's target or the built-in data set's."""
+        return self.target or BUILTIN_DATA[self.name]
+
     def check(self, src: str) -> None:
-        if self.name == "image_folder" and not self.root:
+        check_target(src, "data.target", self.target)
+        if self.target is None and self.kwargs:
+            raise ConfigError(src, "data.kwargs", "arguments for a built-in data set",
+                              "set data.target, or use the data.* keys of the built-in data set")
+        if self.target is None and self.name == "image_folder" and not self.root:
             raise ConfigError(src, "data.root", "image_folder needs a root", "set data.root=/path/or/s3://bucket/dir")
         non_empty(src, "data.root", self.root)
         if not 0.0 < self.val_fraction < 1.0:
@@ -68,6 +108,15 @@ class DataConfig:
         seed(src, "data.split_seed", self.split_seed)
         positive(src, "data.num_samples", self.num_samples)
         non_negative(src, "data.num_workers", self.num_workers)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    target: str = DEFAULT_LOSS  # "pkg.module:fn": fn(outputs, targets, **kwargs) -> the batch's mean loss
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of target
+
+    def check(self, src: str) -> None:
+        check_target(src, "loss.target", self.target)
 
 
 @dataclass(frozen=True)
@@ -191,6 +240,10 @@ class RecipeConfig:
     description: str = ""  # one line shown by `launcher show`
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    # evaluation metrics, name -> "pkg.module:fn"; fn(outputs, targets) gives one value per sample or the
+    # batch's mean; logged as val/<name>. Unset: accuracy (val/acc) for the built-in data sets, none otherwise.
+    metrics: Optional[dict[str, str]] = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -199,15 +252,31 @@ class RecipeConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
+    def eval_metrics(self) -> dict[str, str]:
+        """The metrics evaluation computes besides val/loss: name -> import path."""
+        if self.metrics is not None:
+            return self.metrics
+        return {} if self.data.target else {"acc": ACCURACY}
+
+    @property
     def grad_accum(self) -> int:
         """Micro-steps per optimizer step: global batch / (micro batch x data-parallel size)."""
         return self.trainer.global_batch // (self.trainer.micro_batch * self.parallel.world_size)
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
-        for section in (self.model, self.data, self.optim, self.schedule, self.trainer, self.parallel,
+        for name, path in (self.metrics or {}).items():
+            check_target(src, f"metrics.{name}", path)
+            if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "loss":
+                raise ConfigError(src, f"metrics.{name}", "a metric name is letters, digits and _ (not loss)",
+                                  "e.g. metrics.mae=mypkg.metrics:mae (logged as val/mae)")
+        for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer, self.parallel,
                         self.checkpoint, self.logging):
             section.check(src)
+        measured = ["val/loss", *(f"val/{name}" for name in self.eval_metrics)]
+        if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:
+            raise ConfigError(src, "checkpoint.best_metric", f"{short(self.checkpoint.best_metric)} is not evaluated",
+                              f"evaluation gives {', '.join(measured)}; add a metric under metrics: to rank by it")
         t, world = self.trainer, self.parallel.world_size
         per_step = t.micro_batch * world
         if t.global_batch % per_step:

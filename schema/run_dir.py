@@ -66,6 +66,7 @@ class RunInfo:
     resume: str = "auto"
     checkpoint_uri: Optional[str] = None  # masked, for people: ranks derive the real one from the recipe
     config_hash: str = ""
+    code_dir: Optional[str] = None  # the launch directory: first on every rank's import path (user code)
     created: str = ""
     launches: int = 0
     state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...

@@ -7,6 +7,7 @@
     schedule.py    building the optimizer and the LR schedule, steps to run
     step.py        one optimizer step: micro-batches, gradient accumulation, precision
     evaluate.py    validation (EvalResult)
+    objective.py   the loss and metrics the recipe names (Objective), the built-in accuracy
     agreement.py   how ranks agree on stopping and on when to save
     callbacks.py   hooks the loop calls (e.g. the first_step.json marker)
     context.py     what the launcher says about this run (RunContext)

@@ -1,16 +1,16 @@
-"""Validation: loss and accuracy over the whole validation set, split over the ranks."""
+"""Validation: the loss and the recipe's metrics over the whole validation set, split over the ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jobs import parallel
 from jobs.env import RankEnv
-from jobs.training.step import autocast
+from jobs.training.objective import batch_sum
+from jobs.training.step import StepSettings, autocast
 
 
 @dataclass(frozen=True)
@@ -24,19 +24,20 @@ class EvalResult:
         return ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
 
 
-def evaluate(model: nn.Module, dataset: Dataset, batch: int, env: RankEnv, device: torch.device,
-             precision: str = "fp32") -> dict[str, float]:
-    """Loss and accuracy over the whole validation set, each sample counted once across ranks."""
+def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSettings) -> dict[str, float]:
+    """val/loss and val/<metric> over the whole validation set, each sample counted once across ranks."""
     model.eval()
+    device, objective, t = settings.device, settings.objective, settings.trainer
+    fns = {"loss": objective.loss, **objective.metrics}
     shard = list(range(env.rank, len(dataset), env.world_size))  # no padding: no sample counted twice
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, count
+    sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
     with torch.inference_mode():
-        for x, y in DataLoader(dataset, batch_size=batch, sampler=shard, generator=torch.Generator()):
+        for x, y in DataLoader(dataset, batch_size=t.micro_batch * 4, sampler=shard, generator=torch.Generator()):
             x, y = x.to(device), y.to(device)
-            with autocast(precision, device):
-                logits = parallel.unwrap(model)(x)
-            sums[0] += F.cross_entropy(logits.float(), y, reduction="sum").double()
-            sums[1] += (logits.argmax(1) == y).sum()
-            sums[2] += y.numel()
+            with autocast(t.precision, device):
+                outputs = parallel.unwrap(model)(x).float()
+            for i, fn in enumerate(fns.values()):
+                sums[i] += batch_sum(fn(outputs, y), len(y))
+            sums[-1] += len(y)
     sums = parallel.all_reduce_sum(sums)
-    return {"val/loss": (sums[0] / sums[2]).item(), "val/acc": (sums[1] / sums[2]).item()}
+    return {f"val/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(fns)}

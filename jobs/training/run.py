@@ -19,6 +19,7 @@ from jobs.pretrained import load_pretrained
 from jobs.tracking import MetricsLogger
 from jobs.training.callbacks import Callback, Callbacks
 from jobs.training.context import RunContext
+from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts
 from jobs.training.schedule import build_optimizers, build_schedulers, planned_steps
 from jobs.training.state import RankRNG, seed_rank
@@ -50,8 +51,10 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     _check_precision(t.precision, device)
     parallel.init_distributed(env, device)
     _set_determinism(t.deterministic, device)
-    train_set, val_set = build_datasets(recipe.data, recipe.model, storage)
-    model = ModelParts([parallel.parallelize(_plain_model(recipe, storage, env), recipe.parallel, env, device)])
+    src = str(run.run_dir / "config.yaml")  # a bad import path or factory is reported against it
+    objective = Objective.from_recipe(recipe, src)
+    train_set, val_set = build_datasets(recipe.data, recipe.model, storage, src)
+    model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), recipe.parallel, env, device)])
     total = planned_steps(recipe, len(train_set), env.world_size)
     optimizers = build_optimizers(recipe.optim, model)
     schedulers = build_schedulers(recipe.schedule, optimizers, total)
@@ -64,13 +67,13 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,
                    total_steps=total, model=model, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
                    rng=RankRNG(env, device), checkpointer=checkpointer, metrics=metrics, stop=stop,
-                   callbacks=Callbacks(callbacks))
+                   objective=objective, callbacks=Callbacks(callbacks))
 
 
-def _plain_model(recipe: RecipeConfig, storage: StorageConfig, env: RankEnv) -> nn.Module:
+def _plain_model(recipe: RecipeConfig, src: str, storage: StorageConfig, env: RankEnv) -> nn.Module:
     """The model before parallelism: initialised, pretrained weights loaded, layers frozen."""
     torch.manual_seed(recipe.trainer.seed)  # identical initial weights on every rank
-    model = build_model(recipe.model)
+    model = build_model(recipe.model, src)
     if recipe.model.pretrained:
         message = load_pretrained(model, recipe.model.pretrained, recipe.model.replace_head, storage)
         if env.is_main:

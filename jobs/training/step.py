@@ -3,18 +3,28 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jobs.data import ignore_stop_signals
+from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
 from schema import TrainerConfig
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What every training step and evaluation of a run uses, fixed for the run."""
+
+    trainer: TrainerConfig
+    device: torch.device
+    objective: Objective
 
 
 def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int, steps: int, micro: int,
@@ -37,9 +47,10 @@ def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int
 
 
 def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch.amp.GradScaler],
-               micro: MicroBatches, cfg: TrainerConfig, device: torch.device) -> torch.Tensor:
+               micro: MicroBatches, settings: StepSettings) -> torch.Tensor:
     """Forward and backward over the micro-batches, then one optimizer step; returns the summed loss
     (a tensor: reading it would synchronize with the device every step)."""
+    cfg, device, loss_fn = settings.trainer, settings.device, settings.objective.loss
     module = model.single
     model.train()
     total = torch.zeros((), device=device)
@@ -51,7 +62,7 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
             else contextlib.nullcontext()
         with sync:
             with autocast(cfg.precision, device):
-                loss = F.cross_entropy(module(x), y) / len(micro)
+                loss = loss_fn(module(x), y) / len(micro)
             (scaler.scale(loss) if scaler is not None else loss).backward()
         total += loss.detach()
     if scaler is not None:

@@ -22,9 +22,10 @@ from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by
 from jobs.training.callbacks import Callbacks
 from jobs.training.context import RunContext
 from jobs.training.evaluate import EvalResult, evaluate
+from jobs.training.objective import Objective
 from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from jobs.training.state import RankRNG, TrainState
-from jobs.training.step import LossWindow, MicroBatches, micro_batches, train_step
+from jobs.training.step import LossWindow, MicroBatches, StepSettings, micro_batches, train_step
 from schema import RecipeConfig, config_hash, to_yaml
 from schema.run_dir import FINAL_MODEL, Run, RunResult
 
@@ -51,10 +52,15 @@ class Trainer:
     checkpointer: Checkpointer
     metrics: MetricsLogger
     stop: StopFlag
+    objective: Objective  # the loss trained on and the metrics evaluated
     callbacks: Callbacks = field(default_factory=Callbacks)
     progress: TrainState = field(default_factory=TrainState)
     last_eval: Optional[EvalResult] = None
     _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
+
+    @property
+    def settings(self) -> StepSettings:
+        return StepSettings(self.recipe.trainer, self.device, self.objective)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -150,7 +156,7 @@ class Trainer:
     def _step(self, micro: MicroBatches, window: LossWindow, agreement: StopAgreement, bar: Any) -> bool:
         """One optimizer step and what is due after it; True when the ranks agreed to stop."""
         t, st = self.recipe.trainer, self.progress
-        window.add(train_step(self.model, self.optimizers, self.scaler, micro, t, self.device))
+        window.add(train_step(self.model, self.optimizers, self.scaler, micro, self.settings))
         self.schedulers.step()
         st.step += 1
         st.step_in_epoch += 1
@@ -186,11 +192,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation and logging
     def _evaluate(self) -> None:
-        t, step = self.recipe.trainer, self.progress.step
-        metrics = evaluate(self.model.single, self.val_set, t.micro_batch * 4, self.env, self.device, t.precision)
+        step = self.progress.step
+        metrics = evaluate(self.model.single, self.val_set, self.env, self.settings)
         self.metrics.log(step, metrics)
-        if self.env.is_main:
-            log.info("step %d: val/loss %.4f val/acc %.4f", step, metrics["val/loss"], metrics["val/acc"])
+        if self.env.is_main:  # e.g. "val/loss 0.1234 val/acc 0.9700"
+            log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         self.last_eval = EvalResult(step, metrics)
 
     def _eval_metrics(self) -> dict[str, float]:
