@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
 from jobs.checkpoint import Checkpointer, step_dir_name
-from schema.run_dir import Run
+from schema.run_dir import Run, RunResult
 from launcher.runs import prepare_run
 from schema import CheckpointConfig, StorageConfig, load_cluster, load_recipe
 from schema.errors import UsageError
@@ -35,3 +36,11 @@ def test_resume_never_ignores_a_save_that_never_committed(tmp_path: Path) -> Non
     partial.mkdir(parents=True)
     (partial / "model.pt").write_bytes(b"the first bytes of a save killed before its manifest.json")
     assert _launch(tmp_path, "never").dir == run.dir  # nothing to resume, so nothing to refuse: a fresh start
+
+
+def test_status_shows_every_metric_the_recipe_measures(tmp_path: Path) -> None:
+    """A regression recipe's val/mae is shown like the built-in val/acc (result.json keeps metrics flat)."""
+    run = _launch(tmp_path, "auto")
+    run.write_result(RunResult(outcome="completed", step=9, epoch=1, metrics={"val/loss": 0.5, "val/mae": 0.25}))
+    proc = run_cli("status", "r", runs_dir=tmp_path)
+    assert proc.returncode == 0 and "val/mae: 0.25" in proc.stdout and "step: 9" in proc.stdout, proc.stdout

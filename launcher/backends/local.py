@@ -96,7 +96,7 @@ def status(run: Run) -> dict[str, Any]:
     else:
         state = "failed" if info.launches else "unknown"
     running = {"pid": pid} if pid else {}
-    summary = result.pick("step", "epoch", "val/acc", "val/loss", "signal")
+    summary = {**result.pick("step", "epoch", "signal"), **result.metrics}  # every val/* the recipe measures
     return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary}
 
 

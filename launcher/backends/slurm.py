@@ -209,7 +209,8 @@ def status(run: Run) -> dict[str, Any]:
                            "requeues": info.requeues}
     if info.stop_reason:
         out["stop_reason"] = info.stop_reason
-    out.update(run.result().pick("step", "epoch", "val/acc", "val/loss", "outcome"))
+    result = run.result()
+    out.update({**result.pick("step", "epoch", "outcome"), **result.metrics})  # every val/* the recipe measures
     return out
 
 
