@@ -1,9 +1,10 @@
 """Users' own model, data, loss and metrics by import path (issue 9, point 1).
 
 A user package is written to a temporary directory outside the repository, which is not on the
-launcher's import path: the launch is made from that directory, as a user would, and the package
-must be found by the launcher's check and on every rank. It trains a regression (no classes, no
-accuracy): an MLP on y = W x + noise, a Huber loss and a mean-absolute-error metric of its own."""
+launcher's import path: the launch is made from that directory, as a user would (locally and on the
+local Slurm), and the package must be found by the launcher's check and on every rank. It trains a
+regression (no classes, no accuracy): an MLP on y = W x + noise, a Huber loss and a mean-absolute-error
+metric of its own."""
 from __future__ import annotations
 
 import os
@@ -238,3 +239,20 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
     a, b = final_params(runs / "straight"), final_params(runs / "cut")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+@pytest.mark.slurm
+def test_user_regression_on_slurm_equals_the_local_run(slurm: None, project: Path, tmp_path: Path) -> None:
+    """The same user package through the local Slurm: the import check on the login node, the package
+    found on the compute node's ranks (code_dir), and the same weights as the run on this machine."""
+    runs = tmp_path / "runs"
+    on_slurm = launcher(project, *_launch(runs, "onslurm"), "--cluster", "local_slurm", "--wait", timeout=600)
+    assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
+    result = read_result(runs / "onslurm")
+    assert result["outcome"] == "completed" and result["step"] == 32 and "val/mae" in result, result
+    assert "rank 1 of 2" in (runs / "onslurm" / "logs" / "rank1.log").read_text()
+    local = launcher(project, *_launch(runs, "onlocal"))
+    assert local.returncode == 0, local.stdout + local.stderr
+    a, b = final_params(runs / "onslurm"), final_params(runs / "onlocal")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert read_result(runs / "onlocal")["val/mae"] == result["val/mae"]
