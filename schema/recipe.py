@@ -29,6 +29,15 @@ def check_target(src: str, key: str, value: Optional[str]) -> None:
                           "write module.path:attribute, e.g. mypkg.nets:build")
 
 
+def check_factory(src: str, section: str, target: Optional[str], kwargs: dict[str, Any], built_in: str) -> None:
+    """A section that builds something (model, data): `target` is an import path, and `kwargs` only go
+    to a target (a built-in one is configured by the section's own keys)."""
+    check_target(src, f"{section}.target", target)
+    if target is None and kwargs:
+        raise ConfigError(src, f"{section}.kwargs", f"arguments for a built-in {built_in}",
+                          f"set {section}.target, or use the {section}.* keys of the built-in {built_in}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: Literal["vgg", "cnn"] = "cnn"  # built-in model family (ignored when target is set)
@@ -53,10 +62,7 @@ class ModelConfig:
         return self.target or BUILTIN_MODELS[self.name]
 
     def check(self, src: str) -> None:
-        check_target(src, "model.target", self.target)
-        if self.target is None and self.kwargs:
-            raise ConfigError(src, "model.kwargs", "arguments for a built-in model",
-                              "set model.target, or use the model.* keys of the built-in model")
+        check_factory(src, "model", self.target, self.kwargs, "model")
         if self.variant not in ("vgg11", "vgg13", "vgg16", "vgg19"):
             raise ConfigError(src, "model.variant", f"unknown VGG variant {short(self.variant)}",
                               "use one of vgg11, vgg13, vgg16, vgg19")
@@ -90,10 +96,7 @@ class DataConfig:
         return self.target or BUILTIN_DATA[self.name]
 
     def check(self, src: str) -> None:
-        check_target(src, "data.target", self.target)
-        if self.target is None and self.kwargs:
-            raise ConfigError(src, "data.kwargs", "arguments for a built-in data set",
-                              "set data.target, or use the data.* keys of the built-in data set")
+        check_factory(src, "data", self.target, self.kwargs, "data set")
         if self.target is None and self.name == "image_folder" and not self.root:
             raise ConfigError(src, "data.root", "image_folder needs a root", "set data.root=/path/or/s3://bucket/dir")
         non_empty(src, "data.root", self.root)
