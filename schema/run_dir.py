@@ -90,9 +90,7 @@ class RunInfo:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunInfo":
-        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   extra={k: v for k, v in data.items() if k not in known})
+        return _from_flat(cls, data, "extra")
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
@@ -115,9 +113,7 @@ class RunResult:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunResult":
-        known = {f.name for f in dataclasses.fields(cls)} - {"metrics"}
-        return cls(**{k: v for k, v in data.items() if k in known},
-                   metrics={k: v for k, v in data.items() if k not in known})
+        return _from_flat(cls, data, "metrics")
 
     def pick(self, *keys: str) -> dict[str, Any]:
         """The fields and metrics named in `keys` that this result has, flat (for `status`)."""
@@ -126,6 +122,13 @@ class RunResult:
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "step": self.step, "epoch": self.epoch, "signal": self.signal,
                 "checkpoints_committed": self.checkpoints_committed, **self.metrics}
+
+
+def _from_flat(cls: type, data: dict[str, Any], rest: str) -> Any:
+    """A record from its flat JSON object: its own fields by name, every other key into the field `rest`."""
+    known = {f.name for f in dataclasses.fields(cls)} - {rest}
+    return cls(**{k: v for k, v in data.items() if k in known}, **{rest: {k: v for k, v in data.items()
+                                                                          if k not in known}})
 
 
 def _json_types(cls: type) -> dict[str, type]:
