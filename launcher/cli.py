@@ -21,6 +21,7 @@ from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table
 from launcher.sweeps.trials import run_sweep
+from launcher.scripts import script_recipe
 from schema import RecipeConfig, find_config, load_cluster, search_path, to_yaml
 from schema.errors import UsageError
 from schema.names import check_name
@@ -41,6 +42,20 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_launch(args: argparse.Namespace) -> int:
     target = Target.load(args.cluster)
     recipe = target.recipe(args.recipe, args.overrides)  # all checked before a directory or a job exists
+    return _launch(target, recipe, args)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`launcher run SCRIPT`: a recipe made of the script and the layout options, then as `launch`
+    (or, with --sbatch, as `sbatch`)."""
+    target = Target.load(args.cluster)
+    made = script_recipe(args.script, args.module, args.script_args, args.nodes, args.procs_per_node, args.code_dir,
+                         args.overrides)
+    recipe = target.checked(made, "command line", check_backend=not args.sbatch or args.submit)
+    return _sbatch(target, recipe, args) if args.sbatch else _launch(target, recipe, args)
+
+
+def _launch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> int:
     name = args.run_name or check_name("default run name", default_run_name(recipe))
     root = target.runs_root(args.runs_dir)
     run = target.prepare(recipe, root, name, args.resume, run_id=args.run_id)
@@ -55,13 +70,19 @@ def _wait(backend: Backend, run: Run) -> int:
     """`--wait`: until the run has stopped for good (requeues included); 0 if it completed."""
     state = backend.wait([run])[run.name]
     print(f"run {run.name} has stopped: {state}", flush=True)
-    return 0 if state == "completed" and run.result().outcome == "completed" else 1
+    if state == "completed" and run.result().outcome == "completed":
+        return 0
+    return run.info().exit_code or 1  # a script's own exit code where one failed
 
 
 def cmd_sbatch(args: argparse.Namespace) -> int:
     """Validate like `launch`, prepare the run directory, print (and maybe submit) a plain sbatch script."""
     target = Target.load(args.cluster)
     recipe = target.recipe(args.recipe, args.overrides, check_backend=args.submit)  # sbatch on PATH to submit
+    return _sbatch(target, recipe, args)
+
+
+def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> int:
     python = slurm_section(target.cluster).python or sys.executable
     name = args.run_name or check_name("default run name", default_run_name(recipe))
     root = target.runs_root(args.runs_dir)
@@ -99,6 +120,11 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 
 def _report(run: Run, code: int) -> int:
     result = run.result()
+    if result.exit_code is not None:  # `launcher run`: the script's own outcome
+        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}",
+                "preempted": f"the script was stopped by {result.signal}"}[result.outcome]
+        print(f"run {run.name}: {said}; logs: launcher logs {run.name} [--rank N]", flush=True)
+        return code or (1 if result.outcome == "preempted" else 0)
     if result:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("val/"))
         print(f"{result.outcome} at step {result.step}: {metrics}", flush=True)
@@ -192,6 +218,21 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     _run_arguments(p)
     p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
     p.add_argument("--run-id", help="continue the run with this id (in its run.json) on a machine without its run dir")
+    p = add("run", cmd_run, "run a Python training script on every rank (script arguments after --)")
+    p.add_argument("script", nargs="?", help="the script's path (or -m MODULE)")
+    p.add_argument("overrides", nargs="*", help="section.key=value of the run's recipe, e.g. checkpoint.uri=s3://b/p")
+    p.add_argument("-m", dest="module", help="run a module, as python -m MODULE")
+    p.add_argument("--nodes", type=int, default=1, help="machines (default 1)")
+    p.add_argument("--procs-per-node", type=int, default=1, help="ranks per machine (default 1)")
+    p.add_argument("--code-dir", help="folder with your code: working directory and first on the ranks' import "
+                                      "path (default: this directory)")
+    p.add_argument("--run-name", help="stable name; running it again continues it (default: script-confighash)")
+    p.add_argument("--resume", choices=["auto", "never"], default="auto", help=argparse.SUPPRESS)
+    p.add_argument("--run-id", help=argparse.SUPPRESS)
+    p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
+    p.add_argument("--sbatch", action="store_true", help="Slurm: print a standalone sbatch script instead of "
+                                                         "submitting through submitit")
+    p.add_argument("--submit", action="store_true", help="with --sbatch: also submit the script")
     p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
     p.add_argument("run")
     p.add_argument("--to", required=True, help="output file (path or fsspec URI)")
@@ -239,7 +280,36 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser, commands = build_parser()
     if not argv or argv[0] not in commands:
         return parser.parse_args(argv)  # -h, no command or an unknown one: argparse's own usage message
-    return commands[argv[0]].parse_intermixed_args(argv[1:])
+    ours, theirs = argv[1:], []
+    if argv[0] == "run" and "--" in ours:  # `launcher run train.py -- --lr 0.1`: the script's, untouched
+        cut = ours.index("--")
+        ours, theirs = ours[:cut], ours[cut + 1:]
+    if argv[0] == "run":
+        _refuse_script_options(commands["run"], ours)
+    args = commands[argv[0]].parse_intermixed_args(ours)
+    if argv[0] == "run":
+        args.script_args = theirs
+        _script_or_module(commands["run"], args)
+    return args
+
+
+def _refuse_script_options(parser: argparse.ArgumentParser, ours: list[str]) -> None:
+    """An option `run` does not know is most likely the script's own: say where those go."""
+    unknown = [a for a in ours if a.startswith("-") and a.split("=", 1)[0] not in parser._option_string_actions]
+    if unknown:
+        parser.error(f"unknown option {unknown[0]!r}: the script's own arguments go after --, "
+                     f"e.g. launcher run train.py --procs-per-node 2 -- {unknown[0]} ...")
+
+
+def _script_or_module(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`run SCRIPT [overrides]` or `run -m MODULE [overrides]`: with -m the first positional is an override."""
+    if args.module is not None and args.script is not None:
+        args.overrides.insert(0, args.script)
+        args.script = None
+    if args.script is None and args.module is None:
+        parser.error("give a script to run (or -m MODULE); its own arguments go after --")
+    if args.script is not None and "=" in args.script and not args.script.endswith(".py"):
+        parser.error(f"{args.script!r} looks like an override; give the script first: run SCRIPT [key=value ...]")
 
 
 def check_names(args: argparse.Namespace) -> None:

@@ -5,6 +5,8 @@ run, that it is not still running and that its remote checkpoint folder is not a
 """
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -13,10 +15,48 @@ from launcher import backends
 from launcher.backends.base import Backend
 from launcher.ownership import check_checkpoint_folder
 from schema.run_dir import Run
-from launcher.runs import prepare_run, run_at, runs_root
-from schema import ClusterConfig, RecipeConfig, load_cluster, load_recipe
+from launcher.runs import code_dir_of, prepare_run, run_at, runs_root
+from schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
+from schema.errors import short
 from schema.recipe import DEFAULT_LOSS
 from schema.names import check_name
+
+
+def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
+    """The recipe with `script.path` made absolute (the ranks may start elsewhere), checked with its
+    code_dir: the directory exists, the script is a file, a script module can be found. code_dir
+    itself stays as written (run.json holds it resolved), so default run names do not depend on
+    the directory a recipe is launched from."""
+    code_dir = code_dir_of(recipe)
+    if not code_dir.is_dir():
+        raise ConfigError(src, "code_dir", f"{short(str(code_dir))} is not a directory",
+                          "point code_dir at the folder that holds your code (default: the launch directory)")
+    script = recipe.script
+    if script is None:
+        return recipe
+    if script.path is not None:
+        path = (code_dir / script.path).resolve()
+        if not path.is_file():
+            raise ConfigError(src, "script.path", f"no such file: {short(str(path))}",
+                              "give the script's path (relative paths start at code_dir)")
+        return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
+    _check_module(script.module or "", code_dir, src)
+    return recipe
+
+
+def _check_module(module: str, code_dir: Path, src: str) -> None:
+    """`python -m module` will find it on the ranks: find it here, with code_dir first on the path."""
+    from jobs.targets import on_import_path
+
+    with on_import_path(code_dir):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError) as err:  # a parent package that does not import
+            raise ConfigError(src, "script.module", f"{module}: {short(str(err))}",
+                              f"make it importable from {code_dir}") from None
+    if not found:
+        raise ConfigError(src, "script.module", f"no module named {module!r} in {code_dir} or the environment",
+                          "check the name, or set code_dir to the folder that holds the package")
 
 
 def check_imports(recipe: RecipeConfig, src: str) -> None:
@@ -26,7 +66,7 @@ def check_imports(recipe: RecipeConfig, src: str) -> None:
     from jobs.targets import check_imports as import_targets  # imports user code, which imports torch
 
     if any((recipe.model.target, recipe.data.target, recipe.loss.target != DEFAULT_LOSS, recipe.metrics)):
-        import_targets(recipe, src, Path.cwd())
+        import_targets(recipe, src, code_dir_of(recipe))
 
 
 @dataclass(frozen=True)
@@ -45,17 +85,24 @@ class Target:
     def recipe(self, recipe: str, overrides: Sequence[str], check_backend: bool = True) -> RecipeConfig:
         """The recipe with `overrides`, checked: its name (run and job names derive from it), against
         this cluster config (e.g. one rank per GPU), and by the backend (e.g. `sbatch` on PATH)."""
-        loaded = load_recipe(recipe, list(overrides))
+        return self.checked(load_recipe(recipe, list(overrides)), f"recipe {recipe}", check_backend)
+
+    def checked(self, loaded: RecipeConfig, src: str, check_backend: bool = True) -> RecipeConfig:
+        """A loaded recipe (from a file or made by `launcher run`) resolved and checked as `recipe()` says."""
         check_name("recipe name (default run names begin with it)", loaded.name)
-        check_imports(loaded, f"recipe {recipe}")
+        loaded = resolve_code(loaded, src)
+        check_imports(loaded, src)
         self.cluster.check_recipe(loaded, f"cluster config {self.given}")
+        self.cluster.check_shared("code_dir", str(code_dir_of(loaded)), f"cluster config {self.given}")
         if check_backend:
             self.backend.check(loaded, self.cluster)
         return loaded
 
     def runs_root(self, override: Optional[str]) -> Path:
-        """--runs-dir, or the cluster config's runs_dir."""
-        return runs_root(self.cluster, override)
+        """--runs-dir, or the cluster config's runs_dir (on the shared file system, if the config names it)."""
+        root = runs_root(self.cluster, override)
+        self.cluster.check_shared("runs directory", str(root), f"cluster config {self.given}")
+        return root
 
     def prepare(self, recipe: RecipeConfig, root: Path, name: str, resume: str, run_id: Optional[str] = None) -> Run:
         """The run directory for this launch of `name`: refused while the run still runs or is queued

@@ -63,6 +63,11 @@ def run_at(root: Path, name: str) -> Run:
     return Run(name, path)
 
 
+def code_dir_of(recipe: RecipeConfig) -> Path:
+    """The user's code directory: the recipe's code_dir (relative to the launch directory) or the launch directory."""
+    return (Path.cwd() / (recipe.code_dir or ".")).resolve()
+
+
 def find_run(name: str, root: Path) -> Run:
     run = run_at(root, name)
     if not run.info_path.exists():
@@ -103,6 +108,7 @@ def _write_run_files(run: Run, recipe: RecipeConfig, cluster: ClusterConfig, pre
     (run.dir / RESULT_JSON).unlink(missing_ok=True)  # belongs to the previous launch
     secrets.write_configs(run.dir, {"config.yaml": to_dict(recipe), "cluster.yaml": to_dict(cluster)})
     run.update(
+        remove=("exit_code", "failed_rank"),  # the previous launch's
         run_name=run.name,
         run_id=previous.run_id or uuid.uuid4().hex[:12],  # the tracker's run id: kept across relaunches
         recipe=recipe.name,
@@ -111,7 +117,7 @@ def _write_run_files(run: Run, recipe: RecipeConfig, cluster: ClusterConfig, pre
         resume=resume,
         checkpoint_uri=_shown(checkpoint_uri(recipe, run.name)),  # for people; ranks derive it from the recipe
         config_hash=config_hash(recipe),
-        code_dir=str(Path.cwd()),  # user code (import paths in the recipe) is found here on every rank
+        code_dir=str(code_dir_of(recipe)),  # user code is found here on every rank (first on the path)
         created=previous.created or time.strftime("%Y-%m-%dT%H:%M:%S"),
         launches=previous.launches + 1,
     )

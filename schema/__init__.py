@@ -11,14 +11,14 @@
 """
 from schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
 from schema.errors import ConfigError, UsageError
-from schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, load, load_cluster,
+from schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, from_document, load, load_cluster,
                           load_recipe, load_resolved, parse_overrides, search_path, to_dict, to_yaml)
 from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
-                           ParallelConfig, RecipeConfig, ScheduleConfig, TrainerConfig)
+                           ParallelConfig, RecipeConfig, ScheduleConfig, ScriptConfig, TrainerConfig)
 
 __all__ = [
     "CLUSTERS_DIR", "RECIPES_DIR", "REPO_ROOT", "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig",
-    "LoggingConfig", "LossConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig",
-    "SlurmConfig", "StorageConfig", "TrainerConfig", "UsageError", "config_hash", "find_config", "load",
+    "LoggingConfig", "LossConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "ScriptConfig",
+    "SlurmConfig", "StorageConfig", "TrainerConfig", "UsageError", "config_hash", "find_config", "from_document", "load",
     "load_cluster", "load_recipe", "load_resolved", "parse_overrides", "search_path", "to_dict", "to_yaml",
 ]

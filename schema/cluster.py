@@ -71,18 +71,34 @@ class ClusterConfig:
     name: str  # config name
     backend: Literal["local", "slurm"] = "local"  # what starts the ranks
     runs_dir: str = "runs"  # run directories live here (relative to the directory of the command unless absolute)
+    # folders every node sees (a shared file system, e.g. /home, /shared): when set, the run directory and the
+    # user's code must be inside one, since ranks on other machines read and write them
+    shared_paths: tuple[str, ...] = ()
     storage: StorageConfig = field(default_factory=StorageConfig)
     slurm: Optional[SlurmConfig] = None  # required when backend is slurm
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
         non_empty(src, "runs_dir", self.runs_dir)
+        for i, path in enumerate(self.shared_paths):
+            non_empty(src, f"shared_paths[{i}]", path)
+            if not path.startswith("/"):
+                raise ConfigError(src, f"shared_paths[{i}]", f"{short(path)} is not an absolute path",
+                                  "list absolute folders, e.g. /home or /shared")
         self.storage.check(src)
         if self.backend == "slurm" and self.slurm is None:
             raise ConfigError(src, "slurm", "backend is slurm but there is no slurm: section",
                               "add a slurm: section (partition, time_min, ...)")
         if self.slurm is not None:
             self.slurm.check(src)
+
+    def check_shared(self, what: str, path: str, src: str) -> None:
+        """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""
+        if self.shared_paths and not any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/")
+                                         for p in self.shared_paths):
+            raise ConfigError(src, "shared_paths", f"{what} {short(path)} is not inside "
+                              f"{', '.join(self.shared_paths)}, so other nodes cannot see it",
+                              f"move it onto the shared file system, or add its folder to shared_paths")
 
     def check_recipe(self, recipe: RecipeConfig, src: str) -> None:
         """Rules that need both files, e.g. one rank per GPU."""

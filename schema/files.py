@@ -116,7 +116,12 @@ def load(cls: type[C], name: str, overrides: list[str] = ()) -> C:
     path = find_config(name, search_path(cls), KINDS[cls][0])
     data = read_yaml(path)
     data.setdefault("name", path.stem)
-    src = _source(path, overrides)
+    return from_document(cls, data, _source(path, overrides), overrides)
+
+
+def from_document(cls: type[C], data: dict[str, Any], src: str, overrides: list[str] = ()) -> C:
+    """A config from a YAML document (a file's, or one a command made), with `overrides`, checked
+    (`src` names it in errors)."""
     cfg = build(cls, _merge(data, parse_overrides(list(overrides))), src)
     cfg.check(src)
     return cfg
@@ -155,7 +160,10 @@ def to_yaml(cfg: Any, redacted: bool = False) -> str:
 
 
 def config_hash(cfg: Any) -> str:
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+    """Top-level keys left unset (None) do not count: an optional section added later keeps the
+    hashes, and so the default run names, of configs that do not use it."""
+    tree = {k: v for k, v in to_dict(cfg).items() if v is not None}
+    return hashlib.sha256(json.dumps(tree, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_resolved(path: Path, cls: type) -> Any:

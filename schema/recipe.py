@@ -237,6 +237,33 @@ class LoggingConfig:
         positive(src, "logging.log_every", self.log_every)
 
 
+_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+@dataclass(frozen=True)
+class ScriptConfig:
+    """A training script run on every rank instead of the built-in trainer (`launcher run`)."""
+
+    path: Optional[str] = None  # a Python file, run as `python PATH ARGS` (relative: to code_dir)
+    module: Optional[str] = None  # or a module, run as `python -m MODULE ARGS`
+    args: tuple[str, ...] = ()  # the script's own arguments, passed through untouched
+
+    @property
+    def shown(self) -> str:
+        """How people see it: `train.py --lr 0.1` or `-m pkg.train --lr 0.1`."""
+        head = [self.path] if self.path else ["-m", self.module or ""]
+        return " ".join([*head, *self.args])
+
+    def check(self, src: str) -> None:
+        if (self.path is None) == (self.module is None):
+            raise ConfigError(src, "script", "needs exactly one of script.path and script.module",
+                              "e.g. script.path=train.py, or script.module=mypkg.train")
+        non_empty(src, "script.path", self.path)
+        if self.module is not None and not _MODULE.match(self.module):
+            raise ConfigError(src, "script.module", f"{short(self.module)} is not a module name",
+                              "write a dotted module name, e.g. mypkg.train")
+
+
 @dataclass(frozen=True)
 class RecipeConfig:
     name: str  # recipe name; the default run name derives from it
@@ -253,6 +280,10 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # run this script on every rank instead of the trainer (model, data, optim, ... are then unused)
+    script: Optional[ScriptConfig] = None
+    # the user's code: first on every rank's import path; relative to the launch directory (default: it)
+    code_dir: Optional[str] = None
 
     @property
     def eval_metrics(self) -> dict[str, str]:
@@ -268,13 +299,22 @@ class RecipeConfig:
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
+        non_empty(src, "code_dir", self.code_dir)
+        for section in (self.parallel, self.checkpoint, self.logging):
+            section.check(src)
+        if self.script is not None:  # the script trains: the trainer's sections are not used
+            self.script.check(src)
+            return
+        self._check_training(src)
+
+    def _check_training(self, src: str) -> None:
+        """The sections and rules of the built-in trainer."""
         for name, path in (self.metrics or {}).items():
             check_target(src, f"metrics.{name}", path)
             if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "loss":
                 raise ConfigError(src, f"metrics.{name}", "a metric name is letters, digits and _ (not loss)",
                                   "e.g. metrics.mae=mypkg.metrics:mae (logged as val/mae)")
-        for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer, self.parallel,
-                        self.checkpoint, self.logging):
+        for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer):
             section.check(src)
         measured = ["val/loss", *(f"val/{name}" for name in self.eval_metrics)]
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:

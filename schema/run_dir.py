@@ -70,7 +70,8 @@ class RunInfo:
     created: str = ""
     launches: int = 0
     state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...
-    exit_code: Optional[int] = None  # of the local rank launcher
+    exit_code: Optional[int] = None  # the run's: a failing script's own code, else the local rank launcher's
+    failed_rank: Optional[int] = None  # `launcher run`: the first rank whose script failed in this launch
     pid: Optional[int] = None  # local: torchrun, with its start time so a reused pid is not taken for it
     pid_start: Optional[int] = None
     launcher_pid: Optional[int] = None  # local: the `launcher launch` process that forwards signals
@@ -101,11 +102,12 @@ class RunInfo:
 class RunResult:
     """result.json: what rank 0 wrote at the end of the last launch; the metrics are flat in the file."""
 
-    outcome: str = ""  # completed or preempted
+    outcome: str = ""  # completed, preempted, or failed (a script's non-zero exit)
     step: Optional[int] = None
     epoch: Optional[int] = None
     signal: Optional[str] = None  # the signal that stopped a preempted run
     checkpoints_committed: Optional[bool] = None  # every checkpoint reached its remote folder in time
+    exit_code: Optional[int] = None  # `launcher run`: the script's exit code
     metrics: dict = field(default_factory=dict)  # last evaluation, e.g. {"val/acc": 0.97}
 
     def __bool__(self) -> bool:  # no result: running, crashed, or never started
@@ -121,7 +123,8 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"outcome": self.outcome, "step": self.step, "epoch": self.epoch, "signal": self.signal,
-                "checkpoints_committed": self.checkpoints_committed, **self.metrics}
+                "checkpoints_committed": self.checkpoints_committed,
+                **({"exit_code": self.exit_code} if self.exit_code is not None else {}), **self.metrics}
 
 
 def _from_flat(cls: type, data: dict[str, Any], rest: str) -> Any:
@@ -196,12 +199,15 @@ class Run:
                  (self.dir / RESULT_JSON, read_object(self.dir / RESULT_JSON, _RESULT_TYPES)[1])]
         return [f"{path.name} unreadable: {why}" for path, why in found if why]
 
-    def update(self, *, remove: Iterable[str] = (), **fields: Any) -> RunInfo:
-        """Set `fields` and unset the fields in `remove`, as one atomic change to run.json."""
+    def update(self, *, remove: Iterable[str] = (), keep_set: bool = False, **fields: Any) -> RunInfo:
+        """Set `fields` and unset the fields in `remove`, as one atomic change to run.json; with
+        `keep_set`, only the fields not set yet (the first of several writers wins)."""
         with self._locked():
             info = self.readable_info().to_dict()
             for key in remove:
                 info.pop(key, None)
+            if keep_set:
+                fields = {k: v for k, v in fields.items() if info.get(k) is None}
             new = RunInfo.from_dict({**info, **fields})  # a key RunInfo lacks is kept in `extra`
             self._write_info(new.to_dict())
             return new

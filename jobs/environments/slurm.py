@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from schema.run_dir import Run, RunResult
-from schema import ClusterConfig, SlurmConfig, load_resolved
+from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
 
 ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
@@ -53,7 +53,7 @@ def rank_main(run_dir: str) -> RunResult:
     """The function submitit runs in every task (and `python -m jobs.environments.slurm` under srun)."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
-    from jobs.train import exit_cleanly, run_training  # imported here: the --after-srun step needs no torch
+    from jobs.script import ScriptFailed, run_script  # imported here: the --after-srun step needs neither
 
     # Not submitit.JobEnvironment(): that one only recognises Slurm inside submitit's own scripts
     # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
@@ -67,16 +67,27 @@ def rank_main(run_dir: str) -> RunResult:
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
         run.update(state="running", restarts=restarts)
+    script = load_resolved(run.dir / "config.yaml", RecipeConfig).script is not None
     try:
-        # a requeued job always continues its own checkpoints, even if launched with --resume never;
-        # every rank derives this itself, so they all take the same (collective) resume path
-        result = run_training(run.dir, force_resume=restarts > 0)
+        if script:  # `launcher run`: the user's script, in a child process (no torch in this one)
+            result = run_script(run.dir)
+            if result.outcome == "failed":
+                raise ScriptFailed(result.exit_code or 1)  # the task exits with the script's code
+        else:
+            from jobs.train import run_training  # torch: only where the trainer runs
+
+            # a requeued job always continues its own checkpoints, even if launched with --resume never;
+            # every rank derives this itself, so they all take the same (collective) resume path
+            result = run_training(run.dir, force_resume=restarts > 0)
     except BaseException:
         record_failure(run, job.global_rank, traceback.format_exc())
         raise
     if job.global_rank == 0:
         _after_run(run, cluster.slurm or SlurmConfig(), result, time.time() - started)
-    atexit.register(exit_cleanly)  # runs after submitit has written its result file
+    if not script:
+        from jobs.train import exit_cleanly
+
+        atexit.register(exit_cleanly)  # runs after submitit has written its result file
     return result
 
 

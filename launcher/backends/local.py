@@ -24,7 +24,8 @@ from schema.errors import UsageError
 
 
 def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
-    entry = ["-m", "jobs.train", "--run-dir", str(run.dir)]
+    # the trainer, or (`launcher run`) the wrapper that runs the user's script
+    entry = ["-m", "jobs.script" if recipe.script else "jobs.train", "--run-dir", str(run.dir)]
     nproc = recipe.parallel.procs_per_node
     if nproc == 1:
         return [sys.executable, *entry]  # one rank: no torchrun, no process group
@@ -55,12 +56,14 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     try:
         run.update(pid=child.pid, pid_start=process_start(child.pid), launcher_pid=os.getpid(),
                    launcher_start=process_start(os.getpid()), state="running")
-        return _wait(child)
+        code = _wait(child)
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
             outcome = run.result().outcome or ("failed" if child.returncode else "finished")
-            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
-                       exit_code=child.returncode)
+            # a failing script's own exit code (recorded by its rank) is the run's, not torchrun's 1
+            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome)
+            run.update(keep_set=True, exit_code=child.returncode)
+    return run.info().exit_code or code
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:

@@ -1,0 +1,156 @@
+"""Rank entry of `launcher run`: `python -m jobs.script --run-dir RUN_DIR` runs the recipe's
+`script:` on this rank (started by torchrun, srun or submitit, like `jobs.train`).
+
+The script runs as a child process of this one, as torchrun would start it: the same interpreter,
+torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
+the working directory and first import path entry set to the run's code_dir, and LAUNCHER_RUN_DIR
+for the runtime API (`jobs.runtime`). A child process, not `runpy` in this one, because the script
+owns its process: its signal handlers, its `sys.exit` code, its crashes. This process stays in front of it:
+- every line the script prints goes to `logs/rank<N>.log` and to this rank's console;
+- a stop signal (SIGTERM, SIGINT, and Slurm's SIGUSR1/SIGUSR2 preemption notice) reaches the script
+  as SIGTERM, the signal any script can handle; the one that came decides what happens next
+  (on Slurm, a USR1/USR2 requeues the job);
+- the exit code is the run's: a script that exits 3 fails the run with 3 (torchrun itself would
+  report 1), recorded in run.json by the first rank that failed on its own.
+
+This module imports no torch: a rank wrapper costs a small Python process, not a second copy of torch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+from typing import BinaryIO, Optional
+
+from jobs.env import RankEnv
+from jobs.preempt import STOP_SIGNALS
+from schema import RecipeConfig, load_resolved
+from schema.run_dir import Run, RunResult
+
+RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
+
+
+class ScriptFailed(SystemExit):
+    """The script exited non-zero on this rank: this process exits with the same code."""
+
+    def __str__(self) -> str:
+        return f"the script exited with code {self.code}"
+
+
+def script_command(recipe: RecipeConfig) -> list[str]:
+    script = recipe.script
+    assert script is not None, "jobs.script runs recipes with a script: section"
+    head = [script.path] if script.path else ["-m", script.module or ""]
+    return [sys.executable, "-u", *head, *script.args]  # -u: lines reach the log as they are printed
+
+
+def child_environment(run: Run, code_dir: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env[RUN_DIR_VAR] = str(run.dir)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+class Forwarder:
+    """Stop signals to this process become SIGTERM for the script; the first one is remembered."""
+
+    def __init__(self) -> None:
+        self.child: Optional[subprocess.Popen] = None
+        self.signal_name: Optional[str] = None
+
+    def install(self) -> "Forwarder":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+
+
+def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:
+    """Copy the script's output, line by line, into the rank's log file and onto the console."""
+    console = sys.stdout.buffer
+    for line in iter(source.readline, b""):
+        log.write(line)
+        log.flush()
+        console.write(prefix + line)
+        console.flush()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM it if this wrapper dies (Linux), as jobs.train does for ranks."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def exit_code(returncode: int) -> int:
+    """A process killed by signal N has exit code 128 + N, as a shell reports it."""
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder | None = None) -> RunResult:
+    """Run the script on this rank until it exits; what result.json holds (written by rank 0)."""
+    env = env or RankEnv.from_environ()
+    env.check()
+    forwarder = forwarder or Forwarder().install()
+    run = Run(run_dir.name, run_dir)
+    recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
+    code_dir = run.readable_info().code_dir or os.getcwd()
+    command = script_command(recipe)
+    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "logs" / f"rank{env.rank}.log", "ab") as log:
+        log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
+                  f"{env.local_rank}), run {run_dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
+        log.flush()
+        child = subprocess.Popen(command, cwd=code_dir, env=child_environment(run, code_dir), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        forwarder.child = child
+        if forwarder.signal_name:  # a stop arrived while the script was starting
+            child.send_signal(signal.SIGTERM)
+        prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
+        copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)
+        copier.start()
+        code = exit_code(child.wait())
+        copier.join()
+    return _outcome(run, env, code, forwarder.signal_name)
+
+
+def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> RunResult:
+    if stop_signal:  # told to stop: whatever the script did with the SIGTERM, the run was stopped
+        result = RunResult(outcome="preempted", signal=stop_signal, exit_code=code)
+    elif code == 0:
+        result = RunResult(outcome="completed", exit_code=0)
+    else:  # failed on its own: the first such rank names the run's exit code (torchrun's would be 1)
+        run.update(keep_set=True, exit_code=code, failed_rank=env.rank)
+        result = RunResult(outcome="failed", exit_code=code)
+    if env.is_main:
+        info = run.info()
+        if result.outcome != "failed" and info.failed_rank is not None:  # another rank failed first
+            result = RunResult(outcome="failed", exit_code=info.exit_code, signal=stop_signal)
+        run.write_result(result)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", type=Path, required=True)
+    args = parser.parse_args(argv)
+    result = run_script(args.run_dir.resolve())
+    return (result.exit_code or 1) if result.outcome == "failed" else 0
+
+
+if __name__ == "__main__":
+    _die_with_parent()  # torchrun starts ranks in their own sessions: follow it if it is killed
+    sys.exit(main())

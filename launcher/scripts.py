@@ -1,0 +1,38 @@
+"""`launcher run SCRIPT`: the recipe a script run is made of.
+
+A script run is a recipe with a `script:` section, so it gets everything a recipe run gets (its
+validation, run directory, backends, status, logs, cancel, requeue, checkpoint policy for the
+runtime API) without a second code path; the ranks run `jobs.script` instead of the trainer.
+Such a recipe can also be written as a file (`script: {path: train.py, args: [...]}`) and launched
+with `launcher launch` or `launcher sbatch`.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Sequence
+
+from schema import RecipeConfig, from_document
+from schema.names import MAX_LENGTH
+
+
+def script_name(script: Optional[str], module: Optional[str]) -> str:
+    """The recipe name (and so the default run name's start): `train` for train.py, `train` for -m pkg.train."""
+    stem = Path(script).stem if script else (module or "script").rsplit(".", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", stem).lstrip(".-_") or "script"
+    return name[:MAX_LENGTH - 20]  # room for the default run name's -<hash>
+
+
+def script_recipe(script: Optional[str], module: Optional[str], script_args: Sequence[str], nodes: int,
+                  procs_per_node: int, code_dir: Optional[str], overrides: Sequence[str]) -> RecipeConfig:
+    """The recipe of `launcher run`: the script, its arguments and the layout; `overrides` may set any
+    other recipe key (checkpoint.uri, logging.tracker, ...). A relative script path is the launch
+    directory's (made absolute later, with code_dir, by `launcher.preflight.resolve_code`)."""
+    where = {"path": str(Path(script).absolute())} if script else {"module": module}
+    document = {"name": script_name(script, module),
+                "description": f"launcher run {' '.join([script or f'-m {module}', *script_args])}"[:200],
+                "script": {**where, "args": list(script_args)},
+                "parallel": {"nodes": nodes, "procs_per_node": procs_per_node}}
+    if code_dir is not None:
+        document["code_dir"] = code_dir
+    return from_document(RecipeConfig, document, "command line", list(overrides))
