@@ -51,8 +51,8 @@ def _check_module(module: str, code_dir: Path, src: str) -> None:
     with on_import_path(code_dir):
         try:
             found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError) as err:  # a parent package that does not import
-            raise ConfigError(src, "script.module", f"{module}: {short(str(err))}",
+        except (Exception, SystemExit) as err:  # finding pkg.mod imports pkg: user code, which may raise anything
+            raise ConfigError(src, "script.module", f"{module}: {type(err).__name__}: {short(str(err))}",
                               f"make it importable from {code_dir}") from None
     if not found:
         raise ConfigError(src, "script.module", f"no module named {module!r} in {code_dir} or the environment",

@@ -152,6 +152,8 @@ BAD_RUNS = {
     "missing script": (["run", "nope.py"], ["script.path", "no such file", "nope.py"]),
     "unknown module": (["run", "-m", "h3mod_nowhere.train"], ["script.module", "h3mod_nowhere.train"]),
     "parent imports what is missing": (["run", "-m", "h3mod_broken.train"], ["script.module", "h3mod_broken"]),
+    "parent raises": (["run", "-m", "h3mod_raises.train"], ["script.module", "RuntimeError", "boom"]),
+    "parent exits": (["run", "-m", "h3mod_exits.train"], ["script.module", "SystemExit", "5"]),
     "bad module name": (["run", "-m", "1pkg.train"], ["script.module", "'1pkg.train'"]),
     "module name with a slash": (["run", "-m", "pkg/train"], ["script.module", "'pkg/train'"]),
     "code_dir that does not exist": (["run", "train.py", "--code-dir", "nowhere"], ["code_dir", "nowhere"]),
@@ -166,6 +168,8 @@ BAD_RUNS = {
 def test_bad_run_is_refused_before_anything_is_written(case: str, project: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     _package(project, "h3mod_broken", "import h3mod_not_installed\n", train="")
+    _package(project, "h3mod_raises", "raise RuntimeError('boom')\n", train="")  # user code may raise anything
+    _package(project, "h3mod_exits", "raise SystemExit(5)\n", train="")
     argv, said = BAD_RUNS[case]
     before = _files(tmp_path)
     _refused(capsys, [*argv, "--runs-dir", str(tmp_path / "runs")], *said)
