@@ -279,7 +279,6 @@ def _cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("how", ["run --code-dir", "launch a recipe with code_dir"])
 def test_ranks_import_from_code_dir(how: str, project: Path, tmp_path: Path) -> None:
     """A 1-rank run of a script (in scripts/) that imports a module found only in code_dir (sub/)."""
@@ -294,7 +293,7 @@ def test_ranks_import_from_code_dir(how: str, project: Path, tmp_path: Path) -> 
         (project / "recipes" / "cd.yaml").write_text(yaml.safe_dump(
             {"code_dir": "sub/", "script": {"path": "../scripts/use.py", "args": ARGS}}, allow_unicode=True))
         argv = ["launch", "cd", "--run-name", "cd"]
-    proc = _cli([*argv, "--runs-dir", str(tmp_path / "runs")], project)
+    proc = _cli([*argv[:2], "--runs-dir", str(tmp_path / "runs"), *argv[2:]], project)  # before the script's --
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "runs" / "cd"
     assert json.loads((run / "run.json").read_text())["code_dir"] == str(project / "sub")
