@@ -50,13 +50,19 @@ def _check_module(module: str, code_dir: Path, src: str) -> None:
 
     with on_import_path(code_dir):
         try:
-            found = importlib.util.find_spec(module) is not None
+            spec = importlib.util.find_spec(module)
+            # `python -m pkg` runs pkg.__main__: a package without one would fail on every rank
+            runs = spec is not None and (spec.submodule_search_locations is None
+                                         or importlib.util.find_spec(f"{module}.__main__") is not None)
         except (Exception, SystemExit) as err:  # finding pkg.mod imports pkg: user code, which may raise anything
             raise ConfigError(src, "script.module", f"{module}: {type(err).__name__}: {short(str(err))}",
                               f"make it importable from {code_dir}") from None
-    if not found:
+    if spec is None:
         raise ConfigError(src, "script.module", f"no module named {module!r} in {code_dir} or the environment",
                           "check the name, or set code_dir to the folder that holds the package")
+    if not runs:
+        raise ConfigError(src, "script.module", f"{module!r} is a package without a __main__ module",
+                          f"name the module to run (e.g. {module}.train), or add {module}/__main__.py")
 
 
 def check_imports(recipe: RecipeConfig, src: str) -> None:

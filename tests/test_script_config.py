@@ -154,6 +154,7 @@ BAD_RUNS = {
     "parent imports what is missing": (["run", "-m", "h3mod_broken.train"], ["script.module", "h3mod_broken"]),
     "parent raises": (["run", "-m", "h3mod_raises.train"], ["script.module", "RuntimeError", "boom"]),
     "parent exits": (["run", "-m", "h3mod_exits.train"], ["script.module", "SystemExit", "5"]),
+    "package without __main__": (["run", "-m", "h3mod_plain"], ["script.module", "'h3mod_plain'", "__main__"]),
     "bad module name": (["run", "-m", "1pkg.train"], ["script.module", "'1pkg.train'"]),
     "module name with a slash": (["run", "-m", "pkg/train"], ["script.module", "'pkg/train'"]),
     "code_dir that does not exist": (["run", "train.py", "--code-dir", "nowhere"], ["code_dir", "nowhere"]),
@@ -170,10 +171,22 @@ def test_bad_run_is_refused_before_anything_is_written(case: str, project: Path,
     _package(project, "h3mod_broken", "import h3mod_not_installed\n", train="")
     _package(project, "h3mod_raises", "raise RuntimeError('boom')\n", train="")  # user code may raise anything
     _package(project, "h3mod_exits", "raise SystemExit(5)\n", train="")
+    _package(project, "h3mod_plain", train="")  # `python -m h3mod_plain` would fail on every rank
     argv, said = BAD_RUNS[case]
     before = _files(tmp_path)
     _refused(capsys, [*argv, "--runs-dir", str(tmp_path / "runs")], *said)
     assert _files(tmp_path) == before
+
+
+@pytest.mark.parametrize("module", ["h3mod_app", "h3mod_app.train", "h3mod_single", "json.tool"])
+def test_runnable_modules_are_accepted(module: str, project: Path) -> None:
+    """What `python -m` runs: a package with __main__, a package's module, a top-level module, an installed one."""
+    from launcher.preflight import resolve_code
+
+    _package(project, "h3mod_app", __main__="", train="")
+    (project / "h3mod_single.py").write_text("")
+    recipe = script_recipe(None, module, [], 1, 1, None, [])
+    assert resolve_code(recipe, "test") == recipe
 
 
 BAD_RECIPES = {
