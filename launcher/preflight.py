@@ -17,7 +17,7 @@ from launcher.ownership import check_checkpoint_folder
 from schema.run_dir import Run
 from launcher.runs import code_dir_of, prepare_run, run_at, runs_root
 from schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
-from schema.errors import short
+from schema.errors import PATH_CHARS, short
 from schema.recipe import DEFAULT_LOSS
 from schema.names import check_name
 
@@ -29,7 +29,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     the directory a recipe is launched from."""
     code_dir = code_dir_of(recipe)
     if not code_dir.is_dir():
-        raise ConfigError(src, "code_dir", f"{short(str(code_dir))} is not a directory",
+        raise ConfigError(src, "code_dir", f"{short(str(code_dir), PATH_CHARS)} is not a directory",
                           "point code_dir at the folder that holds your code (default: the launch directory)")
     script = recipe.script
     if script is None:
@@ -37,7 +37,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     if script.path is not None:
         path = (code_dir / script.path).resolve()
         if not path.is_file():
-            raise ConfigError(src, "script.path", f"no such file: {short(str(path))}",
+            raise ConfigError(src, "script.path", f"no such file: {short(str(path), PATH_CHARS)}",
                               "give the script's path (relative paths start at code_dir)")
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
 from schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
-from schema.errors import ConfigError, short
+from schema.errors import PATH_CHARS, ConfigError, short
 
 if TYPE_CHECKING:
     from schema.recipe import RecipeConfig
@@ -96,7 +96,7 @@ class ClusterConfig:
         """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""
         if self.shared_paths and not any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/")
                                          for p in self.shared_paths):
-            raise ConfigError(src, "shared_paths", f"{what} {short(path)} is not inside "
+            raise ConfigError(src, "shared_paths", f"{what} {short(path, PATH_CHARS)} is not inside "
                               f"{', '.join(self.shared_paths)}, so other nodes cannot see it",
                               f"move it onto the shared file system, or add its folder to shared_paths")
 

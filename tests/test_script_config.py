@@ -158,6 +158,7 @@ BAD_RUNS = {
     "bad module name": (["run", "-m", "1pkg.train"], ["script.module", "'1pkg.train'"]),
     "module name with a slash": (["run", "-m", "pkg/train"], ["script.module", "'pkg/train'"]),
     "code_dir that does not exist": (["run", "train.py", "--code-dir", "nowhere"], ["code_dir", "nowhere"]),
+    "code_dir that is a file": (["run", "train.py", "--code-dir", "train.py"], ["code_dir", "project/train.py'"]),
     "no ranks": (["run", "train.py", "--procs-per-node", "0"], ["parallel.procs_per_node", "0"]),
     "run name with a slash": (["run", "train.py", "--run-name", "a/b"], ["run name", "'a/b'"]),
     "run name ..": (["run", "train.py", "--run-name", ".."], ["run name", "'..'"]),
@@ -193,6 +194,7 @@ BAD_RECIPES = {
     "both path and module": ({"script": {"path": "train.py", "module": "pkg.train"}}, ["script", "exactly one"]),
     "neither path nor module": ({"script": {"args": ["--lr", "1"]}}, ["script", "exactly one"]),
     "empty script section": ({"script": {}}, ["script", "exactly one"]),
+    "missing script": ({"script": {"path": "sub/nope.py"}}, ["script.path", "project/sub/nope.py'"]),
     "code_dir that does not exist": ({"script": {"path": "train.py"}, "code_dir": "src"}, ["code_dir", "src"]),
     "empty code_dir": ({"script": {"path": "train.py"}, "code_dir": ""}, ["code_dir"]),
     "unknown script key": ({"script": {"path": "train.py", "argz": []}}, ["script.argz", "did you mean 'args'"]),
@@ -253,8 +255,8 @@ def test_runs_dir_off_the_shared_file_system(command: str, tmp_path: Path, monke
     argv, backend = COMMANDS[command]
     cluster = _cluster(tmp_path, backend, [str(shared)])
     before = _files(tmp_path)
-    _refused(capsys, [*argv, "--cluster", cluster, "--runs-dir", str(tmp_path / "runs")],
-             "shared_paths", "runs directory", str(tmp_path / "runs"))
+    runs = tmp_path / "a-long-folder-name-for-all-the-runs-of-this-project" / "runs"  # shown whole
+    _refused(capsys, [*argv, "--cluster", cluster, "--runs-dir", str(runs)], "shared_paths", "runs directory", str(runs))
     assert _files(tmp_path) == before
 
 
