@@ -37,7 +37,8 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     if script.path is not None:
         path = (code_dir / script.path).resolve()
         if not path.is_file():
-            raise ConfigError(src, "script.path", f"no such file: {short(str(path), PATH_CHARS)}",
+            what = "is a directory, not a script" if path.is_dir() else "no such file"
+            raise ConfigError(src, "script.path", f"{what}: {short(str(path), PATH_CHARS)}",
                               "give the script's path (relative paths start at code_dir)")
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)

@@ -150,6 +150,7 @@ def _package(project: Path, name: str, init: str = "", **modules: str) -> None:
 
 BAD_RUNS = {
     "missing script": (["run", "nope.py"], ["script.path", "no such file", "nope.py"]),
+    "script that is a directory": (["run", "h3mod_broken"], ["script.path", "is a directory", "h3mod_broken'"]),
     "unknown module": (["run", "-m", "h3mod_nowhere.train"], ["script.module", "h3mod_nowhere.train"]),
     "parent imports what is missing": (["run", "-m", "h3mod_broken.train"], ["script.module", "h3mod_broken"]),
     "parent raises": (["run", "-m", "h3mod_raises.train"], ["script.module", "RuntimeError", "boom"]),
