@@ -163,6 +163,7 @@ BAD_RUNS = {
     "no ranks": (["run", "train.py", "--procs-per-node", "0"], ["parallel.procs_per_node", "0"]),
     "run name with a slash": (["run", "train.py", "--run-name", "a/b"], ["run name", "'a/b'"]),
     "run name ..": (["run", "train.py", "--run-name", ".."], ["run name", "'..'"]),
+    "non-UTF-8 argument": (["run", "train.py", "--", "ok", "caf\udce9"], ["script.args[1]", "UTF-8"]),
     "unknown override key": (["run", "train.py", "checkpoint.urx=/x"], ["checkpoint.urx", "unknown key"]),
 }
 
@@ -176,7 +177,7 @@ def test_bad_run_is_refused_before_anything_is_written(case: str, project: Path,
     _package(project, "h3mod_plain", train="")  # `python -m h3mod_plain` would fail on every rank
     argv, said = BAD_RUNS[case]
     before = _files(tmp_path)
-    _refused(capsys, [*argv, "--runs-dir", str(tmp_path / "runs")], *said)
+    _refused(capsys, [argv[0], "--runs-dir", str(tmp_path / "runs"), *argv[1:]], *said)  # before any --
     assert _files(tmp_path) == before
 
 
