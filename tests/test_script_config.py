@@ -277,6 +277,20 @@ def test_both_on_the_shared_file_system(command: str, tmp_path: Path, monkeypatc
     assert info["code_dir"] == str(shared / "project")
 
 
+def test_shared_path_through_a_symlink(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture) -> None:
+    """A listed folder that is a link (/home -> /mnt/home) holds what is found through it: code_dir and
+    the runs directory are compared resolved."""
+    (tmp_path / "real" / "project").mkdir(parents=True)
+    (tmp_path / "real" / "project" / "train.py").write_text("print('hello')\n")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    monkeypatch.chdir(tmp_path / "link" / "project")
+    cluster = _cluster(tmp_path, "slurm", [str(tmp_path / "link")])
+    argv = ["run", "train.py", "--sbatch", "--cluster", cluster, "--runs-dir", str(tmp_path / "link" / "runs")]
+    assert main([*argv, "--run-name", "r"]) == 0, capsys.readouterr().err
+    assert (tmp_path / "real" / "runs" / "r" / "run.json").is_file()
+
+
 def test_relative_shared_path_is_refused_at_load(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"shared_paths\[1\].*'shared/home' is not an absolute path"):
         load_cluster(_cluster(tmp_path, "local", ["/shared", "shared/home"]))
