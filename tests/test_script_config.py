@@ -161,6 +161,7 @@ BAD_RUNS = {
     "code_dir that does not exist": (["run", "train.py", "--code-dir", "nowhere"], ["code_dir", "nowhere"]),
     "code_dir that is a file": (["run", "train.py", "--code-dir", "train.py"], ["code_dir", "project/train.py'"]),
     "no ranks": (["run", "train.py", "--procs-per-node", "0"], ["parallel.procs_per_node", "0"]),
+    "no nodes": (["run", "train.py", "--nodes", "-1"], ["parallel.nodes", "-1 must be > 0"]),
     "run name with a slash": (["run", "train.py", "--run-name", "a/b"], ["run name", "'a/b'"]),
     "run name ..": (["run", "train.py", "--run-name", ".."], ["run name", "'..'"]),
     "non-UTF-8 argument": (["run", "train.py", "--", "ok", "caf\udce9"], ["script.args[1]", "UTF-8"]),
