@@ -333,6 +333,19 @@ def test_ranks_import_from_code_dir(how: str, project: Path, tmp_path: Path) -> 
     assert said in (run / "logs" / "rank0.log").read_text() and said in proc.stdout
 
 
+def test_code_dir_in_the_home_directory(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`code_dir: ~/src` in a recipe is the home directory's src, as `runs_dir: ~/runs` is."""
+    from launcher.preflight import resolve_code
+    from launcher.runs import code_dir_of
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "train.py").write_text("")
+    recipe = from_document(RecipeConfig, {"name": "r", "code_dir": "~/src", "script": {"path": "train.py"}}, "test")
+    assert code_dir_of(recipe) == tmp_path / "src"
+    assert resolve_code(recipe, "test").script.path == str(tmp_path / "src" / "train.py")
+
+
 # ----------------------------------------------------------------------------- config_hash
 OPTIONAL_TOP_LEVEL = {"script": {"path": "/x/train.py"}, "code_dir": "src", "metrics": {"mae": "pkg.m:mae"}}
 
