@@ -259,7 +259,8 @@ def test_runs_dir_off_the_shared_file_system(command: str, tmp_path: Path, monke
     cluster = _cluster(tmp_path, backend, [str(shared)])
     before = _files(tmp_path)
     runs = tmp_path / "a-long-folder-name-for-all-the-runs-of-this-project" / "runs"  # shown whole
-    _refused(capsys, [*argv, "--cluster", cluster, "--runs-dir", str(runs)], "shared_paths", "runs directory", str(runs))
+    _refused(capsys, [*argv, "--cluster", cluster, "--runs-dir", str(runs)],
+             "shared_paths", "runs directory", str(runs))
     assert _files(tmp_path) == before
 
 
