@@ -295,7 +295,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def _refuse_script_options(parser: argparse.ArgumentParser, ours: list[str]) -> None:
     """An option `run` does not know is most likely the script's own: say where those go."""
-    unknown = [a for a in ours if a.startswith("-") and a.split("=", 1)[0] not in parser._option_string_actions]
+    unknown = [a for a in ours if a.startswith("-") and a.split("=", 1)[0] not in parser._option_string_actions
+               and not parser._negative_number_matcher.match(a)]  # `--nodes -1`: a value, refused by its check
     if unknown:
         parser.error(f"unknown option {unknown[0]!r}: the script's own arguments go after --, "
                      f"e.g. launcher run train.py --procs-per-node 2 -- {unknown[0]} ...")

@@ -17,7 +17,7 @@ from launcher.ownership import check_checkpoint_folder
 from schema.run_dir import Run
 from launcher.runs import code_dir_of, prepare_run, run_at, runs_root
 from schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
-from schema.errors import short
+from schema.errors import PATH_CHARS, short
 from schema.recipe import DEFAULT_LOSS
 from schema.names import check_name
 
@@ -29,7 +29,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     the directory a recipe is launched from."""
     code_dir = code_dir_of(recipe)
     if not code_dir.is_dir():
-        raise ConfigError(src, "code_dir", f"{short(str(code_dir))} is not a directory",
+        raise ConfigError(src, "code_dir", f"{short(str(code_dir), PATH_CHARS)} is not a directory",
                           "point code_dir at the folder that holds your code (default: the launch directory)")
     script = recipe.script
     if script is None:
@@ -37,7 +37,8 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     if script.path is not None:
         path = (code_dir / script.path).resolve()
         if not path.is_file():
-            raise ConfigError(src, "script.path", f"no such file: {short(str(path))}",
+            what = "is a directory, not a script" if path.is_dir() else "no such file"
+            raise ConfigError(src, "script.path", f"{what}: {short(str(path), PATH_CHARS)}",
                               "give the script's path (relative paths start at code_dir)")
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)
@@ -50,13 +51,19 @@ def _check_module(module: str, code_dir: Path, src: str) -> None:
 
     with on_import_path(code_dir):
         try:
-            found = importlib.util.find_spec(module) is not None
-        except (ImportError, ValueError) as err:  # a parent package that does not import
-            raise ConfigError(src, "script.module", f"{module}: {short(str(err))}",
+            spec = importlib.util.find_spec(module)
+            # `python -m pkg` runs pkg.__main__: a package without one would fail on every rank
+            runs = spec is not None and (spec.submodule_search_locations is None
+                                         or importlib.util.find_spec(f"{module}.__main__") is not None)
+        except (Exception, SystemExit) as err:  # finding pkg.mod imports pkg: user code, which may raise anything
+            raise ConfigError(src, "script.module", f"{module}: {type(err).__name__}: {short(str(err))}",
                               f"make it importable from {code_dir}") from None
-    if not found:
+    if spec is None:
         raise ConfigError(src, "script.module", f"no module named {module!r} in {code_dir} or the environment",
                           "check the name, or set code_dir to the folder that holds the package")
+    if not runs:
+        raise ConfigError(src, "script.module", f"{module!r} is a package without a __main__ module",
+                          f"name the module to run (e.g. {module}.train), or add {module}/__main__.py")
 
 
 def check_imports(recipe: RecipeConfig, src: str) -> None:

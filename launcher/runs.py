@@ -64,8 +64,9 @@ def run_at(root: Path, name: str) -> Run:
 
 
 def code_dir_of(recipe: RecipeConfig) -> Path:
-    """The user's code directory: the recipe's code_dir (relative to the launch directory) or the launch directory."""
-    return (Path.cwd() / (recipe.code_dir or ".")).resolve()
+    """The user's code directory: the recipe's code_dir (relative to the launch directory, `~` is the home
+    directory, as for runs_dir) or the launch directory."""
+    return (Path.cwd() / Path(recipe.code_dir or ".").expanduser()).resolve()
 
 
 def find_run(name: str, root: Path) -> Run:

@@ -1,11 +1,12 @@
 """Cluster config sections: where to run (backend, runs directory, object storage, Slurm options)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
 from schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
-from schema.errors import ConfigError, short
+from schema.errors import PATH_CHARS, ConfigError, short
 
 if TYPE_CHECKING:
     from schema.recipe import RecipeConfig
@@ -94,9 +95,11 @@ class ClusterConfig:
 
     def check_shared(self, what: str, path: str, src: str) -> None:
         """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""
-        if self.shared_paths and not any(path == p.rstrip("/") or path.startswith(p.rstrip("/") + "/")
-                                         for p in self.shared_paths):
-            raise ConfigError(src, "shared_paths", f"{what} {short(path)} is not inside "
+        # `path` is resolved (code_dir, the runs directory): a listed folder counts as written and resolved,
+        # so that a symlink such as /home -> /mnt/home is the same file system
+        folders = [f.rstrip("/") for p in self.shared_paths for f in (p, os.path.realpath(p))]
+        if folders and not any(path == f or path.startswith(f + "/") for f in folders):
+            raise ConfigError(src, "shared_paths", f"{what} {short(path, PATH_CHARS)} is not inside "
                               f"{', '.join(self.shared_paths)}, so other nodes cannot see it",
                               f"move it onto the shared file system, or add its folder to shared_paths")
 

@@ -7,6 +7,7 @@ from typing import Any
 # A message is one line (plus an optional HINT line) of bounded length, whatever a file or the command line
 # held: a key of 80 MB or a newline in a path must not flood the terminal or fake a second message.
 _SOURCE_CHARS, _KEY_CHARS, _LINE_CHARS, _HINT_CHARS = 160, 80, 320, 240
+PATH_CHARS = 200  # an absolute path in a message: short()'s 80 would cut off the file's name
 
 
 class UsageError(Exception):

@@ -259,6 +259,15 @@ class ScriptConfig:
             raise ConfigError(src, "script", "needs exactly one of script.path and script.module",
                               "e.g. script.path=train.py, or script.module=mypkg.train")
         non_empty(src, "script.path", self.path)
+        # the command line may hold bytes that are not UTF-8 (Python keeps them as surrogates): the run's
+        # config.yaml, its logs and the ranks' command line could not carry them unchanged
+        texts = {"script.path": self.path or "", **{f"script.args[{i}]": a for i, a in enumerate(self.args)}}
+        for key, text in texts.items():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ConfigError(src, key, f"{short(text)} is not valid UTF-8 text",
+                                  "give it in UTF-8 (rename the file, or change the terminal's encoding)") from None
         if self.module is not None and not _MODULE.match(self.module):
             raise ConfigError(src, "script.module", f"{short(self.module)} is not a module name",
                               "write a dotted module name, e.g. mypkg.train")
