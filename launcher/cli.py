@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Callable
 
+import yaml
+
 from launcher import backends, sbatch
 from launcher.backends.base import LIVE_STATES, Backend
 from launcher.backends.slurm_options import slurm_section
@@ -22,18 +24,21 @@ from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table
 from launcher.sweeps.trials import run_sweep
 from launcher.scripts import script_recipe
-from schema import RecipeConfig, find_config, load_cluster, search_path, to_yaml
+from schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
 from schema.errors import UsageError
 from schema.names import check_name
-from schema.secrets import redact_text
+from schema.recipe import TRAINER_SECTIONS
+from schema.secrets import redact, redact_text
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     target = Target.load(args.cluster)
-    recipe = target.recipe(args.recipe, args.overrides, check_backend=False)
-    print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, "
-          f"gradient accumulation {recipe.grad_accum}, default run name {default_run_name(recipe)}")
-    print(to_yaml(recipe, redacted=True), end="")
+    recipe = target.recipe(args.recipe, args.overrides, check_backend=False, launching=False)
+    runs = f"script {recipe.script.shown}" if recipe.script else f"gradient accumulation {recipe.grad_accum}"
+    print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, {runs}, "
+          f"default run name {default_run_name(recipe)}")
+    shown = {k: v for k, v in redact(to_dict(recipe)).items() if not (recipe.script and k in TRAINER_SECTIONS)}
+    print(yaml.safe_dump(shown, sort_keys=False), end="")  # a script recipe: only the sections it uses
     print(f"# cluster {target.cluster.name}")
     print(to_yaml(target.cluster, redacted=True), end="")
     return 0
@@ -48,6 +53,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """`launcher run SCRIPT`: a recipe made of the script and the layout options, then as `launch`
     (or, with --sbatch, as `sbatch`)."""
+    if args.submit and not args.sbatch:
+        raise UsageError("--submit goes with --sbatch (submit the printed script)",
+                         hint="without --sbatch, `launcher run --cluster <slurm config>` submits through submitit")
     target = Target.load(args.cluster)
     made = script_recipe(args.script, args.module, args.script_args, args.nodes, args.procs_per_node, args.code_dir,
                          args.overrides)

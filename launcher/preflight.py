@@ -25,8 +25,9 @@ from schema.names import check_name
 def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     """The recipe with `script.path` made absolute (the ranks may start elsewhere), checked with its
     code_dir: the directory exists, the script is a file, a script module can be found. code_dir
-    itself stays as written (run.json holds it resolved), so default run names do not depend on
-    the directory a recipe is launched from."""
+    itself stays as written (run.json holds it resolved), so the default run names of trainer recipes
+    do not depend on the directory they are launched from; a script recipe's does, through its
+    absolute path (another checkout's script is another run)."""
     code_dir = code_dir_of(recipe)
     if not code_dir.is_dir():
         raise ConfigError(src, "code_dir", f"{short(str(code_dir), PATH_CHARS)} is not a directory",
@@ -89,18 +90,22 @@ class Target:
         cluster = load_cluster(given)
         return cls(given, cluster, backends.get(cluster.backend))
 
-    def recipe(self, recipe: str, overrides: Sequence[str], check_backend: bool = True) -> RecipeConfig:
+    def recipe(self, recipe: str, overrides: Sequence[str], check_backend: bool = True,
+               launching: bool = True) -> RecipeConfig:
         """The recipe with `overrides`, checked: its name (run and job names derive from it), against
         this cluster config (e.g. one rank per GPU), and by the backend (e.g. `sbatch` on PATH)."""
-        return self.checked(load_recipe(recipe, list(overrides)), f"recipe {recipe}", check_backend)
+        return self.checked(load_recipe(recipe, list(overrides)), f"recipe {recipe}", check_backend, launching)
 
-    def checked(self, loaded: RecipeConfig, src: str, check_backend: bool = True) -> RecipeConfig:
-        """A loaded recipe (from a file or made by `launcher run`) resolved and checked as `recipe()` says."""
+    def checked(self, loaded: RecipeConfig, src: str, check_backend: bool = True,
+                launching: bool = True) -> RecipeConfig:
+        """A loaded recipe (from a file or made by `launcher run`) resolved and checked as `recipe()`
+        says; `launching=False` (`show`) skips where the code lives (shared_paths): nothing runs."""
         check_name("recipe name (default run names begin with it)", loaded.name)
         loaded = resolve_code(loaded, src)
         check_imports(loaded, src)
         self.cluster.check_recipe(loaded, f"cluster config {self.given}")
-        self.cluster.check_shared("code_dir", str(code_dir_of(loaded)), f"cluster config {self.given}")
+        if launching:
+            self.cluster.check_shared("code_dir", str(code_dir_of(loaded)), f"cluster config {self.given}")
         if check_backend:
             self.backend.check(loaded, self.cluster)
         return loaded

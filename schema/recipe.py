@@ -237,6 +237,8 @@ class LoggingConfig:
         positive(src, "logging.log_every", self.log_every)
 
 
+# what only the built-in trainer reads: a script recipe leaves them unset (unchecked, not shown)
+TRAINER_SECTIONS = ("model", "data", "loss", "metrics", "optim", "schedule", "trainer")
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
@@ -323,8 +325,9 @@ class RecipeConfig:
             if not re.fullmatch(r"[A-Za-z0-9_]+", name) or name == "loss":
                 raise ConfigError(src, f"metrics.{name}", "a metric name is letters, digits and _ (not loss)",
                                   "e.g. metrics.mae=mypkg.metrics:mae (logged as val/mae)")
-        for section in (self.model, self.data, self.loss, self.optim, self.schedule, self.trainer):
-            section.check(src)
+        for name in TRAINER_SECTIONS:
+            if name != "metrics":  # a dict of import paths, checked above
+                getattr(self, name).check(src)
         measured = ["val/loss", *(f"val/{name}" for name in self.eval_metrics)]
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:
             raise ConfigError(src, "checkpoint.best_metric", f"{short(self.checkpoint.best_metric)} is not evaluated",

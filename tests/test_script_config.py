@@ -107,6 +107,23 @@ def test_script_recipe_file_is_shown(project: Path, capsys: pytest.CaptureFixtur
     assert shown["name"] == "myscript" and shown["parallel"]["procs_per_node"] == 2
     # the path is made absolute (from code_dir, here the launch directory); the arguments are strings
     assert shown["script"] == {"path": str(project / "train.py"), "module": None, "args": ["--steps", "3", "a b"]}
+    # only the sections a script run uses: the trainer's (model, data, optim, ...) are not read
+    assert not set(shown) & {"model", "data", "loss", "metrics", "optim", "schedule", "trainer"}, shown
+    assert {"checkpoint", "logging", "parallel"} <= set(shown)
+
+
+def test_show_does_not_ask_where_the_code_lives(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`show` starts nothing: a cluster's shared_paths do not stop it from printing the configs."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    assert main(["show", "digits", "--cluster", _cluster(tmp_path, "local", [str(shared)])]) == 0
+    assert "shared_paths" in capsys.readouterr().out
+
+
+def test_submit_without_sbatch_is_refused(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    before = _files(tmp_path)
+    _refused(capsys, ["run", "train.py", "--submit", "--runs-dir", str(tmp_path / "runs")], "--submit", "--sbatch")
+    assert _files(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------- command line
