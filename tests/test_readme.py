@@ -7,6 +7,8 @@ CASES fails `test_every_readme_command_has_a_case`: a new example needs its shor
 
 Everything runs in a copy of the repository, so runs, artifacts and bench results land there. `make`
 runs with the running interpreter (`VENV=... PY=...`, `-o .../.installed`: no virtualenv is built).
+The commands of "Your own code" (PROJECT_CASES) run in a copy of examples/project outside that copy, with
+only the launcher on the import path, as in a user's own project.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ RUN = "readme-run"  # a finished digits run, made once (fixture `finished_run`) 
 AS_SHOW = "<the README command with `launcher launch` replaced by `launcher show`>"
 CI_RUNS_IT = "<run by .ci/run, not here: the suite cannot run itself>"
 SHORT = "trainer.max_steps=2"
+SCRIPT_DONE = "the script completed"
 
 # README command -> the steps run for it: (command line, text its output must contain).
 # `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
@@ -47,6 +50,21 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "make launch RECIPE=digits RUN_NAME=my-run": (
         (f'make launch RECIPE=digits RUN_NAME=my-run ARGS="{SHORT}"', "run my-run: "),),
     "make bench": (('make bench BENCH_ARGS="--only startup --startup-repeats 1"', "bench.json"),),
+    # "Your own code", in the example project
+    "launcher launch sines": (
+        ("launcher launch sines trainer.max_steps=4 trainer.eval_every=2 --run-name readme-sines", "val/mae="),),
+    "launcher run train_ddp.py --procs-per-node 2 -- --steps 100": (
+        ("launcher run train_ddp.py --procs-per-node 2 -- --steps 3", "[rank1] rank 1 done: 3 steps"),),
+    "launcher run -m train_ddp --procs-per-node 2 -- --steps 100": (
+        ("launcher run -m train_ddp --procs-per-node 2 -- --steps 3", "[rank1] rank 1 done: 3 steps"),),
+    "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --wait -- --steps 100": (
+        ("launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --wait --run-name readme-slurm-ddp "
+         "-- --steps 3", SCRIPT_DONE),),
+    "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --sbatch -- --steps 100": (
+        ("launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --sbatch -- --steps 100", "srun"),),
+    "launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 200": (
+        ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", SCRIPT_DONE),
+        ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", "resumed at step 20"),),
     # needs a GPU cluster: its arguments are validated by `show` instead
     "launcher launch vgg_finetune --cluster cluster_configs/examples/gpu_cluster.yaml parallel.nodes=2 "
     "parallel.procs_per_node=8 trainer.global_batch=512 model.pretrained=s3://bucket/vgg11-8a719046.pth "
@@ -59,6 +77,11 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         (f"launcher launch digits {SHORT} --cluster local --run-name readme-launch --resume never "
          "--run-id readme0id --wait", "completed at step 2"),
         ("launcher status readme-launch", "state: completed"),),
+    "launcher run SCRIPT [k=v ...] [--procs-per-node N] [--nodes N] [--cluster C] [--run-name N] [--wait] "
+    "[--sbatch [--submit]] [-- ARGS]": (
+        ("launcher run train_ddp.py checkpoint.keep_last=1 --procs-per-node 2 --nodes 1 --cluster local "
+         "--run-name readme-script --wait -- --steps 3", SCRIPT_DONE),
+        ("launcher status readme-script", "state: completed"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
     "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),
@@ -75,7 +98,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         (f"launcher sweep digits --grid model.dropout=0.1 {SHORT} --name readme-status", ""),
         ("launcher sweep-status readme-status", "by val/acc (max), best first"),),
 }
-SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm"}
+SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm",
+               "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --wait -- --steps 100"}
+PROJECT_CASES = {command for command in CASES if command.startswith(("launcher launch sines", "launcher run "))}
 
 
 # ----------------------------------------------------------------------------- reading the README
@@ -132,13 +157,21 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return copy
 
 
+@pytest.fixture(scope="module")
+def project_copy(repo_copy: Path) -> Path:
+    """The example project, copied out of the repository copy: its own folder, as a user's would be."""
+    copy = repo_copy.parent / "project"
+    shutil.copytree(REPO / "examples" / "project", copy, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    return copy
+
+
 def make_command(args: list[str]) -> list[str]:
     """`make` with this interpreter as the virtualenv, which make must not rebuild."""
     venv = Path(sys.prefix)
     return ["make", f"VENV={venv}", f"PY={sys.executable}", "-o", f"{venv}/.installed", *args]
 
 
-def run_step(command: str, cwd: Path) -> subprocess.CompletedProcess:
+def run_step(command: str, cwd: Path, launcher_path: Path) -> subprocess.CompletedProcess:
     argv = shlex.split(command)
     if argv[0] == "make":
         argv = make_command(argv[1:])
@@ -146,12 +179,13 @@ def run_step(command: str, cwd: Path) -> subprocess.CompletedProcess:
         argv = [sys.executable, "-m", "launcher", *argv[1:]]
     env = {k: v for k, v in os.environ.items()
            if k not in ("LAUNCHER_RUNS_DIR", "LAUNCHER_CLUSTER", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(cwd))  # ranks import the copy too
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(launcher_path))  # ranks import the copy too
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
-def check_step(command: str, expect: str, cwd: Path) -> None:
-    proc = run_step(command, cwd)
+def check_step(command: str, expect: str, cwd: Path, launcher_path: Path | None = None) -> None:
+    """Run `command` in `cwd` with the launcher of `launcher_path` (default: `cwd`, the repository copy)."""
+    proc = run_step(command, cwd, launcher_path or cwd)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{output[-4000:]}"
     assert expect in output, f"{command}: {expect!r} not in its output:\n{output[-4000:]}"
@@ -200,7 +234,8 @@ def test_readme_command_runs(readme_command: str, repo_copy: Path, request: pyte
     steps = CASES[readme_command]
     if any(RUN in command for command, _ in steps):
         request.getfixturevalue("finished_run")
+    cwd = request.getfixturevalue("project_copy") if readme_command in PROJECT_CASES else repo_copy
     for command, expect in steps:
         if command == AS_SHOW:
             command = readme_command.replace("launcher launch ", "launcher show ", 1)
-        check_step(command, expect, repo_copy)
+        check_step(command, expect, cwd, repo_copy)

@@ -65,7 +65,8 @@ def main() -> None:
         if runtime.should_stop():  # every rank, every step: the same answer on all of them
             print(f"stopping at step {step} ({runtime.stop_signal() or 'another rank was signalled'})", flush=True)
             break
-    ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
+    if step > start:  # run again after it had finished, it has nothing new to save
+        ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
     ckpt.close()  # waits until the checkpoint is committed
     if env.distributed:
         dist.destroy_process_group()
