@@ -50,11 +50,24 @@ def script_command(recipe: RecipeConfig) -> list[str]:
     return [sys.executable, "-u", *head, *script.args]  # -u: lines reach the log as they are printed
 
 
-def child_environment(run: Run, code_dir: str) -> dict[str, str]:
+def child_environment(run: Run, code_dir: str, rank: RankEnv) -> dict[str, str]:
     env = dict(os.environ)
+    # One rank starts without torchrun, so nothing set its variables: set them as `torchrun
+    # --nproc-per-node 1` would (env:// rendezvous needs every one), on a free port as --standalone does.
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(_free_port())
+    for key, value in (("RANK", rank.rank), ("LOCAL_RANK", rank.local_rank), ("WORLD_SIZE", rank.world_size),
+                       ("LOCAL_WORLD_SIZE", rank.local_world_size), ("MASTER_ADDR", rank.master_addr)):
+        env.setdefault(key, str(value))
     env[RUN_DIR_VAR] = str(run.dir)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 class Forwarder:
@@ -114,7 +127,8 @@ def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder |
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
                   f"{env.local_rank}), run {run_dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
         log.flush()
-        child = subprocess.Popen(command, cwd=code_dir, env=child_environment(run, code_dir), stdin=subprocess.DEVNULL,
+        environ = child_environment(run, code_dir, env)
+        child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         forwarder.child = child
         if forwarder.signal_name:  # a stop arrived while the script was starting

@@ -1,0 +1,159 @@
+"""`launcher run SCRIPT` on this machine (issue 9, point 2): plain torchrun-style scripts that know
+nothing of the launcher, run on 2 real ranks (torchrun, gloo).
+
+Every script is written into the test's own directory, which is not on the launcher's import path,
+and `launcher run` is started from there, as a user would start it from their project."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_result, wait_until
+
+# A torchrun script: env:// rendezvous, one all_reduce, then one line with what it was given.
+DDP_SCRIPT = '''\
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")  # env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+seen = {key: os.environ.get(key) for key in keys}
+print("REPORT " + json.dumps({**seen, "sum": total.item(), "argv": sys.argv[1:], "cwd": os.getcwd()}), flush=True)
+dist.destroy_process_group()
+'''
+
+# Exits 3 on rank 1 at once; rank 0 waits in a collective that rank 1 never joins.
+FAILING_SCRIPT = '''\
+import os, sys
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    print("rank 1 gives up", flush=True)
+    sys.exit(3)
+dist.barrier()
+print("rank 0 passed the barrier", flush=True)
+'''
+
+# No runtime API: its own SIGTERM handler notes each SIGTERM; it runs until told to stop.
+SIGTERM_SCRIPT = '''\
+import os, signal, sys, time
+
+marker = sys.argv[1] + "." + os.environ["RANK"]
+received = []
+
+def on_term(signum, frame):
+    received.append(signum)
+    time.sleep(0.5)  # its own cleanup: a second SIGTERM now would run this handler again
+    with open(marker, "w") as f:
+        f.write(f"{len(received)} SIGTERM\\n")
+
+signal.signal(signal.SIGTERM, on_term)
+print("waiting for SIGTERM", flush=True)
+while not received:
+    time.sleep(0.05)
+time.sleep(2)  # a second SIGTERM, if one comes, is counted in the marker
+print(f"stopping after {len(received)} SIGTERM", flush=True)
+sys.exit(0)
+'''
+
+MODULE = '''\
+import json, os, sys
+import torch.distributed as dist
+
+from mypkg.helper import GREETING  # a sibling module of the package: code_dir is on the import path
+
+dist.init_process_group("gloo")  # as under `torchrun --nproc-per-node 1`: env:// needs its variables
+dist.destroy_process_group()
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"]
+print("REPORT " + json.dumps({"greeting": GREETING, "name": __name__, "argv": sys.argv[1:],
+                              **{key: os.environ.get(key) for key in keys}}), flush=True)
+'''
+
+
+def _env() -> dict[str, str]:
+    # the launcher's own path (the repository), as an installed launcher has; the user's folder is not on it
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` run from the user's directory."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def reports(log: str) -> list[dict]:
+    return [json.loads(line.split("REPORT ", 1)[1]) for line in log.splitlines() if "REPORT " in line]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    (folder / "mypkg").mkdir(parents=True)
+    (folder / "ddp.py").write_text(DDP_SCRIPT)
+    (folder / "fail.py").write_text(FAILING_SCRIPT)
+    (folder / "sigterm.py").write_text(SIGTERM_SCRIPT)
+    (folder / "mypkg" / "__init__.py").write_text("")
+    (folder / "mypkg" / "helper.py").write_text("GREETING = 'hello from mypkg'\n")
+    (folder / "mypkg" / "train.py").write_text(MODULE)
+    return folder
+
+
+@pytest.mark.slow
+def test_plain_ddp_script_runs_on_two_ranks_with_its_own_logs_and_args(project: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["--lr", "0.5", "--note", "two words", "--", "--looks-like-ours", "--run-name", "x=1"]
+    proc = launcher(project, "run", "ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--runs-dir", str(runs),
+                    "--", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = runs / "ddp"
+    for rank in (0, 1):
+        seen = reports((run_dir / "logs" / f"rank{rank}.log").read_text())
+        assert len(seen) == 1, f"rank{rank}.log holds {len(seen)} reports: each rank's own line only"
+        assert seen[0]["RANK"] == str(rank) and seen[0]["LOCAL_RANK"] == str(rank)
+        assert seen[0]["WORLD_SIZE"] == "2" and seen[0]["LOCAL_WORLD_SIZE"] == "2"
+        assert seen[0]["sum"] == 3.0  # 1 + 2: the two ranks met in one process group
+        assert seen[0]["argv"] == args  # untouched: spaces, '--', an option of `launcher run` itself
+        assert seen[0]["cwd"] == str(project)
+    ports = {r["MASTER_PORT"] for r in reports(proc.stdout)}
+    assert len(ports) == 1 and len(reports(proc.stdout)) == 2  # both ranks on the console, one rendezvous
+    assert read_result(run_dir)["outcome"] == "completed"
+    one = launcher(project, "logs", "ddp", "--rank", "1", "--runs-dir", str(runs))
+    assert one.returncode == 0 and [r["RANK"] for r in reports(one.stdout)] == ["1"], one.stdout
+
+
+@pytest.mark.slow
+def test_module_of_a_package_on_one_rank_gets_torchruns_variables(project: Path, tmp_path: Path) -> None:
+    """`-m mypkg.train` as `python -m` runs it; with one rank (no torchrun in between) the script still
+    gets RANK, WORLD_SIZE, MASTER_ADDR/PORT, as `torchrun --nproc-per-node 1` would give them."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "-m", "mypkg.train", "--run-name", "mod", "--runs-dir", str(runs), "--", "a b")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = reports((runs / "mod" / "logs" / "rank0.log").read_text())
+    assert seen == [{"greeting": "hello from mypkg", "name": "__main__", "argv": ["a b"], "RANK": "0",
+                     "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}], seen
+
+
+@pytest.mark.slow
+def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "fail.py", "--procs-per-node", "2", "--run-name", "fails", "--runs-dir", str(runs))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "the script failed with exit code 3" in proc.stdout
+    status = launcher(project, "status", "fails", "--runs-dir", str(runs))
+    assert status.returncode == 0
+    assert "state: failed" in status.stdout.splitlines() and "exit_code: 3" in status.stdout.splitlines(), status.stdout
+    info = json.loads((runs / "fails" / "run.json").read_text())
+    assert info["failed_rank"] == 1 and "pid" not in info
+    assert "rank 1 gives up" in (runs / "fails" / "logs" / "rank1.log").read_text()
+    assert "rank 1 gives up" not in (runs / "fails" / "logs" / "rank0.log").read_text()
