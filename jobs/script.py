@@ -71,11 +71,17 @@ def _free_port() -> int:
 
 
 class Forwarder:
-    """Stop signals to this process become SIGTERM for the script; the first one is remembered."""
+    """The first stop signal to this process becomes one SIGTERM for the script, and is remembered.
+
+    Only this process signals the script (it runs in its own session, so torchrun's SIGTERM to the
+    rank's process group and a terminal's Ctrl-C do not reach it directly), and only once: Ctrl-C
+    reaches this process and the launcher forwards it as well, and a second SIGTERM would run the
+    script's handler again in the middle of its own cleanup, or kill it while it exits."""
 
     def __init__(self) -> None:
         self.child: Optional[subprocess.Popen] = None
         self.signal_name: Optional[str] = None
+        self._forwarded = False
 
     def install(self) -> "Forwarder":
         for sig in STOP_SIGNALS:
@@ -84,7 +90,12 @@ class Forwarder:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = self.signal_name or signal.Signals(signum).name
-        if self.child is not None and self.child.poll() is None:
+        self.forward()
+
+    def forward(self) -> None:
+        """SIGTERM to the script once a stop signal came (called again when the script has started)."""
+        if self.signal_name and not self._forwarded and self.child is not None and self.child.poll() is None:
+            self._forwarded = True
             self.child.send_signal(signal.SIGTERM)
 
 
@@ -129,10 +140,10 @@ def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder |
         log.flush()
         environ = child_environment(run, code_dir, env)
         child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                 start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child
-        if forwarder.signal_name:  # a stop arrived while the script was starting
-            child.send_signal(signal.SIGTERM)
+        forwarder.forward()  # a stop that arrived while the script was starting
         prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
         copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)
         copier.start()

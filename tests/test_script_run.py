@@ -157,3 +157,53 @@ def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
     assert info["failed_rank"] == 1 and "pid" not in info
     assert "rank 1 gives up" in (runs / "fails" / "logs" / "rank1.log").read_text()
     assert "rank 1 gives up" not in (runs / "fails" / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.slow
+def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Path) -> None:
+    """No runtime API: `launcher cancel` reaches the script's own SIGTERM handler, once per rank (a
+    second SIGTERM would interrupt that handler's own cleanup); a second launch of it is refused."""
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    command = ["run", "sigterm.py", "--procs-per-node", "2", "--run-name", "term", "--runs-dir", str(runs)]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *command, "--", str(marker)], cwd=project,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [runs / "term" / "logs" / f"rank{rank}.log" for rank in (0, 1)]
+
+    def both_waiting() -> bool:
+        if first.poll() is not None:
+            raise AssertionError(f"the run ended before it was cancelled: {first.communicate()[0]}")
+        return all(log.exists() and "waiting for SIGTERM" in log.read_text() for log in logs)
+
+    wait_until(both_waiting, "both ranks to wait for SIGTERM", timeout=120)
+    config = (runs / "term" / "config.yaml").read_text()
+    again = launcher(project, *command, "--", str(marker))
+    assert again.returncode == 2 and "is already running" in again.stderr, again.stderr
+    assert (runs / "term" / "config.yaml").read_text() == config
+    cancel = launcher(project, "cancel", "term", "--runs-dir", str(runs))
+    assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode != 0, out  # stopped, not completed
+    for rank in (0, 1):
+        assert Path(f"{marker}.{rank}").read_text() == "1 SIGTERM\n", f"rank {rank}: {out}"
+    status = launcher(project, "status", "term", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: preempted" in status and "signal: SIGTERM" in status, status
+    result = read_result(runs / "term")
+    assert result["exit_code"] == 0, result  # what the script itself exited with, after its handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_a_one_rank_script_as_one_sigterm(project: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the terminal signals the launcher's whole process group: the script still gets one
+    SIGTERM (from the rank wrapper), not the terminal's SIGINT as well, nor a SIGTERM per signal."""
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    first = subprocess.Popen([sys.executable, "-m", "launcher", "run", "sigterm.py", "--run-name", "int",
+                              "--runs-dir", str(runs), "--", str(marker)], cwd=project, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = runs / "int" / "logs" / "rank0.log"
+    wait_until(lambda: log.exists() and "waiting for SIGTERM" in log.read_text(), "the script to start", timeout=60)
+    os.killpg(first.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the foreground process group
+    out = first.communicate(timeout=60)[0]
+    assert Path(f"{marker}.0").read_text() == "1 SIGTERM\n", out
+    assert "KeyboardInterrupt" not in out, out
+    result = read_result(runs / "int")
+    assert result["outcome"] == "preempted" and result["exit_code"] == 0, result
