@@ -109,6 +109,18 @@ def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:
         console.flush()
 
 
+def _start_deaf(thread: threading.Thread) -> None:
+    """Start `thread` with the stop signals blocked in it. The kernel hands a signal to any thread that
+    does not block it, and Python runs handlers only in the main thread: one taken by the copying
+    thread would wait until the main thread wakes, which is when the script has exited (never, if
+    the script waits for that signal). The new thread inherits the mask; this one restores its own."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it if this wrapper dies (Linux), as jobs.train does for ranks."""
     try:
@@ -146,7 +158,7 @@ def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder |
         forwarder.forward()  # a stop that arrived while the script was starting
         prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
         copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)
-        copier.start()
+        _start_deaf(copier)
         code = exit_code(child.wait())
         copier.join()
     return _outcome(run, env, code, forwarder.signal_name)
