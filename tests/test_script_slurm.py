@@ -131,6 +131,7 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
                "the requeued job to complete", timeout=120)
     info = _info(run_dir)
     assert info["requeues"] == {"preemptions": 1} and info["restarts"] == 1, info
+    assert info["last_requeue"] == "SIGUSR2", info  # a script has no step of the launcher's to name
     text = log.read_text()
     stopped = re.search(r"stopping at step (\d+)", text)
     assert stopped and 10 <= int(stopped.group(1)) < steps, text

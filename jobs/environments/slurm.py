@@ -123,7 +123,8 @@ def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) ->
         run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
-    _requeue_or_stop(run, cfg, kind, f"{result.signal} at step {result.step}")
+    at = f" at step {result.step}" if result.step is not None else ""  # a script's result has no step
+    _requeue_or_stop(run, cfg, kind, f"{result.signal}{at}")
 
 
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
