@@ -131,6 +131,16 @@ def _die_with_parent() -> None:
         pass
 
 
+def _prepare_child() -> None:
+    """In the child, before exec: follow this wrapper if it dies, and ignore Slurm's USR1/USR2. Slurm
+    signals every process of the step, the script too, and their default action ends a process: a
+    script that handles only SIGTERM would die of the notice before the forwarded SIGTERM reaches
+    it. An ignored signal stays ignored across exec; a script that handles them (the runtime API) still can."""
+    _die_with_parent()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def exit_code(returncode: int) -> int:
     """A process killed by signal N has exit code 128 + N, as a shell reports it."""
     return returncode if returncode >= 0 else 128 - returncode
@@ -152,7 +162,7 @@ def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder |
         log.flush()
         environ = child_environment(run, code_dir, env)
         child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_prepare_child,
                                  start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child
         forwarder.forward()  # a stop that arrived while the script was starting

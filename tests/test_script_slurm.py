@@ -15,6 +15,29 @@ import yaml
 from conftest import REPO, read_result, wait_until
 from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, launcher, reports
 
+# No runtime API: its own SIGTERM handler notes the SIGTERM of its first start; a second start (the
+# requeued job) ends at once.
+PREEMPTIBLE_SCRIPT = '''\
+import os, signal, sys, time
+
+if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+    print("started again", flush=True)
+    sys.exit(0)
+received = []
+
+def on_term(signum, frame):
+    received.append(signum)
+    with open(sys.argv[1] + "." + os.environ["RANK"], "w") as f:
+        f.write(f"{len(received)} SIGTERM\\n")
+
+signal.signal(signal.SIGTERM, on_term)
+print("waiting for SIGTERM", flush=True)
+while not received:
+    time.sleep(0.05)
+time.sleep(1)
+print("saved and stopping", flush=True)
+'''
+
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 RESUMABLE = REPO / "examples" / "project" / "train_resumable.py"
 ARGS = ["--note", "two words", "--", "--run-name", "x=1"]  # spaces, '--', an option of `launcher run` itself
@@ -36,6 +59,7 @@ def project(tmp_path: Path) -> Path:
     folder.mkdir()
     (folder / "ddp.py").write_text(DDP_SCRIPT)
     (folder / "fail.py").write_text(FAILING_SCRIPT)
+    (folder / "preemptible.py").write_text(PREEMPTIBLE_SCRIPT)
     cluster = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
     cluster["slurm"]["max_failures"] = 0  # a failing script is not requeued: its exit code is the run's
     (folder / "slurm_once.yaml").write_text(yaml.safe_dump(cluster))
@@ -97,6 +121,27 @@ def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path
     # "stopped": past slurm.max_failures, as for a recipe's crash; the outcome and code are the script's
     assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
     assert "rank 1 gives up" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_preemption_notice_reaches_a_plain_script_as_sigterm(project: Path, tmp_path: Path) -> None:
+    """Slurm signals every process of the step, the script too: USR2 (whose default action ends a
+    process) must not kill a script that handles only SIGTERM before the forwarded SIGTERM reaches it."""
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    proc = launcher(project, "run", "preemptible.py", "--cluster", "local_slurm", "--procs-per-node", "2",
+                    "--run-name", "plain", "--runs-dir", str(runs), "--", str(marker))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = runs / "plain"
+    job_id = _info(run_dir)["job_id"]
+    logs = [run_dir / "logs" / f"rank{rank}.log" for rank in (0, 1)]
+    wait_until(lambda: all(log.exists() and "waiting for SIGTERM" in log.read_text() for log in logs),
+               "both ranks to start", timeout=60)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    wait_until(lambda: _info(run_dir)["state"] == "completed" and _sacct(job_id) == "COMPLETED",
+               "the requeued job to complete", timeout=90)
+    assert _info(run_dir)["requeues"] == {"preemptions": 1}
+    text = logs[0].read_text()
+    assert "saved and stopping" in text and "started again" in text, text
+    assert Path(f"{marker}.0").read_text() == "1 SIGTERM\n" and Path(f"{marker}.1").exists()
 
 
 def _final_state(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
