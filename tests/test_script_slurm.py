@@ -38,6 +38,19 @@ time.sleep(1)
 print("saved and stopping", flush=True)
 '''
 
+# Rank 1 fails on the job's first start only (a transient fault); the requeued job succeeds.
+FLAKY_SCRIPT = '''\
+import os, sys
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+if dist.get_rank() == 1 and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    print("transient failure", flush=True)
+    sys.exit(3)
+dist.barrier()
+print("worked", flush=True)
+'''
+
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 RESUMABLE = REPO / "examples" / "project" / "train_resumable.py"
 ARGS = ["--note", "two words", "--", "--run-name", "x=1"]  # spaces, '--', an option of `launcher run` itself
@@ -60,6 +73,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "ddp.py").write_text(DDP_SCRIPT)
     (folder / "fail.py").write_text(FAILING_SCRIPT)
     (folder / "preemptible.py").write_text(PREEMPTIBLE_SCRIPT)
+    (folder / "flaky.py").write_text(FLAKY_SCRIPT)
     cluster = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
     cluster["slurm"]["max_failures"] = 0  # a failing script is not requeued: its exit code is the run's
     (folder / "slurm_once.yaml").write_text(yaml.safe_dump(cluster))
@@ -121,6 +135,20 @@ def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path
     # "stopped": past slurm.max_failures, as for a recipe's crash; the outcome and code are the script's
     assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
     assert "rank 1 gives up" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_script_failing_once_is_requeued_and_completes(project: Path, tmp_path: Path) -> None:
+    """slurm.max_failures: 1 (local_slurm): the failure of the first start is counted and the job
+    requeued; that failure's exit code must not fail the second start, which succeeds."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "flaky.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name",
+                    "flaky", "--runs-dir", str(runs), "--wait")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    info = _info(runs / "flaky")
+    assert info["requeues"] == {"failures": 1} and info["restarts"] == 1 and info["state"] == "completed", info
+    assert "exit_code" not in info and "failed_rank" not in info, info
+    assert read_result(runs / "flaky")["outcome"] == "completed"
+    assert "worked" in (runs / "flaky" / "logs" / "rank1.log").read_text()
 
 
 def test_preemption_notice_reaches_a_plain_script_as_sigterm(project: Path, tmp_path: Path) -> None:

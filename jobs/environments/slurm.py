@@ -137,7 +137,8 @@ def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
         print(message, file=sys.stderr, flush=True)
         return
     counts[kind] = counts.get(kind, 0) + 1
-    run.update(requeues=counts, state="requeued", last_requeue=why)
+    # a failed script's exit code and rank belong to this start: the next one must not fail with them
+    run.update(requeues=counts, state="requeued", last_requeue=why, remove=("exit_code", "failed_rank"))
     job_id = os.environ["SLURM_JOB_ID"]
     print(f"requeueing job {job_id} ({kind} {counts[kind]}/{limit}): {why}", flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
