@@ -190,6 +190,16 @@ def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> R
     return result
 
 
+def settle(run: Run) -> RunResult:
+    """The run's result once every rank has exited. A script's ranks end on their own, so rank 0 may
+    have written `completed` before another rank failed: that rank's failure (in run.json) is the run's."""
+    result, info = run.result(), run.info()
+    if result.outcome == "completed" and info.failed_rank is not None:
+        result = RunResult(outcome="failed", exit_code=info.exit_code)
+        run.write_result(result)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--run-dir", type=Path, required=True)

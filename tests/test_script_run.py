@@ -44,6 +44,19 @@ dist.barrier()
 print("rank 0 passed the barrier", flush=True)
 '''
 
+# Rank 0 completes; rank 1 fails with 3 only once rank 0 has written the run's result.
+LATE_FAILURE_SCRIPT = '''\
+import os, sys, time
+
+if os.environ["RANK"] == "1":
+    result = os.path.join(os.environ["LAUNCHER_RUN_DIR"], "result.json")
+    while not os.path.exists(result):
+        time.sleep(0.05)
+    print("rank 1 fails after rank 0 completed", flush=True)
+    sys.exit(3)
+print("rank 0 done", flush=True)
+'''
+
 # No runtime API: its own SIGTERM handler notes each SIGTERM; it runs until told to stop.
 SIGTERM_SCRIPT = '''\
 import os, signal, sys, time
@@ -103,6 +116,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "ddp.py").write_text(DDP_SCRIPT)
     (folder / "fail.py").write_text(FAILING_SCRIPT)
     (folder / "sigterm.py").write_text(SIGTERM_SCRIPT)
+    (folder / "late.py").write_text(LATE_FAILURE_SCRIPT)
     (folder / "mypkg" / "__init__.py").write_text("")
     (folder / "mypkg" / "helper.py").write_text("GREETING = 'hello from mypkg'\n")
     (folder / "mypkg" / "train.py").write_text(MODULE)
@@ -157,6 +171,17 @@ def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
     assert info["failed_rank"] == 1 and "pid" not in info
     assert "rank 1 gives up" in (runs / "fails" / "logs" / "rank1.log").read_text()
     assert "rank 1 gives up" not in (runs / "fails" / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.slow
+def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_path: Path) -> None:
+    """Ranks of a script finish on their own: rank 0 may have written `completed` before another rank fails."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "late.py", "--procs-per-node", "2", "--run-name", "late", "--runs-dir", str(runs))
+    assert proc.returncode == 3 and "the script failed with exit code 3" in proc.stdout, proc.stdout + proc.stderr
+    status = launcher(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: failed" in status and "exit_code: 3" in status, status
+    assert read_result(runs / "late")["outcome"] == "failed" and read_result(runs / "late")["exit_code"] == 3
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from conftest import REPO, read_result, wait_until
-from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, launcher, reports
+from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, LATE_FAILURE_SCRIPT, launcher, reports
 
 # No runtime API: its own SIGTERM handler notes the SIGTERM of its first start; a second start (the
 # requeued job) ends at once.
@@ -74,6 +74,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "fail.py").write_text(FAILING_SCRIPT)
     (folder / "preemptible.py").write_text(PREEMPTIBLE_SCRIPT)
     (folder / "flaky.py").write_text(FLAKY_SCRIPT)
+    (folder / "late.py").write_text(LATE_FAILURE_SCRIPT)
     cluster = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
     cluster["slurm"]["max_failures"] = 0  # a failing script is not requeued: its exit code is the run's
     (folder / "slurm_once.yaml").write_text(yaml.safe_dump(cluster))
@@ -135,6 +136,18 @@ def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path
     # "stopped": past slurm.max_failures, as for a recipe's crash; the outcome and code are the script's
     assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
     assert "rank 1 gives up" in (run_dir / "logs" / "rank1.log").read_text()
+
+
+def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_path: Path) -> None:
+    """Rank 0 completed (and wrote so) before rank 1 failed: the run still failed, with rank 1's code."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "late.py", "--cluster", str(project / "slurm_once.yaml"), "--procs-per-node", "2",
+                    "--run-name", "late", "--runs-dir", str(runs), "--wait")
+    assert proc.returncode == 3 and "the script failed with exit code 3" in proc.stdout, proc.stdout + proc.stderr
+    info = _info(runs / "late")
+    assert info["state"] == "stopped" and "rank 1: " in info["stop_reason"], info
+    status = launcher(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
 
 
 def test_script_failing_once_is_requeued_and_completes(project: Path, tmp_path: Path) -> None:

@@ -106,7 +106,12 @@ def record_failure(run: Run, rank: int, error: str) -> None:
 def after_srun(run: Run) -> None:
     """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
     Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
-    if run.info().state in ("requeued", "stopped", "completed", "cancelled"):
+    from jobs.script import settle
+
+    info = run.info()
+    if info.state == "completed" and info.failed_rank is not None:
+        settle(run)  # a script's rank failed after rank 0 had completed: a failure like any other
+    elif info.state in ("requeued", "stopped", "completed", "cancelled"):
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
     records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
