@@ -50,19 +50,38 @@ def script_command(recipe: RecipeConfig) -> list[str]:
     return [sys.executable, "-u", *head, *script.args]  # -u: lines reach the log as they are printed
 
 
-def child_environment(run: Run, code_dir: str) -> dict[str, str]:
+def child_environment(run: Run, code_dir: str, rank: RankEnv) -> dict[str, str]:
     env = dict(os.environ)
+    # One rank starts without torchrun, so nothing set its variables: set them as `torchrun
+    # --nproc-per-node 1` would (env:// rendezvous needs every one), on a free port as --standalone does.
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(_free_port())
+    for key, value in (("RANK", rank.rank), ("LOCAL_RANK", rank.local_rank), ("WORLD_SIZE", rank.world_size),
+                       ("LOCAL_WORLD_SIZE", rank.local_world_size), ("MASTER_ADDR", rank.master_addr)):
+        env.setdefault(key, str(value))
     env[RUN_DIR_VAR] = str(run.dir)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 class Forwarder:
-    """Stop signals to this process become SIGTERM for the script; the first one is remembered."""
+    """The first stop signal to this process becomes one SIGTERM for the script, and is remembered.
+
+    Only this process signals the script (it runs in its own session, so torchrun's SIGTERM to the
+    rank's process group and a terminal's Ctrl-C do not reach it directly), and only once: Ctrl-C
+    reaches this process and the launcher forwards it as well, and a second SIGTERM would run the
+    script's handler again in the middle of its own cleanup, or kill it while it exits."""
 
     def __init__(self) -> None:
         self.child: Optional[subprocess.Popen] = None
         self.signal_name: Optional[str] = None
+        self._forwarded = False
 
     def install(self) -> "Forwarder":
         for sig in STOP_SIGNALS:
@@ -71,7 +90,12 @@ class Forwarder:
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         self.signal_name = self.signal_name or signal.Signals(signum).name
-        if self.child is not None and self.child.poll() is None:
+        self.forward()
+
+    def forward(self) -> None:
+        """SIGTERM to the script once a stop signal came (called again when the script has started)."""
+        if self.signal_name and not self._forwarded and self.child is not None and self.child.poll() is None:
+            self._forwarded = True
             self.child.send_signal(signal.SIGTERM)
 
 
@@ -85,6 +109,18 @@ def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:
         console.flush()
 
 
+def _start_deaf(thread: threading.Thread) -> None:
+    """Start `thread` with the stop signals blocked in it. The kernel hands a signal to any thread that
+    does not block it, and Python runs handlers only in the main thread: one taken by the copying
+    thread would wait until the main thread wakes, which is when the script has exited (never, if
+    the script waits for that signal). The new thread inherits the mask; this one restores its own."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: SIGTERM it if this wrapper dies (Linux), as jobs.train does for ranks."""
     try:
@@ -93,6 +129,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
+
+
+def _prepare_child() -> None:
+    """In the child, before exec: follow this wrapper if it dies, and ignore Slurm's USR1/USR2. Slurm
+    signals every process of the step, the script too, and their default action ends a process: a
+    script that handles only SIGTERM would die of the notice before the forwarded SIGTERM reaches
+    it. An ignored signal stays ignored across exec; a script that handles them (the runtime API) still can."""
+    _die_with_parent()
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def exit_code(returncode: int) -> int:
@@ -114,14 +160,15 @@ def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder |
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
                   f"{env.local_rank}), run {run_dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
         log.flush()
-        child = subprocess.Popen(command, cwd=code_dir, env=child_environment(run, code_dir), stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        environ = child_environment(run, code_dir, env)
+        child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_prepare_child,
+                                 start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child
-        if forwarder.signal_name:  # a stop arrived while the script was starting
-            child.send_signal(signal.SIGTERM)
+        forwarder.forward()  # a stop that arrived while the script was starting
         prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
         copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)
-        copier.start()
+        _start_deaf(copier)
         code = exit_code(child.wait())
         copier.join()
     return _outcome(run, env, code, forwarder.signal_name)
@@ -139,6 +186,16 @@ def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> R
         info = run.info()
         if result.outcome != "failed" and info.failed_rank is not None:  # another rank failed first
             result = RunResult(outcome="failed", exit_code=info.exit_code, signal=stop_signal)
+        run.write_result(result)
+    return result
+
+
+def settle(run: Run) -> RunResult:
+    """The run's result once every rank has exited. A script's ranks end on their own, so rank 0 may
+    have written `completed` before another rank failed: that rank's failure (in run.json) is the run's."""
+    result, info = run.result(), run.info()
+    if result.outcome == "completed" and info.failed_rank is not None:
+        result = RunResult(outcome="failed", exit_code=info.exit_code)
         run.write_result(result)
     return result
 

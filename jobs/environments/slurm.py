@@ -106,7 +106,12 @@ def record_failure(run: Run, rank: int, error: str) -> None:
 def after_srun(run: Run) -> None:
     """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
     Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
-    if run.info().state in ("requeued", "stopped", "completed", "cancelled"):
+    from jobs.script import settle
+
+    info = run.info()
+    if info.state == "completed" and info.failed_rank is not None:
+        settle(run)  # a script's rank failed after rank 0 had completed: a failure like any other
+    elif info.state in ("requeued", "stopped", "completed", "cancelled"):
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
     records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
@@ -123,7 +128,8 @@ def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) ->
         run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
-    _requeue_or_stop(run, cfg, kind, f"{result.signal} at step {result.step}")
+    at = f" at step {result.step}" if result.step is not None else ""  # a script's result has no step
+    _requeue_or_stop(run, cfg, kind, f"{result.signal}{at}")
 
 
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
@@ -136,7 +142,8 @@ def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
         print(message, file=sys.stderr, flush=True)
         return
     counts[kind] = counts.get(kind, 0) + 1
-    run.update(requeues=counts, state="requeued", last_requeue=why)
+    # a failed script's exit code and rank belong to this start: the next one must not fail with them
+    run.update(requeues=counts, state="requeued", last_requeue=why, remove=("exit_code", "failed_rank"))
     job_id = os.environ["SLURM_JOB_ID"]
     print(f"requeueing job {job_id} ({kind} {counts[kind]}/{limit}): {why}", flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)

@@ -16,6 +16,7 @@ import time
 from types import FrameType
 from typing import Any, Optional, Sequence
 
+from jobs.script import settle
 from launcher.backends import process_start, run_process
 from launcher.backends.base import Batch, Launched, Planned
 from schema.run_dir import Run
@@ -59,7 +60,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
         code = _wait(child)
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
-            outcome = run.result().outcome or ("failed" if child.returncode else "finished")
+            outcome = settle(run).outcome or ("failed" if child.returncode else "finished")
             # a failing script's own exit code (recorded by its rank) is the run's, not torchrun's 1
             run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome)
             run.update(keep_set=True, exit_code=child.returncode)

@@ -1,0 +1,234 @@
+"""`launcher run SCRIPT` on this machine (issue 9, point 2): plain torchrun-style scripts that know
+nothing of the launcher, run on 2 real ranks (torchrun, gloo).
+
+Every script is written into the test's own directory, which is not on the launcher's import path,
+and `launcher run` is started from there, as a user would start it from their project."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_result, wait_until
+
+# A torchrun script: env:// rendezvous, one all_reduce, then one line with what it was given.
+DDP_SCRIPT = '''\
+import json, os, sys
+import torch
+import torch.distributed as dist
+
+dist.init_process_group("gloo")  # env://: MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE
+total = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(total)
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
+seen = {key: os.environ.get(key) for key in keys}
+print("REPORT " + json.dumps({**seen, "sum": total.item(), "argv": sys.argv[1:], "cwd": os.getcwd()}), flush=True)
+dist.destroy_process_group()
+'''
+
+# Exits 3 on rank 1 at once; rank 0 waits in a collective that rank 1 never joins.
+FAILING_SCRIPT = '''\
+import os, sys
+import torch.distributed as dist
+
+dist.init_process_group("gloo")
+if dist.get_rank() == 1:
+    print("rank 1 gives up", flush=True)
+    sys.exit(3)
+dist.barrier()
+print("rank 0 passed the barrier", flush=True)
+'''
+
+# Rank 0 completes; rank 1 fails with 3 only once rank 0 has written the run's result.
+LATE_FAILURE_SCRIPT = '''\
+import os, sys, time
+
+if os.environ["RANK"] == "1":
+    result = os.path.join(os.environ["LAUNCHER_RUN_DIR"], "result.json")
+    while not os.path.exists(result):
+        time.sleep(0.05)
+    print("rank 1 fails after rank 0 completed", flush=True)
+    sys.exit(3)
+print("rank 0 done", flush=True)
+'''
+
+# No runtime API: its own SIGTERM handler notes each SIGTERM; it runs until told to stop.
+SIGTERM_SCRIPT = '''\
+import os, signal, sys, time
+
+marker = sys.argv[1] + "." + os.environ["RANK"]
+received = []
+
+def on_term(signum, frame):
+    received.append(signum)
+    time.sleep(0.5)  # its own cleanup: a second SIGTERM now would run this handler again
+    with open(marker, "w") as f:
+        f.write(f"{len(received)} SIGTERM\\n")
+
+signal.signal(signal.SIGTERM, on_term)
+print("waiting for SIGTERM", flush=True)
+while not received:
+    time.sleep(0.05)
+time.sleep(2)  # a second SIGTERM, if one comes, is counted in the marker
+print(f"stopping after {len(received)} SIGTERM", flush=True)
+sys.exit(0)
+'''
+
+MODULE = '''\
+import json, os, sys
+import torch.distributed as dist
+
+from mypkg.helper import GREETING  # a sibling module of the package: code_dir is on the import path
+
+dist.init_process_group("gloo")  # as under `torchrun --nproc-per-node 1`: env:// needs its variables
+dist.destroy_process_group()
+keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"]
+print("REPORT " + json.dumps({"greeting": GREETING, "name": __name__, "argv": sys.argv[1:],
+                              **{key: os.environ.get(key) for key in keys}}), flush=True)
+'''
+
+
+def _env() -> dict[str, str]:
+    # the launcher's own path (the repository), as an installed launcher has; the user's folder is not on it
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` run from the user's directory."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def reports(log: str) -> list[dict]:
+    return [json.loads(line.split("REPORT ", 1)[1]) for line in log.splitlines() if "REPORT " in line]
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    folder = tmp_path / "project"
+    (folder / "mypkg").mkdir(parents=True)
+    (folder / "ddp.py").write_text(DDP_SCRIPT)
+    (folder / "fail.py").write_text(FAILING_SCRIPT)
+    (folder / "sigterm.py").write_text(SIGTERM_SCRIPT)
+    (folder / "late.py").write_text(LATE_FAILURE_SCRIPT)
+    (folder / "mypkg" / "__init__.py").write_text("")
+    (folder / "mypkg" / "helper.py").write_text("GREETING = 'hello from mypkg'\n")
+    (folder / "mypkg" / "train.py").write_text(MODULE)
+    return folder
+
+
+@pytest.mark.slow
+def test_plain_ddp_script_runs_on_two_ranks_with_its_own_logs_and_args(project: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    args = ["--lr", "0.5", "--note", "two words", "--", "--looks-like-ours", "--run-name", "x=1"]
+    proc = launcher(project, "run", "ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--runs-dir", str(runs),
+                    "--", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = runs / "ddp"
+    for rank in (0, 1):
+        seen = reports((run_dir / "logs" / f"rank{rank}.log").read_text())
+        assert len(seen) == 1, f"rank{rank}.log holds {len(seen)} reports: each rank's own line only"
+        assert seen[0]["RANK"] == str(rank) and seen[0]["LOCAL_RANK"] == str(rank)
+        assert seen[0]["WORLD_SIZE"] == "2" and seen[0]["LOCAL_WORLD_SIZE"] == "2"
+        assert seen[0]["sum"] == 3.0  # 1 + 2: the two ranks met in one process group
+        assert seen[0]["argv"] == args  # untouched: spaces, '--', an option of `launcher run` itself
+        assert seen[0]["cwd"] == str(project)
+    ports = {r["MASTER_PORT"] for r in reports(proc.stdout)}
+    assert len(ports) == 1 and len(reports(proc.stdout)) == 2  # both ranks on the console, one rendezvous
+    assert read_result(run_dir)["outcome"] == "completed"
+    one = launcher(project, "logs", "ddp", "--rank", "1", "--runs-dir", str(runs))
+    assert one.returncode == 0 and [r["RANK"] for r in reports(one.stdout)] == ["1"], one.stdout
+
+
+@pytest.mark.slow
+def test_module_of_a_package_on_one_rank_gets_torchruns_variables(project: Path, tmp_path: Path) -> None:
+    """`-m mypkg.train` as `python -m` runs it; with one rank (no torchrun in between) the script still
+    gets RANK, WORLD_SIZE, MASTER_ADDR/PORT, as `torchrun --nproc-per-node 1` would give them."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "-m", "mypkg.train", "--run-name", "mod", "--runs-dir", str(runs), "--", "a b")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = reports((runs / "mod" / "logs" / "rank0.log").read_text())
+    assert seen == [{"greeting": "hello from mypkg", "name": "__main__", "argv": ["a b"], "RANK": "0",
+                     "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}], seen
+
+
+@pytest.mark.slow
+def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "fail.py", "--procs-per-node", "2", "--run-name", "fails", "--runs-dir", str(runs))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "the script failed with exit code 3" in proc.stdout
+    status = launcher(project, "status", "fails", "--runs-dir", str(runs))
+    assert status.returncode == 0
+    assert "state: failed" in status.stdout.splitlines() and "exit_code: 3" in status.stdout.splitlines(), status.stdout
+    info = json.loads((runs / "fails" / "run.json").read_text())
+    assert info["failed_rank"] == 1 and "pid" not in info
+    assert "rank 1 gives up" in (runs / "fails" / "logs" / "rank1.log").read_text()
+    assert "rank 1 gives up" not in (runs / "fails" / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.slow
+def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_path: Path) -> None:
+    """Ranks of a script finish on their own: rank 0 may have written `completed` before another rank fails."""
+    runs = tmp_path / "runs"
+    proc = launcher(project, "run", "late.py", "--procs-per-node", "2", "--run-name", "late", "--runs-dir", str(runs))
+    assert proc.returncode == 3 and "the script failed with exit code 3" in proc.stdout, proc.stdout + proc.stderr
+    status = launcher(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: failed" in status and "exit_code: 3" in status, status
+    assert read_result(runs / "late")["outcome"] == "failed" and read_result(runs / "late")["exit_code"] == 3
+
+
+@pytest.mark.slow
+def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Path) -> None:
+    """No runtime API: `launcher cancel` reaches the script's own SIGTERM handler, once per rank (a
+    second SIGTERM would interrupt that handler's own cleanup); a second launch of it is refused."""
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    command = ["run", "sigterm.py", "--procs-per-node", "2", "--run-name", "term", "--runs-dir", str(runs)]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *command, "--", str(marker)], cwd=project,
+                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [runs / "term" / "logs" / f"rank{rank}.log" for rank in (0, 1)]
+
+    def both_waiting() -> bool:
+        if first.poll() is not None:
+            raise AssertionError(f"the run ended before it was cancelled: {first.communicate()[0]}")
+        return all(log.exists() and "waiting for SIGTERM" in log.read_text() for log in logs)
+
+    wait_until(both_waiting, "both ranks to wait for SIGTERM", timeout=120)
+    config = (runs / "term" / "config.yaml").read_text()
+    again = launcher(project, *command, "--", str(marker))
+    assert again.returncode == 2 and "is already running" in again.stderr, again.stderr
+    assert (runs / "term" / "config.yaml").read_text() == config
+    cancel = launcher(project, "cancel", "term", "--runs-dir", str(runs))
+    assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode != 0, out  # stopped, not completed
+    for rank in (0, 1):
+        assert Path(f"{marker}.{rank}").read_text() == "1 SIGTERM\n", f"rank {rank}: {out}"
+    status = launcher(project, "status", "term", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: preempted" in status and "signal: SIGTERM" in status, status
+    result = read_result(runs / "term")
+    assert result["exit_code"] == 0, result  # what the script itself exited with, after its handler
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_a_one_rank_script_as_one_sigterm(project: Path, tmp_path: Path) -> None:
+    """Ctrl-C in the terminal signals the launcher's whole process group: the script still gets one
+    SIGTERM (from the rank wrapper), not the terminal's SIGINT as well, nor a SIGTERM per signal."""
+    runs, marker = tmp_path / "runs", tmp_path / "marker"
+    first = subprocess.Popen([sys.executable, "-m", "launcher", "run", "sigterm.py", "--run-name", "int",
+                              "--runs-dir", str(runs), "--", str(marker)], cwd=project, env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = runs / "int" / "logs" / "rank0.log"
+    wait_until(lambda: log.exists() and "waiting for SIGTERM" in log.read_text(), "the script to start", timeout=60)
+    os.killpg(first.pid, signal.SIGINT)  # what the terminal does on Ctrl-C: the foreground process group
+    out = first.communicate(timeout=60)[0]
+    assert Path(f"{marker}.0").read_text() == "1 SIGTERM\n", out
+    assert "KeyboardInterrupt" not in out, out
+    result = read_result(runs / "int")
+    assert result["outcome"] == "preempted" and result["exit_code"] == 0, result
