@@ -15,7 +15,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 class StopFlag:
     def __init__(self) -> None:
         self._event = threading.Event()
-        self.signal_name: str | None = None
+        self.signal_name: str | None = None  # the latest stop signal (what the trainer reports)
+        self.first_signal: str | None = None  # the one that asked first (the runtime API's stop_signal())
 
     def install(self) -> "StopFlag":
         for sig in STOP_SIGNALS:
@@ -26,6 +27,7 @@ class StopFlag:
         if signum == signal.SIGINT and self._event.is_set():
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         self.signal_name = signal.Signals(signum).name
+        self.first_signal = self.first_signal or self.signal_name
         self._event.set()
 
     def request(self, reason: str) -> None:

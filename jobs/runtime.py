@@ -93,8 +93,9 @@ def run_name() -> str:
 
 
 def stop_signal() -> Optional[str]:
-    """The signal that asked this rank to stop (SIGTERM, SIGUSR2, ...), or None."""
-    return _flag.signal_name
+    """The first signal that asked this rank to stop (SIGTERM, SIGUSR2, ...), or None. On Slurm a
+    preemption notice reaches the script itself (SIGUSR2) before its rank's forwarded SIGTERM."""
+    return _flag.first_signal
 
 
 def should_stop() -> bool:

@@ -219,8 +219,9 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
     assert info["requeues"] == {"preemptions": 1} and info["restarts"] == 1, info
     assert info["last_requeue"] == "SIGUSR2", info  # a script has no step of the launcher's to name
     text = log.read_text()
-    stopped = re.search(r"stopping at step (\d+)", text)
+    stopped = re.search(r"stopping at step (\d+) \((\w+)\)", text)
     assert stopped and 10 <= int(stopped.group(1)) < steps, text
+    assert stopped.group(2) == "SIGUSR2", text  # runtime.stop_signal(): the notice, not the forwarded SIGTERM
     assert f"resumed at step {stopped.group(1)}" in text, text
     straight = launcher(project, "run", str(RESUMABLE), "--procs-per-node", "2", "--run-name", "straight",
                         "--runs-dir", str(runs), "--", *script)
