@@ -204,9 +204,13 @@ def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Pat
     again = launcher(project, *command, "--", str(marker))
     assert again.returncode == 2 and "is already running" in again.stderr, again.stderr
     assert (runs / "term" / "config.yaml").read_text() == config
+    follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "term", "--rank", "1", "--follow",
+                               "--runs-dir", str(runs)], cwd=project, env=_env(), stdout=subprocess.PIPE, text=True)
     cancel = launcher(project, "cancel", "term", "--runs-dir", str(runs))
     assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
     out = first.communicate(timeout=120)[0]
+    followed = follow.communicate(timeout=60)[0]  # `logs --follow` ends by itself once the run has stopped
+    assert "waiting for SIGTERM" in followed and "stopping after 1 SIGTERM" in followed, followed
     assert first.returncode != 0, out  # stopped, not completed
     for rank in (0, 1):
         assert Path(f"{marker}.{rank}").read_text() == "1 SIGTERM\n", f"rank {rank}: {out}"
