@@ -93,8 +93,9 @@ def run_name() -> str:
 
 
 def stop_signal() -> Optional[str]:
-    """The first signal that asked this rank to stop (SIGTERM, SIGUSR2, ...), or None. On Slurm a
-    preemption notice reaches the script itself (SIGUSR2) before its rank's forwarded SIGTERM."""
+    """The first signal that asked this rank to stop, or None: SIGUSR1/SIGUSR2 for a Slurm preemption
+    notice or time-limit warning (the rank forwards it as it is to a script that imports this module),
+    SIGTERM for a cancel, SIGINT for Ctrl-C."""
     return _flag.first_signal
 
 

@@ -8,8 +8,8 @@ for the runtime API (`jobs.runtime`). A child process, not `runpy` in this one, 
 owns its process: its signal handlers, its `sys.exit` code, its crashes. This process stays in front of it:
 - every line the script prints goes to `logs/rank<N>.log` and to this rank's console;
 - a stop signal (SIGTERM, SIGINT, and Slurm's SIGUSR1/SIGUSR2 preemption notice) reaches the script
-  as SIGTERM, the signal any script can handle; the one that came decides what happens next
-  (on Slurm, a USR1/USR2 requeues the job);
+  as SIGTERM, the signal any script can handle (a notice as it is, to a script that handles it);
+  the one that came decides what happens next (on Slurm, a USR1/USR2 requeues the job);
 - the exit code is the run's: a script that exits 3 fails the run with 3 (torchrun itself would
   report 1), recorded in run.json by the first rank that failed on its own.
 
@@ -93,10 +93,23 @@ class Forwarder:
         self.forward()
 
     def forward(self) -> None:
-        """SIGTERM to the script once a stop signal came (called again when the script has started)."""
+        """SIGTERM to the script once a stop signal came (called again when the script has started);
+        a Slurm notice (USR1/USR2) as it is to a script that handles it (the runtime API does), so
+        the script knows a preemption from a cancel whichever signal reaches it first."""
         if self.signal_name and not self._forwarded and self.child is not None and self.child.poll() is None:
             self._forwarded = True
-            self.child.send_signal(signal.SIGTERM)
+            notice = self.signal_name in ("SIGUSR1", "SIGUSR2") and catches(self.child.pid, self.signal_name)
+            self.child.send_signal(signal.Signals[self.signal_name] if notice else signal.SIGTERM)
+
+
+def catches(pid: int, name: str) -> bool:
+    """Whether process `pid` has a handler for signal `name` (Linux: SigCgt in /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    line = next((ln for ln in status.splitlines() if ln.startswith("SigCgt:")), None)
+    return line is not None and bool(int(line.split()[1], 16) >> (signal.Signals[name] - 1) & 1)
 
 
 def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:

@@ -236,3 +236,31 @@ def test_ctrl_c_reaches_a_one_rank_script_as_one_sigterm(project: Path, tmp_path
     assert "KeyboardInterrupt" not in out, out
     result = read_result(runs / "int")
     assert result["outcome"] == "preempted" and result["exit_code"] == 0, result
+
+
+@pytest.mark.parametrize("handled", [True, False])
+def test_a_notice_is_forwarded_as_it_is_only_to_a_script_that_handles_it(handled: bool, tmp_path: Path) -> None:
+    """A Slurm notice (USR2) reaches a script that handles it (the runtime API) as USR2, so it can tell
+    a preemption from a cancel; any other script gets the SIGTERM it knows how to handle."""
+    from jobs.script import Forwarder
+
+    got = tmp_path / "got"
+    code = f'''
+import signal, sys, time
+def note(signum, frame):
+    open({str(got)!r}, "w").write(signal.Signals(signum).name)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, note)
+if {handled}:
+    signal.signal(signal.SIGUSR2, note)
+print("ready", flush=True)
+time.sleep(60)
+'''
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline() == "ready\n"
+    forwarder = Forwarder()
+    forwarder.child = child
+    forwarder._handle(signal.SIGUSR2, None)
+    assert child.wait(timeout=30) == 0
+    assert got.read_text() == ("SIGUSR2" if handled else "SIGTERM")
+    assert forwarder.signal_name == "SIGUSR2"  # what the wrapper reports either way: a preemption
