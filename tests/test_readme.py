@@ -42,6 +42,8 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "pretrained weights: artifacts/vgg_pretrain.pt"),),
     "make test": ((CI_RUNS_IT, ""),),
     "make launch RECIPE=digits": ((f'make launch RECIPE=digits ARGS="{SHORT}"', "completed at step 2"),),
+    "make launch RECIPE=gpt_small": (
+        (f'make launch RECIPE=gpt_small ARGS="{SHORT}"', "completed at step 2: val/loss="),),
     'make launch RECIPE=digits ARGS="trainer.epochs=2 optim.lr=0.05"': (
         ('make launch RECIPE=digits ARGS="trainer.epochs=2 optim.lr=0.05"', "completed at step"),),
     "make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm": (
