@@ -27,7 +27,9 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torc
     mesh = init_device_mesh(device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision \
         else MixedPrecisionPolicy()
-    offload: OffloadPolicy = CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()
+    # pinned host memory speeds the copies to a GPU; a CPU-only build has no pinned memory to give
+    offload: OffloadPolicy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload \
+        else OffloadPolicy()
     blocks = shard_blocks(model, cfg.fsdp_blocks)
     for name in blocks:  # children before parents: fully_shard must be applied bottom-up
         fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=mp, offload_policy=offload)
