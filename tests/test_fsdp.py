@@ -105,13 +105,15 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 @pytest.mark.slow
 def test_fsdp_equals_ddp_with_accumulation_clipping_and_uneven_evaluation(runs_dir: Path) -> None:
-    """Same recipe and seed, 8 steps: FSDP's weights equal DDP's, without and with gradient
-    accumulation (2 micro-steps) and a clip that bites. The accumulating runs hold out 129 validation
+    """Same recipe and seed, 8 steps: FSDP's weights equal DDP's, without (and with CPU offload) and
+    with gradient accumulation (2 micro-steps) and a clip that bites. The accumulating runs hold out 129 validation
     samples: rank 0 evaluates 2 batches of 64, rank 1 one, and FSDP must not hang on that."""
     base = ["parallel.procs_per_node=2", "trainer.max_steps=8", "checkpoint.every_steps=4"]
     plain = [*base, "trainer.grad_clip=null"]
     accum = [*base, "trainer.micro_batch=16", "trainer.grad_clip=0.05", "data.val_fraction=0.0718"]
-    runs = {(strategy, case): _launch(runs_dir, f"{strategy}-{case}", *overrides, f"parallel.strategy={strategy}")
+    fsdp = {"plain": ["parallel.strategy=fsdp", "parallel.cpu_offload=true"], "accum": ["parallel.strategy=fsdp"]}
+    runs = {(strategy, case): _launch(runs_dir, f"{strategy}-{case}", *overrides,
+                                      *(fsdp[case] if strategy == "fsdp" else []))
             for case, overrides in (("plain", plain), ("accum", accum)) for strategy in ("ddp", "fsdp")}
     weights = {key: final_params(run) for key, run in runs.items()}
     for case in ("plain", "accum"):
@@ -127,8 +129,19 @@ def test_fsdp_equals_ddp_with_accumulation_clipping_and_uneven_evaluation(runs_d
         run_cli("export", f"{strategy}-accum", "--to", str(out), runs_dir=runs_dir, check=True)
         exported[strategy] = torch.load(out, weights_only=True)
     assert _max_diff(exported["ddp"], exported["fsdp"]) < 1e-5
-    assert "fsdp: 2 ranks; 2 blocks sharded apart (features.0, features.2) + the root" in \
-        (runs["fsdp", "plain"] / "logs" / "rank0.log").read_text()
+    assert "fsdp: 2 ranks; 2 blocks sharded apart (features.0, features.2) + the root; parameters offloaded " \
+        "to the CPU" in (runs["fsdp", "plain"] / "logs" / "rank0.log").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="trainer.device=auto picks the GPU here")
+def test_mixed_precision_refused_on_a_rank_that_found_no_gpu(runs_dir: Path) -> None:
+    """trainer.device=auto passes the load-time check; the rank that ends up on the CPU refuses."""
+    proc = run_cli("launch", "digits", "parallel.strategy=fsdp", "parallel.mixed_precision=true",
+                   "parallel.procs_per_node=1", "trainer.max_steps=1", "--run-name", "mp", runs_dir=runs_dir)
+    assert proc.returncode != 0
+    assert "parallel.mixed_precision=true needs CUDA, and this rank runs on cpu" in \
+        (runs_dir / "mp" / "logs" / "rank0.log").read_text()
 
 
 RESHARD = ["model.dropout=0", "schedule.name=constant", "trainer.micro_batch=16", "trainer.grad_clip=0.05",

@@ -4,22 +4,29 @@ tests for a wrapper class itself."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from jobs.env import RankEnv
-from jobs.parallel.fsdp import apply_fsdp, is_fsdp
+from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
 from schema import ParallelConfig
+
+log = logging.getLogger("jobs.parallel")
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
     """Wrap or shard a plain model for the configured strategy. One rank runs the plain model
     whatever the strategy: there is nothing to spread. Pipeline is refused by ParallelConfig.check()
     when the recipe is loaded; it slots in here as one more function."""
+    if cfg.strategy == "fsdp":
+        check_device(cfg, device)
     model = model.to(device)
     if not env.distributed:
+        if cfg.strategy != "ddp" and env.is_main:
+            log.info("%s on one rank: the plain model, nothing to shard", cfg.strategy)
         return model
     if cfg.strategy == "fsdp":
         return apply_fsdp(model, cfg, env, device)

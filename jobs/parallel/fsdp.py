@@ -19,11 +19,6 @@ log = logging.getLogger("jobs.parallel")
 
 def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
     """Shard `model` in place over all ranks; its parameter names (FQNs) are unchanged."""
-    if cfg.mixed_precision and device.type != "cuda":
-        # bf16 all-gathers and fp32 reduce-scatters are a GPU memory/bandwidth trade; on CPU/gloo
-        # bf16 collectives are slow or unsupported, and the fp32 result would not be reproducible.
-        raise ValueError(f"parallel.mixed_precision=true needs CUDA, and this rank runs on {device}: set "
-                         "parallel.mixed_precision=false (or trainer.precision=bf16 for autocast)")
     mesh = init_device_mesh(device.type, (env.world_size,))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision \
         else MixedPrecisionPolicy()
@@ -39,6 +34,15 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torc
                  _few(blocks), "; bf16 parameters, fp32 reduction" if cfg.mixed_precision else "",
                  "; parameters offloaded to the CPU" if cfg.cpu_offload else "")
     return model
+
+
+def check_device(cfg: ParallelConfig, device: torch.device) -> None:
+    """What the recipe could not check: `trainer.device: auto` became the CPU."""
+    if cfg.mixed_precision and device.type != "cuda":
+        # bf16 all-gathers and fp32 reduce-scatters are a GPU memory and bandwidth trade; gloo on the CPU
+        # gains nothing from them
+        raise ValueError(f"parallel.mixed_precision=true needs CUDA, and this rank runs on {device}: set "
+                         "parallel.mixed_precision=false (or trainer.precision=bf16 for autocast)")
 
 
 def shard_blocks(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
