@@ -2,7 +2,8 @@
 ModelWrapper, OptimizersContainer and LRSchedulersContainer are the model). Today a rank holds one
 part; pipeline stages will put several on one rank, and only how the parts are built changes: the
 loop and the checkpoint see these containers. Each container's state_dict() is what one
-checkpoint file holds, in the same format as with one plain module and one optimizer."""
+checkpoint file holds, in the same format as with one plain module and one optimizer (with FSDP:
+the full model, and the optimizer state by parameter name; see jobs.parallel.state)."""
 from __future__ import annotations
 
 from collections import OrderedDict
