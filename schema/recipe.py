@@ -182,22 +182,39 @@ class TrainerConfig:
         seed(src, "trainer.seed", self.seed)
 
 
+_BLOCK_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+(\.[A-Za-z0-9_*?\[\]!]+)*$")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     strategy: Literal["ddp", "fsdp", "pipeline"] = "ddp"  # how the model is spread over ranks
     nodes: int = 1  # machines
     procs_per_node: int = 1  # ranks per machine (one per GPU on GPU machines)
+    # fsdp: the modules sharded apart, one communication group each: name patterns matched part by part
+    # ("layers.*" is layers.0, layers.1, ...) or class names ("Block"); empty: the model's repeated layers
+    fsdp_blocks: tuple[str, ...] = ()
+    mixed_precision: bool = False  # fsdp, CUDA only: compute in bf16 parameters, reduce gradients in fp32
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state live in CPU memory
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.procs_per_node
 
     def check(self, src: str) -> None:
-        if self.strategy != "ddp":
-            raise ConfigError(src, "parallel.strategy", f"{self.strategy!r} is not implemented yet",
-                              "use parallel.strategy=ddp")
+        if self.strategy == "pipeline":
+            raise ConfigError(src, "parallel.strategy", "'pipeline' is not implemented yet",
+                              "use parallel.strategy=ddp or parallel.strategy=fsdp")
         positive(src, "parallel.nodes", self.nodes)
         positive(src, "parallel.procs_per_node", self.procs_per_node)
+        if self.strategy != "fsdp":
+            for key in ("fsdp_blocks", "mixed_precision", "cpu_offload"):
+                if getattr(self, key):
+                    raise ConfigError(src, f"parallel.{key}", f"is only read with parallel.strategy=fsdp, "
+                                      f"not {self.strategy}", f"set parallel.strategy=fsdp, or drop parallel.{key}")
+        for i, pattern in enumerate(self.fsdp_blocks):
+            if not _BLOCK_PATTERN.match(pattern):
+                raise ConfigError(src, f"parallel.fsdp_blocks[{i}]", f"{short(pattern)} is not a module name "
+                                  "pattern or class name", 'e.g. "layers.*", "features.0" or "TransformerBlock"')
 
 
 @dataclass(frozen=True)
@@ -344,6 +361,18 @@ class RecipeConfig:
                 src, "trainer.grad_accum",
                 f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
                 "leave trainer.grad_accum unset to derive it")
+        if self.parallel.strategy == "fsdp":
+            self._check_fsdp(src)
         if self.model.pretrained is None and self.model.freeze:
             raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
                               "set model.pretrained or drop model.freeze")
+
+    def _check_fsdp(self, src: str) -> None:
+        """What FSDP cannot do with this trainer config (a device chosen by `auto` is checked on the rank)."""
+        if self.parallel.mixed_precision and self.trainer.device == "cpu":
+            raise ConfigError(src, "parallel.mixed_precision", "needs CUDA, and trainer.device is cpu",
+                              "set parallel.mixed_precision=false (trainer.precision=bf16 autocasts on the CPU)")
+        if self.trainer.precision == "fp16":
+            raise ConfigError(src, "trainer.precision", "fp16 with parallel.strategy=fsdp: the gradient scaler "
+                              "would skip steps rank by rank", "use trainer.precision=bf16, or "
+                              "parallel.mixed_precision=true on CUDA")

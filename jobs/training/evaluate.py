@@ -1,6 +1,7 @@
 """Validation: the loss and the recipe's metrics over the whole validation set, split over the ranks."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,28 @@ def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSet
     fns = {"loss": objective.loss, **objective.metrics}
     shard = list(range(env.rank, len(dataset), env.world_size))  # no padding: no sample counted twice
     sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
+    batch = t.micro_batch * 4
+    loader = DataLoader(dataset, batch_size=batch, sampler=shard, generator=torch.Generator())
     with torch.inference_mode():
-        for x, y in DataLoader(dataset, batch_size=t.micro_batch * 4, sampler=shard, generator=torch.Generator()):
+        for x, y in loader:
             x, y = x.to(device), y.to(device)
             with autocast(t.precision, device):
                 outputs = parallel.unwrap(model)(x).float()
             for i, fn in enumerate(fns.values()):
                 sums[i] += batch_sum(fn(outputs, y), len(y))
             sums[-1] += len(y)
+        if parallel.forward_is_collective(model):  # FSDP gathers weights in every forward: match rank 0's count
+            most = math.ceil(math.ceil(len(dataset) / env.world_size) / batch)  # rank 0 has the largest shard
+            _idle_forwards(model, dataset, most - len(loader), settings)
     sums = parallel.all_reduce_sum(sums)
     return {f"val/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(fns)}
+
+
+def _idle_forwards(model: nn.Module, dataset: Dataset, count: int, settings: StepSettings) -> None:
+    """Forwards whose outputs are dropped, for a rank with fewer validation batches than rank 0."""
+    if count <= 0:
+        return
+    x, _ = next(iter(DataLoader(dataset, batch_size=1)))
+    for _ in range(count):
+        with autocast(settings.trainer.precision, settings.device):
+            model(x.to(settings.device))

@@ -2,20 +2,22 @@
 ModelWrapper, OptimizersContainer and LRSchedulersContainer are the model). Today a rank holds one
 part; pipeline stages will put several on one rank, and only how the parts are built changes: the
 loop and the checkpoint see these containers. Each container's state_dict() is what one
-checkpoint file holds, in the same format as with one plain module and one optimizer."""
+checkpoint file holds, in the same format as with one plain module and one optimizer (with FSDP:
+the full model, and the optimizer state by parameter name; see jobs.parallel.state)."""
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
 
 from jobs import parallel
+from jobs.parallel.state import is_named
 
 
 class ModelParts:
-    """The model pieces on this rank, each wrapped for its parallelism (DDP today). The state is
+    """The model pieces on this rank, each wrapped or sharded for its parallelism. The state is
     the unwrapped modules' tensors merged into one flat name -> tensor dict (the parts of one model
     have disjoint names): the "model" file that export and pretrained loading read is the same
     whatever the layout."""
@@ -43,10 +45,11 @@ class ModelParts:
             part.train()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """A collective with FSDP (the shards are gathered to rank 0): every rank calls it."""
         merged: OrderedDict[str, torch.Tensor] = OrderedDict()
         versions: OrderedDict[str, Any] = OrderedDict()  # module versions, read by load_state_dict
-        for module in self.unwrapped():
-            state = module.state_dict()
+        for part in self.parts:
+            state = parallel.model_state(part)
             shared = merged.keys() & state.keys()
             if shared:
                 raise ValueError(f"model parts share parameter names {sorted(shared)[:3]}: each name must "
@@ -57,15 +60,16 @@ class ModelParts:
         return merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Each part takes its own names, strictly (a missing one fails); a name no part has fails too."""
+        """Each part takes its own names, strictly (a missing one fails); a name no part has fails too.
+        Every rank passes the full state (an FSDP part keeps its shard of it)."""
         claimed: set[str] = set()
         versions = getattr(state, "_metadata", None)
-        for module in self.unwrapped():
-            own = module.state_dict().keys()
+        for part in self.parts:
+            own = parallel.unwrap(part).state_dict().keys()  # plain names in every layout
             mine: OrderedDict[str, torch.Tensor] = OrderedDict((k, v) for k, v in state.items() if k in own)
             if versions is not None:
                 mine._metadata = versions  # type: ignore[attr-defined]
-            module.load_state_dict(mine)
+            parallel.load_model_state(part, mine)
             claimed |= own
         unexpected = [k for k in state if k not in claimed]
         if unexpected:
@@ -74,12 +78,18 @@ class ModelParts:
 
 
 class Optimizers:
-    """One optimizer per model part. The state is one torch optimizer state dict: the parts' parameter
-    groups in turn, parameter ids running on from one part to the next (with one part: that
-    optimizer's own state dict); load_state_dict() splits it back by each optimizer's groups."""
+    """One optimizer per model part. The state is one optimizer state dict: the parts' parameter
+    groups in turn. Plain and DDP parts save torch's own form, parameter numbers running on from one
+    part to the next (with one part: that optimizer's own state dict); FSDP parts save the FQN form
+    (parameters by name: see jobs.parallel.state). load_state_dict() takes either, whatever the
+    layout now, and splits it back by each optimizer's groups."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+    def __init__(self, optimizers: list[torch.optim.Optimizer], parts: Optional[list[nn.Module]] = None) -> None:
         self.optimizers = optimizers
+        # the part each optimizer steps: names its parameters (an FSDP state, a change of layout)
+        self.parts = parts
+        if parts is not None and len(parts) != len(optimizers):
+            raise ValueError(f"{len(optimizers)} optimizers for {len(parts)} model parts: one each")
 
     def __iter__(self) -> Iterator[torch.optim.Optimizer]:
         return iter(self.optimizers)
@@ -94,11 +104,18 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
+        """A collective with FSDP parts (their state is gathered to rank 0): every rank calls it."""
         state: dict[Any, Any] = {}
         groups: list[dict[str, Any]] = []
         offset = 0
-        for opt in self.optimizers:
-            own = opt.state_dict()
+        for part, opt in self._pairs():
+            own = parallel.optimizer_state(part, opt) if part is not None else opt.state_dict()
+            if not own.get("param_groups"):  # an FSDP part off rank 0: its state was gathered to rank 0
+                continue
+            if is_named(own):
+                state.update(own["state"])
+                groups += own["param_groups"]
+                continue
             state.update({offset + i: s for i, s in own["state"].items()})
             groups += [{**g, "params": [offset + i for i in g["params"]]} for g in own["param_groups"]]
             offset += sum(len(g["params"]) for g in own["param_groups"])
@@ -110,11 +127,26 @@ class Optimizers:
             raise ValueError(f"the checkpoint's optimizer state has {len(groups)} parameter groups, the "
                              f"optimizers here {sum(len(o.param_groups) for o in self.optimizers)}")
         start = 0
-        for opt in self.optimizers:
+        for part, opt in self._pairs():
             mine = groups[start:start + len(opt.param_groups)]
             start += len(mine)
-            ids = {i for g in mine for i in g["params"]}
-            opt.load_state_dict({"state": {i: s for i, s in state["state"].items() if i in ids}, "param_groups": mine})
+            own = _own_state(state["state"], mine)
+            if part is not None:
+                parallel.load_optimizer_state(part, opt, own)
+            else:
+                opt.load_state_dict(own)
+
+    def _pairs(self) -> list[tuple[Optional[nn.Module], torch.optim.Optimizer]]:
+        return list(zip(self.parts or [None] * len(self.optimizers), self.optimizers))
+
+
+def _own_state(state: dict[Any, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer's share of a merged state: its groups and the entries of their parameters,
+    numbers counted from 0 again (named parameters keep their names)."""
+    listed = [p for g in groups for p in g["params"]]
+    local = {p: (p if isinstance(p, str) else i) for i, p in enumerate(listed)}
+    return {"state": {local[p]: s for p, s in state.items() if p in local},
+            "param_groups": [{**g, "params": [local[p] for p in g["params"]]} for g in groups]}
 
 
 class LRSchedulers:

@@ -1,6 +1,6 @@
 """Build a Trainer from the recipe and run it: what a rank does between reading its config and
 writing result.json. This is the one place that decides how the parts are laid out (today one
-model part per rank, wrapped by DDP); a model-parallel layout changes build_trainer() only."""
+model part per rank, wrapped by DDP or sharded by FSDP); a pipeline layout changes build_trainer() only."""
 from __future__ import annotations
 
 import logging

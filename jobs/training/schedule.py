@@ -25,7 +25,8 @@ def planned_steps(recipe: RecipeConfig, n_train: int, world_size: int) -> int:
 
 def build_optimizers(cfg: OptimConfig, model: ModelParts) -> Optimizers:
     """One optimizer per model part, over its trainable (not frozen) parameters."""
-    return Optimizers([_optimizer(cfg, [p for p in part.parameters() if p.requires_grad]) for part in model.parts])
+    return Optimizers([_optimizer(cfg, [p for p in part.parameters() if p.requires_grad]) for part in model.parts],
+                      model.parts)
 
 
 def _optimizer(o: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

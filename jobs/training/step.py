@@ -10,6 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from jobs import parallel
 from jobs.data import ignore_stop_signals
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
@@ -57,10 +58,8 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
     for i, (x, y) in enumerate(micro):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = i == len(micro) - 1
-        # All-reduce gradients once per optimizer step: skip DDP's sync on every micro-step but the last.
-        sync = module.no_sync() if (not last and isinstance(module, nn.parallel.DistributedDataParallel)) \
-            else contextlib.nullcontext()
-        with sync:
+        # Reduce gradients once per optimizer step: no sync on every micro-step but the last.
+        with parallel.gradient_sync(module, sync=last):
             with autocast(cfg.precision, device):
                 loss = loss_fn(module(x), y) / len(micro)
             (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -69,6 +68,8 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
         for opt in optimizers:
             scaler.unscale_(opt)
     if cfg.grad_clip is not None:
+        # over FSDP's sharded gradients (DTensors) torch reduces the shards' norms across ranks: the
+        # total norm is the whole model's, as with DDP
         nn.utils.clip_grad_norm_(model.trainable(), cfg.grad_clip)
     if scaler is not None:
         for opt in optimizers:

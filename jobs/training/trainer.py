@@ -183,9 +183,10 @@ class Trainer:
         committed = self.checkpointer.flush(cfg.flush_timeout_s) if self.env.is_main else True
         result = RunResult(outcome=outcome, step=st.step, epoch=st.epoch, signal=self.stop.signal_name,
                            checkpoints_committed=committed, metrics=self._eval_metrics())
+        final = self.model.state_dict() if outcome == "completed" else None  # a collective with FSDP
         if self.env.is_main:
-            if outcome == "completed":
-                torch.save(self.model.state_dict(), self.run.run_dir / FINAL_MODEL)
+            if final is not None:
+                torch.save(final, self.run.run_dir / FINAL_MODEL)
             Run(self.run.run_name, self.run.run_dir).write_result(result)
             log.info("%s at step %d: %s", outcome, st.step, self.last_eval.line() if self.last_eval else "")
         return result

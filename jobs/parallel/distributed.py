@@ -1,4 +1,4 @@
-"""Distributed setup and parallelism, applied to a plain model by functions (torchtitan's way)."""
+"""The process group and the device of a rank, and the few collectives the trainer calls itself."""
 from __future__ import annotations
 
 import logging
@@ -6,10 +6,9 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from jobs.env import RankEnv
-from schema import ParallelConfig, TrainerConfig
+from schema import TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 
@@ -40,21 +39,6 @@ def init_distributed(env: RankEnv, device: torch.device) -> None:
     if env.is_main:
         log.info("process group: %s, %d ranks, rendezvous %s:%d", backend, env.world_size,
                  env.master_addr, env.master_port)
-
-
-def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
-    """Wrap a plain model for the configured strategy. Only DDP so far: ParallelConfig.check()
-    refuses fsdp and pipeline when the recipe is loaded, so no other strategy reaches this point;
-    they slot in here (a function per strategy, as torchtitan's parallelize_* do) when implemented."""
-    model = model.to(device)
-    if not env.distributed:
-        return model
-    ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
