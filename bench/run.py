@@ -3,6 +3,8 @@
 (a) trainer s/step vs a hand-written DDP loop (same model, data, ranks; one run, ratio; goal <= 1.03)
 (b) seconds from `launcher launch` to the first finished step vs bare torchrun on a minimal script
 (b') the same for `launcher run` of that minimal script itself (a script run: wrapper per rank)
+(d) FSDP vs DDP on a 101M-parameter GPT, 2 ranks: per-rank parameter+gradient+optimizer bytes (goal
+    FSDP <= 0.55 of DDP), peak RSS and step time
 (c) checkpoints (when jobs.checkpoint is present): blocked seconds per async save vs torch.save
     of the same >= 100M-parameter state; seconds to resume vs a fresh start
 """
@@ -77,6 +79,23 @@ def bench_script(repeats: int) -> dict:
             "launcher_run_s_total": med(ours_total), "torchrun_s_total": med(bare_total), "repeats": repeats}
 
 
+def bench_fsdp() -> dict:
+    """FSDP vs DDP per-rank training memory and step time on a 101M-parameter GPT, 2 ranks (bench/fsdp_memory.py)."""
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        proc = subprocess.run(torchrun("-m", "bench.fsdp_memory", strategy), cwd=REPO, env=ENV, capture_output=True,
+                              text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        if not lines:
+            raise RuntimeError(f"bench.fsdp_memory {strategy} failed: {proc.stderr[-2000:]}")
+        out[strategy] = json.loads(lines[-1])
+    ddp, fsdp = out["ddp"], out["fsdp"]
+    out["train_bytes_ratio"] = fsdp["train_bytes"] / ddp["train_bytes"]
+    out["peak_rss_ratio"] = fsdp["peak_rss_bytes"] / ddp["peak_rss_bytes"]
+    out["step_time_ratio"] = fsdp["s_per_step"] / ddp["s_per_step"]
+    return out
+
+
 def bench_checkpoints() -> dict | None:
     try:
         from bench import checkpoint_bench
@@ -104,6 +123,15 @@ def table(results: dict) -> str:
         rows.append(("launcher run SCRIPT -> first step", f"{c['launcher_run_s_to_first_step']:.2f} s",
                      f"bare torchrun {c['torchrun_s_to_first_step']:.2f} s",
                      f"to the end {c['launcher_run_s_total']:.2f} s vs {c['torchrun_s_total']:.2f} s"))
+    f = results.get("fsdp")
+    if f:
+        gib = 2 ** 30
+        rows.append((f"FSDP vs DDP per rank ({f['ddp']['parameters'] / 1e6:.0f}M-param GPT, 2 ranks)",
+                     f"params+grads+Adam {f['fsdp']['train_bytes'] / gib:.2f} GiB",
+                     f"DDP {f['ddp']['train_bytes'] / gib:.2f} GiB",
+                     f"ratio {f['train_bytes_ratio']:.3f} (goal <= 0.55); peak RSS ratio {f['peak_rss_ratio']:.2f}"))
+        rows.append(("FSDP vs DDP step time (CPU, gloo)", f"{f['fsdp']['s_per_step']:.2f} s",
+                     f"DDP {f['ddp']['s_per_step']:.2f} s", f"ratio {f['step_time_ratio']:.2f}"))
     for row in results.get("checkpoint_rows", []):
         rows.append(tuple(row))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -114,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["step", "startup", "script", "checkpoint"], default=None)
+    parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint"], default=None)
     args = parser.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if args.only in (None, "step"):
@@ -123,6 +151,8 @@ def main() -> None:
         results["startup"] = bench_startup(args.startup_repeats)
     if args.only in (None, "script"):
         results["script"] = bench_script(args.startup_repeats)
+    if args.only in (None, "fsdp"):
+        results["fsdp"] = bench_fsdp()
     if args.only in (None, "checkpoint"):
         ckpt = bench_checkpoints()
         if ckpt:

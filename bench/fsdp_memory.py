@@ -1,0 +1,71 @@
+"""FSDP vs DDP on one >= 100M-parameter GPT, 2 ranks: per-rank training memory and step time.
+
+    torchrun --standalone --nproc-per-node 2 -m bench.fsdp_memory ddp|fsdp
+
+Per rank: the bytes this rank holds of parameters, gradients (measured after backward, before the
+optimizer clears them) and optimizer state (AdamW's two moments), counted from the local tensors
+(an FSDP parameter is a DTensor: its local shard); and the process's peak RSS. Rank 0 prints one
+JSON line. One strategy per process, so each peak RSS is its own.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from jobs.env import RankEnv
+from jobs.gpt import gpt, lm_loss
+from jobs.parallel import init_distributed, parallelize
+from schema import ParallelConfig
+
+MODEL = {"vocab": 256, "seq_len": 64, "dim": 1024, "layers": 8, "heads": 16, "tied_embeddings": False}
+
+
+def local_bytes(tensors: list[torch.Tensor]) -> int:
+    out = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        out += t.numel() * t.element_size()
+    return out
+
+
+def main(strategy: str, steps: int = 4) -> None:
+    env = RankEnv.from_environ()
+    device = torch.device("cpu")
+    init_distributed(env, device)
+    torch.manual_seed(0)
+    model = gpt(**MODEL)
+    n_params = sum(p.numel() for p in model.parameters())
+    model = parallelize(model, ParallelConfig(strategy=strategy, procs_per_node=env.world_size), env, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator().manual_seed(env.rank)
+    times, grads = [], 0
+    for step in range(steps):
+        x = torch.randint(0, 256, (2, MODEL["seq_len"] + 1), generator=gen)
+        dist.barrier()
+        start = time.perf_counter()
+        loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+        loss.backward()
+        grads = local_bytes([p.grad for p in model.parameters() if p.grad is not None])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        dist.barrier()
+        times.append(time.perf_counter() - start)
+    params = local_bytes(list(model.parameters()))
+    states = local_bytes([v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.ndim > 0])
+    if env.is_main:
+        print(json.dumps({"strategy": strategy, "parameters": n_params, "param_bytes": params, "grad_bytes": grads,
+                          "optimizer_bytes": states, "train_bytes": params + grads + states,
+                          "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          "s_per_step": sorted(times[1:])[len(times[1:]) // 2]}), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
