@@ -5,7 +5,6 @@ against one process on the same data and seed.
 Run as a script under torchrun, this file is the pipeline's worker (see `_worker`)."""
 from __future__ import annotations
 
-import copy
 import itertools
 import os
 import subprocess
@@ -49,7 +48,7 @@ def test_named_points_give_the_blocks_and_the_parts_around_them() -> None:
     assert owned == [["tok_embeddings", "pos_embeddings", "drop", "layers.0", "layers.1"],
                      ["layers.2", "layers.3", "norm", "output"]]
     owned = split_points(_model(), ["layers.1", "layers.3"], 3)
-    assert [o for o in owned] == [["tok_embeddings", "pos_embeddings", "drop", "layers.0"],
+    assert owned == [["tok_embeddings", "pos_embeddings", "drop", "layers.0"],
                                   ["layers.1", "layers.2"], ["layers.3", "norm", "output"]]
 
 
@@ -144,6 +143,8 @@ def test_only_single_stage_schedules_run() -> None:
 def _train_one_process() -> dict:
     """The reference: the whole model, the whole batch, the same optimizer and clipping."""
     model, (x, y) = _model(), _data()
+    with torch.no_grad():
+        eval_before = lm_loss(model(x[STEPS]), y[STEPS]).item()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses, norms = [], []
     for step in range(STEPS):
@@ -157,7 +158,7 @@ def _train_one_process() -> dict:
     with torch.no_grad():
         logits = model(x[STEPS])
     return {"losses": losses, "norms": norms, "state": model.state_dict(), "logits": logits,
-            "eval_loss": lm_loss(logits, y[STEPS]).item()}
+            "eval_loss": lm_loss(logits, y[STEPS]).item(), "eval_before": eval_before}
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +183,7 @@ def test_two_stage_pipeline_trains_as_one_process(pipeline_runs: Path, schedule:
         assert rank["losses"] == pytest.approx(ref["losses"], abs=1e-5)
         assert rank["norms"] == pytest.approx(ref["norms"], abs=1e-5)
         assert rank["eval_loss"] == pytest.approx(ref["eval_loss"], abs=1e-5)
+        assert rank["eval_before"] == pytest.approx(ref["eval_before"], abs=1e-5)
         assert rank["uneven_batch_refused"]
     assert ranks[0]["logits"] is None
     assert torch.allclose(ranks[1]["logits"], ref["logits"], atol=1e-5)
@@ -208,6 +210,8 @@ def _worker(out: Path, steps: int) -> None:
         stage = build_stage(model, rank, 2, owned[rank], torch.device("cpu"))
         runner = PipelineRunner(stage, 2, schedule, MICROBATCHES, lm_loss)
         opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
+        # evaluation first, as a trainer may: the stage's shapes are then inferred without gradients
+        eval_before = runner.eval_step(x[STEPS], y[STEPS])[0].item()
         losses, norms, seconds = [], [], []
         for step in range(steps):
             start = time.perf_counter()
@@ -223,6 +227,7 @@ def _worker(out: Path, steps: int) -> None:
         except ValueError:
             uneven_refused = True
         torch.save({"losses": losses, "norms": norms, "eval_loss": eval_loss.item(), "logits": logits,
+                    "eval_before": eval_before,
                     "state": stage.state_dict(), "seconds": seconds, "uneven_batch_refused": uneven_refused},
                    out / f"{schedule}-rank{rank}.pt")
     dist.barrier()
