@@ -1,4 +1,4 @@
-"""Pipeline parallelism with manual stages (torchtitan's way), a building block the trainer is not yet wired to.
+"""Pipeline parallelism with manual stages (torchtitan's way): `parallel.strategy: pipeline` (jobs.parallel.apply).
 
 Each rank deep-copies the whole model and deletes what its stage does not own; the repeated blocks live in
 one `nn.ModuleDict` (`layers.0`, `layers.1`, ...), so the blocks a stage keeps keep their names and a stage's
@@ -18,13 +18,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
+from schema.parallel import MULTI_STAGE_SCHEDULES
+
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# One stage per rank: the schedules whose gloo hangs were fixed (pytorch PR #152938, in 2.13).
+# One stage per rank: the schedules whose gloo hangs were fixed (pytorch PR #152938, in 2.13). The names are
+# the recipe's (schema.parallel checks them when a recipe is loaded).
 SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-# Several stages per rank: not built here, and not shown to work over gloo.
-MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble",
-                         "dualpipev")
 
 
 # --- which stage owns what ---------------------------------------------------------------------------------

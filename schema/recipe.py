@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 
 from schema.checks import fraction, non_empty, non_negative, positive, seed
 from schema.errors import ConfigError, short
+from schema.parallel import ParallelConfig
 
 # `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -182,41 +183,6 @@ class TrainerConfig:
         seed(src, "trainer.seed", self.seed)
 
 
-_BLOCK_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+(\.[A-Za-z0-9_*?\[\]!]+)*$")
-
-
-@dataclass(frozen=True)
-class ParallelConfig:
-    strategy: Literal["ddp", "fsdp", "pipeline"] = "ddp"  # how the model is spread over ranks
-    nodes: int = 1  # machines
-    procs_per_node: int = 1  # ranks per machine (one per GPU on GPU machines)
-    # fsdp: the modules sharded apart, one communication group each: name patterns matched part by part
-    # ("layers.*" is layers.0, layers.1, ...) or class names ("Block"); empty: the model's repeated layers
-    fsdp_blocks: tuple[str, ...] = ()
-    mixed_precision: bool = False  # fsdp, CUDA only: compute in bf16 parameters, reduce gradients in fp32
-    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state live in CPU memory
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.procs_per_node
-
-    def check(self, src: str) -> None:
-        if self.strategy == "pipeline":
-            raise ConfigError(src, "parallel.strategy", "'pipeline' is not implemented yet",
-                              "use parallel.strategy=ddp or parallel.strategy=fsdp")
-        positive(src, "parallel.nodes", self.nodes)
-        positive(src, "parallel.procs_per_node", self.procs_per_node)
-        if self.strategy != "fsdp":
-            for key in ("fsdp_blocks", "mixed_precision", "cpu_offload"):
-                if getattr(self, key):
-                    raise ConfigError(src, f"parallel.{key}", f"is only read with parallel.strategy=fsdp, "
-                                      f"not {self.strategy}", f"set parallel.strategy=fsdp, or drop parallel.{key}")
-        for i, pattern in enumerate(self.fsdp_blocks):
-            if not _BLOCK_PATTERN.match(pattern):
-                raise ConfigError(src, f"parallel.fsdp_blocks[{i}]", f"{short(pattern)} is not a module name "
-                                  "pattern or class name", 'e.g. "layers.*", "features.0" or "TransformerBlock"')
-
-
 @dataclass(frozen=True)
 class CheckpointConfig:
     uri: Optional[str] = None  # where checkpoints go: path, file://, s3://, gs://, memory://; default <run_dir>/checkpoints
@@ -323,7 +289,7 @@ class RecipeConfig:
     @property
     def grad_accum(self) -> int:
         """Micro-steps per optimizer step: global batch / (micro batch x data-parallel size)."""
-        return self.trainer.global_batch // (self.trainer.micro_batch * self.parallel.world_size)
+        return self.trainer.global_batch // (self.trainer.micro_batch * self.parallel.data_parallel_size)
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
@@ -349,7 +315,7 @@ class RecipeConfig:
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:
             raise ConfigError(src, "checkpoint.best_metric", f"{short(self.checkpoint.best_metric)} is not evaluated",
                               f"evaluation gives {', '.join(measured)}; add a metric under metrics: to rank by it")
-        t, world = self.trainer, self.parallel.world_size
+        t, world = self.trainer, self.parallel.data_parallel_size
         per_step = t.micro_batch * world
         if t.global_batch % per_step:
             raise ConfigError(
@@ -363,9 +329,30 @@ class RecipeConfig:
                 "leave trainer.grad_accum unset to derive it")
         if self.parallel.strategy == "fsdp":
             self._check_fsdp(src)
+        if self.parallel.strategy == "pipeline":
+            self._check_pipeline(src)
         if self.model.pretrained is None and self.model.freeze:
             raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
                               "set model.pretrained or drop model.freeze")
+
+    def _check_pipeline(self, src: str) -> None:
+        """What the pipeline trainer cannot do with this config (the stages all see the whole batch)."""
+        t, pieces = self.trainer, self.parallel.microbatches
+        if self.grad_accum != 1:  # the pipeline's microbatches take the place of gradient accumulation
+            raise ConfigError(src, "trainer.global_batch", f"{t.global_batch} is {self.grad_accum} micro batches of "
+                              f"{t.micro_batch}: a pipeline does not accumulate gradients (every stage sees the "
+                              "whole batch)", f"set trainer.micro_batch={t.global_batch} and split it with "
+                              "parallel.microbatches")
+        if t.micro_batch % pieces:
+            raise ConfigError(src, "parallel.microbatches", f"{pieces} does not divide trainer.micro_batch="
+                              f"{t.micro_batch} into equal pieces", "use a divisor of trainer.micro_batch")
+        if t.precision != "fp32":
+            raise ConfigError(src, "trainer.precision", f"{t.precision} with parallel.strategy=pipeline is not "
+                              "built yet (the schedule runs the forward passes itself)", "use trainer.precision=fp32")
+        if self.model.factory == "jobs.gpt:gpt" and self.model.kwargs.get("tied_embeddings", True):
+            raise ConfigError(src, "model.kwargs.tied_embeddings", "the tied embedding and output weights would "
+                              "sit on the first and the last stage (their gradient would have to be summed "
+                              "across stages, which is not built)", "set model.kwargs.tied_embeddings=false")
 
     def _check_fsdp(self, src: str) -> None:
         """What FSDP cannot do with this trainer config (a device chosen by `auto` is checked on the rank)."""

@@ -1,14 +1,14 @@
 """Distributed setup and parallelism, applied to a plain model by functions (torchtitan's way).
 
 - distributed: the device and process group of a rank, the trainer's own collectives;
-- apply: parallelize() per `parallel.strategy` (DDP, FSDP), unwrap(), gradient_sync();
+- apply: parallelize() per `parallel.strategy` (DDP, FSDP, a pipeline stage), unwrap(), gradient_sync();
 - fsdp: fully_shard per block, then the root;
 - state: each part's model and optimizer state in a layout-independent form (checkpoints).
 """
-from jobs.parallel.apply import forward_is_collective, gradient_sync, parallelize, unwrap
+from jobs.parallel.apply import data_parallel, forward_is_collective, gradient_sync, parallelize, unwrap
 from jobs.parallel.distributed import all_reduce_mean, all_reduce_sum, init_distributed, pick_device, shutdown
 from jobs.parallel.state import load_model_state, load_optimizer_state, model_state, optimizer_state
 
-__all__ = ["all_reduce_mean", "all_reduce_sum", "forward_is_collective", "gradient_sync", "init_distributed",
+__all__ = ["all_reduce_mean", "data_parallel", "all_reduce_sum", "forward_is_collective", "gradient_sync", "init_distributed",
            "load_model_state", "load_optimizer_state", "model_state", "optimizer_state", "parallelize",
            "pick_device", "shutdown", "unwrap"]

@@ -12,17 +12,20 @@ from torch import nn
 
 from jobs.env import RankEnv
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
-from schema import ParallelConfig
+from jobs.pipeline import build_stage, split_points
+from schema import ParallelConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
     """Wrap or shard a plain model for the configured strategy. One rank runs the plain model
-    whatever the strategy: there is nothing to spread. Pipeline is refused by ParallelConfig.check()
-    when the recipe is loaded; it slots in here as one more function."""
+    whatever the strategy: there is nothing to spread (a pipeline needs 2 ranks: checked at load).
+    A pipeline rank gets its stage: the part of the model it owns, under the model's own names."""
     if cfg.strategy == "fsdp":
         check_device(cfg, device)
+    if cfg.strategy == "pipeline":
+        return pipeline_stage(model, cfg, env, device)
     model = model.to(device)
     if not env.distributed:
         if cfg.strategy != "ddp" and env.is_main:
@@ -32,6 +35,32 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
         return apply_fsdp(model, cfg, env, device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def pipeline_stage(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
+    """Stage `env.rank` of `env.world_size` (one per rank: pipeline x data parallel is not built)."""
+    points = list(cfg.split_points) if cfg.split_points is not None else None
+    try:
+        owned = split_points(model, points, env.world_size)
+        stage = build_stage(model, env.rank, env.world_size, owned[env.rank], device)
+    except ValueError as err:  # the recipe asks for a split this model cannot take: the user's to fix
+        raise UsageError(f"parallel.strategy=pipeline: {err}") from None
+    if env.is_main:
+        log.info("pipeline: %d stages, %s schedule, %d microbatches; stages own %s", env.world_size,
+                 cfg.pipeline_schedule, cfg.microbatches, " | ".join(_span(o) for o in owned))
+    return stage
+
+
+def _span(owned: list[str]) -> str:
+    return owned[0] if len(owned) == 1 else f"{owned[0]}..{owned[-1]}"
+
+
+def data_parallel(cfg: ParallelConfig, env: RankEnv) -> tuple[int, int]:
+    """(replicas, this rank's replica) of the data: every rank reads its own share, except in a
+    pipeline, whose stages all read the same whole batch."""
+    if cfg.strategy == "pipeline":
+        return 1, 0
+    return env.world_size, env.rank
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -13,9 +13,11 @@ Stopgap for sharded checkpoints: an FSDP part gathers the FULL state on rank 0 (
 these, they are collectives) and every rank loads the full state and keeps its shard."""
 from __future__ import annotations
 
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, \
     get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict
@@ -93,3 +95,59 @@ def _check_count(state: dict[str, Any], count: int) -> None:
     listed = sum(len(g["params"]) for g in state["param_groups"])
     if listed != count:
         raise ValueError(f"the checkpoint's optimizer state has {listed} parameters, this model part trains {count}")
+
+
+# --- pipeline stages: each rank holds a disjoint part of the model, under the model's own names -----------
+
+def gather_stages(state: dict[str, Any]) -> dict[str, Any]:
+    """The stages' model states merged on rank 0, in stage order (the model's order); {} on the others.
+    A collective: every stage calls it."""
+    gathered = _gather_to_main({k: v.detach().cpu() for k, v in state.items()}, getattr(state, "_metadata", {}))
+    if gathered is None:
+        return {}
+    merged: OrderedDict[str, Any] = OrderedDict()
+    versions: OrderedDict[str, Any] = OrderedDict()
+    for tensors, meta in gathered:
+        merged.update(tensors)
+        versions.update(meta)
+    merged._metadata = versions  # type: ignore[attr-defined]
+    return merged
+
+
+def gather_stage_optimizers(part: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The stages' optimizer states merged on rank 0 in the FQN form, group i of the merge holding every
+    stage's group i ({} on the others). A collective: every stage calls it."""
+    gathered = _gather_to_main(named_optimizer_state(part, opt, opt.state_dict()))
+    if gathered is None:
+        return {"state": {}, "param_groups": []}
+    state: dict[str, Any] = {}
+    groups = [{**g, "params": []} for g in gathered[0]["param_groups"]]
+    for stage in gathered:
+        state.update(stage["state"])
+        for merged, own in zip(groups, stage["param_groups"], strict=True):
+            merged["params"] += own["params"]
+    return {"state": state, "param_groups": groups}
+
+
+def stage_optimizer_state(part: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    """This stage's share of a whole model's optimizer state, in torch's numbered form for `opt`. A numbered
+    state (a DDP run's) is named first by the stages' parameter names in stage order, which is the whole
+    model's order: a collective then."""
+    if not is_named(state):
+        everyone: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, parameter_names(part, opt))
+        names = [n for stage in everyone for n in stage]
+        _check_count(state, len(names))
+        state = {"state": {names[i]: s for i, s in state["state"].items()},
+                 "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    own = set(parameter_names(part, opt))
+    mine = {"state": {n: s for n, s in state["state"].items() if n in own},
+            "param_groups": [{**g, "params": [n for n in g["params"] if n in own]} for g in state["param_groups"]]}
+    return numbered_optimizer_state(part, opt, mine)
+
+
+def _gather_to_main(*mine: Any) -> Optional[list[Any]]:
+    """Every rank's `mine` on rank 0, in rank order (None elsewhere)."""
+    everyone: Optional[list[Any]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(mine if len(mine) > 1 else mine[0], everyone, dst=0)
+    return everyone

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jobs import parallel
 from jobs.env import RankEnv
+from jobs.pipeline import PipelineRunner
 from jobs.training.objective import batch_sum
 from jobs.training.step import StepSettings, autocast
 
@@ -47,6 +48,32 @@ def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSet
             _idle_forwards(model, dataset, most - len(loader), settings)
     sums = parallel.all_reduce_sum(sums)
     return {f"val/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(fns)}
+
+
+def evaluate_pipeline(runner: PipelineRunner, dataset: Dataset, settings: StepSettings) -> dict[str, float]:
+    """The same measures through a pipeline: every stage runs the whole validation set through the schedule,
+    in batches of trainer.micro_batch (the shapes the stages were built for); the last stage measures its
+    logits and every stage gets the sums (zeros from the others, summed). A short last batch is padded
+    with repeats of a sample whose outputs are dropped: each sample counts once."""
+    device, objective, batch = settings.device, settings.objective, settings.trainer.micro_batch
+    fns = {"loss": objective.loss, **objective.metrics}
+    sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
+    for x, y in DataLoader(dataset, batch_size=batch, generator=torch.Generator()):
+        real = len(y)
+        _, outputs = runner.eval_step(_pad(x, batch), _pad(y, batch))
+        if runner.is_last:
+            outputs, y = outputs[:real].float(), y.to(device)
+            with torch.no_grad():
+                for i, fn in enumerate(fns.values()):
+                    sums[i] += batch_sum(fn(outputs, y), real)
+            sums[-1] += real
+    sums = parallel.all_reduce_sum(sums)
+    return {f"val/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(fns)}
+
+
+def _pad(t: torch.Tensor, size: int) -> torch.Tensor:
+    missing = size - t.shape[0]
+    return torch.cat([t, t[:1].expand(missing, *t.shape[1:])]) if missing else t
 
 
 def _idle_forwards(model: nn.Module, dataset: Dataset, count: int, settings: StepSettings) -> None:

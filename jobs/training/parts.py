@@ -13,19 +13,20 @@ import torch
 from torch import nn
 
 from jobs import parallel
-from jobs.parallel.state import is_named
+from jobs.parallel.state import gather_stage_optimizers, gather_stages, is_named, stage_optimizer_state
 
 
 class ModelParts:
     """The model pieces on this rank, each wrapped or sharded for its parallelism. The state is
     the unwrapped modules' tensors merged into one flat name -> tensor dict (the parts of one model
     have disjoint names): the "model" file that export and pretrained loading read is the same
-    whatever the layout."""
+    whatever the layout. With `pipelined`, each rank holds one pipeline stage, a disjoint part of the
+    model: the state is gathered from every stage to rank 0, and each stage loads its own names."""
 
-    def __init__(self, parts: list[nn.Module]) -> None:
+    def __init__(self, parts: list[nn.Module], pipelined: bool = False) -> None:
         if not parts:
             raise ValueError("ModelParts needs at least one module")
-        self.parts = parts
+        self.parts, self.pipelined = parts, pipelined
 
     @property
     def single(self) -> nn.Module:
@@ -57,7 +58,7 @@ class ModelParts:
             merged.update(state)
             versions.update(getattr(state, "_metadata", {}))
         merged._metadata = versions  # type: ignore[attr-defined]
-        return merged
+        return gather_stages(merged) if self.pipelined else merged
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Each part takes its own names, strictly (a missing one fails); a name no part has fails too.
@@ -72,7 +73,7 @@ class ModelParts:
             parallel.load_model_state(part, mine)
             claimed |= own
         unexpected = [k for k in state if k not in claimed]
-        if unexpected:
+        if unexpected and not self.pipelined:  # a stage leaves the other stages' names
             raise RuntimeError(f"Error(s) in loading state_dict: Unexpected key(s) in state_dict: "
                                f"{', '.join(repr(k) for k in unexpected[:10])}")
 
@@ -82,10 +83,12 @@ class Optimizers:
     groups in turn. Plain and DDP parts save torch's own form, parameter numbers running on from one
     part to the next (with one part: that optimizer's own state dict); FSDP parts save the FQN form
     (parameters by name: see jobs.parallel.state). load_state_dict() takes either, whatever the
-    layout now, and splits it back by each optimizer's groups."""
+    layout now, and splits it back by each optimizer's groups. Pipeline stages (`pipelined`) save the
+    FQN form, gathered to rank 0, and each loads its own parameters' entries."""
 
-    def __init__(self, optimizers: list[torch.optim.Optimizer], parts: Optional[list[nn.Module]] = None) -> None:
-        self.optimizers = optimizers
+    def __init__(self, optimizers: list[torch.optim.Optimizer], parts: Optional[list[nn.Module]] = None,
+                 pipelined: bool = False) -> None:
+        self.optimizers, self.pipelined = optimizers, pipelined
         # the part each optimizer steps: names its parameters (an FSDP state, a change of layout)
         self.parts = parts
         if parts is not None and len(parts) != len(optimizers):
@@ -104,7 +107,11 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """A collective with FSDP parts (their state is gathered to rank 0): every rank calls it."""
+        """A collective with FSDP parts or pipeline stages (their state is gathered to rank 0): every rank
+        calls it."""
+        if self.pipelined:
+            part, opt = self._stage()
+            return gather_stage_optimizers(part, opt)
         state: dict[Any, Any] = {}
         groups: list[dict[str, Any]] = []
         offset = 0
@@ -122,6 +129,10 @@ class Optimizers:
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.pipelined:
+            part, opt = self._stage()
+            opt.load_state_dict(stage_optimizer_state(part, opt, state))
+            return
         groups = state["param_groups"]
         if len(groups) != sum(len(opt.param_groups) for opt in self.optimizers):
             raise ValueError(f"the checkpoint's optimizer state has {len(groups)} parameter groups, the "
@@ -135,6 +146,11 @@ class Optimizers:
                 parallel.load_optimizer_state(part, opt, own)
             else:
                 opt.load_state_dict(own)
+
+    def _stage(self) -> tuple[nn.Module, torch.optim.Optimizer]:
+        if self.parts is None or len(self.parts) != 1:
+            raise NotImplementedError("a pipeline rank holds one stage and its optimizer")
+        return self.parts[0], self.optimizers[0]
 
     def _pairs(self) -> list[tuple[Optional[nn.Module], torch.optim.Optimizer]]:
         return list(zip(self.parts or [None] * len(self.optimizers), self.optimizers))

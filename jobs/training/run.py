@@ -1,6 +1,6 @@
 """Build a Trainer from the recipe and run it: what a rank does between reading its config and
 writing result.json. This is the one place that decides how the parts are laid out (today one
-model part per rank, wrapped by DDP or sharded by FSDP); a pipeline layout changes build_trainer() only."""
+model part per rank: wrapped by DDP, sharded by FSDP, or one pipeline stage run by a PipelineRunner)."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +13,7 @@ from jobs import parallel
 from jobs.checkpoint import Checkpointer
 from jobs.data import build_datasets
 from jobs.env import RankEnv
+from jobs.pipeline import PipelineRunner
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained
@@ -54,8 +55,13 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     src = str(run.run_dir / "config.yaml")  # a bad import path or factory is reported against it
     objective = Objective.from_recipe(recipe, src)
     train_set, val_set = build_datasets(recipe.data, recipe.model, storage, src)
-    model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), recipe.parallel, env, device)])
-    total = planned_steps(recipe, len(train_set), env.world_size)
+    p = recipe.parallel
+    pipelined = p.strategy == "pipeline"
+    model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), p, env, device)], pipelined)
+    # a pipeline stage runs through its schedule, which passes activations between the stages
+    runner = PipelineRunner(model.single, env.world_size, p.pipeline_schedule, p.microbatches, objective.loss) \
+        if pipelined else None
+    total = planned_steps(recipe, len(train_set), parallel.data_parallel(p, env)[0])
     optimizers = build_optimizers(recipe.optim, model)
     schedulers = build_schedulers(recipe.schedule, optimizers, total)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
@@ -67,7 +73,7 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,
                    total_steps=total, model=model, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
                    rng=RankRNG(env, device), checkpointer=checkpointer, metrics=metrics, stop=stop,
-                   objective=objective, callbacks=Callbacks(callbacks))
+                   objective=objective, callbacks=Callbacks(callbacks), pipeline=runner)
 
 
 def _plain_model(recipe: RecipeConfig, src: str, storage: StorageConfig, env: RankEnv) -> nn.Module:

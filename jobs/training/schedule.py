@@ -10,12 +10,13 @@ from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from schema import OptimConfig, RecipeConfig, ScheduleConfig
 
 
-def planned_steps(recipe: RecipeConfig, n_train: int, world_size: int) -> int:
-    """trainer.max_steps, or the optimizer steps of trainer.epochs full passes (partial steps dropped)."""
+def planned_steps(recipe: RecipeConfig, n_train: int, replicas: int) -> int:
+    """trainer.max_steps, or the optimizer steps of trainer.epochs full passes (partial steps dropped);
+    `replicas`: the data-parallel ranks sharing the training set."""
     t = recipe.trainer
     if t.max_steps is not None:
         return t.max_steps
-    per_rank = n_train // world_size
+    per_rank = n_train // replicas
     steps_per_epoch = per_rank // (t.micro_batch * recipe.grad_accum)
     if steps_per_epoch == 0:
         raise ValueError(f"{n_train} training samples make no full step of global batch {t.global_batch}: "
@@ -26,7 +27,7 @@ def planned_steps(recipe: RecipeConfig, n_train: int, world_size: int) -> int:
 def build_optimizers(cfg: OptimConfig, model: ModelParts) -> Optimizers:
     """One optimizer per model part, over its trainable (not frozen) parameters."""
     return Optimizers([_optimizer(cfg, [p for p in part.parameters() if p.requires_grad]) for part in model.parts],
-                      model.parts)
+                      model.parts, pipelined=model.pipelined)
 
 
 def _optimizer(o: OptimConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:

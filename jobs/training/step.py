@@ -12,6 +12,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jobs import parallel
 from jobs.data import ignore_stop_signals
+from jobs.pipeline import PipelineRunner
+from jobs.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
 from schema import TrainerConfig
@@ -80,6 +82,23 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
             opt.step()
     optimizers.zero_grad()
     return total
+
+
+def pipeline_train_step(runner: PipelineRunner, optimizers: Optimizers, micro: MicroBatches,
+                        settings: StepSettings) -> torch.Tensor:
+    """One optimizer step of a pipeline stage: the schedule runs forward and backward over the batch's
+    microbatches (they take the place of gradient accumulation: the recipe has one micro batch per
+    step), the gradient is clipped by the whole model's norm, then this stage's optimizer steps.
+    Returns the batch's loss, the same on every stage."""
+    (x, y), = micro
+    runner.module.train()
+    loss = runner.train_step(x, y)
+    if settings.trainer.grad_clip is not None:
+        pipeline_clip_grad_norm_(runner.module, settings.trainer.grad_clip)
+    for opt in optimizers:
+        opt.step()
+    optimizers.zero_grad()
+    return loss
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:

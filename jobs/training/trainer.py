@@ -21,11 +21,12 @@ from jobs.tracking import MetricsLogger
 from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
 from jobs.training.callbacks import Callbacks
 from jobs.training.context import RunContext
-from jobs.training.evaluate import EvalResult, evaluate
+from jobs.pipeline import PipelineRunner
+from jobs.training.evaluate import EvalResult, evaluate, evaluate_pipeline
 from jobs.training.objective import Objective
 from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from jobs.training.state import RankRNG, TrainState
-from jobs.training.step import LossWindow, MicroBatches, StepSettings, micro_batches, train_step
+from jobs.training.step import LossWindow, MicroBatches, StepSettings, micro_batches, pipeline_train_step, train_step
 from schema import RecipeConfig, config_hash, to_yaml
 from schema.run_dir import FINAL_MODEL, Run, RunResult
 
@@ -54,6 +55,7 @@ class Trainer:
     stop: StopFlag
     objective: Objective  # the loss trained on and the metrics evaluated
     callbacks: Callbacks = field(default_factory=Callbacks)
+    pipeline: Optional[PipelineRunner] = None  # parallel.strategy=pipeline: runs this rank's stage
     progress: TrainState = field(default_factory=TrainState)
     last_eval: Optional[EvalResult] = None
     _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
@@ -127,13 +129,15 @@ class Trainer:
     def fit(self) -> RunResult:
         """Train to total_steps or until the ranks agree to stop; returns what result.json holds."""
         t, st = self.recipe.trainer, self.progress
-        sampler = DistributedSampler(self.train_set, num_replicas=self.env.world_size, rank=self.env.rank,
-                                     shuffle=True, seed=t.seed, drop_last=True)
+        replicas, replica = parallel.data_parallel(self.recipe.parallel, self.env)  # a pipeline's stages: 1, 0
+        sampler = DistributedSampler(self.train_set, num_replicas=replicas, rank=replica, shuffle=True, seed=t.seed,
+                                     drop_last=True)
         steps_per_epoch = len(sampler) // (t.micro_batch * self.recipe.grad_accum)
         if self.env.is_main:
-            log.info("%d ranks x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps",
-                     self.env.world_size, t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch,
-                     self.total_steps)
+            ranks = f"{replicas} ranks" if self.pipeline is None else \
+                f"1 data-parallel replica ({self.env.world_size} pipeline stages)"
+            log.info("%s x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps", ranks,
+                     t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch, self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
         window, agreement = LossWindow(self.device), StopAgreement(self.device)
         self._last_save, preempted = time.monotonic(), False
@@ -156,7 +160,10 @@ class Trainer:
     def _step(self, micro: MicroBatches, window: LossWindow, agreement: StopAgreement, bar: Any) -> bool:
         """One optimizer step and what is due after it; True when the ranks agreed to stop."""
         t, st = self.recipe.trainer, self.progress
-        window.add(train_step(self.model, self.optimizers, self.scaler, micro, self.settings))
+        if self.pipeline is not None:
+            window.add(pipeline_train_step(self.pipeline, self.optimizers, micro, self.settings))
+        else:
+            window.add(train_step(self.model, self.optimizers, self.scaler, micro, self.settings))
         self.schedulers.step()
         st.step += 1
         st.step_in_epoch += 1
@@ -194,7 +201,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and logging
     def _evaluate(self) -> None:
         step = self.progress.step
-        metrics = evaluate(self.model.single, self.val_set, self.env, self.settings)
+        metrics = evaluate(self.model.single, self.val_set, self.env, self.settings) if self.pipeline is None \
+            else evaluate_pipeline(self.pipeline, self.val_set, self.settings)
         self.metrics.log(step, metrics)
         if self.env.is_main:  # e.g. "val/loss 0.1234 val/acc 0.9700"
             log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
