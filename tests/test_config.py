@@ -81,7 +81,7 @@ def test_unknown_section() -> None:
     ("model.dropout=1.5", "model.dropout", "between 0 and 1"),
     ("data.val_fraction=1", "data.val_fraction", "between 0 and 1"),
     ("trainer.deterministic=yes please", "trainer.deterministic", "expected bool"),
-    ("parallel.strategy=pipeline", "parallel.strategy", "not implemented"),
+    ("parallel.pipeline_schedule=1f1b", "parallel.pipeline_schedule", "only read with parallel.strategy=pipeline"),
     ("data.classes=[1, 1, 2]", "data.classes", "distinct"),
     ("model.freeze=features", "model.freeze", "expected a list"),
 ])
