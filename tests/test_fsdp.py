@@ -77,7 +77,7 @@ def test_optimizer_state_converts_between_numbered_and_named_forms() -> None:
 
 
 @pytest.mark.parametrize("overrides, key", [
-    (["parallel.strategy=pipeline"], "parallel.strategy"),
+    (["parallel.strategy=pipeline", "parallel.procs_per_node=1"], "parallel.strategy"),  # a pipeline of 1 rank
     (["parallel.fsdp_blocks=[features.*]"], "parallel.fsdp_blocks"),  # strategy ddp: a forgotten strategy
     (["parallel.strategy=fsdp", "parallel.fsdp_blocks=[features..0]"], "parallel.fsdp_blocks[0]"),
     (["parallel.strategy=fsdp", "parallel.mixed_precision=true", "trainer.device=cpu"], "parallel.mixed_precision"),
