@@ -28,6 +28,7 @@ dist.all_reduce(total)
 keys = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
 seen = {key: os.environ.get(key) for key in keys}
 print("REPORT " + json.dumps({**seen, "sum": total.item(), "argv": sys.argv[1:], "cwd": os.getcwd()}), flush=True)
+dist.barrier()  # as torchrun scripts should: gloo can abort a group destroyed while a peer is mid-collective
 dist.destroy_process_group()
 '''
 

@@ -83,6 +83,9 @@ def main() -> None:
     print(f"rank {rank} done: {args.steps} steps, {seen} samples", flush=True)
     if rank == 0:
         print(f"val/mae {val_mae(model.module, val, device):.4f}", flush=True)
+    # every rank meets before leaving: destroying a gloo group while a peer is still busy (rank 0
+    # evaluating) sometimes aborts the process ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -69,6 +69,7 @@ def main() -> None:
         ckpt.save(step, {"model": model.state_dict(), "optim": opt.state_dict()})
     ckpt.close()  # waits until the checkpoint is committed
     if env.distributed:
+        dist.barrier()  # every rank meets before leaving (gloo can abort a group destroyed mid-collective)
         dist.destroy_process_group()
 
 
