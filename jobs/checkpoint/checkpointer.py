@@ -8,17 +8,19 @@ from pathlib import Path
 from typing import Any, Collection, Optional
 
 import torch
+import torch.distributed as dist
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
     InvalidCheckpoint, describe, log
 from jobs.checkpoint.local import SAVES_LOG, LocalWriter, SavesLog
-from jobs.checkpoint.manifest import Manifest, step_dir_name
+from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.reader import load_checkpoint
 from jobs.checkpoint.retention import prune, retained
 from jobs.checkpoint.saver import BackgroundSaver, SaveJob
-from jobs.checkpoint.staging import check_leaves, check_state
-from jobs.checkpoint.store import Store
+from jobs.checkpoint.sharded import ShardedSaver, ShardJob, is_shard_file
+from jobs.checkpoint.staging import check_leaves, check_state, copy_tree
+from jobs.checkpoint.store import Store, download_folder
 from jobs.checkpoint.uploader import Uploader
 from jobs.storage import filesystem
 from schema import CheckpointConfig, StorageConfig
@@ -28,7 +30,9 @@ class Checkpointer:
     """Saves, finds and loads checkpoints of one run.
 
     Only the writer (rank 0) writes: on other ranks save() does nothing and flush() returns True,
-    so the trainer can call them on every rank. Every rank may call latest() and load().
+    so the trainer can call them on every rank. Every rank may call latest() and load(). With
+    `sharded`, every rank writes its shard of what save() is given as `shards` (see
+    jobs/checkpoint/sharded.py) and rank 0 commits them with its own files.
 
     With a `run_id`, the remote folder belongs to that run: its owner record (`run-owner.json`) is
     written before the first upload, and a folder owned by another run is neither read, written
@@ -36,7 +40,7 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: CheckpointConfig, local_dir: Path, remote: str | None, storage: StorageConfig,
-                 is_writer: bool = True, run_id: Optional[str] = None) -> None:
+                 is_writer: bool = True, run_id: Optional[str] = None, sharded: bool = False) -> None:
         self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
         self.local_dir = Path(local_dir).absolute()
         self.remote_uri = remote.rstrip("/") if remote else None
@@ -49,6 +53,9 @@ class Checkpointer:
             self._uploader = Uploader(cfg, self._local, Store(fs, root, self.remote_uri or remote), run_id,
                                       self._saves_log)
         self._saver: Optional[BackgroundSaver] = None
+        # sharded saves (every rank writes its shard): created on every rank, a collective
+        self._shards = ShardedSaver(dist.get_rank(), self._commit_sharded if is_writer else None,
+                                    torch.cuda.is_available(), cfg.async_save) if sharded else None
         self._submitted: set[int] = set()
         self._closed = False
         if is_writer:
@@ -62,9 +69,21 @@ class Checkpointer:
                     self._uploader.start()
 
     # ------------------------------------------------------------------ public API
-    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
+    @property
+    def sharded(self) -> bool:
+        """Whether every rank writes its shard (save() takes `shards`)."""
+        return self._shards is not None
+
+    def save(self, step: int, state: dict[str, Any], metrics: dict[str, float],
+             shards: Optional[dict[str, Any]] = None) -> None:
         """Checkpoint `state` (name -> object, one file each) at `step`. Async: returns once the
-        tensors are copied to host memory; blocks while `queue_size` saves are already waiting."""
+        tensors are copied to host memory; blocks while `queue_size` saves are already waiting.
+
+        `shards` (a sharded Checkpointer, every rank calls save()): this rank's shard of the state
+        (DTensors or a pipeline stage's tensors), written with DCP next to rank 0's `state`."""
+        if shards is not None:
+            self._save_sharded(step, state, metrics, shards)
+            return
         if not self.is_writer:
             return
         if self._closed:
@@ -91,7 +110,7 @@ class Checkpointer:
         the checkpoint too, load_latest() reads every file once instead of twice.
         """
         found = self._find(skip=set(), full_hash=True)
-        return found[0].location(found[1]) if found else None
+        return found[0].location(found[1]) if found else None  # type: ignore[index]
 
     def load_latest(self, map_location: str | torch.device = "cpu",
                     keys: Optional[Collection[str]] = None) -> Optional[tuple[str, dict[str, Any]]]:
@@ -100,16 +119,25 @@ class Checkpointer:
         that does not match is skipped for the next older one."""
         skipped: set[str] = set()
         while (found := self._find(skipped, full_hash=False)) is not None:
-            store, name = found
+            store, name, manifest = found
             location = store.location(name)
             try:
+                if store is not self._local and any(is_shard_file(f) for f in manifest.files):
+                    location = self._download(store, name, manifest)  # DCP reads shards from a local folder
                 return location, load_checkpoint(location, self.storage, map_location, keys)
             except CorruptCheckpoint as err:
                 log.warning("skipping checkpoint %s: %s", location, err)
-                skipped.add(location)
+                skipped.add(store.location(name))
                 if self._uploader is not None and store is not self._local:
                     self._uploader.mark_corrupt(name)  # replaced by the local copy, if there is one
         return None
+
+    def _download(self, remote: Store, name: str, manifest: Manifest) -> str:
+        """A remote sharded checkpoint copied into the local folder and committed there, every file
+        checked against the manifest on the way; returns the local folder."""
+        log.info("downloading sharded checkpoint %s (%.1f MB)", remote.location(name), manifest.total_bytes / 1e6)
+        download_folder(remote, name, manifest, self.local_dir / name)
+        return str(self.local_dir / name)
 
     def load(self, location: str, map_location: str | torch.device = "cpu", keys: Optional[Collection[str]] = None,
              hash_local: bool = True) -> dict[str, Any]:
@@ -126,15 +154,17 @@ class Checkpointer:
         """Wait up to `timeout` s (default checkpoint.flush_timeout_s) for queued saves and pending
         uploads. True when everything is committed locally and, with a remote, remotely, and
         not every save of this run failed to write."""
+        deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout is None else timeout)
+        if self._shards is not None:
+            self._shards.wait_idle(deadline)
         if not self.is_writer:
             return True
-        deadline = time.monotonic() + (self.cfg.flush_timeout_s if timeout is None else timeout)
         if self._saver is not None:
             self._saver.wait_idle(deadline)
         if self._uploader is not None:
             self._uploader.flush(deadline)
         self._raise_background_error()
-        saved = self._saver is None or self._saver.idle
+        saved = (self._saver is None or self._saver.idle) and (self._shards is None or self._shards.idle)
         uploaded = self._uploader is None or not self._uploader.pending
         return saved and uploaded and not self._writer.nothing_saved
 
@@ -144,6 +174,8 @@ class Checkpointer:
         local_dir."""
         if self._saver is not None and not self._closed:
             self._saver.close()
+        if self._shards is not None and not self._closed:
+            self._shards.close()
         self._closed = True
         if self._uploader is not None:
             self._uploader.stop()
@@ -154,6 +186,37 @@ class Checkpointer:
         self._raise_background_error()
 
     # ------------------------------------------------------------------ saving
+    def _save_sharded(self, step: int, state: dict[str, Any], metrics: dict[str, float],
+                      shards: dict[str, Any]) -> None:
+        if self._shards is None:
+            raise CheckpointError("save(shards=...) needs a Checkpointer created with sharded=True on every rank")
+        if self._closed:
+            raise CheckpointError(f"save(step={step}) after close(): create a new Checkpointer for {self.local_dir}")
+        self._raise_background_error()
+        started = time.perf_counter()
+        metrics = check_state(state, metrics) if self.is_writer else {}
+        name = step_dir_name(step)
+        if step in self._submitted:  # every rank keeps the same record: they all skip it
+            log.info("checkpoint %s was already saved by this run; not saving it again", name)
+            return
+        small = {k: copy_tree(v, k, lambda t, where: t.detach().to("cpu", copy=True)) for k, v in state.items()} \
+            if self.is_writer else {}
+        self._shards.submit(ShardJob(step, self.local_dir / name, small, metrics, started), shards)
+        self._submitted.add(step)
+
+    def _commit_sharded(self, job: ShardJob, shards: dict[str, FileEntry]) -> None:
+        """Rank 0, once every rank confirmed its shard: its own files, then the manifest over all."""
+        try:
+            manifest = self._writer.commit(job.step, job.state, job.metrics, shards=shards)
+            if manifest is not None:
+                self._after_local_commit(job, manifest)
+        finally:
+            if self._uploader is not None:
+                if self.cfg.async_save:
+                    self._uploader.request_round()
+                else:
+                    self._uploader.run_round(None)
+
     def _save_now(self, job: SaveJob) -> None:
         """Synchronous save: commit locally, upload (with retries) and prune, all before returning."""
         manifest = self._writer.commit(job.step, job.state, job.metrics)
@@ -173,7 +236,7 @@ class Checkpointer:
             if self._uploader is not None:
                 self._uploader.request_round()
 
-    def _after_local_commit(self, job: SaveJob, manifest: Manifest) -> None:
+    def _after_local_commit(self, job: SaveJob | ShardJob, manifest: Manifest) -> None:
         commit_s = time.perf_counter() - job.started
         log.info("checkpoint step %d committed to %s in %.3f s (%.1f MB; training blocked %.3f s)",
                  job.step, self.local_dir, commit_s, manifest.total_bytes / 1e6, job.blocked_s, extra=FILE_ONLY)
@@ -193,13 +256,13 @@ class Checkpointer:
         return retained(manifests, self.cfg) if manifests else set()
 
     def _raise_background_error(self) -> None:
-        for part in (self._saver, self._uploader):
+        for part in (self._saver, self._uploader, self._shards):
             error = part.take_error() if part is not None else None
             if error is not None:
                 raise error
 
     # ------------------------------------------------------------------ finding
-    def _find(self, skip: set[str], full_hash: bool) -> Optional[tuple[Store, str]]:
+    def _find(self, skip: set[str], full_hash: bool) -> Optional[tuple[Store, str, Manifest]]:
         """The newest valid checkpoint of both stores not in `skip` (locations), as (store, folder).
         Local copies are hashed with `full_hash`; remote ones are checked by size."""
         candidates = [(step, 0, self._local, name) for name, step in self._local.step_dirs().items()]
@@ -219,11 +282,10 @@ class Checkpointer:
         return found
 
     def _first_valid(self, candidates: list[tuple[int, int, Store, str]],
-                     full_hash: bool) -> Optional[tuple[Store, str]]:
+                     full_hash: bool) -> Optional[tuple[Store, str, Manifest]]:
         for _, _, store, name in candidates:
             try:
-                store.verify(name, full_hash=full_hash and store is self._local)
-                return store, name
+                return store, name, store.verify(name, full_hash=full_hash and store is self._local)
             except InvalidCheckpoint as err:
                 log.warning("skipping checkpoint %s: %s", store.location(name), err)
             except Exception as err:  # a store failing mid-scan, a folder deleted by retention meanwhile

@@ -54,17 +54,19 @@ class LocalWriter:
         self._lock = threading.Lock()
         self.committed = self.failed = 0  # saves of this run
 
-    def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> Optional[Manifest]:
+    def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float],
+               shards: Optional[dict[str, FileEntry]] = None) -> Optional[Manifest]:
         """Write the files, then the manifest (the commit), then the pointer. None if already there
-        or if the disk refused the write."""
+        or if the disk refused the write. `shards`: the files the ranks of a sharded save already
+        wrote into the folder (jobs.checkpoint.sharded), which the manifest covers too."""
         folder = self.folder / step_dir_name(step)
-        if self.store.is_intact(folder.name):
+        if shards is None and self.store.is_intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
                         folder, step)
             self._count(committed=True)
             return None
         try:
-            manifest = self._write_folder(folder, step, state, metrics)
+            manifest = self._write_folder(folder, step, state, metrics, shards)
         except OSError as err:
             self._discard_failed_save(folder, step, err)
             return None
@@ -81,12 +83,18 @@ class LocalWriter:
         with self._lock:
             return self.failed > 0 and self.committed == 0
 
-    def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float]) -> Manifest:
-        if folder.exists():
-            (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
-            shutil.rmtree(folder)  # an interrupted or corrupt save of this step
-        folder.mkdir(parents=True)
-        manifest = Manifest(step, metrics, time.time(), self.files.write(folder, state), self.run_id)
+    def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float],
+                      shards: Optional[dict[str, FileEntry]]) -> Manifest:
+        if shards is None:
+            if folder.exists():
+                (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
+                shutil.rmtree(folder)  # an interrupted or corrupt save of this step
+            folder.mkdir(parents=True)
+        files = self.files.write(folder, state)
+        clash = files.keys() & (shards or {}).keys()
+        if clash:
+            raise ValueError(f"checkpoint state keys {sorted(clash)} clash with the shards' files")
+        manifest = Manifest(step, metrics, time.time(), {**files, **(shards or {})}, self.run_id)
         commit_folder(folder, manifest)
         return manifest
 

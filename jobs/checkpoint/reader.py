@@ -26,6 +26,7 @@ import torch
 
 from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint
 from jobs.checkpoint.manifest import FileEntry, Manifest
+from jobs.checkpoint.sharded import is_shard_file, read_full, shard_keys
 from jobs.checkpoint.store import HASH_CHUNK, Store
 from jobs.storage import filesystem, is_local, join
 from schema.run_dir import MANIFEST
@@ -44,6 +45,10 @@ def load_checkpoint(location: str, storage: StorageConfig, map_location: str | t
 
     `hash_local=False` checks only the sizes of files on a local file system: for a rank whose
     node-mate (local rank 0) hashes the same files. Downloads are always hashed: each can differ.
+
+    A sharded checkpoint (jobs.checkpoint.sharded) must be local; its shards are checked too, but
+    loaded only when `keys` names what they hold ("model", "optimizer"), as whole tensors: a layout
+    loads its own shards with sharded.load_shards() instead.
     """
     fs, root = filesystem(location, storage)
     store = Store(fs, root, location)
@@ -54,24 +59,38 @@ def load_checkpoint(location: str, storage: StorageConfig, map_location: str | t
                               f"use Checkpointer.latest() to find one") from None
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CheckpointError(f"{join(location, MANIFEST)} is unreadable: {err}") from None
-    wanted = {f: e for f, e in manifest.files.items() if keys is None or f.removesuffix(".pt") in keys}
-    if keys is not None and len(wanted) != len(set(keys)):
-        raise CheckpointError(f"{location} holds {sorted(f.removesuffix('.pt') for f in manifest.files)}, "
-                              f"not all of the requested {sorted(keys)}")
-    loaded = _load_files(store, wanted, map_location, hash_local)
-    return {f.removesuffix(".pt"): loaded[f] for f in wanted}
+    shards = {f: e for f, e in manifest.files.items() if is_shard_file(f)}
+    if shards and not is_local(fs):
+        raise CheckpointError(f"{location} is a sharded checkpoint on a remote store: download it first "
+                              f"(Checkpointer.load_latest() does)")
+    plain = {f: e for f, e in manifest.files.items() if f not in shards}
+    wanted = {f: e for f, e in plain.items() if keys is None or f.removesuffix(".pt") in keys}
+    from_shards = set(keys or ()) - {f.removesuffix(".pt") for f in wanted}
+    if from_shards and (not shards or not from_shards <= shard_keys(store.path())):
+        held = sorted(f.removesuffix(".pt") for f in plain) + (sorted(shard_keys(store.path())) if shards else [])
+        raise CheckpointError(f"{location} holds {held}, not all of the requested {sorted(keys or ())}")
+    loaded = _load_files(store, wanted, shards, map_location, hash_local)
+    state = {f.removesuffix(".pt"): loaded[f] for f in wanted}
+    if from_shards:
+        state.update(read_full(store.path(), from_shards))
+    return state
 
 
-def _load_files(store: Store, files: dict[str, FileEntry], map_location: str | torch.device,
-                hash_local: bool) -> dict[str, Any]:
-    if not files:
+def _load_files(store: Store, files: dict[str, FileEntry], shards: dict[str, FileEntry],
+                map_location: str | torch.device, hash_local: bool) -> dict[str, Any]:
+    """`files` loaded; `shards` only checked (DCP reads them)."""
+    if not files and not shards:
         return {}
-    pool = ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(files)), thread_name_prefix="ckpt-read")
+    pool = ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(files) + len(shards)), thread_name_prefix="ckpt-read")
     try:
-        by_size = sorted(files.items(), key=lambda item: -item[1].size)
+        by_size = sorted({**files, **shards}.items(), key=lambda item: -item[1].size)
         futures: dict[Future, str] = {pool.submit(_fetch, store, f, e, hash_local): f for f, e in by_size}
-        return {futures[done]: _torch_load(done.result(), store.location(futures[done]), map_location)
-                for done in as_completed(futures)}
+        loaded = {}
+        for done in as_completed(futures):
+            fetched, name = done.result(), futures[done]  # a shard that does not match raises here too
+            if name in files:
+                loaded[name] = _torch_load(fetched, store.location(name), map_location)
+        return loaded
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 

@@ -3,11 +3,13 @@ folders exist, which of them are committed, and removing them."""
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from fsspec import AbstractFileSystem
 
-from jobs.checkpoint.errors import InvalidCheckpoint
+from jobs.checkpoint.errors import CorruptCheckpoint, InvalidCheckpoint
 from jobs.checkpoint.manifest import Manifest, step_dir_name
 from jobs.storage import fresh_listing, join
 from schema.run_dir import MANIFEST, STEP_DIR
@@ -98,3 +100,26 @@ def sha256_of(fs: AbstractFileSystem, path: str) -> str:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def download_folder(remote: Store, name: str, manifest: Manifest, folder: Path) -> None:
+    """Copy a committed remote checkpoint into the local `folder` and commit it there: files
+    streamed and checked against the manifest (size and SHA-256), fsynced, then the manifest.
+    Raises CorruptCheckpoint for a file that does not match."""
+    from jobs.checkpoint.local import commit_folder  # local imports store: import here, not at the top
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).unlink(missing_ok=True)  # uncommitted while its files are replaced
+    for file, entry in manifest.files.items():
+        digest, size = hashlib.sha256(), 0
+        with remote.fs.open(remote.path(name, file), "rb") as src, open(folder / file, "wb") as dst:
+            while chunk := src.read(HASH_CHUNK):
+                digest.update(chunk)
+                size += len(chunk)
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if size != entry.size or digest.hexdigest() != entry.sha256:
+            raise CorruptCheckpoint(f"{remote.location(name)}/{file} does not match the size/SHA-256 in its "
+                                    f"manifest: the checkpoint is corrupt")
+    commit_folder(folder, manifest)

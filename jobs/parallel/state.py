@@ -9,8 +9,10 @@ writes). Optimizer state comes in two forms, both holding full tensors:
 A loader accepts either: the numbers are positions in the part's trainable parameters, the same
 list in every layout (fully_shard swaps each parameter in place), so converting is exact.
 
-Stopgap for sharded checkpoints: an FSDP part gathers the FULL state on rank 0 (every rank calls
-these, they are collectives) and every rank loads the full state and keeps its shard."""
+Whole checkpoints (DDP, and any layout reading one): an FSDP part gathers the FULL state on rank 0
+(every rank calls these, they are collectives) and every rank loads the full state and keeps its
+shard. Sharded checkpoints (FSDP and pipeline runs save them) use the *_shard functions at the end:
+each rank's own part of the state, under the model's names, which DCP reshards on load."""
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -28,6 +30,9 @@ from jobs.parallel.fsdp import is_fsdp
 # cpu_offload with full_state_dict: rank 0 receives the gathered tensors on the CPU, the others an empty dict
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 _SCATTER = StateDictOptions(full_state_dict=True)  # every rank passes the full state and keeps its shard
+# one entry per parameter ("state.layers.0.w.exp_avg", "param_groups.layers.0.w.lr"): the stages of a
+# pipeline hold different parameters, and whole param_groups lists would collide in DCP's index
+_FLAT = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
 def model_state(part: nn.Module) -> dict[str, torch.Tensor]:
@@ -151,3 +156,25 @@ def _gather_to_main(*mine: Any) -> Optional[list[Any]]:
     everyone: Optional[list[Any]] = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(mine if len(mine) > 1 else mine[0], everyone, dst=0)
     return everyone
+
+
+# --- sharded checkpoints: what this rank holds, as DCP saves and reshards it ----------------------------
+
+def model_shard(part: nn.Module) -> dict[str, Any]:
+    """The part's own state under the model's names: DTensors on an FSDP part (this rank's shard), the
+    stage's tensors on a pipeline stage, plain tensors otherwise. Not a collective."""
+    return get_model_state_dict(part)
+
+
+def load_model_shard(part: nn.Module, state: dict[str, Any]) -> None:
+    set_model_state_dict(part, state)
+
+
+def optimizer_shard(part: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state of the part's parameters, one flat entry per parameter and field. On an
+    optimizer that has not stepped yet DCP creates the state first (a step with zero learning rate)."""
+    return get_optimizer_state_dict(part, opt, options=_FLAT)
+
+
+def load_optimizer_shard(part: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    set_optimizer_state_dict(part, opt, state, options=_FLAT)

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from jobs import parallel
-from jobs.parallel.state import gather_stage_optimizers, gather_stages, is_named, stage_optimizer_state
+from jobs.parallel.state import gather_stage_optimizers, gather_stages, is_named, load_model_shard, \
+    load_optimizer_shard, model_shard, optimizer_shard, stage_optimizer_state
 
 
 class ModelParts:
@@ -76,6 +77,20 @@ class ModelParts:
         if unexpected and not self.pipelined:  # a stage leaves the other stages' names
             raise RuntimeError(f"Error(s) in loading state_dict: Unexpected key(s) in state_dict: "
                                f"{', '.join(repr(k) for k in unexpected[:10])}")
+
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's part of the model state for a sharded checkpoint (not a collective)."""
+        merged: dict[str, Any] = {}
+        for part in self.parts:
+            merged.update(model_shard(part))
+        return merged
+
+    def load_shard_state(self, state: dict[str, Any]) -> None:
+        """The inverse of shard_state(), given a template it returned, filled by DCP."""
+        for part in self.parts:
+            own = parallel.unwrap(part).state_dict().keys()
+            load_model_shard(part, {k: v for k, v in state.items() if k in own})
 
 
 class Optimizers:
@@ -146,6 +161,21 @@ class Optimizers:
                 parallel.load_optimizer_state(part, opt, own)
             else:
                 opt.load_state_dict(own)
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's optimizer state for a sharded checkpoint: one flat entry per parameter and
+        field, under the parameters' names (jobs.parallel.state.optimizer_shard)."""
+        merged: dict[str, Any] = {}
+        for part, opt in self._pairs():
+            if part is None:
+                raise NotImplementedError("a sharded optimizer state needs the model parts its optimizers step")
+            merged.update(optimizer_shard(part, opt))
+        return merged
+
+    def load_shard_state(self, state: dict[str, Any]) -> None:
+        for part, opt in self._pairs():
+            assert part is not None  # shard_state() built the template
+            load_optimizer_shard(part, opt, state)
 
     def _stage(self) -> tuple[nn.Module, torch.optim.Optimizer]:
         if self.parts is None or len(self.parts) != 1:

@@ -66,8 +66,10 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     schedulers = build_schedulers(recipe.schedule, optimizers, total)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
     seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
+    # a model spread over ranks is saved the same way: each rank writes its part (DCP), nothing is gathered
+    sharded = env.distributed and p.strategy in ("fsdp", "pipeline")
     checkpointer = Checkpointer(recipe.checkpoint, run.run_dir / "checkpoints", run.checkpoint_uri, storage,
-                                is_writer=env.is_main, run_id=run.run_id)
+                                is_writer=env.is_main, run_id=run.run_id, sharded=sharded)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
                             env.is_main)
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,

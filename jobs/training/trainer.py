@@ -15,6 +15,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from jobs import parallel
 from jobs.checkpoint import Checkpointer
+from jobs.checkpoint.sharded import load_shards
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.tracking import MetricsLogger
@@ -66,26 +67,44 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint holds, one file per key. A collective (every rank's RNG streams are
-        gathered): every rank calls it; Checkpointer.save() writes it on rank 0 only."""
+        """What a whole checkpoint holds, one file per key. A collective (the RNG streams are gathered,
+        an FSDP model and pipeline stages too): every rank calls it; Checkpointer.save() writes it on
+        rank 0 only."""
+        return {"model": self.model.state_dict(), "optimizer": self.optimizers.state_dict(), **self._small_state()}
+
+    def shard_state(self) -> dict[str, Any]:
+        """This rank's model and optimizer state in a sharded checkpoint (DCP writes and reshards it)."""
+        return {"model": self.model.shard_state(), "optimizer": self.optimizers.shard_state()}
+
+    def _small_state(self) -> dict[str, Any]:
+        """Everything but the model and optimizer: written by rank 0 in either kind of checkpoint."""
         state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizers.state_dict(),
             "scheduler": self.schedulers.state_dict(),
             "trainer": self.progress.state_dict(),
             "rng": self.rng.state_dict(),
             "meta": {"config": to_yaml(self.recipe, redacted=True),  # read by people: credentials masked
                      "config_hash": config_hash(self.recipe), "run_id": self.run.run_id,
-                     "world_size": self.env.world_size, "metrics": self._eval_metrics()},
+                     "world_size": self.env.world_size, "metrics": self._eval_metrics(),
+                     "layout": {**self._layout(), "sharded": self.checkpointer.sharded}},
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """The inverse of state_dict() ("meta" is only read by people and resume()'s log line)."""
-        self.model.load_state_dict(state["model"])
-        self.optimizers.load_state_dict(state["optimizer"])
+    def load_state_dict(self, state: dict[str, Any], shards_at: Optional[str] = None) -> None:
+        """The inverse of state_dict() ("meta" is only read by people and resume()'s log line). A sharded
+        checkpoint's state has no model or optimizer: they are read from the shards at `shards_at` into
+        this layout (a collective), whatever layout wrote them."""
+        if "model" in state:
+            self.model.load_state_dict(state["model"])
+            self.optimizers.load_state_dict(state["optimizer"])
+        else:
+            if shards_at is None:
+                raise ValueError("a sharded checkpoint's state needs the folder of its shards")
+            template = self.shard_state()
+            load_shards(shards_at, template)
+            self.model.load_shard_state(template["model"])
+            self.optimizers.load_shard_state(template["optimizer"])
         self.schedulers.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
@@ -93,14 +112,18 @@ class Trainer:
         self.rng.load_state_dict(state["rng"])
 
     def save(self) -> None:
-        """Checkpoint the current step. Every rank calls it (state_dict() is a collective)."""
+        """Checkpoint the current step. Every rank calls it (the state is gathered, or each rank
+        writes its shard)."""
         metrics = self._eval_metrics()
         best_key = self.recipe.checkpoint.best_metric
         if best_key and best_key in metrics:
             better = max if self.recipe.checkpoint.best_mode == "max" else min
             best = self.progress.best
             self.progress.best = metrics[best_key] if best is None else better(best, metrics[best_key])
-        self.checkpointer.save(self.progress.step, self.state_dict(), metrics)
+        if self.checkpointer.sharded:
+            self.checkpointer.save(self.progress.step, self._small_state(), metrics, shards=self.shard_state())
+        else:
+            self.checkpointer.save(self.progress.step, self.state_dict(), metrics)
         self._last_save = time.monotonic()
 
     def resume(self) -> None:
@@ -118,12 +141,26 @@ class Trainer:
         # shared folder is the same bytes for its node-mates) and the rest check sizes. Downloads are always hashed.
         state = loaded[1] if loaded else self.checkpointer.load(found[0], map_location="cpu",
                                                                  hash_local=self.env.local_rank == 0)
-        self.load_state_dict(state)
+        self.load_state_dict(state, found[0])
         if self.env.is_main:
             saved_hash, st = state["meta"]["config_hash"], self.progress
             changed = " (config changed since: %s)" % saved_hash if saved_hash != config_hash(self.recipe) else ""
-            log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s", found[0], st.step, st.epoch,
-                     st.step_in_epoch, changed)
+            log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s%s", found[0], st.step, st.epoch,
+                     st.step_in_epoch, changed, self._layout_change(state["meta"]))
+
+    def _layout_change(self, meta: dict[str, Any]) -> str:
+        """How the checkpoint's layout differs from this run's, for the resume log line ("" if it does not)."""
+        saved = meta.get("layout") or {"strategy": "ddp", "world_size": meta.get("world_size"), "sharded": False}
+        now = self._layout()
+        if (saved.get("strategy"), saved.get("world_size")) == (now["strategy"], now["world_size"]):
+            return ""
+        how = "resharded by DCP" if saved.get("sharded") else "the whole state loaded, each rank keeping its part"
+        return (f"; written by {saved.get('strategy')} on {saved.get('world_size')} ranks, resumed as "
+                f"{now['strategy']} on {now['world_size']}: {how}")
+
+    def _layout(self) -> dict[str, Any]:
+        return {"strategy": self.recipe.parallel.strategy if self.env.distributed else "single",
+                "world_size": self.env.world_size}
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:

@@ -1,0 +1,233 @@
+"""Sharded checkpoints: every rank writes its own shard of the model and optimizer state with
+torch.distributed.checkpoint (DCP), and one manifest commits them all.
+
+A step folder of a sharded save holds DCP's files next to rank 0's plain ones:
+
+    step-N/__0_0.distcp, __1_0.distcp, ...   each rank's shard (DCP, one file per rank)
+    step-N/.metadata                          DCP's index of every shard (written by rank 0)
+    step-N/trainer.pt, rng.pt, ...            rank 0's small state, one torch.save file per key
+    step-N/manifest.json                      written last, by rank 0, naming every file above
+
+The commit protocol is the one of whole checkpoints, extended to several writers:
+1. rank 0 uncommits the folder (an earlier save of this step), then every rank enters DCP's save,
+   whose first collective keeps the others from writing before that;
+2. every rank writes and fsyncs its shard; DCP writes `.metadata` once all shards are written;
+3. every rank hashes the files it wrote and sends their sizes and SHA-256 to rank 0;
+4. rank 0 writes its own files and then the manifest, only if every rank confirmed its files.
+A rank killed anywhere before 4 leaves a folder without a manifest: it does not exist for
+`latest()`, which resumes from the previous committed step. A missing or altered shard fails the
+manifest's check like any other file.
+
+The save runs on one background thread per rank, with its own gloo process group: DCP's
+collectives and the confirmations never share a group with training's collectives (sharing one is
+a known deadlock). Training waits only for the copy of its shard into host memory (DCP's stager,
+whose buffers are kept across saves). One save is in flight per rank; the next waits for it.
+
+Uploads are not DCP's: its fsspec writer has lost data on object stores. The committed folder is
+uploaded by the Checkpointer's uploader, files first and manifest last, like any checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
+from jobs.checkpoint.manifest import FileEntry
+from jobs.checkpoint.store import HASH_CHUNK
+from schema.run_dir import MANIFEST
+
+DCP_METADATA = ".metadata"
+
+
+def is_shard_file(name: str) -> bool:
+    """Whether a manifest entry is DCP's (a shard or its index) rather than one torch.save file per key."""
+    return not name.endswith(".pt")
+
+
+@dataclass
+class ShardJob:
+    step: int
+    folder: Path
+    state: dict[str, Any]  # rank 0's small state (host copies), written next to the shards
+    metrics: dict[str, float]
+    started: float  # perf_counter at save() entry
+    blocked_s: float = 0.0  # how long training waited for this save
+    shards: dict[str, Any] = field(default_factory=dict)  # the staged shard state
+
+
+class _RecordingWriter(dcp.FileSystemWriter):
+    """DCP's file writer, noting which files this rank wrote (the manifest names them, by rank)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, single_file_per_rank=True, sync_files=True, thread_count=1, overwrite=True)
+        self.written: set[str] = set()
+
+    def write_data(self, plan: Any, planner: Any) -> Any:
+        future = super().write_data(plan, planner)
+        future.wait()
+        self.written |= {r.storage_data.relative_path for r in future.value()}
+        return future
+
+
+class ShardedSaver:
+    """One rank's side of sharded saves. Every rank creates one (creating its process group is a
+    collective) and calls submit() for every save, in the same order. On rank 0 `commit` receives
+    the job and every rank's confirmed files, and commits the folder."""
+
+    def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, dict[str, FileEntry]], None]],
+                 cuda: bool, asynchronous: bool = True) -> None:
+        self.rank, self.commit, self.asynchronous = rank, commit, asynchronous
+        self.group = dist.new_group(backend="gloo")  # never shared with training's collectives
+        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                    use_async_staging=False, use_non_blocking_copy=cuda))
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-shards")
+        self._pending: Optional[Future] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, job: ShardJob, shards: dict[str, Any]) -> None:
+        """Copy this rank's shard to host memory and write it in the background (or now, when not
+        asynchronous). Waits first for this rank's previous save: its host buffers are reused."""
+        self.wait_idle(None)
+        job.shards = self._stager.stage(shards)
+        job.blocked_s = time.perf_counter() - job.started
+        if not self.asynchronous:
+            self._write(job)
+            return
+        log.info("checkpoint step %d: training blocked %.3f s for the shard's host copy", job.step, job.blocked_s,
+                 extra=FILE_ONLY)
+        self._pending = self._pool.submit(self._write, job)
+
+    def wait_idle(self, deadline: Optional[float]) -> bool:
+        """Wait for the save in flight, up to `deadline` (time.monotonic(); None: as long as it takes)."""
+        pending = self._pending
+        if pending is None:
+            return True
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            pending.result(timeout=timeout)
+        except TimeoutError:
+            return False
+        self._pending = None
+        return True
+
+    @property
+    def idle(self) -> bool:
+        return self._pending is None or self._pending.done()
+
+    def take_error(self) -> Optional[BaseException]:
+        error, self._error = self._error, None
+        return error
+
+    def close(self) -> None:
+        self.wait_idle(None)
+        self._pool.shutdown(wait=True)
+        self._stager.close()
+
+    # ------------------------------------------------------------------ on the saver's thread
+    def _write(self, job: ShardJob) -> None:
+        try:
+            entries = self._write_shard(job)
+        except Exception as err:  # DCP raises on every rank when one rank's write fails
+            log.error("checkpoint step %d NOT saved: writing rank %d's shard into %s failed (%s); training "
+                      "continues and the next save tries again", job.step, self.rank, job.folder, describe(err))
+            return
+        finally:
+            job.shards = {}
+        everyone: Optional[list[Any]] = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
+        dist.gather_object(entries, everyone, dst=0, group=self.group)
+        if everyone is None or self.commit is None:
+            return
+        missing = [r for r, e in enumerate(everyone) if e is None]
+        if missing:
+            log.error("checkpoint step %d NOT committed: ranks %s could not confirm their shards", job.step, missing)
+            return
+        try:
+            self.commit(job, {name: entry for e in everyone for name, entry in e.items()})
+        except BaseException as err:
+            self._error = self._error or CheckpointError(f"committing sharded step {job.step} failed: {err}")
+
+    def _write_shard(self, job: ShardJob) -> Optional[dict[str, FileEntry]]:
+        """DCP's save of this rank's shard, then its files' sizes and hashes (None if they cannot be read)."""
+        if self.rank == 0:
+            (job.folder / MANIFEST).unlink(missing_ok=True)  # uncommit an earlier save of this step first
+        job.folder.mkdir(parents=True, exist_ok=True)
+        writer = _RecordingWriter(job.folder)
+        dcp.save(job.shards, storage_writer=writer, process_group=self.group)
+        files = sorted(writer.written | ({DCP_METADATA} if self.rank == 0 else set()))
+        try:
+            return {name: _hashed(job.folder / name, self.rank) for name in files}
+        except OSError as err:
+            log.error("checkpoint step %d: rank %d cannot read back its shard (%s)", job.step, self.rank,
+                      describe(err))
+            return None
+
+
+def _hashed(path: Path, rank: int) -> FileEntry:
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb", buffering=0) as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return FileEntry(size, digest.hexdigest(), rank)
+
+
+# ---------------------------------------------------------------------- loading
+
+def load_shards(folder: str, template: dict[str, Any]) -> None:
+    """Fill `template` (this layout's sharded state: what the ranks would save now) from the shards
+    in the local `folder`, resharding as needed. A collective when a process group exists."""
+    with _one_process_is_meant():
+        dcp.load(template, storage_reader=dcp.FileSystemReader(folder))
+
+
+@contextlib.contextmanager
+def _one_process_is_meant() -> Iterator[None]:
+    """DCP warns when it loads without a process group; one rank (or export) is what we mean then."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def shard_keys(folder: str) -> set[str]:
+    """The top-level state keys the shards hold ("model", "optimizer")."""
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    return {path[0] for path in metadata.planner_data.values()}
+
+
+def read_full(folder: str, keys: set[str]) -> dict[str, Any]:
+    """The shards' `keys` as whole tensors on one process, without a model to give them a layout:
+    a template is built from DCP's own index (what `launcher export` needs)."""
+    metadata = dcp.FileSystemReader(folder).read_metadata()
+    template: dict[str, Any] = {key: {} for key in keys}
+    for fqn, path in metadata.planner_data.items():
+        if path[0] not in keys:
+            continue
+        entry = metadata.state_dict_metadata[fqn]
+        if isinstance(entry, TensorStorageMetadata):
+            value: Any = torch.empty(entry.size, dtype=entry.properties.dtype)
+        elif isinstance(entry, BytesStorageMetadata):
+            value = None  # replaced by the saved object
+        else:
+            raise CheckpointError(f"{folder}: {fqn} is stored as {type(entry).__name__}, which cannot be read whole")
+        _nest(template, path, value)
+    with _one_process_is_meant():
+        dcp.load(template, storage_reader=dcp.FileSystemReader(folder), no_dist=True)
+    return template
+
+
+def _nest(tree: dict[str, Any], path: tuple, value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
