@@ -3,7 +3,9 @@
 Each rank deep-copies the whole model and deletes what its stage does not own; the repeated blocks live in
 one `nn.ModuleDict` (`layers.0`, `layers.1`, ...), so the blocks a stage keeps keep their names and a stage's
 state dict is a disjoint part of the single-process one. `torch.distributed.pipelining`'s `PipelineStage`
-and a single-stage schedule (GPipe or 1F1B) then move microbatches between the ranks.
+and a single-stage schedule (GPipe or 1F1B) then move microbatches between the ranks. With more ranks than
+stages, the ranks form a 2-D mesh (`PipelineLayout`): each stage has several replicas, each replica's pipeline
+trains on its own share of the batch, and a stage's replicas average their gradients (DDP's math).
 
 Why not the tracer front end (`pipeline(module, mb_args, split_spec=...)`): on torch 2.13 it fails on these
 models (`torch.export` cannot capture a ModuleDict model as one graph); manual stages work on CPU/gloo.
@@ -11,11 +13,13 @@ models (`torch.export` cannot capture a ModuleDict model as one graph); manual s
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from schema.parallel import MULTI_STAGE_SCHEDULES
@@ -166,10 +170,11 @@ def build_stage(model: nn.Module, stage_index: int, num_stages: int, owned: list
     return stage.to(device)
 
 
-def clip_grad_norm_(stage_module: nn.Module, max_norm: float, group: Optional[dist.ProcessGroup] = None
-                    ) -> torch.Tensor:
+def clip_grad_norm_(stage_module: nn.Module, max_norm: float, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
     """`nn.utils.clip_grad_norm_` over the whole pipelined model: each stage holds part of the gradient,
-    so the squared norms are summed across stages before every stage scales by the same factor."""
+    so the squared norms are summed across the stages (`group`: one replica's pipeline, never the whole
+    world, which holds every stage once per replica) before every stage scales by the same factor. Call
+    it after the replicas' average, as DDP clips the averaged gradient."""
     grads = [p.grad for p in stage_module.parameters() if p.grad is not None]
     device = grads[0].device if grads else torch.device("cpu")
     squared = torch.zeros((), device=device, dtype=torch.float32)
@@ -181,6 +186,74 @@ def clip_grad_norm_(stage_module: nn.Module, max_norm: float, group: Optional[di
     for g in grads:
         g.mul_(scale.to(g.dtype))
     return total
+
+
+# --- where a rank sits: stage x replica ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """A rank's place in the 2-D mesh of a pipeline (x data parallel) run, and the groups it talks on.
+
+    The mesh dims are ("pp", "dp"), pp outermost, as TorchTitan orders its mesh (pp first, the data-parallel
+    dims inside it): rank = stage * replicas + replica. A stage's replicas are neighbouring ranks, so on one
+    node whenever procs_per_node is a multiple of the replicas: the gradient all-reduce, which moves every
+    parameter each step, stays on the fast links and only activations cross between nodes. Rank 0 is
+    stage 0 of replica 0. What a sharded checkpoint needs: a stage's replicas hold identical copies
+    (`replica_ranks`), the stages of one replica (`stage_ranks`) hold the whole model between them."""
+
+    stages: int
+    replicas: int
+    stage: int  # this rank's stage: the blocks it owns
+    replica: int  # which share of the data this rank's pipeline trains on
+    mesh: Optional[DeviceMesh] = None  # set by with_groups()
+    pp_group: Optional[dist.ProcessGroup] = None  # this replica's stages: activations, the loss, the clip norm
+    dp_group: Optional[dist.ProcessGroup] = None  # this stage's replicas: the gradient average
+
+    @classmethod
+    def of(cls, stages: int, rank: int, world_size: int) -> "PipelineLayout":
+        """Coordinates only (no groups, nothing collective): what the data sampler and the split need."""
+        if stages < 1 or world_size % stages:
+            raise ValueError(f"{stages} pipeline stages do not divide {world_size} ranks")
+        replicas = world_size // stages
+        return cls(stages, replicas, stage=rank // replicas, replica=rank % replicas)
+
+    def rank_of(self, stage: int, replica: int) -> int:
+        """The global rank holding `replica` of `stage`."""
+        return stage * self.replicas + replica
+
+    def replica_ranks(self) -> list[int]:
+        """The global ranks holding this rank's stage (identical copies of its weights and optimizer)."""
+        return [self.rank_of(self.stage, r) for r in range(self.replicas)]
+
+    def stage_ranks(self) -> list[int]:
+        """The global ranks of this rank's pipeline, in stage order: the whole model between them."""
+        return [self.rank_of(s, self.replica) for s in range(self.stages)]
+
+    def with_groups(self, device_type: str) -> "PipelineLayout":
+        """The same layout with the mesh and its two groups. A collective: every rank calls it, in step."""
+        mesh = init_device_mesh(device_type, (self.stages, self.replicas), mesh_dim_names=("pp", "dp"))
+        if tuple(mesh.get_coordinate() or ()) != (self.stage, self.replica):  # the mesh must agree with `of`
+            raise RuntimeError(f"device mesh puts this rank at {mesh.get_coordinate()}, the layout at "
+                               f"{(self.stage, self.replica)}")
+        return replace(self, mesh=mesh, pp_group=mesh.get_group("pp"), dp_group=mesh.get_group("dp"))
+
+
+def average_gradients(module: nn.Module, layout: PipelineLayout) -> None:
+    """DDP's gradient: the mean over this stage's replicas, each having run its own share of the batch.
+    One all-reduce of all gradients after the schedule's last backward, rather than wrapping the stage in
+    DDP, whose per-backward hooks the schedule would have to silence for every microbatch but the last."""
+    if layout.replicas == 1:
+        return
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=layout.dp_group)
+    flat /= layout.replicas
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 # --- running it ---------------------------------------------------------------------------------------------
@@ -199,23 +272,22 @@ def check_schedule(name: str, device_type: str) -> type:
 
 
 class PipelineRunner:
-    """One rank's stage and schedule. Every rank of the pipeline group calls `train_step`/`eval_step`
-    with the same whole batch (each uses the part it needs: the first stage x, the last stage y) and
-    gets back the batch's loss, the mean over microbatches."""
+    """One rank's stage and schedule. Every rank of a replica's pipeline calls `train_step`/`eval_step` with
+    the same whole batch (each uses the part it needs: the first stage x, the last stage y) and gets back
+    the batch's loss, the mean over microbatches. Replicas run their own batches side by side."""
 
-    def __init__(self, stage_module: nn.Module, num_stages: int, schedule: str, n_microbatches: int,
-                 loss_fn: LossFn, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, stage_module: nn.Module, layout: PipelineLayout, schedule: str, n_microbatches: int,
+                 loss_fn: LossFn) -> None:
         device = next(stage_module.parameters()).device
         schedule_cls = check_schedule(schedule, device.type)
         if n_microbatches < 1:
             raise ValueError(f"n_microbatches must be at least 1, not {n_microbatches}")
-        self.module, self.group, self.device = stage_module, group, device
-        self.n_microbatches, self.num_stages = n_microbatches, num_stages
-        self.stage_index = dist.get_rank(group)
-        if dist.get_world_size(group) != num_stages:
-            raise ValueError(f"{num_stages} pipeline stages need a group of {num_stages} ranks, not "
-                             f"{dist.get_world_size(group)}")
-        self.stage = PipelineStage(stage_module, self.stage_index, num_stages, device, group=group)
+        if layout.mesh is None:
+            raise ValueError("the pipeline layout has no groups yet: build it with PipelineLayout.with_groups()")
+        self.module, self.layout, self.device = stage_module, layout, device
+        self.group, self.n_microbatches, self.num_stages = layout.pp_group, n_microbatches, layout.stages
+        self.stage_index = layout.stage
+        self.stage = PipelineStage(stage_module, self.stage_index, self.num_stages, device, group=self.group)
         # scale_grads: the gradient of the mean of per-microbatch mean losses, as one process's loss.mean()
         self.schedule = schedule_cls(self.stage, n_microbatches, loss_fn=loss_fn, scale_grads=True)
 
@@ -249,9 +321,12 @@ class PipelineRunner:
         return loss, out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of every microbatch; the gradients are left in the stage's parameters
-        for the optimizer (zero them before, as with one process)."""
-        return self._run(self.schedule.step, x, y)[0]
+        """Forward and backward of every microbatch; the gradients, averaged over the stage's replicas,
+        are left in the stage's parameters for the optimizer (zero them before, as with one process).
+        Returns this replica's batch loss."""
+        loss = self._run(self.schedule.step, x, y)[0]
+        average_gradients(self.module, self.layout)
+        return loss
 
     def eval_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Forward only, in eval mode: the batch's loss on every stage, and the last stage's output

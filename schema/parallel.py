@@ -14,7 +14,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # Several stages per rank: not built here, and not shown to work over gloo (jobs.pipeline refuses them too).
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble",
                          "dualpipev")
-_PIPELINE_KEYS = {"pipeline_schedule": "gpipe", "microbatches": 1, "split_points": None}
+_PIPELINE_KEYS = {"pipeline_schedule": "gpipe", "microbatches": 1, "split_points": None, "pipeline_stages": None}
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,9 @@ class ParallelConfig:
     fsdp_blocks: tuple[str, ...] = ()
     mixed_precision: bool = False  # fsdp, CUDA only: compute in bf16 parameters, reduce gradients in fp32
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state live in CPU memory
-    # pipeline: one stage per rank, stage i on rank i (no data parallelism across stages yet)
+    # pipeline: one stage per rank; with more ranks than stages, each stage has world_size / stages replicas that
+    # train on their own share of the batch and average gradients (pipeline x data parallel, jobs.pipeline)
+    pipeline_stages: Optional[int] = None  # pipeline: stages (at least 2, dividing the world size); unset: world size
     pipeline_schedule: str = "gpipe"  # pipeline: gpipe or 1f1b (multi-stage schedules are refused)
     microbatches: int = 1  # pipeline: pieces each micro batch is cut into to keep the stages busy
     # pipeline: the block each stage after the first starts at ("layers.2"); unset: balanced by parameters
@@ -38,10 +40,17 @@ class ParallelConfig:
         return self.nodes * self.procs_per_node
 
     @property
+    def stages(self) -> int:
+        """Pipeline stages: parallel.pipeline_stages, or one per rank; 1 without a pipeline."""
+        if self.strategy != "pipeline":
+            return 1
+        return self.pipeline_stages if self.pipeline_stages is not None else self.world_size
+
+    @property
     def data_parallel_size(self) -> int:
-        """Ranks that each train on their own share of the batch: every rank, but 1 for a pipeline
-        (its stages all see the same batch)."""
-        return 1 if self.strategy == "pipeline" else self.world_size
+        """Ranks that each train on their own share of the batch: every rank; in a pipeline, the replicas
+        of a stage (the stages of one replica all see the same batch)."""
+        return max(1, self.world_size // self.stages)
 
     def check(self, src: str) -> None:
         positive(src, "parallel.nodes", self.nodes)
@@ -72,16 +81,30 @@ class ParallelConfig:
             raise ConfigError(src, "parallel.pipeline_schedule", f"unknown schedule {short(self.pipeline_schedule)}",
                               f"use one of {', '.join(PIPELINE_SCHEDULES)}")
         positive(src, "parallel.microbatches", self.microbatches)
-        if self.world_size < 2:
+        if self.pipeline_stages is not None:
+            self._check_stages(src)
+        elif self.world_size < 2:
             raise ConfigError(src, "parallel.strategy", f"a pipeline needs at least 2 ranks (one stage each), "
                               f"the world size is {self.world_size}", "set parallel.procs_per_node=2 or more, "
                               "or parallel.strategy=ddp")
         if self.split_points is not None:
             for i, point in enumerate(self.split_points):
                 non_empty(src, f"parallel.split_points[{i}]", point)
-            stages = len(self.split_points) + 1
-            if stages != self.world_size:
-                raise ConfigError(src, "parallel.split_points", f"{len(self.split_points)} split points make {stages} "
-                                  f"stages for {self.world_size} ranks: pipeline x data parallel is not built yet, "
-                                  "so each rank runs one stage", f"give {self.world_size - 1} split points, or "
-                                  "leave parallel.split_points unset to balance the stages")
+            if len(self.split_points) + 1 != self.stages:
+                raise ConfigError(src, "parallel.split_points", f"{len(self.split_points)} split points make "
+                                  f"{len(self.split_points) + 1} stages, but the pipeline has {self.stages} "
+                                  f"({self._stages_from()})", f"give {self.stages - 1} split points, or leave "
+                                  "parallel.split_points unset to balance the stages")
+
+    def _check_stages(self, src: str) -> None:
+        stages, world = self.pipeline_stages, self.world_size
+        if stages < 2:
+            raise ConfigError(src, "parallel.pipeline_stages", f"{short(stages)}: a pipeline needs at least 2 stages",
+                              "set parallel.pipeline_stages=2 or more, or parallel.strategy=ddp")
+        if world % stages:
+            raise ConfigError(src, "parallel.pipeline_stages", f"{stages} stages do not divide the world size "
+                              f"{world} (nodes x procs_per_node): every stage needs as many replicas",
+                              f"use a divisor of {world}, or change parallel.nodes / parallel.procs_per_node")
+
+    def _stages_from(self) -> str:
+        return "parallel.pipeline_stages" if self.pipeline_stages is not None else "one per rank, world size"

@@ -337,12 +337,12 @@ class RecipeConfig:
 
     def _check_pipeline(self, src: str) -> None:
         """What the pipeline trainer cannot do with this config (the stages all see the whole batch)."""
-        t, pieces = self.trainer, self.parallel.microbatches
+        t, pieces, replicas = self.trainer, self.parallel.microbatches, self.parallel.data_parallel_size
         if self.grad_accum != 1:  # the pipeline's microbatches take the place of gradient accumulation
             raise ConfigError(src, "trainer.global_batch", f"{t.global_batch} is {self.grad_accum} micro batches of "
-                              f"{t.micro_batch}: a pipeline does not accumulate gradients (every stage sees the "
-                              "whole batch)", f"set trainer.micro_batch={t.global_batch} and split it with "
-                              "parallel.microbatches")
+                              f"{t.micro_batch} per replica: a pipeline does not accumulate gradients (every stage "
+                              "sees its replica's whole batch)", f"set trainer.micro_batch="
+                              f"{t.global_batch // replicas} and split it with parallel.microbatches")
         if t.micro_batch % pieces:
             raise ConfigError(src, "parallel.microbatches", f"{pieces} does not divide trainer.micro_batch="
                               f"{t.micro_batch} into equal pieces", "use a divisor of trainer.micro_batch")

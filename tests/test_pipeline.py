@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from jobs.gpt import gpt, lm_loss
-from jobs.pipeline import build_stage, check_schedule, split_points
+from jobs.pipeline import PipelineLayout, build_stage, check_schedule, split_points
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH, SEQ, MICROBATCHES, CLIP = 4, 8, 16, 4, 0.1
@@ -138,6 +138,20 @@ def test_only_single_stage_schedules_run() -> None:
         check_schedule("gpip", "cpu")
 
 
+
+def test_layout_puts_a_stages_replicas_on_neighbouring_ranks() -> None:
+    """(pp, dp) with pp outermost: 4 ranks = 2 stages x 2 replicas are stage 0 on ranks 0, 1 and stage 1 on
+    2, 3; replica r of every stage reads the same share of the data."""
+    coords = [(lay.stage, lay.replica) for lay in (PipelineLayout.of(2, r, 4) for r in range(4))]
+    assert coords == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    third = PipelineLayout.of(3, 4, 6)  # 3 stages x 2 replicas: rank 4 is stage 2, replica 0
+    assert (third.stage, third.replica) == (2, 0)
+    assert third.replica_ranks() == [4, 5] and third.stage_ranks() == [0, 2, 4]
+    one = PipelineLayout.of(2, 1, 2)  # one replica: a stage per rank, as before
+    assert (one.stage, one.replica, one.replicas) == (1, 0, 1) and one.stage_ranks() == [0, 1]
+    with pytest.raises(ValueError, match="3 pipeline stages do not divide 4 ranks"):
+        PipelineLayout.of(3, 0, 4)
+
 # --- two real ranks ----------------------------------------------------------------------------------------
 
 def _train_one_process() -> dict:
@@ -199,16 +213,17 @@ def _worker(out: Path, steps: int) -> None:
     what the test compares."""
     import torch.distributed as dist
 
-    from jobs.pipeline import PipelineRunner, clip_grad_norm_
+    from jobs.pipeline import PipelineLayout, PipelineRunner, clip_grad_norm_
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    layout = PipelineLayout.of(2, rank, 2).with_groups("cpu")
     x, y = _data()
     for schedule, points in SCHEDULES.items():
         model = _model()
         owned = split_points(model, points, 2)
         stage = build_stage(model, rank, 2, owned[rank], torch.device("cpu"))
-        runner = PipelineRunner(stage, 2, schedule, MICROBATCHES, lm_loss)
+        runner = PipelineRunner(stage, layout, schedule, MICROBATCHES, lm_loss)
         opt = torch.optim.AdamW(stage.parameters(), lr=1e-2)
         # evaluation first, as a trainer may: the stage's shapes are then inferred without gradients
         eval_before = runner.eval_step(x[STEPS], y[STEPS])[0].item()
@@ -217,7 +232,7 @@ def _worker(out: Path, steps: int) -> None:
             start = time.perf_counter()
             opt.zero_grad()
             losses.append(runner.train_step(x[step % STEPS], y[step % STEPS]).item())
-            norms.append(float(clip_grad_norm_(stage, CLIP)))
+            norms.append(float(clip_grad_norm_(stage, CLIP, runner.group)))
             opt.step()
             seconds.append(time.perf_counter() - start)
         eval_loss, logits = runner.eval_step(x[STEPS], y[STEPS])

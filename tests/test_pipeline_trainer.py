@@ -23,7 +23,7 @@ ONE_PROCESS = ["parallel.strategy=ddp", "parallel.procs_per_node=1"]
 
 @pytest.mark.parametrize("overrides, key, words", [
     (["parallel.procs_per_node=1"], "parallel.strategy", "at least 2 ranks"),
-    (["parallel.split_points=[layers.1,layers.2]"], "parallel.split_points", "pipeline x data parallel is not built"),
+    (["parallel.split_points=[layers.1,layers.2]"], "parallel.split_points", "make 3 stages, but the pipeline has 2"),
     (["parallel.pipeline_schedule=interleaved_1f1b"], "parallel.pipeline_schedule", "several stages per rank"),
     (["parallel.pipeline_schedule=gpip"], "parallel.pipeline_schedule", "unknown schedule"),
     (["parallel.microbatches=3"], "parallel.microbatches", "does not divide trainer.micro_batch=8"),

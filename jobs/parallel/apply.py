@@ -12,7 +12,7 @@ from torch import nn
 
 from jobs.env import RankEnv
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
-from jobs.pipeline import build_stage, split_points
+from jobs.pipeline import PipelineLayout, build_stage, split_points
 from schema import ParallelConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
@@ -37,17 +37,30 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
+def pipeline_layout(cfg: ParallelConfig, env: RankEnv) -> PipelineLayout:
+    """This rank's stage and replica (coordinates only: nothing collective)."""
+    return PipelineLayout.of(cfg.stages, env.rank, env.world_size)
+
+
+def pipeline_mesh(cfg: ParallelConfig, env: RankEnv, device: torch.device) -> PipelineLayout:
+    """The layout with its (pp, dp) device mesh and groups, for the PipelineRunner. A collective."""
+    return pipeline_layout(cfg, env).with_groups(device.type)
+
+
 def pipeline_stage(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
-    """Stage `env.rank` of `env.world_size` (one per rank: pipeline x data parallel is not built)."""
+    """This rank's stage of `cfg.stages`; the replicas of a stage build the same one (the same initial
+    weights: every rank seeds the model alike)."""
+    layout = pipeline_layout(cfg, env)
     points = list(cfg.split_points) if cfg.split_points is not None else None
     try:
-        owned = split_points(model, points, env.world_size)
-        stage = build_stage(model, env.rank, env.world_size, owned[env.rank], device)
+        owned = split_points(model, points, layout.stages)
+        stage = build_stage(model, layout.stage, layout.stages, owned[layout.stage], device)
     except ValueError as err:  # the recipe asks for a split this model cannot take: the user's to fix
         raise UsageError(f"parallel.strategy=pipeline: {err}") from None
     if env.is_main:
-        log.info("pipeline: %d stages, %s schedule, %d microbatches; stages own %s", env.world_size,
-                 cfg.pipeline_schedule, cfg.microbatches, " | ".join(_span(o) for o in owned))
+        log.info("pipeline: %d stages x %d replicas (rank = stage x %d + replica), %s schedule, %d microbatches; "
+                 "stages own %s", layout.stages, layout.replicas, layout.replicas, cfg.pipeline_schedule,
+                 cfg.microbatches, " | ".join(_span(o) for o in owned))
     return stage
 
 
@@ -57,9 +70,10 @@ def _span(owned: list[str]) -> str:
 
 def data_parallel(cfg: ParallelConfig, env: RankEnv) -> tuple[int, int]:
     """(replicas, this rank's replica) of the data: every rank reads its own share, except in a
-    pipeline, whose stages all read the same whole batch."""
+    pipeline, where the stages of one replica all read that replica's whole batch."""
     if cfg.strategy == "pipeline":
-        return 1, 0
+        layout = pipeline_layout(cfg, env)
+        return layout.replicas, layout.replica
     return env.world_size, env.rank
 
 

@@ -51,14 +51,18 @@ def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSet
 
 
 def evaluate_pipeline(runner: PipelineRunner, dataset: Dataset, settings: StepSettings) -> dict[str, float]:
-    """The same measures through a pipeline: every stage runs the whole validation set through the schedule,
-    in batches of trainer.micro_batch (the shapes the stages were built for); the last stage measures its
-    logits and every stage gets the sums (zeros from the others, summed). A short last batch is padded
-    with repeats of a sample whose outputs are dropped: each sample counts once."""
+    """The same measures through a pipeline: each replica's stages run the replica's share of the validation
+    set through the schedule, in batches of trainer.micro_batch (the shapes the stages were built for); the
+    last stages measure their logits and every rank gets the sums (zeros from the other stages, summed over
+    the replicas' shares). A short last batch is padded with repeats of a sample whose outputs are dropped:
+    each sample counts once."""
     device, objective, batch = settings.device, settings.objective, settings.trainer.micro_batch
     fns = {"loss": objective.loss, **objective.metrics}
     sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
-    for x, y in DataLoader(dataset, batch_size=batch, generator=torch.Generator()):
+    layout = runner.layout
+    # strided, no padding: the shares are disjoint; the stages of one replica read the same one, in step
+    share = list(range(layout.replica, len(dataset), layout.replicas))
+    for x, y in DataLoader(dataset, batch_size=batch, sampler=share, generator=torch.Generator()):
         real = len(y)
         _, outputs = runner.eval_step(_pad(x, batch), _pad(y, batch))
         if runner.is_last:

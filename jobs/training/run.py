@@ -13,6 +13,7 @@ from jobs import parallel
 from jobs.checkpoint import Checkpointer
 from jobs.data import build_datasets
 from jobs.env import RankEnv
+from jobs.parallel.apply import pipeline_mesh
 from jobs.pipeline import PipelineRunner
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
@@ -59,8 +60,8 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     pipelined = p.strategy == "pipeline"
     model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), p, env, device)], pipelined)
     # a pipeline stage runs through its schedule, which passes activations between the stages
-    runner = PipelineRunner(model.single, env.world_size, p.pipeline_schedule, p.microbatches, objective.loss) \
-        if pipelined else None
+    runner = PipelineRunner(model.single, pipeline_mesh(p, env, device), p.pipeline_schedule, p.microbatches,
+                            objective.loss) if pipelined else None
     total = planned_steps(recipe, len(train_set), parallel.data_parallel(p, env)[0])
     optimizers = build_optimizers(recipe.optim, model)
     schedulers = build_schedulers(recipe.schedule, optimizers, total)

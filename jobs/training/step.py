@@ -88,13 +88,14 @@ def pipeline_train_step(runner: PipelineRunner, optimizers: Optimizers, micro: M
                         settings: StepSettings) -> torch.Tensor:
     """One optimizer step of a pipeline stage: the schedule runs forward and backward over the batch's
     microbatches (they take the place of gradient accumulation: the recipe has one micro batch per
-    step), the gradient is clipped by the whole model's norm, then this stage's optimizer steps.
-    Returns the batch's loss, the same on every stage."""
+    replica and step), the stage's replicas average their gradients, the gradient is clipped by the
+    whole model's norm, then this stage's optimizer steps. Returns this replica's batch loss, the same
+    on each of its stages (the logged loss is the mean over ranks: over replicas, as with DDP)."""
     (x, y), = micro
     runner.module.train()
     loss = runner.train_step(x, y)
     if settings.trainer.grad_clip is not None:
-        pipeline_clip_grad_norm_(runner.module, settings.trainer.grad_clip)
+        pipeline_clip_grad_norm_(runner.module, settings.trainer.grad_clip, runner.group)
     for opt in optimizers:
         opt.step()
     optimizers.zero_grad()

@@ -172,7 +172,7 @@ class Trainer:
         steps_per_epoch = len(sampler) // (t.micro_batch * self.recipe.grad_accum)
         if self.env.is_main:
             ranks = f"{replicas} ranks" if self.pipeline is None else \
-                f"1 data-parallel replica ({self.env.world_size} pipeline stages)"
+                f"{replicas} data-parallel replicas of {self.pipeline.num_stages} pipeline stages"
             log.info("%s x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps", ranks,
                      t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch, self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
