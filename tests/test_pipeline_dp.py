@@ -78,9 +78,6 @@ def test_pipeline_x_ddp_trains_as_ddp(ddp_run: Path, schedule: str, runs_dir: Pa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="jobs.parallel.state gathers the optimizer state from every rank, so each "
-                   "stage's parameters are listed once per replica and the resume refuses it; to pass once pipeline "
-                   "checkpoints are sharded (or the gather keeps one replica)")
 def test_pipeline_x_ddp_resumes_where_it_stopped(ddp_run: Path, runs_dir: Path) -> None:
     """Stopped after 2 of DDP's 3 steps (a checkpoint at the end), relaunched: ends on DDP's weights."""
     _launch(runs_dir, "resumed", *PIPELINE_DP, "trainer.max_steps=2")

@@ -127,10 +127,12 @@ def gather_stage_optimizers(part: nn.Module, opt: torch.optim.Optimizer) -> dict
         return {"state": {}, "param_groups": []}
     state: dict[str, Any] = {}
     groups = [{**g, "params": []} for g in gathered[0]["param_groups"]]
+    seen: set[str] = set()  # the replicas of a stage (pipeline x data parallel) list the same parameters
     for stage in gathered:
         state.update(stage["state"])
         for merged, own in zip(groups, stage["param_groups"], strict=True):
-            merged["params"] += own["params"]
+            merged["params"] += [n for n in own["params"] if n not in seen]
+            seen.update(own["params"])
     return {"state": state, "param_groups": groups}
 
 
@@ -141,7 +143,7 @@ def stage_optimizer_state(part: nn.Module, opt: torch.optim.Optimizer, state: di
     if not is_named(state):
         everyone: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(everyone, parameter_names(part, opt))
-        names = [n for stage in everyone for n in stage]
+        names = list(dict.fromkeys(n for stage in everyone for n in stage))  # replicas list theirs twice
         _check_count(state, len(names))
         state = {"state": {names[i]: s for i, s in state["state"].items()},
                  "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
