@@ -77,6 +77,16 @@ def check_imports(recipe: RecipeConfig, src: str) -> None:
         import_targets(recipe, src, code_dir_of(recipe))
 
 
+def check_layout(recipe: RecipeConfig, src: str) -> None:
+    """Split points and FSDP block names checked against the model (built on the meta device), before
+    anything is written or queued. Only recipes that name modules pay for the torch import."""
+    p = recipe.parallel
+    if p.strategy == "pipeline" or p.fsdp_blocks:
+        from jobs.parallel.preflight import check_layout as check_model_layout
+
+        check_model_layout(recipe, src)
+
+
 @dataclass(frozen=True)
 class Target:
     """The cluster config a command was given, loaded, with the backend it names: where runs go."""
@@ -103,6 +113,7 @@ class Target:
         check_name("recipe name (default run names begin with it)", loaded.name)
         loaded = resolve_code(loaded, src)
         check_imports(loaded, src)
+        check_layout(loaded, src)
         self.cluster.check_recipe(loaded, f"cluster config {self.given}")
         if launching:
             self.cluster.check_shared("code_dir", str(code_dir_of(loaded)), f"cluster config {self.given}")

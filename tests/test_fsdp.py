@@ -83,6 +83,9 @@ def test_optimizer_state_converts_between_numbered_and_named_forms() -> None:
     (["parallel.strategy=fsdp", "parallel.mixed_precision=true", "trainer.device=cpu"], "parallel.mixed_precision"),
     (["parallel.strategy=fsdp", "trainer.precision=fp16"], "trainer.precision"),
     (["parallel.strategy=fsdp", "parallel.cpu_offload=maybe"], "parallel.cpu_offload"),
+    # checked against the model itself (built on the meta device) before anything is queued
+    (["parallel.strategy=fsdp", "parallel.procs_per_node=2", "parallel.fsdp_blocks=[layers.*]"],
+     "parallel.fsdp_blocks"),
 ])
 def test_bad_fsdp_values_exit_2_before_anything_is_written(overrides: list[str], key: str, runs_dir: Path) -> None:
     proc = run_cli("launch", "digits", *overrides, "--run-name", "bad", runs_dir=runs_dir)

@@ -32,6 +32,9 @@ ONE_PROCESS = ["parallel.strategy=ddp", "parallel.procs_per_node=1"]
     (["model.kwargs.tied_embeddings=true"], "model.kwargs.tied_embeddings", "summed across stages"),
     (["trainer.precision=bf16"], "trainer.precision", "not built yet"),
     (["parallel.strategy=ddp", "parallel.microbatches=2"], "parallel.microbatches", "only read with"),
+    # checked against the model itself (built on the meta device) before anything is queued
+    (["parallel.split_points=[layers.7]"], "parallel.split_points", "valid points: layers.1, layers.2"),
+    (["parallel.procs_per_node=4"], "parallel.pipeline_stages", "the model has 3 blocks"),
 ])
 def test_bad_pipeline_configs_exit_2_before_anything_is_written(overrides: list[str], key: str, words: str,
                                                                 runs_dir: Path) -> None:

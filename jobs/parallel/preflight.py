@@ -1,0 +1,45 @@
+"""The layout checks the ranks would make, made before submission on the model built on the meta
+device (no memory, no weights): pipeline split points that name no block, more stages than blocks,
+FSDP block patterns that match nothing. A refusal after an hour in the queue is the failure this
+avoids. A factory that cannot build on the meta device is left to the ranks' own checks."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from jobs.models import build_model
+from jobs.parallel.fsdp import shard_blocks
+from jobs.pipeline import split_points
+from schema import ConfigError, RecipeConfig
+
+log = logging.getLogger("launcher")
+
+
+def check_layout(recipe: RecipeConfig, src: str) -> None:
+    p = recipe.parallel
+    if p.strategy != "pipeline" and not p.fsdp_blocks:
+        return  # nothing the recipe names about the model's modules
+    try:
+        with torch.device("meta"):
+            model = build_model(recipe.model, src)
+    except ConfigError:
+        raise
+    except Exception as err:  # user code that needs real tensors to build: the ranks check it
+        log.debug("layout not checked before submission: building %s on the meta device failed (%s)",
+                  recipe.model.factory, err)
+        return
+    if p.strategy == "pipeline":
+        key = "parallel.split_points" if p.split_points is not None else "parallel.pipeline_stages"
+        try:
+            split_points(model, list(p.split_points) if p.split_points is not None else None, p.stages)
+        except ValueError as err:
+            hint = "start each stage at one of the valid points" if p.split_points is not None else \
+                "use fewer stages (or ranks), or a model with more blocks"
+            raise ConfigError(src, key, str(err), hint) from None
+    if p.fsdp_blocks:
+        try:
+            shard_blocks(model, p.fsdp_blocks)
+        except ValueError as err:
+            raise ConfigError(src, "parallel.fsdp_blocks", str(err), "or drop parallel.fsdp_blocks to shard the "
+                              "model's repeated layers") from None
