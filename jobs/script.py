@@ -193,7 +193,7 @@ def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> R
     elif code == 0:
         result = RunResult(outcome="completed", exit_code=0)
     else:  # failed on its own: the first such rank names the run's exit code (torchrun's would be 1)
-        run.update(keep_set=True, exit_code=code, failed_rank=env.rank)
+        run.update(unless_set={"exit_code": code, "failed_rank": env.rank})
         result = RunResult(outcome="failed", exit_code=code)
     if env.is_main:
         info = run.info()

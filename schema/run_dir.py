@@ -199,15 +199,15 @@ class Run:
                  (self.dir / RESULT_JSON, read_object(self.dir / RESULT_JSON, _RESULT_TYPES)[1])]
         return [f"{path.name} unreadable: {why}" for path, why in found if why]
 
-    def update(self, *, remove: Iterable[str] = (), keep_set: bool = False, **fields: Any) -> RunInfo:
-        """Set `fields` and unset the fields in `remove`, as one atomic change to run.json; with
-        `keep_set`, only the fields not set yet (the first of several writers wins)."""
+    def update(self, *, remove: Iterable[str] = (), unless_set: Optional[dict[str, Any]] = None,
+               **fields: Any) -> RunInfo:
+        """Set `fields`, unset the fields in `remove`, and set those of `unless_set` not set yet (the
+        first of several writers wins), as one atomic change to run.json."""
         with self._locked():
             info = self.readable_info().to_dict()
             for key in remove:
                 info.pop(key, None)
-            if keep_set:
-                fields = {k: v for k, v in fields.items() if info.get(k) is None}
+            fields.update({k: v for k, v in (unless_set or {}).items() if info.get(k) is None})
             new = RunInfo.from_dict({**info, **fields})  # a key RunInfo lacks is kept in `extra`
             self._write_info(new.to_dict())
             return new

@@ -62,8 +62,8 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
             outcome = settle(run).outcome or ("failed" if child.returncode else "finished")
             # a failing script's own exit code (recorded by its rank) is the run's, not torchrun's 1
-            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome)
-            run.update(keep_set=True, exit_code=child.returncode)
+            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
+                       unless_set={"exit_code": child.returncode})
     return run.info().exit_code or code
 
 
