@@ -76,3 +76,22 @@ def test_cuda_run_is_not_moved_to_cpu_silently_and_exports_on_cpu(runs_dir: Path
     out = tmp_path / "w.pt"
     run_cli("export", "g", "--to", str(out), runs_dir=runs_dir, env=NO_GPU, check=True)
     assert all(t.device.type == "cpu" for t in torch.load(out, weights_only=True).values())
+
+
+GPT_FSDP = ["model.kwargs.dim=128", "model.kwargs.layers=4", "trainer.device=cuda", "trainer.max_steps=6",
+            "checkpoint.every_steps=3", "parallel.strategy=fsdp", "logging.progress_bar=false"]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for FSDP over NCCL")
+def test_fsdp_bf16_mixed_precision_over_nccl_saves_shards_that_resume_on_one_gpu(runs_dir: Path) -> None:
+    """FSDP2 with bf16 parameters and fp32 reductions on 2 GPUs writes a sharded checkpoint (a shard per
+    rank, pinned host staging); the same run resumed on one GPU reshards it and carries on."""
+    run_cli("launch", "gpt_small", *GPT_FSDP, "parallel.procs_per_node=2", "parallel.mixed_precision=true",
+            "--run-name", "fsdp", runs_dir=runs_dir, check=True)
+    folder = runs_dir / "fsdp" / "checkpoints" / "step-000000006"
+    files = json.loads((folder / "manifest.json").read_text())["files"]
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= set(files)
+    proc = run_cli("launch", "gpt_small", *GPT_FSDP, "parallel.procs_per_node=1", "trainer.max_steps=9",
+                   "--run-name", "fsdp", runs_dir=runs_dir, check=True)
+    assert "written by fsdp on 2 ranks, resumed as single on 1: resharded by DCP" in proc.stdout
+    assert read_result(runs_dir / "fsdp")["step"] == 9
