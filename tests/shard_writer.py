@@ -4,6 +4,9 @@
         commits a small sharded checkpoint at step 1 (prints COMMITTED 1), then starts a large one at
         step 2; rank 1 prints "WRITING <pid>" as soon as its shard file appears, so the test can
         SIGKILL it in the middle of the save.
+    torchrun --nproc-per-node 2 tests/shard_writer.py fail LOCAL_DIR
+        rank 1 cannot write its shard of step 2 (a directory sits where its file goes): prints
+        "FLUSHED <flush result> LATEST <newest committed step>" after step 2 and again after step 3.
     torchrun --nproc-per-node 2 tests/shard_writer.py resume LOCAL_DIR
         what the next launch does: finds the newest committed checkpoint on rank 0, loads every
         rank's shard from it, and prints "RESUMED <step> <rank> <value>" per rank.
@@ -54,6 +57,13 @@ def main() -> None:
             threading.Thread(target=announce_when_writing, args=(local_dir / step_dir_name(2),), daemon=True).start()
         ckpt.save(2, {"trainer": {"step": 2}}, {"loss": 0.5}, shards=shards(rank, 2, LARGE))
         ckpt.flush(timeout=120)
+    elif mode == "fail":
+        (local_dir / step_dir_name(2) / "__1_0.distcp").mkdir(parents=True, exist_ok=True)
+        for step in (2, 3):
+            ckpt.save(step, {"trainer": {"step": step}}, {"loss": 1.0}, shards=shards(rank, step, 1000))
+            flushed = ckpt.flush(timeout=60)
+            if rank == 0:
+                print(f"FLUSHED {flushed} LATEST {ckpt.latest()}", flush=True)
     else:
         found = [None, None]
         if rank == 0:

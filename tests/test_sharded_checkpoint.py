@@ -121,6 +121,18 @@ def test_a_rank_killed_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_
     assert "RESUMED 1 0 10.0" in resumed.stdout and "RESUMED 1 1 11.0" in resumed.stdout, resumed.stdout
 
 
+def test_a_rank_that_cannot_write_its_shard_costs_that_save_not_the_run(tmp_path: Path) -> None:
+    """Rank 1's write of step 2 fails (a directory where its file goes): step 2 is not committed and
+    flush() says nothing was; the next save (step 3) commits and flush() says so."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run([*torchrun, str(REPO / "tests" / "shard_writer.py"), "fail", str(tmp_path)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("FLUSHED")]
+    assert lines == ["FLUSHED False LATEST None", f"FLUSHED True LATEST {tmp_path / 'step-000000003'}"], proc.stdout
+    assert "checkpoint step 2 NOT saved" in proc.stderr
+
+
 # gpt_small shrunk hard, dropout on (the RNG streams of both stages are restored too)
 PIPE = ["model.kwargs.dim=32", "model.kwargs.layers=2", "model.kwargs.seq_len=32", "model.kwargs.dropout=0.1",
         "model.kwargs.tied_embeddings=false", "data.kwargs.seq_len=32", "data.kwargs.max_bytes=20000",

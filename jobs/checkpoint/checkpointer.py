@@ -204,8 +204,12 @@ class Checkpointer:
         self._shards.submit(ShardJob(step, self.local_dir / name, small, metrics, started), shards)
         self._submitted.add(step)
 
-    def _commit_sharded(self, job: ShardJob, shards: dict[str, FileEntry]) -> None:
-        """Rank 0, once every rank confirmed its shard: its own files, then the manifest over all."""
+    def _commit_sharded(self, job: ShardJob, shards: Optional[dict[str, FileEntry]]) -> None:
+        """Rank 0, once every rank confirmed its shard: its own files, then the manifest over all
+        (`shards` None: a rank could not write or confirm its shard, and this save failed)."""
+        if shards is None:
+            self._writer.count(committed=False)
+            return
         try:
             manifest = self._writer.commit(job.step, job.state, job.metrics, shards=shards)
             if manifest is not None:

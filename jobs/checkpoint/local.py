@@ -63,14 +63,14 @@ class LocalWriter:
         if shards is None and self.store.is_intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
                         folder, step)
-            self._count(committed=True)
+            self.count(committed=True)
             return None
         try:
             manifest = self._write_folder(folder, step, state, metrics, shards)
         except OSError as err:
             self._discard_failed_save(folder, step, err)
             return None
-        self._count(committed=True)
+        self.count(committed=True)
         try:
             write_atomic(self.folder / POINTER, folder.name + "\n")
         except OSError as err:  # the checkpoint is committed: the pointer is only a hint for humans
@@ -101,12 +101,12 @@ class LocalWriter:
     def _discard_failed_save(self, folder: Path, step: int, err: OSError) -> None:
         """The partial folder goes, training continues, and the next save tries again."""
         shutil.rmtree(folder, ignore_errors=True)
-        self._count(committed=False)
+        self.count(committed=False)
         log.error("checkpoint step %d NOT saved: writing %s failed (%s). Removed the partial folder; training "
                   "continues and the next save tries again. Free space in %s", step, folder, describe(err),
                   self.folder)
 
-    def _count(self, committed: bool) -> None:
+    def count(self, committed: bool) -> None:
         with self._lock:
             if committed:
                 self.committed += 1

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
@@ -84,9 +85,9 @@ class _RecordingWriter(dcp.FileSystemWriter):
 class ShardedSaver:
     """One rank's side of sharded saves. Every rank creates one (creating its process group is a
     collective) and calls submit() for every save, in the same order. On rank 0 `commit` receives
-    the job and every rank's confirmed files, and commits the folder."""
+    the job and every rank's confirmed files, and commits the folder (or None: the save failed)."""
 
-    def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, dict[str, FileEntry]], None]],
+    def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, Optional[dict[str, FileEntry]]], None]],
                  cuda: bool, asynchronous: bool = True) -> None:
         self.rank, self.commit, self.asynchronous = rank, commit, asynchronous
         self.group = dist.new_group(backend="gloo")  # never shared with training's collectives
@@ -139,22 +140,31 @@ class ShardedSaver:
     def _write(self, job: ShardJob) -> None:
         try:
             entries = self._write_shard(job)
-        except Exception as err:  # DCP raises on every rank when one rank's write fails
-            log.error("checkpoint step %d NOT saved: writing rank %d's shard into %s failed (%s); training "
-                      "continues and the next save tries again", job.step, self.rank, job.folder, describe(err))
+        except (Exception, CheckpointException) as err:  # DCP raises on every rank when one rank's write fails
+            if self.rank == 0:  # every rank got the same exception: one line says it
+                log.error("checkpoint step %d NOT saved: writing the shards into %s failed (%s); training "
+                          "continues and the next save tries again", job.step, job.folder, _reason(err))
+            self._commit(job, None)
             return
         finally:
             job.shards = {}
         everyone: Optional[list[Any]] = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
         dist.gather_object(entries, everyone, dst=0, group=self.group)
-        if everyone is None or self.commit is None:
+        if everyone is None:
             return
         missing = [r for r, e in enumerate(everyone) if e is None]
         if missing:
             log.error("checkpoint step %d NOT committed: ranks %s could not confirm their shards", job.step, missing)
+            self._commit(job, None)
+            return
+        self._commit(job, {name: entry for e in everyone for name, entry in e.items()})
+
+    def _commit(self, job: ShardJob, files: Optional[dict[str, FileEntry]]) -> None:
+        """Rank 0: hand every rank's confirmed files to `commit` (None: the save failed, counted as such)."""
+        if self.commit is None:
             return
         try:
-            self.commit(job, {name: entry for e in everyone for name, entry in e.items()})
+            self.commit(job, files)
         except BaseException as err:
             self._error = self._error or CheckpointError(f"committing sharded step {job.step} failed: {err}")
 
@@ -172,6 +182,14 @@ class ShardedSaver:
             log.error("checkpoint step %d: rank %d cannot read back its shard (%s)", job.step, self.rank,
                       describe(err))
             return None
+
+
+def _reason(err: BaseException) -> str:
+    """One line: DCP's CheckpointException carries each failing rank's exception and traceback."""
+    if isinstance(err, CheckpointException):
+        return "; ".join(f"rank {rank}: {describe(e[0] if isinstance(e, tuple) else e)}"
+                         for rank, e in sorted(err.failures.items()))
+    return describe(err)
 
 
 def _hashed(path: Path, rank: int) -> FileEntry:
