@@ -183,11 +183,13 @@ def s3(tmp_path: Path) -> Iterator[tuple[S3Server, Path]]:
 @pytest.mark.slow
 def test_sharded_checkpoints_through_s3_resume_where_only_the_remote_copy_is(s3: tuple[S3Server, Path],
                                                                             tmp_path: Path) -> None:
-    """The shards and DCP's index go up with the manifest last; a fresh run directory (another machine)
-    downloads them, checks them and resumes; the result equals an uninterrupted run's."""
+    """The shards and DCP's index go up with the manifest last; a run directory without its local copies
+    (another machine) downloads them, checks them and resumes; the result equals an uninterrupted run's."""
     server, cluster = s3
     base = [*FSDP, "checkpoint.uri=s3://ckpts/runs", "checkpoint.every_steps=2", "--cluster", str(cluster)]
-    first = _launch(tmp_path / "a", "run", *base, "trainer.max_steps=4", env=TEST_CREDENTIALS)
+    # synchronous saves here (the other tests save asynchronously): each rank writes on the training thread
+    first = _launch(tmp_path / "a", "run", *base, "trainer.max_steps=4", "checkpoint.async_save=false",
+                    env=TEST_CREDENTIALS)
     import fsspec
 
     fs = fsspec.filesystem("s3", endpoint_url=server.endpoint, key="testing", secret="testing",
