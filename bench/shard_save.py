@@ -80,17 +80,21 @@ def reference_save(state: dict[str, Any], folder: Path) -> float:
     return slowest(time.perf_counter() - start)
 
 
-def our_save(ckpt: Checkpointer, step: int, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[float, float]:
-    """(seconds training was blocked, seconds until the save was committed), each the slowest rank's."""
+def our_save(ckpt: Checkpointer, step: int, model: nn.Module, opt: torch.optim.Optimizer
+             ) -> tuple[float, float, float]:
+    """Seconds training was blocked, of which building the shard state, and seconds until the save was
+    committed; each the slowest rank's."""
     small = {"trainer": {"step": step}, "rng": torch.get_rng_state()}
     dist.barrier()
     start = time.perf_counter()
-    ckpt.save(step, small, {"loss": 1.0}, shards=shard_state(model, opt))
+    shards = shard_state(model, opt)
+    built = time.perf_counter() - start
+    ckpt.save(step, small, {"loss": 1.0}, shards=shards)
     blocked = time.perf_counter() - start
     if not ckpt.flush(timeout=600):
         raise RuntimeError(f"sharded save of step {step} did not commit within 600 s")
     committed = time.perf_counter() - start
-    return slowest(blocked), slowest(committed)
+    return slowest(blocked), slowest(built), slowest(committed)
 
 
 def shared_tmp(env: RankEnv) -> Path:
@@ -105,23 +109,23 @@ def measure(env: RankEnv, model_kwargs: dict, root: Path) -> dict:
     state = shard_state(model, opt)
     ckpt = Checkpointer(CheckpointConfig(keep_last=1), root / "ours", None, StorageConfig(), is_writer=env.is_main,
                         sharded=True)
-    sync, blocked, committed = [], [], []
+    sync, blocked, built, committed = [], [], [], []
     for step in range(1, SAVES + 1):
         sync.append(reference_save(state, root / f"dcp-{step}"))
         dist.barrier()
         if env.is_main:  # the disk holds one reference copy at a time
             shutil.rmtree(root / f"dcp-{step}")
-        b, c = our_save(ckpt, step, model, opt)
-        blocked.append(b)
-        committed.append(c)
+        for times, seconds in zip((blocked, built, committed), our_save(ckpt, step, model, opt)):
+            times.append(seconds)
     ckpt.close()
     nbytes = sum(f.stat().st_size for f in (root / "ours").rglob("*.distcp"))
     med = statistics.median
     return {"parameters": params, "shard_bytes_all_ranks": nbytes, "saves": SAVES,
             "sync_dcp_save_s": med(sync[1:]), "async_blocked_s": med(blocked[1:]),
-            "async_blocked_first_s": blocked[0], "async_commit_s": med(committed[1:]),
+            "async_blocked_first_s": blocked[0], "async_build_shard_state_s": med(built[1:]),
+            "async_commit_s": med(committed[1:]),
             "ratio": med(blocked[1:]) / med(sync[1:]), "all": {"sync": sync, "blocked": blocked,
-                                                                 "committed": committed}}
+                                                                 "built": built, "committed": committed}}
 
 
 def main() -> None:
