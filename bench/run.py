@@ -102,28 +102,36 @@ def bench_fsdp() -> dict:
     return out
 
 
-def descendants(pid: int) -> list[int]:
-    """The processes `pid` started, and theirs (Linux /proc; empty where there is none)."""
+def descendants(pid: int) -> dict[int, bytes]:
+    """The processes `pid` started, and theirs, with their command lines (Linux /proc; {} where there is none)."""
     try:
         children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
     except OSError:
-        return []
-    return [p for child in children for p in (child, *descendants(child))]
+        return {}
+    found = {}
+    for child in children:
+        with contextlib.suppress(OSError):
+            found[child] = Path(f"/proc/{child}/cmdline").read_bytes()
+        found.update(descendants(child))
+    return found
 
 
 def stop(proc: subprocess.Popen) -> None:
     """End torchrun and its ranks. torchrun's ranks run in sessions of their own, so they are found
-    first: SIGTERM lets torchrun stop them (SIGTERM, then SIGKILL after 30 s); whatever still runs a
-    minute later is killed by its id."""
+    first: SIGTERM lets torchrun stop them (SIGTERM, then SIGKILL after 30 s); a rank still running
+    after that (it would hold the output pipes open) is killed by its id, if that id still runs the
+    same command (ids are reused)."""
     ranks = descendants(proc.pid)
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
-    for pid in ranks:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+    for pid, cmdline in ranks.items():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, signal.SIGKILL)
 
 
 def ranks_json(args: list[str], timeout_s: float) -> tuple[list[dict], str | None]:
@@ -177,8 +185,8 @@ def pipeline_rows(p: dict) -> list[tuple[str, str, str, str]]:
     """One row per figure of bench_pipeline: each strategy's step time against DDP's, each schedule's bubble."""
     rows = []
     ddp = p.get("ddp", {}).get("s_per_step")
-    some = next((p[c] for c in ("ddp", "fsdp") if c in p), None) or next((p[c][0] for c in ("gpipe", "1f1b") if p.get(c)),
-                                                                        None)
+    measured = [p[c] for c in ("ddp", "fsdp") if c in p] + [p[c][0] for c in ("gpipe", "1f1b") if p.get(c)]
+    some = measured[0] if measured else None
     what = f"{some['parameters'] / 1e6:.1f}M-param GPT, batch {some['global_batch']}, 2 ranks" if some else "2 ranks"
     vs_ddp = f"DDP {ddp:.2f} s" if ddp else "DDP failed"
     if "fsdp" in p:
@@ -224,7 +232,8 @@ def table(results: dict) -> str:
                      f"{spread})"))
     if a and "trainer_extras_s_per_step" in a:
         rows.append(("trainer's own work per step, timed alone", f"{a['trainer_extras_s_per_step'] * 1e3:.3f} ms",
-                     f"{a['extras_share_of_plain_step'] * 100:.2f}% of a plain step", "(agreement, LR schedule, checks)"))
+                     f"{a['extras_share_of_plain_step'] * 100:.2f}% of a plain step",
+                     "(agreement, LR schedule, checks)"))
     b = results.get("startup")
     if b:
         rows.append(("launch -> first step", f"{b['launcher_s_to_first_step']:.2f} s",
