@@ -21,9 +21,9 @@ The measured bubble of a pipeline, per stage s:
   communication: stage 0 runs its forwards and a backward from a ones gradient of its output, the last
   stage runs its forwards from a random activation of the right shape that requires grad (so the input
   gradient it would send back is computed too), the loss, and its backward. The microbatches run in the
-  schedule's order (GPipe: all forwards, then all backwards; 1F1B: forward and backward in turn). The
-  median over the same number of repetitions, both stages timing at once (as they compute at once in
-  the pipeline).
+  schedule's order (GPipe: all forwards, then all backwards; 1F1B: forward and backward in turn). Timed
+  right after each step on the same batch, both stages at once (as they compute at once in the
+  pipeline), and the median taken over the same steps.
 
 The reported figure is the mean of bubble_s over the stages. It is the share of a stage's step not spent
 on its own computation, so beyond the idle time the theory counts it also holds the send/recv of
@@ -145,8 +145,8 @@ def pipeline_case(schedule: str, microbatches: int, env: RankEnv, model_kwargs: 
         opt.zero_grad(set_to_none=True)
         dist.barrier()
         steps.append(time.perf_counter() - start)
-    for step in range(WARMUP + STEPS):
-        busy.append(timed(local_work(runner, schedule, batch(step, model_kwargs), model_kwargs)))
+        # right after each step, so that both see the same load from whatever else runs on the machine
+        busy.append(timed(local_work(runner, schedule, x, model_kwargs)))
     mine = {"fwd_bwd_s": median_after_warmup(fwd_bwd), "busy_s": median_after_warmup(busy)}
     stages: list = [None] * env.world_size
     dist.all_gather_object(stages, mine)
