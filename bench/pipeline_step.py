@@ -30,7 +30,10 @@ on its own computation, so beyond the idle time the theory counts it also holds 
 activations and gradients (gloo, through loopback), the schedule's bookkeeping, the loss broadcast after
 the step and any imbalance between the stages (the split is balanced by parameter count, not time). On a
 2-core machine with one thread per rank each stage has a core to itself only when nothing else runs:
-on a loaded machine busy_s and fwd_bwd_s both stretch, not always alike.
+on a loaded machine busy_s and fwd_bwd_s both stretch, not alike. busy_s is timed with both stages
+computing at once, competing with the other load for the 2 cores, while in the pipeline a stage waiting
+for the other leaves it a core: so under load busy_s stretches more, and the measured bubble can fall
+below the theory (seen at load average 3-5). Compare figures from a quiet machine.
 """
 from __future__ import annotations
 

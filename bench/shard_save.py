@@ -42,7 +42,7 @@ from schema import CheckpointConfig, ParallelConfig, StorageConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 768, "layers": 8, "heads": 12, "tied_embeddings": False}  # 57M
 SMALL = {"vocab": 256, "seq_len": 32, "dim": 64, "layers": 2, "heads": 2, "tied_embeddings": False}
-SAVES = 4
+SAVES = 5
 
 
 def trained_model(env: RankEnv, model_kwargs: dict) -> tuple[nn.Module, torch.optim.Optimizer, int]:
