@@ -7,12 +7,18 @@
     FSDP <= 0.55 of DDP), peak RSS and step time
 (c) checkpoints (when jobs.checkpoint is present): blocked seconds per async save vs torch.save
     of the same >= 100M-parameter state; seconds to resume vs a fresh start
+(e) step time of DDP, FSDP and a 2-stage pipeline (GPipe, 1F1B at 2, 4, 8 microbatches) on one GPT and
+    global batch, 2 ranks, and the pipeline's measured bubble vs (p-1)/(m+p-1) (bench/pipeline_step.py)
+(f) training blocked per sharded async save vs a synchronous DCP save of the same 57M-parameter FSDP
+    state on 2 ranks (goal <= 0.1), and the time to commit (bench/shard_save.py)
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -96,6 +102,77 @@ def bench_fsdp() -> dict:
     return out
 
 
+def descendants(pid: int) -> dict[int, bytes]:
+    """The processes `pid` started, and theirs, with their command lines (Linux /proc; {} where there is none)."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return {}
+    found = {}
+    for child in children:
+        with contextlib.suppress(OSError):
+            found[child] = Path(f"/proc/{child}/cmdline").read_bytes()
+        found.update(descendants(child))
+    return found
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End torchrun and its ranks. torchrun's ranks run in sessions of their own, so they are found
+    first: SIGTERM lets torchrun stop them (SIGTERM, then SIGKILL after 30 s); a rank still running
+    after that (it would hold the output pipes open) is killed by its id, if that id still runs the
+    same command (ids are reused)."""
+    ranks = descendants(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    for pid, cmdline in ranks.items():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == cmdline:
+                os.kill(pid, signal.SIGKILL)
+
+
+def ranks_json(args: list[str], timeout_s: float) -> tuple[list[dict], str | None]:
+    """torchrun of `args` on 2 ranks: the JSON lines rank 0 printed, and what went wrong (None if nothing).
+    A run past `timeout_s` (a pipeline schedule that hangs) is stopped with its ranks, keeping the lines
+    printed before."""
+    proc = subprocess.Popen(torchrun(*args), cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+        error = None if proc.returncode == 0 else f"exit code {proc.returncode}: {err.strip()[-1500:]}"
+    except subprocess.TimeoutExpired:
+        stop(proc)
+        out, err = proc.communicate()
+        error = f"timed out after {timeout_s:.0f} s and was stopped (a hang?): {err.strip()[-1000:]}"
+    if error:
+        print(f"{' '.join(args)}: {error}", file=sys.stderr)
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")], error
+
+
+def bench_pipeline(small: bool, timeout_s: float = 600) -> dict:
+    """DDP, FSDP and pipeline step time on one GPT and global batch, and the pipeline's bubble (bench/pipeline_step.py),
+    one torchrun per case: a case that fails or hangs is reported under "errors" and the others still run."""
+    out: dict = {"errors": {}}
+    for case in ("ddp", "fsdp", "gpipe", "1f1b"):
+        lines, error = ranks_json(["-m", "bench.pipeline_step", case, *(["--small"] if small else [])], timeout_s)
+        if error:
+            out["errors"][case] = error
+        if lines:
+            out[case] = lines if case in ("gpipe", "1f1b") else lines[-1]
+    return out
+
+
+def bench_shardsave(small: bool, timeout_s: float = 900) -> dict:
+    """Blocked seconds per sharded async save vs a synchronous DCP save, 2 FSDP ranks (bench/shard_save.py)."""
+    with tempfile.TemporaryDirectory(prefix="bench-shardsave-", dir="/tmp") as tmp:
+        lines, error = ranks_json(["-m", "bench.shard_save", "--dir", tmp, *(["--small"] if small else [])],
+                                  timeout_s)
+    return {**(lines[-1] if lines else {}), **({"error": error} if error else {})}
+
+
 def bench_checkpoints() -> dict | None:
     try:
         from bench import checkpoint_bench
@@ -104,20 +181,64 @@ def bench_checkpoints() -> dict | None:
     return checkpoint_bench.run()
 
 
+def pipeline_rows(p: dict) -> list[tuple[str, str, str, str]]:
+    """One row per figure of bench_pipeline: each strategy's step time against DDP's, each schedule's bubble."""
+    rows = []
+    ddp = p.get("ddp", {}).get("s_per_step")
+    measured = [p[c] for c in ("ddp", "fsdp") if c in p] + [p[c][0] for c in ("gpipe", "1f1b") if p.get(c)]
+    some = measured[0] if measured else None
+    what = f"{some['parameters'] / 1e6:.1f}M-param GPT, batch {some['global_batch']}, 2 ranks" if some else "2 ranks"
+    vs_ddp = f"DDP {ddp:.2f} s" if ddp else "DDP failed"
+    if "fsdp" in p:
+        f = p["fsdp"]["s_per_step"]
+        rows.append((f"FSDP vs DDP step time ({what})", f"{f:.2f} s", vs_ddp, f"ratio {f / ddp:.2f}" if ddp else ""))
+    for schedule in ("gpipe", "1f1b"):
+        cases = p.get(schedule, [])
+        if not cases:
+            continue
+        ms = "/".join(str(c["microbatches"]) for c in cases)
+        times = "/".join(f"{c['s_per_step']:.2f}" for c in cases)
+        ratios = "/".join(f"{c['s_per_step'] / ddp:.2f}" for c in cases) if ddp else ""
+        rows.append((f"pipeline {schedule} vs DDP step time, m={ms}", f"{times} s", vs_ddp, f"ratios {ratios}"))
+        rows.append((f"pipeline {schedule} bubble, 2 stages, m={ms}",
+                     "measured " + "/".join(f"{c['bubble_measured']:.2f}" for c in cases),
+                     "theory " + "/".join(f"{c['bubble_theory']:.2f}" for c in cases),
+                     "1 - busy/(fwd+bwd) per stage, mean of stages"))
+    for case, error in p.get("errors", {}).items():
+        rows.append((f"pipeline bench {case}", "FAILED", error.splitlines()[0][:80], "see bench.json"))
+    return rows
+
+
+def shardsave_rows(s: dict) -> list[tuple[str, str, str, str]]:
+    if "ratio" not in s:
+        return [("sharded async save vs sync DCP", "FAILED", s.get("error", "no result").splitlines()[0][:80],
+                 "see bench.json")]
+    return [(f"sharded async save, training blocked ({s['parameters'] / 1e6:.0f}M-param GPT, FSDP 2 ranks)",
+             f"{s['async_blocked_s']:.3f} s", f"sync DCP save {s['sync_dcp_save_s']:.2f} s",
+             f"ratio {s['ratio']:.3f} (goal <= 0.1); first save {s['async_blocked_first_s']:.3f} s"),
+            ("sharded async save, save -> committed", f"{s['async_commit_s']:.2f} s",
+             f"{s['shard_bytes_all_ranks'] / 1e6:.0f} MB of shards",
+             f"blocked time building the shard state: {s['async_build_shard_state_s']:.3f} s")]
+
+
 def table(results: dict) -> str:
     rows = []
-    a = results["step_overhead"]
-    spread = f", pairs {min(a['pair_ratios']):.2f}-{max(a['pair_ratios']):.2f}" if "pair_ratios" in a else ""
-    rows.append(("trainer s/step (2 ranks, %s)" % a["recipe"], f"{a['trainer_s_per_step'] * 1e3:.2f} ms",
-                 f"plain DDP {a['plain_s_per_step'] * 1e3:.2f} ms",
-                 f"ratio {a['ratio']:.3f} (goal <= 1.03; median of {len(a.get('pair_ratios', []))} A/B pairs{spread})"))
-    if "trainer_extras_s_per_step" in a:
+    a = results.get("step_overhead")
+    if a:
+        spread = f", pairs {min(a['pair_ratios']):.2f}-{max(a['pair_ratios']):.2f}" if "pair_ratios" in a else ""
+        rows.append(("trainer s/step (2 ranks, %s)" % a["recipe"], f"{a['trainer_s_per_step'] * 1e3:.2f} ms",
+                     f"plain DDP {a['plain_s_per_step'] * 1e3:.2f} ms",
+                     f"ratio {a['ratio']:.3f} (goal <= 1.03; median of {len(a.get('pair_ratios', []))} A/B pairs"
+                     f"{spread})"))
+    if a and "trainer_extras_s_per_step" in a:
         rows.append(("trainer's own work per step, timed alone", f"{a['trainer_extras_s_per_step'] * 1e3:.3f} ms",
-                     f"{a['extras_share_of_plain_step'] * 100:.2f}% of a plain step", "(agreement, LR schedule, checks)"))
-    b = results["startup"]
-    rows.append(("launch -> first step", f"{b['launcher_s_to_first_step']:.2f} s",
-                 f"bare torchrun {b['torchrun_s_to_first_step']:.2f} s",
-                 f"ratio {b['launcher_s_to_first_step'] / b['torchrun_s_to_first_step']:.2f}"))
+                     f"{a['extras_share_of_plain_step'] * 100:.2f}% of a plain step",
+                     "(agreement, LR schedule, checks)"))
+    b = results.get("startup")
+    if b:
+        rows.append(("launch -> first step", f"{b['launcher_s_to_first_step']:.2f} s",
+                     f"bare torchrun {b['torchrun_s_to_first_step']:.2f} s",
+                     f"ratio {b['launcher_s_to_first_step'] / b['torchrun_s_to_first_step']:.2f}"))
     c = results.get("script")
     if c:
         rows.append(("launcher run SCRIPT -> first step", f"{c['launcher_run_s_to_first_step']:.2f} s",
@@ -134,6 +255,12 @@ def table(results: dict) -> str:
                      f"DDP {f['ddp']['s_per_step']:.2f} s", f"ratio {f['step_time_ratio']:.2f}"))
     for row in results.get("checkpoint_rows", []):
         rows.append(tuple(row))
+    if "pipeline" in results:
+        rows += pipeline_rows(results["pipeline"])
+    if "shardsave" in results:
+        rows += shardsave_rows(results["shardsave"])
+    if not rows:
+        return ""
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
 
@@ -142,7 +269,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint"], default=None)
+    parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave"],
+                        default=None)
+    parser.add_argument("--small", action="store_true",
+                        help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
     args = parser.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if args.only in (None, "step"):
@@ -158,12 +288,15 @@ def main() -> None:
         if ckpt:
             results["checkpoint"] = ckpt["results"]
             results["checkpoint_rows"] = ckpt["rows"]
+    if args.only in (None, "pipeline"):
+        results["pipeline"] = bench_pipeline(args.small)
+    if args.only in (None, "shardsave"):
+        results["shardsave"] = bench_shardsave(args.small)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
-    if "step_overhead" in results and "startup" in results:
-        print(table(results))
-    else:
+    if args.only is not None:
         print(json.dumps(results, indent=2))
+    print(table(results))
     print(f"wrote {OUT / 'bench.json'}")
 
 
