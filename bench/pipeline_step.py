@@ -50,7 +50,7 @@ from torch import nn
 from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
-from jobs.pipeline import PipelineRunner, build_stage, split_points
+from jobs.pipeline import PipelineLayout, PipelineRunner, build_stage, split_points
 from schema import ParallelConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 384, "layers": 6, "heads": 6, "tied_embeddings": False}
@@ -103,7 +103,8 @@ def pipeline_runner(model: nn.Module, env: RankEnv, schedule: str, microbatches:
     (as jobs.parallel.apply.pipeline_stage and jobs.training.run do for the trainer)."""
     owned = split_points(model, None, env.world_size)
     stage = build_stage(model, env.rank, env.world_size, owned[env.rank], torch.device("cpu"))
-    return PipelineRunner(stage, env.world_size, schedule, microbatches, lm_loss, group=None)
+    layout = PipelineLayout.of(env.world_size, env.rank, env.world_size).with_groups("cpu")  # no replicas
+    return PipelineRunner(stage, layout, schedule, microbatches, lm_loss)
 
 
 def local_work(runner: PipelineRunner, schedule: str, x: torch.Tensor, model_kwargs: dict) -> Callable[[], None]:
