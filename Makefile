@@ -33,7 +33,7 @@ launch: setup $(if $(filter vgg_finetune,$(RECIPE)),$(PRETRAINED))
 	$(PY) -m launcher launch $(RECIPE) --cluster $(CLUSTER) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(ARGS)
 
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, TypeVar
@@ -29,6 +30,35 @@ def run_cli(*args: str, runs_dir: Path | None = None, timeout: float = 600, env:
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+class Background:
+    """The real `launcher` CLI started in the background; `finish()` waits for it and returns its output.
+    A local run that a test compares with a Slurm job's trains while that job is scheduled or requeued,
+    when the cores are otherwise idle. Its output goes to a file, so a full pipe never stalls it."""
+
+    def __init__(self, *args: str, runs_dir: Path, env: dict | None = None, cwd: Path = REPO) -> None:
+        ours = list(args[:args.index("--")] if "--" in args else args)  # what follows `--` is a script's
+        self.cmd = [sys.executable, "-m", "launcher", *ours, "--runs-dir", str(runs_dir), *args[len(ours):]]
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+        self._out = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(self.cmd, cwd=cwd, env=full_env, stdout=self._out, stderr=subprocess.STDOUT,
+                                     text=True)
+
+    def finish(self, timeout: float = 600) -> str:
+        """Wait for it; a non-zero exit raises with its output."""
+        self.proc.wait(timeout=timeout)
+        self._out.seek(0)
+        out = self._out.read()
+        if self.proc.returncode != 0:
+            raise AssertionError(f"{' '.join(self.cmd)} exited {self.proc.returncode}\n{out}")
+        return out
+
+    def stop(self) -> None:
+        """For a test that failed before it waited: SIGTERM (the launcher forwards it to the ranks)."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=120)
 
 
 def read_result(run_dir: Path) -> dict:
@@ -76,6 +106,23 @@ def runs_dir(tmp_path: Path) -> Path:
     d = tmp_path / "runs"
     d.mkdir()
     return d
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+    """Final weights of uninterrupted local vgg_pretrain runs, one per distinct list of overrides, made
+    once for every test that stops a run and compares the resumed one with it (test_resume,
+    test_s3_runs: where checkpoints are kept must not change what is trained)."""
+    cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def get(overrides: list[str]) -> dict[str, torch.Tensor]:
+        key = tuple(overrides)
+        if key not in cache:
+            runs = tmp_path_factory.mktemp("straight")
+            run_cli("launch", "vgg_pretrain", *overrides, "--run-name", "straight", runs_dir=runs, check=True)
+            cache[key] = final_params(runs / "straight")
+        return cache[key]
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_result, wait_until
+from conftest import REPO, Background, read_result, wait_until
 
 EXAMPLE = REPO / "examples" / "project"
 # what an example file may import from the launcher: only the public runtime API, and only where it is the point
@@ -133,9 +133,6 @@ def _equal(a: object, b: object) -> bool:
 
 @pytest.mark.slow
 def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path) -> None:
-    straight = launcher(project, *_resumable("straight"))
-    assert straight.returncode == 0, straight.stdout + straight.stderr
-
     slow = "--step-sleep", "0.05"  # time to cancel it mid-run; the data and the math stay the same
     cut = subprocess.Popen([sys.executable, "-m", "launcher", *_resumable("cut", *slow)], cwd=project, env=_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -154,8 +151,11 @@ def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path
     stopped_at = int(log.read_text().split("stopping at step ")[1].split()[0])
     assert 10 <= stopped_at < 150
 
+    # the run never stopped: it trains while the continued run cut sleeps between its steps
+    straight = Background(*_resumable("straight"), runs_dir=project / "runs", env=_env(), cwd=project)
     again = launcher(project, *_resumable("cut", *slow))  # the same command continues the run
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed at step {stopped_at}" in log.read_text()
+    straight.finish()
     a, b = _checkpoint(project / "runs" / "straight", 150), _checkpoint(project / "runs" / "cut", 150)
     assert _equal(a, b)

@@ -27,11 +27,15 @@ from conftest import REPO
 README = REPO / "README.md"
 SHELL_BLOCKS = ("bash", "sh", "shell", "console")
 CLI_TABLE_HEADING = "## The `launcher` CLI"
-RUN = "readme-run"  # a finished digits run, made once (fixture `finished_run`) for the commands that need a run
+RUN = "readme-launch"  # a finished digits run, made once (fixture `finished_run`) for the commands that need a run
 AS_SHOW = "<the README command with `launcher launch` replaced by `launcher show`>"
 CI_RUNS_IT = "<run by .ci/run, not here: the suite cannot run itself>"
 SHORT = "trainer.max_steps=2"
 SCRIPT_DONE = "the script completed"
+# Commands that two cases run: the same command line in the same folder runs once (see `check_step`).
+LAUNCH_RUN = f"launcher launch digits {SHORT} --cluster local --run-name {RUN} --resume never --run-id readme0id --wait"
+GRID_SWEEP = f"launcher sweep digits --cluster local --grid optim.lr=0.01,0.05 {SHORT} --name readme-grid"
+SHARED = {LAUNCH_RUN, GRID_SWEEP}
 
 # README command -> the steps run for it: (command line, text its output must contain).
 # `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
@@ -76,9 +80,8 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "launcher show RECIPE [k=v ...] [--cluster C]": (
         ("launcher show digits trainer.epochs=3 --cluster local", "epochs: 3"),),
     "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume auto|never] [--run-id ID] [--wait]": (
-        (f"launcher launch digits {SHORT} --cluster local --run-name readme-launch --resume never "
-         "--run-id readme0id --wait", "completed at step 2"),
-        ("launcher status readme-launch", "state: completed"),),
+        (LAUNCH_RUN, "completed at step 2"),
+        (f"launcher status {RUN}", "state: completed"),),
     "launcher run SCRIPT [k=v ...] [--procs-per-node N] [--nodes N] [--cluster C] [--run-name N] [--wait] "
     "[--sbatch [--submit]] [-- ARGS]": (
         ("launcher run train_ddp.py checkpoint.keep_last=1 --procs-per-node 2 --nodes 1 --cluster local "
@@ -90,15 +93,13 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "launcher cancel RUN": ((f"launcher cancel {RUN}", "is not running"),),
     "launcher sbatch RECIPE --cluster C [--submit]": (
         (f"launcher sbatch digits --cluster local_slurm {SHORT} --run-name readme-sbatch", "srun"),),
-    "launcher sweep RECIPE --cluster C --grid k=a,b ...": (
-        (f"launcher sweep digits --cluster local --grid optim.lr=0.01,0.05 {SHORT} --name readme-grid",
-         "sweep readme-grid: 2 trials"),),
+    "launcher sweep RECIPE --cluster C --grid k=a,b ...": ((GRID_SWEEP, "sweep readme-grid: 2 trials"),),
     "--random k=loguniform:lo:hi --trials N": (
         (f"launcher sweep digits --cluster local --random optim.lr=loguniform:1e-3:1e-1 --trials 1 {SHORT} "
          "--name readme-random", "sweep readme-random: 1 trials"),),
     "launcher sweep-status SWEEP": (
-        (f"launcher sweep digits --grid model.dropout=0.1 {SHORT} --name readme-status", ""),
-        ("launcher sweep-status readme-status", "by val/acc (max), best first"),),
+        (GRID_SWEEP, ""),
+        ("launcher sweep-status readme-grid", "by val/acc (max), best first"),),
 }
 SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm",
                "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --wait -- --steps 100"}
@@ -185,17 +186,27 @@ def run_step(command: str, cwd: Path, launcher_path: Path) -> subprocess.Complet
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+_succeeded: dict[tuple[str, Path], str] = {}  # (command, folder) -> output, of the steps that succeeded
+
+
 def check_step(command: str, expect: str, cwd: Path, launcher_path: Path | None = None) -> None:
-    """Run `command` in `cwd` with the launcher of `launcher_path` (default: `cwd`, the repository copy)."""
-    proc = run_step(command, cwd, launcher_path or cwd)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{output[-4000:]}"
+    """Run `command` in `cwd` with the launcher of `launcher_path` (default: `cwd`, the repository copy).
+
+    A SHARED command that already succeeded in that folder (two cases use each) is not run again: its
+    output is checked instead, as running it again would only find its run done."""
+    output = _succeeded.get((command, cwd))
+    if output is None:
+        proc = run_step(command, cwd, launcher_path or cwd)
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{output[-4000:]}"
+        if command in SHARED:  # not any repeated command: a case may run one twice on purpose (to resume)
+            _succeeded[(command, cwd)] = output
     assert expect in output, f"{command}: {expect!r} not in its output:\n{output[-4000:]}"
 
 
 @pytest.fixture(scope="module")
 def finished_run(repo_copy: Path) -> str:
-    check_step(f"launcher launch digits {SHORT} --run-name {RUN}", "completed at step 2", repo_copy)
+    check_step(LAUNCH_RUN, "completed at step 2", repo_copy)
     return RUN
 
 

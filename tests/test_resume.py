@@ -65,21 +65,6 @@ def _kill_tree(root: int) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory):
-    """Final weights of uninterrupted runs, one per distinct config, shared by the cases."""
-    cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
-
-    def get(overrides: list[str]) -> dict[str, torch.Tensor]:
-        key = tuple(overrides)
-        if key not in cache:
-            runs = tmp_path_factory.mktemp("straight")
-            run_cli("launch", "vgg_pretrain", *overrides, "--run-name", "straight", runs_dir=runs, check=True)
-            cache[key] = final_params(runs / "straight")
-        return cache[key]
-    return get
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_stopped_and_relaunched_equals_uninterrupted(case: str, runs_dir: Path, uninterrupted) -> None:
     extra, sig = CASES[case]

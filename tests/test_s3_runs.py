@@ -16,13 +16,14 @@ import torch
 
 from conftest import REPO, read_result, run_cli
 from s3_server import TEST_CREDENTIALS, S3Server, s3_cluster
+from test_resume import BASE as RESUME_BASE, CASES
 
 pytestmark = pytest.mark.slow  # training runs against a moto S3 server on loopback
 
 DIGITS = ["trainer.max_steps=6", "checkpoint.every_steps=2", "checkpoint.uri=s3://ckpts/runs",
           "logging.progress_bar=false"]
-BASE = ["trainer.epochs=2", "checkpoint.every_steps=4", "checkpoint.uri=s3://ckpts/runs", "logging.log_every=1",
-        "logging.progress_bar=false"]
+BASE = [*RESUME_BASE, "checkpoint.uri=s3://ckpts/runs"]  # test_resume's runs, checkpointing to S3
+STRAIGHT = [*RESUME_BASE, *CASES["2ranks-sigterm"][0]]  # the same run never stopped, kept on this machine
 
 
 @pytest.fixture
@@ -62,7 +63,7 @@ def _remote_steps(server: S3Server, run: str) -> list[str]:
     return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(f"ckpts/runs/{run}") if fs.exists(p + "/manifest.json"))
 
 
-def test_resume_from_s3_on_a_fresh_machine(s3: tuple[S3Server, Path], runs_dir: Path) -> None:
+def test_resume_from_s3_on_a_fresh_machine(s3: tuple[S3Server, Path], runs_dir: Path, uninterrupted) -> None:
     """Stopped mid-run, local copies gone (a new VM): the relaunch resumes from S3, bit-exact."""
     server, cluster = s3
     proc = _start(runs_dir, "cut", BASE, cluster, lines=14)
@@ -78,10 +79,8 @@ def test_resume_from_s3_on_a_fresh_machine(s3: tuple[S3Server, Path], runs_dir: 
     log = (runs_dir / "cut" / "logs" / "rank0.log").read_text()
     assert f"resumed from s3://ckpts/runs/cut/step-{stopped['step']:09d}" in log
 
-    _cli("launch", "vgg_pretrain", *BASE, "--cluster", str(cluster), "--run-name", "straight", runs_dir=runs_dir)
-    a = torch.load(runs_dir / "cut" / "model.pt", weights_only=True)
-    b = torch.load(runs_dir / "straight" / "model.pt", weights_only=True)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = torch.load(runs_dir / "cut" / "model.pt", weights_only=True), uninterrupted(STRAIGHT)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "testing" not in (runs_dir / "cut" / "run.json").read_text()  # no credentials in run files
 
 

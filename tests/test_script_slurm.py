@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, read_result, wait_until
-from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, LATE_FAILURE_SCRIPT, launcher, reports
+from conftest import REPO, Background, read_result, wait_until
+from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, LATE_FAILURE_SCRIPT, _env, launcher, reports
 
 # No runtime API: its own SIGTERM handler notes the SIGTERM of its first start; a second start (the
 # requeued job) ends at once.
@@ -205,6 +205,9 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
     run that was never stopped."""
     runs, steps = tmp_path / "runs", 40
     script = ["--steps", str(steps), "--lr", "0.05"]
+    # the run never stopped, on this machine: it trains while the job sleeps between steps and is requeued
+    straight = Background("run", str(RESUMABLE), "--procs-per-node", "2", "--run-name", "straight", "--", *script,
+                          runs_dir=runs, env=_env(), cwd=project)
     proc = launcher(project, "run", str(RESUMABLE), "--cluster", "local_slurm", "--procs-per-node", "2",
                     "--run-name", "pre", "--runs-dir", str(runs), "--", *script, "--step-sleep", "0.25")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -223,9 +226,7 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
     assert stopped and 10 <= int(stopped.group(1)) < steps, text
     assert stopped.group(2) == "SIGUSR2", text  # runtime.stop_signal(): the notice, not the forwarded SIGTERM
     assert f"resumed at step {stopped.group(1)}" in text, text
-    straight = launcher(project, "run", str(RESUMABLE), "--procs-per-node", "2", "--run-name", "straight",
-                        "--runs-dir", str(runs), "--", *script)
-    assert straight.returncode == 0, straight.stdout + straight.stderr
+    straight.finish()
     a, b = _final_state(run_dir, steps), _final_state(runs / "straight", steps)
     assert a.keys() == b.keys() and len(a) > 4
     for key in a:

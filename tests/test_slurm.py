@@ -9,12 +9,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import torch
 import yaml
 
-from conftest import final_params, max_logged_step, read_result, run_cli, wait_until
+from conftest import Background, final_params, max_logged_step, read_result, run_cli, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 LONG = ["trainer.epochs=3", "checkpoint.every_steps=5", "logging.log_every=1", "logging.progress_bar=false"]
@@ -43,7 +44,23 @@ def _assert_same_params(a: Path, b: Path) -> None:
         assert torch.equal(pa[key], pb[key]), f"{key} differs between {a.name} and {b.name}"
 
 
+@pytest.fixture(scope="module")
+def straight_long(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Path]]:
+    """The uninterrupted local run of LONG that both preemption cases compare with: one run for both,
+    started in the background (it trains while the Slurm job is scheduled and requeued) and waited
+    for when first needed."""
+    runs = tmp_path_factory.mktemp("straight")
+    straight = Background("launch", "vgg_pretrain", *LONG, "--run-name", "straight", runs_dir=runs)
+
+    def wait() -> Path:
+        straight.finish()
+        return runs / "straight"
+    yield wait
+    straight.stop()  # a test that failed before waiting leaves it running
+
+
 def test_two_rank_job_matches_local_run(runs_dir: Path) -> None:
+    local = Background("launch", "digits", "--run-name", "onlocal", runs_dir=runs_dir)  # trains while Slurm schedules
     proc = run_cli("launch", "digits", "--cluster", "local_slurm", "--run-name", "onslurm", "--wait",
                    runs_dir=runs_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -53,7 +70,7 @@ def test_two_rank_job_matches_local_run(runs_dir: Path) -> None:
     assert _sacct(info["job_id"]) == "COMPLETED" and info["job_ids"] == [info["job_id"]]
     assert (run_dir / "submitit" / "launch-1").is_dir()
     assert "rank 1 of 2" in (run_dir / "logs" / "rank1.log").read_text()
-    run_cli("launch", "digits", "--run-name", "onlocal", runs_dir=runs_dir, check=True)
+    local.finish()
     slurm_result, local_result = read_result(run_dir), read_result(runs_dir / "onlocal")
     assert slurm_result["val/acc"] == local_result["val/acc"] and slurm_result["step"] == local_result["step"]
     _assert_same_params(run_dir, runs_dir / "onlocal")
@@ -64,7 +81,8 @@ def test_two_rank_job_matches_local_run(runs_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("how", ["usr2", "scontrol-requeue"])
-def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) -> None:
+def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path,
+                                                    straight_long: Callable[[], Path]) -> None:
     proc = run_cli("launch", "vgg_pretrain", *LONG, "--cluster", "local_slurm", "--run-name", "pre",
                    runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "pre"
@@ -85,8 +103,7 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path) ->
         assert info["requeues"] == {"preemptions": 1}, info
         assert "SIGUSR2 at step" in info["last_requeue"]
     assert info["restarts"] == 1  # SLURM_RESTART_COUNT of the second start
-    run_cli("launch", "vgg_pretrain", *LONG, "--run-name", "straight", runs_dir=runs_dir, check=True)
-    _assert_same_params(run_dir, runs_dir / "straight")
+    _assert_same_params(run_dir, straight_long())
     del proc
 
 
@@ -102,6 +119,9 @@ def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
             check=True)
     run_dir = runs_dir / "tl"
     wait_until(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
+    # One time-out is what is checked; with a minute per start (and the notice up to 30 s early) the
+    # rest of the steps would take several more starts. The requeued job gets a limit it will not reach.
+    subprocess.run(["scontrol", "update", f"JobId={_info(run_dir)['job_id']}", "TimeLimit=30"], check=True, timeout=60)
     wait_until(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
     info = _info(run_dir)
     assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info

@@ -13,12 +13,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 import yaml
 
 from schema.errors import UsageError
-from conftest import REPO, final_params, read_result, wait_until
+from conftest import REPO, Background, final_params, read_result, wait_until
 
 USER_PACKAGE = '''\
 """A user's project: nothing here knows the launcher."""
@@ -86,14 +87,17 @@ RECIPE = {
 }
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """The user's directory: a package and a recipe, outside the repository."""
-    folder = tmp_path / "project"
+def _write_project(folder: Path) -> Path:
     (folder / "regpkg").mkdir(parents=True)
     (folder / "regpkg" / "__init__.py").write_text(USER_PACKAGE)
     (folder / "reg.yaml").write_text(yaml.safe_dump(RECIPE))
     return folder
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """The user's directory: a package and a recipe, outside the repository."""
+    return _write_project(tmp_path / "project")
 
 
 def _env() -> dict[str, str]:
@@ -211,20 +215,28 @@ def _val_mae(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val/mae"] for r in map(json.loads, lines) if "val/mae" in r}
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Path]]:
+    """The uninterrupted local run of the recipe, made once for the tests that compare with it (the
+    stopped-and-resumed run, the Slurm run). It starts in the background, from a project directory
+    of its own, and is waited for when first needed."""
+    folder = _write_project(tmp_path_factory.mktemp("straight") / "project")
+    runs = folder.parent / "runs"
+    run = Background("launch", "reg.yaml", "--run-name", "straight", runs_dir=runs, env=_env(), cwd=folder)
+
+    def wait() -> Path:
+        run.finish()
+        return runs / "straight"
+    yield wait
+    run.stop()  # a test that failed before waiting leaves it running
+
+
 @pytest.mark.slow
-def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, tmp_path: Path) -> None:
+def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, tmp_path: Path,
+                                                                straight: Callable[[], Path]) -> None:
     from test_resume import _reached  # imports torch: only the slow tier pays for it
 
     runs = tmp_path / "runs"
-    straight = launcher(project, *_launch(runs, "straight"))
-    assert straight.returncode == 0, straight.stdout + straight.stderr
-    result = read_result(runs / "straight")
-    assert result["outcome"] == "completed" and "val/mae" in result and "val/acc" not in result, result
-    maes = _val_mae(runs / "straight")
-    assert sorted(maes) == list(range(4, 33, 4)) and maes[32] < maes[4]  # it learned
-    best = min(maes, key=lambda step: (maes[step], -step))  # retention breaks ties for the newer one
-    assert _kept_steps(runs / "straight") == {32, best}  # keep_last=1 plus the lowest val/mae, not the highest
-
     slower = "data.kwargs.delay_s=0.004"  # time to stop it between steps; the samples and the math stay the same
     cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(runs, "cut", slower)], cwd=project,
                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -237,12 +249,21 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     again = launcher(project, *_launch(runs, "cut", slower))  # the same command
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
-    a, b = final_params(runs / "straight"), final_params(runs / "cut")
+
+    done = straight()  # it trained meanwhile, while the slowed data of run cut left the cores idle
+    result = read_result(done)
+    assert result["outcome"] == "completed" and "val/mae" in result and "val/acc" not in result, result
+    maes = _val_mae(done)
+    assert sorted(maes) == list(range(4, 33, 4)) and maes[32] < maes[4]  # it learned
+    best = min(maes, key=lambda step: (maes[step], -step))  # retention breaks ties for the newer one
+    assert _kept_steps(done) == {32, best}  # keep_last=1 plus the lowest val/mae, not the highest
+    a, b = final_params(done), final_params(runs / "cut")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
 
 
 @pytest.mark.slurm
-def test_user_regression_on_slurm_equals_the_local_run(slurm: None, project: Path, tmp_path: Path) -> None:
+def test_user_regression_on_slurm_equals_the_local_run(slurm: None, project: Path, tmp_path: Path,
+                                                       straight: Callable[[], Path]) -> None:
     """The same user package through the local Slurm: the import check on the login node, the package
     found on the compute node's ranks (code_dir), and the same weights as the run on this machine."""
     runs = tmp_path / "runs"
@@ -251,8 +272,7 @@ def test_user_regression_on_slurm_equals_the_local_run(slurm: None, project: Pat
     result = read_result(runs / "onslurm")
     assert result["outcome"] == "completed" and result["step"] == 32 and "val/mae" in result, result
     assert "rank 1 of 2" in (runs / "onslurm" / "logs" / "rank1.log").read_text()
-    local = launcher(project, *_launch(runs, "onlocal"))
-    assert local.returncode == 0, local.stdout + local.stderr
-    a, b = final_params(runs / "onslurm"), final_params(runs / "onlocal")
+    local = straight()  # the same recipe, launched on this machine
+    a, b = final_params(runs / "onslurm"), final_params(local)
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
-    assert read_result(runs / "onlocal")["val/mae"] == result["val/mae"]
+    assert read_result(local)["val/mae"] == result["val/mae"]
