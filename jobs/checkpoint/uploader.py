@@ -117,7 +117,8 @@ class Uploader:
         """Rounds until nothing is pending or `deadline` (time.monotonic()) passes; True if all is up."""
         self._deadline = deadline
         try:
-            while self.pending and time.monotonic() < deadline:
+            # a folder of another run (the thread's error) ends it at once: retrying cannot help
+            while self.pending and time.monotonic() < deadline and self._error is None:
                 if not self.run_round(deadline):
                     self._stop.wait(min(BACKOFF_FIRST_S, max(0.0, deadline - time.monotonic())))
         finally:
