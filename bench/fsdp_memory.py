@@ -16,7 +16,6 @@ import time
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss

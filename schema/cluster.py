@@ -101,7 +101,7 @@ class ClusterConfig:
         if folders and not any(path == f or path.startswith(f + "/") for f in folders):
             raise ConfigError(src, "shared_paths", f"{what} {short(path, PATH_CHARS)} is not inside "
                               f"{', '.join(self.shared_paths)}, so other nodes cannot see it",
-                              f"move it onto the shared file system, or add its folder to shared_paths")
+                              "move it onto the shared file system, or add its folder to shared_paths")
 
     def check_recipe(self, recipe: RecipeConfig, src: str) -> None:
         """Rules that need both files, e.g. one rank per GPU."""

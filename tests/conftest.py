@@ -32,6 +32,24 @@ def run_cli(*args: str, runs_dir: Path | None = None, timeout: float = 600, env:
     return proc
 
 
+def launch_until_step(recipe: str, overrides: list[str], runs_dir: Path, name: str, step: int,
+                      timeout: float = 180) -> subprocess.Popen:
+    """`launcher launch` started in a session of its own (output captured), returned once its run has
+    logged `step`: the moment a test stops or kills it. Fails if the run ends before that step."""
+    cmd = [sys.executable, "-m", "launcher", "launch", recipe, *overrides, "--run-name", name,
+           "--runs-dir", str(runs_dir)]
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_until(lambda: reached_step(runs_dir / name, step, proc), f"run {name} to reach step {step}",
+               timeout=timeout, poll=0.02)
+    return proc
+
+
+def reached_step(run_dir: Path, step: int, proc: subprocess.Popen) -> bool:
+    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""  # it ended before the step
+    return max_logged_step(run_dir) >= step
+
+
 class Background:
     """The real `launcher` CLI started in the background; `finish()` waits for it and returns its output.
     A local run that a test compares with a Slurm job's trains while that job is scheduled or requeued,

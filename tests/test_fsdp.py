@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 from collections import OrderedDict
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import REPO, final_params, max_logged_step, read_result, run_cli, wait_until
+from conftest import final_params, launch_until_step, read_result, run_cli
 from jobs.models import SmallCNN, VGG
 from jobs.parallel.fsdp import shard_blocks
 from jobs.parallel.state import named_optimizer_state, numbered_optimizer_state
@@ -170,11 +168,6 @@ def test_fsdp_checkpoint_resumes_on_one_rank_and_under_ddp(runs_dir: Path) -> No
         assert _max_diff(straight, final_params(run)) < 1e-5, name
 
 
-def _reached(run_dir: Path, step: int, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""  # it ended before the step
-    return max_logged_step(run_dir) >= step
-
-
 @pytest.mark.slow
 def test_fsdp_stopped_by_sigterm_and_relaunched_equals_uninterrupted(runs_dir: Path) -> None:
     """vgg_pretrain (dropout on: RNG streams restored too) on 2 FSDP ranks, SIGTERM at a drawn step of
@@ -184,12 +177,7 @@ def test_fsdp_stopped_by_sigterm_and_relaunched_equals_uninterrupted(runs_dir: P
     seed = int(os.environ.get("RESUME_SEED", "0"))
     target = random.Random(f"{seed}-fsdp").randint(13, 18)  # inside epoch 1 (steps 12-21 of 22)
     print(f"stopping near step {target} (RESUME_SEED={seed}; set it to draw other steps)")
-    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *overrides, "--run-name", "cut",
-           "--runs-dir", str(runs_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_until(lambda: _reached(runs_dir / "cut", target, proc), f"run cut to reach step {target}", timeout=180,
-               poll=0.02)
+    proc = launch_until_step("vgg_pretrain", overrides, runs_dir, "cut", target)
     os.kill(proc.pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
     out = proc.communicate(timeout=120)[0]
     stopped = read_result(runs_dir / "cut")

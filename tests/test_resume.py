@@ -8,14 +8,12 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, final_params, max_logged_step, read_result, run_cli, wait_until
+from conftest import final_params, launch_until_step, read_result, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -28,19 +26,6 @@ CASES = {
     "1rank-sigterm": (["parallel.procs_per_node=1"], signal.SIGTERM),
     "1rank-sigkill": (["parallel.procs_per_node=1"], signal.SIGKILL),
 }
-
-
-def _start(runs_dir: Path, name: str, overrides: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "launcher", "launch", "vgg_pretrain", *overrides, "--run-name", name,
-           "--runs-dir", str(runs_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def _reached(run_dir: Path, step: int, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""  # it died before the step
-    return max_logged_step(run_dir) >= step
 
 
 def _kill_tree(root: int) -> None:
@@ -73,9 +58,7 @@ def test_stopped_and_relaunched_equals_uninterrupted(case: str, runs_dir: Path, 
     target = random.Random(f"{seed}-{case}").randint(13, 18)  # inside epoch 1 (steps 12-21 of 22)
     print(f"stopping {case} near step {target} (RESUME_SEED={seed}; set it to draw other steps)")
 
-    proc = _start(runs_dir, "cut", overrides)
-    wait_until(lambda: _reached(runs_dir / "cut", target, proc), f"run cut to reach step {target}", timeout=120,
-               poll=0.02)
+    proc = launch_until_step("vgg_pretrain", overrides, runs_dir, "cut", target, timeout=120)
     if sig == signal.SIGKILL:
         _kill_tree(proc.pid)
     else:

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 import torch
 
-from conftest import REPO, final_params, max_logged_step, read_result, run_cli, wait_until
+from conftest import REPO, final_params, launch_until_step, read_result, run_cli
 from jobs.checkpoint import Checkpointer
 from s3_server import TEST_CREDENTIALS, S3Server, s3_cluster
 from schema import CheckpointConfig, StorageConfig
@@ -142,11 +142,6 @@ PIPE = ["model.kwargs.dim=32", "model.kwargs.layers=2", "model.kwargs.seq_len=32
         "logging.log_every=1"]
 
 
-def _reached(run_dir: Path, step: int, proc: subprocess.Popen) -> bool:
-    assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""  # it ended before the step
-    return max_logged_step(run_dir) >= step
-
-
 @pytest.mark.slow
 def test_pipeline_stopped_by_sigterm_and_relaunched_equals_uninterrupted(runs_dir: Path) -> None:
     """2 stages (1F1B) stopped by SIGTERM at a drawn step save their shards; the relaunch loads them
@@ -154,12 +149,7 @@ def test_pipeline_stopped_by_sigterm_and_relaunched_equals_uninterrupted(runs_di
     seed = int(os.environ.get("RESUME_SEED", "0"))
     target = random.Random(f"{seed}-pipeline").randint(4, 11)
     print(f"stopping near step {target} (RESUME_SEED={seed}; set it to draw other steps)")
-    cmd = [sys.executable, "-m", "launcher", "launch", "gpt_small", *PIPE, "--run-name", "cut",
-           "--runs-dir", str(runs_dir)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    wait_until(lambda: _reached(runs_dir / "cut", target, proc), f"run cut to reach step {target}", timeout=180,
-               poll=0.02)
+    proc = launch_until_step("gpt_small", PIPE, runs_dir, "cut", target)
     os.kill(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     stopped = read_result(runs_dir / "cut")

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from schema.errors import UsageError
-from conftest import REPO, Background, final_params, read_result, wait_until
+from conftest import REPO, Background, final_params, reached_step, read_result, wait_until
 
 USER_PACKAGE = '''\
 """A user's project: nothing here knows the launcher."""
@@ -234,14 +234,13 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], 
 @pytest.mark.slow
 def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, tmp_path: Path,
                                                                 straight: Callable[[], Path]) -> None:
-    from test_resume import _reached  # imports torch: only the slow tier pays for it
 
     runs = tmp_path / "runs"
     slower = "data.kwargs.delay_s=0.004"  # time to stop it between steps; the samples and the math stay the same
     cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(runs, "cut", slower)], cwd=project,
                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
-    wait_until(lambda: _reached(runs / "cut", 14, cut), "run cut to reach step 14", timeout=120, poll=0.02)
+    wait_until(lambda: reached_step(runs / "cut", 14, cut), "run cut to reach step 14", timeout=120, poll=0.02)
     os.kill(cut.pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
     out = cut.communicate(timeout=120)[0]
     stopped = read_result(runs / "cut")
