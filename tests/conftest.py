@@ -32,6 +32,19 @@ def run_cli(*args: str, runs_dir: Path | None = None, timeout: float = 600, env:
     return proc
 
 
+def user_env() -> dict[str, str]:
+    """The environment of a user's shell with the launcher installed: the repository (the launcher's own
+    code) on the path, the user's project folder not (the launcher must add it for the ranks)."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def user_cli(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m launcher ARGS` run from a user's project directory, with user_env()."""
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=user_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
 def launch_until_step(recipe: str, overrides: list[str], runs_dir: Path, name: str, step: int,
                       timeout: float = 180) -> subprocess.Popen:
     """`launcher launch` started in a session of its own (output captured), returned once its run has

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Background, read_result, wait_until
+from conftest import REPO, Background, read_result, user_cli, user_env, wait_until
 
 EXAMPLE = REPO / "examples" / "project"
 # what an example file may import from the launcher: only the public runtime API, and only where it is the point
@@ -31,18 +30,6 @@ def project(tmp_path: Path) -> Path:
     copy = tmp_path / "project"
     shutil.copytree(EXAMPLE, copy, ignore=shutil.ignore_patterns("__pycache__", "runs"))
     return copy
-
-
-def _env() -> dict[str, str]:
-    # the launcher on the path, as if installed; the project's folder is not (the launcher must add it)
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
-
-def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`launcher ARGS` run from the project's directory."""
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
 
 
 def _imports(path: Path) -> set[str]:
@@ -67,7 +54,7 @@ def test_the_example_uses_no_launcher_internals() -> None:
 
 
 def test_the_recipe_is_found_in_the_project_directory(project: Path) -> None:
-    shown = launcher(project, "show", "sines")  # ./recipes/sines.yaml, by name
+    shown = user_cli(project, "show", "sines")  # ./recipes/sines.yaml, by name
     assert shown.returncode == 0, shown.stderr
     assert "target: sinenet.model:mlp" in shown.stdout and "best_metric: val/mae" in shown.stdout, shown.stdout
     assert "world size 2" in shown.stdout, shown.stdout
@@ -76,10 +63,10 @@ def test_the_recipe_is_found_in_the_project_directory(project: Path) -> None:
 # ----------------------------------------------------------------------------- on 2 ranks
 @pytest.mark.slow
 def test_recipe_with_import_paths_trains_and_reports_val_mae(project: Path) -> None:
-    typo = launcher(project, "launch", "sines", "metrics.mae=sinenet.metrics:mea", "--run-name", "typo")
+    typo = user_cli(project, "launch", "sines", "metrics.mae=sinenet.metrics:mea", "--run-name", "typo")
     assert typo.returncode == 2 and "module sinenet.metrics has no attribute 'mea'" in typo.stderr, typo.stderr
     assert not (project / "runs").exists()  # the project's package is imported before anything is written
-    proc = launcher(project, "launch", "sines", "trainer.max_steps=20", "trainer.eval_every=10",
+    proc = user_cli(project, "launch", "sines", "trainer.max_steps=20", "trainer.eval_every=10",
                     "checkpoint.every_steps=10", "--run-name", "sines")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "completed at step 20: val/loss=" in proc.stdout and "val/mae=" in proc.stdout, proc.stdout
@@ -94,7 +81,7 @@ def test_recipe_with_import_paths_trains_and_reports_val_mae(project: Path) -> N
 
 @pytest.mark.slow
 def test_plain_ddp_script_runs_on_both_ranks(project: Path) -> None:
-    proc = launcher(project, "run", "train_ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--", "--steps", "6")
+    proc = user_cli(project, "run", "train_ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--", "--steps", "6")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[rank1] rank 1 done: 6 steps" in proc.stdout, proc.stdout  # the console shows every rank, prefixed
     logs = project / "runs" / "ddp" / "logs"
@@ -134,7 +121,7 @@ def _equal(a: object, b: object) -> bool:
 @pytest.mark.slow
 def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path) -> None:
     slow = "--step-sleep", "0.05"  # time to cancel it mid-run; the data and the math stay the same
-    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_resumable("cut", *slow)], cwd=project, env=_env(),
+    cut = subprocess.Popen([sys.executable, "-m", "launcher", *_resumable("cut", *slow)], cwd=project, env=user_env(),
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     log = project / "runs" / "cut" / "logs" / "rank0.log"
 
@@ -144,7 +131,7 @@ def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path
         return log.exists() and "step 10 loss" in log.read_text()
 
     wait_until(reached_step_10, "run cut to reach step 10", timeout=120, poll=0.05)
-    cancel = launcher(project, "cancel", "cut")
+    cancel = user_cli(project, "cancel", "cut")
     assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
     out = cut.communicate(timeout=120)[0]
     assert cut.returncode != 0 and "the script was stopped by SIGTERM" in out, out
@@ -152,8 +139,8 @@ def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path
     assert 10 <= stopped_at < 150
 
     # the run never stopped: it trains while the continued run cut sleeps between its steps
-    straight = Background(*_resumable("straight"), runs_dir=project / "runs", env=_env(), cwd=project)
-    again = launcher(project, *_resumable("cut", *slow))  # the same command continues the run
+    straight = Background(*_resumable("straight"), runs_dir=project / "runs", env=user_env(), cwd=project)
+    again = user_cli(project, *_resumable("cut", *slow))  # the same command continues the run
     assert again.returncode == 0, again.stdout + again.stderr
     assert f"resumed at step {stopped_at}" in log.read_text()
     straight.finish()

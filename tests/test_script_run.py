@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_result, wait_until
+from conftest import read_result, user_cli, user_env, wait_until
 
 # A torchrun script: env:// rendezvous, one all_reduce, then one line with what it was given.
 DDP_SCRIPT = '''\
@@ -94,18 +94,6 @@ print("REPORT " + json.dumps({"greeting": GREETING, "name": __name__, "argv": sy
 '''
 
 
-def _env() -> dict[str, str]:
-    # the launcher's own path (the repository), as an installed launcher has; the user's folder is not on it
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
-
-def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m launcher ARGS` run from the user's directory."""
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def reports(log: str) -> list[dict]:
     return [json.loads(line.split("REPORT ", 1)[1]) for line in log.splitlines() if "REPORT " in line]
 
@@ -128,7 +116,7 @@ def project(tmp_path: Path) -> Path:
 def test_plain_ddp_script_runs_on_two_ranks_with_its_own_logs_and_args(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     args = ["--lr", "0.5", "--note", "two words", "--", "--looks-like-ours", "--run-name", "x=1"]
-    proc = launcher(project, "run", "ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--runs-dir", str(runs),
+    proc = user_cli(project, "run", "ddp.py", "--procs-per-node", "2", "--run-name", "ddp", "--runs-dir", str(runs),
                     "--", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "ddp"
@@ -143,7 +131,7 @@ def test_plain_ddp_script_runs_on_two_ranks_with_its_own_logs_and_args(project: 
     ports = {r["MASTER_PORT"] for r in reports(proc.stdout)}
     assert len(ports) == 1 and len(reports(proc.stdout)) == 2  # both ranks on the console, one rendezvous
     assert read_result(run_dir)["outcome"] == "completed"
-    one = launcher(project, "logs", "ddp", "--rank", "1", "--runs-dir", str(runs))
+    one = user_cli(project, "logs", "ddp", "--rank", "1", "--runs-dir", str(runs))
     assert one.returncode == 0 and [r["RANK"] for r in reports(one.stdout)] == ["1"], one.stdout
 
 
@@ -152,7 +140,7 @@ def test_module_of_a_package_on_one_rank_gets_torchruns_variables(project: Path,
     """`-m mypkg.train` as `python -m` runs it; with one rank (no torchrun in between) the script still
     gets RANK, WORLD_SIZE, MASTER_ADDR/PORT, as `torchrun --nproc-per-node 1` would give them."""
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "-m", "mypkg.train", "--run-name", "mod", "--runs-dir", str(runs), "--", "a b")
+    proc = user_cli(project, "run", "-m", "mypkg.train", "--run-name", "mod", "--runs-dir", str(runs), "--", "a b")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     seen = reports((runs / "mod" / "logs" / "rank0.log").read_text())
     assert seen == [{"greeting": "hello from mypkg", "name": "__main__", "argv": ["a b"], "RANK": "0",
@@ -162,10 +150,10 @@ def test_module_of_a_package_on_one_rank_gets_torchruns_variables(project: Path,
 @pytest.mark.slow
 def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "fail.py", "--procs-per-node", "2", "--run-name", "fails", "--runs-dir", str(runs))
+    proc = user_cli(project, "run", "fail.py", "--procs-per-node", "2", "--run-name", "fails", "--runs-dir", str(runs))
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "the script failed with exit code 3" in proc.stdout
-    status = launcher(project, "status", "fails", "--runs-dir", str(runs))
+    status = user_cli(project, "status", "fails", "--runs-dir", str(runs))
     assert status.returncode == 0
     assert "state: failed" in status.stdout.splitlines() and "exit_code: 3" in status.stdout.splitlines(), status.stdout
     info = json.loads((runs / "fails" / "run.json").read_text())
@@ -178,9 +166,9 @@ def test_script_exit_code_is_the_runs(project: Path, tmp_path: Path) -> None:
 def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_path: Path) -> None:
     """Ranks of a script finish on their own: rank 0 may have written `completed` before another rank fails."""
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "late.py", "--procs-per-node", "2", "--run-name", "late", "--runs-dir", str(runs))
+    proc = user_cli(project, "run", "late.py", "--procs-per-node", "2", "--run-name", "late", "--runs-dir", str(runs))
     assert proc.returncode == 3 and "the script failed with exit code 3" in proc.stdout, proc.stdout + proc.stderr
-    status = launcher(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
+    status = user_cli(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
     assert "state: failed" in status and "exit_code: 3" in status, status
     assert read_result(runs / "late")["outcome"] == "failed" and read_result(runs / "late")["exit_code"] == 3
 
@@ -192,7 +180,7 @@ def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Pat
     runs, marker = tmp_path / "runs", tmp_path / "marker"
     command = ["run", "sigterm.py", "--procs-per-node", "2", "--run-name", "term", "--runs-dir", str(runs)]
     first = subprocess.Popen([sys.executable, "-m", "launcher", *command, "--", str(marker)], cwd=project,
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = [runs / "term" / "logs" / f"rank{rank}.log" for rank in (0, 1)]
 
     def both_waiting() -> bool:
@@ -202,12 +190,12 @@ def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Pat
 
     wait_until(both_waiting, "both ranks to wait for SIGTERM", timeout=120)
     config = (runs / "term" / "config.yaml").read_text()
-    again = launcher(project, *command, "--", str(marker))
+    again = user_cli(project, *command, "--", str(marker))
     assert again.returncode == 2 and "is already running" in again.stderr, again.stderr
     assert (runs / "term" / "config.yaml").read_text() == config
     follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "term", "--rank", "1", "--follow",
-                               "--runs-dir", str(runs)], cwd=project, env=_env(), stdout=subprocess.PIPE, text=True)
-    cancel = launcher(project, "cancel", "term", "--runs-dir", str(runs))
+                               "--runs-dir", str(runs)], cwd=project, env=user_env(), stdout=subprocess.PIPE, text=True)
+    cancel = user_cli(project, "cancel", "term", "--runs-dir", str(runs))
     assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
     out = first.communicate(timeout=120)[0]
     followed = follow.communicate(timeout=60)[0]  # `logs --follow` ends by itself once the run has stopped
@@ -215,7 +203,7 @@ def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Pat
     assert first.returncode != 0, out  # stopped, not completed
     for rank in (0, 1):
         assert Path(f"{marker}.{rank}").read_text() == "1 SIGTERM\n", f"rank {rank}: {out}"
-    status = launcher(project, "status", "term", "--runs-dir", str(runs)).stdout.splitlines()
+    status = user_cli(project, "status", "term", "--runs-dir", str(runs)).stdout.splitlines()
     assert "state: preempted" in status and "signal: SIGTERM" in status, status
     result = read_result(runs / "term")
     assert result["exit_code"] == 0, result  # what the script itself exited with, after its handler
@@ -227,7 +215,7 @@ def test_ctrl_c_reaches_a_one_rank_script_as_one_sigterm(project: Path, tmp_path
     SIGTERM (from the rank wrapper), not the terminal's SIGINT as well, nor a SIGTERM per signal."""
     runs, marker = tmp_path / "runs", tmp_path / "marker"
     first = subprocess.Popen([sys.executable, "-m", "launcher", "run", "sigterm.py", "--run-name", "int",
-                              "--runs-dir", str(runs), "--", str(marker)], cwd=project, env=_env(),
+                              "--runs-dir", str(runs), "--", str(marker)], cwd=project, env=user_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     log = runs / "int" / "logs" / "rank0.log"
     wait_until(lambda: log.exists() and "waiting for SIGTERM" in log.read_text(), "the script to start", timeout=60)

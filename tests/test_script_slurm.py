@@ -12,8 +12,8 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, Background, read_result, wait_until
-from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, LATE_FAILURE_SCRIPT, _env, launcher, reports
+from conftest import REPO, Background, read_result, user_cli, user_env, wait_until
+from test_script_run import DDP_SCRIPT, FAILING_SCRIPT, LATE_FAILURE_SCRIPT, reports
 
 # No runtime API: its own SIGTERM handler notes the SIGTERM of its first start; a second start (the
 # requeued job) ends at once.
@@ -97,20 +97,20 @@ def _assert_both_ranks_ran(run_dir: Path, project: Path) -> None:
 
 def test_plain_ddp_script_through_submitit(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "ddp.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name", "sub",
+    proc = user_cli(project, "run", "ddp.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name", "sub",
                     "--runs-dir", str(runs), "--wait", "--", *ARGS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "sub"
     _assert_both_ranks_ran(run_dir, project)
     info = _info(run_dir)
     assert info["state"] == "completed" and _sacct(info["job_id"]) == "COMPLETED", info
-    status = launcher(project, "status", "sub", "--runs-dir", str(runs)).stdout.splitlines()
+    status = user_cli(project, "status", "sub", "--runs-dir", str(runs)).stdout.splitlines()
     assert "state: completed" in status and not any(line.startswith("exit_code") for line in status), status
 
 
 def test_plain_ddp_script_through_the_sbatch_script(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "ddp.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name", "sb",
+    proc = user_cli(project, "run", "ddp.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name", "sb",
                     "--runs-dir", str(runs), "--sbatch", "--submit", "--", *ARGS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.startswith("#!/bin/bash") and "jobs.environments.slurm" in proc.stdout
@@ -123,7 +123,7 @@ def test_plain_ddp_script_through_the_sbatch_script(project: Path, tmp_path: Pat
 
 def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "fail.py", "--cluster", str(project / "slurm_once.yaml"), "--procs-per-node", "2",
+    proc = user_cli(project, "run", "fail.py", "--cluster", str(project / "slurm_once.yaml"), "--procs-per-node", "2",
                     "--run-name", "bad", "--runs-dir", str(runs), "--wait")
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "the script failed with exit code 3" in proc.stdout, proc.stdout
@@ -132,7 +132,7 @@ def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path
     assert info["requeues"] == {} and info["failed_rank"] == 1 and info["exit_code"] == 3, info  # not requeued
     assert "rank 1: " in info["stop_reason"] and "exited with code 3" in info["stop_reason"], info
     assert _sacct(info["job_id"]) == "FAILED"
-    status = launcher(project, "status", "bad", "--runs-dir", str(runs)).stdout.splitlines()
+    status = user_cli(project, "status", "bad", "--runs-dir", str(runs)).stdout.splitlines()
     # "stopped": past slurm.max_failures, as for a recipe's crash; the outcome and code are the script's
     assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
     assert "rank 1 gives up" in (run_dir / "logs" / "rank1.log").read_text()
@@ -141,12 +141,12 @@ def test_failing_script_fails_the_run_with_its_exit_code(project: Path, tmp_path
 def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_path: Path) -> None:
     """Rank 0 completed (and wrote so) before rank 1 failed: the run still failed, with rank 1's code."""
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "late.py", "--cluster", str(project / "slurm_once.yaml"), "--procs-per-node", "2",
+    proc = user_cli(project, "run", "late.py", "--cluster", str(project / "slurm_once.yaml"), "--procs-per-node", "2",
                     "--run-name", "late", "--runs-dir", str(runs), "--wait")
     assert proc.returncode == 3 and "the script failed with exit code 3" in proc.stdout, proc.stdout + proc.stderr
     info = _info(runs / "late")
     assert info["state"] == "stopped" and "rank 1: " in info["stop_reason"], info
-    status = launcher(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
+    status = user_cli(project, "status", "late", "--runs-dir", str(runs)).stdout.splitlines()
     assert "state: stopped" in status and "outcome: failed" in status and "exit_code: 3" in status, status
 
 
@@ -154,7 +154,7 @@ def test_script_failing_once_is_requeued_and_completes(project: Path, tmp_path: 
     """slurm.max_failures: 1 (local_slurm): the failure of the first start is counted and the job
     requeued; that failure's exit code must not fail the second start, which succeeds."""
     runs = tmp_path / "runs"
-    proc = launcher(project, "run", "flaky.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name",
+    proc = user_cli(project, "run", "flaky.py", "--cluster", "local_slurm", "--procs-per-node", "2", "--run-name",
                     "flaky", "--runs-dir", str(runs), "--wait")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     info = _info(runs / "flaky")
@@ -168,7 +168,7 @@ def test_preemption_notice_reaches_a_plain_script_as_sigterm(project: Path, tmp_
     """Slurm signals every process of the step, the script too: USR2 (whose default action ends a
     process) must not kill a script that handles only SIGTERM before the forwarded SIGTERM reaches it."""
     runs, marker = tmp_path / "runs", tmp_path / "marker"
-    proc = launcher(project, "run", "preemptible.py", "--cluster", "local_slurm", "--procs-per-node", "2",
+    proc = user_cli(project, "run", "preemptible.py", "--cluster", "local_slurm", "--procs-per-node", "2",
                     "--run-name", "plain", "--runs-dir", str(runs), "--", str(marker))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "plain"
@@ -207,8 +207,8 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
     script = ["--steps", str(steps), "--lr", "0.05"]
     # the run never stopped, on this machine: it trains while the job sleeps between steps and is requeued
     straight = Background("run", str(RESUMABLE), "--procs-per-node", "2", "--run-name", "straight", "--", *script,
-                          runs_dir=runs, env=_env(), cwd=project)
-    proc = launcher(project, "run", str(RESUMABLE), "--cluster", "local_slurm", "--procs-per-node", "2",
+                          runs_dir=runs, env=user_env(), cwd=project)
+    proc = user_cli(project, "run", str(RESUMABLE), "--cluster", "local_slurm", "--procs-per-node", "2",
                     "--run-name", "pre", "--runs-dir", str(runs), "--", *script, "--step-sleep", "0.25")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "pre"

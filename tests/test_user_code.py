@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from schema.errors import UsageError
-from conftest import REPO, Background, final_params, reached_step, read_result, wait_until
+from conftest import Background, final_params, reached_step, read_result, user_cli, user_env, wait_until
 
 USER_PACKAGE = '''\
 """A user's project: nothing here knows the launcher."""
@@ -100,18 +100,6 @@ def project(tmp_path: Path) -> Path:
     return _write_project(tmp_path / "project")
 
 
-def _env() -> dict[str, str]:
-    # the launcher's own path (the repository), as an installed launcher has; the user's folder is not on it
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-
-
-def launcher(project: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m launcher ARGS` run from the user's directory."""
-    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=project, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def _launch(runs: Path, name: str, *overrides: str) -> list[str]:
     return ["launch", "reg.yaml", *overrides, "--run-name", name, "--runs-dir", str(runs)]
 
@@ -132,7 +120,7 @@ BAD_TARGETS = {
 def test_bad_target_exits_2_before_anything_exists(case: str, project: Path, tmp_path: Path) -> None:
     override, key, found = BAD_TARGETS[case]
     runs = tmp_path / "runs"
-    proc = launcher(project, *_launch(runs, "bad", override))
+    proc = user_cli(project, *_launch(runs, "bad", override))
     assert proc.returncode == 2, proc.stderr
     first = proc.stderr.splitlines()[0]
     value = override.split("=", 1)[1]
@@ -148,7 +136,7 @@ def test_console_script_finds_the_package_in_the_launch_directory(project: Path,
     if not script.exists():
         pytest.skip(f"no launcher console script beside {sys.executable} (not pip-installed)")
     proc = subprocess.run([str(script), *_launch(tmp_path / "runs", "x", "metrics.mae=regpkg:mea")],
-                          cwd=project, env=_env(), capture_output=True, text=True, timeout=300)
+                          cwd=project, env=user_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "module regpkg has no attribute 'mea'" in proc.stderr, proc.stderr
 
 
@@ -157,7 +145,7 @@ def test_kwargs_of_any_yaml_type_round_trip_through_show(project: Path) -> None:
               "none": None}
     recipe = {**RECIPE, "model": {"target": "regpkg:mlp", "kwargs": kwargs}}
     (project / "kw.yaml").write_text(yaml.safe_dump(recipe))
-    proc = launcher(project, "show", "kw.yaml")
+    proc = user_cli(project, "show", "kw.yaml")
     assert proc.returncode == 0, proc.stderr
     shown = yaml.safe_load(proc.stdout.split("# cluster")[0])
     assert shown["model"]["kwargs"] == kwargs
@@ -166,7 +154,7 @@ def test_kwargs_of_any_yaml_type_round_trip_through_show(project: Path) -> None:
 
 def test_kwargs_refuse_what_the_ranks_could_not_read_back(project: Path) -> None:
     (project / "date.yaml").write_text((project / "reg.yaml").read_text() + "\n")
-    proc = launcher(project, "show", "date.yaml", "model.kwargs.when=2024-01-01")
+    proc = user_cli(project, "show", "date.yaml", "model.kwargs.when=2024-01-01")
     assert proc.returncode == 2 and "model.kwargs.when: date" in proc.stderr, proc.stderr
 
 
@@ -196,7 +184,7 @@ def test_best_metric_must_be_one_that_evaluation_gives(project: Path) -> None:
 @pytest.mark.slow
 def test_wrong_return_type_fails_the_run_with_one_line_in_the_rank_log(project: Path, tmp_path: Path) -> None:
     runs = tmp_path / "runs"
-    proc = launcher(project, *_launch(runs, "wrong", "model.target=regpkg:not_a_model"))
+    proc = user_cli(project, *_launch(runs, "wrong", "model.target=regpkg:not_a_model"))
     assert proc.returncode != 0
     log = (runs / "wrong" / "logs" / "rank0.log").read_text()
     assert "model.target: 'regpkg:not_a_model' \u2014 returned str, not an nn.Module" in log, log
@@ -222,7 +210,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], 
     of its own, and is waited for when first needed."""
     folder = _write_project(tmp_path_factory.mktemp("straight") / "project")
     runs = folder.parent / "runs"
-    run = Background("launch", "reg.yaml", "--run-name", "straight", runs_dir=runs, env=_env(), cwd=folder)
+    run = Background("launch", "reg.yaml", "--run-name", "straight", runs_dir=runs, env=user_env(), cwd=folder)
 
     def wait() -> Path:
         run.finish()
@@ -238,14 +226,14 @@ def test_user_regression_trains_keeps_best_and_resumes_bit_equal(project: Path, 
     runs = tmp_path / "runs"
     slower = "data.kwargs.delay_s=0.004"  # time to stop it between steps; the samples and the math stay the same
     cut = subprocess.Popen([sys.executable, "-m", "launcher", *_launch(runs, "cut", slower)], cwd=project,
-                           env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)
     wait_until(lambda: reached_step(runs / "cut", 14, cut), "run cut to reach step 14", timeout=120, poll=0.02)
     os.kill(cut.pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
     out = cut.communicate(timeout=120)[0]
     stopped = read_result(runs / "cut")
     assert stopped["outcome"] == "preempted" and 14 <= stopped["step"] < 32, out
-    again = launcher(project, *_launch(runs, "cut", slower))  # the same command
+    again = user_cli(project, *_launch(runs, "cut", slower))  # the same command
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
 
@@ -266,7 +254,7 @@ def test_user_regression_on_slurm_equals_the_local_run(slurm: None, project: Pat
     """The same user package through the local Slurm: the import check on the login node, the package
     found on the compute node's ranks (code_dir), and the same weights as the run on this machine."""
     runs = tmp_path / "runs"
-    on_slurm = launcher(project, *_launch(runs, "onslurm"), "--cluster", "local_slurm", "--wait", timeout=600)
+    on_slurm = user_cli(project, *_launch(runs, "onslurm"), "--cluster", "local_slurm", "--wait", timeout=600)
     assert on_slurm.returncode == 0, on_slurm.stdout + on_slurm.stderr
     result = read_result(runs / "onslurm")
     assert result["outcome"] == "completed" and result["step"] == 32 and "val/mae" in result, result
