@@ -29,7 +29,6 @@ uploaded by the Checkpointer's uploader, files first and manifest last, like any
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +38,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from fsspec.implementations.local import LocalFileSystem
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
@@ -46,7 +46,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.manifest import FileEntry
-from jobs.checkpoint.store import HASH_CHUNK
+from jobs.checkpoint.store import sha256_of
 from schema.run_dir import MANIFEST
 
 DCP_METADATA = ".metadata"
@@ -193,12 +193,7 @@ def _reason(err: BaseException) -> str:
 
 
 def _hashed(path: Path, rank: int) -> FileEntry:
-    digest, size = hashlib.sha256(), 0
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return FileEntry(size, digest.hexdigest(), rank)
+    return FileEntry(path.stat().st_size, sha256_of(LocalFileSystem(), str(path)), rank)
 
 
 # ---------------------------------------------------------------------- loading

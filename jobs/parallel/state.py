@@ -119,23 +119,6 @@ def gather_stages(state: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def gather_stage_optimizers(part: nn.Module, opt: torch.optim.Optimizer) -> dict[str, Any]:
-    """The stages' optimizer states merged on rank 0 in the FQN form, group i of the merge holding every
-    stage's group i ({} on the others). A collective: every stage calls it."""
-    gathered = _gather_to_main(named_optimizer_state(part, opt, opt.state_dict()))
-    if gathered is None:
-        return {"state": {}, "param_groups": []}
-    state: dict[str, Any] = {}
-    groups = [{**g, "params": []} for g in gathered[0]["param_groups"]]
-    seen: set[str] = set()  # the replicas of a stage (pipeline x data parallel) list the same parameters
-    for stage in gathered:
-        state.update(stage["state"])
-        for merged, own in zip(groups, stage["param_groups"], strict=True):
-            merged["params"] += [n for n in own["params"] if n not in seen]
-            seen.update(own["params"])
-    return {"state": state, "param_groups": groups}
-
-
 def stage_optimizer_state(part: nn.Module, opt: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
     """This stage's share of a whole model's optimizer state, in torch's numbered form for `opt`. A numbered
     state (a DDP run's) is named first by the stages' parameter names in stage order, which is the whole

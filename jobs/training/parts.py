@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from jobs import parallel
-from jobs.parallel.state import gather_stage_optimizers, gather_stages, is_named, load_model_shard, \
+from jobs.parallel.state import gather_stages, is_named, load_model_shard, \
     load_optimizer_shard, model_shard, optimizer_shard, stage_optimizer_state
 
 
@@ -98,8 +98,8 @@ class Optimizers:
     groups in turn. Plain and DDP parts save torch's own form, parameter numbers running on from one
     part to the next (with one part: that optimizer's own state dict); FSDP parts save the FQN form
     (parameters by name: see jobs.parallel.state). load_state_dict() takes either, whatever the
-    layout now, and splits it back by each optimizer's groups. Pipeline stages (`pipelined`) save the
-    FQN form, gathered to rank 0, and each loads its own parameters' entries."""
+    layout now, and splits it back by each optimizer's groups. Pipeline stages (`pipelined`) save only
+    sharded checkpoints (shard_state()); each loads its own parameters' entries of a whole one."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], parts: Optional[list[nn.Module]] = None,
                  pipelined: bool = False) -> None:
@@ -122,11 +122,10 @@ class Optimizers:
             opt.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict[str, Any]:
-        """A collective with FSDP parts or pipeline stages (their state is gathered to rank 0): every rank
+        """A collective with FSDP parts (their state is gathered to rank 0): every rank
         calls it."""
-        if self.pipelined:
-            part, opt = self._stage()
-            return gather_stage_optimizers(part, opt)
+        if self.pipelined:  # stages hold different parameters: only a sharded checkpoint has room for them
+            raise NotImplementedError("pipeline stages save their optimizer state with shard_state()")
         state: dict[Any, Any] = {}
         groups: list[dict[str, Any]] = []
         offset = 0
