@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
 from schema.errors import PATH_CHARS, ConfigError, short
+from schema.vms import VmsConfig
 
 if TYPE_CHECKING:
     from schema.recipe import RecipeConfig
@@ -70,13 +71,14 @@ class SlurmConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str  # config name
-    backend: Literal["local", "slurm"] = "local"  # what starts the ranks
+    backend: Literal["local", "slurm", "vms"] = "local"  # what starts the ranks
     runs_dir: str = "runs"  # run directories live here (relative to the directory of the command unless absolute)
     # folders every node sees (a shared file system, e.g. /home, /shared): when set, the run directory and the
     # user's code must be inside one, since ranks on other machines read and write them
     shared_paths: tuple[str, ...] = ()
     storage: StorageConfig = field(default_factory=StorageConfig)
     slurm: Optional[SlurmConfig] = None  # required when backend is slurm
+    vms: Optional[VmsConfig] = None  # required when backend is vms
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
@@ -92,6 +94,11 @@ class ClusterConfig:
                               "add a slurm: section (partition, time_min, ...)")
         if self.slurm is not None:
             self.slurm.check(src)
+        if self.backend == "vms" and self.vms is None:
+            raise ConfigError(src, "vms", "backend is vms but there is no vms: section",
+                              "add a vms: section (hosts or hosts_command, user, identity_file, ...)")
+        if self.vms is not None:
+            self.vms.check(src)
 
     def check_shared(self, what: str, path: str, src: str) -> None:
         """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""

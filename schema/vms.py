@@ -1,0 +1,69 @@
+"""Cluster config sections for cloud VMs reached over SSH (`backend: vms`) and SkyPilot task files."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from schema.checks import non_empty, non_negative, positive
+from schema.errors import ConfigError, short
+
+HOST_FIELD = "{host}"  # in remote_dir and metadata_url: replaced by each host's own address
+
+
+@dataclass(frozen=True)
+class VmsConfig:
+    """Where the VMs are, how to reach them, what runs there. Node 0 is the first host listed (or printed)."""
+
+    hosts: tuple[str, ...] = ()  # addresses or names, first = node 0 (it also runs the run's supervisor)
+    # or: a shell command printing one host per line, run at every (re)launch so replaced VMs are found,
+    # e.g. gcloud compute instances list --filter=labels.job=x --format='value(networkInterfaces[0].networkIP)'
+    hosts_command: Optional[str] = None
+    user: Optional[str] = None  # SSH user (default: this machine's user)
+    identity_file: Optional[str] = None  # private key (default: the SSH agent, then ~/.ssh/id_*)
+    port: int = 22
+    known_hosts: Optional[str] = None  # known_hosts file (default ~/.ssh/known_hosts); "ignore": no host key check
+    connect_timeout_s: int = 15
+    # each VM's own folder for runs and synced code; "{host}" is replaced by the host's address (for several
+    # "VMs" on one machine, as the tests run them); "~" is the SSH user's home on the VM
+    remote_dir: str = "~/launcher"
+    code: Literal["sync", "image"] = "sync"  # sync: copy the project and code_dir over at launch; image: already there
+    code_path: Optional[str] = None  # with code: image, the project's folder on the VMs
+    python: str = "python3"  # interpreter on the VMs (with torch installed)
+    setup: tuple[str, ...] = ()  # shell lines run before the ranks start (venv activation, ...)
+    env: dict[str, str] = field(default_factory=dict)  # environment variables for every rank
+    provider: Literal["none", "gce", "aws"] = "none"  # whose spot/preemption notices to watch
+    metadata_url: Optional[str] = None  # metadata service (default http://169.254.169.254); "{host}" allowed
+    notice_poll_s: float = 5.0  # AWS: how often spot/instance-action is polled (GCE long-polls)
+    rdzv_port: int = 29400  # torchrun's c10d rendezvous on node 0
+    host_wait_s: int = 600  # after a preemption or failure, wait this long for every host to answer again
+    max_preemptions: int = 20  # relaunches after a spot notice before giving up
+    max_failures: int = 1  # relaunches after a crash or a lost node before giving up
+
+    def check(self, src: str) -> None:
+        if bool(self.hosts) == bool(self.hosts_command):
+            raise ConfigError(src, "vms.hosts", "give either vms.hosts (a list) or vms.hosts_command, not "
+                              f"{'both' if self.hosts else 'neither'}",
+                              "list the VMs' addresses, or a command that prints them one per line")
+        for i, host in enumerate(self.hosts):
+            non_empty(src, f"vms.hosts[{i}]", host)
+            if any(c.isspace() for c in host) or host.startswith("-"):
+                raise ConfigError(src, f"vms.hosts[{i}]", f"{short(host)} is not a host name or address")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise ConfigError(src, "vms.hosts", "a host is listed twice", "list each VM once")
+        for key in ("hosts_command", "user", "identity_file", "known_hosts", "code_path", "metadata_url"):
+            non_empty(src, f"vms.{key}", getattr(self, key))
+        non_empty(src, "vms.remote_dir", self.remote_dir)
+        non_empty(src, "vms.python", self.python)
+        if not 0 < self.port < 65536:
+            raise ConfigError(src, "vms.port", f"{short(self.port)} is not a TCP port", "use 1-65535 (SSH: 22)")
+        if not 0 < self.rdzv_port < 65536:
+            raise ConfigError(src, "vms.rdzv_port", f"{short(self.rdzv_port)} is not a TCP port", "use 1-65535")
+        if self.code == "image" and not self.code_path:
+            raise ConfigError(src, "vms.code_path", "code: image needs the project's folder on the VMs",
+                              "set vms.code_path, or use code: sync")
+        if self.metadata_url and not self.metadata_url.startswith(("http://", "https://")):
+            raise ConfigError(src, "vms.metadata_url", f"{short(self.metadata_url)} is not an http(s) URL")
+        for key in ("connect_timeout_s", "host_wait_s", "notice_poll_s"):
+            positive(src, f"vms.{key}", getattr(self, key))
+        for key in ("max_preemptions", "max_failures"):
+            non_negative(src, f"vms.{key}", getattr(self, key))
