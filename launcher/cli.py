@@ -165,6 +165,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     run = _existing_run(args)
+    backend = backends.of_run(run)
+    if hasattr(backend, "logs"):  # the logs are elsewhere (VMs): the backend fetches them
+        return backend.logs(run, args.rank, args.follow)
     path = run.dir / "logs" / f"rank{args.rank}.log"
     if not path.exists():
         raise UsageError(f"{path}: no log for rank {args.rank} (yet)")

@@ -112,13 +112,15 @@ class Checkpointer:
         found = self._find(skip=set(), full_hash=True)
         return found[0].location(found[1]) if found else None  # type: ignore[index]
 
-    def load_latest(self, map_location: str | torch.device = "cpu",
-                    keys: Optional[Collection[str]] = None) -> Optional[tuple[str, dict[str, Any]]]:
+    def load_latest(self, map_location: str | torch.device = "cpu", keys: Optional[Collection[str]] = None,
+                    remote_only: bool = False) -> Optional[tuple[str, dict[str, Any]]]:
         """(location, state) of the newest checkpoint that loads, or None. The newest committed one
         is chosen by its sizes and its files checked against their SHA-256 as they are read; one
-        that does not match is skipped for the next older one."""
+        that does not match is skipped for the next older one. `remote_only`: choose among the
+        remote copies only, for a run whose other nodes cannot read this node's folder (they load
+        the location returned)."""
         skipped: set[str] = set()
-        while (found := self._find(skipped, full_hash=False)) is not None:
+        while (found := self._find(skipped, full_hash=False, remote_only=remote_only)) is not None:
             store, name, manifest = found
             location = store.location(name)
             try:
@@ -266,10 +268,12 @@ class Checkpointer:
                 raise error
 
     # ------------------------------------------------------------------ finding
-    def _find(self, skip: set[str], full_hash: bool) -> Optional[tuple[Store, str, Manifest]]:
-        """The newest valid checkpoint of both stores not in `skip` (locations), as (store, folder).
-        Local copies are hashed with `full_hash`; remote ones are checked by size."""
-        candidates = [(step, 0, self._local, name) for name, step in self._local.step_dirs().items()]
+    def _find(self, skip: set[str], full_hash: bool,
+              remote_only: bool = False) -> Optional[tuple[Store, str, Manifest]]:
+        """The newest valid checkpoint of both stores (or the remote one) not in `skip` (locations), as
+        (store, folder). Local copies are hashed with `full_hash`; remote ones are checked by size."""
+        local = {} if remote_only else self._local.step_dirs()
+        candidates = [(step, 0, self._local, name) for name, step in local.items()]
         remote_error = None
         if self._uploader is not None:
             remote = self._uploader.remote

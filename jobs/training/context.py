@@ -15,3 +15,6 @@ class RunContext:
     run_id: str
     resume: bool  # load the newest committed checkpoint before training
     checkpoint_uri: Optional[str]  # remote checkpoint folder of this run, or None for local only
+    # every node sees rank 0's run directory (one machine, or a shared file system); False on VMs, where a
+    # multi-node run resumes from the remote copies only
+    shared_run_dir: bool = True

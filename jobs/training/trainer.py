@@ -129,7 +129,10 @@ class Trainer:
     def resume(self) -> None:
         """Continue from the newest committed checkpoint, if there is one."""
         # Rank 0 picks (skipping corrupt checkpoints as it loads them); the others load what it picked.
-        loaded = self.checkpointer.load_latest(map_location="cpu") if self.env.is_main else None
+        # Nodes that cannot read rank 0's folder (VMs) load the remote copy it picked among the remote ones.
+        remote_only = not self.run.shared_run_dir and self.env.world_size > self.env.local_world_size
+        loaded = self.checkpointer.load_latest(map_location="cpu", remote_only=remote_only) if self.env.is_main \
+            else None
         found = [loaded[0] if loaded else None]
         if dist.is_initialized():
             dist.broadcast_object_list(found, src=0)

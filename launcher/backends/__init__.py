@@ -22,6 +22,7 @@ from schema.errors import UsageError
 BACKENDS = {
     "local": "launcher.backends.local",
     "slurm": "launcher.backends.slurm",
+    "vms": "launcher.backends.vms",
 }
 _PROC = Path("/proc/self/stat").exists()  # Linux: process start times are known, so pids can be checked
 
@@ -90,6 +91,6 @@ def run_process(info: RunInfo, pid_key: str, start_key: str) -> Optional[int]:
 
 
 if TYPE_CHECKING:  # a type checker verifies that every registered module implements the protocol
-    from launcher.backends import local, slurm
+    from launcher.backends import local, slurm, vms
 
-    _IMPLEMENTATIONS: tuple[Backend, ...] = (local, slurm)
+    _IMPLEMENTATIONS: tuple[Backend, ...] = (local, slurm, vms)

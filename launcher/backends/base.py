@@ -16,7 +16,8 @@ from schema import ClusterConfig, RecipeConfig
 # States (as `status` reports them) of a run that still runs or will run again, whatever its backend:
 # a second launch must not rewrite its directory, a sweep must not start it again.
 LIVE_STATES = frozenset({"running", "pending", "requeued", "submitted", "configuring", "completing", "suspended",
-                         "requeue_hold", "requeue_fed", "resizing", "signaling", "stage_out"})
+                         "requeue_hold", "requeue_fed", "resizing", "signaling", "stage_out",
+                         "waiting_for_hosts"})
 
 
 @dataclass(frozen=True)

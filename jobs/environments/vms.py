@@ -1,0 +1,182 @@
+"""VMs, on each node: the node agent that the run's supervisor (`launcher.vms.supervise`) starts over SSH.
+
+    python -m jobs.environments.vms --run-dir DIR --nnodes N --nproc P --rdzv HOST0:PORT --rdzv-id ID --local-addr ADDR
+
+It starts this node's ranks with one torchrun (c10d rendezvous on node 0; `--local-addr` because every
+host of a test machine would report the same hostname), watches the provider's metadata service for
+a spot notice (`jobs.environments.spot`), and talks to the supervisor over the SSH channel:
+- stdout: one JSON object per line, an event: `started`, `notice`, `exit` (with this node's ranks and,
+  where rank 0 ran here, the run's result);
+- stdin: `stop` (cancel: the ranks agree on a step, save and exit), `kill` (the job is lost: another
+  node died, so collectives can never finish); end of input means the supervisor is gone, which
+  stops the ranks as `stop` does, so no node trains on unsupervised.
+
+On a notice every rank of this node gets SIGUSR1 directly (torchrun's agent would die of it); the
+trainer's stop agreement spreads it to the other nodes at the next step, they save one checkpoint
+together and rank 0 flushes its upload before exiting. torchrun forwards only SIGTERM, which is a
+cancel to the trainer: the notice must reach the ranks as what it is.
+
+This module imports no torch: the agent is a small process next to the ranks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from schema import ClusterConfig, RecipeConfig, load_resolved
+from schema.run_dir import LOGS, RESULT_JSON, Run
+
+ENTRY_MODULE = "jobs.environments.vms"
+
+
+def torchrun_command(recipe: RecipeConfig, args: argparse.Namespace) -> list[str]:
+    """One torchrun per node; the rendezvous id is per launch, so a relaunch never meets the last one's state."""
+    entry = ["-m", "jobs.script" if recipe.script else "jobs.train", "--run-dir", args.run_dir]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nnodes}",
+            f"--nproc-per-node={args.nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv}",
+            f"--rdzv-id={args.rdzv_id}", f"--local-addr={args.local_addr}", "--max-restarts=0", *entry]
+
+
+class Agent:
+    """One node's torchrun, the notice watcher and the supervisor's channel."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.run = Run(Path(args.run_dir).name, Path(args.run_dir))
+        self.started = time.time()
+        self.child: Optional[subprocess.Popen] = None
+        self.notice: Optional[dict[str, Any]] = None
+        self.asked: Optional[str] = None  # "stop" or "kill", from the supervisor
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ channel
+    def emit(self, event: str, **fields: Any) -> None:
+        with self._lock:  # the watcher thread and the main thread both write
+            sys.stdout.write(json.dumps({"event": event, "host": self.args.local_addr, **fields}) + "\n")
+            sys.stdout.flush()
+
+    def listen(self) -> None:
+        """The supervisor's orders; end of input (its SSH session is gone) counts as `stop`."""
+        for line in sys.stdin:
+            order = line.strip()
+            if order in ("stop", "kill"):
+                self.order(order)
+        self.order("stop")
+
+    def order(self, what: str) -> None:
+        if self.asked == "kill" or (self.asked == "stop" and what == "stop"):
+            return
+        self.asked = what
+        if what == "stop":
+            self._signal_torchrun(signal.SIGTERM)  # torchrun forwards it to every rank: they save and exit
+        else:
+            self._kill_all()
+
+    # ------------------------------------------------------------------ notices
+    def on_notice(self, notice: Any) -> None:
+        detail = {"provider": notice.provider, "kind": notice.kind, "detail": notice.detail}
+        self.emit("notice", **detail)
+        if notice.kind != "preemption" or self.notice is not None:
+            return  # a rebalance recommendation is an early warning only
+        self.notice = detail
+        for pid in self._ranks():
+            _send(pid, signal.SIGUSR1)
+
+    def watch(self, cluster: ClusterConfig) -> Any:
+        cfg = cluster.vms
+        if cfg is None or cfg.provider == "none":
+            return None
+        from jobs.environments.spot import NoticeWatcher
+
+        url = (cfg.metadata_url or "http://169.254.169.254").replace("{host}", self.args.local_addr)
+        watcher = NoticeWatcher(cfg.provider, url, cfg.notice_poll_s, self.on_notice)
+        watcher.start()
+        return watcher
+
+    # ------------------------------------------------------------------ processes
+    def _ranks(self) -> list[int]:
+        """The rank processes: torchrun's children (it starts each in a session of its own)."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return []
+        try:
+            tasks = Path(f"/proc/{child.pid}/task").iterdir()
+            return [int(p) for t in tasks for p in (t / "children").read_text().split()]
+        except OSError:
+            return []
+
+    def _signal_torchrun(self, sig: signal.Signals) -> None:
+        if self.child is not None and self.child.poll() is None:
+            _send(self.child.pid, sig)
+
+    def _kill_all(self) -> None:
+        for pid in self._ranks():
+            _send(pid, signal.SIGKILL)
+        self._signal_torchrun(signal.SIGKILL)
+
+    def start(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+        env = {**os.environ, **(cluster.vms.env if cluster.vms else {})}  # secret values too: never on a command line
+        env.setdefault("OMP_NUM_THREADS", "1" if self.args.nproc > 1 else env.get("OMP_NUM_THREADS", "1"))
+        (self.run.dir / LOGS).mkdir(parents=True, exist_ok=True)
+        log = open(self.run.dir / LOGS / f"node-{self.args.local_addr}.log", "ab")
+        self.child = subprocess.Popen(torchrun_command(recipe, self.args), env=env, stdin=subprocess.DEVNULL,
+                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        log.close()
+        self.emit("started", pid=self.child.pid)
+
+    def wait(self) -> int:
+        assert self.child is not None
+        return self.child.wait()
+
+    def report(self, code: int) -> None:
+        """This node's ranks (their logs written during this launch) and, where rank 0 ran here, the result."""
+        ranks = sorted(int(p.stem[4:]) for p in (self.run.dir / LOGS).glob("rank*.log")
+                       if p.stem[4:].isdigit() and p.stat().st_mtime >= self.started)
+        result_file = self.run.dir / RESULT_JSON
+        result = None
+        if 0 in ranks and result_file.exists() and result_file.stat().st_mtime >= self.started:
+            result = self.run.result().to_dict()
+        self.emit("exit", code=code, ranks=ranks, result=result, notice=self.notice, asked=self.asked)
+
+
+def _send(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    for flag in ("--run-dir", "--rdzv", "--rdzv-id", "--local-addr"):
+        parser.add_argument(flag, required=True)
+    parser.add_argument("--nnodes", type=int, required=True)
+    parser.add_argument("--nproc", type=int, required=True)
+    args = parser.parse_args(argv)
+    args.run_dir = str(Path(args.run_dir).resolve())
+    # SIGTERM to this agent (sshd closing the session on a hang-up, a person) is a stop like any other
+    agent = Agent(args)
+    signal.signal(signal.SIGTERM, lambda *_: agent.order("stop"))
+    signal.signal(signal.SIGHUP, lambda *_: agent.order("stop"))
+    recipe = load_resolved(agent.run.dir / "config.yaml", RecipeConfig)
+    cluster = load_resolved(agent.run.dir / "cluster.yaml", ClusterConfig)
+    agent.start(recipe, cluster)
+    watcher = agent.watch(cluster)
+    threading.Thread(target=agent.listen, daemon=True).start()
+    code = agent.wait()
+    if watcher is not None:
+        watcher.stop()
+    agent.report(code)
+    return 0 if code == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

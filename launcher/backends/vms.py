@@ -1,0 +1,216 @@
+"""VM backend: a group of VMs reached over SSH (GCP, AWS, or any machines with sshd).
+
+`launch` checks every host (`launcher.vms.checks`), copies the code and the run's files to node 0, and
+starts the run's supervisor there, detached (`launcher.vms.supervise`): it starts one torchrun per
+node, follows spot notices and relaunches, so this machine may disconnect once `launch` returns.
+`status`, `logs`, `cancel` and `wait` reach node 0 over SSH from any later shell of this machine, through
+the run directory here (its run.json names node 0 and its folder there).
+
+Each host keeps its own run directory (`launcher.vms.layout`); when the run has ended, `status` copies
+node 0's result.json here, so `launcher status` and `launch --wait` report it as for other backends.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
+from launcher.vms import layout
+from launcher.vms.checks import check_hosts, check_recipe_on_vms
+from launcher.vms.hosts import resolve_hosts
+from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
+from schema import ClusterConfig, RecipeConfig
+from schema.errors import UsageError
+from schema.run_dir import Run, RunResult
+from schema.vms import VmsConfig
+
+SSH_DIR_MODE = 0o700
+
+
+def _cfg(cluster: ClusterConfig) -> VmsConfig:
+    assert cluster.vms is not None, "ClusterConfig.check() requires a vms: section for backend vms"
+    return cluster.vms
+
+
+def _src(cluster: ClusterConfig) -> str:
+    return f"cluster config {cluster.name!r}"
+
+
+# ----------------------------------------------------------------------------- checks
+def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+    """The recipe fits VMs, every host answers and has a usable Python and torch: before anything is written."""
+    cfg = _cfg(cluster)
+    check_recipe_on_vms(recipe, cluster, _src(cluster))
+    hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
+    check_hosts(cfg, hosts, _src(cluster))
+
+
+def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
+    """Trials run one after another on the same VMs: any mix of recipes will do."""
+
+
+# ----------------------------------------------------------------------------- launching
+def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+    """Copy code and run files to node 0 and start the supervisor there; 0 once it runs (`wait` follows it)."""
+    cfg = _cfg(cluster)
+    hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
+    head = host_specs(cfg, hosts[:1])[0]
+    pid = asyncio.run(_start(cfg, head, run))
+    run.update(state="submitted", vm_head=head.address, vm_run_dir=layout.host_run_dir(cfg, head.address, run.name),
+               hosts=hosts, supervisor_pid=pid)
+    print(f"run {run.name}: supervisor (pid {pid}) started on {head.address}; nodes {', '.join(hosts)} "
+          f"(follow it: launcher status {run.name}, launcher logs {run.name})", flush=True)
+    return 0
+
+
+async def _start(cfg: VmsConfig, head: HostSpec, run: Run) -> int:
+    async with await connect(head) as conn:
+        if cfg.code == "sync":
+            files = layout.project_files() + layout.user_files(run.info().code_dir)
+            await sync_tree_async(conn, files, layout.host_code_dir(cfg, head.address))
+        await sync_tree_async(conn, layout.run_files(run, cfg, head.address),
+                              layout.host_run_dir(cfg, head.address, run.name))
+        await sync_tree_async(conn, _ssh_files(cfg), f"{layout.host_root(cfg, head.address)}/ssh")
+        done = await run_remote(conn, layout.supervisor_command(cfg, run.name, head.address), timeout=60)
+    pid = done.stdout.strip().splitlines()[-1] if done.ok and done.stdout.strip() else ""
+    if not pid.isdigit():
+        raise HostError(f"{head.login}: could not start the run's supervisor: {done.last_error_line()}",
+                        hint=f"check vms.python ({cfg.python}) and vms.setup on that VM")
+    return int(pid)
+
+
+def _ssh_files(cfg: VmsConfig) -> list[tuple[Path, str]]:
+    """The key (and known_hosts) node 0's supervisor reaches the other nodes with, copied with mode 0600."""
+    out = []
+    if cfg.identity_file:
+        out.append((Path(cfg.identity_file).expanduser(), "identity"))
+    known = Path(cfg.known_hosts or "~/.ssh/known_hosts").expanduser()
+    if cfg.known_hosts != "ignore" and known.is_file():
+        out.append((known, "known_hosts"))
+    return out
+
+
+def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
+    """One run after another on the same VMs, each followed to its end."""
+    failed = []
+    for i, plan in enumerate(planned):
+        run = plan.prepare()
+        print(f"[{i + 1}/{len(planned)}] run {run.name}", flush=True)
+        launch(plan.recipe, cluster, run)
+        if wait([run])[run.name] != "completed":
+            failed.append(run.name)
+    return Launched(1 if failed else 0, ended=True)
+
+
+# ----------------------------------------------------------------------------- following
+def _remote(run: Run, what: str) -> dict[str, Any]:
+    """`python -m launcher.vms.remote WHAT` on node 0: its JSON answer."""
+    from schema import load_resolved
+
+    info = run.info()
+    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    cfg = _cfg(cluster)
+    head = host_specs(cfg, [info.extra["vm_head"]])[0]
+    project = layout.sh(layout.host_project_dir(cfg, head.address))
+    command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.python)} -m launcher.vms.remote {what} "
+               f"--run-dir {layout.sh(info.extra['vm_run_dir'])}")
+    done = asyncio.run(run_remote(head, command, timeout=60))
+    if not done.ok:
+        raise HostError(f"{head.login}: {what} of run {run.name} failed: {done.last_error_line()}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def status(run: Run) -> dict[str, Any]:
+    info = run.info()
+    out: dict[str, Any] = {"run": run.name, "backend": "vms", "dir": str(run.dir)}
+    if "vm_head" not in info.extra:
+        return {**out, "state": "unknown"}
+    try:
+        remote = _remote(run, "status")
+    except UsageError as err:
+        return {**out, "state": "unreachable", "note": str(err)}
+    there = remote.get("info") or {}
+    alive = remote.get("supervisor") is not None
+    state = there.get("state") or "unknown"
+    if not alive and state in LIVE_STATES:
+        state = "lost"  # the supervisor died (node 0 preempted or rebooted): launch again to resume
+    if remote.get("result") and not alive:
+        run.write_result(RunResult.from_dict(remote["result"]))  # the run has ended: its result here too
+    result = RunResult.from_dict(remote["result"]) if remote.get("result") else RunResult()
+    out.update(state=state, head=info.extra["vm_head"], hosts=there.get("hosts"), requeues=there.get("requeues", {}))
+    for key in ("stop_reason", "last_requeue", "placement"):
+        if there.get(key):
+            out[key] = there[key]
+    return {**out, **result.pick("step", "epoch", "outcome", "signal"), **result.metrics}
+
+
+def live(run: Run) -> Optional[str]:
+    state = status(run)["state"]
+    head = run.info().extra.get("vm_head")
+    return f"{state} on VMs (supervisor on {head})" if state in LIVE_STATES else None
+
+
+def cancel(run: Run) -> str:
+    if "vm_head" not in run.info().extra:
+        return f"run {run.name} has no supervisor"
+    pid = _remote(run, "cancel").get("signalled")
+    if pid is None:
+        return f"run {run.name} is not running"
+    return f"sent SIGTERM to the supervisor of run {run.name} (pid {pid}); every node saves a checkpoint and stops"
+
+
+def wait(runs: Sequence[Run], poll_s: float = 2.0) -> dict[str, str]:
+    """Until every run's supervisor has ended (relaunches included); the states `status` reports."""
+    final: dict[str, str] = {}
+    while len(final) < len(runs):
+        for run in runs:
+            if run.name not in final:
+                state = status(run)["state"]
+                if state not in LIVE_STATES and state != "unreachable":
+                    final[run.name] = state
+        if len(final) < len(runs):
+            time.sleep(poll_s)
+    return final
+
+
+def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
+    """Rank `rank`'s log from byte `offset` on, from whichever host ran it last; (None, offset) if none yet."""
+    from schema import load_resolved
+
+    info = run.info()
+    cfg = _cfg(load_resolved(run.dir / "cluster.yaml", ClusterConfig))
+    hosts = info.extra.get("hosts") or []
+    name = f"logs/rank{rank}.log"
+    # the newest copy wins: a rank may have run on another node in an earlier launch
+    command_for = {h: f"cd {layout.sh(layout.host_run_dir(cfg, h, run.name))} 2>/dev/null && "
+                      f"stat -c %Y {name} && tail -c +{offset + 1} {name}" for h in hosts}
+
+    async def fetch() -> dict[str, Any]:
+        outs = await asyncio.gather(*(run_remote(s, command_for[s.address], timeout=60)
+                                      for s in host_specs(cfg, hosts)), return_exceptions=True)
+        return dict(zip(hosts, outs))
+
+    found = [(int(o.stdout.split("\n", 1)[0]), o.stdout.split("\n", 1)[1]) for o in asyncio.run(fetch()).values()
+             if not isinstance(o, BaseException) and o.ok and "\n" in o.stdout]
+    if not found:
+        return None, offset
+    text = max(found)[1]
+    return text, offset + len(text.encode())
+
+
+def logs(run: Run, rank: int, follow: bool) -> int:
+    text, offset = log_text(run, rank)
+    if text is None:
+        raise UsageError(f"run {run.name}: no log for rank {rank} on its VMs (yet)")
+    sys.stdout.write(text)
+    while follow and live(run):
+        time.sleep(1.0)
+        more, offset = log_text(run, rank, offset)
+        sys.stdout.write(more or "")
+        sys.stdout.flush()
+    return 0

@@ -1,0 +1,134 @@
+"""Where a VM run's files live on each host, and the command lines that start things there.
+
+    <remote_dir>/                     vms.remote_dir, "{host}" replaced by the host's address
+        code/launcher/                the project (schema, launcher, jobs, recipes, cluster configs)
+        code/user/                    the user's code_dir, when it is not the project itself
+        runs/<run>/                   this host's own run directory: config, logs of its ranks, checkpoints
+        ssh/identity, ssh/known_hosts node 0 only: what its supervisor reaches the other hosts with
+
+Every host has its own copy of the run directory: VMs share no file system. Node 0's copy is the
+run's record (run.json, result.json), kept by the supervisor.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+from pathlib import Path
+from typing import Iterator, Optional
+
+from schema.files import REPO_ROOT
+from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
+from schema.secrets import SECRETS_FILE
+from schema.vms import HOST_FIELD, VmsConfig
+
+PACKAGES = ("schema", "launcher", "jobs")  # the project's code: what runs on the VMs
+CONFIG_FOLDERS = ("recipes", "cluster_configs")
+SKIPPED = {".git", ".venv", "venv", "__pycache__", "runs", "node_modules", ".pytest_cache", "artifacts"}
+MAX_USER_FILE = 64 << 20  # larger files in the code folder are data, not code: not copied to every VM
+
+
+def host_root(cfg: VmsConfig, host: str) -> str:
+    return cfg.remote_dir.replace(HOST_FIELD, host).rstrip("/")
+
+
+def host_code_dir(cfg: VmsConfig, host: str) -> str:
+    return cfg.code_path if cfg.code == "image" and cfg.code_path else f"{host_root(cfg, host)}/code"
+
+
+def host_project_dir(cfg: VmsConfig, host: str) -> str:
+    return cfg.code_path if cfg.code == "image" and cfg.code_path else f"{host_code_dir(cfg, host)}/launcher"
+
+
+def host_run_dir(cfg: VmsConfig, host: str, run_name: str) -> str:
+    return f"{host_root(cfg, host)}/runs/{run_name}"
+
+
+def sh(path: str) -> str:
+    """`path` for a remote shell, quoted; a leading `~/` stays the remote user's home."""
+    if path == "~" or path.startswith("~/"):
+        return '"$HOME"' + (f"/{shlex.quote(path[2:])}" if path[2:] else "")
+    return shlex.quote(path)
+
+
+# ------------------------------------------------------------------ files to copy
+def _walk(folder: Path, under: str) -> Iterator[tuple[Path, str]]:
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if any(part in SKIPPED or part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        if path.stat().st_size <= MAX_USER_FILE:
+            yield path, f"{under}/{rel.as_posix()}"
+
+
+def project_files(root: Path = REPO_ROOT) -> list[tuple[Path, str]]:
+    """The project's packages and built-in configs, as (local file, path under code/)."""
+    out: list[tuple[Path, str]] = []
+    for name in (*PACKAGES, *CONFIG_FOLDERS):
+        if (root / name).is_dir():
+            out += [(p, f"launcher/{rel}") for p, rel in _walk(root / name, name) if not rel.endswith(".pyc")]
+    return out
+
+
+def user_files(code_dir: Optional[str], root: Path = REPO_ROOT) -> list[tuple[Path, str]]:
+    """The user's code_dir, unless it is the project itself (already copied)."""
+    if not code_dir or Path(code_dir).resolve() == root.resolve():
+        return []
+    return list(_walk(Path(code_dir), "user"))
+
+
+def code_files(run: Run) -> list[tuple[Path, str]]:
+    """What node 0 copies to another host: its whole code folder (project and user code)."""
+    code = Path(run.dir).parents[1] / "code"
+    return list(_walk(code, ".")) if code.is_dir() else []
+
+
+def host_info(run: Run, cfg: VmsConfig, host: str) -> dict:
+    """run.json as a host's ranks read it: the user's code at that host's copy."""
+    info = run.readable_info().to_dict()
+    if info.get("code_dir"):
+        local = Path(info["code_dir"])
+        synced_user = (Path(run.dir).parents[1] / "code" / "user").is_dir() or not local.is_relative_to(REPO_ROOT)
+        info["code_dir"] = f"{host_code_dir(cfg, host)}/user" if synced_user and cfg.code == "sync" \
+            else host_project_dir(cfg, host)
+    return info
+
+
+def run_files(run: Run, cfg: VmsConfig, host: str) -> list[tuple[Path, str]]:
+    """The files a host's run directory starts with (secrets.yaml keeps its 0600)."""
+    out = [(run.dir / name, name) for name in (CONFIG_YAML, CLUSTER_YAML, SECRETS_FILE) if (run.dir / name).exists()]
+    staged = run.dir / ".host-run.json"
+    staged.write_text(json.dumps(host_info(run, cfg, host), indent=2) + "\n")
+    return out + [(staged, RUN_JSON)]
+
+
+# ------------------------------------------------------------------ commands
+def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str) -> str:
+    """The shell line that starts a node agent on `host` (setup lines first, as the user wrote them)."""
+    project = sh(host_project_dir(cfg, host))
+    agent = [cfg.python, "-u", "-m", "jobs.environments.vms", "--nnodes", str(nnodes), "--nproc", str(nproc),
+             "--rdzv", rdzv, "--rdzv-id", rdzv_id, "--local-addr", host]
+    return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+                        *cfg.setup, f"exec {' '.join(map(shlex.quote, agent))} --run-dir "
+                        f"{sh(host_run_dir(cfg, host, run_name))}"])
+
+
+def supervisor_command(cfg: VmsConfig, run_name: str, host: str) -> str:
+    """Start the supervisor on node 0 in a session of its own (it outlives this SSH session); prints its pid."""
+    project, run_dir = sh(host_project_dir(cfg, host)), sh(host_run_dir(cfg, host, run_name))
+    start = [cfg.python, "-u", "-m", "launcher.vms.supervise", "--self", host]
+    return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"', *cfg.setup,
+                        f"mkdir -p {run_dir}/logs",
+                        f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "
+                        f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $!)"])
+
+
+def supervisor_view(cfg: VmsConfig, run_dir: Path) -> VmsConfig:
+    """vms: as node 0's supervisor uses it: the key and known_hosts copied there by the launch."""
+    ssh = run_dir.parents[1] / "ssh"
+    changes = {}
+    if (ssh / "identity").exists():
+        changes["identity_file"] = str(ssh / "identity")
+    if cfg.known_hosts != "ignore" and (ssh / "known_hosts").exists():
+        changes["known_hosts"] = str(ssh / "known_hosts")
+    return dataclasses.replace(cfg, **changes)

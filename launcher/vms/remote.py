@@ -1,0 +1,56 @@
+"""What `launcher status` and `launcher cancel` run on node 0 over SSH: one JSON line out, no torch.
+
+    python -m launcher.vms.remote status --run-dir DIR     run.json, result.json, whether the supervisor lives
+    python -m launcher.vms.remote cancel --run-dir DIR     SIGTERM to the supervisor (it stops every node)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.backends import process_start
+from schema.run_dir import Run
+
+
+def supervisor_pid(run: Run) -> Optional[int]:
+    """The supervisor's pid if it still runs (same start time as recorded: a reused pid is not it)."""
+    extra = run.info().extra
+    pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    return pid if process_start(pid) is not None and process_start(pid) == start else None
+
+
+def status(run: Run) -> dict[str, Any]:
+    return {"info": run.info().to_dict(), "result": run.result().to_dict() if run.result() else None,
+            "supervisor": supervisor_pid(run)}
+
+
+def cancel(run: Run) -> dict[str, Any]:
+    pid = supervisor_pid(run)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+    return {"signalled": pid}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("what", choices=["status", "cancel"])
+    parser.add_argument("--run-dir", required=True)
+    args = parser.parse_args(argv)
+    folder = Path(args.run_dir).expanduser()
+    if not (folder / "run.json").exists():
+        print(json.dumps({"missing": str(folder)}))
+        return 0
+    run = Run(folder.name, folder)
+    print(json.dumps(status(run) if args.what == "status" else cancel(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

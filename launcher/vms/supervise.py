@@ -1,0 +1,264 @@
+"""The run's supervisor: runs on node 0's VM, detached from the SSH session that started it, so the
+user's machine can disconnect. `python -m launcher.vms.supervise --run-dir DIR --self ADDR`.
+
+Each launch: find the hosts (vms.hosts, or vms.hosts_command again, so replacement VMs are found),
+bring each one the code and the run's files (a replacement VM has neither), start one node agent per
+host over SSH (`jobs.environments.vms`), and follow their events. What ends a launch decides the next:
+- every node exited 0 and rank 0's result says completed: the run is completed;
+- a spot notice on any node: the ranks saved together; a preemption is counted and the run relaunched;
+- a node's agent failed, or its SSH session was lost (the VM is gone): the other nodes are told to stop,
+  then killed after `KILL_AFTER_S` (their collectives can never finish), a failure is counted, and the
+  run relaunched;
+- SIGTERM to this process (`launcher cancel`): every node saves and stops; the run is cancelled.
+Preemptions and failures have separate budgets (vms.max_preemptions, vms.max_failures), as on Slurm;
+before a relaunch the supervisor waits up to vms.host_wait_s for every host to answer.
+
+State goes into node 0's run.json (state, launches, hosts, placement of ranks, requeues by kind,
+last_requeue, stop_reason) and rank 0's result.json is copied next to it, wherever rank 0 ran.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from launcher.vms import layout
+from launcher.vms.hosts import resolve_hosts
+from launcher.vms.ssh import HostSpec, connect, host_specs, sync_tree_async
+from schema import ClusterConfig, RecipeConfig, UsageError, load_resolved
+from schema.run_dir import Run, RunResult
+from schema.vms import VmsConfig
+
+log = logging.getLogger("launcher.vms")
+KILL_AFTER_S = 30.0  # a stopped node whose ranks wait on a dead peer is killed after this long
+KEEPALIVE = {"keepalive_interval": 5, "keepalive_count_max": 3}  # a vanished VM is noticed within ~15 s
+
+
+@dataclass
+class NodeEnd:
+    """How one node's agent ended."""
+
+    host: str
+    code: Optional[int] = None  # the agent's exit status; None: the SSH session was lost
+    ranks: list[int] = field(default_factory=list)
+    result: Optional[dict[str, Any]] = None
+    notice: Optional[dict[str, Any]] = None
+    error: str = ""
+
+
+class Supervisor:
+    def __init__(self, run: Run, me: str) -> None:
+        self.run = run
+        self.me = me
+        self.recipe = load_resolved(run.dir / "config.yaml", RecipeConfig)
+        self.cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+        assert self.cluster.vms is not None, "a vms run's cluster.yaml has a vms: section"
+        self.cfg: VmsConfig = layout.supervisor_view(self.cluster.vms, run.dir)
+        self.cancelled = asyncio.Event()
+        self.nodes: dict[str, Any] = {}  # host -> asyncssh process of its agent, during a launch
+        self.notice_at: Optional[float] = None  # when this launch's first preemption notice arrived
+
+    # ------------------------------------------------------------------ the loop
+    async def main(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.cancel)
+        launch = self.run.info().extra.get("vm_launches", 0)
+        while True:
+            hosts = await self.wait_for_hosts()
+            if hosts is None:
+                return
+            launch += 1
+            self.run.update(state="running", vm_launches=launch, hosts=hosts)
+            self.notice_at = None
+            ends = await self.launch(hosts, launch)
+            if not self.decide(ends):
+                return
+
+    def cancel(self) -> None:
+        log.info("cancel: telling every node to save and stop")
+        self.cancelled.set()
+        for proc in self.nodes.values():
+            _order(proc, "stop")
+
+    async def wait_for_hosts(self) -> Optional[list[str]]:
+        """Every host of the next launch, answering over SSH; None once vms.host_wait_s has passed."""
+        deadline = time.monotonic() + self.cfg.host_wait_s
+        while not self.cancelled.is_set():
+            try:
+                hosts = resolve_hosts(self.cfg, "cluster.yaml", self.recipe.parallel.nodes)
+                await asyncio.gather(*(self.prepare(spec) for spec in host_specs(self.cfg, hosts)))
+                return hosts
+            except (UsageError, OSError) as err:
+                why = str(err)
+            if time.monotonic() > deadline:
+                self.stop(f"hosts did not come back within vms.host_wait_s={self.cfg.host_wait_s} s: {why}")
+                return None
+            self.run.update(state="waiting_for_hosts", waiting_for=why)
+            log.info("waiting for hosts: %s", why)
+            await asyncio.sleep(5)
+        self.stop("cancelled while waiting for hosts", state="cancelled")
+        return None
+
+    async def prepare(self, spec: HostSpec) -> None:
+        """The code and the run's files on `spec`'s host (node 0 has them: this process runs there)."""
+        if spec.address == self.me:
+            return
+        conn = await connect(spec)
+        async with conn:
+            if self.cfg.code == "sync":
+                await sync_tree_async(conn, layout.code_files(self.run), layout.host_code_dir(self.cfg, spec.address))
+            await sync_tree_async(conn, layout.run_files(self.run, self.cfg, spec.address),
+                             layout.host_run_dir(self.cfg, spec.address, self.run.name))
+
+    # ------------------------------------------------------------------ one launch
+    async def launch(self, hosts: list[str], launch: int) -> list[NodeEnd]:
+        p = self.recipe.parallel
+        rdzv = f"{hosts[0]}:{self.cfg.rdzv_port}"
+        rdzv_id = f"{self.run.info().run_id or self.run.name}-{launch}"
+        log.info("launch %d on %s (rendezvous %s)", launch, ", ".join(hosts), rdzv)
+
+        async def node(spec: HostSpec) -> NodeEnd:
+            command = layout.agent_command(self.cfg, self.run.name, spec.address, len(hosts), p.procs_per_node,
+                                           rdzv, rdzv_id)
+            return await self.follow(spec, command)
+
+        tasks = [asyncio.create_task(node(spec)) for spec in host_specs(self.cfg, hosts)]
+        ends: list[NodeEnd] = []
+        for next_done in asyncio.as_completed(tasks):
+            end = await next_done
+            ends.append(end)
+            if (end.code != 0 or end.error) and len(ends) < len(tasks):
+                await self.stop_others(end)
+        self.nodes.clear()
+        return ends
+
+    async def follow(self, spec: HostSpec, command: str) -> NodeEnd:
+        end = NodeEnd(spec.address)
+        try:
+            conn = await connect(spec, **KEEPALIVE)
+        except UsageError as err:
+            end.error = str(err)
+            return end
+        async with conn:
+            proc = await conn.create_process(command)
+            self.nodes[spec.address] = proc
+            if self.cancelled.is_set():
+                _order(proc, "stop")
+            try:
+                async for line in proc.stdout:
+                    self.on_event(end, line)
+                done = await proc.wait()
+                end.code = done.exit_status if done.exit_status is not None else None
+            except Exception as err:  # noqa: BLE001 - asyncssh.ConnectionLost and friends: the VM is gone
+                end.error = f"lost the SSH session to {spec.address}: {err}"
+        if end.code is None and not end.error:
+            end.error = f"the node agent on {spec.address} ended without an exit status (killed by a signal?)"
+        log.info("node %s ended: code %s %s", spec.address, end.code, end.error)
+        return end
+
+    def on_event(self, end: NodeEnd, line: str) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            log.info("%s: %s", end.host, line.rstrip())  # the setup lines' own output
+            return
+        kind = event.get("event")
+        if kind == "notice":
+            log.info("spot notice on %s: %s", end.host, event)
+            if event.get("kind") == "preemption" and self.notice_at is None:
+                self.notice_at = time.monotonic()
+            self.run.update(last_notice={**event, "at": time.time()})
+        elif kind == "exit":
+            end.ranks, end.result, end.notice = event.get("ranks", []), event.get("result"), event.get("notice")
+
+    async def stop_others(self, failed: NodeEnd) -> None:
+        """A node failed: the others cannot finish a collective without it. Stop them, then kill."""
+        log.info("node %s failed (%s): stopping the other nodes", failed.host, failed.error or f"code {failed.code}")
+        for proc in self.nodes.values():
+            _order(proc, "stop")
+        await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        loop.call_later(KILL_AFTER_S, lambda: [_order(p, "kill") for p in list(self.nodes.values())])
+
+    # ------------------------------------------------------------------ deciding
+    def decide(self, ends: list[NodeEnd]) -> bool:
+        """Record how the launch ended; True to relaunch."""
+        placement = {e.host: e.ranks for e in ends}
+        result = next((e.result for e in ends if e.result), None)
+        if result is not None:
+            self.run.write_result(RunResult.from_dict(result))
+        self.run.update(placement=placement)
+        notice = next((e for e in ends if e.notice), None)
+        failed = [e for e in ends if e.code != 0 or e.error]
+        if self.cancelled.is_set():
+            self.run.update(state="cancelled")
+            return False
+        if notice is not None:
+            if self.notice_at is not None:  # every node has exited: rank 0 flushed the upload of the stop's save
+                self.run.update(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2))
+            return self.count("preemptions", f"spot notice on {notice.host} ({notice.notice})")
+        if result is not None and result.get("outcome") == "completed" and not failed:
+            self.run.update(state="completed")
+            return False
+        if result is not None and result.get("outcome") == "preempted" and not failed:
+            self.run.update(state="stopped", stop_reason=f"stopped by {result.get('signal')}")
+            return False
+        first = failed[0] if failed else ends[0]
+        return self.count("failures", f"node {first.host}: {first.error or f'exit code {first.code}'}")
+
+    def count(self, kind: str, why: str) -> bool:
+        counts = dict(self.run.info().requeues)
+        limit = {"preemptions": self.cfg.max_preemptions, "failures": self.cfg.max_failures}[kind]
+        if counts.get(kind, 0) >= limit:
+            self.stop(f"not relaunched: {kind} limit of {limit} reached (vms.max_{kind}); last: {why}")
+            return False
+        counts[kind] = counts.get(kind, 0) + 1
+        log.info("relaunching (%s %d/%d): %s", kind, counts[kind], limit, why)
+        self.run.update(requeues=counts, state="requeued", last_requeue=why)
+        return True
+
+    def stop(self, why: str, state: str = "stopped") -> None:
+        log.info("%s", why)
+        self.run.update(state=state, stop_reason=why)
+
+
+def _order(proc: Any, what: str) -> None:
+    try:
+        proc.stdin.write(what + "\n")
+    except Exception:  # noqa: BLE001 - the channel is closing: the agent stops on end of input anyway
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--self", dest="me", required=True, help="this VM's address, as listed in the hosts")
+    args = parser.parse_args(argv)
+    folder = Path(args.run_dir).resolve()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s", stream=sys.stdout)
+    run = Run(folder.name, folder)
+    run.update(supervisor_pid=os.getpid(), supervisor_start=_start_time())
+    try:
+        asyncio.run(Supervisor(run, args.me).main())
+    finally:
+        run.update(remove=("supervisor_pid", "supervisor_start"))
+    return 0
+
+
+def _start_time() -> Optional[int]:
+    from launcher.backends import process_start
+
+    return process_start(os.getpid())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
