@@ -22,6 +22,7 @@ from schema.errors import UsageError
 BACKENDS = {
     "local": "launcher.backends.local",
     "slurm": "launcher.backends.slurm",
+    "vms": "launcher.backends.vms",
 }
 _PROC = Path("/proc/self/stat").exists()  # Linux: process start times are known, so pids can be checked
 
