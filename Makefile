@@ -12,7 +12,7 @@ RUN_NAME ?=
 PRETRAIN_ARGS ?=
 PRETRAINED := artifacts/vgg_pretrain.pt
 
-.PHONY: setup launch test bench slurm-up slurm-down clean
+.PHONY: setup launch test bench slurm-up slurm-down vms-up vms-down clean
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,13 @@ slurm-up:
 
 slurm-down:
 	bash scripts/slurm_local.sh stop
+
+# loopback "VMs" for the vms backend (cluster_configs/local_vms.yaml): one sshd on 127.0.0.2-127.0.0.5
+vms-up:
+	bash scripts/vms_local.sh start
+
+vms-down:
+	bash scripts/vms_local.sh stop
 
 clean:
 	rm -rf runs artifacts bench/results

@@ -167,6 +167,18 @@ def slurm() -> None:
     ensure_slurm()
 
 
+@pytest.fixture(scope="session")
+def vm_hosts() -> Path:
+    """The loopback "VMs" of scripts/vms_local.sh (one sshd on 127.0.0.2-127.0.0.5, port 2222): its state
+    folder, holding client_key. Skipped only where sshd cannot be installed."""
+    from vm_hosts import ensure_vms, vms_available
+
+    ok, why = vms_available()
+    if not ok:
+        pytest.skip(f"loopback VMs cannot run here: {why}")
+    return ensure_vms()
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A Slurm test runs jobs of several processes: it is in the slow tier as well, so that `-m "not slow"`

@@ -38,7 +38,7 @@ def _cfg(cluster: ClusterConfig) -> VmsConfig:
 
 
 def _src(cluster: ClusterConfig) -> str:
-    return f"cluster config {cluster.name!r}"
+    return f"cluster config {cluster.name}"
 
 
 # ----------------------------------------------------------------------------- checks
