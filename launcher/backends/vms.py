@@ -136,7 +136,7 @@ def status(run: Run) -> dict[str, Any]:
         return {**out, "state": "unreachable", "note": str(err)}
     there = remote.get("info") or {}
     alive = remote.get("supervisor") is not None
-    state = there.get("state") or "unknown"
+    state = there.get("state") or ("submitted" if alive else "unknown")  # the supervisor is starting
     if not alive and state in LIVE_STATES:
         state = "lost"  # the supervisor died (node 0 preempted or rebooted): launch again to resume
     if remote.get("result") and not alive:

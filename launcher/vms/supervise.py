@@ -39,7 +39,7 @@ from schema.vms import VmsConfig
 
 log = logging.getLogger("launcher.vms")
 KILL_AFTER_S = 30.0  # a stopped node whose ranks wait on a dead peer is killed after this long
-KEEPALIVE = {"keepalive_interval": 5, "keepalive_count_max": 3}  # a vanished VM is noticed within ~15 s
+KEEPALIVE = (5, 3)  # interval (s), missed answers: a vanished VM's session is closed within ~15 s
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Supervisor:
         for next_done in asyncio.as_completed(tasks):
             end = await next_done
             ends.append(end)
-            if (end.code != 0 or end.error) and len(ends) < len(tasks):
+            if (end.code != 0 or end.error) and len(ends) < len(tasks) and not self.cancelled.is_set():
                 await self.stop_others(end)
         self.nodes.clear()
         return ends
@@ -144,7 +144,8 @@ class Supervisor:
     async def follow(self, spec: HostSpec, command: str) -> NodeEnd:
         end = NodeEnd(spec.address)
         try:
-            conn = await connect(spec, **KEEPALIVE)
+            conn = await connect(spec)
+            conn.set_keepalive(*KEEPALIVE)
         except UsageError as err:
             end.error = str(err)
             return end
@@ -166,6 +167,8 @@ class Supervisor:
         return end
 
     def on_event(self, end: NodeEnd, line: str) -> None:
+        if not line.strip():
+            return
         try:
             event = json.loads(line)
         except ValueError:
@@ -245,6 +248,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     folder = Path(args.run_dir).resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s", stream=sys.stdout)
+    logging.getLogger("asyncssh").setLevel(logging.WARNING)  # a line per channel otherwise
     run = Run(folder.name, folder)
     run.update(supervisor_pid=os.getpid(), supervisor_start=_start_time())
     try:
