@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import uuid
@@ -115,6 +116,18 @@ def _fails(spec: HostSpec) -> str:
 def test_unreachable_host_is_named(vms: VmsConfig) -> None:
     line = _fails(replace(ssh.host_specs(vms, HOSTS)[0], address="127.0.0.9"))  # nothing listens there
     assert "127.0.0.9" in line and "connection refused" in line
+
+
+def test_a_host_that_never_answers_times_out(vms: VmsConfig) -> None:
+    """A socket that takes the TCP connection but never speaks SSH (a VM still booting, a firewall's
+    tarpit): the wait ends after vms.connect_timeout_s with the host named."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.6", 0))
+        silent.listen()  # never accepted: the kernel completes the handshake, nobody sends a banner
+        spec = replace(ssh.host_specs(vms, HOSTS)[0], address="127.0.0.6", port=silent.getsockname()[1],
+                       connect_timeout_s=1)
+        line = _fails(spec)
+    assert "127.0.0.6" in line and "no answer within 1 s" in line
 
 
 def test_refused_login_names_the_user_and_the_key(vms: VmsConfig, tmp_path: Path) -> None:
