@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import json
+import os
 import re
 import shlex
 from dataclasses import dataclass
@@ -50,7 +51,7 @@ def check_hosts(cfg: VmsConfig, hosts: Sequence[str], src: str) -> dict[str, Hos
     """Reach every host at once and check its interpreter and torch; address -> facts. HostError (a
     UsageError: exit 2) for the first host, in the order given, that fails."""
     if cfg.identity_file:  # once, before any connection, rather than once per host
-        ssh.check_key_permissions(ssh.host_specs(cfg, hosts)[0].identity_file or "")
+        ssh.check_key_permissions(os.path.expanduser(cfg.identity_file))
     facts = asyncio.run(ssh.gather_hosts({s.address: probe(s, cfg) for s in ssh.host_specs(cfg, hosts)}))
     for one in facts.values():
         check_torch(one, cfg.python)

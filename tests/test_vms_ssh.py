@@ -1,0 +1,294 @@
+"""The VM backend's SSH layer, host list and pre-launch checks, against a real sshd on loopback addresses
+(the `vm_hosts` fixture: scripts/vms_local.sh), each "host" 127.0.0.x with its own folder."""
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from launcher.vms import ssh
+from launcher.vms.checks import HostFacts, check_hosts, check_recipe_on_vms, compare_hosts, release
+from launcher.vms.hosts import resolve_hosts
+from launcher.vms.ssh import HostError, HostSpec
+from schema import load_cluster, load_recipe
+from schema.errors import ConfigError, UsageError
+from schema.vms import VmsConfig
+
+HOSTS = ("127.0.0.2", "127.0.0.3")
+PORT = int(os.environ.get("VMS_LOCAL_PORT", "2222"))
+SRC = "cluster config test"
+
+
+@pytest.fixture
+def vms(vm_hosts: Path, tmp_path: Path) -> VmsConfig:
+    """The loopback VMs as a cluster config section, each host's remote_dir under this test's tmp_path."""
+    return VmsConfig(hosts=HOSTS, user="root", identity_file=str(vm_hosts / "client_key"), port=PORT,
+                     known_hosts="ignore", remote_dir=str(tmp_path / "hosts" / "{host}"), python=sys.executable)
+
+
+def refused(exc: pytest.ExceptionInfo) -> str:
+    """The error's first line, checked to be the only one besides the HINT."""
+    lines = str(exc.value).splitlines()
+    assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("  HINT: ")), lines
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ running commands
+def test_a_command_runs_on_each_host_at_its_own_address(vms: VmsConfig) -> None:
+    """Each host is reached at its own address (sshd's $SSH_CONNECTION: client ip, port, server ip, port), and a
+    failing command's exit status and output come back rather than an exception."""
+    specs = ssh.host_specs(vms, HOSTS)
+    done = ssh.run_all(specs, 'echo "$SSH_CONNECTION"; echo "to stderr" >&2; exit 3')
+    assert sorted(done) == sorted(HOSTS)
+    for host, result in done.items():
+        assert result.stdout.split()[2] == host
+        assert (result.exit_status, result.stderr, result.ok) == (3, "to stderr\n", False)
+
+
+def test_a_command_reads_its_input(vms: VmsConfig) -> None:
+    import asyncio
+
+    done = asyncio.run(ssh.run(ssh.host_specs(vms, HOSTS)[1], "tr a-z A-Z", input="quiet words\n"))
+    assert (done.exit_status, done.stdout) == (0, "QUIET WORDS\n")
+
+
+def test_sync_tree_keeps_modes_into_a_home_relative_folder(vms: VmsConfig, tmp_path: Path) -> None:
+    """A secret stays 0600, a script 0755, a file larger than one write chunk arrives whole, and "~/" means the
+    remote user's home while a space in the path is no second argument."""
+    src = tmp_path / "src"
+    (src / "conf").mkdir(parents=True)
+    files = {"secrets.yaml": (0o600, b"token: x\n"), "run.sh": (0o755, b"#!/bin/sh\n"),
+             "conf/big.bin": (0o644, os.urandom(3 * (1 << 18) + 7))}
+    for rel, (mode, data) in files.items():
+        (src / rel).write_bytes(data)
+        (src / rel).chmod(mode)
+    top = f"launcher-test-{uuid.uuid4().hex[:8]}"
+    remote = f"~/{top}/code dir"
+    spec = ssh.host_specs(vms, HOSTS)[0]
+    try:
+        ssh.sync_tree(spec, [(src / rel, rel) for rel in files], remote)
+        listing = ssh.run_all([spec], f"cd {ssh.shell_path(remote)} && stat -c '%a %n' secrets.yaml run.sh "
+                              "conf/big.bin && sha256sum conf/big.bin")[spec.address]
+        landed = (Path("~root").expanduser() / top / "code dir" / "run.sh").is_file()  # the VMs' user is root
+    finally:
+        ssh.run_all([spec], f"rm -rf {ssh.shell_path('~/' + top)}")
+    assert landed
+    assert listing.ok, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[:3] == ["600 secrets.yaml", "755 run.sh", "644 conf/big.bin"]
+    assert lines[3].split()[0] == hashlib.sha256(files["conf/big.bin"][1]).hexdigest()
+
+
+def test_each_host_gets_its_own_remote_dir(vms: VmsConfig, tmp_path: Path) -> None:
+    """"{host}" in remote_dir: a file synced to both hosts lands in two folders, one per address."""
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    for spec in ssh.host_specs(vms, HOSTS):
+        ssh.sync_tree(spec, [(note, "run/note.txt")], ssh.remote_path(vms, spec.address))
+    for host in HOSTS:
+        assert (tmp_path / "hosts" / host / "run" / "note.txt").read_text() == "hello"
+    assert ssh.remote_path(vms, "127.0.0.3", "runs", "a b") == f"{tmp_path}/hosts/127.0.0.3/runs/a b"
+
+
+def test_shell_path_keeps_home_and_quotes_the_rest() -> None:
+    assert ssh.shell_path("~/a b/$(x)") == "\"$HOME\"/'a b/$(x)'"
+    assert ssh.shell_path("/tmp/x;y") == "'/tmp/x;y'"
+
+
+# ------------------------------------------------------------------------------------------ connection errors
+def _fails(spec: HostSpec) -> str:
+    with pytest.raises(HostError) as exc:
+        ssh.run_all([spec], "true")
+    return refused(exc)
+
+
+def test_unreachable_host_is_named(vms: VmsConfig) -> None:
+    line = _fails(replace(ssh.host_specs(vms, HOSTS)[0], address="127.0.0.9"))  # nothing listens there
+    assert "127.0.0.9" in line and "connection refused" in line
+
+
+def test_a_host_that_never_answers_times_out(vms: VmsConfig) -> None:
+    """A socket that takes the TCP connection but never speaks SSH (a VM still booting, a firewall's
+    tarpit): the wait ends after vms.connect_timeout_s with the host named."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.6", 0))
+        silent.listen()  # never accepted: the kernel completes the handshake, nobody sends a banner
+        spec = replace(ssh.host_specs(vms, HOSTS)[0], address="127.0.0.6", port=silent.getsockname()[1],
+                       connect_timeout_s=1)
+        line = _fails(spec)
+    assert "127.0.0.6" in line and "no answer within 1 s" in line
+
+
+def test_refused_login_names_the_user_and_the_key(vms: VmsConfig, tmp_path: Path) -> None:
+    """A key the host does not know: the error says which user and which key were offered."""
+    key = tmp_path / "stranger_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    line = _fails(replace(ssh.host_specs(vms, HOSTS)[0], identity_file=str(key)))
+    assert "refused" in line and "user root" in line and str(key) in line and "127.0.0.2" in line
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o660])
+def test_key_readable_by_others_is_refused_before_connecting(vms: VmsConfig, vm_hosts: Path, tmp_path: Path,
+                                                             mode: int) -> None:
+    """OpenSSH skips such a key and the host says only "Permission denied (publickey)". The address has no
+    sshd: a check made after connecting would report the refused connection instead."""
+    key = tmp_path / "client_key"
+    shutil.copy(vm_hosts / "client_key", key)
+    key.chmod(mode)
+    with pytest.raises(HostError) as exc:
+        ssh.run_all([replace(ssh.host_specs(vms, HOSTS)[0], address="127.0.0.9", identity_file=str(key))], "true")
+    assert f"mode {mode:04o}" in refused(exc) and str(key) in refused(exc)
+    assert exc.value.hint == f"chmod 600 {key}"
+
+
+def test_missing_key_file_is_named(vms: VmsConfig, tmp_path: Path) -> None:
+    line = _fails(replace(ssh.host_specs(vms, HOSTS)[0], identity_file=str(tmp_path / "no_such_key")))
+    assert "no_such_key" in line and "does not exist" in line
+
+
+def test_unknown_host_key_says_how_to_add_it(vms: VmsConfig, tmp_path: Path) -> None:
+    known = tmp_path / "known_hosts"
+    known.write_text("")
+    with pytest.raises(HostError) as exc:
+        ssh.run_all([replace(ssh.host_specs(vms, HOSTS)[1], known_hosts=str(known))], "true")
+    assert "127.0.0.3" in refused(exc) and str(known) in refused(exc)
+    assert f"ssh-keyscan -p {PORT} 127.0.0.3" in exc.value.hint and "known_hosts: ignore" in exc.value.hint
+
+
+def test_one_unreachable_host_fails_the_call(vms: VmsConfig) -> None:
+    """One good host and one without sshd: the bad one is named, not lost among the good results."""
+    specs = ssh.host_specs(vms, ["127.0.0.2", "127.0.0.8"])
+    with pytest.raises(HostError, match="127.0.0.8"):
+        ssh.run_all(specs, "true")
+
+
+# ------------------------------------------------------------------------------------------ host checks
+def test_check_hosts_reports_each_hosts_python_and_torch(vms: VmsConfig) -> None:
+    facts = check_hosts(vms, HOSTS, SRC)
+    assert sorted(facts) == sorted(HOSTS)
+    for host, one in facts.items():
+        assert (one.address, one.python) == (host, platform.python_version())
+        assert one.torch == importlib.metadata.version("torch") and one.cuda_devices >= 0
+
+
+def test_no_interpreter_on_a_host(vms: VmsConfig) -> None:
+    with pytest.raises(HostError) as exc:
+        check_hosts(replace(vms, python="/nonexistent/python"), HOSTS, SRC)
+    assert "127.0.0.2" in refused(exc) and "no interpreter" in refused(exc) and "/nonexistent/python" in refused(exc)
+
+
+def test_torch_missing_on_a_host(vms: VmsConfig) -> None:
+    bare = "/usr/bin/python3"
+    if not Path(bare).exists() or subprocess.run([bare, "-c", "import torch"], capture_output=True).returncode == 0:
+        pytest.skip(f"{bare} is missing or has torch: no interpreter without torch here")
+    with pytest.raises(HostError) as exc:
+        check_hosts(replace(vms, python=bare), HOSTS, SRC)
+    assert "torch is not installed" in refused(exc) and bare in refused(exc)
+
+
+def test_torch_older_than_the_floor(vms: VmsConfig, tmp_path: Path) -> None:
+    """An old torch stands in as a module first on PYTHONPATH, put there by a vms.setup line: the probe runs
+    after setup (where a virtual environment would be activated)."""
+    old = tmp_path / "old_torch"
+    old.mkdir()
+    (old / "torch.py").write_text("__version__ = '1.13.1+cpu'\nclass cuda:\n"
+                                  "    device_count = staticmethod(lambda: 0)\n")
+    cfg = replace(vms, setup=(f"export PYTHONPATH={old}",))
+    with pytest.raises(HostError) as exc:
+        check_hosts(cfg, HOSTS, SRC)
+    assert "torch 1.13.1+cpu is older" in refused(exc) and "127.0.0.2" in refused(exc)
+
+
+def test_hosts_that_disagree_are_named_with_their_versions() -> None:
+    base = HostFacts("10.0.0.1", "3.11.2", "2.13.0+cu121", 8, "a")
+    compare_hosts([base, replace(base, address="10.0.0.2", python="3.11.9")])  # a patch release does not matter
+    for other, words in ((replace(base, address="10.0.0.2", python="3.10.4"), ["Python 3.11", "Python 3.10"]),
+                         (replace(base, address="10.0.0.3", torch="2.13.0+cpu"),
+                          ["torch 2.13.0+cu121", "torch 2.13.0+cpu"])):
+        with pytest.raises(HostError) as exc:
+            compare_hosts([base, replace(base, address="10.0.0.9"), other])
+        assert all(w in refused(exc) for w in ["10.0.0.1", other.address, *words]), refused(exc)
+
+
+def test_release_compares_numerically() -> None:
+    assert release("2.13.0+cpu") > release("2.4") and release("2.5.0a0") == (2, 5, 0)
+
+
+# ------------------------------------------------------------------------------------------ which hosts
+def test_hosts_from_the_list_first_nodes() -> None:
+    cfg = VmsConfig(hosts=("h0", "h1", "h2"))
+    assert resolve_hosts(cfg, SRC, 2) == ["h0", "h1"]
+    with pytest.raises(ConfigError) as exc:
+        resolve_hosts(cfg, SRC, 4)
+    assert "parallel.nodes=4" in refused(exc) and "3 hosts" in refused(exc)
+
+
+def test_hosts_from_a_command() -> None:
+    cfg = VmsConfig(hosts_command="printf '10.0.0.5\\n\\n  10.0.0.6 \\nvm-7.internal\\n'")
+    assert resolve_hosts(cfg, SRC, 3) == ["10.0.0.5", "10.0.0.6", "vm-7.internal"]
+    assert resolve_hosts(cfg, SRC, 1) == ["10.0.0.5"]
+    with pytest.raises(ConfigError) as exc:
+        resolve_hosts(cfg, SRC, 5)
+    assert "parallel.nodes=5" in refused(exc) and "3 hosts" in refused(exc)
+
+
+@pytest.mark.parametrize("command, words", [
+    ("echo 'ERROR: not logged in' >&2; echo partial; exit 4", ["exited with status 4", "ERROR: not logged in"]),
+    ("true", ["printed no hosts"]),
+    ("echo 10.0.0.1; echo 'x; rm -rf /'", ["printed 'x; rm -rf /'", "not a host"]),
+    ("echo 10.0.0.1; echo 10.0.0.1", ["10.0.0.1 twice"]),
+])
+def test_hosts_command_failures(command: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as exc:
+        resolve_hosts(VmsConfig(hosts_command=command), SRC, 1)
+    assert "vms.hosts_command" in refused(exc) and all(w in refused(exc) for w in words), refused(exc)
+
+
+# ------------------------------------------------------------------------------------------ recipe rules
+def _recipe(*overrides: str):
+    return load_recipe("digits", ["parallel.procs_per_node=1", *overrides])
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["parallel.nodes=2"], ["no shared file system", "no checkpoint.uri"]),
+    (["parallel.nodes=2", "checkpoint.uri=/shared/ckpt"], ["no shared file system", "/shared/ckpt"]),
+    (["parallel.nodes=2", "checkpoint.uri=s3://b/p", "parallel.strategy=fsdp"], ["fsdp", "shared"]),
+])
+def test_multi_node_rules(overrides: list[str], words: list[str]) -> None:
+    cluster = load_cluster("local_vms")
+    with pytest.raises(UsageError) as exc:
+        check_recipe_on_vms(_recipe(*overrides), cluster, SRC)
+    assert all(w in refused(exc) for w in words), refused(exc)
+
+
+def test_runs_that_fit_vms_pass() -> None:
+    cluster = load_cluster("local_vms")
+    check_recipe_on_vms(_recipe("parallel.nodes=2", "checkpoint.uri=s3://b/p"), cluster, SRC)
+    check_recipe_on_vms(_recipe("parallel.strategy=fsdp"), cluster, SRC)  # one VM: its own disk is enough
+
+
+# ------------------------------------------------------------------------------------------ through the CLI
+def test_launch_with_an_open_key_exits_2_and_writes_nothing(vm_hosts: Path, tmp_path: Path, runs_dir: Path) -> None:
+    key = tmp_path / "client_key"
+    shutil.copy(vm_hosts / "client_key", key)
+    key.chmod(0o644)
+    cluster = tmp_path / "vms.yaml"
+    cluster.write_text(f"backend: vms\nvms:\n  hosts: [{', '.join(HOSTS)}]\n  user: root\n  identity_file: {key}\n"
+                       f"  port: {PORT}\n  known_hosts: ignore\n  python: {sys.executable}\n"
+                       f"  remote_dir: '{tmp_path}/hosts/{{host}}'\n")
+    proc = run_cli("launch", "digits", "--cluster", str(cluster), runs_dir=runs_dir)
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(errors) == 2 and "mode 0644" in errors[0] and errors[1] == f"  HINT: chmod 600 {key}", errors
+    assert list(runs_dir.iterdir()) == [] and not (tmp_path / "hosts").exists()
