@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from jobs.script import catches
 from schema import ClusterConfig, RecipeConfig, load_resolved
 from schema.run_dir import LOGS, RESULT_JSON, Run
 
@@ -87,8 +88,18 @@ class Agent:
         if notice.kind != "preemption" or self.notice is not None:
             return  # a rebalance recommendation is an early warning only
         self.notice = detail
-        for pid in self._ranks():
-            _send(pid, signal.SIGUSR1)
+        threading.Thread(target=self._deliver_notice, daemon=True).start()
+
+    def _deliver_notice(self) -> None:
+        """SIGUSR1 to every rank, once each, as soon as it handles it: a rank still importing torch would die
+        of the signal's default action, and one that has not started yet must still learn of the notice."""
+        told: set[int] = set()
+        while (self.child is None or self.child.poll() is None) and len(told) < self.args.nproc:
+            for pid in self._ranks():
+                if pid not in told and catches(pid, "SIGUSR1"):
+                    _send(pid, signal.SIGUSR1)
+                    told.add(pid)
+            time.sleep(0.2)
 
     def watch(self, cluster: ClusterConfig) -> Any:
         cfg = cluster.vms

@@ -205,13 +205,13 @@ class Supervisor:
         if self.cancelled.is_set():
             self.run.update(state="cancelled")
             return False
+        if result is not None and result.get("outcome") == "completed" and not failed:
+            self.run.update(state="completed")  # a notice that came too late to matter
+            return False
         if notice is not None:
             if self.notice_at is not None:  # every node has exited: rank 0 flushed the upload of the stop's save
                 self.run.update(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2))
             return self.count("preemptions", f"spot notice on {notice.host} ({notice.notice})")
-        if result is not None and result.get("outcome") == "completed" and not failed:
-            self.run.update(state="completed")
-            return False
         if result is not None and result.get("outcome") == "preempted" and not failed:
             self.run.update(state="stopped", stop_reason=f"stopped by {result.get('signal')}")
             return False
