@@ -92,6 +92,7 @@ def test_golden_task_carries_the_run_and_no_secret() -> None:
     assert task["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 2}
 
 
+@pytest.mark.slow  # importing SkyPilot takes seconds
 def test_skypilot_parses_the_task(tmp_path: Path) -> None:
     python = sky_python()
     if python is None:
@@ -191,6 +192,15 @@ def test_skypilot_variables_map_to_torchrun_options() -> None:
 def test_a_node_that_does_not_fit_the_recipe_is_refused(change: dict, words: str) -> None:
     with pytest.raises(node.NodeError, match=words):
         node.torchrun_options({**ENV, **change}, nodes=2, nproc=8, port=29500)
+
+
+def test_a_damaged_config_variable_is_one_line_exit_2(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", node.ENTRY_MODULE, "--run-name", "r", "--runs-dir", str(tmp_path),
+                           "--nproc-per-node", "1", "--master-port", "29500"], capture_output=True, text=True,
+                          timeout=60, cwd=REPO, env={**os.environ, **ENV, node.RUN_VARIABLE: "H4sI-not-base64",
+                                                     node.TASK_ID: "t"})
+    assert proc.returncode == 2 and "LAUNCHER_RUN cannot be read" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
 
 
 def test_the_run_is_keyed_by_the_task_id() -> None:

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from schema import ClusterConfig, RecipeConfig, config_hash, from_document, secrets, to_dict
+from schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document, secrets, to_dict
 from schema.run_dir import RESULT_JSON, Run, checkpoint_uri
 
 ENTRY_MODULE = "jobs.environments.skypilot"  # `python -m ENTRY_MODULE ...` in the task file's run command
@@ -52,7 +52,11 @@ def encode_configs(recipe: dict[str, Any], cluster: dict[str, Any]) -> str:
 
 
 def decode_configs(value: str) -> tuple[RecipeConfig, ClusterConfig]:
-    data = json.loads(gzip.decompress(base64.b64decode(value, validate=True)))
+    try:
+        data = json.loads(gzip.decompress(base64.b64decode(value, validate=True)))
+    except (OSError, ValueError) as err:  # cut or edited by hand: not base64, not gzip, not JSON
+        raise NodeError(f"${RUN_VARIABLE} cannot be read ({type(err).__name__}: {err}); render the task file "
+                        "again with `launcher skypilot`") from None
     return (from_document(RecipeConfig, data["recipe"], f"${RUN_VARIABLE} recipe"),
             from_document(ClusterConfig, data["cluster"], f"${RUN_VARIABLE} cluster config"))
 
@@ -123,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe, cluster = decode_configs(_variable(environ, RUN_VARIABLE))
         task_id = _variable(environ, TASK_ID)
         options = torchrun_options(environ, recipe.parallel.nodes, args.nproc_per_node, args.master_port)
-    except NodeError as err:
+    except (NodeError, UsageError) as err:  # UsageError: the decoded configs fail their checks
         print(f"launcher (SkyPilot node): {err}", file=sys.stderr)
         return 2
     run = prepare(recipe, cluster, Path(args.runs_dir).expanduser().resolve(), run_name(args.run_name, task_id),
