@@ -110,8 +110,8 @@ def render_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str) -> str:
              _section("resources", resources(sky)),
              "# copied to ~/sky_workdir on every node (skypilot.workdir)\n",
              _section("workdir", sky.workdir or str(REPO_ROOT)),
-             f"# {RUN_VARIABLE}: the resolved recipe and cluster config (gzip, base64 JSON; no secrets):\n"
-             f"# `launcher show {recipe.name} --cluster {cluster.name}` prints them\n",
+             f"# {RUN_VARIABLE}: the resolved recipe and cluster config, no secrets (to read it: "
+             "echo VALUE | base64 -d | gunzip)\n",
              _section("envs", envs)]
     if hidden:
         parts += ["# never written here: pass them from your shell, e.g. sky jobs launch --secret "
