@@ -62,8 +62,8 @@ def check_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str) -> SkyPi
                           f"node but the recipe runs parallel.procs_per_node={recipe.parallel.procs_per_node}",
                           f"set parallel.procs_per_node={sky.gpus_per_node} (one rank per GPU)")
     check_name("run name on the nodes (with the task id's hash)", f"{base}-{'0' * TASK_HASH_CHARS}")
-    _refuse_secrets(rsrc, to_dict(recipe), lambda path: False)
-    _refuse_secrets(src, to_dict(cluster), lambda path: path[:2] == ("skypilot", "env"))
+    _refuse_secrets(rsrc, to_dict(recipe), allowed=None)
+    _refuse_secrets(src, to_dict(cluster), allowed=("skypilot", "env"))  # declared for --secret, never written
     for key in ("python", "project_dir", "runs_dir", "workdir", "image_id"):
         if getattr(sky, key) is not None:
             one_line(src, f"skypilot.{key}", getattr(sky, key))
@@ -78,9 +78,10 @@ def check_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str) -> SkyPi
     return sky
 
 
-def _refuse_secrets(src: str, tree: dict[str, Any], allowed: Any) -> None:
+def _refuse_secrets(src: str, tree: dict[str, Any], allowed: Optional[tuple[str, ...]]) -> None:
+    """A credential anywhere in `tree` but under the `allowed` keys is refused (the nodes would get `***`)."""
     for path, _ in split(tree)[1]:
-        if not allowed(path):
+        if allowed is None or path[:len(allowed)] != allowed:
             raise ConfigError(src, ".".join(path), "holds a credential, and a SkyPilot task file carries none",
                               "give it to the job in an environment variable: skypilot.env KEY, passed with "
                               "`sky jobs launch --secret KEY`")
