@@ -87,6 +87,7 @@ def test_golden_task_carries_the_run_and_no_secret() -> None:
     recipe, cluster = node.decode_configs(task["envs"][node.RUN_VARIABLE])
     assert (recipe.parallel.nodes, recipe.parallel.procs_per_node) == (2, 8) == (task["num_nodes"], 8)
     assert recipe.checkpoint.uri == "gs://my-bucket/checkpoints" and cluster.name == "skypilot_gcp"
+    assert cluster.skypilot.env["WANDB_API_KEY"] == "***"  # masked inside the encoded configs too
     assert task["resources"]["job_recovery"] == {"strategy": "EAGER_NEXT_REGION", "max_restarts_on_errors": 2}
 
 
