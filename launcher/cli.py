@@ -109,6 +109,16 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     return 0
 
 
+def cmd_skypilot(args: argparse.Namespace) -> int:
+    """Validate like `launch`, then print (or write) a SkyPilot task file; nothing is started here."""
+    from launcher.skypilot import write_task
+
+    target = Target.load(args.cluster)
+    recipe = target.recipe(args.recipe, args.overrides, check_backend=False)  # SkyPilot starts the nodes
+    return write_task(recipe, target.cluster, args.run_name or check_name("default run name",
+                                                                         default_run_name(recipe)), args.out)
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     find_config(args.recipe, search_path(RecipeConfig), "recipe")  # an unknown recipe is reported once, not per trial
     if args.random and args.trials is None:
@@ -259,6 +269,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = add("sbatch", cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
     _run_arguments(p)
     p.add_argument("--submit", action="store_true", help="also submit the script with sbatch")
+    p = add("skypilot", cmd_skypilot, "print a SkyPilot task file for a run (a recovered managed job resumes)")
+    p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--run-name", help="the run's name on the nodes, before the task id's hash (default: recipe-confighash)")
+    p.add_argument("--out", help="write the task file here instead of printing it")
     return parser, sub.choices
 
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
 from schema.errors import PATH_CHARS, ConfigError, short
+from schema.skypilot import SkyPilotConfig
 from schema.vms import VmsConfig
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class ClusterConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     slurm: Optional[SlurmConfig] = None  # required when backend is slurm
     vms: Optional[VmsConfig] = None  # required when backend is vms
+    skypilot: Optional[SkyPilotConfig] = None  # what `launcher skypilot` writes into a SkyPilot task file
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
@@ -99,6 +101,8 @@ class ClusterConfig:
                               "add a vms: section (hosts or hosts_command, user, identity_file, ...)")
         if self.vms is not None:
             self.vms.check(src)
+        if self.skypilot is not None:
+            self.skypilot.check(src)
 
     def check_shared(self, what: str, path: str, src: str) -> None:
         """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""
