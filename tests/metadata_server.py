@@ -266,11 +266,14 @@ class MetadataServer:
         self._httpd = _Server((host, port), Handler)
         self._httpd.state = self.state
         self.host, self.port = host, self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"metadata-{host}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"metadata-{host}", daemon=True)
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
+
+    def _serve(self) -> None:
+        self._httpd.serve_forever(poll_interval=0.05)  # stop() waits up to one interval: keep tests quick
 
     def start(self) -> "MetadataServer":
         self._thread.start()
