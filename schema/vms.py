@@ -1,6 +1,7 @@
 """Cluster config sections for cloud VMs reached over SSH (`backend: vms`) and SkyPilot task files."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -28,7 +29,8 @@ class VmsConfig:
     remote_dir: str = "~/launcher"
     code: Literal["sync", "image"] = "sync"  # sync: copy the project and code_dir over at launch; image: already there
     code_path: Optional[str] = None  # with code: image, the project's folder on the VMs
-    python: str = "python3"  # interpreter on the VMs (with torch installed)
+    # interpreter on the VMs (with torch installed); default: the launching one's path (the same image)
+    python: Optional[str] = None
     setup: tuple[str, ...] = ()  # shell lines run before the ranks start (venv activation, ...)
     env: dict[str, str] = field(default_factory=dict)  # environment variables for every rank
     provider: Literal["none", "gce", "aws"] = "none"  # whose spot/preemption notices to watch
@@ -38,6 +40,12 @@ class VmsConfig:
     host_wait_s: int = 600  # after a preemption or failure, wait this long for every host to answer again
     max_preemptions: int = 20  # relaunches after a spot notice before giving up
     max_failures: int = 1  # relaunches after a crash or a lost node before giving up
+
+    @property
+    def interpreter(self) -> str:
+        """vms.python, or this process's own interpreter: on the user's machine the one launching, on node 0
+        the supervisor's, which the launch started with the same value."""
+        return self.python or sys.executable
 
     def check(self, src: str) -> None:
         if bool(self.hosts) == bool(self.hosts_command):
@@ -50,10 +58,9 @@ class VmsConfig:
                 raise ConfigError(src, f"vms.hosts[{i}]", f"{short(host)} is not a host name or address")
         if len(set(self.hosts)) != len(self.hosts):
             raise ConfigError(src, "vms.hosts", "a host is listed twice", "list each VM once")
-        for key in ("hosts_command", "user", "identity_file", "known_hosts", "code_path", "metadata_url"):
+        for key in ("hosts_command", "user", "identity_file", "known_hosts", "code_path", "metadata_url", "python"):
             non_empty(src, f"vms.{key}", getattr(self, key))
         non_empty(src, "vms.remote_dir", self.remote_dir)
-        non_empty(src, "vms.python", self.python)
         if not 0 < self.port < 65536:
             raise ConfigError(src, "vms.port", f"{short(self.port)} is not a TCP port", "use 1-65535 (SSH: 22)")
         if not 0 < self.rdzv_port < 65536:

@@ -76,6 +76,15 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "parallel.procs_per_node=8 trainer.global_batch=512 model.pretrained=s3://bucket/vgg11-8a719046.pth "
     "model.width=1 model.hidden=4096 model.pool_size=7 model.image_size=224 data.name=image_folder "
     "data.root=s3://bucket/flowers model.num_classes=5": ((AS_SHOW, "world size 16"),),
+    "make vms-up && launcher launch digits --cluster local_vms parallel.procs_per_node=1 --wait": (
+        ("make vms-up", ""),
+        # a run name of its own: the "VMs" keep their folders (in /tmp/launcher-vms) from one test run to the next
+        (f"launcher launch digits --cluster local_vms parallel.procs_per_node=1 {SHORT} --run-name readme-vms-"
+         f"{os.getpid()} --wait", "completed at step 2"),),
+    "launcher skypilot digits --cluster skypilot_aws parallel.procs_per_node=1 "
+    "checkpoint.uri=s3://my-bucket/checkpoints --out task.yaml": (
+        ("launcher skypilot digits --cluster skypilot_aws parallel.procs_per_node=1 "
+         "checkpoint.uri=s3://my-bucket/checkpoints --out task.yaml", "wrote task.yaml"),),
     # the CLI table
     "launcher show RECIPE [k=v ...] [--cluster C]": (
         ("launcher show digits trainer.epochs=3 --cluster local", "epochs: 3"),),
@@ -87,6 +96,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         ("launcher run train_ddp.py checkpoint.keep_last=1 --procs-per-node 2 --nodes 1 --cluster local "
          "--run-name readme-script --wait -- --steps 3", SCRIPT_DONE),
         ("launcher status readme-script", "state: completed"),),
+    "launcher skypilot RECIPE [k=v ...] --cluster C [--run-name N] [--out FILE]": (
+        ("launcher skypilot digits --cluster skypilot_aws parallel.procs_per_node=1 --run-name readme-sky",
+         "exec python3 -m jobs.environments.skypilot"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
     "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),

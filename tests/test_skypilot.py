@@ -1,7 +1,7 @@
 """`launcher skypilot`: SkyPilot task files.
 
 Tier 1: golden files (regenerate with UPDATE_GOLDEN=1), SkyPilot's own task parser (from a venv that has
-SkyPilot: SKYPILOT_PYTHON, or /tmp/skyvenv; skipped where none), the rendered `run` command executed by
+SkyPilot: SKYPILOT_PYTHON, or /tmp/skyvenv made by scripts/skypilot_venv.sh; skipped where pip cannot install it), the rendered `run` command executed by
 bash with hostile values, the SkyPilot -> torchrun table, and refusals (exit 2, one line, nothing written).
 Tier 2 (slow): the `run` command of a 2-node task run by bash as two "nodes" on this machine, each with
 its own home (no run directory shared), stopped by SIGTERM and recovered on fresh "VMs" with the same
@@ -60,7 +60,10 @@ def sky_python() -> str | None:
         if candidate and Path(candidate).exists() and subprocess.run(
                 [candidate, "-c", "import sky"], capture_output=True, timeout=60).returncode == 0:
             return candidate
-    return None
+    # none yet: make the throwaway one (~35 s once per machine, like sshd and Slurm for their tests)
+    made = subprocess.run(["bash", str(REPO / "scripts" / "skypilot_venv.sh")], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHON": sys.executable})
+    return made.stdout.strip().splitlines()[-1] if made.returncode == 0 and made.stdout.strip() else None
 
 
 # ----------------------------------------------------------------------------- tier 1: golden files

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +149,8 @@ def test_two_nodes_of_two_ranks_train_what_one_node_of_four_does(
         ranks = info["placement"][host]
         assert sorted(p.name for p in (host_run(tmp_path, host, "two") / "logs").glob("rank*.log")) == \
             [f"rank{r}.log" for r in ranks]
+    logs = cli(cluster, runs, "logs", "two", "--rank", "3", "--follow")  # from the VM that ran rank 3
+    assert logs.returncode == 0 and "rank 3 of 4" in logs.stdout, logs.stdout + logs.stderr
     rank0_host = next(h for h, r in info["placement"].items() if 0 in r)
     import torch
 

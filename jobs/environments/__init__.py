@@ -6,6 +6,10 @@ part): it maps its scheduler's variables to torchrun's (`RANK`, `WORLD_SIZE`, `L
 trainer returns (requeue, stop). Everything else in `jobs/` reads `jobs.env.RankEnv` only.
 
 - `slurm`: ranks started by srun (from submitit's batch script or `launcher sbatch`'s), requeues.
+- `vms`: the node agent on each VM: one torchrun per node (c10d rendezvous on node 0), spot notices to the
+  ranks, orders from the run's supervisor over SSH.
+- `spot`: the spot/preemption notice watcher (GCE metadata, AWS IMDSv2) that the node agent runs.
+- `skypilot`: a SkyPilot node's entry: SkyPilot's variables to torchrun's options, the run keyed by task id.
 
 Local ranks need no module: torchrun already sets torchrun's variables.
 """

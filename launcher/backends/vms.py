@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import json
 import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -23,7 +25,7 @@ from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
 from launcher.vms import layout
 from launcher.vms.checks import check_hosts, check_recipe_on_vms
 from launcher.vms.hosts import resolve_hosts
-from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
+from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, shell_path, sync_tree_async
 from schema import ClusterConfig, RecipeConfig
 from schema.errors import UsageError
 from schema.run_dir import Run, RunResult
@@ -60,7 +62,12 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     cfg = _cfg(cluster)
     hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
     head = host_specs(cfg, hosts[:1])[0]
-    pid = asyncio.run(_start(cfg, head, run))
+    try:
+        pid = asyncio.run(_start(cfg, head, run))
+    except UsageError:
+        if run.info().launches == 1 and "vm_head" not in run.info().extra:
+            shutil.rmtree(run.dir, ignore_errors=True)  # never started: nothing stays behind
+        raise
     run.update(state="submitted", vm_head=head.address, vm_run_dir=layout.host_run_dir(cfg, head.address, run.name),
                hosts=hosts, supervisor_pid=pid)
     print(f"run {run.name}: supervisor (pid {pid}) started on {head.address}; nodes {', '.join(hosts)} "
@@ -70,18 +77,35 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
 
 async def _start(cfg: VmsConfig, head: HostSpec, run: Run) -> int:
     async with await connect(head) as conn:
+        await _refuse_foreign(conn, cfg, head, run)
         if cfg.code == "sync":
             files = layout.project_files() + layout.user_files(run.info().code_dir)
             await sync_tree_async(conn, files, layout.host_code_dir(cfg, head.address))
-        await sync_tree_async(conn, layout.run_files(run, cfg, head.address),
-                              layout.host_run_dir(cfg, head.address, run.name))
+        with tempfile.TemporaryDirectory() as staging:
+            await sync_tree_async(conn, layout.run_files(run, cfg, head.address, Path(staging)),
+                                  layout.host_run_dir(cfg, head.address, run.name))
         await sync_tree_async(conn, _ssh_files(cfg), f"{layout.host_root(cfg, head.address)}/ssh")
         done = await run_remote(conn, layout.supervisor_command(cfg, run.name, head.address), timeout=60)
     pid = done.stdout.strip().splitlines()[-1] if done.ok and done.stdout.strip() else ""
     if not pid.isdigit():
         raise HostError(f"{head.login}: could not start the run's supervisor: {done.last_error_line()}",
-                        hint=f"check vms.python ({cfg.python}) and vms.setup on that VM")
+                        hint=f"check vms.python ({cfg.interpreter}) and vms.setup on that VM")
     return int(pid)
+
+
+async def _refuse_foreign(conn: Any, cfg: VmsConfig, head: HostSpec, run: Run) -> None:
+    """Node 0's folder for this run name must be this run's (or new): another run's checkpoints there would
+    be resumed as this run's (a run directory made on another machine, or in another runs directory)."""
+    folder = layout.host_run_dir(cfg, head.address, run.name)
+    done = await run_remote(conn, f"cat {shell_path(folder)}/run.json 2>/dev/null", timeout=30)
+    try:
+        theirs = json.loads(done.stdout).get("run_id") if done.ok else None
+    except ValueError:
+        theirs = None
+    if theirs and theirs != run.info().run_id:
+        raise UsageError(f"{head.address}:{folder} holds another run named {run.name} (run id {theirs}, this one "
+                         f"is {run.info().run_id})", hint="choose another --run-name, continue that run with "
+                         f"--run-id {theirs}, or delete that folder on the VMs")
 
 
 def _ssh_files(cfg: VmsConfig) -> list[tuple[Path, str]]:
@@ -116,9 +140,9 @@ def _remote(run: Run, what: str) -> dict[str, Any]:
     cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
     cfg = _cfg(cluster)
     head = host_specs(cfg, [info.extra["vm_head"]])[0]
-    project = layout.sh(layout.host_project_dir(cfg, head.address))
-    command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.python)} -m launcher.vms.remote {what} "
-               f"--run-dir {layout.sh(info.extra['vm_run_dir'])}")
+    project = shell_path(layout.host_project_dir(cfg, head.address))
+    command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m launcher.vms.remote {what} "
+               f"--run-dir {shell_path(info.extra['vm_run_dir'])}")
     done = asyncio.run(run_remote(head, command, timeout=60))
     if not done.ok:
         raise HostError(f"{head.login}: {what} of run {run.name} failed: {done.last_error_line()}")
@@ -187,7 +211,7 @@ def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
     hosts = info.extra.get("hosts") or []
     name = f"logs/rank{rank}.log"
     # the newest copy wins: a rank may have run on another node in an earlier launch
-    command_for = {h: f"cd {layout.sh(layout.host_run_dir(cfg, h, run.name))} 2>/dev/null && "
+    command_for = {h: f"cd {shell_path(layout.host_run_dir(cfg, h, run.name))} 2>/dev/null && "
                       f"stat -c %Y {name} && tail -c +{offset + 1} {name}" for h in hosts}
 
     async def fetch() -> dict[str, Any]:

@@ -54,22 +54,22 @@ def check_hosts(cfg: VmsConfig, hosts: Sequence[str], src: str) -> dict[str, Hos
         ssh.check_key_permissions(os.path.expanduser(cfg.identity_file))
     facts = asyncio.run(ssh.gather_hosts({s.address: probe(s, cfg) for s in ssh.host_specs(cfg, hosts)}))
     for one in facts.values():
-        check_torch(one, cfg.python)
+        check_torch(one, cfg.interpreter)
     compare_hosts(list(facts.values()))
     return facts
 
 
 async def probe(spec: HostSpec, cfg: VmsConfig) -> HostFacts:
     """Run the probe after vms.setup (which may activate a virtual environment that vms.python names)."""
-    command = "\n".join([*cfg.setup, f"{shlex.quote(cfg.python)} -c {shlex.quote(PROBE)}"])
+    command = "\n".join([*cfg.setup, f"{shlex.quote(cfg.interpreter)} -c {shlex.quote(PROBE)}"])
     done = await ssh.run(spec, command, timeout=PROBE_TIMEOUT_S)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(_MARK)), None)
     if done.exit_status in (126, 127) and line is None:  # the shell's "not found" / "not executable"
-        raise HostError(f"{spec.address}: no interpreter {short(cfg.python)} there: {done.last_error_line()}",
+        raise HostError(f"{spec.address}: no interpreter {short(cfg.interpreter)} there: {done.last_error_line()}",
                         hint="install Python 3 with torch on the VM, or set vms.python (and vms.setup) to the "
                         "interpreter that has it")
     if not done.ok or line is None:
-        raise HostError(f"{spec.address}: {short(cfg.python)} failed (exit status {done.exit_status}): "
+        raise HostError(f"{spec.address}: {short(cfg.interpreter)} failed (exit status {done.exit_status}): "
                         f"{done.last_error_line()}", hint="run it on the VM to see why; check vms.setup")
     found = json.loads(line[len(_MARK):])
     return HostFacts(spec.address, found["python"], found["torch"], int(found["cuda_devices"]),

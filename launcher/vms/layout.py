@@ -20,6 +20,8 @@ from typing import Iterator, Optional
 from schema.files import REPO_ROOT
 from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
 from schema.secrets import SECRETS_FILE
+from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
+from launcher.vms.ssh import shell_path
 from schema.vms import HOST_FIELD, VmsConfig
 
 PACKAGES = ("schema", "launcher", "jobs")  # the project's code: what runs on the VMs
@@ -42,13 +44,6 @@ def host_project_dir(cfg: VmsConfig, host: str) -> str:
 
 def host_run_dir(cfg: VmsConfig, host: str, run_name: str) -> str:
     return f"{host_root(cfg, host)}/runs/{run_name}"
-
-
-def sh(path: str) -> str:
-    """`path` for a remote shell, quoted; a leading `~/` stays the remote user's home."""
-    if path == "~" or path.startswith("~/"):
-        return '"$HOME"' + (f"/{shlex.quote(path[2:])}" if path[2:] else "")
-    return shlex.quote(path)
 
 
 # ------------------------------------------------------------------ files to copy
@@ -94,10 +89,11 @@ def host_info(run: Run, cfg: VmsConfig, host: str) -> dict:
     return info
 
 
-def run_files(run: Run, cfg: VmsConfig, host: str) -> list[tuple[Path, str]]:
-    """The files a host's run directory starts with (secrets.yaml keeps its 0600)."""
+def run_files(run: Run, cfg: VmsConfig, host: str, staging: Path) -> list[tuple[Path, str]]:
+    """The files a host's run directory starts with (secrets.yaml keeps its 0600); its run.json is written
+    into `staging` (a temporary folder) first."""
     out = [(run.dir / name, name) for name in (CONFIG_YAML, CLUSTER_YAML, SECRETS_FILE) if (run.dir / name).exists()]
-    staged = run.dir / ".host-run.json"
+    staged = staging / RUN_JSON
     staged.write_text(json.dumps(host_info(run, cfg, host), indent=2) + "\n")
     return out + [(staged, RUN_JSON)]
 
@@ -105,18 +101,18 @@ def run_files(run: Run, cfg: VmsConfig, host: str) -> list[tuple[Path, str]]:
 # ------------------------------------------------------------------ commands
 def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str) -> str:
     """The shell line that starts a node agent on `host` (setup lines first, as the user wrote them)."""
-    project = sh(host_project_dir(cfg, host))
-    agent = [cfg.python, "-u", "-m", "jobs.environments.vms", "--nnodes", str(nnodes), "--nproc", str(nproc),
+    project = shell_path(host_project_dir(cfg, host))
+    agent = [cfg.interpreter, "-u", "-m", AGENT_MODULE, "--nnodes", str(nnodes), "--nproc", str(nproc),
              "--rdzv", rdzv, "--rdzv-id", rdzv_id, "--local-addr", host]
     return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"',
                         *cfg.setup, f"exec {' '.join(map(shlex.quote, agent))} --run-dir "
-                        f"{sh(host_run_dir(cfg, host, run_name))}"])
+                        f"{shell_path(host_run_dir(cfg, host, run_name))}"])
 
 
 def supervisor_command(cfg: VmsConfig, run_name: str, host: str) -> str:
     """Start the supervisor on node 0 in a session of its own (it outlives this SSH session); prints its pid."""
-    project, run_dir = sh(host_project_dir(cfg, host)), sh(host_run_dir(cfg, host, run_name))
-    start = [cfg.python, "-u", "-m", "launcher.vms.supervise", "--self", host]
+    project, run_dir = shell_path(host_project_dir(cfg, host)), shell_path(host_run_dir(cfg, host, run_name))
+    start = [cfg.interpreter, "-u", "-m", "launcher.vms.supervise", "--self", host]
     return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"', *cfg.setup,
                         f"mkdir -p {run_dir}/logs",
                         f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "

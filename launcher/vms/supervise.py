@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,7 @@ class Supervisor:
         self.cancelled = asyncio.Event()
         self.nodes: dict[str, Any] = {}  # host -> asyncssh process of its agent, during a launch
         self.notice_at: Optional[float] = None  # when this launch's first preemption notice arrived
+        self.kill_timer: Optional[asyncio.TimerHandle] = None  # kills the nodes a failed one left waiting
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
@@ -116,8 +118,9 @@ class Supervisor:
         async with conn:
             if self.cfg.code == "sync":
                 await sync_tree_async(conn, layout.code_files(self.run), layout.host_code_dir(self.cfg, spec.address))
-            await sync_tree_async(conn, layout.run_files(self.run, self.cfg, spec.address),
-                             layout.host_run_dir(self.cfg, spec.address, self.run.name))
+            with tempfile.TemporaryDirectory() as staging:
+                await sync_tree_async(conn, layout.run_files(self.run, self.cfg, spec.address, Path(staging)),
+                                      layout.host_run_dir(self.cfg, spec.address, self.run.name))
 
     # ------------------------------------------------------------------ one launch
     async def launch(self, hosts: list[str], launch: int) -> list[NodeEnd]:
@@ -139,6 +142,9 @@ class Supervisor:
             if (end.code != 0 or end.error) and len(ends) < len(tasks) and not self.cancelled.is_set():
                 await self.stop_others(end)
         self.nodes.clear()
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
+            self.kill_timer = None
         return ends
 
     async def follow(self, spec: HostSpec, command: str) -> NodeEnd:
@@ -189,8 +195,9 @@ class Supervisor:
         for proc in self.nodes.values():
             _order(proc, "stop")
         await asyncio.sleep(0)
-        loop = asyncio.get_running_loop()
-        loop.call_later(KILL_AFTER_S, lambda: [_order(p, "kill") for p in list(self.nodes.values())])
+        if self.kill_timer is None:  # this launch's nodes only: the timer is cancelled when the launch ends
+            self.kill_timer = asyncio.get_running_loop().call_later(
+                KILL_AFTER_S, lambda: [_order(p, "kill") for p in list(self.nodes.values())])
 
     # ------------------------------------------------------------------ deciding
     def decide(self, ends: list[NodeEnd]) -> bool:
