@@ -89,7 +89,7 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
     run = RunContext(run_dir=run_dir, run_name=info.run_name, run_id=info.run_id,
                      resume=force_resume or info.resume == "auto",
                      checkpoint_uri=checkpoint_uri(recipe, info.run_name),  # run.json shows it redacted
-                     shared_run_dir=cluster.backend != "vms" or bool(cluster.shared_paths))
+                     shared_run_dir=cluster.nodes_share_run_dir)
     try:
         result = train(recipe, run, cluster.storage, env, stop, _callbacks(run_dir, env))
     except UsageError as err:  # e.g. a factory in the recipe returned the wrong type: one line, no traceback

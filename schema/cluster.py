@@ -104,6 +104,12 @@ class ClusterConfig:
         if self.skypilot is not None:
             self.skypilot.check(src)
 
+    @property
+    def nodes_share_run_dir(self) -> bool:
+        """Whether every node sees rank 0's run directory: not on VMs (SSH or SkyPilot) unless shared_paths
+        says there is a shared file system. Where they do not, a multi-node run resumes from checkpoint.uri."""
+        return not (self.backend == "vms" or self.skypilot is not None) or bool(self.shared_paths)
+
     def check_shared(self, what: str, path: str, src: str) -> None:
         """`path` (absolute) must be on the shared file system, where `shared_paths` says what that is."""
         # `path` is resolved (code_dir, the runs directory): a listed folder counts as written and resolved,

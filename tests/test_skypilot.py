@@ -266,11 +266,15 @@ def test_a_recovered_task_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Pat
     stopped = read_result(run_dir(cut[0]))
     assert stopped["outcome"] == "preempted" and stopped["checkpoints_committed"], stopped
 
-    fresh = [tmp_path / "c" / f"node{i}" for i in (0, 1)]  # replacement VMs: empty disks, same task id
-    finish(start_nodes(task, fresh, "task-cut"), fresh)
-    assert run_dir(fresh[0]).name == name and not (run_dir(fresh[0]) / "checkpoints" / "step-000000010").exists()
-    log = (run_dir(fresh[0]) / "logs" / "rank0.log").read_text()  # rank 1 logs no "resumed": its data
+    # The head VM survived with its disk (its local copy of the checkpoint), node 1 is a replacement VM with an
+    # empty one, same task id. Rank 0 must resume from checkpoint.uri all the same: the location it picks is
+    # the one every rank loads, and node 1 cannot read node 0's folder.
+    recovered = [cut[0], tmp_path / "c" / "node1"]
+    assert (run_dir(cut[0]) / "checkpoints" / f"step-{stopped['step']:09d}").exists()
+    finish(start_nodes(task, recovered, "task-cut"), recovered)
+    assert run_dir(recovered[1]).name == name
+    log = (run_dir(recovered[0]) / "logs" / "rank0.log").read_text()  # rank 1 logs no "resumed": its data
     assert f"resumed from file://{uri}/{name}/step-{stopped['step']:09d}" in log, log[-2000:]  # shows in the weights
-    assert read_result(run_dir(fresh[0]))["outcome"] == "completed"
-    expected, got = final_params(run_dir(straight[0])), final_params(run_dir(fresh[0]))
+    assert read_result(run_dir(recovered[0]))["outcome"] == "completed"
+    expected, got = final_params(run_dir(straight[0])), final_params(run_dir(recovered[0]))
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
