@@ -40,6 +40,9 @@ class SkyPilotConfig:
     project_dir: str = "~/sky_workdir"  # this project's folder on the nodes (where SkyPilot puts workdir)
     runs_dir: str = "~/sky_runs"  # run directories on each node's own disk (no folder is shared between nodes)
     master_port: int = 29500  # torchrun's rendezvous port on the head node
+    # spot VMs on gcp or aws: each node watches its metadata service and the ranks save on a notice
+    metadata_url: Optional[str] = None  # default http://169.254.169.254 (the tests point it at loopback)
+    notice_hold_s: int = 600  # after saving on a notice, wait this long for the VM to be taken away
 
     def check(self, src: str) -> None:
         for key in ("cloud", "region"):
@@ -55,9 +58,18 @@ class SkyPilotConfig:
         for key in ("python", "project_dir", "runs_dir"):
             if not getattr(self, key).strip():
                 raise ConfigError(src, f"skypilot.{key}", "is empty", "set a value, or leave it out")
+        non_empty(src, "skypilot.metadata_url", self.metadata_url)
+        if self.metadata_url and not self.metadata_url.startswith(("http://", "https://")):
+            raise ConfigError(src, "skypilot.metadata_url", f"{short(self.metadata_url)} is not an http(s) URL")
+        positive(src, "skypilot.notice_hold_s", self.notice_hold_s)
         if not 0 < self.master_port < 65536:
             raise ConfigError(src, "skypilot.master_port", f"{short(self.master_port)} is not a TCP port",
                               "use 1-65535")
+
+    @property
+    def notice_provider(self) -> str:
+        """Whose spot notices the nodes watch: gce on GCP, aws on AWS, for spot VMs only; else none."""
+        return {"gcp": "gce", "aws": "aws"}.get((self.cloud or "").lower(), "none") if self.use_spot else "none"
 
     @property
     def gpus_per_node(self) -> int:

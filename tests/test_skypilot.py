@@ -4,7 +4,8 @@ Tier 1: golden files (regenerate with UPDATE_GOLDEN=1), SkyPilot's own task pars
 SkyPilot: SKYPILOT_PYTHON, or /tmp/skyvenv made by scripts/skypilot_venv.sh; skipped where pip cannot install it), the rendered `run` command executed by
 bash with hostile values, the SkyPilot -> torchrun table, and refusals (exit 2, one line, nothing written).
 Tier 2 (slow): the `run` command of a 2-node task run by bash as two "nodes" on this machine, each with
-its own home (no run directory shared), stopped by SIGTERM and recovered on fresh "VMs" with the same
+its own home (no run directory shared), stopped by a GCE spot notice (the ranks save, the nodes wait for their
+VMs to go instead of telling SkyPilot the job succeeded) and recovered on a surviving head and a fresh "VM" with the same
 SKYPILOT_TASK_ID: it resumes from checkpoint.uri and ends bit-equal to an uninterrupted run.
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 import yaml
 
 from conftest import REPO, final_params, read_result, run_cli, wait_until
+from metadata_server import MetadataServer
 from jobs.environments import skypilot as node
 from launcher.skypilot import render_task
 from schema import load_cluster, load_recipe
@@ -246,7 +248,9 @@ def run_dir(home: Path) -> Path:
 @pytest.mark.slow
 def test_a_recovered_task_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Path) -> None:
     uri = tmp_path / "bucket"
-    cluster = write_cluster(tmp_path / "sky.yaml", {"python": sys.executable, "project_dir": str(REPO)})
+    metadata = MetadataServer().start()  # GCE's metadata service, as every spot VM of the task sees it
+    cluster = write_cluster(tmp_path / "sky.yaml", {"python": sys.executable, "project_dir": str(REPO),
+                                                    "cloud": "gcp", "use_spot": True, "metadata_url": metadata.url})
     out = tmp_path / "task.yaml"
     run_cli("skypilot", "digits", *RUN_OVERRIDES, f"checkpoint.uri=file://{uri}", "--cluster", str(cluster),
             "--run-name", "sky", "--out", str(out), check=True)
@@ -260,11 +264,18 @@ def test_a_recovered_task_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Pat
     procs = start_nodes(task, cut, "task-cut")
     name = node.run_name("sky", "task-cut")
     wait_until(lambda: list((uri / name).glob("step-*/manifest.json")), "the first committed checkpoint", poll=0.02)
-    for proc in procs:  # the nodes' bash, which exec'd into torchrun: it forwards SIGTERM to the ranks
-        os.kill(proc.pid, signal.SIGTERM)
-    assert [p.wait(timeout=120) for p in procs] != [0, 0]
-    stopped = read_result(run_dir(cut[0]))
-    assert stopped["outcome"] == "preempted" and stopped["checkpoints_committed"], stopped
+    metadata.notice()  # a preemption notice: the ranks save together, then the nodes wait for the VMs to go
+    stopped = wait_until(lambda: (run_dir(cut[0]) / "result.json").exists() and read_result(run_dir(cut[0])),
+                         "the ranks to save on the notice")
+    assert stopped["outcome"] == "preempted" and stopped["signal"] == "SIGUSR1", stopped
+    assert stopped["checkpoints_committed"], stopped
+    wait_until(lambda: "waiting up to" in (cut[0] / "node.log").read_text(), "node 0 to wait for its VM to go")
+    assert all(p.poll() is None for p in procs)  # exiting 0 would tell SkyPilot the job succeeded
+    for proc in procs:  # the VMs are taken away
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    metadata.stop()  # the replacement VMs' metadata has no notice
+    metadata = MetadataServer(port=int(metadata.url.rsplit(":", 1)[1])).start()
 
     # The head VM survived with its disk (its local copy of the checkpoint), node 1 is a replacement VM with an
     # empty one, same task id. Rank 0 must resume from checkpoint.uri all the same: the location it picks is
@@ -276,5 +287,6 @@ def test_a_recovered_task_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Pat
     log = (run_dir(recovered[0]) / "logs" / "rank0.log").read_text()  # rank 1 logs no "resumed": its data
     assert f"resumed from file://{uri}/{name}/step-{stopped['step']:09d}" in log, log[-2000:]  # shows in the weights
     assert read_result(run_dir(recovered[0]))["outcome"] == "completed"
+    metadata.stop()
     expected, got = final_params(run_dir(straight[0])), final_params(run_dir(recovered[0]))
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)

@@ -13,6 +13,9 @@ prepares this node's run directory and then replaces itself with torchrun, which
   JSON; secrets are never in it: `launcher skypilot` refuses a recipe holding one, and secret-looking
   `skypilot.env` keys are declared for `sky jobs launch --secret KEY` and masked here).
 - SkyPilot's variables map to torchrun's options in one table, `TORCHRUN_OPTIONS`.
+- Spot VMs on GCP or AWS (`skypilot.use_spot`, `skypilot.cloud`): torchrun runs beside the VM backend's
+  node agent, which watches the metadata service; on a notice the ranks save together, and this node
+  then waits for its VM to be taken away (`run_watched`), so SkyPilot recovers the job.
 """
 from __future__ import annotations
 
@@ -22,12 +25,14 @@ import gzip
 import hashlib
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document, secrets, to_dict
+from schema.skypilot import SkyPilotConfig
 from schema.run_dir import RESULT_JSON, Run, checkpoint_uri
 
 ENTRY_MODULE = "jobs.environments.skypilot"  # `python -m ENTRY_MODULE ...` in the task file's run command
@@ -136,7 +141,31 @@ def main(argv: list[str] | None = None) -> int:
                "-m", "jobs.train", "--run-dir", str(run.dir)]
     print(f"launcher (SkyPilot node {environ['SKYPILOT_NODE_RANK']}): run {run.name} in {run.dir}: "
           f"{' '.join(command)}", flush=True)
-    os.execv(sys.executable, command)  # torchrun in this process: SkyPilot's signals reach it directly
+    sky = cluster.skypilot
+    if sky is None or sky.notice_provider == "none":
+        os.execv(sys.executable, command)  # torchrun in this process: SkyPilot's signals reach it directly
+    return run_watched(command, run, sky, args.nproc_per_node)
+
+
+def run_watched(command: list[str], run: Run, sky: SkyPilotConfig, nproc: int) -> int:
+    """torchrun beside a spot notice watcher (the VM backend's node agent): on a notice the ranks save
+    together. This node then waits for its VM to be taken away: exiting 0 would tell SkyPilot the job
+    succeeded, and a managed job that succeeded is never recovered. A VM still there after
+    skypilot.notice_hold_s exits with EX_TEMPFAIL (75)."""
+    from jobs.environments.vms import Agent, stop_on_signals
+
+    host = os.environ.get(NODE_IPS, "").split()[int(os.environ.get("SKYPILOT_NODE_RANK", "0"))]
+    agent = Agent(run.dir, host, nproc)
+    stop_on_signals(agent)
+    agent.start(command, dict(os.environ))
+    code = agent.run_to_end(agent.watch(sky.notice_provider, sky.metadata_url, 5.0))
+    if agent.notice is None:
+        return code
+    print(f"launcher (SkyPilot node): saved on a spot notice; waiting up to {sky.notice_hold_s} s for the VM to go",
+          flush=True)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the VM shutting down (or a cancel) ends the wait at once
+    time.sleep(sky.notice_hold_s)
+    return 75
 
 
 if __name__ == "__main__":

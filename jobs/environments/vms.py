@@ -47,11 +47,11 @@ def torchrun_command(recipe: RecipeConfig, args: argparse.Namespace) -> list[str
 
 
 class Agent:
-    """One node's torchrun, the notice watcher and the supervisor's channel."""
+    """One node's torchrun, the notice watcher and (under the VM supervisor) its channel."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.run = Run(Path(args.run_dir).name, Path(args.run_dir))
+    def __init__(self, run_dir: Path, host: str, nproc: int) -> None:
+        self.host, self.nproc = host, nproc
+        self.run = Run(run_dir.name, run_dir)
         self.started = time.time()
         self.child: Optional[subprocess.Popen] = None
         self.notice: Optional[dict[str, Any]] = None
@@ -61,7 +61,7 @@ class Agent:
     # ------------------------------------------------------------------ channel
     def emit(self, event: str, **fields: Any) -> None:
         with self._lock:  # the watcher thread and the main thread both write
-            sys.stdout.write(json.dumps({"event": event, "host": self.args.local_addr, **fields}) + "\n")
+            sys.stdout.write(json.dumps({"event": event, "host": self.host, **fields}) + "\n")
             sys.stdout.flush()
 
     def listen(self) -> None:
@@ -94,23 +94,21 @@ class Agent:
         """SIGUSR1 to every rank, once each, as soon as it handles it: a rank still importing torch would die
         of the signal's default action, and one that has not started yet must still learn of the notice."""
         told: set[int] = set()
-        while (self.child is None or self.child.poll() is None) and len(told) < self.args.nproc:
+        while (self.child is None or self.child.poll() is None) and len(told) < self.nproc:
             for pid in self._ranks():
                 if pid not in told and catches(pid, "SIGUSR1"):
                     _send(pid, signal.SIGUSR1)
                     told.add(pid)
             time.sleep(0.2)
 
-    def watch(self, cluster: ClusterConfig) -> Any:
-        cfg = cluster.vms
-        if cfg is None or cfg.provider == "none":
+    def watch(self, provider: str, url: Optional[str], poll_s: float) -> Any:
+        """Start watching `provider`'s metadata service (none: nothing to watch); the watcher, to stop."""
+        if provider == "none":
             return None
         from jobs.environments.spot import NoticeWatcher
 
-        url = (cfg.metadata_url or "http://169.254.169.254").replace("{host}", self.args.local_addr)
-        watcher = NoticeWatcher(cfg.provider, url, cfg.notice_poll_s, self.on_notice)
-        watcher.start()
-        return watcher
+        return NoticeWatcher(provider, url.replace("{host}", self.host) if url else None, poll_s,
+                             self.on_notice).start()
 
     # ------------------------------------------------------------------ processes
     def _ranks(self) -> list[int]:
@@ -133,19 +131,25 @@ class Agent:
             _send(pid, signal.SIGKILL)
         self._signal_torchrun(signal.SIGKILL)
 
-    def start(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
-        env = {**os.environ, **(cluster.vms.env if cluster.vms else {})}  # secret values too: never on a command line
-        env.setdefault("OMP_NUM_THREADS", "1" if self.args.nproc > 1 else env.get("OMP_NUM_THREADS", "1"))
-        (self.run.dir / LOGS).mkdir(parents=True, exist_ok=True)
-        log = open(self.run.dir / LOGS / f"node-{self.args.local_addr}.log", "ab")
-        self.child = subprocess.Popen(torchrun_command(recipe, self.args), env=env, stdin=subprocess.DEVNULL,
-                                      stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+    def start(self, command: list[str], env: dict[str, str], log: Optional[Path] = None) -> None:
+        """torchrun in a session of its own (only this agent signals it); its output to `log` or ours."""
+        out = open(log, "ab") if log is not None else None
+        self.child = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
+                                      stderr=subprocess.STDOUT if out else None, start_new_session=True)
+        if out is not None:
+            out.close()
+        if self.asked == "stop":  # the stop came while torchrun was starting
+            self._signal_torchrun(signal.SIGTERM)
         self.emit("started", pid=self.child.pid)
 
-    def wait(self) -> int:
+    def run_to_end(self, watcher: Any) -> int:
+        """Wait for torchrun, stop the watcher, report; torchrun's exit code."""
         assert self.child is not None
-        return self.child.wait()
+        code = self.child.wait()
+        if watcher is not None:
+            watcher.stop()
+        self.report(code)
+        return code
 
     def report(self, code: int) -> None:
         """This node's ranks (their logs written during this launch) and, where rank 0 ran here, the result."""
@@ -173,20 +177,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--nproc", type=int, required=True)
     args = parser.parse_args(argv)
     args.run_dir = str(Path(args.run_dir).resolve())
-    # SIGTERM to this agent (sshd closing the session on a hang-up, a person) is a stop like any other
-    agent = Agent(args)
-    signal.signal(signal.SIGTERM, lambda *_: agent.order("stop"))
-    signal.signal(signal.SIGHUP, lambda *_: agent.order("stop"))
+    agent = Agent(Path(args.run_dir), args.local_addr, args.nproc)
+    stop_on_signals(agent)
     recipe = load_resolved(agent.run.dir / "config.yaml", RecipeConfig)
     cluster = load_resolved(agent.run.dir / "cluster.yaml", ClusterConfig)
-    agent.start(recipe, cluster)
-    watcher = agent.watch(cluster)
+    cfg = cluster.vms
+    assert cfg is not None, "a vms run's cluster.yaml has a vms: section"
+    env = {**os.environ, **cfg.env}  # secret values too: never on a command line
+    env.setdefault("OMP_NUM_THREADS", "1")
+    (agent.run.dir / LOGS).mkdir(parents=True, exist_ok=True)
+    agent.start(torchrun_command(recipe, args), env, agent.run.dir / LOGS / f"node-{args.local_addr}.log")
+    watcher = agent.watch(cfg.provider, cfg.metadata_url, cfg.notice_poll_s)
     threading.Thread(target=agent.listen, daemon=True).start()
-    code = agent.wait()
-    if watcher is not None:
-        watcher.stop()
-    agent.report(code)
-    return 0 if code == 0 else 1
+    return 0 if agent.run_to_end(watcher) == 0 else 1
+
+
+def stop_on_signals(agent: Agent) -> None:
+    """SIGTERM or SIGHUP to the agent (sshd closing the session, SkyPilot cancelling, a person) is a stop."""
+    signal.signal(signal.SIGTERM, lambda *_: agent.order("stop"))
+    signal.signal(signal.SIGHUP, lambda *_: agent.order("stop"))
 
 
 if __name__ == "__main__":
