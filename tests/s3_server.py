@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,9 +36,12 @@ class S3Server:
     def start(self, timeout: float = 30.0) -> None:
         if self._proc is not None:
             return
+        # moto logs a line per request on stderr: into a file, never a pipe nobody reads (after ~64 KB of
+        # requests the server would block on its next write, and every client stall with it)
+        self._log = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, **TEST_CREDENTIALS},
+            stdout=subprocess.DEVNULL, stderr=self._log, env={**os.environ, **TEST_CREDENTIALS},
             preexec_fn=_die_with_parent)
         self._wait_ready(timeout)
 
@@ -46,8 +50,7 @@ class S3Server:
             return
         self._proc.kill()
         self._proc.wait()
-        if self._proc.stderr is not None:
-            self._proc.stderr.close()
+        self._log.close()
         self._proc = None
 
     def create_bucket(self, name: str) -> None:
@@ -62,7 +65,8 @@ class S3Server:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
+                self._log.seek(0)
+                err = self._log.read().decode(errors="replace")
                 raise RuntimeError(f"moto server on port {self.port} exited with {self._proc.returncode}: "
                                    f"{err[-2000:]}")
             try:

@@ -69,7 +69,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
             shutil.rmtree(run.dir, ignore_errors=True)  # never started: nothing stays behind
         raise
     run.update(state="submitted", vm_head=head.address, vm_run_dir=layout.host_run_dir(cfg, head.address, run.name),
-               hosts=hosts, supervisor_pid=pid)
+               hosts=hosts, vm_supervisor=pid)
     print(f"run {run.name}: supervisor (pid {pid}) started on {head.address}; nodes {', '.join(hosts)} "
           f"(follow it: launcher status {run.name}, launcher logs {run.name})", flush=True)
     return 0

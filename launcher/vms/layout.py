@@ -24,6 +24,7 @@ from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
 from launcher.vms.ssh import shell_path
 from schema.vms import HOST_FIELD, VmsConfig
 
+PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started
 PACKAGES = ("schema", "launcher", "jobs")  # the project's code: what runs on the VMs
 CONFIG_FOLDERS = ("recipes", "cluster_configs")
 SKIPPED = {".git", ".venv", "venv", "__pycache__", "runs", "node_modules", ".pytest_cache", "artifacts"}
@@ -81,6 +82,8 @@ def code_files(run: Run) -> list[tuple[Path, str]]:
 def host_info(run: Run, cfg: VmsConfig, host: str) -> dict:
     """run.json as a host's ranks read it: the user's code at that host's copy."""
     info = run.readable_info().to_dict()
+    for key in ("supervisor_pid", "supervisor_start"):  # node 0's own record of its supervisor, never copied
+        info.pop(key, None)
     if info.get("code_dir"):
         local = Path(info["code_dir"])
         synced_user = (Path(run.dir).parents[1] / "code" / "user").is_dir() or not local.is_relative_to(REPO_ROOT)
@@ -116,7 +119,8 @@ def supervisor_command(cfg: VmsConfig, run_name: str, host: str) -> str:
     return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"', *cfg.setup,
                         f"mkdir -p {run_dir}/logs",
                         f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "
-                        f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $!)"])
+                        f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $! > {run_dir}/{PID_FILE}; "
+                        f"cat {run_dir}/{PID_FILE})"])
 
 
 def supervisor_view(cfg: VmsConfig, run_dir: Path) -> VmsConfig:

@@ -14,16 +14,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.backends import process_start
+from launcher.vms.layout import PID_FILE
 from schema.run_dir import Run
 
 
 def supervisor_pid(run: Run) -> Optional[int]:
-    """The supervisor's pid if it still runs (same start time as recorded: a reused pid is not it)."""
+    """The supervisor's pid if it still runs: the one it recorded with its start time (a reused pid is not
+    it), or, while it is starting and has recorded nothing yet, the one the launch wrote (if that process
+    is a supervisor)."""
     extra = run.info().extra
     pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
-    if not isinstance(pid, int) or pid <= 0:
+    if isinstance(pid, int) and pid > 0:
+        return pid if process_start(pid) is not None and process_start(pid) == start else None
+    try:
+        pid = int((run.dir / PID_FILE).read_text())
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
         return None
-    return pid if process_start(pid) is not None and process_start(pid) == start else None
+    return pid if b"launcher.vms.supervise" in command and process_start(pid) is not None else None
 
 
 def status(run: Run) -> dict[str, Any]:

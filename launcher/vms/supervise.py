@@ -262,6 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         asyncio.run(Supervisor(run, args.me).main())
     finally:
         run.update(remove=("supervisor_pid", "supervisor_start"))
+        (run.dir / layout.PID_FILE).unlink(missing_ok=True)
     return 0
 
 
