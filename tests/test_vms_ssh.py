@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shutil
@@ -292,3 +293,33 @@ def test_launch_with_an_open_key_exits_2_and_writes_nothing(vm_hosts: Path, tmp_
     errors = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(errors) == 2 and "mode 0644" in errors[0] and errors[1] == f"  HINT: chmod 600 {key}", errors
     assert list(runs_dir.iterdir()) == [] and not (tmp_path / "hosts").exists()
+
+
+def test_a_sweep_on_vms_is_refused_and_writes_nothing(vm_hosts: Path, tmp_path: Path, runs_dir: Path) -> None:
+    """Sweeps are not built for VMs: refused after the hosts were checked, before any run directory exists."""
+    cluster = tmp_path / "vms.yaml"
+    cluster.write_text(f"backend: vms\nvms:\n  hosts: [{', '.join(HOSTS)}]\n  user: root\n"
+                       f"  identity_file: {vm_hosts / 'client_key'}\n  port: {PORT}\n  known_hosts: ignore\n"
+                       f"  remote_dir: '{tmp_path}/hosts/{{host}}'\n")
+    proc = run_cli("sweep", "digits", "parallel.procs_per_node=1", "--grid", "optim.lr=0.01,0.02", "--cluster",
+                   str(cluster), runs_dir=runs_dir)
+    assert proc.returncode == 2 and "sweeps do not run on VMs yet (2 trials)" in proc.stderr, proc.stderr
+    assert list(runs_dir.iterdir()) == [] and not (tmp_path / "hosts").exists()
+
+
+def test_another_runs_folder_on_node_0_is_refused(vm_hosts: Path, tmp_path: Path) -> None:
+    """A run of the same name from another runs directory (another id) already has a folder on node 0: its
+    checkpoints would be resumed as this run's. Refused with the other id, and the new local run directory
+    is removed."""
+    cluster = tmp_path / "vms.yaml"
+    cluster.write_text(f"backend: vms\nvms:\n  hosts: [{', '.join(HOSTS)}]\n  user: root\n"
+                       f"  identity_file: {vm_hosts / 'client_key'}\n  port: {PORT}\n  known_hosts: ignore\n"
+                       f"  remote_dir: '{tmp_path}/hosts/{{host}}'\n")
+    theirs = tmp_path / "hosts" / HOSTS[0] / "runs" / "same"
+    theirs.mkdir(parents=True)
+    (theirs / "run.json").write_text('{"run_id": "0123456789ab"}')
+    runs = tmp_path / "runs"
+    proc = run_cli("launch", "digits", "parallel.procs_per_node=1", "--run-name", "same", "--cluster", str(cluster),
+                   runs_dir=runs)
+    assert proc.returncode == 2 and "holds another run named same (run id 0123456789ab" in proc.stderr, proc.stderr
+    assert not (runs / "same").exists() and json.loads((theirs / "run.json").read_text()) == {"run_id": "0123456789ab"}

@@ -53,7 +53,9 @@ def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
 
 
 def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
-    """Trials run one after another on the same VMs: any mix of recipes will do."""
+    """Sweeps on VMs are not built yet: refused before anything is written."""
+    raise UsageError(f"cluster config {cluster.name}: sweeps do not run on VMs yet ({len(named)} trials)",
+                     hint="run the sweep locally or on Slurm, or launch the trials one by one with launcher launch")
 
 
 # ----------------------------------------------------------------------------- launching
@@ -120,15 +122,8 @@ def _ssh_files(cfg: VmsConfig) -> list[tuple[Path, str]]:
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
-    """One run after another on the same VMs, each followed to its end."""
-    failed = []
-    for i, plan in enumerate(planned):
-        run = plan.prepare()
-        print(f"[{i + 1}/{len(planned)}] run {run.name}", flush=True)
-        launch(plan.recipe, cluster, run)
-        if wait([run])[run.name] != "completed":
-            failed.append(run.name)
-    return Launched(1 if failed else 0, ended=True)
+    """Never called: `check_many` refuses sweeps on VMs."""
+    raise UsageError(f"sweep {batch.name}: sweeps do not run on VMs yet")
 
 
 # ----------------------------------------------------------------------------- following
