@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Callable
 
 import yaml
 
 from launcher import backends, sbatch
-from launcher.backends.base import LIVE_STATES, Backend
+from launcher.backends.base import Backend
 from launcher.backends.slurm_options import slurm_section
 from launcher.preflight import Target
 from schema.run_dir import Run
@@ -175,24 +174,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     run = _existing_run(args)
-    backend = backends.of_run(run)
-    if hasattr(backend, "logs"):  # the logs are elsewhere (VMs): the backend fetches them
-        return backend.logs(run, args.rank, args.follow)
-    path = run.dir / "logs" / f"rank{args.rank}.log"
-    if not path.exists():
-        raise UsageError(f"{path}: no log for rank {args.rank} (yet)")
-    # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
-    with open(path, encoding="utf-8", errors="replace") as f:
-        sys.stdout.write(f.read())
-        while args.follow and backends.status(run).get("state") in LIVE_STATES:
-            line = f.readline()
-            if line:
-                sys.stdout.write(line)
-                sys.stdout.flush()
-            else:
-                time.sleep(0.5)
-        sys.stdout.write(f.read())
-    return 0
+    return backends.of_run(run).logs(run, args.rank, args.follow)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:

@@ -6,12 +6,15 @@ outside `launcher/backends/` knows which scheduler runs a job.
 """
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence
 
 from schema.run_dir import Run
 from schema import ClusterConfig, RecipeConfig
+from schema.errors import UsageError
 
 # States (as `status` reports them) of a run that still runs or will run again, whatever its backend:
 # a second launch must not rewrite its directory, a sweep must not start it again.
@@ -75,3 +78,25 @@ class Backend(Protocol):
 
     def wait(self, runs: Sequence[Run]) -> dict[str, str]:
         """Block until every run has stopped for good (requeues included): run name -> final state."""
+
+    def logs(self, run: Run, rank: int, follow: bool) -> int:
+        """Print rank `rank`'s log (and what it adds while the run lives, with `follow`); an exit code."""
+
+
+def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> int:
+    """`logs` where the log is a file in the run directory (every node writes there: this machine, Slurm)."""
+    path = run.dir / "logs" / f"rank{rank}.log"
+    if not path.exists():
+        raise UsageError(f"{path}: no log for rank {rank} (yet)")
+    # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
+    with open(path, encoding="utf-8", errors="replace") as f:
+        sys.stdout.write(f.read())
+        while follow and live():
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.5)
+        sys.stdout.write(f.read())
+    return 0

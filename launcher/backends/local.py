@@ -18,7 +18,7 @@ from typing import Any, Optional, Sequence
 
 from jobs.script import settle
 from launcher.backends import process_start, run_process
-from launcher.backends.base import Batch, Launched, Planned
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
 from schema.run_dir import Run
 from schema import ClusterConfig, RecipeConfig
 from schema.errors import UsageError
@@ -136,3 +136,7 @@ def _wait(child: subprocess.Popen) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def logs(run: Run, rank: int, follow: bool) -> int:
+    return print_log(run, rank, follow, lambda: status(run)["state"] in LIVE_STATES)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from jobs.environments.slurm import ENTRY_MODULE, rank_main
-from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
 from schema.run_dir import Run, RunInfo
@@ -237,3 +237,7 @@ def wait(runs: Sequence[Run]) -> dict[str, str]:
     """Until every run's job has stopped for good (requeues included); the states `status` reports."""
     final = wait_for_runs(runs)
     return {run.name: _state(final[run.name], run.info()) for run in runs}
+
+
+def logs(run: Run, rank: int, follow: bool) -> int:
+    return print_log(run, rank, follow, lambda: status(run)["state"] in LIVE_STATES)
