@@ -107,25 +107,61 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path,
     del proc
 
 
+SLOW_FIRST_START_PYTHON = """\
+#!{python}
+# Stands in for slurm.python: in the job's first start only, every training step sleeps first, so that
+# start is still training when the time-limit notice comes, whatever the machine's speed, without using
+# the cores; the requeued start trains its few remaining steps at full speed.
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())  # what -m does
+module, sys.argv = sys.argv[3], sys.argv[3:]
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0" and module == "submitit.core._submit":
+    import jobs.training.trainer
+    real = jobs.training.trainer.train_step
+    def slow(*args, **kwargs):
+        time.sleep(1)
+        return real(*args, **kwargs)
+    jobs.training.trainer.train_step = slow
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _time_limit(job_id: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    return shown.stdout.split("TimeLimit=", 1)[1].split()[0]
+
+
 def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
-    """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out."""
+    """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out.
+
+    slurmctld checks time limits every 30 s and sends the notice up to 30 s early, so with a one-minute
+    limit it comes at its first check after the start, when the ranks may not be running yet (a notice
+    sent before a job step has tasks is lost). The job starts with slurm.time_min=2 and is cut to one
+    minute once it trains: the notice then comes within 30 s, to ranks that handle it."""
+    python = tmp_path / "slow_python"  # no space: Slurm's proctrack/linuxproc would never signal it
+    python.write_text(SLOW_FIRST_START_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
     cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
-    cluster["slurm"].update(time_min=1, grace_period_s=30, max_timeouts=20)  # USR2 about 30 s in
+    cluster["slurm"].update(time_min=2, grace_period_s=30, max_timeouts=20, python=str(python))
     path = tmp_path / "short_slurm.yaml"
     path.write_text(yaml.safe_dump(cluster))
-    overrides = ["trainer.epochs=null", "trainer.max_steps=1000", "checkpoint.every_steps=500",
-                 "logging.log_every=50", "trainer.eval_every=500"]
+    steps = 60  # at over a second a step, the first start is still training when the notice comes
+    overrides = ["trainer.epochs=null", f"trainer.max_steps={steps}", "checkpoint.every_steps=500",
+                 "logging.log_every=10", "trainer.eval_every=500"]
     run_cli("launch", "vgg_pretrain", *overrides, "--cluster", str(path), "--run-name", "tl", runs_dir=runs_dir,
             check=True)
     run_dir = runs_dir / "tl"
+    job_id = _info(run_dir)["job_id"]
+    assert _time_limit(job_id) == "00:02:00"  # slurm.time_min
+    wait_until(lambda: (run_dir / "first_step.json").exists(), "the first step")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True, timeout=60)
     wait_until(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
-    # One time-out is what is checked; with a minute per start (and the notice up to 30 s early) the
-    # rest of the steps would take several more starts. The requeued job gets a limit it will not reach.
-    subprocess.run(["scontrol", "update", f"JobId={_info(run_dir)['job_id']}", "TimeLimit=30"], check=True, timeout=60)
+    # One time-out is what is checked; the requeued job gets a limit it will not reach.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True, timeout=60)
     wait_until(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
     info = _info(run_dir)
     assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info
-    assert read_result(run_dir)["step"] == 1000
+    assert read_result(run_dir)["step"] == steps
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
 
 
