@@ -202,19 +202,6 @@ def test_a_job_sbatch_refuses_is_one_line_and_leaves_nothing(runs_dir: Path, tmp
     assert not (runs_dir / "nogpu").exists()
 
 
-def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
-    run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
-            "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
-    run_dir = runs_dir / "broken"
-    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=120)
-    wait_until(lambda: _sacct(_info(run_dir)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
-    info = _info(run_dir)
-    assert info["requeues"] == {"failures": 1}
-    assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
-    status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
-    assert "failures limit of 1 reached" in status
-
-
 # ----------------------------------------------------------------------------- issue 7: points 10 and 11
 FAILING_PYTHON = """\
 #!{python}
@@ -236,9 +223,12 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_path: Path) -> None:
-    """srun --kill-on-bad-exit ends the step when rank 1 raises, often by killing rank 0 first: the
-    failure is still counted (from the job's outcome), requeued once (max_failures=1), then stopped."""
+def test_failing_jobs_requeue_once_then_stop(runs_dir: Path, tmp_path: Path) -> None:
+    """Two jobs at once (each spends most of its time waiting for its requeue), each requeued once for its
+    failure (max_failures=1), then stopped with the reason:
+    - `broken`: every rank fails as it starts (its data folder does not exist);
+    - `crash`: rank 1 raises at step 3; srun --kill-on-bad-exit ends the step, often by killing rank 0
+      first: the failure is still counted (from the job's outcome)."""
     python = tmp_path / "failing python"
     python.write_text(FAILING_PYTHON.format(python=sys.executable))
     python.chmod(0o755)
@@ -246,16 +236,28 @@ def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_pat
     cluster["slurm"].update(python=str(python), max_failures=1)
     path = tmp_path / "crash_slurm.yaml"
     path.write_text(yaml.safe_dump(cluster))
+    run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
+            "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
     run_cli("launch", "digits", "trainer.epochs=null", "trainer.max_steps=20", "--cluster", str(path),
             "--run-name", "crash", runs_dir=runs_dir, check=True)
-    run_dir = runs_dir / "crash"
-    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=180)
-    info = _info(run_dir)
+
+    broken = runs_dir / "broken"
+    wait_until(lambda: _info(broken).get("state") == "stopped", "the failure limit", timeout=120)
+    wait_until(lambda: _sacct(_info(broken)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
+    info = _info(broken)
+    assert info["requeues"] == {"failures": 1}
+    assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
+    status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "failures limit of 1 reached" in status
+
+    crash = runs_dir / "crash"
+    wait_until(lambda: _info(crash).get("state") == "stopped", "the failure limit", timeout=180)
+    info = _info(crash)
     assert info["requeues"] == {"failures": 1} and info["restarts"] == 1, info
     assert "failures limit of 1 reached" in info["stop_reason"], info
     assert "rank 1: RuntimeError: planted failure on rank 1 at step 3" in info["stop_reason"], info
     assert "rank 1: RuntimeError: planted failure" in info["last_requeue"], info
-    assert len(list((run_dir / "failures").glob("*.rank1"))) == 2  # one per start of the job
+    assert len(list((crash / "failures").glob("*.rank1"))) == 2  # one per start of the job
     status = run_cli("status", "crash", "--cluster", str(path), runs_dir=runs_dir, check=True).stdout
     assert "state: stopped" in status and "failures limit of 1 reached" in status, status
 
