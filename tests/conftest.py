@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 import pytest
 
@@ -139,21 +139,45 @@ def runs_dir(tmp_path: Path) -> Path:
     return d
 
 
-@pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Callable[[list[str]], dict[str, torch.Tensor]]:
+class Uninterrupted:
     """Final weights of uninterrupted local vgg_pretrain runs, one per distinct list of overrides, made
     once for every test that stops a run and compares the resumed one with it (test_resume,
-    test_s3_runs: where checkpoints are kept must not change what is trained)."""
-    cache: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+    test_s3_runs: where checkpoints are kept must not change what is trained). `start` begins one in
+    the background, for a test whose own run leaves a core idle (a 1-rank run); calling waits for it."""
 
-    def get(overrides: list[str]) -> dict[str, torch.Tensor]:
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self._factory = tmp_path_factory
+        self._started: dict[tuple[str, ...], tuple[Background, Path]] = {}
+        self._done: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def start(self, overrides: list[str]) -> None:
         key = tuple(overrides)
-        if key not in cache:
-            runs = tmp_path_factory.mktemp("straight")
-            run_cli("launch", "vgg_pretrain", *overrides, "--run-name", "straight", runs_dir=runs, check=True)
-            cache[key] = final_params(runs / "straight")
-        return cache[key]
-    return get
+        if key not in self._started and key not in self._done:
+            runs = self._factory.mktemp("straight")
+            self._started[key] = (Background("launch", "vgg_pretrain", *overrides, "--run-name", "straight",
+                                             runs_dir=runs), runs)
+
+    def __call__(self, overrides: list[str]) -> dict[str, torch.Tensor]:
+        key = tuple(overrides)
+        if key not in self._done:
+            self.start(overrides)
+            run, runs = self._started.pop(key)
+            run.finish()
+            self._done[key] = final_params(runs / "straight")
+        return self._done[key]
+
+    def stop(self) -> None:
+        """A test that failed before waiting leaves its run going."""
+        for run, _ in self._started.values():
+            run.stop()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uninterrupted]:
+    """The shared uninterrupted runs (Uninterrupted)."""
+    made = Uninterrupted(tmp_path_factory)
+    yield made
+    made.stop()
 
 
 @pytest.fixture(scope="session")

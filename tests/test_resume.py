@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import final_params, launch_until_step, read_result, run_cli
+from conftest import Uninterrupted, final_params, launch_until_step, read_result, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +51,14 @@ def _kill_tree(root: int) -> None:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_stopped_and_relaunched_equals_uninterrupted(case: str, runs_dir: Path, uninterrupted) -> None:
+def test_stopped_and_relaunched_equals_uninterrupted(case: str, runs_dir: Path, uninterrupted: Uninterrupted) -> None:
     extra, sig = CASES[case]
     overrides = BASE + extra
     seed = int(os.environ.get("RESUME_SEED", "0"))
     target = random.Random(f"{seed}-{case}").randint(13, 18)  # inside epoch 1 (steps 12-21 of 22)
     print(f"stopping {case} near step {target} (RESUME_SEED={seed}; set it to draw other steps)")
+    if "parallel.procs_per_node=1" in extra:
+        uninterrupted.start(overrides)  # one rank leaves a core idle: the reference trains on it meanwhile
 
     proc = launch_until_step("vgg_pretrain", overrides, runs_dir, "cut", target, timeout=120)
     if sig == signal.SIGKILL:

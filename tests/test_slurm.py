@@ -107,25 +107,61 @@ def test_preempted_job_requeues_and_resumes_exactly(how: str, runs_dir: Path,
     del proc
 
 
+SLOW_FIRST_START_PYTHON = """\
+#!{python}
+# Stands in for slurm.python: in the job's first start only, every training step sleeps first, so that
+# start is still training when the time-limit notice comes, whatever the machine's speed, without using
+# the cores; the requeued start trains its few remaining steps at full speed.
+import os, runpy, sys, time
+sys.path.insert(0, os.getcwd())  # what -m does
+module, sys.argv = sys.argv[3], sys.argv[3:]
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0" and module == "submitit.core._submit":
+    import jobs.training.trainer
+    real = jobs.training.trainer.train_step
+    def slow(*args, **kwargs):
+        time.sleep(1)
+        return real(*args, **kwargs)
+    jobs.training.trainer.train_step = slow
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
+def _time_limit(job_id: str) -> str:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=60)
+    return shown.stdout.split("TimeLimit=", 1)[1].split()[0]
+
+
 def test_time_limit_requeues_as_timeout(runs_dir: Path, tmp_path: Path) -> None:
-    """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out."""
+    """USR2 arrives grace_period_s before the time limit: save, requeue, count it as a time-out.
+
+    slurmctld checks time limits every 30 s and sends the notice up to 30 s early, so with a one-minute
+    limit it comes at its first check after the start, when the ranks may not be running yet (a notice
+    sent before a job step has tasks is lost). The job starts with slurm.time_min=2 and is cut to one
+    minute once it trains: the notice then comes within 30 s, to ranks that handle it."""
+    python = tmp_path / "slow_python"  # no space: Slurm's proctrack/linuxproc would never signal it
+    python.write_text(SLOW_FIRST_START_PYTHON.format(python=sys.executable))
+    python.chmod(0o755)
     cluster = yaml.safe_load(Path("cluster_configs/local_slurm.yaml").read_text())
-    cluster["slurm"].update(time_min=1, grace_period_s=30, max_timeouts=20)  # USR2 about 30 s in
+    cluster["slurm"].update(time_min=2, grace_period_s=30, max_timeouts=20, python=str(python))
     path = tmp_path / "short_slurm.yaml"
     path.write_text(yaml.safe_dump(cluster))
-    overrides = ["trainer.epochs=null", "trainer.max_steps=1000", "checkpoint.every_steps=500",
-                 "logging.log_every=50", "trainer.eval_every=500"]
+    steps = 60  # at over a second a step, the first start is still training when the notice comes
+    overrides = ["trainer.epochs=null", f"trainer.max_steps={steps}", "checkpoint.every_steps=500",
+                 "logging.log_every=10", "trainer.eval_every=500"]
     run_cli("launch", "vgg_pretrain", *overrides, "--cluster", str(path), "--run-name", "tl", runs_dir=runs_dir,
             check=True)
     run_dir = runs_dir / "tl"
+    job_id = _info(run_dir)["job_id"]
+    assert _time_limit(job_id) == "00:02:00"  # slurm.time_min
+    wait_until(lambda: (run_dir / "first_step.json").exists(), "the first step")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=1"], check=True, timeout=60)
     wait_until(lambda: "timeouts" in _info(run_dir).get("requeues", {}), "a time-out requeue", timeout=150)
-    # One time-out is what is checked; with a minute per start (and the notice up to 30 s early) the
-    # rest of the steps would take several more starts. The requeued job gets a limit it will not reach.
-    subprocess.run(["scontrol", "update", f"JobId={_info(run_dir)['job_id']}", "TimeLimit=30"], check=True, timeout=60)
+    # One time-out is what is checked; the requeued job gets a limit it will not reach.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True, timeout=60)
     wait_until(lambda: _finished(run_dir), "the run to finish after requeues", timeout=300)
     info = _info(run_dir)
     assert info["requeues"].get("timeouts", 0) >= 1 and "preemptions" not in info["requeues"], info
-    assert read_result(run_dir)["step"] == 1000
+    assert read_result(run_dir)["step"] == steps
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
 
 
@@ -166,19 +202,6 @@ def test_a_job_sbatch_refuses_is_one_line_and_leaves_nothing(runs_dir: Path, tmp
     assert not (runs_dir / "nogpu").exists()
 
 
-def test_job_that_keeps_failing_stops_requeueing(runs_dir: Path) -> None:
-    run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
-            "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
-    run_dir = runs_dir / "broken"
-    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=120)
-    wait_until(lambda: _sacct(_info(run_dir)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
-    info = _info(run_dir)
-    assert info["requeues"] == {"failures": 1}
-    assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
-    status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
-    assert "failures limit of 1 reached" in status
-
-
 # ----------------------------------------------------------------------------- issue 7: points 10 and 11
 FAILING_PYTHON = """\
 #!{python}
@@ -200,9 +223,12 @@ runpy.run_module(module, run_name="__main__", alter_sys=True)
 """
 
 
-def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_path: Path) -> None:
-    """srun --kill-on-bad-exit ends the step when rank 1 raises, often by killing rank 0 first: the
-    failure is still counted (from the job's outcome), requeued once (max_failures=1), then stopped."""
+def test_failing_jobs_requeue_once_then_stop(runs_dir: Path, tmp_path: Path) -> None:
+    """Two jobs at once (each spends most of its time waiting for its requeue), each requeued once for its
+    failure (max_failures=1), then stopped with the reason:
+    - `broken`: every rank fails as it starts (its data folder does not exist);
+    - `crash`: rank 1 raises at step 3; srun --kill-on-bad-exit ends the step, often by killing rank 0
+      first: the failure is still counted (from the job's outcome)."""
     python = tmp_path / "failing python"
     python.write_text(FAILING_PYTHON.format(python=sys.executable))
     python.chmod(0o755)
@@ -210,16 +236,28 @@ def test_crash_of_rank_1_counts_requeues_once_then_stops(runs_dir: Path, tmp_pat
     cluster["slurm"].update(python=str(python), max_failures=1)
     path = tmp_path / "crash_slurm.yaml"
     path.write_text(yaml.safe_dump(cluster))
+    run_cli("launch", "digits", "data.name=image_folder", "data.root=/nonexistent/images", "--cluster",
+            "local_slurm", "--run-name", "broken", runs_dir=runs_dir, check=True)
     run_cli("launch", "digits", "trainer.epochs=null", "trainer.max_steps=20", "--cluster", str(path),
             "--run-name", "crash", runs_dir=runs_dir, check=True)
-    run_dir = runs_dir / "crash"
-    wait_until(lambda: _info(run_dir).get("state") == "stopped", "the failure limit", timeout=180)
-    info = _info(run_dir)
+
+    broken = runs_dir / "broken"
+    wait_until(lambda: _info(broken).get("state") == "stopped", "the failure limit", timeout=120)
+    wait_until(lambda: _sacct(_info(broken)["job_id"]) in ("FAILED", "COMPLETED"), "a terminal state")
+    info = _info(broken)
+    assert info["requeues"] == {"failures": 1}
+    assert "failures limit of 1 reached" in info["stop_reason"] and "nonexistent" in info["stop_reason"]
+    status = run_cli("status", "broken", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
+    assert "failures limit of 1 reached" in status
+
+    crash = runs_dir / "crash"
+    wait_until(lambda: _info(crash).get("state") == "stopped", "the failure limit", timeout=180)
+    info = _info(crash)
     assert info["requeues"] == {"failures": 1} and info["restarts"] == 1, info
     assert "failures limit of 1 reached" in info["stop_reason"], info
     assert "rank 1: RuntimeError: planted failure on rank 1 at step 3" in info["stop_reason"], info
     assert "rank 1: RuntimeError: planted failure" in info["last_requeue"], info
-    assert len(list((run_dir / "failures").glob("*.rank1"))) == 2  # one per start of the job
+    assert len(list((crash / "failures").glob("*.rank1"))) == 2  # one per start of the job
     status = run_cli("status", "crash", "--cluster", str(path), runs_dir=runs_dir, check=True).stdout
     assert "state: stopped" in status and "failures limit of 1 reached" in status, status
 
