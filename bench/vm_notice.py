@@ -54,11 +54,20 @@ ENDED = ("completed", "stopped", "cancelled", "failed")
 T = TypeVar("T")
 
 
+STARTED = time.monotonic()
+
+
+def say(what: str) -> None:
+    """Progress on stderr: the section takes minutes, and a hang should show where it is."""
+    print(f"[vms bench {time.monotonic() - STARTED:6.1f} s] {what}", file=sys.stderr, flush=True)
+
+
 def wait_for(what: str, probe: Callable[[], Optional[T]], timeout: float, poll: float = 0.05) -> T:
+    say(f"waiting for {what}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = probe()
-        if found is not None and found is not False:
+        if found:
             return found
         time.sleep(poll)
     raise TimeoutError(f"waited {timeout:.0f} s for {what}")
@@ -175,15 +184,51 @@ def committed_steps(s3: S3Server, name: str) -> Callable[[], Optional[int]]:
     """A probe: the step of run `name`'s first committed checkpoint in S3 (manifest.json is the commit
     marker, written last), None while there is none."""
     import boto3
+    from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1",
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    # moto answers a listing late while it takes in a GB-sized upload: wait for it rather than fail
+    client = boto3.client("s3", endpoint_url=s3.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing",
+                          config=Config(read_timeout=300, retries={"max_attempts": 10, "mode": "standard"}))
 
     def probe() -> Optional[int]:
         listed = client.list_objects_v2(Bucket=BUCKET, Prefix=f"runs/{name}/")
         steps = [re.search(r"/step-(\d+)/manifest\.json$", o["Key"]) for o in listed.get("Contents", [])]
         return min((int(m[1]) for m in steps if m), default=None)
     return probe
+
+
+def counted(info: dict) -> Optional[dict]:
+    """run.json once the supervisor has counted a preemption (notice_to_saved_s is written just before)."""
+    return info if info.get("requeues") else None
+
+
+def save_breakdown(lb: Loopback, name: str, step: int) -> dict:
+    """Where the stop's save spent its time, from rank 0's log lines for `step` (the checkpoint's own timings)."""
+    text = "".join(p.read_text() for p in lb.folder.glob(f"hosts/*/runs/{name}/logs/rank0.log"))
+    blocked = re.search(rf"checkpoint step {step}: training blocked ([\d.]+) s", text)
+    local = re.search(rf"checkpoint step {step} committed to /\S+ in ([\d.]+) s \(([\d.]+) MB", text)
+    remote = re.search(rf"checkpoint step {step} committed to s3://\S+ in ([\d.]+) s", text)
+    return {"host_copy_blocked_s": float(blocked[1]) if blocked else None,
+            "local_commit_s": float(local[1]) if local else None, "checkpoint_mb": float(local[2]) if local else None,
+            "upload_s": float(remote[1]) if remote else None}
+
+
+def raw_upload_s(lb: Loopback, name: str) -> Optional[float]:
+    """Seconds a plain boto3 upload_file of the run's last local checkpoint takes to moto: the floor that the
+    S3 stand-in on this machine sets under notice -> committed."""
+    import boto3
+
+    folders = sorted(lb.folder.glob(f"hosts/*/runs/{name}/checkpoints/step-*"))
+    if not folders:
+        return None
+    client = boto3.client("s3", endpoint_url=lb.s3.endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    say(f"uploading {folders[-1].name} with boto3 for reference")
+    start = time.monotonic()
+    for path in sorted(folders[-1].iterdir()):
+        client.upload_file(str(path), BUCKET, f"raw/{path.name}")
+    return time.monotonic() - start
 
 
 def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -> dict:
@@ -193,12 +238,12 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
     with cancelled_on_error(lb, name):
         wait_for("step 3 of the 101M GPT", lambda: lb.steps_done(name) >= 3, timeout)
         in_s3 = committed_steps(lb.s3, name)
+        at_notice = lb.steps_done(name)
         raised = time.time()
         lb.metadata[HOSTS[1]].notice()
-        step = wait_for("the stop's manifest.json in S3", in_s3, timeout)
+        step = wait_for("the stop's manifest.json in S3", in_s3, timeout, poll=0.2)
         committed = time.time()
-        info = wait_for("the preemption to be counted", lambda: lb.head_info(name).get("requeues") and
-                        lb.head_info(name), timeout)
+        info = wait_for("the preemption to be counted", lambda: counted(lb.head_info(name)), timeout)
         # every node has exited: nothing of launch 1 logs any more, and launch 2 has not started training
         before = lb.steps_done(name)
         lb.metadata[HOSTS[1]].reset()  # the VM came back without a pending notice
@@ -206,7 +251,8 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
         source, resumed = wait_for("the resume line", lambda: lb.resumed(name), 10)
         lb.cli("cancel", name)
         wait_for("the cancelled run to end", lambda: lb.ended(name), timeout, poll=0.5)
-    return {"parameters": 101287936, "nodes": 2, "ranks_per_node": 1, "notice_raised": raised,
+    return {**save_breakdown(lb, name, step), "boto3_upload_same_bytes_s": raw_upload_s(lb, name),
+            "steps_done_at_notice": at_notice, "steps_after_notice": step - at_notice,"parameters": 101287936, "nodes": 2, "ranks_per_node": 1, "notice_raised": raised,
             "notice_to_manifest_in_s3_s": committed - raised, "saved_step": step,
             "supervisor_notice_to_saved_s": info.get("notice_to_saved_s"), "last_notice": info.get("last_notice"),
             "last_requeue": info.get("last_requeue"), "highest_step_before_relaunch": before,
@@ -250,19 +296,26 @@ def startup(lb: Loopback, repeats: int) -> dict:
             "repeats": repeats}
 
 
+def seconds(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f} s"
+
+
 def rows(n: dict, s: dict) -> list[tuple[str, str, str, str]]:
-    sup = n["supervisor_notice_to_saved_s"]
     return [
         (f"GCE notice -> checkpoint committed in S3 ({n['parameters'] / 1e6:.0f}M GPT, 2 VMs x 1 rank)",
-         f"{n['notice_to_manifest_in_s3_s']:.2f} s", f"GCE window {n['gce_window_s']:.0f} s",
-         f"goal <= {n['goal_s']:.0f} s; saved at step {n['saved_step']}; supervisor's notice -> all nodes "
-         f"exited {sup if sup is None else f'{sup:.2f} s'}"),
+         seconds(n["notice_to_manifest_in_s3_s"]), f"GCE window {n['gce_window_s']:.0f} s",
+         f"goal <= {n['goal_s']:.0f} s; saved at step {n['saved_step']}; supervisor: notice -> every node exited "
+         f"{seconds(n['supervisor_notice_to_saved_s'])}"),
+        ("  of which: steps trained after the notice, host copy, local commit, upload",
+         f"{n['steps_after_notice']} steps", f"{seconds(n['host_copy_blocked_s'])}, {seconds(n['local_commit_s'])}",
+         f"upload {seconds(n['upload_s'])} of {n['checkpoint_mb']} MB; a plain boto3 upload of the same files to "
+         f"moto {seconds(n['boto3_upload_same_bytes_s'])}"),
         ("steps lost per preemption", str(n["steps_lost"]), "goal <= 1",
          f"highest step before relaunch {n['highest_step_before_relaunch']}, resumed from step "
-         f"{n['resumed_from_step']}; notice -> training again {n['notice_to_first_step_after_resume_s']:.1f} s"),
-        ("VMs launch -> first step (digits, 2 VMs x 1 rank)", f"{s['vms_2_nodes_s_to_first_step']:.2f} s",
-         f"1 VM {s['vms_1_node_s_to_first_step']:.2f} s",
-         f"local backend {s['local_s_to_first_step']:.2f} s; medians of {s['repeats']}"),
+         f"{n['resumed_from_step']}; notice -> training again {seconds(n['notice_to_first_step_after_resume_s'])}"),
+        ("VMs launch -> first step (digits, 2 VMs x 1 rank)", seconds(s["vms_2_nodes_s_to_first_step"]),
+         f"1 VM {seconds(s['vms_1_node_s_to_first_step'])}",
+         f"local backend {seconds(s['local_s_to_first_step'])}; medians of {s['repeats']}"),
     ]
 
 
