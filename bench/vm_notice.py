@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the loopback VMs, metadata servers and moto are the tests' helpers
 from metadata_server import MetadataServer  # noqa: E402
-from s3_server import TEST_CREDENTIALS, S3Server, free_port, start_s3_server  # noqa: E402
+from s3_server import TEST_CREDENTIALS, S3Server, _die_with_parent, free_port  # noqa: E402
 from vm_hosts import ensure_vms, vms_available  # noqa: E402
 
 HOSTS = ["127.0.0.2", "127.0.0.3"]
@@ -149,13 +149,28 @@ class Loopback:
         return "(no supervisor log)"
 
 
+class QuietS3Server(S3Server):
+    """moto's server with its log discarded. tests/s3_server.py pipes the server's stderr and reads it only
+    when the server fails to start; werkzeug logs a line per request, so after ~64 KB of them (a GB-sized
+    multipart upload, a listing polled) the thread logging blocks on the full pipe, holding the logging
+    lock, and every later request hangs: the run's ranks and this bench with them."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        if self._proc is None:
+            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
+            self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
+                                          preexec_fn=_die_with_parent)
+            self._wait_ready(timeout)
+
+
 @contextlib.contextmanager
 def loopback() -> Iterator[Loopback]:
     keys = ensure_vms()
     port = free_port()  # the same on every host's address, as 80 is on every VM
     servers = {host: MetadataServer(host, port) for host in HOSTS}
-    s3 = start_s3_server()
+    s3 = QuietS3Server(free_port())
     try:
+        s3.start()
         for server in servers.values():
             server.start()
         s3.create_bucket(BUCKET)
@@ -209,7 +224,9 @@ def save_breakdown(lb: Loopback, name: str, step: int) -> dict:
     blocked = re.search(rf"checkpoint step {step}: training blocked ([\d.]+) s", text)
     local = re.search(rf"checkpoint step {step} committed to /\S+ in ([\d.]+) s \(([\d.]+) MB", text)
     remote = re.search(rf"checkpoint step {step} committed to s3://\S+ in ([\d.]+) s", text)
-    return {"host_copy_blocked_s": float(blocked[1]) if blocked else None,
+    model = re.search(r"model GPT: ([\d,]+) parameters", text)
+    return {"parameters": int(model[1].replace(",", "")) if model else None,
+            "host_copy_blocked_s": float(blocked[1]) if blocked else None,
             "local_commit_s": float(local[1]) if local else None, "checkpoint_mb": float(local[2]) if local else None,
             "upload_s": float(remote[1]) if remote else None}
 
@@ -252,7 +269,8 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
         lb.cli("cancel", name)
         wait_for("the cancelled run to end", lambda: lb.ended(name), timeout, poll=0.5)
     return {**save_breakdown(lb, name, step), "boto3_upload_same_bytes_s": raw_upload_s(lb, name),
-            "steps_done_at_notice": at_notice, "steps_after_notice": step - at_notice,"parameters": 101287936, "nodes": 2, "ranks_per_node": 1, "notice_raised": raised,
+            "steps_done_at_notice": at_notice, "steps_after_notice": step - at_notice, "nodes": 2,
+            "ranks_per_node": 1, "notice_raised": raised,
             "notice_to_manifest_in_s3_s": committed - raised, "saved_step": step,
             "supervisor_notice_to_saved_s": info.get("notice_to_saved_s"), "last_notice": info.get("last_notice"),
             "last_requeue": info.get("last_requeue"), "highest_step_before_relaunch": before,
@@ -302,7 +320,7 @@ def seconds(value: Optional[float]) -> str:
 
 def rows(n: dict, s: dict) -> list[tuple[str, str, str, str]]:
     return [
-        (f"GCE notice -> checkpoint committed in S3 ({n['parameters'] / 1e6:.0f}M GPT, 2 VMs x 1 rank)",
+        (f"GCE notice -> checkpoint committed in S3 ({(n['parameters'] or 0) / 1e6:.0f}M GPT, 2 VMs x 1 rank)",
          seconds(n["notice_to_manifest_in_s3_s"]), f"GCE window {n['gce_window_s']:.0f} s",
          f"goal <= {n['goal_s']:.0f} s; saved at step {n['saved_step']}; supervisor: notice -> every node exited "
          f"{seconds(n['supervisor_notice_to_saved_s'])}"),
