@@ -279,17 +279,19 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
             "gce_window_s": GCE_WINDOW_S, "goal_s": GOAL_S}
 
 
-def vm_first_step(lb: Loopback, nodes: int, name: str, timeout: float = 180) -> float:
-    """Seconds from `launcher launch` (VMs backend, digits, one step) to rank 0's first finished step."""
+def vm_first_step(lb: Loopback, nodes: int, name: str, timeout: float = 180) -> tuple[float, float]:
+    """Seconds from `launcher launch` (VMs backend, digits, one step) to rank 0's first finished step, and of
+    those the seconds `launcher launch` itself took (host checks, code sync, starting the supervisor)."""
     start = time.time()
     lb.cli("launch", "digits", *DIGITS_ONE_STEP, f"parallel.nodes={nodes}", *ONE_RANK_PER_NODE,
            f"checkpoint.uri=s3://{BUCKET}/startup", "--run-name", name)
+    returned = time.time()
     with cancelled_on_error(lb, name):
         first = wait_for(f"run {name}'s first step", lambda: lb.first_step(name), timeout)
         state = wait_for(f"run {name} to end", lambda: lb.ended(name), timeout, poll=0.2)
     if state != "completed":
         raise RuntimeError(f"run {name} ended {state}: {lb.supervisor_log(name)}")
-    return first["time"] - start
+    return first["time"] - start, returned - start
 
 
 def local_first_step(name: str) -> float:
@@ -303,15 +305,17 @@ def local_first_step(name: str) -> float:
 
 def startup(lb: Loopback, repeats: int) -> dict:
     """(3): medians of `repeats` launches each, alternating so that load on the machine hits all alike."""
-    two, one, local = [], [], []
+    runs: dict[str, list] = {"vms_2_nodes": [], "vms_1_node": [], "local": []}
     for i in range(repeats):
-        two.append(vm_first_step(lb, 2, f"start2n{i}"))
-        one.append(vm_first_step(lb, 1, f"start1n{i}"))
-        local.append(local_first_step(f"local{i}"))
+        runs["vms_2_nodes"].append(vm_first_step(lb, 2, f"start2n{i}"))
+        runs["vms_1_node"].append(vm_first_step(lb, 1, f"start1n{i}"))
+        runs["local"].append(local_first_step(f"local{i}"))
     med = statistics.median
-    return {"vms_2_nodes_s_to_first_step": med(two), "vms_1_node_s_to_first_step": med(one),
-            "local_s_to_first_step": med(local), "runs": {"vms_2_nodes": two, "vms_1_node": one, "local": local},
-            "repeats": repeats}
+    return {"vms_2_nodes_s_to_first_step": med(r[0] for r in runs["vms_2_nodes"]),
+            "vms_2_nodes_s_in_launch_command": med(r[1] for r in runs["vms_2_nodes"]),
+            "vms_1_node_s_to_first_step": med(r[0] for r in runs["vms_1_node"]),
+            "vms_1_node_s_in_launch_command": med(r[1] for r in runs["vms_1_node"]),
+            "local_s_to_first_step": med(runs["local"]), "runs": runs, "repeats": repeats}
 
 
 def seconds(value: Optional[float]) -> str:
@@ -333,7 +337,8 @@ def rows(n: dict, s: dict) -> list[tuple[str, str, str, str]]:
          f"{n['resumed_from_step']}; notice -> training again {seconds(n['notice_to_first_step_after_resume_s'])}"),
         ("VMs launch -> first step (digits, 2 VMs x 1 rank)", seconds(s["vms_2_nodes_s_to_first_step"]),
          f"1 VM {seconds(s['vms_1_node_s_to_first_step'])}",
-         f"local backend {seconds(s['local_s_to_first_step'])}; medians of {s['repeats']}"),
+         f"local backend {seconds(s['local_s_to_first_step'])}; medians of {s['repeats']}; `launcher launch` "
+         f"itself {seconds(s['vms_2_nodes_s_in_launch_command'])} / {seconds(s['vms_1_node_s_in_launch_command'])}"),
     ]
 
 
