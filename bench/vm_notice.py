@@ -34,7 +34,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests"))  # the loopback VMs, metadata servers and moto are the tests' helpers
 from metadata_server import MetadataServer  # noqa: E402
-from s3_server import TEST_CREDENTIALS, S3Server, _die_with_parent, free_port  # noqa: E402
+from s3_server import TEST_CREDENTIALS, S3Server, free_port  # noqa: E402
 from vm_hosts import ensure_vms, vms_available  # noqa: E402
 
 HOSTS = ["127.0.0.2", "127.0.0.3"]
@@ -149,26 +149,12 @@ class Loopback:
         return "(no supervisor log)"
 
 
-class QuietS3Server(S3Server):
-    """moto's server with its log discarded. tests/s3_server.py pipes the server's stderr and reads it only
-    when the server fails to start; werkzeug logs a line per request, so after ~64 KB of them (a GB-sized
-    multipart upload, a listing polled) the thread logging blocks on the full pipe, holding the logging
-    lock, and every later request hangs: the run's ranks and this bench with them."""
-
-    def start(self, timeout: float = 30.0) -> None:
-        if self._proc is None:
-            command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-            self._proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV,
-                                          preexec_fn=_die_with_parent)
-            self._wait_ready(timeout)
-
-
 @contextlib.contextmanager
 def loopback() -> Iterator[Loopback]:
     keys = ensure_vms()
     port = free_port()  # the same on every host's address, as 80 is on every VM
     servers = {host: MetadataServer(host, port) for host in HOSTS}
-    s3 = QuietS3Server(free_port())
+    s3 = S3Server(free_port())  # its request log goes to a file (tests/s3_server.py)
     try:
         s3.start()
         for server in servers.values():
