@@ -28,6 +28,7 @@ import yaml
 
 from jobs.environments.skypilot import ENTRY_MODULE, RUN_VARIABLE, TASK_HASH_CHARS, encode_configs
 from launcher.backends.slurm_options import one_line
+from launcher.shell import shell_path
 from schema import ClusterConfig, ConfigError, RecipeConfig, REPO_ROOT, UsageError, to_dict
 from schema.names import check_name
 from schema.secrets import is_secret_key, redact, split
@@ -149,15 +150,6 @@ def run_command(sky: SkyPilotConfig, recipe: RecipeConfig, base: str) -> str:
                                         "--master-port", str(sky.master_port)))]
     return "\n".join(["set -e", f"cd {shell_path(sky.project_dir)}",
                       'export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"', "exec " + " ".join(entry)]) + "\n"
-
-
-def shell_path(path: str) -> str:
-    """A path for the shell, quoted: a leading `~/` still means the node's home (quoted, it would not)."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 # ----------------------------------------------------------------------------- the command

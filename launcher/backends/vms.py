@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
+from launcher.shell import shell_path
 from launcher.vms import layout
 from launcher.vms.checks import check_hosts, check_recipe_on_vms
 from launcher.vms.hosts import resolve_hosts
-from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, shell_path, sync_tree_async
+from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from schema import ClusterConfig, RecipeConfig
 from schema.errors import UsageError
 from schema.run_dir import Run, RunResult

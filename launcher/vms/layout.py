@@ -21,7 +21,7 @@ from schema.files import REPO_ROOT
 from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
 from schema.secrets import SECRETS_FILE
 from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
-from launcher.vms.ssh import shell_path
+from launcher.shell import shell_path
 from schema.vms import HOST_FIELD, VmsConfig
 
 PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started

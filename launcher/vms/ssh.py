@@ -25,6 +25,7 @@ from typing import Awaitable, Optional, Sequence, TypeVar, Union
 
 import asyncssh
 
+from launcher.shell import shell_path
 from schema.errors import PATH_CHARS, UsageError, one_line, short
 from schema.vms import HOST_FIELD, VmsConfig
 
@@ -85,15 +86,6 @@ def remote_path(cfg: VmsConfig, host: str, *parts: str) -> str:
     """The host's remote_dir ("{host}" replaced by its address) joined with `parts`; unquoted, and it may
     begin with "~/": put it into a command through `shell_path`."""
     return posixpath.join(cfg.remote_dir.replace(HOST_FIELD, host), *parts)
-
-
-def shell_path(path: str) -> str:
-    """`path` quoted for a remote shell, a leading "~/" kept meaning the remote user's home."""
-    if path == "~":
-        return '"$HOME"'
-    if path.startswith("~/"):
-        return '"$HOME"/' + shlex.quote(path[2:])
-    return shlex.quote(path)
 
 
 def check_key_permissions(path: str) -> None:
