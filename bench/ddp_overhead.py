@@ -85,14 +85,13 @@ def trainer_extras(recipe: RecipeConfig, env: RankEnv, iterations: int = 500) ->
     model = build_model(recipe.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(recipe.schedule, 1000))
-    agreement, last_save = StopAgreement(torch.device("cpu")), time.monotonic()
+    agreement, last_save = StopAgreement(), time.monotonic()
     start = time.perf_counter()
     for step in range(iterations):
         model.train()
         agreement.exchange(False, save_due_by_time(recipe.checkpoint, last_save))
         save_due_at_step(recipe.checkpoint, step)
         sched.step()
-    agreement.drain()
     return (time.perf_counter() - start) / iterations
 
 

@@ -108,13 +108,9 @@ def should_stop() -> bool:
     if not dist.is_initialized():
         return _flag.requested
     if _agreement is None:
-        import torch
-
         from jobs.training.agreement import StopAgreement
 
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-        _agreement = StopAgreement(device)
+        _agreement = StopAgreement()
     return _agreement.exchange(_flag.requested, False)[0]
 
 

@@ -99,6 +99,50 @@ def test_s3_outage_does_not_stop_training(bucket: S3Server, tmp_path: Path) -> N
     assert torch.equal(reader.load(reader.latest() or "")["model"]["w"], torch.full((1000,), 4.0))
 
 
+def test_each_file_goes_up_while_the_next_is_written(bucket: S3Server, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save's upload overlaps its local write (what a spot notice's seconds need): model.pt is in S3
+    before optimizer.pt is written locally, nothing is committed there before the local commit, and the
+    round after the commit sends each file once."""
+    import jobs.checkpoint.local as local
+    import jobs.checkpoint.uploader as uploader
+
+    fs, root = filesystem(f"s3://{BUCKET}/runs/early", StorageConfig(endpoint_url=bucket.endpoint))
+    folder = f"{root}/{step_dir_name(1)}"
+
+    def in_s3(name: str) -> bool:
+        fs.invalidate_cache()
+        return fs.exists(f"{folder}/{name}")
+
+    seen: dict[str, bool] = {}
+    write, put = local.save_hashed, uploader.put_file
+
+    def write_after_model_is_up(obj: Any, path: Path) -> Any:
+        if path.name == "optimizer.pt":
+            deadline = time.monotonic() + 30
+            while not in_s3("model.pt") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen["model.pt up before optimizer.pt written"] = in_s3("model.pt")
+            seen["committed remotely before the local commit"] = in_s3(MANIFEST)
+        return write(obj, path)
+
+    sent: list[str] = []
+    monkeypatch.setattr(local, "save_hashed", write_after_model_is_up)
+    monkeypatch.setattr(uploader, "put_file", lambda fs, src, target: (sent.append(target.rsplit("/", 1)[-1]),
+                                                                        put(fs, src, target)))
+    _, _, state = trained_state()
+    ckpt = s3_checkpointer(bucket, tmp_path / "local", "early", async_save=True)
+    ckpt.save(1, state, {})
+    assert ckpt.flush(30)
+    ckpt.close()
+    assert seen == {"model.pt up before optimizer.pt written": True,
+                    "committed remotely before the local commit": False}
+    assert sorted(sent) == ["model.pt", "optimizer.pt", "rng.pt", "trainer.pt"]  # each once
+    assert committed_steps(fs, root) == {1}
+    assert_same(Checkpointer(make_cfg(), tmp_path / "fresh", f"s3://{BUCKET}/runs/early",
+                             StorageConfig(endpoint_url=bucket.endpoint)).load_latest()[1], state)
+
+
 def test_manifest_is_uploaded_only_after_every_file(tmp_path: Path) -> None:
     """A remote (here a local folder) that refuses one file: no manifest there until it is fixed."""
     remote_dir = tmp_path / "remote"

@@ -15,7 +15,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Callable, Optional, Protocol
 
 import torch
 
@@ -26,21 +26,29 @@ from schema.run_dir import MANIFEST
 
 POINTER = "latest"
 SAVES_LOG = "saves.jsonl"
+FileWritten = Callable[[str, FileEntry], None]  # (file name, entry): on disk, fsynced, hashed, not committed
 
 
 class StateWriter(Protocol):
     """Writes this process's files of one checkpoint into its step folder and says what it wrote
-    (size and SHA-256 per file). It does not commit: the manifest does, once every file is on disk."""
+    (size and SHA-256 per file). It does not commit: the manifest does, once every file is on disk.
+    `on_file` hears of each file as soon as it is on disk, before the next one is written."""
 
-    def write(self, folder: Path, state: dict[str, Any]) -> dict[str, FileEntry]: ...
+    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileWritten] = None) -> dict[str, FileEntry]:
+        ...
 
 
 class TorchFileWriter:
     """One torch.save file per top-level state key (`model.pt`, `optimizer.pt`, ...), all written
     by one process."""
 
-    def write(self, folder: Path, state: dict[str, Any]) -> dict[str, FileEntry]:
-        return {f"{key}.pt": save_hashed(obj, folder / f"{key}.pt") for key, obj in state.items()}
+    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileWritten] = None) -> dict[str, FileEntry]:
+        files = {}
+        for key, obj in state.items():
+            files[f"{key}.pt"] = save_hashed(obj, folder / f"{key}.pt")
+            if on_file is not None:
+                on_file(f"{key}.pt", files[f"{key}.pt"])
+        return files
 
 
 class LocalWriter:
@@ -55,10 +63,12 @@ class LocalWriter:
         self.committed = self.failed = 0  # saves of this run
 
     def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float],
-               shards: Optional[dict[str, FileEntry]] = None) -> Optional[Manifest]:
+               shards: Optional[dict[str, FileEntry]] = None,
+               on_file: Optional[FileWritten] = None) -> Optional[Manifest]:
         """Write the files, then the manifest (the commit), then the pointer. None if already there
         or if the disk refused the write. `shards`: the files the ranks of a sharded save already
-        wrote into the folder (jobs.checkpoint.sharded), which the manifest covers too."""
+        wrote into the folder (jobs.checkpoint.sharded), which the manifest covers too. `on_file`:
+        told of each file once it is on disk (the uploader starts sending it)."""
         folder = self.folder / step_dir_name(step)
         if shards is None and self.store.is_intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
@@ -66,7 +76,7 @@ class LocalWriter:
             self.count(committed=True)
             return None
         try:
-            manifest = self._write_folder(folder, step, state, metrics, shards)
+            manifest = self._write_folder(folder, step, state, metrics, shards, on_file)
         except OSError as err:
             self._discard_failed_save(folder, step, err)
             return None
@@ -84,13 +94,13 @@ class LocalWriter:
             return self.failed > 0 and self.committed == 0
 
     def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float],
-                      shards: Optional[dict[str, FileEntry]]) -> Manifest:
+                      shards: Optional[dict[str, FileEntry]], on_file: Optional[FileWritten]) -> Manifest:
         if shards is None:
             if folder.exists():
                 (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
                 shutil.rmtree(folder)  # an interrupted or corrupt save of this step
             folder.mkdir(parents=True)
-        files = self.files.write(folder, state)
+        files = self.files.write(folder, state, on_file)
         clash = files.keys() & (shards or {}).keys()
         if clash:
             raise ValueError(f"checkpoint state keys {sorted(clash)} clash with the shards' files")

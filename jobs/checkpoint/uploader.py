@@ -1,9 +1,11 @@
 """The uploader: sends committed local checkpoints to the remote store and owns that folder.
 
 A checkpoint goes up files first, each confirmed by its size on the store, and its manifest last,
-so a half upload is never committed. Failures are retried with capped exponential backoff; a store
-that is still down leaves the upload pending for the next round (the next save, or flush()), and
-training never waits for it. After every pending checkpoint is up, the remote is pruned.
+so a half upload is never committed. Each file starts up as soon as the local writer has it on disk
+(`early_file`), while the writer goes on with the next one: a save's upload overlaps its local write,
+which counts when a spot notice leaves seconds to get the checkpoint off the VM. Failures are retried
+with capped exponential backoff; a store that is still down leaves the upload pending for the next
+round (the next save, or flush()), and training never waits for it. After every pending checkpoint is up, the remote is pruned.
 
 The remote folder belongs to one run: its owner record is written before the first upload and
 checked before every round, and a folder of another run is neither read, written nor pruned.
@@ -14,14 +16,15 @@ import json
 import logging
 import threading
 import time
+from collections import deque
 from typing import Any, Callable, Iterable, Optional
 
 from jobs.checkpoint.errors import FILE_ONLY, ForeignRunFolder, InvalidCheckpoint, describe, log
 from jobs.checkpoint.local import POINTER, SavesLog
-from jobs.checkpoint.manifest import Manifest
+from jobs.checkpoint.manifest import FileEntry, Manifest
 from jobs.checkpoint.retention import prune
 from jobs.checkpoint.store import Store
-from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local
+from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local, put_file
 from schema.run_dir import MANIFEST
 from schema import CheckpointConfig
 from schema.secrets import redact_text
@@ -43,7 +46,11 @@ class Uploader:
         self._deadline: Optional[float] = None  # of the flush() in progress: backoff stops there
         self._pointer_step = -1
         self._error: Optional[BaseException] = None
+        self._refused = False  # the folder is another run's: nothing more is sent (the error is raised once)
         self._corrupt: set[str] = set()  # found corrupt at load: uploaded again even if the manifest matches
+        self._early: deque[tuple[str, str, FileEntry]] = deque()  # files written locally, not yet committed
+        self._early_to: dict[str, bool] = {}  # folder -> whether its files may go up before its commit
+        self._sent: dict[str, dict[str, FileEntry]] = {}  # folder -> files already on the store, by early_file
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -95,6 +102,16 @@ class Uploader:
             self._pending -= dropped
             return {self._uploading} if self._uploading else set()
 
+    def early_file(self, name: str, file: str, entry: FileEntry) -> None:
+        """`file` of checkpoint `name` is on the local disk (hashed, not yet committed): send it now,
+        on the thread; the round that follows the local commit skips it. Without the thread (synchronous
+        saves) the round sends everything."""
+        if self._thread is None:
+            return
+        with self._lock:
+            self._early.append((name, file, entry))
+            self._lock.notify_all()
+
     # ------------------------------------------------------------------ rounds
     def request_round(self) -> int:
         with self._lock:
@@ -118,7 +135,7 @@ class Uploader:
         self._deadline = deadline
         try:
             # a folder of another run (the thread's error) ends it at once: retrying cannot help
-            while self.pending and time.monotonic() < deadline and self._error is None:
+            while self.pending and time.monotonic() < deadline and not self._refused:
                 if not self.run_round(deadline):
                     self._stop.wait(min(BACKOFF_FIRST_S, max(0.0, deadline - time.monotonic())))
         finally:
@@ -128,15 +145,19 @@ class Uploader:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                self._lock.wait_for(lambda: self._stop.is_set() or self._rounds_requested > self._rounds_done)
+                self._lock.wait_for(lambda: self._stop.is_set() or bool(self._early)
+                                    or self._rounds_requested > self._rounds_done)
                 if self._stop.is_set():
                     return
+                early = self._early.popleft() if self._early else None
                 ticket, deadline = self._rounds_requested, self._deadline
+            if early is not None:  # before any round: the round after this save's commit needs it anyway
+                self._send_early(*early)
+                continue
             try:
                 self._upload_round(deadline)
             except ForeignRunFolder as err:  # raised to the training loop by the next save() or flush()
-                log.error("%s", err)
-                self._error = self._error or err
+                self._refuse(err)
             except Exception:
                 log.exception("checkpoint upload round failed unexpectedly; uploads stay pending")
             with self._lock:
@@ -146,7 +167,7 @@ class Uploader:
     def _upload_round(self, deadline: Optional[float]) -> bool:
         """Upload pending checkpoints oldest first, then prune the remote. Stops at the first one
         that fails: the store is probably down, and the rest would wait out the same backoff."""
-        todo = sorted(self.pending)
+        todo = [] if self._refused else sorted(self.pending)
         # Checked before every round: another run may have claimed the folder since the last one.
         if todo and self._with_backoff("owner check", lambda: self.check_owner(claim=True), deadline) is not None:
             return False
@@ -168,6 +189,41 @@ class Uploader:
             self._with_backoff("pruning", lambda: prune(self.remote, self.cfg, lambda keep: set()), deadline)
         return True
 
+    def _send_early(self, name: str, file: str, entry: FileEntry) -> None:
+        """One try, no backoff: a file that does not go up now is sent by the round, with retries."""
+        if self._refused:
+            return
+        try:
+            if name not in self._early_to:
+                self.check_owner(claim=True)
+                # a committed copy of this step is there (a save of it before a restart): its files may not
+                # change under its manifest, so the round uncommits it first and sends everything
+                self._early_to[name] = self._remote_manifest(name) is None
+            if self._early_to[name]:
+                self._put_confirmed(name, file, entry.size)
+                self._sent.setdefault(name, {})[file] = entry
+        except ForeignRunFolder as err:
+            self._refuse(err)
+        except Exception as err:
+            log.info("upload of %s/%s as it was written failed (%s); the upload round sends it", name, file,
+                     describe(err), extra=FILE_ONLY)
+
+    def _refuse(self, err: ForeignRunFolder) -> None:
+        if not self._refused:
+            log.error("%s", err)
+            self._refused, self._error = True, err
+
+    def _already_sent(self, name: str, file: str, entry: FileEntry) -> bool:
+        """Sent by early_file with these bytes, and still there at that size (one HEAD request)."""
+        if self._sent.get(name, {}).get(file) != entry:
+            return False
+        try:
+            target = self.remote.path(name, file)
+            self.remote.fs.invalidate_cache(target)
+            return self.remote.fs.info(target)["size"] == entry.size
+        except Exception:
+            return False
+
     # ------------------------------------------------------------------ one checkpoint
     def _upload_checkpoint(self, name: str, deadline: Optional[float]) -> bool:
         """Files first, each confirmed by its size on the store; the manifest only after all."""
@@ -185,12 +241,16 @@ class Uploader:
             if not self._retry(f"removal of the old {name}/{MANIFEST}", uncommit, deadline):
                 return False
         for file, entry in manifest.files.items():
+            if self._already_sent(name, file, entry):
+                continue
             send = lambda f=file, e=entry: self._put_confirmed(name, f, e.size)  # noqa: E731
             if not self._retry(f"upload of {name}/{file}", send, deadline):
                 return False
         commit = lambda: self._put_text(name, MANIFEST, manifest.to_json())  # noqa: E731
         if not self._retry(f"upload of {name}/{MANIFEST}", commit, deadline):
             return False
+        self._sent.pop(name, None)
+        self._early_to.pop(name, None)
         self._after_upload(name, manifest, time.perf_counter() - started)
         return True
 
@@ -205,7 +265,7 @@ class Uploader:
         target = remote.path(name, file)
         if is_local(remote.fs):
             remote.fs.makedirs(remote.path(name), exist_ok=True)
-        remote.fs.put_file(self.local.path(name, file), target)
+        put_file(remote.fs, self.local.path(name, file), target)
         remote.fs.invalidate_cache(target)
         landed = remote.fs.info(target)["size"]
         if landed != size:

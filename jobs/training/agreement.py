@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -11,33 +10,28 @@ from schema import CheckpointConfig
 
 
 class StopAgreement:
-    """How ranks agree on stopping (a signal) and on time-based saves without a blocking collective
-    per step: each step starts an asynchronous MAX all-reduce of this rank's flags and acts on the
-    previous step's result, which every rank sees identically. The collective's latency hides
-    behind the next step's compute; the price is acting one step later."""
+    """How ranks agree on stopping (a signal) and on time-based saves: after each step, one MAX
+    all-reduce of this rank's two flags, which every rank sees identically.
 
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
+    Synchronous on purpose: when a spot notice reaches one rank during step k, every rank saves at the
+    end of step k. An asynchronous exchange hidden behind the next step would act a whole step later,
+    which is seconds of GCE's 30 s window, and with long steps (heavy gradient accumulation) could miss
+    it. The price is one round trip of 8 bytes per step. The flags are CPU tensors, on a gloo group of
+    their own when training runs on NCCL, so reading them never waits for the GPU's queue."""
+
+    def __init__(self) -> None:
         self.distributed = dist.is_initialized()
-        self._pending: Optional[tuple[Any, torch.Tensor]] = None
+        self.group = None
+        if self.distributed and "gloo" not in dist.get_backend():
+            self.group = dist.new_group(backend="gloo")  # a collective: every rank makes its agreement at once
 
     def exchange(self, stop_requested: bool, time_due: bool) -> tuple[bool, bool]:
         """(stop, save now) as agreed by all ranks: each is True when it was True on any rank."""
         if not self.distributed:
             return stop_requested, time_due
-        flags = torch.tensor([float(stop_requested), float(time_due)], device=self.device)
-        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
-        previous, self._pending = self._pending, (work, flags)
-        if previous is None:
-            return False, False
-        previous[0].wait()
-        return bool(previous[1][0]), bool(previous[1][1])
-
-    def drain(self) -> None:
-        """Finish the collective still in flight so every rank leaves the loop with none pending."""
-        if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+        flags = torch.tensor([float(stop_requested), float(time_due)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flags[0]), bool(flags[1])
 
 
 def save_due_at_step(cfg: CheckpointConfig, step: int) -> bool:

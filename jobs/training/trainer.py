@@ -179,7 +179,7 @@ class Trainer:
             log.info("%s x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps", ranks,
                      t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch, self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
-        window, agreement = LossWindow(self.device), StopAgreement(self.device)
+        window, agreement = LossWindow(self.device), StopAgreement()
         self._last_save, preempted = time.monotonic(), False
         while st.step < self.total_steps and not preempted:
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
@@ -192,7 +192,6 @@ class Trainer:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
                 if not t.eval_every:
                     self._evaluate()
-        agreement.drain()
         if bar is not None:
             bar.close()
         return self._finish("preempted" if preempted else "completed")

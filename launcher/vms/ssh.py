@@ -19,11 +19,16 @@ import socket
 import stat
 import tarfile
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Awaitable, Optional, Sequence, TypeVar, Union
 
-import asyncssh
+with warnings.catch_warnings():
+    # recent cryptography releases warn that DSA is deprecated when asyncssh merely names its key types: a line
+    # on every command's console that the user can do nothing about (DSA keys are still refused by sshd)
+    warnings.filterwarnings("ignore", message="DSA is deprecated")
+    import asyncssh
 
 from launcher.shell import shell_path
 from schema.errors import PATH_CHARS, UsageError, one_line, short
