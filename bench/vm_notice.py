@@ -205,16 +205,25 @@ def counted(info: dict) -> Optional[dict]:
 
 
 def save_breakdown(lb: Loopback, name: str, step: int) -> dict:
-    """Where the stop's save spent its time, from rank 0's log lines for `step` (the checkpoint's own timings)."""
+    """Where the stop's save spent its time, from rank 0's saves.jsonl (written by the checkpointer: the
+    local commit's time and duration, the remote commit's time). Files start up as they are written, so
+    the upload overlaps the local commit: "upload after the local commit" is what is left of it then."""
+    events = {}
+    for path in lb.folder.glob(f"hosts/*/runs/{name}/checkpoints/saves.jsonl"):
+        for line in path.read_text().splitlines():
+            event = json.loads(line)
+            if event.get("step") == step:
+                events[event["event"]] = event
     text = "".join(p.read_text() for p in lb.folder.glob(f"hosts/*/runs/{name}/logs/rank0.log"))
-    blocked = re.search(rf"checkpoint step {step}: training blocked ([\d.]+) s", text)
-    local = re.search(rf"checkpoint step {step} committed to /\S+ in ([\d.]+) s \(([\d.]+) MB", text)
-    remote = re.search(rf"checkpoint step {step} committed to s3://\S+ in ([\d.]+) s", text)
     model = re.search(r"model GPT: ([\d,]+) parameters", text)
+    save, upload = events.get("save", {}), events.get("upload", {})
+    started = save["time"] - save["commit_s"] if save else None
     return {"parameters": int(model[1].replace(",", "")) if model else None,
-            "host_copy_blocked_s": float(blocked[1]) if blocked else None,
-            "local_commit_s": float(local[1]) if local else None, "checkpoint_mb": float(local[2]) if local else None,
-            "upload_s": float(remote[1]) if remote else None}
+            "host_copy_blocked_s": save.get("blocked_s"), "local_commit_s": save.get("commit_s"),
+            "checkpoint_mb": round(save["bytes"] / 1e6, 1) if save else None,
+            "save_to_remote_commit_s": round(upload["time"] - started, 2) if save and upload else None,
+            "upload_after_local_commit_s": round(upload["time"] - save["time"], 2) if save and upload else None,
+            "save_started_after_notice_s": None if started is None else started}
 
 
 def raw_upload_s(lb: Loopback, name: str) -> Optional[float]:
@@ -254,7 +263,10 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
         source, resumed = wait_for("the resume line", lambda: lb.resumed(name), 10)
         lb.cli("cancel", name)
         wait_for("the cancelled run to end", lambda: lb.ended(name), timeout, poll=0.5)
-    return {**save_breakdown(lb, name, step), "boto3_upload_same_bytes_s": raw_upload_s(lb, name),
+    breakdown = save_breakdown(lb, name, step)
+    if breakdown["save_started_after_notice_s"] is not None:
+        breakdown["save_started_after_notice_s"] = round(breakdown["save_started_after_notice_s"] - raised, 2)
+    return {**breakdown, "boto3_upload_same_bytes_s": raw_upload_s(lb, name),
             "steps_done_at_notice": at_notice, "steps_after_notice": step - at_notice, "nodes": 2,
             "ranks_per_node": 1, "notice_raised": raised,
             "notice_to_manifest_in_s3_s": committed - raised, "saved_step": step,
@@ -314,10 +326,12 @@ def rows(n: dict, s: dict) -> list[tuple[str, str, str, str]]:
          seconds(n["notice_to_manifest_in_s3_s"]), f"GCE window {n['gce_window_s']:.0f} s",
          f"goal <= {n['goal_s']:.0f} s; saved at step {n['saved_step']}; supervisor: notice -> every node exited "
          f"{seconds(n['supervisor_notice_to_saved_s'])}"),
-        ("  of which: steps trained after the notice, host copy, local commit, upload",
-         f"{n['steps_after_notice']} steps", f"{seconds(n['host_copy_blocked_s'])}, {seconds(n['local_commit_s'])}",
-         f"upload {seconds(n['upload_s'])} of {n['checkpoint_mb']} MB; a plain boto3 upload of the same files to "
-         f"moto {seconds(n['boto3_upload_same_bytes_s'])}"),
+        ("  of which: steps trained after the notice (save started), host copy, local commit",
+         f"{n['steps_after_notice']} steps ({seconds(n['save_started_after_notice_s'])})",
+         f"{seconds(n['host_copy_blocked_s'])}, {seconds(n['local_commit_s'])}",
+         f"save -> committed in S3 {seconds(n['save_to_remote_commit_s'])} for {n['checkpoint_mb']} MB (upload left "
+         f"after the local commit {seconds(n['upload_after_local_commit_s'])}); a plain boto3 upload of the same files "
+         f"to moto {seconds(n['boto3_upload_same_bytes_s'])}"),
         ("steps lost per preemption", str(n["steps_lost"]), "goal <= 1",
          f"highest step before relaunch {n['highest_step_before_relaunch']}, resumed from step "
          f"{n['resumed_from_step']}; notice -> training again {seconds(n['notice_to_first_step_after_resume_s'])}"),

@@ -51,6 +51,7 @@ class Uploader:
         self._early: deque[tuple[str, str, FileEntry]] = deque()  # files written locally, not yet committed
         self._early_to: dict[str, bool] = {}  # folder -> whether its files may go up before its commit
         self._sent: dict[str, dict[str, FileEntry]] = {}  # folder -> files already on the store, by early_file
+        self._first_sent: dict[str, float] = {}  # folder -> perf_counter() when its first file started up
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
@@ -200,6 +201,7 @@ class Uploader:
                 # change under its manifest, so the round uncommits it first and sends everything
                 self._early_to[name] = self._remote_manifest(name) is None
             if self._early_to[name]:
+                self._first_sent.setdefault(name, time.perf_counter())
                 self._put_confirmed(name, file, entry.size)
                 self._sent.setdefault(name, {})[file] = entry
         except ForeignRunFolder as err:
@@ -251,6 +253,7 @@ class Uploader:
             return False
         self._sent.pop(name, None)
         self._early_to.pop(name, None)
+        started = min(started, self._first_sent.pop(name, started))  # its first file went up as it was written
         self._after_upload(name, manifest, time.perf_counter() - started)
         return True
 
