@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import weakref
 from typing import Any, Optional
 
 import fsspec
@@ -26,14 +25,16 @@ from schema.secrets import redact_text
 S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
 S3_CALL_RETRIES = 2
 OWNER_FILE = "run-owner.json"  # which run a remote checkpoint folder belongs to
-# Checkpoint files go to S3 through boto3's transfer manager: 8 MiB parts, 10 in flight on threads,
+# Checkpoint files go to S3 through boto3: streamed part by part as they are written (jobs/checkpoint/
+# stream.py), or whole through its transfer manager. Either way 8 MiB parts, 10 in flight on threads,
 # each part sent as soon as one finishes. s3fs's put_file sends 50 MiB parts in batches that wait for
 # their slowest part; the same 1.2 GB checkpoint took 17 s through it and 11 s through boto3 (moto,
 # this machine), and seconds count when a spot notice gives 30 of them.
 S3_PART_BYTES = 8 << 20
 S3_PARTS_IN_FLIGHT = 10
-_s3_clients: "weakref.WeakKeyDictionary[AbstractFileSystem, Any]" = weakref.WeakKeyDictionary()
-_s3_settings: "weakref.WeakKeyDictionary[AbstractFileSystem, StorageConfig]" = weakref.WeakKeyDictionary()
+# filesystem() leaves its settings on the (private) s3fs instance for s3_client(), under these names: a
+# mapping keyed by the instance would not do, as fsspec instances with the same options compare equal
+SETTINGS_ATTR, CLIENT_ATTR = "_launcher_storage", "_launcher_s3_client"
 
 
 def filesystem(uri: str, storage: StorageConfig) -> tuple[AbstractFileSystem, str]:
@@ -45,7 +46,7 @@ def filesystem(uri: str, storage: StorageConfig) -> tuple[AbstractFileSystem, st
     if is_s3(uri):
         fs, path = fsspec.core.url_to_fs(uri, **s3_options(storage))
         fs.retries = S3_CALL_RETRIES
-        _s3_settings[fs] = storage  # for put_file's transfer client: the same endpoint, profile and region
+        setattr(fs, SETTINGS_ATTR, storage)  # for s3_client(): the same endpoint, profile and region
         return fs, path
     try:
         return fsspec.core.url_to_fs(uri)
@@ -70,8 +71,8 @@ def s3_options(storage: StorageConfig) -> dict[str, Any]:
 
 def put_file(fs: AbstractFileSystem, local: str, target: str) -> None:
     """Copy a local file to `target` on `fs`; to S3 (an `fs` from filesystem()) with boto3's transfer manager."""
-    storage = _s3_settings.get(fs)
-    if storage is None:
+    client = s3_client(fs)
+    if client is None:
         fs.put_file(local, target)
         return
     from boto3.s3.transfer import TransferConfig
@@ -79,26 +80,30 @@ def put_file(fs: AbstractFileSystem, local: str, target: str) -> None:
     bucket, key = target.split("/", 1)
     config = TransferConfig(multipart_threshold=S3_PART_BYTES, multipart_chunksize=S3_PART_BYTES,
                             max_concurrency=S3_PARTS_IN_FLIGHT)  # past 80 GB s3transfer makes parts larger
-    _s3_client(fs, storage).upload_file(local, bucket, key, Config=config)
+    client.upload_file(local, bucket, key, Config=config)
 
 
 _client_lock = threading.Lock()
 
 
-def _s3_client(fs: AbstractFileSystem, storage: StorageConfig) -> Any:
-    """One boto3 client per file system (clients are thread-safe; making one takes ~50 ms)."""
+def s3_client(fs: AbstractFileSystem) -> Any:
+    """A boto3 client with the settings of `fs` (an S3 file system from filesystem()), one per file system
+    (clients are thread-safe; making one takes ~50 ms); None for any other file system."""
+    storage = getattr(fs, SETTINGS_ATTR, None)
+    if storage is None:
+        return None
     with _client_lock:
-        if fs not in _s3_clients:
+        if getattr(fs, CLIENT_ATTR, None) is None:
             import boto3
             from botocore.config import Config
 
             options = s3_options(storage)
             session = boto3.session.Session(profile_name=options.get("profile"))
-            _s3_clients[fs] = session.client(
+            setattr(fs, CLIENT_ATTR, session.client(
                 "s3", endpoint_url=options.get("endpoint_url"),
                 region_name=options.get("client_kwargs", {}).get("region_name"),
-                config=Config(**options["config_kwargs"], max_pool_connections=S3_PARTS_IN_FLIGHT))
-        return _s3_clients[fs]
+                config=Config(**options["config_kwargs"], max_pool_connections=S3_PARTS_IN_FLIGHT)))
+        return getattr(fs, CLIENT_ATTR)
 
 
 def is_s3(uri: str) -> bool:

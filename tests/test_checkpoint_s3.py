@@ -3,6 +3,7 @@ remote, credentials never written) and a remote folder that refuses a file. Noth
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 import uuid
@@ -99,48 +100,87 @@ def test_s3_outage_does_not_stop_training(bucket: S3Server, tmp_path: Path) -> N
     assert torch.equal(reader.load(reader.latest() or "")["model"]["w"], torch.full((1000,), 4.0))
 
 
-def test_each_file_goes_up_while_the_next_is_written(bucket: S3Server, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """A save's upload overlaps its local write (what a spot notice's seconds need): model.pt is in S3
-    before optimizer.pt is written locally, nothing is committed there before the local commit, and the
-    round after the commit sends each file once."""
-    import jobs.checkpoint.local as local
+def test_a_file_streams_to_s3_while_it_is_written(bucket: S3Server, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A save's upload runs alongside its local write (what a spot notice's seconds need): parts of model.pt
+    are in S3 while the writer is paused in the middle of it, nothing is committed there before the local
+    commit, and the round after the commit sends no file again."""
+    import boto3
+
     import jobs.checkpoint.uploader as uploader
+    from jobs.checkpoint import stream
 
-    fs, root = filesystem(f"s3://{BUCKET}/runs/early", StorageConfig(endpoint_url=bucket.endpoint))
-    folder = f"{root}/{step_dir_name(1)}"
+    client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")
+    run = f"s3://{BUCKET}/runs/stream"
+    seen: dict[str, int] = {}
 
-    def in_s3(name: str) -> bool:
-        fs.invalidate_cache()
-        return fs.exists(f"{folder}/{name}")
+    def parts_in_s3() -> int:
+        for upload in client.list_multipart_uploads(Bucket=BUCKET, Prefix="runs/stream/").get("Uploads", []):
+            if upload["Key"].endswith("/model.pt"):
+                listed = client.list_parts(Bucket=BUCKET, Key=upload["Key"], UploadId=upload["UploadId"])
+                return len(listed.get("Parts", []))
+        return 0
 
-    seen: dict[str, bool] = {}
-    write, put = local.save_hashed, uploader.put_file
+    advance = stream.FileProgress.advance
 
-    def write_after_model_is_up(obj: Any, path: Path) -> Any:
-        if path.name == "optimizer.pt":
+    def pause_mid_file(self: stream.FileProgress, n: int) -> None:
+        advance(self, n)
+        if self.written >= 3 * stream.part_bytes(1) and "parts" not in seen:  # the writer, 24 MiB into model.pt
+            seen["parts"] = 0
             deadline = time.monotonic() + 30
-            while not in_s3("model.pt") and time.monotonic() < deadline:
+            while not seen["parts"] and time.monotonic() < deadline:
+                seen["parts"] = parts_in_s3()
                 time.sleep(0.05)
-            seen["model.pt up before optimizer.pt written"] = in_s3("model.pt")
-            seen["committed remotely before the local commit"] = in_s3(MANIFEST)
-        return write(obj, path)
+            seen["manifests"] = client.list_objects_v2(Bucket=BUCKET, Prefix="runs/stream/step-").get("KeyCount", 0)
 
-    sent: list[str] = []
-    monkeypatch.setattr(local, "save_hashed", write_after_model_is_up)
-    monkeypatch.setattr(uploader, "put_file", lambda fs, src, target: (sent.append(target.rsplit("/", 1)[-1]),
-                                                                        put(fs, src, target)))
-    _, _, state = trained_state()
-    ckpt = s3_checkpointer(bucket, tmp_path / "local", "early", async_save=True)
+    resent: list[str] = []
+    put = uploader.put_file
+    monkeypatch.setattr(stream.FileProgress, "advance", pause_mid_file)
+    monkeypatch.setattr(uploader, "put_file", lambda fs, src, target: (resent.append(target), put(fs, src, target)))
+    state = {"model": {"w": torch.randn(10_000_000)}, "trainer": {"step": 1}}  # model.pt: 40 MB, 5 parts
+    ckpt = s3_checkpointer(bucket, tmp_path / "local", "stream", async_save=True)
     ckpt.save(1, state, {})
-    assert ckpt.flush(30)
+    assert ckpt.flush(60)
     ckpt.close()
-    assert seen == {"model.pt up before optimizer.pt written": True,
-                    "committed remotely before the local commit": False}
-    assert sorted(sent) == ["model.pt", "optimizer.pt", "rng.pt", "trainer.pt"]  # each once
+    assert seen["parts"] >= 1 and seen["manifests"] == 0, seen
+    assert resent == []  # streamed (model.pt) or sent in one request once written (trainer.pt), never twice
+    fs, root = filesystem(run, StorageConfig(endpoint_url=bucket.endpoint))
     assert committed_steps(fs, root) == {1}
-    assert_same(Checkpointer(make_cfg(), tmp_path / "fresh", f"s3://{BUCKET}/runs/early",
-                             StorageConfig(endpoint_url=bucket.endpoint)).load_latest()[1], state)
+    assert client.list_multipart_uploads(Bucket=BUCKET, Prefix="runs/stream/").get("Uploads", []) == []
+    loaded = Checkpointer(make_cfg(), tmp_path / "fresh", run, StorageConfig(endpoint_url=bucket.endpoint)).load_latest()
+    assert loaded is not None
+    assert_same(loaded[1], state)
+
+
+@pytest.mark.parametrize("size", [0, 1, 8 << 20, (8 << 20) + 1, 3 * (8 << 20), 3 * (8 << 20) + 12345])
+def test_streamed_files_of_any_size_arrive_whole(bucket: S3Server, tmp_path: Path, size: int) -> None:
+    """Part boundaries: empty, one byte, exactly one part, one past it, whole parts, a ragged tail; the
+    writer's chunks straddle the parts."""
+    import threading
+
+    import boto3
+
+    from jobs.checkpoint.manifest import FileEntry
+    from jobs.checkpoint.stream import FileProgress, stream_to_s3
+
+    client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")
+    data, path, progress = os.urandom(size), tmp_path / "blob", FileProgress()
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            for start in range(0, size, 3_000_001):
+                f.write(data[start:start + 3_000_001])
+                f.flush()
+                progress.advance(len(data[start:start + 3_000_001]))
+        progress.finish(FileEntry(size, "unused"))
+
+    path.touch()
+    writer = threading.Thread(target=write)
+    writer.start()
+    entry = stream_to_s3(client, BUCKET, f"sizes/{size}", path, progress, threading.Event())
+    writer.join()
+    assert entry is not None and entry.size == size
+    assert client.get_object(Bucket=BUCKET, Key=f"sizes/{size}")["Body"].read() == data
 
 
 def test_manifest_is_uploaded_only_after_every_file(tmp_path: Path) -> None:
@@ -185,6 +225,9 @@ def test_s3_secret_is_not_written_or_logged(bucket: S3Server, tmp_path: Path, mo
     bucket.stop()  # failures are logged too
     ckpt.save(2, {"model": {"w": torch.ones(10)}}, {"loss": 1.0})
     assert not ckpt.flush(1.0)
+    deadline = time.monotonic() + 30  # the failure is logged once the client gives up: let it, before close()
+    while not any("failed" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+        time.sleep(0.1)
     ckpt.close()
     bucket.start()
     assert any("failed" in r.getMessage() for r in caplog.records)

@@ -233,9 +233,9 @@ class Checkpointer:
                 self._uploader.run_round(None)
 
     def _commit(self, job: SaveJob) -> None:
-        """An async save, on the saver's thread; each file starts up to the store as soon as it is written."""
+        """An async save, on the saver's thread; each file goes up to the store as it is written."""
         name, uploader = step_dir_name(job.step), self._uploader
-        on_file = None if uploader is None else lambda file, entry: uploader.early_file(name, file, entry)
+        on_file = None if uploader is None else lambda file, progress: uploader.early_file(name, file, progress)
         try:
             manifest = self._writer.commit(job.step, job.state, job.metrics, on_file=on_file)
             if manifest is not None:

@@ -22,19 +22,20 @@ import torch
 from jobs.checkpoint.errors import describe, log
 from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.store import Store
+from jobs.checkpoint.stream import FileProgress
 from schema.run_dir import MANIFEST
 
 POINTER = "latest"
 SAVES_LOG = "saves.jsonl"
-FileWritten = Callable[[str, FileEntry], None]  # (file name, entry): on disk, fsynced, hashed, not committed
+FileStarted = Callable[[str, FileProgress], None]  # a file is about to be written: watch it grow (the uploader)
 
 
 class StateWriter(Protocol):
     """Writes this process's files of one checkpoint into its step folder and says what it wrote
     (size and SHA-256 per file). It does not commit: the manifest does, once every file is on disk.
-    `on_file` hears of each file as soon as it is on disk, before the next one is written."""
+    `on_file` hears of each file as it starts, with its progress (bytes on disk, then its entry)."""
 
-    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileWritten] = None) -> dict[str, FileEntry]:
+    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileStarted] = None) -> dict[str, FileEntry]:
         ...
 
 
@@ -42,12 +43,13 @@ class TorchFileWriter:
     """One torch.save file per top-level state key (`model.pt`, `optimizer.pt`, ...), all written
     by one process."""
 
-    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileWritten] = None) -> dict[str, FileEntry]:
+    def write(self, folder: Path, state: dict[str, Any], on_file: Optional[FileStarted] = None) -> dict[str, FileEntry]:
         files = {}
         for key, obj in state.items():
-            files[f"{key}.pt"] = save_hashed(obj, folder / f"{key}.pt")
+            progress = FileProgress()
             if on_file is not None:
-                on_file(f"{key}.pt", files[f"{key}.pt"])
+                on_file(f"{key}.pt", progress)
+            files[f"{key}.pt"] = save_hashed(obj, folder / f"{key}.pt", progress)
         return files
 
 
@@ -64,11 +66,11 @@ class LocalWriter:
 
     def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float],
                shards: Optional[dict[str, FileEntry]] = None,
-               on_file: Optional[FileWritten] = None) -> Optional[Manifest]:
+               on_file: Optional[FileStarted] = None) -> Optional[Manifest]:
         """Write the files, then the manifest (the commit), then the pointer. None if already there
         or if the disk refused the write. `shards`: the files the ranks of a sharded save already
         wrote into the folder (jobs.checkpoint.sharded), which the manifest covers too. `on_file`:
-        told of each file once it is on disk (the uploader starts sending it)."""
+        told of each file as it starts, with its progress (the uploader sends it as it grows)."""
         folder = self.folder / step_dir_name(step)
         if shards is None and self.store.is_intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
@@ -94,7 +96,7 @@ class LocalWriter:
             return self.failed > 0 and self.committed == 0
 
     def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float],
-                      shards: Optional[dict[str, FileEntry]], on_file: Optional[FileWritten]) -> Manifest:
+                      shards: Optional[dict[str, FileEntry]], on_file: Optional[FileStarted]) -> Manifest:
         if shards is None:
             if folder.exists():
                 (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
@@ -167,8 +169,8 @@ class HashingWriter:
     stalls the training thread for ~0.1 s per 100 MB; here it gets memoryviews and hands them to
     hashlib and an unbuffered file, both of which release the GIL."""
 
-    def __init__(self, f: io.RawIOBase) -> None:
-        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+    def __init__(self, f: io.RawIOBase, progress: Optional[FileProgress] = None) -> None:
+        self.f, self.digest, self.size, self.progress = f, hashlib.sha256(), 0, progress
         self.error: Optional[OSError] = None  # torch.save turns it into a RuntimeError without the errno
 
     def write(self, data: bytes | memoryview) -> int:
@@ -182,20 +184,32 @@ class HashingWriter:
             self.error = self.error or err
             raise
         self.size += written
+        if self.progress is not None:
+            self.progress.advance(written)  # these bytes are in the file: the uploader may read them
         return written
 
     def flush(self) -> None:
         pass  # unbuffered: nothing held back
 
 
-def save_hashed(obj: Any, path: Path) -> FileEntry:
-    with open(path, "wb", buffering=0) as f:
-        writer = HashingWriter(f)  # type: ignore[arg-type]
-        try:
-            torch.save(obj, writer)  # type: ignore[arg-type]
-        except RuntimeError:
-            if writer.error is not None:
-                raise writer.error from None
-            raise
-        os.fsync(f.fileno())
-    return FileEntry(writer.size, writer.digest.hexdigest())
+def save_hashed(obj: Any, path: Path, progress: Optional[FileProgress] = None) -> FileEntry:
+    """torch.save `obj` into `path`, fsynced; its size and SHA-256. `progress` follows the write (and hears
+    of its end before the fsync: a streamed upload needs the bytes, not their durability)."""
+    try:
+        with open(path, "wb", buffering=0) as f:
+            writer = HashingWriter(f, progress)  # type: ignore[arg-type]
+            try:
+                torch.save(obj, writer)  # type: ignore[arg-type]
+            except RuntimeError:
+                if writer.error is not None:
+                    raise writer.error from None
+                raise
+            entry = FileEntry(writer.size, writer.digest.hexdigest())
+            if progress is not None:
+                progress.finish(entry)
+            os.fsync(f.fileno())
+    except BaseException:
+        if progress is not None:
+            progress.fail()
+        raise
+    return entry

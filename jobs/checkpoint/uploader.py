@@ -1,11 +1,12 @@
 """The uploader: sends committed local checkpoints to the remote store and owns that folder.
 
 A checkpoint goes up files first, each confirmed by its size on the store, and its manifest last,
-so a half upload is never committed. Each file starts up as soon as the local writer has it on disk
-(`early_file`), while the writer goes on with the next one: a save's upload overlaps its local write,
-which counts when a spot notice leaves seconds to get the checkpoint off the VM. Failures are retried
-with capped exponential backoff; a store that is still down leaves the upload pending for the next
-round (the next save, or flush()), and training never waits for it. After every pending checkpoint is up, the remote is pruned.
+so a half upload is never committed. Each file starts up while the local writer is still writing it
+(`early_file`: streamed part by part to S3, jobs/checkpoint/stream.py; sent whole once written to
+other stores), so a save's upload overlaps its local write, which counts when a spot notice leaves
+seconds to get the checkpoint off the VM. Failures are retried with capped exponential backoff; a
+store that is still down leaves the upload pending for the next round (the next save, or flush()),
+and training never waits for it. After every pending checkpoint is up, the remote is pruned.
 
 The remote folder belongs to one run: its owner record is written before the first upload and
 checked before every round, and a folder of another run is neither read, written nor pruned.
@@ -17,6 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from jobs.checkpoint.errors import FILE_ONLY, ForeignRunFolder, InvalidCheckpoint, describe, log
@@ -24,7 +26,8 @@ from jobs.checkpoint.local import POINTER, SavesLog
 from jobs.checkpoint.manifest import FileEntry, Manifest
 from jobs.checkpoint.retention import prune
 from jobs.checkpoint.store import Store
-from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local, put_file
+from jobs.checkpoint.stream import FileProgress, stream_to_s3
+from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local, put_file, s3_client
 from schema.run_dir import MANIFEST
 from schema import CheckpointConfig
 from schema.secrets import redact_text
@@ -48,7 +51,7 @@ class Uploader:
         self._error: Optional[BaseException] = None
         self._refused = False  # the folder is another run's: nothing more is sent (the error is raised once)
         self._corrupt: set[str] = set()  # found corrupt at load: uploaded again even if the manifest matches
-        self._early: deque[tuple[str, str, FileEntry]] = deque()  # files written locally, not yet committed
+        self._early: deque[tuple[str, str, FileProgress]] = deque()  # files being written locally
         self._early_to: dict[str, bool] = {}  # folder -> whether its files may go up before its commit
         self._sent: dict[str, dict[str, FileEntry]] = {}  # folder -> files already on the store, by early_file
         self._first_sent: dict[str, float] = {}  # folder -> perf_counter() when its first file started up
@@ -103,14 +106,14 @@ class Uploader:
             self._pending -= dropped
             return {self._uploading} if self._uploading else set()
 
-    def early_file(self, name: str, file: str, entry: FileEntry) -> None:
-        """`file` of checkpoint `name` is on the local disk (hashed, not yet committed): send it now,
-        on the thread; the round that follows the local commit skips it. Without the thread (synchronous
-        saves) the round sends everything."""
+    def early_file(self, name: str, file: str, progress: FileProgress) -> None:
+        """`file` of checkpoint `name` is being written locally (`progress` follows it): send it as it
+        grows, on the thread; the round that follows the local commit skips it. Without the thread
+        (synchronous saves) the round sends everything."""
         if self._thread is None:
             return
         with self._lock:
-            self._early.append((name, file, entry))
+            self._early.append((name, file, progress))
             self._lock.notify_all()
 
     # ------------------------------------------------------------------ rounds
@@ -190,7 +193,7 @@ class Uploader:
             self._with_backoff("pruning", lambda: prune(self.remote, self.cfg, lambda keep: set()), deadline)
         return True
 
-    def _send_early(self, name: str, file: str, entry: FileEntry) -> None:
+    def _send_early(self, name: str, file: str, progress: FileProgress) -> None:
         """One try, no backoff: a file that does not go up now is sent by the round, with retries."""
         if self._refused:
             return
@@ -200,15 +203,38 @@ class Uploader:
                 # a committed copy of this step is there (a save of it before a restart): its files may not
                 # change under its manifest, so the round uncommits it first and sends everything
                 self._early_to[name] = self._remote_manifest(name) is None
-            if self._early_to[name]:
-                self._first_sent.setdefault(name, time.perf_counter())
-                self._put_confirmed(name, file, entry.size)
+            if not self._early_to[name]:
+                return
+            self._first_sent.setdefault(name, time.perf_counter())
+            entry = self._send_growing(name, file, progress)
+            if entry is not None:
                 self._sent.setdefault(name, {})[file] = entry
         except ForeignRunFolder as err:
             self._refuse(err)
         except Exception as err:
             log.info("upload of %s/%s as it was written failed (%s); the upload round sends it", name, file,
                      describe(err), extra=FILE_ONLY)
+
+    def _send_growing(self, name: str, file: str, progress: FileProgress) -> Optional[FileEntry]:
+        """The file on the store once the writer is done with it, its size confirmed; None if the writer
+        failed or the uploader is stopping."""
+        client, target = s3_client(self.remote.fs), self.remote.path(name, file)
+        if client is not None:
+            bucket, key = target.split("/", 1)
+            entry = stream_to_s3(client, bucket, key, Path(self.local.path(name, file)), progress, self._stop)
+        else:
+            progress.wait_for(1 << 62, self._stop)  # until it ends: other stores get the whole file
+            entry = progress.entry
+            if entry is not None and not self._stop.is_set():
+                self._put_confirmed(name, file, entry.size)
+                return entry
+        if entry is not None:
+            self.remote.fs.invalidate_cache(target)
+            landed = self.remote.fs.info(target)["size"]
+            if landed != entry.size:
+                raise OSError(f"{self.remote.location(name)}/{file} has {landed} bytes after upload, "
+                              f"expected {entry.size}")
+        return entry
 
     def _refuse(self, err: ForeignRunFolder) -> None:
         if not self._refused:
