@@ -92,6 +92,7 @@ def trainer_extras(recipe: RecipeConfig, env: RankEnv, iterations: int = 500) ->
         agreement.exchange(False, save_due_by_time(recipe.checkpoint, last_save))
         save_due_at_step(recipe.checkpoint, step)
         sched.step()
+    agreement.drain()
     return (time.perf_counter() - start) / iterations
 
 

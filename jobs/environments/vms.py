@@ -12,8 +12,8 @@ a spot notice (`jobs.environments.spot`), and talks to the supervisor over the S
   stops the ranks as `stop` does, so no node trains on unsupervised.
 
 On a notice every rank of this node gets SIGUSR1 directly (torchrun's agent would die of it); the
-trainer's stop agreement spreads it to the other nodes at the end of the step in progress, they save
-one checkpoint together and rank 0 flushes its upload before exiting. torchrun forwards only SIGTERM, which is a
+trainer's stop agreement spreads it to the other nodes at the end of the step in progress (the next one
+for steps under 0.25 s), they save one checkpoint together and rank 0 flushes its upload before exiting. torchrun forwards only SIGTERM, which is a
 cancel to the trainer: the notice must reach the ranks as what it is.
 
 This module imports no torch: the agent is a small process next to the ranks.

@@ -192,6 +192,7 @@ class Trainer:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
                 if not t.eval_every:
                     self._evaluate()
+        agreement.drain()
         if bar is not None:
             bar.close()
         return self._finish("preempted" if preempted else "completed")
