@@ -37,6 +37,8 @@ from metadata_server import MetadataServer  # noqa: E402
 from s3_server import TEST_CREDENTIALS, S3Server, free_port  # noqa: E402
 from vm_hosts import ensure_vms, vms_available  # noqa: E402
 
+from jobs.training.agreement import TIMED_CALLS  # noqa: E402
+
 HOSTS = ["127.0.0.2", "127.0.0.3"]
 BUCKET = "bench-vms"
 GCE_WINDOW_S, GOAL_S = 30.0, 15.0
@@ -248,7 +250,8 @@ def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -
     lb.cli("launch", "gpt_small", *GPT_100M, "parallel.nodes=2", *ONE_RANK_PER_NODE,
            f"checkpoint.uri=s3://{BUCKET}/runs", "--run-name", name)
     with cancelled_on_error(lb, name):
-        wait_for("step 3 of the 101M GPT", lambda: lb.steps_done(name) >= 3, timeout)
+        # past the launch's first steps, where the stop agreement measures the step time and chooses its mode
+        wait_for("step 6 of the 101M GPT", lambda: lb.steps_done(name) >= TIMED_CALLS + 2, timeout)
         in_s3 = committed_steps(lb.s3, name)
         at_notice = lb.steps_done(name)
         raised = time.time()
