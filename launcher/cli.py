@@ -20,7 +20,7 @@ from schema.run_dir import Run
 from launcher.runs import default_run_name, find_run, runs_root
 from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
-from launcher.sweeps.table import print_table
+from launcher.sweeps.table import print_table, trial_rows
 from launcher.sweeps.trials import run_sweep
 from launcher.scripts import script_recipe
 from schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
@@ -131,7 +131,16 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_sweep_status(args: argparse.Namespace) -> int:
     root = runs_root(load_cluster(args.cluster), args.runs_dir)
     record = read_record(root, args.sweep)
-    print_table(root, record, args.metric or record["best_metric"], args.mode or record["best_mode"])
+    out = None
+    if args.plot:
+        from launcher import plot  # matplotlib loads only when asked
+
+        out = plot.check_out(args.plot)
+    metric, mode = args.metric or record["best_metric"], args.mode or record["best_mode"]
+    print_table(root, record, metric, mode)
+    if out is not None:
+        plot.save(plot.sweep_figure(trial_rows(root, record, metric), metric, mode), out)
+        print(f"wrote {out}: {metric} by trial and against each swept parameter")
     return 0
 
 
@@ -162,6 +171,20 @@ def cmd_export(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         raise UsageError(str(err)) from None
     print(f"wrote {args.to}: model weights from {where}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from launcher import plot  # matplotlib loads only for this command
+
+    out = plot.check_out(args.out)
+    root = runs_root(load_cluster(args.cluster), args.runs_dir)
+    runs = {}
+    for name in args.runs:
+        check_name("run", name)
+        runs[name] = plot.read_curves(find_run(name, root).dir)
+    plot.save(plot.figure(runs, args.metric or None), out)
+    print(f"wrote {out}: {', '.join(args.metric or plot.default_metrics(runs.values()))} of {', '.join(runs)}")
     return 0
 
 
@@ -239,6 +262,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p = add("export", cmd_export, "write a run's newest model weights as a plain state dict")
     p.add_argument("run")
     p.add_argument("--to", required=True, help="output file (path or fsspec URI)")
+    p = add("plot", cmd_plot, "draw runs' training and validation curves into an image")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--metric", action="append", default=[], help="a metric to draw (repeat; default: train/loss "
+                                                                  "and every val/ metric)")
+    p.add_argument("--out", required=True, help="image file: .png, .pdf or .svg")
     p = add("status", cmd_status, "show a run's state")
     p.add_argument("run")
     p = add("logs", cmd_logs, "print a rank's log")
@@ -277,6 +305,8 @@ def _sweep_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str
     p.add_argument("--metric", help="rank by this metric (default: the recipe's checkpoint.best_metric or val/acc)")
     p.add_argument("--mode", choices=["max", "min"], help="whether larger or smaller is better "
                                                           "(default: the recipe's checkpoint.best_mode)")
+    p.add_argument("--plot", metavar="FILE", help="also draw the metric by trial and against each parameter "
+                                                  "(.png, .pdf or .svg)")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

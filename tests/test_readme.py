@@ -35,7 +35,11 @@ SCRIPT_DONE = "the script completed"
 # Commands that two cases run: the same command line in the same folder runs once (see `check_step`).
 LAUNCH_RUN = f"launcher launch digits {SHORT} --cluster local --run-name {RUN} --resume never --run-id readme0id --wait"
 GRID_SWEEP = f"launcher sweep digits --cluster local --grid optim.lr=0.01,0.05 {SHORT} --name readme-grid"
-SHARED = {LAUNCH_RUN, GRID_SWEEP}
+LR_SMALL = f"launcher launch digits optim.lr=0.01 {SHORT} --run-name lr-0.01"
+LR_BIG = f"launcher launch digits optim.lr=0.1 {SHORT} --run-name lr-0.1"
+LR_DROPOUT = ("launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 "
+              f"--trials 2 trainer.epochs=2 {SHORT} --name lr-dropout")
+SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT}
 
 # README command -> the steps run for it: (command line, text its output must contain).
 # `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
@@ -56,6 +60,11 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "make launch RECIPE=digits RUN_NAME=my-run": (
         (f'make launch RECIPE=digits RUN_NAME=my-run ARGS="{SHORT}"', "run my-run: "),),
     "make bench": (('make bench BENCH_ARGS="--only startup --startup-repeats 1"', "bench.json"),),
+    "launcher launch digits optim.lr=0.01 --run-name lr-0.01": ((LR_SMALL, "completed at step 2"),),
+    "launcher launch digits optim.lr=0.1 --run-name lr-0.1": ((LR_BIG, "completed at step 2"),),
+    "launcher plot lr-0.01 lr-0.1 --out docs/curves.png": (
+        (LR_SMALL, ""), (LR_BIG, ""),
+        ("launcher plot lr-0.01 lr-0.1 --out docs/curves.png", "wrote docs/curves.png: train/loss, val/loss"),),
     # "Your own code", in the example project
     "launcher launch sines": (
         ("launcher launch sines trainer.max_steps=4 trainer.eval_every=2 --run-name readme-sines", "val/mae="),),
@@ -101,6 +110,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "exec python3 -m jobs.environments.skypilot"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
+    "launcher plot RUN [RUN ...] [--metric M ...] --out FILE": (
+        (f"launcher plot {RUN} --metric val/acc --metric train/loss --out table-curves.svg",
+         f"wrote table-curves.svg: val/acc, train/loss of {RUN}"),),
     "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),
     "launcher cancel RUN": ((f"launcher cancel {RUN}", "is not running"),),
     "launcher sbatch RECIPE --cluster C [--submit]": (
@@ -109,9 +121,15 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "--random k=loguniform:lo:hi --trials N": (
         (f"launcher sweep digits --cluster local --random optim.lr=loguniform:1e-3:1e-1 --trials 1 {SHORT} "
          "--name readme-random", "sweep readme-random: 1 trials"),),
-    "launcher sweep-status SWEEP": (
+    "launcher sweep-status SWEEP [--plot FILE]": (
         (GRID_SWEEP, ""),
-        ("launcher sweep-status readme-grid", "by val/acc (max), best first"),),
+        ("launcher sweep-status readme-grid", "by val/acc (max), best first"),
+        ("launcher sweep-status readme-grid --plot grid.pdf", "wrote grid.pdf: val/acc by trial"),),
+    "launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 --trials 8 "
+    "trainer.epochs=2 --name lr-dropout": ((LR_DROPOUT, "sweep lr-dropout: 2 trials"),),
+    "launcher sweep-status lr-dropout --plot docs/sweep.png": (
+        (LR_DROPOUT, ""),
+        ("launcher sweep-status lr-dropout --plot docs/sweep.png", "wrote docs/sweep.png: val/acc by trial"),),
 }
 SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm",
                "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --wait -- --steps 100"}
@@ -167,7 +185,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, copy / name)
-    for name in ("bench", "cluster_configs", "jobs", "launcher", "recipes", "schema", "scripts"):
+    for name in ("bench", "cluster_configs", "docs", "jobs", "launcher", "recipes", "schema", "scripts"):
         shutil.copytree(REPO / name, copy / name, ignore=junk)
     return copy
 

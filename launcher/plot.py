@@ -1,0 +1,151 @@
+"""`launcher plot`: training and validation curves of one or several runs, as an image file; and
+`launcher sweep-status SWEEP --plot FILE`: a sweep's optimisation history and its metric against each
+parameter.
+
+The curves come from each run's metrics.jsonl (what the ranks log every `logging.log_every` steps
+and at each evaluation). A run that was preempted and resumed logs the steps after its last
+checkpoint twice; the later value is the one the run kept, so it is the one drawn.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from schema.errors import UsageError
+from schema.run_dir import METRICS_JSONL
+
+FORMATS = (".png", ".pdf", ".svg")
+NOT_CURVES = {"step", "time", "epoch", "samples_per_s"}  # bookkeeping, not something one compares runs by
+Curve = list[tuple[int, float]]
+
+
+def read_curves(run_dir: Path) -> dict[str, Curve]:
+    """metric -> [(step, value)] sorted by step, one value per step (the last one logged)."""
+    path = run_dir / METRICS_JSONL
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file: the run has logged no step here yet (a run on VMs logs on its "
+                         f"first VM)")
+    by_metric: dict[str, dict[int, float]] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a crash
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            continue
+        for key, value in row.items():
+            if key not in NOT_CURVES and isinstance(value, (int, float)) and math.isfinite(value):
+                by_metric.setdefault(key, {})[row["step"]] = float(value)
+    return {metric: sorted(points.items()) for metric, points in by_metric.items()}
+
+
+def default_metrics(curves: Iterable[dict[str, Curve]]) -> list[str]:
+    """train/loss and val/loss side by side, then every other val/ metric any of the runs has."""
+    found = sorted({metric for run in curves for metric in run})
+    first = [m for m in ("train/loss", "val/loss") if m in found]
+    return first + [m for m in found if m.startswith("val/") and m not in first]
+
+
+def check_out(out: str) -> Path:
+    path = Path(out)
+    if path.suffix.lower() not in FORMATS:
+        raise UsageError(f"--out {out}: give a file ending in {', '.join(FORMATS)}")
+    if not path.parent.is_dir():
+        raise UsageError(f"--out {out}: folder {path.parent} does not exist")
+    return path
+
+
+def figure(runs: dict[str, dict[str, Curve]], metrics: Optional[list[str]] = None) -> Any:
+    """A matplotlib Figure: one panel per metric, one line per run (labelled with the run's name)."""
+    metrics = metrics or default_metrics(runs.values())
+    if not metrics:
+        raise UsageError(f"runs {', '.join(runs)} have logged no metrics yet")
+    for metric in metrics:
+        if not any(metric in curves for curves in runs.values()):
+            known = ", ".join(sorted({m for curves in runs.values() for m in curves}))
+            raise UsageError(f"--metric {metric}: no run logged it (logged: {known})")
+    fig, axes = _panels(len(metrics))
+    for ax, metric in zip(axes, metrics):
+        for name, curves in runs.items():
+            points = curves.get(metric)
+            if points:
+                ax.plot([s for s, _ in points], [v for _, v in points], label=name,
+                        marker="o" if len(points) < 30 else None, markersize=3)
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _panels(n: int) -> tuple[Any, list[Any]]:
+    """A figure of `n` panels, two to a row, and its axes in reading order (the spare one hidden)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display on a login node or in CI
+    import matplotlib.pyplot as plt
+
+    columns = min(n, 2)
+    rows = math.ceil(n / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.4 * columns, 4.0 * rows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def save(fig: Any, out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def trial_parameters(overrides: str) -> dict[str, Any]:
+    """`optim.lr=0.01 model.dropout=0.1` (a trial's overrides as its record shows them) -> {key: number or text}."""
+    params: dict[str, Any] = {}
+    for item in overrides.split():
+        key, _, value = item.partition("=")
+        try:
+            params[key] = float(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def sweep_figure(rows: list[dict[str, Any]], metric: str, mode: str) -> Any:
+    """Panel 1: each trial's metric in trial order, and the best so far. Then one panel per swept
+    parameter: the metric against its values (a log axis for a positive range of over 20x; text values
+    as categories). `rows`: trial order, each with "overrides" and "metric" (None: no value yet)."""
+    scored = [(i, r) for i, r in enumerate(rows, 1) if r["metric"] is not None]
+    if not scored:
+        raise UsageError(f"no trial of the sweep has logged {metric} yet: nothing to plot")
+    params = [trial_parameters(r["overrides"]) for _, r in scored]
+    keys = sorted({k for p in params for k in p if len({str(q.get(k)) for q in params}) > 1})  # what was swept
+    fig, flat = _panels(1 + len(keys))
+    history = flat[0]
+    values = [r["metric"] for _, r in scored]
+    best = (max if mode == "max" else min)
+    history.plot([i for i, _ in scored], values, "o", label="trial")
+    history.plot([i for i, _ in scored], [best(values[:n]) for n in range(1, len(values) + 1)], "-",
+                 drawstyle="steps-post", label=f"best so far ({mode})")
+    history.set(title=f"{metric} by trial", xlabel="trial")
+    history.legend(fontsize="small")
+    for ax, key in zip(flat[1:], keys):
+        xs = [p.get(key) for p in params]
+        if all(isinstance(x, float) for x in xs):
+            ax.plot(xs, values, "o")
+            if min(xs) > 0 and max(xs) / min(xs) > 20:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(x) for x in xs})
+            ax.plot([labels.index(str(x)) for x in xs], values, "o")
+            ax.set_xticks(range(len(labels)), labels)
+        ax.set(title=f"{metric} against {key}", xlabel=key)
+    for ax in flat:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
