@@ -1,6 +1,7 @@
 """The stop agreement on 2 real gloo processes: every rank acts on a stop at the same call; with short
 steps one call after the request (asynchronous), with long steps at the request's own call (synchronous),
-and a request made as the mode switches is not lost."""
+and a request made as the mode switches is not lost. One pair of processes runs every scenario, each with
+an agreement of its own."""
 from __future__ import annotations
 
 import json
@@ -12,52 +13,57 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from jobs.training import agreement as agreement_module
-from jobs.training.agreement import SYNC_STEP_S, StopAgreement
+from jobs.training.agreement import SYNC_STEP_S, TIMED_CALLS, StopAgreement
 
 pytestmark = pytest.mark.slow  # real processes
 
+# name -> (rank 1's step time over the timed calls, {rank: the call at which it asks to stop}, calls)
+SCENARIOS = {"short": (0.0, {1: 6}, 10), "long": (SYNC_STEP_S + 0.05, {0: 7}, 8),
+             "at the last timed call": (SYNC_STEP_S + 0.05, {1: TIMED_CALLS}, 7),
+             "at the switch": (SYNC_STEP_S + 0.05, {1: TIMED_CALLS + 1}, 7)}
 
-def _rank(rank: int, store: str, out: str, step_s: float, stop_at: dict[int, int], calls: int) -> None:
+
+def _rank(rank: int, store: str, out: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
-    agreement, seen = StopAgreement(), []
-    for call in range(1, calls + 1):
-        if rank == 1:
-            time.sleep(step_s)  # rank 1 is the slow one: its step time decides for both
-        stop, _ = agreement.exchange(stop_at.get(rank) == call, False)
-        seen.append([call, stop, agreement.synchronous])
-    agreement.drain()
+    seen: dict[str, list] = {}
+    for name, (step_s, stop_at, calls) in SCENARIOS.items():
+        agreement, seen[name] = StopAgreement(), []
+        for call in range(1, calls + 1):
+            if rank == 1 and call <= TIMED_CALLS:
+                time.sleep(step_s)  # rank 1 is the slow one: its step time decides for both
+            stop, _ = agreement.exchange(stop_at.get(rank) == call, False)
+            seen[name].append([call, stop, agreement.synchronous])
+        agreement.drain()
     dist.barrier()
     Path(out, f"rank{rank}.json").write_text(json.dumps(seen))
     dist.destroy_process_group()
 
 
-def run(tmp_path: Path, step_s: float, stop_at: dict[int, int], calls: int = 10) -> list[list]:
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path), step_s, stop_at, calls), nprocs=2)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+@pytest.fixture(scope="module")
+def seen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list]:
+    tmp = tmp_path_factory.mktemp("agreement")
+    mp.spawn(_rank, args=(str(tmp / "store"), str(tmp)), nprocs=2)
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1], ranks  # the same answers at the same calls on every rank
     return ranks[0]
 
 
-def stops(seen: list[list]) -> list[int]:
-    return [call for call, stop, _ in seen if stop]
+def stops(calls: list[list]) -> list[int]:
+    return [call for call, stop, _ in calls if stop]
 
 
-def test_short_steps_stay_asynchronous_and_act_one_call_later(tmp_path: Path) -> None:
-    seen = run(tmp_path, step_s=0.0, stop_at={1: 6})
-    assert not any(sync for _, _, sync in seen)
-    assert stops(seen) == [7]
+def test_short_steps_stay_asynchronous_and_act_one_call_later(seen: dict[str, list]) -> None:
+    assert not any(sync for _, _, sync in seen["short"])
+    assert stops(seen["short"]) == [7]
 
 
-def test_long_steps_switch_to_synchronous_and_act_at_the_requests_call(tmp_path: Path) -> None:
-    seen = run(tmp_path, step_s=SYNC_STEP_S + 0.05, stop_at={0: 7}, calls=8)
-    switched = [call for call, _, sync in seen if sync]
-    assert switched[0] == agreement_module.TIMED_CALLS + 1 and switched == list(range(switched[0], 9))
-    assert stops(seen) == [7]  # requested on rank 0 at call 7, agreed at call 7 on both ranks
+def test_long_steps_switch_to_synchronous_and_act_at_the_requests_call(seen: dict[str, list]) -> None:
+    switched = [call for call, _, sync in seen["long"] if sync]
+    assert switched == list(range(TIMED_CALLS + 1, 9))
+    assert stops(seen["long"]) == [7]  # requested on rank 0 at call 7, agreed at call 7 on both ranks
 
 
-@pytest.mark.parametrize("at", [agreement_module.TIMED_CALLS, agreement_module.TIMED_CALLS + 1])
-def test_a_request_as_the_mode_switches_is_not_lost(tmp_path: Path, at: int) -> None:
-    seen = run(tmp_path, step_s=SYNC_STEP_S + 0.05, stop_at={1: at}, calls=7)
-    assert stops(seen)[:1] == [agreement_module.TIMED_CALLS + 1]
+@pytest.mark.parametrize("scenario", ["at the last timed call", "at the switch"])
+def test_a_request_as_the_mode_switches_is_not_lost(seen: dict[str, list], scenario: str) -> None:
+    assert stops(seen[scenario])[:1] == [TIMED_CALLS + 1]
