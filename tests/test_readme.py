@@ -38,7 +38,7 @@ GRID_SWEEP = f"launcher sweep digits --cluster local --grid optim.lr=0.01,0.05 {
 LR_SMALL = f"launcher launch digits optim.lr=0.01 {SHORT} --run-name lr-0.01"
 LR_BIG = f"launcher launch digits optim.lr=0.1 {SHORT} --run-name lr-0.1"
 LR_DROPOUT = ("launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 "
-              f"--trials 2 trainer.epochs=2 {SHORT} --name lr-dropout")
+              f"--trials 1 trainer.epochs=2 {SHORT} --name lr-dropout")
 SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT}
 
 # README command -> the steps run for it: (command line, text its output must contain).
@@ -126,7 +126,7 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         ("launcher sweep-status readme-grid", "by val/acc (max), best first"),
         ("launcher sweep-status readme-grid --plot grid.pdf", "wrote grid.pdf: val/acc by trial"),),
     "launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 --trials 8 "
-    "trainer.epochs=2 --name lr-dropout": ((LR_DROPOUT, "sweep lr-dropout: 2 trials"),),
+    "trainer.epochs=2 --name lr-dropout": ((LR_DROPOUT, "sweep lr-dropout: 1 trials"),),
     "launcher sweep-status lr-dropout --plot docs/sweep.png": (
         (LR_DROPOUT, ""),
         ("launcher sweep-status lr-dropout --plot docs/sweep.png", "wrote docs/sweep.png: val/acc by trial"),),
