@@ -12,6 +12,8 @@ from schema import TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 
+_HOST_GROUP: list = [None]  # the gloo group for host-side flags under NCCL (None: the default group is gloo)
+
 
 def pick_device(cfg: TrainerConfig, env: RankEnv) -> torch.device:
     """cuda:<local_rank> when asked for or available under `auto`; the choice is logged, not silent."""
@@ -36,6 +38,8 @@ def init_distributed(env: RankEnv, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+    if backend != "gloo":  # a collective: made here, at the same point on every rank
+        _HOST_GROUP[0] = dist.new_group(backend="gloo")
     if env.is_main:
         log.info("process group: %s, %d ranks, rendezvous %s:%d", backend, env.world_size,
                  env.master_addr, env.master_port)
@@ -54,6 +58,34 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any. A CPU tensor on a gloo group: the answer never
+    waits for a GPU's queue (the flags are host facts: a stop request, an allocator failure)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0])
+    return bool(value.item())
+
+
+def broadcast_flag(flag: bool) -> bool:
+    """Rank 0's `flag`, on every rank (a decision only rank 0 can make, such as a pruner's)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)])
+    dist.broadcast(value, src=0, group=_HOST_GROUP[0])
+    return bool(value.item())
+
+
+def all_reduce_min(value: int) -> int:
+    """The smallest of every rank's `value` (an agreed micro batch: the rank with the least memory wins)."""
+    if not dist.is_initialized():
+        return value
+    values = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=_HOST_GROUP[0])
+    return int(values.item())
+
+
 def shutdown(clean: bool = True) -> None:
     """Leave the process group. After a clean run every rank first meets at a barrier: destroying a
     gloo group while a peer is still inside a collective aborts the process (std::terminate) about
@@ -62,3 +94,4 @@ def shutdown(clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
+        _HOST_GROUP[0] = None

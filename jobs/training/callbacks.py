@@ -7,12 +7,19 @@ import time
 from pathlib import Path
 from typing import Protocol, Sequence
 
+
 from jobs.training.state import TrainState
 
 
 class Callback(Protocol):
+    """Both hooks are optional: a callback defines the ones it needs."""
+
     def on_step_end(self, progress: TrainState) -> None:
         """After each optimizer step, before its logging, evaluation and checkpoint."""
+
+    def on_evaluate(self, progress: TrainState, metrics: dict[str, float]) -> bool:
+        """After each evaluation (every rank has the same metrics). True asks the run to end now with
+        outcome "pruned" (a sweep's pruner); rank 0's answer is the one every rank follows."""
 
 
 class Callbacks:
@@ -23,7 +30,18 @@ class Callbacks:
 
     def on_step_end(self, progress: TrainState) -> None:
         for callback in self.callbacks:
-            callback.on_step_end(progress)
+            hook = getattr(callback, "on_step_end", None)
+            if hook is not None:
+                hook(progress)
+
+    def on_evaluate(self, progress: TrainState, metrics: dict[str, float]) -> bool:
+        """Every callback sees the evaluation; True if any asks to end the run."""
+        ask = False
+        for callback in self.callbacks:
+            hook = getattr(callback, "on_evaluate", None)
+            if hook is not None:
+                ask = bool(hook(progress, metrics)) or ask
+        return ask
 
 
 class FirstStepMarker:

@@ -59,6 +59,7 @@ class Trainer:
     pipeline: Optional[PipelineRunner] = None  # parallel.strategy=pipeline: runs this rank's stage
     progress: TrainState = field(default_factory=TrainState)
     last_eval: Optional[EvalResult] = None
+    pruned: bool = False  # a callback asked to end the run after an evaluation (rank 0's answer, on every rank)
     _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
 
     @property
@@ -181,21 +182,21 @@ class Trainer:
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
         window, agreement = LossWindow(self.device), StopAgreement()
         self._last_save, preempted = time.monotonic(), False
-        while st.step < self.total_steps and not preempted:
+        while st.step < self.total_steps and not (preempted or self.pruned):
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
             for micro in micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, t.micro_batch,
                                        self.recipe.grad_accum, self.recipe.data.num_workers):
                 preempted = self._step(micro, window, agreement, bar)
-                if preempted or st.step >= self.total_steps:
+                if preempted or self.pruned or st.step >= self.total_steps:
                     break
-            if not preempted and st.step_in_epoch >= steps_per_epoch:
+            if not (preempted or self.pruned) and st.step_in_epoch >= steps_per_epoch:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
                 if not t.eval_every:
                     self._evaluate()
         agreement.drain()
         if bar is not None:
             bar.close()
-        return self._finish("preempted" if preempted else "completed")
+        return self._finish("preempted" if preempted else "pruned" if self.pruned else "completed")
 
     def _step(self, micro: MicroBatches, window: LossWindow, agreement: StopAgreement, bar: Any) -> bool:
         """One optimizer step and what is due after it; True when the ranks agreed to stop."""
@@ -214,6 +215,8 @@ class Trainer:
             self._log_train(window)
         if t.eval_every and st.step % t.eval_every == 0:
             self._evaluate()
+            if self.pruned:
+                return False
         preempted, time_due = agreement.exchange(self.stop.requested,
                                                  save_due_by_time(self.recipe.checkpoint, self._last_save))
         if preempted or save_due_at_step(self.recipe.checkpoint, st.step) or time_due:
@@ -247,6 +250,7 @@ class Trainer:
         if self.env.is_main:  # e.g. "val/loss 0.1234 val/acc 0.9700"
             log.info("step %d: %s", step, " ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         self.last_eval = EvalResult(step, metrics)
+        self.pruned = parallel.broadcast_flag(self.callbacks.on_evaluate(self.progress, metrics))
 
     def _eval_metrics(self) -> dict[str, float]:
         return dict(self.last_eval.metrics) if self.last_eval is not None else {}
