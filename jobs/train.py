@@ -96,11 +96,21 @@ def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | Non
         logging.getLogger("jobs.train").error("%s", err)
         parallel.shutdown(clean=False)
         raise
-    except BaseException:
+    except BaseException as err:
+        _log_failure(err)
         parallel.shutdown(clean=False)
         raise
     parallel.shutdown()
     return result
+
+
+def _log_failure(err: BaseException) -> None:
+    """The traceback into this rank's log file too: the console (torchrun's, a Slurm job's output) is
+    gone after the run, and `launcher doctor` reads the run directory. Not to the console: the
+    exception hook prints it there once already."""
+    if not isinstance(err, (KeyboardInterrupt, SystemExit)):
+        logging.getLogger("jobs.train").error("rank failed: %s: %s", type(err).__name__, err, exc_info=err,
+                                              extra={"console": False})
 
 
 def _callbacks(run_dir: Path, env: RankEnv) -> list[FirstStepMarker]:

@@ -206,6 +206,15 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """A run's failure named with its fix, or (no run) the environment checked: 0 if nothing is wrong, else 1."""
+    from launcher.doctor.command import doctor_environment, doctor_run  # torch, boto3, asyncssh: only when asked
+
+    if args.run is None:
+        return doctor_environment(load_cluster(args.cluster), args.store)
+    return doctor_run(_existing_run(args))
+
+
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     """What `launch` and `sbatch` share: the recipe, its overrides, the run name and resume policy."""
     p.add_argument("recipe")
@@ -275,6 +284,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--follow", "-f", action="store_true")
     p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
     p.add_argument("run")
+    p = add("doctor", cmd_doctor, "name why a run failed and the fix; without RUN, check the environment")
+    p.add_argument("run", nargs="?", metavar="RUN")
+    p.add_argument("--store", metavar="URI", help="without RUN: also list this checkpoint folder (s3://BUCKET/PREFIX)")
     _sweep_commands(add)
     p = add("sbatch", cmd_sbatch, "print a standalone sbatch script for a run (and submit it with --submit)")
     _run_arguments(p)

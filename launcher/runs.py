@@ -72,8 +72,8 @@ def code_dir_of(recipe: RecipeConfig) -> Path:
 def find_run(name: str, root: Path) -> Run:
     run = run_at(root, name)
     if not run.info_path.exists():
-        known = sorted(p.name for p in root.glob(f"*/{RUN_JSON}")) if root.exists() else []
-        names = ", ".join(p.split("/")[0] for p in known) or "none"
+        known = sorted(p.parent.name for p in root.glob(f"*/{RUN_JSON}")) if root.exists() else []
+        names = ", ".join(known) or "none"
         raise UsageError(f"{root / name}: no such run (runs in {root}: {names})")
     return run
 

@@ -110,6 +110,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "exec python3 -m jobs.environments.skypilot"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
+    "launcher doctor [RUN] [--cluster C] [--store URI]": (
+        (f"launcher doctor {RUN}", f"run {RUN}: nothing wrong found"),
+        ("launcher doctor --cluster local", "ok   torch: torch "),),
     "launcher plot RUN [RUN ...] [--metric M ...] --out FILE": (
         (f"launcher plot {RUN} --metric val/acc --metric train/loss --out table-curves.svg",
          f"wrote table-curves.svg: val/acc, train/loss of {RUN}"),),

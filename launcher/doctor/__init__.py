@@ -1,0 +1,8 @@
+"""`launcher doctor`: name what went wrong and what to do about it.
+
+With a run: `records` reads the run directory (each rank's log from its last launch, the Slurm job's output,
+run.json, result.json, the resolved config), `diagnose` turns that into findings (pure functions of the
+text and records), each with its evidence as file:line and a fix. Without a run: `environment` checks what
+a launch on the cluster config would need (torch and CUDA, Slurm's commands, the VMs over SSH, the
+checkpoint store, the tracker). `findings` is what both print.
+"""

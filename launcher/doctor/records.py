@@ -1,0 +1,128 @@
+"""A run directory read for diagnosis: each rank's log from its last launch (logs are appended to by every
+launch), the Slurm job's own output, run.json, result.json and the resolved config, with line numbers."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import yaml
+
+from launcher.doctor.findings import Line
+from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
+
+# The first line a rank writes at every launch: jobs.train's "rank 0 of 2 on HOST" and jobs.script's
+# "launcher: rank 0 of 2 on HOST". The last one in a log starts the launch being diagnosed.
+LAUNCH_START = re.compile(r"(?:INFO jobs\.train: |^launcher: )rank \d+ of \d+ on ")
+# jobs.train's format: "19:39:12 [rank0] ERROR jobs.train: message"
+LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[rank(\d+)\] ([A-Z]+) ([\w.]+): ")
+RANK_LOG = re.compile(r"^rank(\d+)\.log$")
+MAX_READ = 8 << 20  # bytes read from the end of one file: a week-long run's log is not read whole
+
+
+@dataclass(frozen=True)
+class RankLog:
+    rank: int
+    lines: tuple[Line, ...]  # the last launch's, numbered as in the file
+
+
+@dataclass(frozen=True)
+class RunRecords:
+    """Everything the diagnosis looks at; `recipe` and `cluster` are the YAML as written ({} if unreadable)."""
+
+    name: str
+    info: RunInfo = field(default_factory=RunInfo)
+    result: RunResult = field(default_factory=RunResult)
+    recipe: dict = field(default_factory=dict)
+    cluster: dict = field(default_factory=dict)
+    ranks: tuple[RankLog, ...] = ()
+    job_output: tuple[Line, ...] = ()  # the Slurm job's output files and failure records
+
+    def lines(self) -> Iterator[Line]:
+        for log in self.ranks:
+            yield from log.lines
+        yield from self.job_output
+
+    def setting(self, section: str, key: str) -> Any:
+        """recipe[section][key], or None where the config lacks it."""
+        value = self.recipe.get(section)
+        return value.get(key) if isinstance(value, dict) else None
+
+
+def read_run(run: Run) -> RunRecords:
+    return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=_yaml(run.dir / CONFIG_YAML),
+                      cluster=_yaml(run.dir / CLUSTER_YAML), ranks=tuple(_rank_logs(run.dir)),
+                      job_output=tuple(_job_output(run)))
+
+
+def _yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(errors="replace"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _rank_logs(run_dir: Path) -> Iterator[RankLog]:
+    found = sorted((int(m.group(1)), p) for p in (run_dir / LOGS).glob("rank*.log") if (m := RANK_LOG.match(p.name)))
+    for rank, path in found:
+        lines = read_lines(path, f"{LOGS}/{path.name}")
+        starts = [i for i, line in enumerate(lines) if LAUNCH_START.search(line.text)]
+        yield RankLog(rank, tuple(lines[starts[-1]:] if starts else lines))
+
+
+def _job_output(run: Run) -> Iterator[Line]:
+    """The current Slurm job's output (submitit's or an sbatch script's) and its ranks' failure records."""
+    info = run.info()
+    paths: list[Path] = []
+    if info.submitit_folder and info.job_id:
+        paths += sorted(Path(info.submitit_folder).glob(f"{info.job_id}_*_log.*"))
+    if info.job_id:
+        paths += [run.dir / f"slurm-{info.job_id}.out"]
+        paths += sorted((run.dir / FAILURES).glob(f"{info.job_id}.*.rank*"))
+    for path in paths:
+        try:
+            shown = str(path.relative_to(run.dir))
+        except ValueError:
+            shown = str(path)
+        yield from read_lines(path, shown)
+
+
+def read_lines(path: Path, shown: str) -> list[Line]:
+    """The file's lines (its last MAX_READ bytes) numbered as in the file; [] if it cannot be read. A log is
+    what a process wrote, not necessarily UTF-8: undecodable bytes read as U+FFFD."""
+    try:
+        with open(path, "rb") as f:
+            size = f.seek(0, 2)
+            skipped = max(0, size - MAX_READ)
+            first = _count_lines(f, skipped) + 1
+            f.seek(skipped)
+            data = f.read()
+    except OSError:
+        return []
+    text = data.decode(errors="replace").splitlines()
+    return [Line(shown, first + i, line) for i, line in enumerate(text)]
+
+
+def _count_lines(f: Any, upto: int) -> int:
+    f.seek(0)
+    count, left = 0, upto
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            break
+        count += chunk.count(b"\n")
+        left -= len(chunk)
+    return count
+
+
+def log_time(line: Line) -> Optional[str]:
+    """HH:MM:SS of a jobs.train log line, else None (a script's own output has no time)."""
+    m = LOG_LINE.match(line.text)
+    return m.group(1) if m else None
+
+
+def log_level(line: Line) -> Optional[str]:
+    m = LOG_LINE.match(line.text)
+    return m.group(3) if m else None
