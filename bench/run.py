@@ -14,6 +14,8 @@
 (g) VMs over SSH on loopback (bench/vm_notice.py): seconds from a GCE spot notice to the stop's checkpoint
     committed in S3 for a 101M-parameter GPT on 2 VMs (goal <= 15 s of GCE's 30 s), steps lost per
     preemption (goal <= 1), launch -> first step on 2 VMs vs 1 VM vs the local backend
+(h) Bayesian sweep (TPE + median pruning) vs a 27-point grid on digits: trial-steps to reach the grid's best
+    val/acc as a fraction of the grid's, median of 3 seeds (goal <= 0.4; bench/bayes_sweep.py)
 """
 from __future__ import annotations
 
@@ -270,6 +272,8 @@ def table(results: dict) -> str:
         rows += shardsave_rows(results["shardsave"])
     for row in results.get("vms_rows", []):
         rows.append(tuple(row))
+    for row in results.get("bayes_rows", []):
+        rows.append(tuple(row))
     if "skipped" in results.get("vms", {}):
         rows.append(("VMs over SSH", "SKIPPED", results["vms"]["skipped"], ""))
     if not rows:
@@ -283,7 +287,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms"],
+                                           "vms", "bayes"],
                         default=None)
     parser.add_argument("--small", action="store_true",
                         help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
@@ -311,6 +315,11 @@ def main() -> None:
         results["vms"] = vms.get("results", vms)
         if "rows" in vms:
             results["vms_rows"] = vms["rows"]
+    if args.only in (None, "bayes"):
+        from bench import bayes_sweep
+
+        results["bayes"] = bayes_sweep.run()
+        results["bayes_rows"] = bayes_sweep.rows(results["bayes"])
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.only is not None:

@@ -20,12 +20,13 @@ from tqdm import tqdm
 from jobs import parallel
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
-from jobs.training.callbacks import FirstStepMarker
+from jobs.training.callbacks import Callback, FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
 from schema import ClusterConfig, RecipeConfig, UsageError, load_resolved, to_dict
 from schema.run_dir import Run, RunResult, checkpoint_uri
 from schema.secrets import RedactFilter, secret_values
+from schema.study import TrialTicket
 
 
 class ConsoleHandler(logging.StreamHandler):
@@ -113,13 +114,23 @@ def _log_failure(err: BaseException) -> None:
                                               extra={"console": False})
 
 
-def _callbacks(run_dir: Path, env: RankEnv) -> list[FirstStepMarker]:
+def _callbacks(run_dir: Path, env: RankEnv) -> list[Callback]:
     """first_step.json belongs to the run directory, whatever started the run: `make bench` times
     launch-to-first-step with it and tests wait on it before signalling a run, through `launcher
     launch`, sbatch or submitit alike. Registering it here, at the one rank entry point every
     backend goes through, keeps it out of the trainer without an opt-in variable that each backend
-    would have to carry to the ranks. One writer: rank 0."""
-    return [FirstStepMarker(run_dir)] if env.is_main else []
+    would have to carry to the ranks. One writer: rank 0. The same holds for a Bayesian sweep's trial:
+    the launcher's trial.json in the run directory says which study rank 0 reports to (and whether
+    its pruner may stop the run); the other ranks follow rank 0's answer."""
+    if not env.is_main:
+        return []
+    callbacks: list[Callback] = [FirstStepMarker(run_dir)]
+    ticket = TrialTicket.read(run_dir)
+    if ticket is not None:
+        from jobs.training.pruning import TrialReporter  # optuna: only in a Bayesian sweep's trials
+
+        callbacks.append(TrialReporter(ticket))
+    return callbacks
 
 
 def stop_with_parent() -> None:

@@ -18,6 +18,8 @@ from launcher.backends.slurm_options import slurm_section
 from launcher.preflight import Target
 from schema.run_dir import Run
 from launcher.runs import default_run_name, find_run, runs_root
+from launcher.sweeps.bayes import BayesSpec, default_name as default_bayes_name, is_bayes, print_status, run_bayes, \
+    summarize, table_record
 from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table, trial_rows
@@ -120,6 +122,11 @@ def cmd_skypilot(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     find_config(args.recipe, search_path(RecipeConfig), "recipe")  # an unknown recipe is reported once, not per trial
+    _check_search_options(args)
+    if args.search == "bayes":
+        spec = BayesSpec(args.recipe, tuple(args.overrides), tuple(args.param), args.trials, args.seed, args.prune)
+        name = args.name or check_name("default sweep name", default_bayes_name(spec))
+        return run_bayes(spec, name, args.cluster, args.runs_dir, args.workers or 1, args.wait)
     if args.random and args.trials is None:
         raise UsageError("--random needs --trials N (how many samples to draw)")
     spec = SweepSpec(args.recipe, tuple(args.overrides), tuple(args.grid), tuple(args.random),
@@ -137,11 +144,37 @@ def cmd_sweep_status(args: argparse.Namespace) -> int:
 
         out = plot.check_out(args.plot)
     metric, mode = args.metric or record["best_metric"], args.mode or record["best_mode"]
-    print_table(root, record, metric, mode)
+    if is_bayes(record):  # the trials are the study's: best, pruned and importances come with the table
+        summary = summarize(root, record)
+        record = table_record(record, summary)
+        print_status(root, record, summary, metric, mode)
+    else:
+        print_table(root, record, metric, mode)
     if out is not None:
         plot.save(plot.sweep_figure(trial_rows(root, record, metric), metric, mode), out)
         print(f"wrote {out}: {metric} by trial and against each swept parameter")
     return 0
+
+
+def _check_search_options(args: argparse.Namespace) -> None:
+    """Which options go with which search: refused before anything exists (exit 2)."""
+    if args.search != "bayes":
+        given = [f for f, v in (("--param", args.param), ("--prune", args.prune), ("--workers", args.workers)) if v]
+        if given:
+            raise UsageError(f"{given[0]} {' '.join(args.param) if given[0] == '--param' else ''}".rstrip()
+                             + " goes with --search bayes (grid and random trials are fixed in advance and run to "
+                             "their end)", hint=f"add --search bayes, or drop {given[0]}")
+        return
+    mixed = [f for f, v in (("--grid", args.grid), ("--random", args.random), ("--max-parallel", args.max_parallel))
+             if v]
+    if mixed:
+        raise UsageError(f"--search bayes takes its search space from --param; {mixed[0]} belongs to grid and "
+                         "random sweeps", hint="write --param KEY=DIST:ARGS (uniform, loguniform, randint, choice); "
+                         "several trials at once: --workers K")
+    if args.trials is None:
+        raise UsageError("--search bayes needs --trials N (how many trials the study may run)")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers {args.workers} must be >= 1 (workers running trials at once)")
 
 
 def _report(run: Run, code: int) -> int:
@@ -300,7 +333,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def _sweep_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str], argparse.ArgumentParser]) -> None:
-    p = add("sweep", cmd_sweep, "grid or random hyper-parameter search: one run per trial (a job array on Slurm)")
+    p = add("sweep", cmd_sweep, "grid, random or Bayesian hyper-parameter search: one run per trial (a job array on Slurm)")
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, shared by every trial")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
@@ -312,6 +345,14 @@ def _sweep_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str
     p.add_argument("--name", help="sweep name (default: <recipe>-sweep-<hash of the sweep spec>)")
     p.add_argument("--wait", action="store_true", help="Slurm: block until every trial has finished for good")
     p.add_argument("--max-parallel", type=int, help="Slurm: run at most this many trials at once")
+    p.add_argument("--search", choices=["bayes"], help="bayes: Optuna's seeded TPE over --param, the study in a "
+                                                       "journal file in the sweep's folder")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
+                   help="--search bayes: a parameter and its range, as --random takes them")
+    p.add_argument("--prune", action="store_true", help="--search bayes: stop trials whose metric is below the "
+                                                        "median of earlier trials at the same step")
+    p.add_argument("--workers", type=int, help="--search bayes: workers drawing trials from the study (a Slurm job "
+                                               "array of this many; locally processes; default 1)")
     p = add("sweep-status", cmd_sweep_status, "table of a sweep's trials, best first")
     p.add_argument("sweep")
     p.add_argument("--metric", help="rank by this metric (default: the recipe's checkpoint.best_metric or val/acc)")

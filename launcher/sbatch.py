@@ -154,3 +154,28 @@ def submit(run: Run, script: Path) -> str:
     run.update(job_id=job_id, job_ids=run.info().job_ids + [job_id], sbatch_script=str(script),
                state="submitted")
     return job_id
+
+
+# ----------------------------------------------------------------------------- a Bayesian sweep's workers
+def render_worker_array(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, workers: int,
+                        python: str) -> str:
+    """A job array of `workers` elements, each a sweep worker (`launcher.sweeps.worker`) that runs trials
+    one after another in its allocation (every trial has the same resources: `recipe`'s). The worker
+    replaces the batch shell (exec), so `--signal=B:USR2` reaches it; it forwards the signal to the
+    trial's srun, rank 0 requeues the element, and the requeued worker resumes the same trial."""
+    s, src = slurm_section(cluster), source(cluster)
+    one_line("command line", "sweep folder (--runs-dir, --name)", str(folder))
+    opts = job_options(recipe, s, src, folder.name)
+    opts += [("--workers", "--array", f"0-{workers - 1}"),
+             ("slurm.grace_period_s", "--signal", f"B:USR2@{s.grace_period_s}"),
+             ("", "--requeue", None),
+             ("", "--open-mode", "append"),
+             ("sweep folder", "--output", f"{_output_pattern(folder)}/worker-%A_%a.out")]
+    header = ["#!/bin/bash", f"# {folder.name}: Bayesian sweep workers on cluster {one_line(src, 'name', cluster.name)}, "
+              "written by `launcher sweep --search bayes`."]
+    entry = " ".join(shlex.quote(a) for a in [one_line(src, "slurm.python", python), "-u", "-m",
+                                              "launcher.sweeps.worker", "--sweep-dir", str(folder)])
+    body = ["set -eo pipefail"] + env_exports(src, s) + setup_lines(src, s) + [
+        "set -u", f'exec {entry} --worker "$SLURM_ARRAY_TASK_ID"']
+    directives = [_directive(src, key, option, value) for key, option, value in opts]
+    return "\n".join(header + directives + [""] + body) + "\n"

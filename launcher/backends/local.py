@@ -14,7 +14,8 @@ import subprocess
 import sys
 import time
 from types import FrameType
-from typing import Any, Optional, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
 
 from jobs.script import settle
 from launcher.backends import process_start, run_process
@@ -86,6 +87,34 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
     return Launched(1 if failed else 0, ended=True)
+
+
+def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+    """A Bayesian sweep's trial, from its worker on this machine: an ordinary launch."""
+    return launch(recipe, cluster, run)
+
+
+def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, name: str, attempt: int,
+                   workers: int, work_here: Callable[[int], int]) -> Launched:
+    """A Bayesian sweep's workers: one runs in this process (trials one after another); several are
+    processes of their own (`launcher.sweeps.worker`), trials several at once. Ctrl-C or SIGTERM
+    reaches every worker's trial, whose ranks save; the same command resumes them."""
+    if workers == 1:
+        return Launched(work_here(0), ended=True)
+    cmd = [sys.executable, "-m", "launcher.sweeps.worker", "--sweep-dir", str(folder), "--worker"]
+    children = [subprocess.Popen([*cmd, str(i)]) for i in range(workers)]
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            child.send_signal(signal.SIGTERM)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return Launched(max(codes), ended=True)
 
 
 def status(run: Run) -> dict[str, Any]:

@@ -11,8 +11,10 @@ forwards the signal to the ranks itself); `launcher sbatch`'s script already for
 """
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -241,3 +243,62 @@ def wait(runs: Sequence[Run]) -> dict[str, str]:
 
 def logs(run: Run, rank: int, follow: bool) -> int:
     return print_log(run, rank, follow, lambda: status(run)["state"] in LIVE_STATES)
+
+
+# ----------------------------------------------------------------------------- a Bayesian sweep's workers
+def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, name: str, attempt: int,
+                   workers: int, work_here: Callable[[int], int]) -> Launched:
+    """A job array of `workers` elements, each a worker drawing trials from the study until the budget
+    is spent (`launcher.sbatch.render_worker_array`); the script is kept in the sweep's folder."""
+    from launcher.sbatch import render_worker_array
+
+    python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
+    script = folder / f"workers-{attempt}.sh"
+    script.write_text(render_worker_array(recipe, cluster, folder, workers, python))
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise UsageError(f"sbatch refused the workers of {name}: {errors.one_line(proc.stderr.strip(), 300)}",
+                         hint=f"check the slurm: section of {source(cluster)} against this cluster (sinfo, "
+                         "scontrol show partition)")
+    array_id = proc.stdout.strip().split(";")[0]
+    print(f"submitted Slurm job array {array_id} ({workers} workers) for {name}; script {script}", flush=True)
+    return Launched(0, ended=False, batch_id=array_id)
+
+
+def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+    """A trial, from its worker inside an array element: srun starts its ranks in the element's
+    allocation, as `launcher sbatch`'s script does. USR2 and TERM to the worker go on to srun."""
+    job_id = f"{os.environ.get('SLURM_ARRAY_JOB_ID', '')}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    run.update(job_id=job_id, job_ids=[*run.info().job_ids, job_id], state="running")
+    python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
+    child = subprocess.Popen(["srun", "--kill-on-bad-exit=1", python, "-u", "-m", ENTRY_MODULE, "--run-dir",
+                              str(run.dir)])
+
+    def forward(signum: int, _frame: Any) -> None:
+        child.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def workers_live(array_id: str) -> bool:
+    from launcher.backends.slurm_watch import read_states
+
+    return any(_STATE_NAMES.get(s, s.lower()) in LIVE_STATES for s in read_states([array_id]).values())
+
+
+def wait_workers(array_id: str, poll_s: float = 2.0) -> int:
+    """Until every worker of the array has ended; 0 if they all completed."""
+    import time
+
+    from launcher.backends.slurm_watch import read_states
+
+    while True:
+        states = read_states([array_id])
+        if states and not any(_STATE_NAMES.get(s, s.lower()) in LIVE_STATES for s in states.values()):
+            return 0 if all(s == "COMPLETED" for s in states.values()) else 1
+        time.sleep(poll_s)

@@ -85,19 +85,20 @@ def parse_grid(items: list[str]) -> list[tuple[str, list[str]]]:
     return axes
 
 
-def parse_random(items: list[str]) -> list[tuple[str, str, list[str]]]:
-    """`optim.lr=loguniform:1e-4:1e-1` -> ("optim.lr", "loguniform", ["1e-4", "1e-1"]), bounds checked."""
+def parse_random(items: list[str], flag: str = "--random") -> list[tuple[str, str, list[str]]]:
+    """`optim.lr=loguniform:1e-4:1e-1` -> ("optim.lr", "loguniform", ["1e-4", "1e-1"]), bounds checked.
+    `flag` names the option in errors: `--param` of a Bayesian sweep takes the same distributions."""
     out = []
     for item in items:
-        key, raw = _key_value(item, "--random")
+        key, raw = _key_value(item, flag)
         dist, _, args = raw.partition(":")
         if dist not in DISTRIBUTIONS:
-            raise UsageError(f"--random {item!r}: unknown distribution {dist!r}", hint="use one of uniform:LOW:HIGH, "
+            raise UsageError(f"{flag} {item!r}: unknown distribution {dist!r}", hint="use one of uniform:LOW:HIGH, "
                              "loguniform:LOW:HIGH, randint:LOW:HIGH, choice:A,B,...")
         if dist == "choice":
             values = split_values(args)
             if not args or any(v == "" for v in values):
-                raise UsageError(f"--random {item!r}: choice needs values", hint=f"e.g. {key}=choice:16,32")
+                raise UsageError(f"{flag} {item!r}: choice needs values", hint=f"e.g. {key}=choice:16,32")
             out.append((key, dist, values))
             continue
         bounds = args.split(":")
@@ -107,10 +108,10 @@ def parse_random(items: list[str]) -> list[tuple[str, str, list[str]]]:
         except ValueError:
             low = high = None
         if low is None or not low < high:
-            raise UsageError(f"--random {item!r}: {dist} needs two {number.__name__} bounds LOW:HIGH with LOW < HIGH",
+            raise UsageError(f"{flag} {item!r}: {dist} needs two {number.__name__} bounds LOW:HIGH with LOW < HIGH",
                              hint=f"e.g. {key}={dist}:{'1:8' if dist == 'randint' else '1e-4:1e-1'}")
         if dist == "loguniform" and low <= 0:
-            raise UsageError(f"--random {item!r}: loguniform bounds must be > 0")
+            raise UsageError(f"{flag} {item!r}: loguniform bounds must be > 0")
         out.append((key, dist, bounds))
     return out
 

@@ -36,7 +36,7 @@ def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str
     rows = []
     for entry in record["trials"]:
         run = Run(entry["run_name"], root / entry["run_name"])
-        state = trial_state(run)
+        state = entry.get("state") or trial_state(run)  # a Bayesian sweep's study knows how its trials ended
         result = run.result()
         final = metric in result.metrics
         step, value = (result.step, result.metrics[metric]) if final else _latest_logged(run, metric)

@@ -1,0 +1,51 @@
+"""A Bayesian sweep's trial, seen from rank 0: report each evaluation to the study, ask its pruner.
+
+Registered by `jobs.train` on rank 0 when the run directory holds a trial.json (`schema.study.TrialTicket`,
+written by the launcher). Only rank 0 touches the journal: the trainer hands rank 0's answer to every
+rank, which then all stop after the same evaluation (outcome "pruned"). The launcher, not the rank,
+tells the study how the trial ended: it also sees runs that crashed before they could say anything.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from jobs.training.state import TrainState
+from schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, trial_id
+
+log = logging.getLogger("jobs.pruning")
+
+
+class TrialReporter:
+    """`on_evaluate`: report the ticket's metric at this step; True when the pruner says stop."""
+
+    def __init__(self, ticket: TrialTicket) -> None:
+        self.ticket = ticket
+        self._storage: Any = None  # the journal, opened at the first evaluation
+        self._trial: Any = None  # optuna.trial.Trial
+        self._id = -1  # its id in the storage
+
+    def _open(self) -> None:
+        import optuna
+
+        self._storage = journal_storage(self.ticket.journal)
+        study = load_study(self._storage, self.ticket.study, prune=self.ticket.prune)
+        self._id = trial_id(self._storage, self.ticket.study, self.ticket.number)
+        self._trial = optuna.trial.Trial(study, self._id)
+
+    def on_evaluate(self, progress: TrainState, metrics: dict[str, float]) -> bool:
+        value = metrics.get(self.ticket.metric)
+        if value is None:
+            return False
+        if self._trial is None:
+            self._open()
+        # A resumed run evaluates again the steps after its checkpoint: the first report of a step stays
+        reported = self._storage.get_trial(self._id).intermediate_values
+        if progress.step not in reported:
+            self._trial.report(value, progress.step)
+        judged = len(reported | {progress.step: value}) >= JUDGED_FROM_REPORT
+        if self.ticket.prune and judged and self._trial.should_prune():
+            log.info("trial %d of study %s pruned at step %d (%s %.4f)", self.ticket.number, self.ticket.study,
+                     progress.step, self.ticket.metric, value)
+            return True
+        return False

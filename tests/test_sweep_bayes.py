@@ -1,0 +1,226 @@
+"""Bayesian sweeps (Optuna TPE, median pruning, a journal file): the worker loop against a real journal with
+stand-in trials (seeded suggestions, resuming, telling, sweep-status), refusals through the CLI, and real
+digits trials through the CLI: a pruned trial on 2 ranks, a trial killed mid-run that resumes as the same
+trial, and workers as a Slurm job array."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import REPO, max_logged_step, read_result, run_cli, wait_until
+from launcher.cli import main
+from launcher.preflight import Target
+from launcher.sweeps.bayes import BayesSpec, Sweep, trial_name, work
+from schema import RecipeConfig
+from schema.run_dir import Run, RunResult, committed_steps
+from schema.study import STUDY_JOURNAL, journal_storage, load_study
+
+SPACE = ("optim.lr=loguniform:1e-4:1e-1", "model.dropout=uniform:0:0.5", "trainer.micro_batch=choice:16,32")
+QUICK = ["parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=40", "trainer.eval_every=5"]
+
+
+def _sweep(root: Path, name: str, seed: int = 0, trials: int = 8, prune: bool = False) -> Sweep:
+    spec = BayesSpec("digits", ("trainer.max_steps=10",), SPACE, trials, seed, prune)
+    sweep = Sweep(name, spec, Target.load("local"), root, "val/acc", "max")
+    sweep.folder.mkdir(parents=True, exist_ok=True)
+    sweep.create_study()
+    return sweep
+
+
+def _stand_in(outcomes: dict[int, str] | None = None) -> Callable[[RecipeConfig, Run], int]:
+    """A trial without training: its val/acc a smooth function of lr and dropout (best near lr 1e-2,
+    dropout 0); `outcomes` gives some trials another ending (once each)."""
+    left = dict(outcomes or {})
+
+    def runner(recipe: RecipeConfig, run: Run) -> int:
+        import math
+
+        number = int(run.name.rsplit("-t", 1)[1])
+        acc = 1.0 - (math.log10(recipe.optim.lr) + 2) ** 2 / 10 - recipe.model.dropout / 5
+        outcome = left.pop(number, "completed")
+        run.write_result(RunResult(outcome=outcome, step=10 if outcome == "completed" else 5,
+                                   signal="SIGTERM" if outcome == "preempted" else None, metrics={"val/acc": acc}))
+        return 0
+
+    return runner
+
+
+def _journal(root: Path, name: str) -> list:
+    journal = root / "sweeps" / name / STUDY_JOURNAL
+    return load_study(journal_storage(journal), name).get_trials(deepcopy=False)
+
+
+# ----------------------------------------------------------------------------- the worker loop, stand-in trials
+def test_same_seed_same_suggestions_also_across_a_restart(tmp_path: Path) -> None:
+    straight = _sweep(tmp_path / "a", "s")
+    assert work(straight, 0, _stand_in()) == 0
+    params = [t.params for t in _journal(tmp_path / "a", "s")]
+    assert len(params) == 8 and len({p["optim.lr"] for p in params}) == 8
+
+    again = _sweep(tmp_path / "b", "s")
+    assert work(again, 0, _stand_in()) == 0
+    assert [t.params for t in _journal(tmp_path / "b", "s")] == params  # TPE's phase included (trials 3-7)
+
+    # stopped by a signal at trial 4 (its ranks saved): the worker stops; started again, trial 4 resumes as
+    # the same trial, and the suggestions after it are those of the uninterrupted sweep
+    stopped = _sweep(tmp_path / "c", "s")
+    assert work(stopped, 0, _stand_in({4: "preempted"})) == 1
+    assert [t.state.name for t in _journal(tmp_path / "c", "s")] == ["COMPLETE"] * 4 + ["RUNNING"]
+    assert work(_sweep(tmp_path / "c", "s"), 0, _stand_in()) == 0
+    assert [t.params for t in _journal(tmp_path / "c", "s")] == params
+    config = (tmp_path / "c" / "s-t04" / "config.yaml").read_text()
+    assert f"lr: {params[4]['optim.lr']!r}" in config  # the run trains with the value the study holds
+
+    other = _sweep(tmp_path / "d", "s", seed=1)
+    assert work(other, 0, _stand_in()) == 0
+    assert [t.params for t in _journal(tmp_path / "d", "s")] != params
+
+
+def test_outcomes_are_told_and_the_table_shows_best_pruned_importances(runs_dir: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    sweep = _sweep(runs_dir, "told", trials=6)
+    record = {"name": "told", "recipe": "digits", "cluster": "local", "spec": sweep.spec.to_dict(),
+              "best_metric": "val/acc", "best_mode": "max", "trials": [], "arrays": []}
+    (runs_dir / "sweeps" / "told.json").write_text(json.dumps(record))
+    assert work(sweep, 0, _stand_in({1: "pruned", 2: "failed"})) == 0
+    trials = _journal(runs_dir, "told")
+    assert [t.state.name for t in trials] == ["COMPLETE", "PRUNED", "FAIL", "COMPLETE", "COMPLETE", "COMPLETE"]
+    for t in trials:  # a completed trial is told its run's final metric
+        result = read_result(runs_dir / trial_name("told", t.number, 6))
+        assert t.user_attrs["run_name"] == f"told-t0{t.number}"
+        if t.state.name == "COMPLETE":
+            assert t.value == result["val/acc"]
+    best = max((t for t in trials if t.state.name == "COMPLETE"), key=lambda t: t.value)
+    capsys.readouterr()
+    assert main(["sweep-status", "told", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"best trial: told-t0{best.number} (#{best.number}) val/acc {best.value:.4f}" in out
+    assert "pruned: told-t01 at step ?" in out  # stand-in trials report nothing to the study
+    assert re.search(r"parameter importances \([^)]*\): (\S+ \d\.\d\d, ){2}\S+ \d\.\d\d", out), out
+    assert re.search(r"told-t01\s+pruned", out) and re.search(r"told-t02\s+failed", out), out
+
+
+def test_importances_with_too_few_completed_trials(runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = _sweep(runs_dir, "few", trials=1)
+    (runs_dir / "sweeps" / "few.json").write_text(json.dumps(
+        {"name": "few", "recipe": "digits", "cluster": "local", "spec": sweep.spec.to_dict(), "best_metric": "val/acc",
+         "best_mode": "max", "trials": [], "arrays": []}))
+    work(sweep, 0, _stand_in())
+    capsys.readouterr()
+    assert main(["sweep-status", "few", "--runs-dir", str(runs_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "parameter importances: not yet (needs 2 completed trials, the study has 1)" in out
+    assert "best trial: few-t00 (#0)" in out
+
+
+# ----------------------------------------------------------------------------- refusals through the CLI
+@pytest.mark.parametrize("args,message", [
+    (["--grid", "optim.lr=0.1,0.2", "--prune"], "--prune goes with --search bayes"),
+    (["--random", "optim.lr=uniform:0.1:0.2", "--trials", "2", "--param", "model.dropout=uniform:0:0.5"],
+     "--param model.dropout=uniform:0:0.5 goes with --search bayes"),
+    (["--search", "bayes", "--param", "optim.lr=normal:0:1", "--trials", "2"],
+     "--param 'optim.lr=normal:0:1': unknown distribution 'normal'"),
+    (["--search", "bayes", "--param", "optim.lr=loguniform:0:0.1", "--trials", "2"], "loguniform bounds must be > 0"),
+    (["--search", "bayes", "--param", "optim.lr=uniform:0.1", "--trials", "2"], "two float bounds"),
+    (["--search", "bayes", "--param", "optim.lr=loguniform:1e-4:1e-1"], "--search bayes needs --trials N"),
+    (["--search", "bayes", "--trials", "2"], "needs at least one --param"),
+    (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--param", "optim.lr=uniform:0.1:0.3",
+      "--trials", "2"], "--param optim.lr given more than once"),
+    (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--grid", "model.dropout=0,0.1", "--trials", "2"],
+     "--grid belongs to grid and random sweeps"),
+    (["--search", "bayes", "--param", "optim.lrr=loguniform:1e-4:1e-1", "--trials", "2"], "optim.lrr: unknown key"),
+    (["--search", "bayes", "--param", "model.dropout=uniform:0:1.5", "--trials", "2"],
+     "model.dropout: 1.5 must be between 0 and 1"),
+    (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--trials", "0"], "--trials 0 must be >= 1"),
+    (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--trials", "2", "--workers", "0"],
+     "--workers 0 must be >= 1"),
+])
+def test_bad_bayes_input_is_one_line_exit_2_nothing_created(args: list[str], message: str, runs_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    assert main(["sweep", "digits", *args, "--runs-dir", str(runs_dir)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and "Traceback" not in err, err
+    assert list(runs_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- tier 2: real digits trials
+@pytest.mark.slow
+def test_a_pruned_trial_stops_cleanly_on_every_rank(runs_dir: Path) -> None:
+    """Three earlier trials that reported val/acc 1.0 at every step: the median rule must stop the next
+    one at its third evaluation (the first it judges), on both ranks, with outcome pruned, and the study
+    must hear PRUNED."""
+    import optuna
+
+    params = ("optim.lr=loguniform:1e-3:1e-1", "model.dropout=uniform:0:0.5")
+    spec = BayesSpec("digits", (), params, 4, 0, True)
+    sweep = Sweep("pr", spec, Target.load("local"), runs_dir, "val/acc", "max")
+    sweep.folder.mkdir(parents=True)
+    sweep.create_study()
+    study = load_study(sweep.storage(), "pr")
+    dists = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
+             "model.dropout": optuna.distributions.FloatDistribution(0, 0.5)}
+    for i in range(3):
+        study.add_trial(optuna.trial.create_trial(
+            params={"optim.lr": 0.01, "model.dropout": 0.1 * i}, distributions=dists, value=1.0,
+            intermediate_values={s: 1.0 for s in range(5, 45, 5)}, user_attrs={"run_name": f"earlier{i}",
+                                                                                "overrides": [], "worker": 99}))
+    proc = run_cli("sweep", "digits", "--search", "bayes", *[a for p in params for a in ("--param", p)],
+                   "--trials", "4", "--prune", "--name", "pr", "trainer.epochs=null", "trainer.max_steps=40",
+                   "trainer.eval_every=5", runs_dir=runs_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = runs_dir / "pr-t03"
+    result = read_result(run_dir)
+    assert result["outcome"] == "pruned" and result["step"] == 15, result
+    assert max_logged_step(run_dir) == 15  # nothing trained after the evaluation that pruned it
+    for rank in (0, 1):  # both ranks ended the run, without an error
+        log = (run_dir / "logs" / f"rank{rank}.log").read_text()
+        assert f"rank {rank} of 2" in log and "Traceback" not in log and " ERROR " not in log, log
+    assert "trial 3 of study pr pruned at step 15" in (run_dir / "logs" / "rank0.log").read_text()
+    trial = _journal(runs_dir, "pr")[3]
+    assert trial.state.name == "PRUNED" and sorted(trial.intermediate_values) == [5, 10, 15]
+    assert trial.intermediate_values[15] == pytest.approx(result["val/acc"])
+    assert "pruned: pr-t03 at step 15" in proc.stdout and re.search(r"pr-t03\s+pruned\s+15", proc.stdout), proc.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_trial_resumes_as_the_same_trial_and_the_best_is_recorded(runs_dir: Path) -> None:
+    args = ["sweep", "digits", "--search", "bayes", "--param", "optim.lr=loguniform:1e-2:1e-1", "--trials", "2",
+            "--prune", "--name", "kill", "parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=400",
+            "trainer.eval_every=50", "checkpoint.every_steps=50", "--runs-dir", str(runs_dir)]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: 100 in committed_steps(runs_dir / "kill-t00" / "checkpoints"),
+                   "trial 0 to commit its step-100 checkpoint", timeout=120, poll=0.02)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the launcher, its worker loop and the rank: no one tells anything
+        first.wait()
+    (before,) = _journal(runs_dir, "kill")
+    assert before.state.name == "RUNNING" and not (runs_dir / "kill-t00" / "result.json").exists()
+
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert re.search(r"trial kill-t00 \(#0, resumed, worker 0\): optim.lr=", again.stdout), again.stdout
+    assert "resumed from" in (runs_dir / "kill-t00" / "logs" / "rank0.log").read_text()
+    trials = _journal(runs_dir, "kill")
+    assert [t.number for t in trials] == [0, 1] and trials[0].params == before.params  # same trial, same params
+    values = {}
+    for t in trials:
+        result = read_result(runs_dir / f"kill-t0{t.number}")
+        assert t.state.name == "COMPLETE" and result["outcome"] == "completed" and result["step"] == 400
+        assert t.value == result["val/acc"]
+        values[t.number] = t.value
+    best = max(values, key=values.get)
+    record = json.loads((runs_dir / "sweeps" / "kill.json").read_text())
+    assert record["best"]["number"] == best and record["best"]["run_name"] == f"kill-t0{best}"
+    assert record["best"]["value"] == values[best]
+    assert f"best trial: kill-t0{best} (#{best})" in again.stdout
