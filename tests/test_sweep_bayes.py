@@ -224,3 +224,24 @@ def test_a_killed_trial_resumes_as_the_same_trial_and_the_best_is_recorded(runs_
     assert record["best"]["number"] == best and record["best"]["run_name"] == f"kill-t0{best}"
     assert record["best"]["value"] == values[best]
     assert f"best trial: kill-t0{best} (#{best})" in again.stdout
+
+
+@pytest.mark.slurm
+def test_slurm_workers_are_one_job_array_drawing_from_the_study(runs_dir: Path, slurm: None) -> None:
+    proc = run_cli("sweep", "digits", "--search", "bayes", "--param", "optim.lr=loguniform:1e-2:1e-1", "--trials", "3",
+                   "--workers", "2", "--prune", "--cluster", "local_slurm", "--wait", "trainer.epochs=null",
+                   "trainer.max_steps=10", "trainer.eval_every=5", "--name", "slb", runs_dir=runs_dir, timeout=480)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    array = re.search(r"submitted Slurm job array (\d+) \(2 workers\)", proc.stdout).group(1)
+    assert json.loads((runs_dir / "sweeps" / "slb.json").read_text())["arrays"] == [array]
+    trials = _journal(runs_dir, "slb")
+    assert [t.number for t in trials] == [0, 1, 2] and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1}  # both elements drew trials
+    for t in trials:
+        run_dir = runs_dir / f"slb-t0{t.number}"
+        info = json.loads((run_dir / "run.json").read_text())
+        assert info["job_id"] == f"{array}_{t.user_attrs['worker']}" and info["backend"] == "slurm"
+        result = read_result(run_dir)
+        assert result["outcome"] == "completed" and result["step"] == 10 and t.value == result["val/acc"]
+        assert "rank 1 of 2" in (run_dir / "logs" / "rank1.log").read_text()  # srun started both ranks
+    assert "study slb: 3 of 3 trials: 3 completed" in proc.stdout
