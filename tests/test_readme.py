@@ -39,7 +39,9 @@ LR_SMALL = f"launcher launch digits optim.lr=0.01 {SHORT} --run-name lr-0.01"
 LR_BIG = f"launcher launch digits optim.lr=0.1 {SHORT} --run-name lr-0.1"
 LR_DROPOUT = ("launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 "
               f"--trials 1 trainer.epochs=2 {SHORT} --name lr-dropout")
-SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT}
+BAYES = ("launcher sweep digits --search bayes --param optim.lr=loguniform:1e-3:1 --param model.dropout=uniform:0:0.5 "
+         f"--trials 2 --prune trainer.eval_every=1 {SHORT} --name lr-bayes")
+SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT, BAYES}
 
 # README command -> the steps run for it: (command line, text its output must contain).
 # `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
@@ -130,6 +132,13 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
         ("launcher sweep-status readme-grid --plot grid.pdf", "wrote grid.pdf: val/acc by trial"),),
     "launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 --trials 8 "
     "trainer.epochs=2 --name lr-dropout": ((LR_DROPOUT, "sweep lr-dropout: 1 trials"),),
+    "launcher sweep digits --search bayes --param optim.lr=loguniform:1e-3:1 --param model.dropout=uniform:0:0.5 "
+    "--trials 20 --prune trainer.eval_every=20 --name lr-bayes": ((BAYES, "best trial: lr-bayes-t0"),),
+    "launcher sweep-status lr-bayes": (
+        (BAYES, ""), ("launcher sweep-status lr-bayes", "study lr-bayes: 2 of 2 trials"),),
+    "launcher sweep RECIPE --search bayes --param k=loguniform:lo:hi ... --trials N [--prune] [--workers K]": (
+        ("launcher sweep digits --search bayes --param optim.lr=loguniform:1e-3:1 --trials 2 --prune --workers 2 "
+         f"{SHORT} --name readme-bayes", "study readme-bayes: 2 of 2 trials: 2 completed"),),
     "launcher sweep-status lr-dropout --plot docs/sweep.png": (
         (LR_DROPOUT, ""),
         ("launcher sweep-status lr-dropout --plot docs/sweep.png", "wrote docs/sweep.png: val/acc by trial"),),
