@@ -35,7 +35,7 @@ from schema.secrets import redact, redact_text
 def cmd_show(args: argparse.Namespace) -> int:
     target = Target.load(args.cluster)
     recipe = target.recipe(args.recipe, args.overrides, check_backend=False, launching=False)
-    runs = f"script {recipe.script.shown}" if recipe.script else f"gradient accumulation {recipe.grad_accum}"
+    runs = f"script {recipe.script.shown}" if recipe.script else f"gradient accumulation {recipe.grad_accum or 'auto'}"
     print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, {runs}, "
           f"default run name {default_run_name(recipe)}")
     shown = {k: v for k, v in redact(to_dict(recipe)).items() if not (recipe.script and k in TRAINER_SECTIONS)}

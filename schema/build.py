@@ -54,7 +54,9 @@ def _convert(tp: Any, value: Any, src: str, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, src, key)
+        if len(inner) == 1:
+            return _convert(inner[0], value, src, key)
+        return _either(inner, value, src, key)
     if dataclasses.is_dataclass(tp):
         return build(tp, value, src, key)
     if origin is Literal:
@@ -78,6 +80,18 @@ def _convert(tp: Any, value: Any, src: str, key: str) -> Any:
             return {str(k): _plain(v, src, f"{key}.{k}") for k, v in value.items()}
         return {str(k): _scalar(str, v, src, f"{key}.{k}") for k, v in value.items()}
     return _scalar(tp, value, src, key)
+
+
+def _either(types_: list[Any], value: Any, src: str, key: str) -> Any:
+    """A value of one of several types (`int | Literal["auto"]`): the first that takes it."""
+    for tp in types_:
+        try:
+            return _convert(tp, value, src, key)
+        except ConfigError:
+            continue
+    shown = " or ".join(", ".join(repr(a) for a in typing.get_args(t)) if typing.get_origin(t) is Literal
+                        else t.__name__ for t in types_)
+    raise ConfigError(src, key, f"expected {shown}, got {type(value).__name__} {short(value)}")
 
 
 def _plain(value: Any, src: str, key: str) -> Any:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 from schema.checks import fraction, non_empty, non_negative, positive, seed
 from schema.errors import ConfigError, short
@@ -162,7 +162,9 @@ class TrainerConfig:
     epochs: Optional[int] = None  # passes over the training set (one of epochs / max_steps)
     max_steps: Optional[int] = None  # optimizer steps; wins over epochs when both are set
     global_batch: int = 64  # samples per optimizer step over all ranks
-    micro_batch: int = 32  # samples per forward/backward on one rank
+    # samples per forward/backward on one rank; auto: the largest that fits in memory, searched before the
+    # first step, agreed by the ranks and lowered on an out-of-memory error (accumulation keeps global_batch)
+    micro_batch: Union[int, Literal["auto"]] = 32
     grad_accum: Optional[int] = None  # micro-steps per optimizer step; derived when unset
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a GradScaler (CUDA only)
     grad_clip: Optional[float] = None  # max global gradient norm
@@ -175,7 +177,7 @@ class TrainerConfig:
         if self.epochs is None and self.max_steps is None:
             raise ConfigError(src, "trainer", "neither epochs nor max_steps is set", "set trainer.epochs or trainer.max_steps")
         for key in ("epochs", "max_steps", "grad_accum", "global_batch", "micro_batch"):
-            if getattr(self, key) is not None:
+            if getattr(self, key) not in (None, "auto"):
                 positive(src, f"trainer.{key}", getattr(self, key))
         if self.grad_clip is not None:
             positive(src, "trainer.grad_clip", self.grad_clip)
@@ -287,9 +289,17 @@ class RecipeConfig:
         return {} if self.data.target else {"acc": ACCURACY}
 
     @property
-    def grad_accum(self) -> int:
-        """Micro-steps per optimizer step: global batch / (micro batch x data-parallel size)."""
-        return self.trainer.global_batch // (self.trainer.micro_batch * self.parallel.data_parallel_size)
+    def replica_batch(self) -> int:
+        """Samples per optimizer step on one data-parallel replica: global batch / data-parallel size."""
+        return self.trainer.global_batch // self.parallel.data_parallel_size
+
+    @property
+    def grad_accum(self) -> Optional[int]:
+        """Micro-steps per optimizer step: global batch / (micro batch x data-parallel size); None under
+        micro_batch=auto (the rank decides, see jobs.training.batch)."""
+        if self.trainer.micro_batch == "auto":
+            return None
+        return self.replica_batch // self.trainer.micro_batch
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
@@ -315,6 +325,20 @@ class RecipeConfig:
         if self.checkpoint.best_metric is not None and self.checkpoint.best_metric not in measured:
             raise ConfigError(src, "checkpoint.best_metric", f"{short(self.checkpoint.best_metric)} is not evaluated",
                               f"evaluation gives {', '.join(measured)}; add a metric under metrics: to rank by it")
+        if self.trainer.micro_batch == "auto":
+            self._check_auto(src)
+        else:
+            self._check_batch(src)
+        if self.parallel.strategy == "fsdp":
+            self._check_fsdp(src)
+        if self.parallel.strategy == "pipeline":
+            self._check_pipeline(src)
+        if self.model.pretrained is None and self.model.freeze:
+            raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
+                              "set model.pretrained or drop model.freeze")
+
+    def _check_batch(self, src: str) -> None:
+        """A fixed micro batch: the global batch is a whole number of micro batches on every replica."""
         t, world = self.trainer, self.parallel.data_parallel_size
         per_step = t.micro_batch * world
         if t.global_batch % per_step:
@@ -327,13 +351,20 @@ class RecipeConfig:
                 src, "trainer.grad_accum",
                 f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
                 "leave trainer.grad_accum unset to derive it")
-        if self.parallel.strategy == "fsdp":
-            self._check_fsdp(src)
-        if self.parallel.strategy == "pipeline":
-            self._check_pipeline(src)
-        if self.model.pretrained is None and self.model.freeze:
-            raise ConfigError(src, "model.freeze", "freezing layers of a model trained from scratch",
-                              "set model.pretrained or drop model.freeze")
+
+    def _check_auto(self, src: str) -> None:
+        """micro_batch=auto: the global batch splits evenly over the replicas; the rank derives the rest."""
+        t, world = self.trainer, self.parallel.data_parallel_size
+        if t.global_batch % world:
+            raise ConfigError(src, "trainer.global_batch", f"{t.global_batch} is not divisible by the "
+                              f"{world} data-parallel ranks", f"use a multiple of {world}")
+        if t.grad_accum is not None:
+            raise ConfigError(src, "trainer.grad_accum", f"{t.grad_accum} with trainer.micro_batch=auto (the "
+                              "accumulation follows the micro batch found)", "leave trainer.grad_accum unset")
+        if self.parallel.strategy in ("fsdp", "pipeline"):
+            raise ConfigError(src, "trainer.micro_batch", f"auto with parallel.strategy={self.parallel.strategy} "
+                              "is not built yet (its forward pass is a collective: one rank's out-of-memory "
+                              "error would stall the others)", "set trainer.micro_batch to a number")
 
     def _check_pipeline(self, src: str) -> None:
         """What the pipeline trainer cannot do with this config (the stages all see the whole batch)."""

@@ -63,7 +63,7 @@ def test_gradient_accumulation_equivalence(runs_dir: Path, one_rank: Path) -> No
     """2 ranks x micro 8 x 2 accumulation steps (no_sync on the first) == 1 rank x batch 32."""
     accum = _launch(runs_dir, "accum", *QUICK, "trainer.max_steps=6", "parallel.procs_per_node=2",
                     "trainer.micro_batch=8", "trainer.global_batch=32")
-    assert "x 2 accumulation" in (accum / "logs" / "rank0.log").read_text()
+    assert "micro batch 8 x accumulation 2 x 2 ranks = 32" in (accum / "logs" / "rank0.log").read_text()
     assert _max_diff(final_params(accum), final_params(one_rank)) < 1e-5
 
 

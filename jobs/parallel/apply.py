@@ -88,6 +88,16 @@ def forward_is_collective(model: nn.Module) -> bool:
     return is_fsdp(model)
 
 
+def abandon_backward(model: nn.Module) -> None:
+    """Forget a step whose backward pass never ran (every rank calls it at the same point). A DDP forward
+    pass that expected to reduce gradients leaves its reducer waiting for them; the next backward, even
+    under no_sync(), would then start all-reduces that the peers never join. torch's Reducer.reset_state
+    exists for this ("ensure forward can run despite previous backward not succeeding"): torch exposes it
+    only as the underscored binding, so this is the one place that calls it."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        model.reducer._reset_state()
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
     """Around one micro-step's backward: with sync=False (every micro-step of an optimizer step but

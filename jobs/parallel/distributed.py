@@ -12,7 +12,7 @@ from schema import TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 
-_HOST_GROUP: list = [None]  # the gloo group for host-side flags under NCCL (None: the default group is gloo)
+_HOST_GROUP: list = [None]  # the gloo group for host-side flags (see init_distributed)
 
 
 def pick_device(cfg: TrainerConfig, env: RankEnv) -> torch.device:
@@ -38,8 +38,10 @@ def init_distributed(env: RankEnv, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
                             timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
-    if backend != "gloo":  # a collective: made here, at the same point on every rank
-        _HOST_GROUP[0] = dist.new_group(backend="gloo")
+    # Host flags get a gloo group of their own (a collective: made here, at the same point on every rank):
+    # under NCCL they never wait for the GPU, and a rank sending a flag can never be matched with a peer
+    # still inside a gradient all-reduce of the default group.
+    _HOST_GROUP[0] = dist.new_group(backend="gloo")
     if env.is_main:
         log.info("process group: %s, %d ranks, rendezvous %s:%d", backend, env.world_size,
                  env.master_addr, env.master_port)
@@ -56,6 +58,16 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def ranks_where(flag: bool) -> list[int]:
+    """The ranks on which `flag` is True, known to every rank (an out-of-memory error: who had it)."""
+    if not dist.is_initialized():
+        return [0] if flag else []
+    hits = torch.zeros(dist.get_world_size(), dtype=torch.int32)
+    hits[dist.get_rank()] = int(flag)
+    dist.all_reduce(hits, op=dist.ReduceOp.SUM, group=_HOST_GROUP[0])
+    return [rank for rank, hit in enumerate(hits.tolist()) if hit]
 
 
 def any_rank(flag: bool) -> bool:

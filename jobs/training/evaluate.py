@@ -33,7 +33,7 @@ def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSet
     fns = {"loss": objective.loss, **objective.metrics}
     shard = list(range(env.rank, len(dataset), env.world_size))  # no padding: no sample counted twice
     sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
-    batch = t.micro_batch * 4
+    batch = settings.eval_batch
     loader = DataLoader(dataset, batch_size=batch, sampler=shard, generator=torch.Generator())
     with torch.inference_mode():
         for x, y in loader:

@@ -17,7 +17,7 @@ def planned_steps(recipe: RecipeConfig, n_train: int, replicas: int) -> int:
     if t.max_steps is not None:
         return t.max_steps
     per_rank = n_train // replicas
-    steps_per_epoch = per_rank // (t.micro_batch * recipe.grad_accum)
+    steps_per_epoch = per_rank // recipe.replica_batch
     if steps_per_epoch == 0:
         raise ValueError(f"{n_train} training samples make no full step of global batch {t.global_batch}: "
                          "lower trainer.global_batch")

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -14,11 +16,13 @@ from jobs import parallel
 from jobs.data import ignore_stop_signals
 from jobs.pipeline import PipelineRunner
 from jobs.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
+from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
 from schema import TrainerConfig
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+log = logging.getLogger("jobs.trainer")
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class StepSettings:
     trainer: TrainerConfig
     device: torch.device
     objective: Objective
+    eval_batch: int = 128  # samples per evaluation forward pass (4 micro batches: no gradients kept)
 
 
 def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int, steps: int, micro: int,
@@ -49,23 +54,55 @@ def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int
             group = []
 
 
+class StepOutOfMemory(Exception):
+    """A forward or backward pass of this optimizer step ran out of memory on `ranks`; every rank raises
+    it at the same micro-batch, before any gradient was reduced, so the step can be redone."""
+
+    def __init__(self, ranks: list[int]) -> None:
+        super().__init__(f"out of memory on rank(s) {ranks}")
+        self.ranks = ranks
+
+
 def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch.amp.GradScaler],
-               micro: MicroBatches, settings: StepSettings) -> torch.Tensor:
+               micro: MicroBatches, settings: StepSettings, guard: bool = False) -> torch.Tensor:
     """Forward and backward over the micro-batches, then one optimizer step; returns the summed loss
-    (a tensor: reading it would synchronize with the device every step)."""
+    (a tensor: reading it would synchronize with the device every step).
+
+    With `guard`, an out-of-memory error does not end the run: the ranks exchange a flag before every
+    backward pass (a host-side all-reduce of one number per rank), and when any rank ran out of memory
+    every rank raises StepOutOfMemory there, before the gradients of the step are reduced."""
     cfg, device, loss_fn = settings.trainer, settings.device, settings.objective.loss
     module = model.single
     model.train()
     total = torch.zeros((), device=device)
+    failed = False  # this rank ran out of memory in an earlier micro-batch of the step
     for i, (x, y) in enumerate(micro):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         last = i == len(micro) - 1
         # Reduce gradients once per optimizer step: no sync on every micro-step but the last.
         with parallel.gradient_sync(module, sync=last):
-            with autocast(cfg.precision, device):
-                loss = loss_fn(module(x), y) / len(micro)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = None
+            try:
+                if not failed:
+                    with autocast(cfg.precision, device):
+                        loss = loss_fn(module(x), y) / len(micro)
+            except Exception as err:  # noqa: BLE001 - only an allocator failure is kept, below
+                if not (guard and is_oom(err)):
+                    raise
+                failed = _said(err, "forward", i, len(micro))
+            if guard:
+                _agree(failed)
+            try:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            except Exception as err:  # noqa: BLE001
+                if not (guard and is_oom(err)):
+                    raise
+                if last and dist.is_initialized():
+                    raise RuntimeError(_LAST_BACKWARD) from err
+                failed = _said(err, "backward", i, len(micro))  # told to the others at the next exchange
         total += loss.detach()
+    if guard and failed:  # one rank: its last backward ran out of memory
+        _agree(failed)
     if scaler is not None:
         for opt in optimizers:
             scaler.unscale_(opt)
@@ -82,6 +119,34 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
             opt.step()
     optimizers.zero_grad()
     return total
+
+
+# DDP reduces gradients during the last micro-batch's backward pass: a rank that runs out of memory there
+# cannot tell the others, who wait inside the all-reduce. Ending this rank ends the run at once (the
+# launcher stops the others) instead of a hang until the process-group timeout.
+_LAST_BACKWARD = ("out of memory in the last micro-batch's backward pass, while DDP was reducing gradients: the "
+                  "other ranks cannot be told to retry. The micro batch found by trainer.micro_batch=auto left "
+                  "too little headroom; set a smaller trainer.micro_batch")
+
+
+def _said(err: BaseException, where: str, index: int, count: int) -> bool:
+    """This rank's own allocator message, in its log (rank 0 reports only which ranks failed)."""
+    log.warning("out of memory in the %s pass of micro-batch %d/%d: %s", where, index + 1, count,
+                str(err).splitlines()[0][:300])
+    return True
+
+
+def _agree(failed: bool) -> None:
+    ranks = parallel.ranks_where(failed)
+    if ranks:
+        raise StepOutOfMemory(ranks)
+
+
+def resplit(micro: MicroBatches, size: int) -> MicroBatches:
+    """The same samples, in the same order, as micro-batches of `size` (a step redone with a smaller one)."""
+    x = torch.cat([m[0] for m in micro])
+    y = torch.cat([m[1] for m in micro])
+    return list(zip(x.split(size), y.split(size)))
 
 
 def pipeline_train_step(runner: PipelineRunner, optimizers: Optimizers, micro: MicroBatches,

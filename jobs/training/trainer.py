@@ -19,6 +19,7 @@ from jobs.checkpoint.sharded import load_shards
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.tracking import MetricsLogger
+from jobs.training import batch as batching
 from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
 from jobs.training.callbacks import Callbacks
 from jobs.training.context import RunContext
@@ -27,7 +28,10 @@ from jobs.training.evaluate import EvalResult, evaluate, evaluate_pipeline
 from jobs.training.objective import Objective
 from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from jobs.training.state import RankRNG, TrainState
-from jobs.training.step import LossWindow, MicroBatches, StepSettings, micro_batches, pipeline_train_step, train_step
+from jobs.training.memory import DoesNotFit, release
+from jobs.training.probe import find_micro_batch
+from jobs.training.step import LossWindow, MicroBatches, StepOutOfMemory, StepSettings, micro_batches, \
+    pipeline_train_step, resplit, train_step
 from schema import RecipeConfig, config_hash, to_yaml
 from schema.run_dir import FINAL_MODEL, Run, RunResult
 
@@ -60,11 +64,20 @@ class Trainer:
     progress: TrainState = field(default_factory=TrainState)
     last_eval: Optional[EvalResult] = None
     pruned: bool = False  # a callback asked to end the run after an evaluation (rank 0's answer, on every rank)
+    batch: Optional[batching.BatchPlan] = None  # the split of a replica's batch in use (set by fit())
+    _batch_record: Optional[dict[str, Any]] = field(init=False, default=None)  # trainer.micro_batch=auto
     _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
 
     @property
     def settings(self) -> StepSettings:
-        return StepSettings(self.recipe.trainer, self.device, self.objective)
+        micro = self.batch.micro if self.batch is not None else self.recipe.trainer.micro_batch
+        micro = micro if isinstance(micro, int) else 32  # before an auto search: nothing is evaluated then
+        return StepSettings(self.recipe.trainer, self.device, self.objective, eval_batch=4 * micro)
+
+    @property
+    def auto_batch(self) -> bool:
+        """trainer.micro_batch=auto: searched before the first step, lowered on an out-of-memory error."""
+        return self.recipe.trainer.micro_batch == "auto" and self.pipeline is None
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -166,6 +179,45 @@ class Trainer:
         return {"strategy": self.recipe.parallel.strategy if self.env.distributed else "single",
                 "world_size": self.env.world_size}
 
+    # ------------------------------------------------------------------ the batch split
+    def _plan_batch(self, replicas: int) -> str:
+        """Set self.batch: the recipe's, or under auto the run's record or a search. Returns how it was
+        chosen, for the start line."""
+        if not self.auto_batch:
+            self.batch = batching.fixed_plan(self.recipe, replicas)
+            return ""
+        per_replica = self.recipe.replica_batch
+        record = batching.shared_record(self.run.run_dir, self.env.is_main)
+        plan = batching.recorded_plan(record, per_replica, replicas)
+        if plan is not None:
+            self.batch, self._batch_record = plan, record
+            return f" (auto: the run's record {batching.RECORD}, not searched again)"
+        best, tried = find_micro_batch(self.model.single, self.optimizers, self.train_set, self.settings, per_replica)
+        if best is None:
+            raise DoesNotFit([], "the micro batch search before step 1")
+        self.batch = batching.BatchPlan(best, per_replica // best, replicas)
+        self._batch_record = batching.new_record(self.batch, tried)
+        if self.env.is_main:
+            batching.write_record(self.run.run_dir, self._batch_record)
+        shown = ", ".join(f"{m} {'fits' if ok else 'does not'}" for m, ok in tried)
+        return f" (auto: searched {shown}; {int(batching.MARGIN * 100)}% headroom)"
+
+    def _lower_batch(self, ranks: list[int]) -> None:
+        """After an out-of-memory error on `ranks` (every rank calls it, with the same ranks)."""
+        before, step = self.batch, self.progress.step + 1
+        lower = before.lowered()
+        if lower is None:
+            raise DoesNotFit(ranks, f"step {step}")
+        release(self.device)
+        self.batch = lower
+        if self.env.is_main:
+            log.warning("out of memory at step %d on rank(s) %s: %s -> %s (global batch kept); the step is "
+                        "redone from its first micro-batch", step, ", ".join(map(str, ranks)), before.line(),
+                        lower.line())
+            self._batch_record = batching.lowered_record(self._batch_record or batching.new_record(before, []),
+                                                         lower, step, ranks, before.micro)
+            batching.write_record(self.run.run_dir, self._batch_record)
+
     # ------------------------------------------------------------------ the loop
     def fit(self) -> RunResult:
         """Train to total_steps or until the ranks agree to stop; returns what result.json holds."""
@@ -173,22 +225,24 @@ class Trainer:
         replicas, replica = parallel.data_parallel(self.recipe.parallel, self.env)  # a pipeline's stages: 1, 0
         sampler = DistributedSampler(self.train_set, num_replicas=replicas, rank=replica, shuffle=True, seed=t.seed,
                                      drop_last=True)
-        steps_per_epoch = len(sampler) // (t.micro_batch * self.recipe.grad_accum)
+        how = self._plan_batch(replicas)
+        steps_per_epoch = len(sampler) // self.recipe.replica_batch
         if self.env.is_main:
-            ranks = f"{replicas} ranks" if self.pipeline is None else \
-                f"{replicas} data-parallel replicas of {self.pipeline.num_stages} pipeline stages"
-            log.info("%s x micro batch %d x %d accumulation = global batch %d; %d steps/epoch, %d steps", ranks,
-                     t.micro_batch, self.recipe.grad_accum, t.global_batch, steps_per_epoch, self.total_steps)
+            ranks = "" if self.pipeline is None else \
+                f" ({replicas} data-parallel replicas of {self.pipeline.num_stages} pipeline stages)"
+            log.info("%s%s%s; %d steps/epoch, %d steps", self.batch.line(), ranks, how, steps_per_epoch,
+                     self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
         window, agreement = LossWindow(self.device), StopAgreement()
         self._last_save, preempted = time.monotonic(), False
         while st.step < self.total_steps and not (preempted or self.pruned):
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
-            for micro in micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, t.micro_batch,
-                                       self.recipe.grad_accum, self.recipe.data.num_workers):
+            plan = self.batch
+            for micro in micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, plan.micro,
+                                       plan.accum, self.recipe.data.num_workers):
                 preempted = self._step(micro, window, agreement, bar)
-                if preempted or self.pruned or st.step >= self.total_steps:
-                    break
+                if preempted or self.pruned or st.step >= self.total_steps or self.batch != plan:
+                    break  # a lowered micro batch: the rest of the epoch is loaded again in the new size
             if not (preempted or self.pruned) and st.step_in_epoch >= steps_per_epoch:
                 st.epoch, st.step_in_epoch = st.epoch + 1, 0
                 if not t.eval_every:
@@ -204,7 +258,7 @@ class Trainer:
         if self.pipeline is not None:
             window.add(pipeline_train_step(self.pipeline, self.optimizers, micro, self.settings))
         else:
-            window.add(train_step(self.model, self.optimizers, self.scaler, micro, self.settings))
+            window.add(self._train_step(micro))
         self.schedulers.step()
         st.step += 1
         st.step_in_epoch += 1
@@ -222,6 +276,26 @@ class Trainer:
         if preempted or save_due_at_step(self.recipe.checkpoint, st.step) or time_due:
             self.save()
         return preempted
+
+    def _train_step(self, micro: MicroBatches) -> torch.Tensor:
+        """One optimizer step; under trainer.micro_batch=auto an out-of-memory error on any rank lowers the
+        micro batch on every rank and the step is redone from its first micro-batch, with the same samples
+        and the same random numbers (the dropout masks of a smaller split)."""
+        if not self.auto_batch:
+            return train_step(self.model, self.optimizers, self.scaler, micro, self.settings)
+        rng = torch.get_rng_state(), (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        while True:
+            try:
+                return train_step(self.model, self.optimizers, self.scaler, micro, self.settings, guard=True)
+            except StepOutOfMemory as oom:
+                ranks = oom.ranks
+            self.optimizers.zero_grad()  # the partial gradients of the failed try
+            parallel.abandon_backward(self.model.single)
+            self._lower_batch(ranks)
+            micro = resplit(micro, self.batch.micro)
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], self.device)
 
     def _finish(self, outcome: str) -> RunResult:
         st, cfg = self.progress, self.recipe.checkpoint
