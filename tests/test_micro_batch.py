@@ -122,6 +122,9 @@ def test_out_of_memory_mid_training_lowers_the_micro_batch_on_every_rank_and_red
     record = json.loads((run / "batch.json").read_text())
     assert record["micro_batch"] == 4 and record["lowered"] == [{"step": 3, "from": 8, "to": 4, "ranks": [1]}]
     assert read_result(run)["outcome"] == "completed"
+    doctor = run_cli("doctor", "oom", runs_dir=runs_dir)  # a recovered error is named, not called a failure
+    assert doctor.returncode == 0 and "ran out of memory 1 time(s) and carried on" in doctor.stdout, doctor.stdout
+    assert "FAILURE" not in doctor.stdout
 
     seen = []
     for rank in (0, 1):

@@ -112,6 +112,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "exec python3 -m jobs.environments.skypilot"),),
     "launcher export RUN --to model.pt": ((f"launcher export {RUN} --to model.pt", "wrote model.pt"),),
     "launcher status RUN": ((f"launcher status {RUN}", "state: completed"),),
+    "launcher launch digits trainer.micro_batch=auto": (
+        (f"launcher launch digits trainer.micro_batch=auto {SHORT} --run-name readme-auto",
+         "micro batch 32 x accumulation 1 x 2 ranks = 64 (auto: searched 1 fits, 2 fits"),),
     "launcher doctor [RUN] [--cluster C] [--store URI]": (
         (f"launcher doctor {RUN}", f"run {RUN}: nothing wrong found"),
         ("launcher doctor --cluster local", "ok   torch: torch "),),

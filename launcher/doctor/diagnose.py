@@ -109,6 +109,7 @@ GPU_OOM = re.compile(r"CUDA out of memory\.(?: Tried to allocate ([\d.]+ [KMGT]i
 CPU_OOM = re.compile(r"DefaultCPUAllocator: (?:can't allocate memory|not enough memory): you tried to allocate "
                      r"(\d+) bytes")
 RECOVERED_OOM = re.compile(r"out of memory at step (\d+)")
+RECOVERED_NOTE = "WARNING jobs.trainer: out of memory in the "
 # jobs.training.trainer's line at the start of training, in its two forms (a fixed and an automatic micro batch)
 BATCH_FIXED = re.compile(r"INFO jobs\.trainer: (\d+) (?:ranks|data-parallel replicas)[^=]* x micro batch (\d+) x "
                          r"(\d+) accumulation = global batch (\d+)")
@@ -138,7 +139,8 @@ def batch_of(records: RunRecords) -> Optional[Batch]:
 
 
 def out_of_memory(records: RunRecords) -> list[Finding]:
-    hits = _find(records, GPU_OOM) + _find(records, CPU_OOM)
+    # a rank's note of an error trainer.micro_batch=auto recovered from quotes the allocator: not a failure
+    hits = [hit for hit in _find(records, GPU_OOM) + _find(records, CPU_OOM) if RECOVERED_NOTE not in hit.text]
     if not hits:
         return _recovered_oom(records)
     hit, batch = hits[0], batch_of(records)
@@ -175,8 +177,8 @@ def _recovered_oom(records: RunRecords) -> list[Finding]:
     if not hits:
         return []
     return [Finding(f"ran out of memory {len(hits)} time(s) and carried on with a smaller micro batch "
-                    "(trainer.micro_batch=auto)", "nothing to do; to start at the micro batch it ended with, set "
-                    "trainer.micro_batch to it", (hits[0], hits[-1]) if len(hits) > 1 else (hits[0],), failure=False)]
+                    "(trainer.micro_batch=auto)", "nothing to do: the global batch was kept, and the run's batch.json "
+                    "holds the smaller micro batch, which a resumed or requeued run reuses", (hits[0], hits[-1]) if len(hits) > 1 else (hits[0],), failure=False)]
 
 
 def _bytes(count: str) -> str:
