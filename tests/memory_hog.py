@@ -3,8 +3,9 @@
 - `data`: features whose column 0 is the sample's index, labels with the index beside them.
 - `hog`: a small classifier whose training forward pass also holds `per_sample_mb` MiB per sample (the
   activations a large model would keep). On `limit_rank` it caps the process's address space
-  (RLIMIT_AS) at what it uses plus `budget_mb` MiB, at its first training forward pass or at the first
-  one that sees sample `trigger`: from then on torch's CPU allocator really fails for a batch too large.
+  (RLIMIT_AS; on a GPU the caching allocator's memory fraction) at what it uses plus `budget_mb` MiB, at
+  its first training forward pass or at the first one that sees sample `trigger`: from then on torch's
+  allocator really fails for a batch too large.
 - `logged_loss`: cross-entropy that appends the indices of every micro-batch whose backward pass runs
   to <log_dir>/samples-rank<R>.jsonl, so a test can count which samples were trained on.
 """
@@ -59,7 +60,12 @@ class Hog(nn.Module):
             return
         if self.trigger is not None and self.trigger not in x[:, 0].long().tolist():
             return
-        resource.setrlimit(resource.RLIMIT_AS, (_address_space() + self.budget, resource.RLIM_INFINITY))
+        if x.is_cuda:  # the GPU tier: the caching allocator's own cap, a real torch.OutOfMemoryError beyond it
+            total = torch.cuda.get_device_properties(x.device).total_memory
+            torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(x.device) + self.budget) / total,
+                                                       x.device)
+        else:
+            resource.setrlimit(resource.RLIMIT_AS, (_address_space() + self.budget, resource.RLIM_INFINITY))
         self.limited = True
 
 

@@ -95,3 +95,22 @@ def test_fsdp_bf16_mixed_precision_over_nccl_saves_shards_that_resume_on_one_gpu
                    "--run-name", "fsdp", runs_dir=runs_dir, check=True)
     assert "written by fsdp on 2 ranks, resumed as single on 1: resharded by DCP" in proc.stdout
     assert read_result(runs_dir / "fsdp")["step"] == 9
+
+
+def test_cuda_out_of_memory_mid_training_lowers_the_micro_batch(runs_dir: Path, tmp_path: Path) -> None:
+    """trainer.micro_batch=auto on one GPU: the caching allocator is capped when step 3 starts (a real
+    torch.OutOfMemoryError), the micro batch halves, the step is redone and every sample is trained on once."""
+    from test_micro_batch import hog_overrides, index_seen_by, launch, samples
+
+    trigger = index_seen_by(rank=0, step=3, per_replica=16, replicas=1)
+    assert trigger >= 18, "the search's probes read samples 0-17"
+    run, out = launch(runs_dir, "cuda-oom", hog_overrides(
+        tmp_path, "trainer.micro_batch=auto", "trainer.global_batch=16", "trainer.max_steps=5", "trainer.device=cuda",
+        "parallel.procs_per_node=1", "model.kwargs.limit_rank=0", "model.kwargs.budget_mb=48",
+        f"model.kwargs.trigger={trigger}", "checkpoint.at_end=false"))
+    assert "out of memory at step 3 on rank(s) 0: micro batch 16 x accumulation 1 x 1 ranks = 16 -> micro batch 8" in out
+    assert "CUDA out of memory" in (run / "logs" / "rank0.log").read_text()
+    trained = samples(tmp_path, 0)
+    assert [len(m) for m in trained] == [16, 16] + [8] * 6
+    seen = [i for m in trained for i in m]
+    assert len(seen) == 5 * 16 == len(set(seen))

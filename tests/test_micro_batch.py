@@ -22,7 +22,7 @@ TESTS = REPO / "tests"
 ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
-def _hog(log_dir: Path, *extra: str) -> list[str]:
+def hog_overrides(log_dir: Path, *extra: str) -> list[str]:
     """digits' recipe with the hog model and data: 4 MiB per sample on rank 1, which gets 24 MiB (micro
     batches up to 4 fit there, with the search's 10% headroom: 5 x 4 MiB < 24 MiB < 9 x 4 MiB)."""
     return ["model.target=memory_hog:hog", "data.target=memory_hog:data", "loss.target=memory_hog:logged_loss",
@@ -31,7 +31,7 @@ def _hog(log_dir: Path, *extra: str) -> list[str]:
             "trainer.eval_every=0", "logging.log_every=1", *extra]
 
 
-def _samples(log_dir: Path, rank: int, probes: bool = False) -> list[list[int]]:
+def samples(log_dir: Path, rank: int, probes: bool = False) -> list[list[int]]:
     """The micro-batches whose backward pass ran on `rank`, in order; the search's probes (samples 0, 1,
     ..., n-1 of the data set, where training draws shuffled ones) only when asked for."""
     path = log_dir / f"samples-rank{rank}.jsonl"
@@ -39,7 +39,7 @@ def _samples(log_dir: Path, rank: int, probes: bool = False) -> list[list[int]]:
     return [m for m in batches if probes or m != list(range(len(m)))]
 
 
-def _launch(runs_dir: Path, name: str, overrides: list[str]) -> tuple[Path, str]:
+def launch(runs_dir: Path, name: str, overrides: list[str]) -> tuple[Path, str]:
     proc = run_cli("launch", "digits", *overrides, "--run-name", name, runs_dir=runs_dir, env=ALLOCATOR, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return runs_dir / name, proc.stdout
@@ -76,31 +76,32 @@ def test_auto_agrees_on_the_smaller_rank_keeps_the_global_batch_and_a_relaunch_r
     every optimizer step takes 64 samples, and the relaunch reads the record instead of searching."""
     logs = tmp_path / "samples"
     logs.mkdir()
-    hog = _hog(logs, "trainer.micro_batch=auto", "trainer.global_batch=64", "checkpoint.at_end=true")
-    run, out = _launch(runs_dir, "auto", [*hog, "trainer.max_steps=2"])
+    hog = hog_overrides(logs, "trainer.micro_batch=auto", "trainer.global_batch=64", "checkpoint.at_end=true")
+    run, out = launch(runs_dir, "auto", [*hog, "trainer.max_steps=2"])
     assert "micro batch 4 x accumulation 8 x 2 ranks = 64 (auto: searched" in out
     record = json.loads((run / "batch.json").read_text())
     assert (record["micro_batch"], record["grad_accum"], record["global_batch"]) == (4, 8, 64)
     assert [(t["micro_batch"], t["fits"]) for t in record["searched"]] == [(1, True), (2, True), (4, True), (8, False)]
     # two passes of 2, 3 and 5 samples (1, 2 and 4 with headroom), then 9 fails: rank 1 runs no backward pass
-    assert [len(m) for m in _samples(logs, 1, probes=True)[:6]] == [2, 2, 3, 3, 5, 5]
+    assert [len(m) for m in samples(logs, 1, probes=True)[:6]] == [2, 2, 3, 3, 5, 5]
     for rank in (0, 1):
-        assert [len(m) for m in _samples(logs, rank)] == [4] * 16  # 2 steps x 8 micro-batches of 4
-    first = [i for rank in (0, 1) for m in _samples(logs, rank)[:8] for i in m]
+        assert [len(m) for m in samples(logs, rank)] == [4] * 16  # 2 steps x 8 micro-batches of 4
+    first = [i for rank in (0, 1) for m in samples(logs, rank)[:8] for i in m]
     assert len(set(first)) == 64  # one optimizer step: 64 distinct samples over the 2 ranks
 
     for rank in (0, 1):
         (logs / f"samples-rank{rank}.jsonl").unlink()
-    _, out = _launch(runs_dir, "auto", [*hog, "trainer.max_steps=3"])
+    _, out = launch(runs_dir, "auto", [*hog, "trainer.max_steps=3"])
     assert "resumed from" in out and "not searched again" in out and "searched 1" not in out
     for rank in (0, 1):  # no probe: only step 3's micro-batches
-        assert [len(m) for m in _samples(logs, rank, probes=True)] == [4] * 8
+        assert [len(m) for m in samples(logs, rank, probes=True)] == [4] * 8
     assert read_result(run)["outcome"] == "completed"
 
 
-def _index_seen_by(rank: int, step: int, per_replica: int, n_train: int = 384) -> int:
+def index_seen_by(rank: int, step: int, per_replica: int, replicas: int = 2, n_train: int = 384) -> int:
     """The first sample rank `rank` trains on at `step` (1-based) of epoch 0, as the trainer's sampler orders them."""
-    sampler = DistributedSampler(range(n_train), num_replicas=2, rank=rank, shuffle=True, seed=0, drop_last=True)
+    sampler = DistributedSampler(range(n_train), num_replicas=replicas, rank=rank, shuffle=True, seed=0,
+                                 drop_last=True)
     return list(sampler)[(step - 1) * per_replica]
 
 
@@ -109,13 +110,13 @@ def test_out_of_memory_mid_training_lowers_the_micro_batch_on_every_rank_and_red
     """Rank 1's allocator fails at step 3 (its address space is capped when it meets the step's first
     sample): both ranks go from 8 to 4 samples per micro-batch at step 3, no sample is skipped or trained
     on twice, and the weights equal those of a run with micro batch 4 from the start."""
-    trigger = _index_seen_by(rank=1, step=3, per_replica=8)
+    trigger = index_seen_by(rank=1, step=3, per_replica=8)
     assert trigger >= 9, "the search's probes read samples 0-8: they must not meet the trigger"
     logs, ref_logs = tmp_path / "samples", tmp_path / "ref"
     logs.mkdir(), ref_logs.mkdir()
     common = ["trainer.global_batch=16", "trainer.max_steps=6", "model.kwargs.budget_mb=24",
               f"model.kwargs.trigger={trigger}", "checkpoint.at_end=false"]
-    run, out = _launch(runs_dir, "oom", _hog(logs, "trainer.micro_batch=auto", *common))
+    run, out = launch(runs_dir, "oom", hog_overrides(logs, "trainer.micro_batch=auto", *common))
     assert "micro batch 8 x accumulation 1 x 2 ranks = 16 (auto: searched" in out
     assert "out of memory at step 3 on rank(s) 1: micro batch 8 x accumulation 1 x 2 ranks = 16 -> micro batch " \
            "4 x accumulation 2 x 2 ranks = 16 (global batch kept); the step is redone" in out
@@ -128,21 +129,21 @@ def test_out_of_memory_mid_training_lowers_the_micro_batch_on_every_rank_and_red
 
     seen = []
     for rank in (0, 1):
-        trained = _samples(logs, rank)
+        trained = samples(logs, rank)
         # steps 1-2 in one micro-batch of 8, then steps 3-6 in two of 4, on both ranks (the failed try of
         # step 3 ran no backward pass: nothing of it was trained on)
         assert [len(m) for m in trained] == [8, 8] + [4] * 8
         seen += [i for m in trained for i in m]
     assert len(seen) == 6 * 16 and len(set(seen)) == len(seen)  # 6 steps x 16 samples, none twice
 
-    ref, _ = _launch(runs_dir, "ref", _hog(ref_logs, "trainer.micro_batch=4", *common, "model.kwargs.per_sample_mb=0"))
-    assert sorted(i for rank in (0, 1) for m in _samples(ref_logs, rank) for i in m) == sorted(seen)
+    ref, _ = launch(runs_dir, "ref", hog_overrides(ref_logs, "trainer.micro_batch=4", *common, "model.kwargs.per_sample_mb=0"))
+    assert sorted(i for rank in (0, 1) for m in samples(ref_logs, rank) for i in m) == sorted(seen)
     a, b = final_params(run), final_params(ref)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
 def test_a_model_that_fits_no_sample_fails_with_what_to_change(runs_dir: Path, tmp_path: Path) -> None:
-    proc = run_cli("launch", "digits", *_hog(tmp_path, "trainer.micro_batch=auto", "trainer.global_batch=8",
+    proc = run_cli("launch", "digits", *hog_overrides(tmp_path, "trainer.micro_batch=auto", "trainer.global_batch=8",
                                              "trainer.max_steps=1", "model.kwargs.limit_rank=0",
                                              "model.kwargs.budget_mb=2", "parallel.procs_per_node=1"),
                    "--run-name", "nofit", runs_dir=runs_dir, env=ALLOCATOR, timeout=240)
