@@ -215,7 +215,7 @@ def test_recipe_learns_on_two_ddp_ranks(straight: Path) -> None:
     # the loss (a batch mean) and bits per byte (per sample) summed over the validation set by evaluation
     assert result["val/bpb"] == pytest.approx(result["val/loss"] / math.log(2), rel=1e-5)
     log = (straight / "logs" / "rank0.log").read_text()
-    assert "2 ranks x micro batch 8" in log
+    assert "micro batch 8 x accumulation 1 x 2 ranks = 16" in log
     weights = final_params(straight)
     assert {"layers.0.attn.qkv.weight", "layers.1.mlp.fc.weight", "output.weight"} <= set(weights)
 
