@@ -25,6 +25,9 @@ STUDY_JOURNAL, TRIAL_JSON = "study.journal", "trial.json"
 # recipe's business) and keeps the whole history for TPE: stop a trial whose metric at a step is worse
 # than the median of the earlier trials' at that step, once 3 trials have finished and 3 have reported it.
 # A trial is judged from its 3rd evaluation on: the first ones, within the LR warm-up, say little.
+# Measured and not adopted (bench.bayes_sweep, 3 seeds): Vizier's form of the rule, against the median of
+# the completed trials' running averages, let mediocre trials finish: median 0.44 of the grid's compute
+# (0.43 with this one) and 2230-2290 trial-steps per sweep instead of 1300-1570.
 PRUNE_AFTER_TRIALS, PRUNE_MIN_REPORTS, JUDGED_FROM_REPORT = 3, 3, 3
 
 
