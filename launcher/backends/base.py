@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, cast
 
 from schema.run_dir import Run
 from schema import ClusterConfig, RecipeConfig
@@ -81,6 +81,28 @@ class Backend(Protocol):
 
     def logs(self, run: Run, rank: int, follow: bool) -> int:
         """Print rank `rank`'s log (and what it adds while the run lives, with `follow`); an exit code."""
+
+    def environment_checks(self, cluster: ClusterConfig) -> list[Any]:
+        """What `launcher doctor` checks from here besides what every backend needs (launcher.doctor.findings
+        Checks: Slurm's commands and controller, each VM over SSH, ...)."""
+
+
+class SweepWorkers(Protocol):
+    """What a backend that runs Bayesian sweeps offers besides `Backend` (local and Slurm do; `workers()`
+    says whether one does): workers that draw trials from the study, and a trial run from inside one."""
+
+    def launch_workers(self, recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, name: str, attempt: int,
+                       workers: int, work_here: Callable[[int], int]) -> Launched:
+        """Start `workers` workers of the sweep whose study is in `folder` (locally, worker 0 may be
+        `work_here` in this process)."""
+
+    def run_trial_here(self, recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+        """Run one trial to its end from inside a worker; its exit code."""
+
+
+def workers(backend: Backend) -> Optional[SweepWorkers]:
+    """`backend` as a SweepWorkers, or None where it runs no Bayesian sweep."""
+    return cast(SweepWorkers, backend) if hasattr(backend, "launch_workers") else None
 
 
 def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> int:

@@ -117,6 +117,11 @@ def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, n
     return Launched(max(codes), ended=True)
 
 
+def environment_checks(cluster: ClusterConfig) -> list[Any]:
+    """Nothing beyond what `launcher doctor` checks for every backend: torchrun ships with torch."""
+    return []
+
+
 def status(run: Run) -> dict[str, Any]:
     info, result = run.info(), run.result()
     pid = run_process(info, "pid", "pid_start")

@@ -202,6 +202,13 @@ def _state(slurm_state: str, info: RunInfo) -> str:
     return state
 
 
+def environment_checks(cluster: ClusterConfig) -> list[Any]:
+    """`launcher doctor`: Slurm's commands on PATH, the controller answering, the partition."""
+    from launcher.doctor.environment import slurm_checks
+
+    return slurm_checks(cluster)
+
+
 def status(run: Run) -> dict[str, Any]:
     info = run.info()
     job_id = info.job_id

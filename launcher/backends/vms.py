@@ -145,6 +145,13 @@ def _remote(run: Run, what: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def environment_checks(cluster: ClusterConfig) -> list[Any]:
+    """`launcher doctor`: each VM reachable over SSH with the configured user and key."""
+    from launcher.doctor.environment import vm_checks
+
+    return vm_checks(cluster)
+
+
 def status(run: Run) -> dict[str, Any]:
     info = run.info()
     out: dict[str, Any] = {"run": run.name, "backend": "vms", "dir": str(run.dir)}

@@ -23,11 +23,9 @@ SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel")
 
 
 def check_environment(cluster: ClusterConfig, store: Optional[str]) -> list[Check]:
-    checks = [*torch_checks(), runs_dir_check(cluster)]
-    if cluster.backend == "slurm":
-        checks += slurm_checks(cluster)
-    if cluster.backend == "vms":
-        checks += vm_checks(cluster)
+    from launcher import backends  # each backend names its own checks (slurm_checks, vm_checks below)
+
+    checks = [*torch_checks(), runs_dir_check(cluster), *backends.get(cluster.backend).environment_checks(cluster)]
     return [*checks, store_check(cluster, store), tracker_check()]
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from launcher.backends.base import SweepWorkers, workers as sweep_workers
 from launcher.preflight import Target
 from launcher.runs import prepare_run
 from launcher.sweeps.record import record_path, sweeps_dir, write_record
@@ -157,7 +158,7 @@ class Sweep:
 
     def run_here(self, recipe: RecipeConfig, run: Run) -> int:
         """The default Runner: the backend's `run_trial_here` (local: torchrun; Slurm: srun in the allocation)."""
-        return self.target.backend.run_trial_here(recipe, self.target.cluster, run)  # type: ignore[attr-defined]
+        return _workers(self.target).run_trial_here(recipe, self.target.cluster, run)
 
     def create_study(self) -> None:
         import optuna
@@ -286,7 +287,7 @@ def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
         except UsageError as err:
             raise UsageError(f"--param {' '.join(overrides)} (the bounds of the search space) is invalid, so "
                              f"nothing was created or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
-    if not hasattr(target.backend, "run_trial_here"):
+    if sweep_workers(target.backend) is None:
         raise UsageError(f"cluster config {target.cluster.name!r} uses backend {target.cluster.backend!r}, which "
                          "does not run Bayesian sweeps", hint="use a local or Slurm cluster config (--cluster)")
     return recipes[0]
@@ -330,8 +331,7 @@ def run_bayes(spec: BayesSpec, name: str, target_given: str, runs_dir: Optional[
           f"{', '.join(k for k, _, _ in spec.space())}, {spec.trials} trials of {recipe.name} "
           f"({target.cluster.backend} backend, {workers} worker{'s' if workers > 1 else ''}); "
           f"study {sweep.journal}", flush=True)
-    launch_workers = getattr(target.backend, "launch_workers")
-    launched = launch_workers(recipe, target.cluster, sweep.folder, name, record["launches"], workers,
+    launched = _workers(target).launch_workers(recipe, target.cluster, sweep.folder, name, record["launches"], workers,
                               lambda index: work(sweep, index, sweep.run_here))
     if launched.batch_id:
         record["arrays"].append(launched.batch_id)
@@ -429,3 +429,8 @@ def print_status(root: Path, record: dict[str, Any], summary: dict[str, Any], me
         print(f"parameter importances: not yet ({summary['why_no_importances']})")
     sys.stdout.flush()
 
+
+def _workers(target: Target) -> SweepWorkers:
+    found = sweep_workers(target.backend)
+    assert found is not None, "check_sweep() refused this backend before anything started"
+    return found
