@@ -99,6 +99,12 @@ class SweepWorkers(Protocol):
     def run_trial_here(self, recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
         """Run one trial to its end from inside a worker; its exit code."""
 
+    def workers_live(self, batch_id: str) -> bool:
+        """Whether the workers launched as `batch_id` (a Launched.batch_id) are still queued or running."""
+
+    def wait_workers(self, batch_id: str) -> int:
+        """Block until the workers launched as `batch_id` have ended; an exit code."""
+
 
 def workers(backend: Backend) -> Optional[SweepWorkers]:
     """`backend` as a SweepWorkers, or None where it runs no Bayesian sweep."""

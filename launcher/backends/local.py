@@ -122,6 +122,15 @@ def environment_checks(cluster: ClusterConfig) -> list[Any]:
     return []
 
 
+def workers_live(batch_id: str) -> bool:
+    """Local workers have all ended when launch_workers returns (it gives no batch id)."""
+    return False
+
+
+def wait_workers(batch_id: str) -> int:
+    return 0
+
+
 def status(run: Run) -> dict[str, Any]:
     info, result = run.info(), run.result()
     pid = run_process(info, "pid", "pid_start")
