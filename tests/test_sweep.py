@@ -280,3 +280,19 @@ def test_job_array_sbatch_refuses_is_one_line_and_leaves_no_trial(runs_dir: Path
     assert lines[-2].startswith("error: sbatch refused the job array of nogpu: sbatch: error:"), proc.stderr
     assert lines[-1].startswith("  HINT: "), proc.stderr
     assert not (runs_dir / "nogpu-t00").exists() and not (runs_dir / "nogpu-t01").exists()
+
+
+def test_a_running_trial_shows_the_value_at_its_highest_logged_step(tmp_path: Path) -> None:
+    """A trial without a result yet is shown with its latest logged value (marked *). A resumed run logs
+    the steps after its checkpoint again: the latest is the highest step, not the last line of the file."""
+    from launcher.sweeps.table import trial_rows
+
+    run = tmp_path / "s-t00"
+    run.mkdir()
+    rows = [{"step": 10, "val/acc": 0.5}, {"step": 20, "val/acc": 0.7}, {"step": 30, "val/acc": 0.8},
+            {"step": 20, "val/acc": 0.6}]  # preempted after 30, resumed from the checkpoint at 10
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    record = {"trials": [{"run_name": "s-t00", "overrides": ["optim.lr=0.1"], "state": "running"},
+                         {"run_name": "s-t01", "overrides": ["optim.lr=0.2"], "state": "not started"}]}
+    shown = trial_rows(tmp_path, record, "val/acc")
+    assert [(r["step"], r["metric"], r["final"]) for r in shown] == [(30, 0.8, False), (None, None, False)]

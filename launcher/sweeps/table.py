@@ -1,11 +1,12 @@
 """The results table of a sweep: every trial's state and metric, best first."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from launcher import backends
+from launcher.plot import read_curves
+from schema.errors import UsageError
 from schema.run_dir import Run
 
 
@@ -18,18 +19,13 @@ def trial_state(run: Run) -> str:
 
 
 def _latest_logged(run: Run, metric: str) -> tuple[Optional[int], Optional[float]]:
-    """The last value of `metric` in metrics.jsonl, for trials without a result yet."""
-    path = run.dir / "metrics.jsonl"
-    step, value = None, None
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line being written
-            if metric in row:
-                step, value = row.get("step"), row[metric]
-    return step, value
+    """The value of `metric` at the highest step logged in metrics.jsonl, for trials without a result yet (a
+    resumed run logs some steps twice: the value it kept, as `launcher plot` draws it)."""
+    try:
+        points = read_curves(run.dir).get(metric)
+    except UsageError:  # nothing logged yet
+        return None, None
+    return points[-1] if points else (None, None)
 
 
 def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str, Any]]:
