@@ -38,15 +38,24 @@ def write_record(root: Path, name: str, record: dict[str, Any]) -> None:
     tmp.replace(path)  # atomic, like run.json
 
 
+def existing_record(root: Path, name: str, spec: dict[str, Any]) -> Optional[dict[str, Any]]:
+    """The record of sweep `name` when the same spec runs again (None for a new sweep); another spec under
+    the same name is refused. Grid, random and Bayesian sweeps alike."""
+    path = record_path(root, name)
+    if not path.exists():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("spec") != spec:
+        raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
+                         hint="choose another --name, or leave --name out to name the sweep by its spec")
+    return record
+
+
 def new_record(spec: SweepSpec, name: str, cluster: ClusterConfig, trials: list[Trial],
                recipe: RecipeConfig, root: Path) -> dict[str, Any]:
     """The existing record when the same sweep runs again; a different spec under the same name is refused."""
-    path = record_path(root, name)
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("spec") != spec.to_dict():
-            raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
-                             hint="choose another --name, or leave --name out to name the sweep by its spec")
+    record = existing_record(root, name, spec.to_dict())
+    if record is not None:
         record["cluster"] = cluster.name
         return record
     return {"name": name, "recipe": recipe.name, "cluster": cluster.name, "spec": spec.to_dict(),

@@ -13,7 +13,7 @@ from launcher.preflight import Target
 from launcher.sweeps.bayes.claims import WORKER_JSON, Sweep, work, workers_of
 from launcher.sweeps.bayes.spec import BayesSpec, corners, trial_name
 from launcher.sweeps.bayes.status import print_status, summarize
-from launcher.sweeps.record import record_path, write_record
+from launcher.sweeps.record import existing_record, write_record
 from schema import RecipeConfig
 from schema.errors import UsageError
 from schema.names import check_name
@@ -39,12 +39,8 @@ def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
 def new_record(spec: BayesSpec, name: str, target: Target, recipe: RecipeConfig, root: Path,
                workers: int) -> dict[str, Any]:
     """The sweep record (the same spec again finds the same sweep; another spec under its name is refused)."""
-    path = record_path(root, name)
-    if path.exists():
-        record = json.loads(path.read_text())
-        if record.get("spec") != spec.to_dict():
-            raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
-                             hint="choose another --name, or leave --name out to name the sweep by its spec")
+    record = existing_record(root, name, spec.to_dict())
+    if record is not None:
         record.update(cluster=target.cluster.name, workers=workers)
         return record
     return {"name": name, "recipe": recipe.name, "cluster": target.cluster.name, "spec": spec.to_dict(),
