@@ -55,6 +55,12 @@ class FileProgress:
                 self._cond.wait(POLL_S)
             return self.written, self.entry is not None or self.failed
 
+    def wait_end(self, stop: threading.Event) -> None:
+        """Until the file ended (written or failed), or `stop`."""
+        with self._cond:
+            while self.entry is None and not self.failed and not stop.is_set():
+                self._cond.wait(POLL_S)
+
 
 def part_bytes(number: int) -> int:
     """Size of part `number` (from 1): 8 MiB for the first 8 GB, then 8 times larger every 1,000 parts,

@@ -223,17 +223,13 @@ class Uploader:
             bucket, key = target.split("/", 1)
             entry = stream_to_s3(client, bucket, key, Path(self.local.path(name, file)), progress, self._stop)
         else:
-            progress.wait_for(1 << 62, self._stop)  # until it ends: other stores get the whole file
+            progress.wait_end(self._stop)  # other stores get the whole file
             entry = progress.entry
             if entry is not None and not self._stop.is_set():
                 self._put_confirmed(name, file, entry.size)
                 return entry
         if entry is not None:
-            self.remote.fs.invalidate_cache(target)
-            landed = self.remote.fs.info(target)["size"]
-            if landed != entry.size:
-                raise OSError(f"{self.remote.location(name)}/{file} has {landed} bytes after upload, "
-                              f"expected {entry.size}")
+            self._confirm_size(name, file, entry.size)
         return entry
 
     def _refuse(self, err: ForeignRunFolder) -> None:
@@ -246,9 +242,7 @@ class Uploader:
         if self._sent.get(name, {}).get(file) != entry:
             return False
         try:
-            target = self.remote.path(name, file)
-            self.remote.fs.invalidate_cache(target)
-            return self.remote.fs.info(target)["size"] == entry.size
+            return self._size_on_store(name, file) == entry.size
         except Exception:
             return False
 
@@ -259,6 +253,7 @@ class Uploader:
             manifest = self.local.verify(name, full_hash=False)
         except (InvalidCheckpoint, FileNotFoundError) as err:
             log.warning("cannot upload %s: its local copy is gone or invalid (%s)", self.local.location(name), err)
+            self._forget_early(name)
             return True  # nothing left to upload; do not block the others
         started = time.perf_counter()
         there = self._remote_manifest(name)
@@ -277,11 +272,18 @@ class Uploader:
         commit = lambda: self._put_text(name, MANIFEST, manifest.to_json())  # noqa: E731
         if not self._retry(f"upload of {name}/{MANIFEST}", commit, deadline):
             return False
-        self._sent.pop(name, None)
-        self._early_to.pop(name, None)
-        started = min(started, self._first_sent.pop(name, started))  # its first file went up as it was written
+        first_sent = self._forget_early(name)
+        if first_sent is not None:  # its first file went up as it was written
+            started = min(started, first_sent)
         self._after_upload(name, manifest, time.perf_counter() - started)
         return True
+
+    def _forget_early(self, name: str) -> Optional[float]:
+        """Drop what early_file noted of checkpoint `name` (it is up, or will never be); when its first
+        file started up, if one did."""
+        self._sent.pop(name, None)
+        self._early_to.pop(name, None)
+        return self._first_sent.pop(name, None)
 
     def _remote_manifest(self, name: str) -> Optional[Manifest]:
         try:
@@ -295,10 +297,18 @@ class Uploader:
         if is_local(remote.fs):
             remote.fs.makedirs(remote.path(name), exist_ok=True)
         put_file(remote.fs, self.local.path(name, file), target)
-        remote.fs.invalidate_cache(target)
-        landed = remote.fs.info(target)["size"]
+        self._confirm_size(name, file, size)
+
+    def _size_on_store(self, name: str, file: str) -> int:
+        """The file's size as the store has it now (one HEAD request; fsspec's listing cache bypassed)."""
+        target = self.remote.path(name, file)
+        self.remote.fs.invalidate_cache(target)
+        return self.remote.fs.info(target)["size"]
+
+    def _confirm_size(self, name: str, file: str, size: int) -> None:
+        landed = self._size_on_store(name, file)
         if landed != size:
-            raise OSError(f"{remote.location(name)}/{file} has {landed} bytes after upload, expected {size}")
+            raise OSError(f"{self.remote.location(name)}/{file} has {landed} bytes after upload, expected {size}")
 
     def _put_text(self, name: str, file: str, text: str) -> None:
         """A single PUT is atomic on object stores; a local-disk remote needs the rename."""

@@ -61,7 +61,8 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def ranks_where(flag: bool) -> list[int]:
-    """The ranks on which `flag` is True, known to every rank (an out-of-memory error: who had it)."""
+    """The ranks on which `flag` is True, known to every rank (an out-of-memory error: who had it). A CPU
+    tensor on the host gloo group: the answer never waits for a GPU's queue."""
     if not dist.is_initialized():
         return [0] if flag else []
     hits = torch.zeros(dist.get_world_size(), dtype=torch.int32)
@@ -71,13 +72,8 @@ def ranks_where(flag: bool) -> list[int]:
 
 
 def any_rank(flag: bool) -> bool:
-    """True on every rank when `flag` is True on any. A CPU tensor on a gloo group: the answer never
-    waits for a GPU's queue (the flags are host facts: a stop request, an allocator failure)."""
-    if not dist.is_initialized():
-        return flag
-    value = torch.tensor([int(flag)])
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=_HOST_GROUP[0])
-    return bool(value.item())
+    """True on every rank when `flag` is True on any (an allocator failure during the micro-batch search)."""
+    return bool(ranks_where(flag))
 
 
 def broadcast_flag(flag: bool) -> bool:
@@ -87,15 +83,6 @@ def broadcast_flag(flag: bool) -> bool:
     value = torch.tensor([int(flag)])
     dist.broadcast(value, src=0, group=_HOST_GROUP[0])
     return bool(value.item())
-
-
-def all_reduce_min(value: int) -> int:
-    """The smallest of every rank's `value` (an agreed micro batch: the rank with the least memory wins)."""
-    if not dist.is_initialized():
-        return value
-    values = torch.tensor([value], dtype=torch.int64)
-    dist.all_reduce(values, op=dist.ReduceOp.MIN, group=_HOST_GROUP[0])
-    return int(values.item())
 
 
 def shutdown(clean: bool = True) -> None:
