@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run = prepare(recipe, cluster, Path(args.runs_dir).expanduser().resolve(), run_name(args.run_name, task_id),
                   task_id)
-    command = [sys.executable, "-m", "torch.distributed.run", *options, "--max-restarts=0",
+    command = [sys.executable, "-m", "jobs.torchrun", *options, "--max-restarts=0",
                "-m", "jobs.train", "--run-dir", str(run.dir)]
     print(f"launcher (SkyPilot node {environ['SKYPILOT_NODE_RANK']}): run {run.name} in {run.dir}: "
           f"{' '.join(command)}", flush=True)

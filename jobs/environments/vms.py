@@ -41,7 +41,7 @@ ENTRY_MODULE = "jobs.environments.vms"
 def torchrun_command(recipe: RecipeConfig, args: argparse.Namespace) -> list[str]:
     """One torchrun per node; the rendezvous id is per launch, so a relaunch never meets the last one's state."""
     entry = ["-m", "jobs.script" if recipe.script else "jobs.train", "--run-dir", args.run_dir]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nnodes={args.nnodes}",
+    return [sys.executable, "-m", "jobs.torchrun", f"--nnodes={args.nnodes}",
             f"--nproc-per-node={args.nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv}",
             f"--rdzv-id={args.rdzv_id}", f"--local-addr={args.local_addr}", "--max-restarts=0", *entry]
 

@@ -31,7 +31,7 @@ def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
     nproc = recipe.parallel.procs_per_node
     if nproc == 1:
         return [sys.executable, *entry]  # one rank: no torchrun, no process group
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    return [sys.executable, "-m", "jobs.torchrun", "--standalone", f"--nproc-per-node={nproc}",
             "--max-restarts=0", *entry]
 
 
