@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 from collections import OrderedDict
 from pathlib import Path
@@ -149,23 +150,31 @@ RESHARD = ["model.dropout=0", "schedule.name=constant", "trainer.micro_batch=16"
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoint_resumes_on_one_rank_and_under_ddp(runs_dir: Path) -> None:
+def test_fsdp_checkpoint_resumes_on_one_rank_and_under_ddp(runs_dir: Path, tmp_path: Path) -> None:
     """A 2-rank FSDP checkpoint at step 4 resumed on 1 rank and under DDP, and a DDP one resumed under
     FSDP, continue from step 4 and end where an uninterrupted 2-rank FSDP run ends (within 1e-5).
     No dropout and a constant schedule: the RNG streams of 2 ranks cannot be matched on 1, and the
-    first launch (4 steps) must follow the same schedule as the longer relaunch."""
+    first launch (4 steps) must follow the same schedule as the longer relaunch. The two resumes of the
+    FSDP checkpoint share its first launch: the run directory is copied to a second runs folder (as to
+    another machine), and each copy resumes under its own layout."""
     straight = final_params(_launch(runs_dir, "straight", *RESHARD, "trainer.max_steps=8",
                                     "parallel.strategy=fsdp", "parallel.procs_per_node=2"))
-    layouts = {"fsdp2-to-1": (("fsdp", 2), ("fsdp", 1)), "fsdp-to-ddp": (("fsdp", 2), ("ddp", 2)),
-               "ddp-to-fsdp": (("ddp", 2), ("fsdp", 2))}
-    for name, (first, then) in layouts.items():
-        for (strategy, ranks), steps in ((first, 4), (then, 8)):
-            run = _launch(runs_dir, name, *RESHARD, f"trainer.max_steps={steps}", f"parallel.strategy={strategy}",
-                          f"parallel.procs_per_node={ranks}")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    first = {"fsdp": _launch(runs_dir, "from-fsdp", *RESHARD, "trainer.max_steps=4", "parallel.strategy=fsdp",
+                             "parallel.procs_per_node=2"),
+             "ddp": _launch(runs_dir, "ddp-to-fsdp", *RESHARD, "trainer.max_steps=4", "parallel.strategy=ddp",
+                            "parallel.procs_per_node=2")}
+    shutil.copytree(first["fsdp"], elsewhere / "from-fsdp")
+    resumes = {"fsdp2-to-1": (runs_dir, "from-fsdp", ("fsdp", 1)), "fsdp-to-ddp": (elsewhere, "from-fsdp", ("ddp", 2)),
+               "ddp-to-fsdp": (runs_dir, "ddp-to-fsdp", ("fsdp", 2))}
+    for case, (folder, name, (strategy, ranks)) in resumes.items():
+        run = _launch(folder, name, *RESHARD, "trainer.max_steps=8", f"parallel.strategy={strategy}",
+                      f"parallel.procs_per_node={ranks}")
         log = (run / "logs" / "rank0.log").read_text()
-        assert "resumed from" in log and ": step 4, epoch 0, step 4 in epoch" in log, name
+        assert "resumed from" in log and ": step 4, epoch 0, step 4 in epoch" in log, case
         assert read_result(run)["step"] == 8
-        assert _max_diff(straight, final_params(run)) < 1e-5, name
+        assert _max_diff(straight, final_params(run)) < 1e-5, case
 
 
 @pytest.mark.slow
