@@ -1,7 +1,7 @@
 """Bayesian sweep vs grid (`make bench BENCH_ARGS="--only bayes"`, or `python -m bench.bayes_sweep`).
 
 One search space on `digits` (learning rate, weight decay, dropout). A 27-point grid (3 x 3 x 3) runs
-once; then `launcher sweep --search bayes --prune` (seeded TPE, median pruning, one worker: trials one
+once; then `launcher sweep --search bayes --prune` (seeded TPE, ASHA pruning, one worker: trials one
 after another) for 3 seeds with a budget of 27 trials. The figure: the compute (trial-steps, a pruned
 trial counting the steps it ran) that TPE spent, in trial order, up to and including its first
 completed trial whose final val/acc reaches the grid's best, as a fraction of the grid's compute;
@@ -86,7 +86,7 @@ def run(seeds: int = 3, budget: int = 27) -> dict:
 def rows(r: dict) -> list[tuple[str, str, str, str]]:
     fractions = "/".join(f"{s['fraction']:.2f}" for s in r["seeds"])
     pruned = "/".join(f"{s['pruned']}" for s in r["seeds"])
-    return [(f"Bayesian sweep (TPE + median pruning) to the best {METRIC} of a {r['grid_points']}-point grid, digits",
+    return [(f"Bayesian sweep (TPE + ASHA pruning) to the best {METRIC} of a {r['grid_points']}-point grid, digits",
              f"median {r['median_fraction']:.2f} of the grid's trial-steps",
              f"grid {r['grid_trial_steps']} trial-steps, best {r['grid_best']:.4f}",
              f"seeds {fractions} (goal <= 0.4); pruned {pruned} of {r['budget']}")]

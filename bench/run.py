@@ -14,7 +14,7 @@
 (g) VMs over SSH on loopback (bench/vm_notice.py): seconds from a GCE spot notice to the stop's checkpoint
     committed in S3 for a 101M-parameter GPT on 2 VMs (goal <= 15 s of GCE's 30 s), steps lost per
     preemption (goal <= 1), launch -> first step on 2 VMs vs 1 VM vs the local backend
-(h) Bayesian sweep (TPE + median pruning) vs a 27-point grid on digits: trial-steps to reach the grid's best
+(h) Bayesian sweep (TPE + ASHA pruning) vs a 27-point grid on digits: trial-steps to reach the grid's best
     val/acc as a fraction of the grid's, median of 3 seeds (goal <= 0.4; bench/bayes_sweep.py)
 """
 from __future__ import annotations

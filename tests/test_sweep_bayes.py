@@ -1,5 +1,6 @@
-"""Bayesian sweeps (Optuna TPE, median pruning, a journal file): the worker loop against a real journal with
-stand-in trials (seeded suggestions, resuming, telling, sweep-status), refusals through the CLI, and real
+"""Bayesian sweeps (Optuna TPE, ASHA pruning, a journal file): the worker loop against a real journal with
+stand-in trials (seeded suggestions, resuming, telling, sweep-status), rank 0's pruning rule against a real
+journal (its rungs and the top-third rule), refusals through the CLI, and real
 digits trials through the CLI: a pruned trial on 2 ranks, a trial killed mid-run that resumes as the same
 trial, and workers as a Slurm job array."""
 from __future__ import annotations
@@ -16,12 +17,15 @@ from typing import Callable
 import pytest
 
 from conftest import REPO, max_logged_step, read_result, run_cli, wait_until
+from jobs.training.pruning import TrialReporter
+from jobs.training.state import TrainState
 from launcher.cli import main
 from launcher.preflight import Target
 from launcher.sweeps.bayes import BayesSpec, Sweep, trial_name, work
+from launcher.sweeps.bayes.spec import distributions
 from schema import RecipeConfig
 from schema.run_dir import Run, RunResult, committed_steps
-from schema.study import STUDY_JOURNAL, journal_storage, load_study
+from schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
 SPACE = ("optim.lr=loguniform:1e-4:1e-1", "model.dropout=uniform:0:0.5", "trainer.micro_batch=choice:16,32")
 QUICK = ["parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=40", "trainer.eval_every=5"]
@@ -121,6 +125,50 @@ def test_importances_with_too_few_completed_trials(runs_dir: Path, capsys: pytes
     assert "best trial: few-t00 (#0)" in out
 
 
+# ----------------------------------------------------------------------------- rank 0's pruning rule
+def _report(sweep: Sweep, curve: dict[int, float]) -> int | None:
+    """A new trial of `sweep` whose rank 0 evaluates `curve` (step -> val/acc) in step order, through the
+    reporter a real trial uses: the step its pruner stopped it at (the study told PRUNED), else None (told
+    COMPLETE with its last value)."""
+    import optuna
+
+    study = load_study(sweep.storage(), sweep.name)
+    trial = study.ask(distributions(sweep.spec.space()))
+    for key, value in (("run_name", f"{sweep.name}-reported{trial.number}"), ("overrides", []), ("worker", 99)):
+        trial.set_user_attr(key, value)
+    reporter = TrialReporter(TrialTicket(str(sweep.journal), sweep.name, trial.number, "val/acc", sweep.spec.prune))
+    for step, value in sorted(curve.items()):
+        if reporter.on_evaluate(TrainState(step=step), {"val/acc": value, "val/loss": 1.0}):
+            study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+            return step
+    study.tell(trial.number, curve[max(curve)])
+    return None
+
+
+def test_asha_rungs_start_at_the_third_evaluation_and_keep_the_top_third(tmp_path: Path) -> None:
+    sweep = _sweep(tmp_path, "asha", prune=True)
+    every10 = lambda level: {s: level + s / 1000 for s in range(10, 101, 10)}  # noqa: E731
+    assert _report(sweep, every10(0.5)) is None  # the first trial is the best at each rung: it completes
+    # far worse, but the first two evaluations are never judged; the 3rd (step 30) is the first rung
+    assert _report(sweep, {10: 0.0, 20: 0.0, **{s: 0.1 for s in range(30, 101, 10)}}) == 30
+    assert _report(sweep, every10(0.6)) is None  # the best at both rungs (steps 30 and 90)
+    assert _report(sweep, {**every10(0.7), 90: 0.55}) == 90  # the second rung: 3 x 30, below both before it
+    # at the first rung so far 0.73, 0.63, 0.53, 0.1: a trial goes on only while in the top third of the
+    # trials at the rung, itself included (the best one of up to 5, the best 2 of 6 to 8)
+    assert _report(sweep, every10(0.2)) == 30  # 0.23: 5th of 5
+    assert _report(sweep, every10(0.3)) == 30  # 0.33: 4th of 6
+    assert _report(sweep, {**every10(0.62), 90: 0.9}) is None  # 0.65: 2nd of 7, then the best at step 90
+    assert _report(sweep, every10(0.61)) == 30  # 0.64: 3rd of 8
+
+    other = _sweep(tmp_path, "every5", prune=True)  # the rungs follow the run's own evaluations
+    assert _report(other, {s: 0.5 for s in range(5, 41, 5)}) is None
+    assert _report(other, {s: 0.4 for s in range(5, 41, 5)}) == 15
+
+    off = _sweep(tmp_path, "off", prune=False)  # without --prune every trial reports and completes
+    assert _report(off, every10(0.5)) is None and _report(off, every10(0.1)) is None
+    assert [sorted(t.intermediate_values) for t in _journal(tmp_path, "off")] == [list(range(10, 101, 10))] * 2
+
+
 # ----------------------------------------------------------------------------- refusals through the CLI
 @pytest.mark.parametrize("args,message", [
     (["--grid", "optim.lr=0.1,0.2", "--prune"], "--prune goes with --search bayes"),
@@ -154,24 +202,15 @@ def test_bad_bayes_input_is_one_line_exit_2_nothing_created(args: list[str], mes
 # ----------------------------------------------------------------------------- tier 2: real digits trials
 @pytest.mark.slow
 def test_a_pruned_trial_stops_cleanly_on_every_rank(runs_dir: Path) -> None:
-    """Three earlier trials that reported val/acc 1.0 at every step: the median rule must stop the next
-    one at its third evaluation (the first it judges), on both ranks, with outcome pruned, and the study
-    must hear PRUNED."""
-    import optuna
-
+    """Three earlier trials that reported val/acc 1.0 at every step: ASHA must stop the next one at its
+    first rung, its third evaluation, on both ranks, with outcome pruned, and the study must hear PRUNED."""
     params = ("optim.lr=loguniform:1e-3:1e-1", "model.dropout=uniform:0:0.5")
     spec = BayesSpec("digits", (), params, 4, 0, True)
     sweep = Sweep("pr", spec, Target.load("local"), runs_dir, "val/acc", "max")
     sweep.folder.mkdir(parents=True)
     sweep.create_study()
-    study = load_study(sweep.storage(), "pr")
-    dists = {"optim.lr": optuna.distributions.FloatDistribution(1e-3, 1e-1, log=True),
-             "model.dropout": optuna.distributions.FloatDistribution(0, 0.5)}
-    for i in range(3):
-        study.add_trial(optuna.trial.create_trial(
-            params={"optim.lr": 0.01, "model.dropout": 0.1 * i}, distributions=dists, value=1.0,
-            intermediate_values={s: 1.0 for s in range(5, 45, 5)}, user_attrs={"run_name": f"earlier{i}",
-                                                                                "overrides": [], "worker": 99}))
+    for _ in range(3):
+        assert _report(sweep, {s: 1.0 for s in range(5, 45, 5)}) is None
     proc = run_cli("sweep", "digits", "--search", "bayes", *[a for p in params for a in ("--param", p)],
                    "--trials", "4", "--prune", "--name", "pr", "trainer.epochs=null", "trainer.max_steps=40",
                    "trainer.eval_every=5", runs_dir=runs_dir)
@@ -193,7 +232,7 @@ def test_a_pruned_trial_stops_cleanly_on_every_rank(runs_dir: Path) -> None:
 @pytest.mark.slow
 def test_a_killed_trial_resumes_as_the_same_trial_and_the_best_is_recorded(runs_dir: Path) -> None:
     args = ["sweep", "digits", "--search", "bayes", "--param", "optim.lr=loguniform:1e-2:1e-1", "--trials", "2",
-            "--prune", "--name", "kill", "parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=400",
+            "--name", "kill", "parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=400",
             "trainer.eval_every=50", "checkpoint.every_steps=50", "--runs-dir", str(runs_dir)]
     first = subprocess.Popen([sys.executable, "-m", "launcher", *args], cwd=REPO, start_new_session=True,
                              env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,

@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from jobs.training.state import TrainState
-from schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, trial_id
+from schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, make_pruner, trial_id
 
 log = logging.getLogger("jobs.pruning")
 
@@ -22,6 +22,7 @@ class TrialReporter:
     def __init__(self, ticket: TrialTicket) -> None:
         self.ticket = ticket
         self._storage: Any = None  # the journal, opened at the first evaluation
+        self._study: Any = None  # optuna.Study
         self._trial: Any = None  # optuna.trial.Trial
         self._id = -1  # its id in the storage
 
@@ -29,9 +30,9 @@ class TrialReporter:
         import optuna
 
         self._storage = journal_storage(self.ticket.journal)
-        study = load_study(self._storage, self.ticket.study, prune=self.ticket.prune)
+        self._study = load_study(self._storage, self.ticket.study)
         self._id = trial_id(self._storage, self.ticket.study, self.ticket.number)
-        self._trial = optuna.trial.Trial(study, self._id)
+        self._trial = optuna.trial.Trial(self._study, self._id)
 
     def on_evaluate(self, progress: TrainState, metrics: dict[str, float]) -> bool:
         value = metrics.get(self.ticket.metric)
@@ -43,8 +44,12 @@ class TrialReporter:
         reported = self._storage.get_trial(self._id).intermediate_values
         if progress.step not in reported:
             self._trial.report(value, progress.step)
-        judged = len(reported | {progress.step: value}) >= JUDGED_FROM_REPORT
-        if self.ticket.prune and judged and self._trial.should_prune():
+        steps = sorted(reported.keys() | {progress.step})
+        if not self.ticket.prune or len(steps) < JUDGED_FROM_REPORT:
+            return False
+        # the first rung is this run's 3rd evaluation, whatever its eval_every (a resumed run finds the same)
+        self._study.pruner = make_pruner(first_rung=steps[JUDGED_FROM_REPORT - 1])
+        if self._trial.should_prune():
             log.info("trial %d of study %s pruned at step %d (%s %.4f)", self.ticket.number, self.ticket.study,
                      progress.step, self.ticket.metric, value)
             return True

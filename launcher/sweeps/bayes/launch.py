@@ -66,7 +66,7 @@ def run_bayes(spec: BayesSpec, name: str, target_given: str, runs_dir: Optional[
                                        "metric": sweep.metric, "mode": sweep.mode}, indent=2) + "\n")
     record["launches"] += 1
     write_record(root, name, record)
-    print(f"sweep {name}: Bayesian (TPE, seed {spec.seed}{', median pruning' if spec.prune else ''}) over "
+    print(f"sweep {name}: Bayesian (TPE, seed {spec.seed}{', ASHA pruning' if spec.prune else ''}) over "
           f"{', '.join(k for k, _, _ in spec.space())}, {spec.trials} trials of {recipe.name} "
           f"({target.cluster.backend} backend, {workers} worker{'s' if workers > 1 else ''}); "
           f"study {sweep.journal}", flush=True)

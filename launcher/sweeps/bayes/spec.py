@@ -24,7 +24,7 @@ class BayesSpec:
     params: tuple[str, ...]  # `key=distribution:args`, as --random takes them
     trials: int  # the budget: trials the study may hold, whatever their outcome
     seed: int  # seeds TPE
-    prune: bool  # the median rule may stop trials after an evaluation
+    prune: bool  # ASHA may stop trials after an evaluation (schema.study)
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in the sweep record: credentials inside override values are masked."""
