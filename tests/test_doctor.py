@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from conftest import REPO, run_cli, user_cli
-from launcher.doctor.diagnose import diagnose, first_stop
+from launcher.doctor.diagnose import diagnose
+from launcher.doctor.ranks import first_stop
 from launcher.doctor.findings import exit_code
 from launcher.doctor.records import read_run
 from s3_server import free_port, s3_server_fixture
