@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from schema.errors import UsageError
 from schema.run_dir import METRICS_JSONL
@@ -104,10 +104,11 @@ def save(fig: Any, out: Path) -> None:
     plt.close(fig)
 
 
-def trial_parameters(overrides: str) -> dict[str, Any]:
-    """`optim.lr=0.01 model.dropout=0.1` (a trial's overrides as its record shows them) -> {key: number or text}."""
+def trial_parameters(overrides: Sequence[str]) -> dict[str, Any]:
+    """["optim.lr=0.01", "model.freeze=[a, b]"] (a trial's overrides as its record holds them, one item each,
+    so a value may hold spaces) -> {key: number, or the value's text}."""
     params: dict[str, Any] = {}
-    for item in overrides.split():
+    for item in overrides:
         key, _, value = item.partition("=")
         try:
             params[key] = float(value)
@@ -119,7 +120,7 @@ def trial_parameters(overrides: str) -> dict[str, Any]:
 def sweep_figure(rows: list[dict[str, Any]], metric: str, mode: str) -> Any:
     """Panel 1: each trial's metric in trial order, and the best so far. Then one panel per swept
     parameter: the metric against its values (a log axis for a positive range of over 20x; text values
-    as categories). `rows`: trial order, each with "overrides" and "metric" (None: no value yet)."""
+    as categories). `rows`: trial order, each with "overrides" (a list) and "metric" (None: no value yet)."""
     scored = [(i, r) for i, r in enumerate(rows, 1) if r["metric"] is not None]
     if not scored:
         raise UsageError(f"no trial of the sweep has logged {metric} yet: nothing to plot")

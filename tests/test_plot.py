@@ -82,13 +82,17 @@ def test_no_metrics_yet_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_a_sweeps_history_and_each_parameter_hold_the_trials_values() -> None:
-    rows = [{"overrides": "optim.lr=0.001 model.dropout=0.1 optim.name=sgd", "metric": 0.50},
-            {"overrides": "optim.lr=0.1 model.dropout=0.1 optim.name=adamw", "metric": 0.90},
-            {"overrides": "optim.lr=0.01 model.dropout=0.1 optim.name=sgd", "metric": None},  # still running
-            {"overrides": "optim.lr=0.03 model.dropout=0.1 optim.name=sgd", "metric": 0.70}]
-    fig = plot.sweep_figure(rows, "val/acc", "max")
+    frozen = ["model.freeze=[features]", "model.freeze=[features, classifier]"]  # a value with a space
+    rows = [{"overrides": ["optim.lr=0.001", "model.dropout=0.1", "optim.name=sgd", frozen[0]], "metric": 0.50},
+            {"overrides": ["optim.lr=0.1", "model.dropout=0.1", "optim.name=adamw", frozen[1]], "metric": 0.90},
+            {"overrides": ["optim.lr=0.01", "model.dropout=0.1", "optim.name=sgd", frozen[0]], "metric": None},
+            {"overrides": ["optim.lr=0.03", "model.dropout=0.1", "optim.name=sgd", frozen[0]], "metric": 0.70}]
+    fig = plot.sweep_figure(rows, "val/acc", "max")  # the third trial is still running: no value yet
     panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
-    assert list(panels) == ["val/acc by trial", "val/acc against optim.lr", "val/acc against optim.name"]
+    assert list(panels) == ["val/acc by trial", "val/acc against model.freeze", "val/acc against optim.lr",
+                            "val/acc against optim.name"]
+    assert [t.get_text() for t in panels["val/acc against model.freeze"].get_xticklabels()] == [
+        "[features, classifier]", "[features]"]
     trials, best = panels["val/acc by trial"].lines
     assert trials.get_xydata().tolist() == [[1, 0.5], [2, 0.9], [4, 0.7]]
     assert best.get_xydata().tolist() == [[1, 0.5], [2, 0.9], [4, 0.9]]  # best so far, for max
@@ -99,4 +103,4 @@ def test_a_sweeps_history_and_each_parameter_hold_the_trials_values() -> None:
     assert [t.get_text() for t in name.get_xticklabels()] == ["adamw", "sgd"]
     assert plot.sweep_figure(rows, "val/loss", "min").axes[0].lines[1].get_ydata().tolist() == [0.5, 0.5, 0.5]
     with pytest.raises(UsageError, match="no trial of the sweep has logged val/acc"):
-        plot.sweep_figure([{"overrides": "optim.lr=0.1", "metric": None}], "val/acc", "max")
+        plot.sweep_figure([{"overrides": ["optim.lr=0.1"], "metric": None}], "val/acc", "max")

@@ -36,7 +36,7 @@ def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str
         result = run.result()
         final = metric in result.metrics
         step, value = (result.step, result.metrics[metric]) if final else _latest_logged(run, metric)
-        rows.append({"run": run.name, "overrides": " ".join(entry["overrides"]), "state": state,
+        rows.append({"run": run.name, "overrides": list(entry["overrides"]), "state": state,
                      "step": step if step is not None else result.step, "metric": value, "final": final})
     return rows
 
@@ -50,7 +50,7 @@ def sort_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     header = ["trial", "state", "step", metric, "overrides"]
     cells = [[r["run"], r["state"], "-" if r["step"] is None else str(r["step"]),
-              "-" if r["metric"] is None else f"{r['metric']:.4f}{'' if r['final'] else '*'}", r["overrides"]]
+              "-" if r["metric"] is None else f"{r['metric']:.4f}{'' if r['final'] else '*'}", " ".join(r["overrides"])]
              for r in rows]
     widths = [max(len(row[i]) for row in [header, *cells]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *cells]]
