@@ -18,7 +18,7 @@ import torch
 
 from jobs.checkpoint import Checkpointer
 from jobs.models import build_model
-from schema import CheckpointConfig, ModelConfig, StorageConfig
+from jobs.schema import CheckpointConfig, ModelConfig, StorageConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BIG = ["model.width=1", "model.hidden=4096", "model.pool_size=7", "trainer.micro_batch=4", "trainer.global_batch=4",

@@ -25,7 +25,7 @@ from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by
 from jobs.training.context import RunContext
 from jobs.training.run import train
 from jobs.training.schedule import lr_multiplier
-from schema import RecipeConfig, StorageConfig, load_recipe
+from jobs.schema import RecipeConfig, StorageConfig, load_recipe
 
 STEPS, WINDOW = 70, 10
 PAIRS = 6

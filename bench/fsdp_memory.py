@@ -20,7 +20,7 @@ import torch.distributed as dist
 from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
-from schema import ParallelConfig
+from jobs.schema import ParallelConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 1024, "layers": 8, "heads": 16, "tied_embeddings": False}
 

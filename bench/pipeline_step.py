@@ -51,7 +51,7 @@ from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
 from jobs.pipeline import PipelineLayout, PipelineRunner, build_stage, split_points
-from schema import ParallelConfig
+from jobs.schema import ParallelConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 384, "layers": 6, "heads": 6, "tied_embeddings": False}
 SMALL = {"vocab": 256, "seq_len": 32, "dim": 64, "layers": 2, "heads": 2, "tied_embeddings": False}

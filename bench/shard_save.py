@@ -38,7 +38,7 @@ from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
 from jobs.parallel.state import model_shard, optimizer_shard
-from schema import CheckpointConfig, ParallelConfig, StorageConfig
+from jobs.schema import CheckpointConfig, ParallelConfig, StorageConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 768, "layers": 8, "heads": 12, "tied_embeddings": False}  # 57M
 SMALL = {"vocab": 256, "seq_len": 32, "dim": 64, "layers": 2, "heads": 2, "tied_embeddings": False}

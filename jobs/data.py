@@ -15,7 +15,7 @@ from torch.utils.data import Dataset, TensorDataset
 
 from jobs.storage import filesystem
 from jobs.targets import checked_datasets, resolve
-from schema import DataConfig, ModelConfig, StorageConfig
+from jobs.schema import DataConfig, ModelConfig, StorageConfig
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 

@@ -7,8 +7,8 @@ import torch
 
 from jobs.checkpoint import Checkpointer
 from jobs.weights import strip_prefixes, write_weights
-from schema import ClusterConfig, RecipeConfig, load_resolved
-from schema.run_dir import Run, checkpoint_uri
+from jobs.schema import ClusterConfig, RecipeConfig, load_resolved
+from jobs.schema.run_dir import Run, checkpoint_uri
 
 
 def export_run(run_dir: Path, to: str) -> str:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from jobs.targets import checked_module, resolve
-from schema import ModelConfig
+from jobs.schema import ModelConfig
 
 VGG_LAYERS: dict[str, list[int | str]] = {
     "vgg11": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],

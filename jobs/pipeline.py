@@ -22,12 +22,12 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from schema.parallel import MULTI_STAGE_SCHEDULES
+from jobs.schema.parallel import MULTI_STAGE_SCHEDULES
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # One stage per rank: the schedules whose gloo hangs were fixed (pytorch PR #152938, in 2.13). The names are
-# the recipe's (schema.parallel checks them when a recipe is loaded).
+# the recipe's (jobs.schema.parallel checks them when a recipe is loaded).
 SINGLE_STAGE_SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
 

@@ -12,7 +12,7 @@ from torch import nn
 from jobs.models import head_prefix
 from jobs.storage import filesystem
 from jobs.weights import strip_prefixes
-from schema import StorageConfig
+from jobs.schema import StorageConfig
 
 
 def read_state_dict(uri: str, storage: StorageConfig) -> dict[str, torch.Tensor]:

@@ -45,8 +45,8 @@ from typing import Any, Optional
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.script import RUN_DIR_VAR
-from schema import ClusterConfig, RecipeConfig, load_resolved
-from schema.run_dir import STEP_DIR, Run, checkpoint_uri
+from jobs.schema import ClusterConfig, RecipeConfig, load_resolved
+from jobs.schema.run_dir import STEP_DIR, Run, checkpoint_uri
 
 __all__ = ["RunCheckpointer", "checkpointer", "rank_env", "run_dir", "run_id", "run_name", "should_stop",
            "stop_signal"]

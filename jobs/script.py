@@ -30,8 +30,8 @@ from typing import BinaryIO, Optional
 
 from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
-from schema import RecipeConfig, load_resolved
-from schema.run_dir import Run, RunResult
+from jobs.schema import RecipeConfig, load_resolved
+from jobs.schema.run_dir import Run, RunResult
 
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 

@@ -15,9 +15,9 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from schema import StorageConfig
-from schema.run_dir import MANIFEST, STEP_DIR
-from schema.secrets import redact_text
+from jobs.schema import StorageConfig
+from jobs.schema.run_dir import MANIFEST, STEP_DIR
+from jobs.schema.secrets import redact_text
 
 # s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
 # store that is down that is minutes per call. The checkpointer does its own backoff, so the

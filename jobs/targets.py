@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from schema.errors import ConfigError
-from schema.recipe import RecipeConfig
+from jobs.schema.errors import ConfigError
+from jobs.schema.recipe import RecipeConfig
 
 
 def resolve(src: str, key: str, target: str) -> Callable[..., Any]:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from schema import LoggingConfig
+from jobs.schema import LoggingConfig
 
 log = logging.getLogger("jobs.tracking")
 

@@ -23,10 +23,10 @@ from jobs.preempt import StopFlag
 from jobs.training.callbacks import Callback, FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
-from schema import ClusterConfig, RecipeConfig, UsageError, load_resolved, to_dict
-from schema.run_dir import Run, RunResult, checkpoint_uri
-from schema.secrets import RedactFilter, secret_values
-from schema.study import TrialTicket
+from jobs.schema import ClusterConfig, RecipeConfig, UsageError, load_resolved, to_dict
+from jobs.schema.run_dir import Run, RunResult, checkpoint_uri
+from jobs.schema.secrets import RedactFilter, secret_values
+from jobs.schema.study import TrialTicket
 
 
 class ConsoleHandler(logging.StreamHandler):

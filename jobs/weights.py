@@ -15,7 +15,7 @@ from torch import Tensor
 
 from jobs.checkpoint import load_checkpoint
 from jobs.storage import filesystem, is_local
-from schema import StorageConfig
+from jobs.schema import StorageConfig
 
 log = logging.getLogger("jobs.weights")
 WRAPPER_NAMES = ("module", "_orig_mod")  # added by DistributedDataParallel and torch.compile

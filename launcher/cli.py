@@ -16,7 +16,7 @@ from launcher import backends, sbatch
 from launcher.backends.base import Backend
 from launcher.backends.slurm_options import slurm_section
 from launcher.preflight import Target
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.runs import default_run_name, find_run, runs_root
 from launcher.sweeps.bayes import BayesSpec, default_name as default_bayes_name, is_bayes, print_status, run_bayes, \
     summarize, table_record
@@ -25,11 +25,11 @@ from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table, trial_rows
 from launcher.sweeps.trials import run_sweep
 from launcher.scripts import script_recipe
-from schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
-from schema.errors import UsageError
-from schema.names import check_name
-from schema.recipe import TRAINER_SECTIONS
-from schema.secrets import redact, redact_text
+from jobs.schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
+from jobs.schema.errors import UsageError
+from jobs.schema.names import check_name
+from jobs.schema.recipe import TRAINER_SECTIONS
+from jobs.schema.secrets import redact, redact_text
 
 
 def cmd_show(args: argparse.Namespace) -> int:

@@ -11,10 +11,10 @@ import re
 import sys
 from typing import Optional
 
-from schema import ClusterConfig, RecipeConfig
-from schema.run_dir import Run, checkpoint_uri
-from schema.errors import UsageError
-from schema.secrets import redact_text
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.run_dir import Run, checkpoint_uri
+from jobs.schema.errors import UsageError
+from jobs.schema.secrets import redact_text
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")  # what `--run-id` may be: a tracker id and a file field
 

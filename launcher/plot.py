@@ -13,8 +13,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
-from schema.errors import UsageError
-from schema.run_dir import METRICS_JSONL
+from jobs.schema.errors import UsageError
+from jobs.schema.run_dir import METRICS_JSONL
 
 FORMATS = (".png", ".pdf", ".svg")
 NOT_CURVES = {"step", "time", "epoch", "samples_per_s"}  # bookkeeping, not something one compares runs by

@@ -14,12 +14,12 @@ from typing import Optional, Sequence
 from launcher import backends
 from launcher.backends.base import Backend
 from launcher.ownership import check_checkpoint_folder
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.runs import code_dir_of, prepare_run, run_at, runs_root
-from schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
-from schema.errors import PATH_CHARS, short
-from schema.recipe import DEFAULT_LOSS
-from schema.names import check_name
+from jobs.schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
+from jobs.schema.errors import PATH_CHARS, short
+from jobs.schema.recipe import DEFAULT_LOSS
+from jobs.schema.names import check_name
 
 
 def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
@@ -32,6 +32,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     if not code_dir.is_dir():
         raise ConfigError(src, "code_dir", f"{short(str(code_dir), PATH_CHARS)} is not a directory",
                           "point code_dir at the folder that holds your code (default: the launch directory)")
+    _check_no_shadowing(code_dir, src)
     script = recipe.script
     if script is None:
         return recipe
@@ -44,6 +45,22 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)
     return recipe
+
+
+# The launcher's own packages: code_dir goes first on every rank's import path, so a user folder with one of
+# these names would replace ours there (the ranks would import the user's `jobs`, not the trainer).
+OWN_PACKAGES = {"launcher": Path(__file__).resolve().parent, "jobs": Path(__file__).resolve().parents[1] / "jobs"}
+
+
+def _check_no_shadowing(code_dir: Path, src: str) -> None:
+    """Refuse a code_dir holding a package or module named like one of ours (unless it is ours: a checkout)."""
+    for name, ours in OWN_PACKAGES.items():
+        for found in (code_dir / name / "__init__.py", code_dir / f"{name}.py"):
+            if found.is_file() and found.resolve().parent != ours:
+                shown = short(str(found.parent if found.name == "__init__.py" else found), PATH_CHARS)
+                raise ConfigError(src, "code_dir", f"{shown} would replace the launcher's own '{name}' package "
+                                  "on every rank", f"rename your {name!r} (e.g. my_{name}) or set code_dir to a "
+                                  "folder without it")
 
 
 def _check_module(module: str, code_dir: Path, src: str) -> None:

@@ -1,6 +1,6 @@
 """Run directories on the launching side: names, where they live, and creating one for a launch.
 
-The layout and the typed records (run.json, result.json) are in schema/run_dir.py, shared with the ranks.
+The layout and the typed records (run.json, result.json) are in jobs/schema/run_dir.py, shared with the ranks.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from schema import ClusterConfig, RecipeConfig, config_hash, secrets, to_dict
-from schema.errors import UsageError
-from schema.names import check_name
-from schema.run_dir import CHECKPOINTS, RESULT_JSON, RUN_JSON, Run, RunInfo, checkpoint_uri, committed_steps
+from jobs.schema import ClusterConfig, RecipeConfig, config_hash, secrets, to_dict
+from jobs.schema.errors import UsageError
+from jobs.schema.names import check_name
+from jobs.schema.run_dir import CHECKPOINTS, RESULT_JSON, RUN_JSON, Run, RunInfo, checkpoint_uri, committed_steps
 
 
 def default_run_name(recipe: RecipeConfig) -> str:

@@ -25,9 +25,9 @@ from typing import Optional
 from jobs.environments.slurm import ENTRY_MODULE
 from launcher.backends.slurm_options import SlurmOption, env_exports, job_options, one_line, setup_lines, \
     slurm_section, source
-from schema.run_dir import Run
-from schema import ClusterConfig, RecipeConfig, SlurmConfig
-from schema.errors import UsageError
+from jobs.schema.run_dir import Run
+from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig
+from jobs.schema.errors import UsageError
 
 SCRIPT_NAME = "sbatch.sh"  # written into the run directory next to run.json
 _PLAIN = re.compile(r"[A-Za-z0-9_@%+=:,./|&*!?<>()\[\]{}^~-]*")  # needs no quoting for sbatch's parser

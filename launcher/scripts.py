@@ -12,8 +12,8 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence
 
-from schema import RecipeConfig, from_document
-from schema.names import MAX_LENGTH
+from jobs.schema import RecipeConfig, from_document
+from jobs.schema.names import MAX_LENGTH
 
 
 def script_name(script: Optional[str], module: Optional[str]) -> str:

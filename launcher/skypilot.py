@@ -29,10 +29,10 @@ import yaml
 from jobs.environments.skypilot import ENTRY_MODULE, RUN_VARIABLE, TASK_HASH_CHARS, encode_configs
 from launcher.backends.slurm_options import one_line
 from launcher.shell import shell_path
-from schema import ClusterConfig, ConfigError, RecipeConfig, REPO_ROOT, UsageError, to_dict
-from schema.names import check_name
-from schema.secrets import is_secret_key, redact, split
-from schema.skypilot import SkyPilotConfig
+from jobs.schema import ClusterConfig, ConfigError, RecipeConfig, REPO_ROOT, UsageError, to_dict
+from jobs.schema.names import check_name
+from jobs.schema.secrets import is_secret_key, redact, split
+from jobs.schema.skypilot import SkyPilotConfig
 
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _RESERVED = re.compile(rf"{RUN_VARIABLE}|SKYPILOT_.*")  # set by us or by SkyPilot: an entry would hide them

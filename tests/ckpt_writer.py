@@ -16,7 +16,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `jobs` and `launcher`
 
 from jobs.checkpoint import Checkpointer, step_dir_name  # noqa: E402
-from schema import CheckpointConfig, StorageConfig  # noqa: E402
+from jobs.schema import CheckpointConfig, StorageConfig  # noqa: E402
 
 LARGE_PARAMS = 50_000_000  # fp32: 200 MB
 

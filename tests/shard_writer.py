@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root
 
 from jobs.checkpoint import Checkpointer, step_dir_name  # noqa: E402
 from jobs.checkpoint.sharded import load_shards  # noqa: E402
-from schema import CheckpointConfig, StorageConfig  # noqa: E402
+from jobs.schema import CheckpointConfig, StorageConfig  # noqa: E402
 
 LARGE = 40_000_000  # fp32 per rank: 160 MB, long enough a write to be killed in
 

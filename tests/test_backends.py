@@ -22,11 +22,11 @@ from launcher import backends
 from launcher.backends import local, slurm
 from launcher.backends.base import Batch, Planned
 from launcher.backends.slurm_watch import SlurmWatcher, wait_for_runs
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
-from schema import load_cluster, load_recipe
-from schema.errors import UsageError
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.errors import UsageError
 from test_sbatch import option_values
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def test_nothing_outside_the_backends_asks_which_backend_it_has() -> None:
     """A new backend is one module and one registry line: no `if backend == ...` elsewhere."""
     asking = re.compile(r"""\.backend\b[^\n]*[!=]=|[!=]=\s*["'](local|slurm)["']""")
     files = [path for folder in ("launcher", "jobs") for path in (REPO / folder).rglob("*.py")
-             if "backends" not in path.parts]
+             if "backends" not in path.parts and "schema" not in path.parts]  # the config sections name them
     offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
                  for i, line in enumerate(path.read_text().splitlines(), 1) if asking.search(line)]
     assert len(files) > 20 and offenders == []

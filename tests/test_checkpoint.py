@@ -21,7 +21,7 @@ from torch import nn
 from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, step_dir_name
 from jobs.storage import filesystem
 from jobs.weights import export_model, strip_prefixes
-from schema import CheckpointConfig, StorageConfig
+from jobs.schema import CheckpointConfig, StorageConfig
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -20,7 +20,7 @@ import torch
 from conftest import REPO, read_result
 from jobs.checkpoint import MANIFEST, Checkpointer, ForeignRunFolder, step_dir_name
 from jobs.storage import OWNER_FILE
-from schema import CheckpointConfig, StorageConfig
+from jobs.schema import CheckpointConfig, StorageConfig
 
 LIMIT = 100_000  # bytes a file may grow to while the disk "is full"
 SMALL = {"model": {"w": torch.ones(100)}, "trainer": {"step": 0}}

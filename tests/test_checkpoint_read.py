@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from jobs.checkpoint import MANIFEST, Checkpointer, CorruptCheckpoint, FileEntry, Manifest, step_dir_name
-from schema import CheckpointConfig, StorageConfig
+from jobs.schema import CheckpointConfig, StorageConfig
 
 
 class HashedBytes:

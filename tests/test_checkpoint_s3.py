@@ -15,7 +15,7 @@ import torch
 
 from jobs.checkpoint import MANIFEST, CheckpointError, Checkpointer, step_dir_name
 from jobs.storage import filesystem
-from schema import StorageConfig
+from jobs.schema import StorageConfig
 from s3_server import S3Server, free_port, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
 from test_checkpoint import assert_same, committed_steps, make_cfg, trained_state
 

@@ -1,7 +1,7 @@
 """Tier 1: the command line as a careless user or an attacker types it.
 
 Overrides may come anywhere among the options; names (runs, recipes, sweeps) are one path component
-under one rule (schema/names.py), and a refused one exits 2 with one line (plus a HINT) and creates
+under one rule (jobs/schema/names.py), and a refused one exits 2 with one line (plus a HINT) and creates
 nothing; recipe and cluster names are compared with file names, never used as glob patterns.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ import yaml
 
 from conftest import run_cli
 from launcher.cli import main, parse_args
-from schema.errors import UsageError
-from schema.names import MAX_LENGTH, check_name
+from jobs.schema.errors import UsageError
+from jobs.schema.names import MAX_LENGTH, check_name
 
 BAD_NAMES = ["../x", "..", ".", "a/b", "-x", "", "run\nx", "run\n", "a b", "a" * 300, "a" * (MAX_LENGTH + 1)]
 

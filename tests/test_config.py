@@ -8,9 +8,9 @@ import pytest
 
 from conftest import run_cli
 from launcher.cli import main
-from schema import (CLUSTERS_DIR, RECIPES_DIR, ClusterConfig, RecipeConfig, load_cluster, load_recipe,
+from jobs.schema import (CLUSTERS_DIR, RECIPES_DIR, ClusterConfig, RecipeConfig, load_cluster, load_recipe,
                     load_resolved, parse_overrides, to_yaml)
-from schema.errors import ConfigError
+from jobs.schema.errors import ConfigError
 
 ALL_RECIPES = sorted(RECIPES_DIR.rglob("*.yaml"))
 ALL_CLUSTERS = sorted(CLUSTERS_DIR.rglob("*.yaml"))

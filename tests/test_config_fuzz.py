@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO, run_cli
-from schema import (RECIPES_DIR, ClusterConfig, RecipeConfig, SlurmConfig, StorageConfig, load_cluster,
+from jobs.schema import (RECIPES_DIR, ClusterConfig, RecipeConfig, SlurmConfig, StorageConfig, load_cluster,
                     load_recipe, load_resolved)
-from schema.errors import ConfigError
+from jobs.schema.errors import ConfigError
 
 MAX_MESSAGE = 600  # a first line of at most 320 characters, a hint of at most 240
 TOOL_CACHES = {".hypothesis", ".pytest_cache"}  # written by the test tools themselves, never by the loader

@@ -17,7 +17,7 @@ from launcher.doctor.ranks import first_stop
 from launcher.doctor.findings import exit_code
 from launcher.doctor.records import read_run
 from s3_server import free_port, s3_server_fixture
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 
 GOLDEN = REPO / "tests" / "golden" / "doctor"
 

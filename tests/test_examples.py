@@ -20,7 +20,7 @@ from conftest import REPO, Background, read_result, user_cli, user_env, wait_unt
 
 EXAMPLE = REPO / "examples" / "project"
 # what an example file may import from the launcher: only the public runtime API, and only where it is the point
-LAUNCHER_PACKAGES = {"launcher", "jobs", "schema"}
+LAUNCHER_PACKAGES = {"launcher", "jobs"}
 ALLOWED = {"train_resumable.py": {"jobs.runtime"}}
 
 

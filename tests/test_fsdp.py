@@ -18,7 +18,7 @@ from conftest import final_params, launch_until_step, read_result, run_cli
 from jobs.models import SmallCNN, VGG
 from jobs.parallel.fsdp import shard_blocks
 from jobs.parallel.state import named_optimizer_state, numbered_optimizer_state
-from schema import ModelConfig
+from jobs.schema import ModelConfig
 
 QUIET = ["logging.progress_bar=false", "logging.log_every=1"]
 

@@ -32,7 +32,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     shutil.copytree(REPO, source, ignore=SKIP)  # builds leave build/ behind: not in the checkout
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
           str(source)], cwd=root)
-    return next(wheels.glob("launcher-*.whl"))
+    return next(wheels.glob("torchferry-*.whl"))
 
 
 @pytest.fixture(scope="module")
@@ -66,8 +66,8 @@ def test_installed_wheel_runs_from_a_project_directory(venv: Path, tmp_path: Pat
     digits["parallel"] = {**digits["parallel"], "procs_per_node": 1}
     (project / "recipes" / "tiny.yaml").write_text(yaml.safe_dump(digits))
     launcher = str(venv / "bin" / "launcher")
-    where = _run([str(venv / "bin" / "python"), "-c", "import launcher, schema; print(launcher.__file__); "
-                  "print(schema.RECIPES_DIR)"], cwd=project).split()
+    where = _run([str(venv / "bin" / "python"), "-c", "import launcher, jobs.schema; print(launcher.__file__); "
+                  "print(jobs.schema.RECIPES_DIR)"], cwd=project).split()
     assert where[0].startswith(str(venv)) and where[1] == str(venv / "share" / "launcher" / "recipes"), where
     assert "name: vgg_pretrain" in _run([launcher, "show", "vgg_pretrain", "--cluster", "local_slurm"], cwd=project)
     _run([launcher, "launch", "tiny"], cwd=project)
@@ -76,10 +76,24 @@ def test_installed_wheel_runs_from_a_project_directory(venv: Path, tmp_path: Pat
     assert not list((REPO / "runs").glob("tiny-*"))  # the project's runs stay in the project
 
 
+def test_wheel_installs_only_its_two_planes_next_to_pypi_schema(wheel: Path, venv: Path) -> None:
+    """The wheel's top-level names are `launcher` and `jobs` (plus its own metadata): the PyPI package
+    `schema`, installed beside it (the dev extras install it), is still the one `import schema` finds, and
+    both import in one process."""
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names if not n.split("/")[0].startswith("torchferry-")} == {"launcher", "jobs"}
+    said = _run([str(venv / "bin" / "python"), "-c", "import schema, launcher.cli, jobs.schema, jobs.runtime; "
+                 "print(schema.__file__); print(schema.Schema(int).validate(3)); print(jobs.schema.__file__)"],
+                cwd=venv).split()
+    assert not said[0].startswith(str(venv)) and said[0].endswith("schema/__init__.py"), said  # PyPI's
+    assert said[1] == "3" and said[2].startswith(str(venv)), said
+    assert "usage: launcher" in _run([str(venv / "bin" / "launcher"), "--help"], cwd=venv)
+
+
 def test_wheel_holds_every_module(wheel: Path) -> None:
-    """Every module of the three planes (jobs.script and jobs.runtime, which ranks of `launcher run` import,
+    """Every module of the two planes (jobs.schema, jobs.script and jobs.runtime, which ranks of `launcher run` import,
     launcher.scripts, every subpackage) is in the wheel: packages.find includes them by name."""
-    files = [p for plane in ("schema", "launcher", "jobs") for p in (REPO / plane).rglob("*.py")]
+    files = [p for plane in ("launcher", "jobs") for p in (REPO / plane).rglob("*.py")]
     modules = {str(p.relative_to(REPO)) for p in files if "__pycache__" not in p.parts}
     assert {"jobs/script.py", "jobs/runtime.py", "launcher/scripts.py"} <= modules
     assert modules <= set(zipfile.ZipFile(wheel).namelist())

@@ -13,7 +13,7 @@ import torch
 
 from conftest import REPO, read_result, run_cli
 from jobs.models import build_model
-from schema import load_recipe
+from jobs.schema import load_recipe
 
 pytestmark = pytest.mark.slow  # training runs through the real CLI
 

@@ -19,7 +19,7 @@ from jobs.storage import filesystem
 from jobs.training.schedule import lr_multiplier
 from jobs.training.step import micro_batches
 from s3_server import S3Server, s3_env, s3_server_fixture  # noqa: F401  (s3_env is a fixture)
-from schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
+from jobs.schema import DataConfig, ModelConfig, ScheduleConfig, StorageConfig
 
 s3_server = pytest.fixture(scope="module")(s3_server_fixture)
 

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import run_cli
 from launcher import plot
-from schema.errors import UsageError
+from jobs.schema.errors import UsageError
 
 
 def write_metrics(run_dir: Path, rows: list[dict]) -> None:

@@ -202,7 +202,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy.mkdir()
     for name in ("Makefile", "pyproject.toml", "README.md"):
         shutil.copy2(REPO / name, copy / name)
-    for name in ("bench", "cluster_configs", "docs", "jobs", "launcher", "recipes", "schema", "scripts"):
+    for name in ("bench", "cluster_configs", "docs", "jobs", "launcher", "recipes", "scripts"):
         shutil.copytree(REPO / name, copy / name, ignore=junk)
     return copy
 

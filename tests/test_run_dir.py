@@ -1,10 +1,10 @@
-"""Tier 1: the typed records of a run directory (schema/run_dir.py), read and written by both planes."""
+"""Tier 1: the typed records of a run directory (jobs/schema/run_dir.py), read and written by both planes."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from schema.run_dir import Run, RunInfo, RunResult, committed_steps
+from jobs.schema.run_dir import Run, RunInfo, RunResult, committed_steps
 
 
 def test_run_info_is_typed_and_keeps_keys_it_does_not_know(tmp_path: Path) -> None:

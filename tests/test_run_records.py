@@ -10,10 +10,10 @@ import torch
 
 from conftest import run_cli
 from jobs.checkpoint import Checkpointer, step_dir_name
-from schema.run_dir import Run, RunResult
+from jobs.schema.run_dir import Run, RunResult
 from launcher.runs import prepare_run
-from schema import CheckpointConfig, StorageConfig, load_cluster, load_recipe
-from schema.errors import UsageError
+from jobs.schema import CheckpointConfig, StorageConfig, load_cluster, load_recipe
+from jobs.schema.errors import UsageError
 
 
 def _launch(root: Path, resume: str) -> Run:

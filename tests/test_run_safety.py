@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_cli
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 
 
 def _set_key(args: tuple[str, int]) -> None:

@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from conftest import run_cli
-from schema import load_cluster, load_recipe
-from schema.errors import ConfigError
-from schema.run_dir import Run
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.errors import ConfigError
+from jobs.schema.run_dir import Run
 from launcher.sbatch import render_sbatch
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
@@ -118,9 +118,9 @@ def test_render_matches_golden(cluster_name: str) -> None:
 RENDER_IN_A_FRESH_PROCESS = """\
 import json, sys
 from pathlib import Path
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.sbatch import render_sbatch
-from schema import load_cluster, load_recipe
+from jobs.schema import load_cluster, load_recipe
 scripts = {}
 for cluster_name, (recipe_name, overrides) in json.loads(sys.argv[1]).items():
     run = Run(f"{recipe_name}-golden", Path(f"/runs/{recipe_name}-golden"))

@@ -16,9 +16,9 @@ import yaml
 
 from conftest import read_result, run_cli, wait_until
 from launcher.backends.slurm_watch import job_state
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.sbatch import render_sbatch
-from schema import load_cluster, load_recipe
+from jobs.schema import load_cluster, load_recipe
 from test_sbatch import HOSTILE_ENV, hostile_cluster, write_cluster
 
 # ----------------------------------------------------------------------------- tier 2: real Slurm

@@ -21,9 +21,9 @@ from conftest import REPO
 from launcher.cli import main, parse_args
 from launcher.runs import default_run_name
 from launcher.scripts import script_recipe
-from schema import RecipeConfig, config_hash, from_document, load_cluster, load_resolved, to_yaml
-from schema.errors import ConfigError
-from schema.names import check_name
+from jobs.schema import RecipeConfig, config_hash, from_document, load_cluster, load_resolved, to_yaml
+from jobs.schema.errors import ConfigError
+from jobs.schema.names import check_name
 
 ARGS = ["--lr", "0.1", "two words", "-x", "é ü 日本", "--", "", "null", "yes", "--flag=a b", "-"]
 MODULE_PREFIX = "h3mod_"  # packages this file creates in its project folders: forgotten after each test
@@ -210,6 +210,32 @@ def test_runnable_modules_are_accepted(module: str, project: Path) -> None:
     assert resolve_code(recipe, "test") == recipe
 
 
+@pytest.mark.parametrize("command", ["run", "launch"])
+@pytest.mark.parametrize("own", ["jobs/__init__.py", "launcher/__init__.py", "jobs.py"])
+def test_code_dir_that_would_shadow_the_launcher_is_refused(own: str, command: str, project: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """code_dir goes first on every rank's import path: a user's own `jobs` package (or `launcher`, or a
+    jobs.py) there would replace ours on the ranks. Refused in one line naming the folder and the fix."""
+    (project / own).parent.mkdir(exist_ok=True)
+    (project / own).write_text("")
+    name = own.split("/")[0].removesuffix(".py")
+    argv = ["run", "train.py"] if command == "run" else ["launch", "digits"]
+    before = _files(tmp_path)
+    err = _refused(capsys, [argv[0], "--runs-dir", str(tmp_path / "runs"), *argv[1:]], "code_dir",
+                   f"project/{own.split('/')[0]}'", f"replace the launcher's own '{name}' package", f"my_{name}")
+    assert _files(tmp_path) == before, err
+
+
+def test_a_folder_named_jobs_without_init_does_not_shadow(project: Path) -> None:
+    """A plain `jobs/` folder (data, logs) is a namespace portion: our regular package still wins."""
+    from launcher.preflight import resolve_code
+
+    (project / "jobs").mkdir()
+    (project / "jobs" / "notes.txt").write_text("")
+    recipe = script_recipe("train.py", None, [], 1, 1, None, [])
+    assert resolve_code(recipe, "test").script.path == str(project / "train.py")
+
+
 BAD_RECIPES = {
     "both path and module": ({"script": {"path": "train.py", "module": "pkg.train"}}, ["script", "exactly one"]),
     "neither path nor module": ({"script": {"args": ["--lr", "1"]}}, ["script", "exactly one"]),
@@ -378,7 +404,7 @@ def _without_optional_keys(recipe: RecipeConfig) -> object:
 
 @pytest.mark.parametrize("recipe_name", ["digits", "vgg_pretrain"])
 def test_config_hash_ignores_unset_top_level_keys(recipe_name: str) -> None:
-    from schema import load_recipe
+    from jobs.schema import load_recipe
 
     recipe = load_recipe(recipe_name)
     assert all(getattr(recipe, key) is None for key in OPTIONAL_TOP_LEVEL)

@@ -16,8 +16,8 @@ import torch
 import yaml
 
 from conftest import read_result, run_cli
-from schema import secrets
-from schema import load_recipe
+from jobs.schema import secrets
+from jobs.schema import load_recipe
 
 TOKEN = "tok-PLANTED-7f3a9c"  # inside model.pretrained's URL: the job must send it to fetch the weights
 WANDB_KEY = "wandb-PLANTED-51be02"

@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, final_params, launch_until_step, read_result, run_cli
 from jobs.checkpoint import Checkpointer
 from s3_server import TEST_CREDENTIALS, S3Server, s3_cluster
-from schema import CheckpointConfig, StorageConfig
+from jobs.schema import CheckpointConfig, StorageConfig
 
 FSDP = ["parallel.strategy=fsdp", "parallel.procs_per_node=2", "logging.progress_bar=false"]
 SHARDS = {".metadata", "__0_0.distcp", "__1_0.distcp"}

@@ -25,7 +25,7 @@ from conftest import REPO, final_params, read_result, run_cli, wait_until
 from metadata_server import MetadataServer
 from jobs.environments import skypilot as node
 from launcher.skypilot import render_task
-from schema import load_cluster, load_recipe
+from jobs.schema import load_cluster, load_recipe
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "skypilot"
 GOLDEN_CASES = {  # name -> (cluster config, recipe overrides)

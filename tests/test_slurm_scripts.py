@@ -25,9 +25,9 @@ import pytest
 from conftest import run_cli
 from jobs.environments import slurm as slurm_env
 from launcher.backends import slurm
-from schema import load_cluster, load_recipe
-from schema.errors import ConfigError, UsageError
-from schema.run_dir import Run
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.errors import ConfigError, UsageError
+from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
 from test_sbatch import HOSTILE_ENV, option_values, write_cluster
@@ -303,7 +303,7 @@ TRACKER_UNDER_SIGNAL = """\
 import json, os, signal, sys, time
 from pathlib import Path
 from jobs.tracking import MetricsLogger
-from schema import LoggingConfig
+from jobs.schema import LoggingConfig
 from test_slurm_scripts import _descendants
 
 sig, out = signal.Signals(int(sys.argv[1])), Path(sys.argv[2])

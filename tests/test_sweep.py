@@ -13,12 +13,12 @@ import yaml
 
 from conftest import read_result, run_cli
 from launcher.cli import main
-from schema import load_cluster, load_recipe
-from schema.errors import UsageError
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.errors import UsageError
 from launcher import backends
 from launcher.backends import slurm
 from launcher.backends.slurm_watch import expand_job_ids
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.sweeps.space import SweepSpec, default_sweep_name, expand, split_values
 from launcher.sweeps.table import sort_rows, trial_state
 

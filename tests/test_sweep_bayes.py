@@ -23,9 +23,9 @@ from launcher.cli import main
 from launcher.preflight import Target
 from launcher.sweeps.bayes import BayesSpec, Sweep, trial_name, work
 from launcher.sweeps.bayes.spec import distributions
-from schema import RecipeConfig
-from schema.run_dir import Run, RunResult, committed_steps
-from schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
+from jobs.schema import RecipeConfig
+from jobs.schema.run_dir import Run, RunResult, committed_steps
+from jobs.schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
 SPACE = ("optim.lr=loguniform:1e-4:1e-1", "model.dropout=uniform:0:0.5", "trainer.micro_batch=choice:16,32")
 QUICK = ["parallel.procs_per_node=1", "trainer.epochs=null", "trainer.max_steps=40", "trainer.eval_every=5"]

@@ -18,7 +18,7 @@ from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from jobs.training.run import build_trainer, train
 from jobs.training.schedule import lr_multiplier
 from jobs.training.state import TrainState
-from schema import ScheduleConfig, StorageConfig, load_recipe
+from jobs.schema import ScheduleConfig, StorageConfig, load_recipe
 
 ONE_RANK = RankEnv.from_environ({})
 # digits keeps dropout on, so an exact resume needs the RNG streams; 22 steps per epoch on one rank

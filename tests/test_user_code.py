@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import pytest
 import yaml
 
-from schema.errors import UsageError
+from jobs.schema.errors import UsageError
 from conftest import Background, final_params, reached_step, read_result, user_cli, user_env, wait_until
 
 USER_PACKAGE = '''\
@@ -172,7 +172,7 @@ def test_data_factory_must_return_a_pair_of_data_sets(made: object, found: str) 
 
 
 def test_best_metric_must_be_one_that_evaluation_gives(project: Path) -> None:
-    from schema import ConfigError, load_recipe
+    from jobs.schema import ConfigError, load_recipe
 
     assert load_recipe(str(project / "reg.yaml")).eval_metrics == {"mae": "regpkg:mae"}
     with pytest.raises(ConfigError, match=r"checkpoint.best_metric: 'val/acc' is not evaluated"):

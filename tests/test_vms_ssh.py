@@ -22,9 +22,9 @@ from launcher.vms import ssh
 from launcher.vms.checks import HostFacts, check_hosts, check_recipe_on_vms, compare_hosts, release
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostError, HostSpec
-from schema import load_cluster, load_recipe
-from schema.errors import ConfigError, UsageError
-from schema.vms import VmsConfig
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.errors import ConfigError, UsageError
+from jobs.schema.vms import VmsConfig
 
 HOSTS = ("127.0.0.2", "127.0.0.3")
 PORT = int(os.environ.get("VMS_LOCAL_PORT", "2222"))

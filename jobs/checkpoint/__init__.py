@@ -41,7 +41,7 @@ from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint, ForeignRu
 from jobs.checkpoint.local import StateWriter
 from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.reader import load_checkpoint
-from schema.run_dir import MANIFEST
+from jobs.schema.run_dir import MANIFEST
 
 __all__ = ["MANIFEST", "CheckpointError", "Checkpointer", "CorruptCheckpoint", "FileEntry", "ForeignRunFolder",
            "InvalidCheckpoint", "Manifest", "StateWriter", "load_checkpoint", "step_dir_name"]

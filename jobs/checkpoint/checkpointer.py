@@ -23,7 +23,7 @@ from jobs.checkpoint.staging import check_leaves, check_state, copy_tree
 from jobs.checkpoint.store import Store, download_folder
 from jobs.checkpoint.uploader import Uploader
 from jobs.storage import filesystem
-from schema import CheckpointConfig, StorageConfig
+from jobs.schema import CheckpointConfig, StorageConfig
 
 
 class Checkpointer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from schema.secrets import redact_text
+from jobs.schema.secrets import redact_text
 
 # One logger for the whole package ("jobs.checkpoint"): rank logs show it and tests filter on it.
 log = logging.getLogger("jobs.checkpoint")

@@ -23,7 +23,7 @@ from jobs.checkpoint.errors import describe, log
 from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.store import Store
 from jobs.checkpoint.stream import FileProgress
-from schema.run_dir import MANIFEST
+from jobs.schema.run_dir import MANIFEST
 
 POINTER = "latest"
 SAVES_LOG = "saves.jsonl"

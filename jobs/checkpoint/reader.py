@@ -29,8 +29,8 @@ from jobs.checkpoint.manifest import FileEntry, Manifest
 from jobs.checkpoint.sharded import is_shard_file, read_full, shard_keys
 from jobs.checkpoint.store import HASH_CHUNK, Store
 from jobs.storage import filesystem, is_local, join
-from schema.run_dir import MANIFEST
-from schema import StorageConfig
+from jobs.schema.run_dir import MANIFEST
+from jobs.schema import StorageConfig
 
 HASH_THREADS = 2
 Identity = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_mtime_ns

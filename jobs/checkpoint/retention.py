@@ -7,7 +7,7 @@ from typing import Callable
 from jobs.checkpoint.errors import FILE_ONLY, log
 from jobs.checkpoint.manifest import Manifest
 from jobs.checkpoint.store import Store
-from schema import CheckpointConfig
+from jobs.schema import CheckpointConfig
 
 
 def retained(manifests: dict[str, Manifest], cfg: CheckpointConfig) -> set[str]:

@@ -47,7 +47,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.manifest import FileEntry
 from jobs.checkpoint.store import sha256_of
-from schema.run_dir import MANIFEST
+from jobs.schema.run_dir import MANIFEST
 
 DCP_METADATA = ".metadata"
 

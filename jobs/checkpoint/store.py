@@ -12,7 +12,7 @@ from fsspec import AbstractFileSystem
 from jobs.checkpoint.errors import CorruptCheckpoint, InvalidCheckpoint
 from jobs.checkpoint.manifest import Manifest, step_dir_name
 from jobs.storage import fresh_listing, join
-from schema.run_dir import MANIFEST, STEP_DIR
+from jobs.schema.run_dir import MANIFEST, STEP_DIR
 
 HASH_CHUNK = 8 << 20
 

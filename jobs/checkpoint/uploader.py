@@ -28,9 +28,9 @@ from jobs.checkpoint.retention import prune
 from jobs.checkpoint.store import Store
 from jobs.checkpoint.stream import FileProgress, stream_to_s3
 from jobs.storage import OWNER_FILE, folder_owner, foreign_folder_message, is_local, put_file, s3_client
-from schema.run_dir import MANIFEST
-from schema import CheckpointConfig
-from schema.secrets import redact_text
+from jobs.schema.run_dir import MANIFEST
+from jobs.schema import CheckpointConfig
+from jobs.schema.secrets import redact_text
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 4.0

@@ -31,9 +31,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document, secrets, to_dict
-from schema.skypilot import SkyPilotConfig
-from schema.run_dir import RESULT_JSON, Run, checkpoint_uri
+from jobs.schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document, secrets, to_dict
+from jobs.schema.skypilot import SkyPilotConfig
+from jobs.schema.run_dir import RESULT_JSON, Run, checkpoint_uri
 
 ENTRY_MODULE = "jobs.environments.skypilot"  # `python -m ENTRY_MODULE ...` in the task file's run command
 RUN_VARIABLE = "LAUNCHER_RUN"  # the task file's envs entry holding the resolved configs

@@ -27,8 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from schema.run_dir import Run, RunResult
-from schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
+from jobs.schema.run_dir import Run, RunResult
+from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
 
 ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)

@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jobs.script import catches
-from schema import ClusterConfig, RecipeConfig, load_resolved
-from schema.run_dir import LOGS, RESULT_JSON, Run
+from jobs.schema import ClusterConfig, RecipeConfig, load_resolved
+from jobs.schema.run_dir import LOGS, RESULT_JSON, Run
 
 ENTRY_MODULE = "jobs.environments.vms"
 

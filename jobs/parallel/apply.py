@@ -13,7 +13,7 @@ from torch import nn
 from jobs.env import RankEnv
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
 from jobs.pipeline import PipelineLayout, build_stage, split_points
-from schema import ParallelConfig, UsageError
+from jobs.schema import ParallelConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
 

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.env import RankEnv
-from schema import TrainerConfig
+from jobs.schema import TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 

@@ -12,7 +12,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from jobs.env import RankEnv
-from schema import ParallelConfig
+from jobs.schema import ParallelConfig
 
 log = logging.getLogger("jobs.parallel")
 

@@ -7,7 +7,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from schema import CheckpointConfig
+from jobs.schema import CheckpointConfig
 
 
 # Steps at least this long are agreed on synchronously: one round trip of a few bytes per step then costs

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
-from schema import RecipeConfig
+from jobs.schema import RecipeConfig
 
 log = logging.getLogger("jobs.trainer")
 

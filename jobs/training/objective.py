@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from jobs.targets import resolve
-from schema import RecipeConfig
+from jobs.schema import RecipeConfig
 
 # fn(outputs, targets) -> a tensor: the batch's mean (a loss), or one value per sample (a metric may be either)
 BatchFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,6 +1,6 @@
 """A Bayesian sweep's trial, seen from rank 0: report each evaluation to the study, ask its pruner.
 
-Registered by `jobs.train` on rank 0 when the run directory holds a trial.json (`schema.study.TrialTicket`,
+Registered by `jobs.train` on rank 0 when the run directory holds a trial.json (`jobs.schema.study.TrialTicket`,
 written by the launcher). Only rank 0 touches the journal: the trainer hands rank 0's answer to every
 rank, which then all stop after the same evaluation (outcome "pruned"). The launcher, not the rank,
 tells the study how the trial ended: it also sees runs that crashed before they could say anything.
@@ -11,7 +11,7 @@ import logging
 from typing import Any
 
 from jobs.training.state import TrainState
-from schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, make_pruner, trial_id
+from jobs.schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, make_pruner, trial_id
 
 log = logging.getLogger("jobs.pruning")
 

@@ -26,9 +26,9 @@ from jobs.training.parts import ModelParts
 from jobs.training.schedule import build_optimizers, build_schedulers, planned_steps
 from jobs.training.state import RankRNG, seed_rank
 from jobs.training.trainer import Trainer
-from schema import RecipeConfig, StorageConfig, to_dict
-from schema.run_dir import RunResult
-from schema.secrets import redact
+from jobs.schema import RecipeConfig, StorageConfig, to_dict
+from jobs.schema.run_dir import RunResult
+from jobs.schema.secrets import redact
 
 log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
 

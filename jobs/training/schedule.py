@@ -7,7 +7,7 @@ from typing import Callable
 import torch
 
 from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
-from schema import OptimConfig, RecipeConfig, ScheduleConfig
+from jobs.schema import OptimConfig, RecipeConfig, ScheduleConfig
 
 
 def planned_steps(recipe: RecipeConfig, n_train: int, replicas: int) -> int:

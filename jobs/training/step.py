@@ -19,7 +19,7 @@ from jobs.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
 from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
-from schema import TrainerConfig
+from jobs.schema import TrainerConfig
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
 log = logging.getLogger("jobs.trainer")

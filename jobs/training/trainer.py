@@ -32,8 +32,8 @@ from jobs.training.memory import DoesNotFit, release
 from jobs.training.probe import find_micro_batch
 from jobs.training.step import LossWindow, MicroBatches, StepOutOfMemory, StepSettings, micro_batches, \
     pipeline_train_step, resplit, train_step
-from schema import RecipeConfig, config_hash, to_yaml
-from schema.run_dir import FINAL_MODEL, Run, RunResult
+from jobs.schema import RecipeConfig, config_hash, to_yaml
+from jobs.schema.run_dir import FINAL_MODEL, Run, RunResult
 
 log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
 

@@ -3,7 +3,7 @@ auto-detected. Each backend is one module implementing `base.Backend` (check, ch
 launch_many, status, live, cancel, wait), registered by name in `BACKENDS`.
 
 Adding a backend (e.g. cloud VMs) is one new module here plus one line in `BACKENDS` (and its config
-section in `schema/cluster.py`); no other code names a backend. A run's own backend is the one its
+section in `jobs/schema/cluster.py`); no other code names a backend. A run's own backend is the one its
 run.json records, so `status`/`cancel` follow a run whatever cluster config the command was given.
 """
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 from launcher.backends.base import Backend
-from schema.run_dir import Run, RunInfo
-from schema.errors import UsageError
+from jobs.schema.run_dir import Run, RunInfo
+from jobs.schema.errors import UsageError
 
 # name (as in cluster configs and run.json) -> module; imported on first use, so a backend's own
 # dependencies (submitit, a cloud SDK) are only loaded where it is used

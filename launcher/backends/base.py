@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, cast
 
-from schema.run_dir import Run
-from schema import ClusterConfig, RecipeConfig
-from schema.errors import UsageError
+from jobs.schema.run_dir import Run
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.errors import UsageError
 
 # States (as `status` reports them) of a run that still runs or will run again, whatever its backend:
 # a second launch must not rewrite its directory, a sweep must not start it again.

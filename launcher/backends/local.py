@@ -20,9 +20,9 @@ from typing import Any, Callable, Optional, Sequence
 from jobs.script import settle
 from launcher.backends import process_start, run_process
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
-from schema.run_dir import Run
-from schema import ClusterConfig, RecipeConfig
-from schema.errors import UsageError
+from jobs.schema.run_dir import Run
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.errors import UsageError
 
 
 def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:

@@ -24,9 +24,9 @@ from jobs.environments.slurm import ENTRY_MODULE, rank_main
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
-from schema.run_dir import Run, RunInfo
-from schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
-from schema.errors import UsageError
+from jobs.schema.run_dir import Run, RunInfo
+from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
+from jobs.schema.errors import UsageError
 
 # Slurm's state -> the state `status` reports (others are lower-cased)
 _STATE_NAMES = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",

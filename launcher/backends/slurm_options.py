@@ -10,7 +10,7 @@ What reaches a batch script, and why none of it can run as shell code:
   the rest of the value into shell lines, so control characters are refused everywhere;
 - `slurm.extra_sbatch`: long options `--name` or `--name=value` only;
 - `slurm.env`: keys are shell identifiers, values single lines exported with `shlex.quote`. Keys
-  that look secret (`schema.secrets.is_secret_key`) are never written into a script: the rank entry
+  that look secret (`jobs.schema.secrets.is_secret_key`) are never written into a script: the rank entry
   (`jobs.environments.slurm.rank_main`) sets every `slurm.env` entry in each rank itself, so the ranks
   still see them, but the batch shell and `slurm.setup` lines only see the non-secret ones;
 - `slurm.setup`: shell lines by design (module load, venv activation), inserted verbatim, one
@@ -23,9 +23,9 @@ import re
 import shlex
 from typing import Optional
 
-from schema import ClusterConfig, RecipeConfig, SlurmConfig
-from schema.errors import ConfigError, UsageError
-from schema.secrets import is_secret_key
+from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig
+from jobs.schema.errors import ConfigError, UsageError
+from jobs.schema.secrets import is_secret_key
 
 # (config key named in errors, sbatch long option, value or None for a flag)
 SlurmOption = tuple[str, str, Optional[str]]

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence
 
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 
 # Slurm states after which a job runs no more (unless rank 0 is requeueing it: see `wait_for_runs`)
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL", "DEADLINE"}

@@ -27,10 +27,10 @@ from launcher.vms import layout
 from launcher.vms.checks import check_hosts, check_recipe_on_vms
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
-from schema import ClusterConfig, RecipeConfig
-from schema.errors import UsageError
-from schema.run_dir import Run, RunResult
-from schema.vms import VmsConfig
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.errors import UsageError
+from jobs.schema.run_dir import Run, RunResult
+from jobs.schema.vms import VmsConfig
 
 SSH_DIR_MODE = 0o700
 
@@ -130,7 +130,7 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
 # ----------------------------------------------------------------------------- following
 def _remote(run: Run, what: str) -> dict[str, Any]:
     """`python -m launcher.vms.remote WHAT` on node 0: its JSON answer."""
-    from schema import load_resolved
+    from jobs.schema import load_resolved
 
     info = run.info()
     cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
@@ -207,7 +207,7 @@ def wait(runs: Sequence[Run], poll_s: float = 2.0) -> dict[str, str]:
 
 def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
     """Rank `rank`'s log from byte `offset` on, from whichever host ran it last; (None, offset) if none yet."""
-    from schema import load_resolved
+    from jobs.schema import load_resolved
 
     info = run.info()
     cfg = _cfg(load_resolved(run.dir / "cluster.yaml", ClusterConfig))

@@ -8,9 +8,9 @@ from launcher.doctor.diagnose import diagnose
 from launcher.doctor.environment import check_environment
 from launcher.doctor.findings import exit_code, render_checks, render_findings
 from launcher.doctor.records import read_run
-from schema import ClusterConfig
-from schema.run_dir import Run
-from schema.secrets import redact_text
+from jobs.schema import ClusterConfig
+from jobs.schema.run_dir import Run
+from jobs.schema.secrets import redact_text
 
 
 def doctor_run(run: Run) -> int:

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from launcher.doctor.findings import Check
-from schema import ClusterConfig
-from schema.errors import UsageError, one_line
-from schema.secrets import redact_text
+from jobs.schema import ClusterConfig
+from jobs.schema.errors import UsageError, one_line
+from jobs.schema.secrets import redact_text
 
 CHECK_TIMEOUT_S = 8.0  # one check (a command, a store listing): a hung service must not hang the doctor
 SSH_TIMEOUT_S = 5.0

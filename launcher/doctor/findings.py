@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-from schema.errors import one_line
+from jobs.schema.errors import one_line
 
 EVIDENCE_CHARS = 240  # a log line quoted as evidence: enough to recognise it, never a screenful
 

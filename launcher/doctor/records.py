@@ -10,7 +10,7 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from launcher.doctor.findings import Line
-from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
+from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
 
 # The first line a rank writes at every launch: jobs.train's "rank 0 of 2 on HOST" and jobs.script's
 # "launcher: rank 0 of 2 on HOST". The last one in a log starts the launch being diagnosed.

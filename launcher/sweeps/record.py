@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.sweeps.space import SweepSpec, Trial, shown
-from schema import ClusterConfig, RecipeConfig
-from schema.errors import UsageError
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.errors import UsageError
 
 
 def sweeps_dir(root: Path) -> Path:

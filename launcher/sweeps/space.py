@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schema.errors import UsageError
-from schema.secrets import redact_text
+from jobs.schema.errors import UsageError
+from jobs.schema.secrets import redact_text
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 

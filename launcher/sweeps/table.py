@@ -6,8 +6,8 @@ from typing import Any, Optional
 
 from launcher import backends
 from launcher.plot import read_curves
-from schema.errors import UsageError
-from schema.run_dir import Run
+from jobs.schema.errors import UsageError
+from jobs.schema.run_dir import Run
 
 
 def trial_state(run: Run) -> str:

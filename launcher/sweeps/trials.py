@@ -10,14 +10,14 @@ from typing import Any, Optional
 
 from launcher.backends.base import LIVE_STATES, Backend, Batch, Launched, Planned
 from launcher.preflight import Target
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sweeps.record import new_record, record_path, set_trial_job, sweeps_dir, write_record
 from launcher.sweeps.space import SweepSpec, Trial, expand
 from launcher.sweeps.table import print_table, trial_state
-from schema import RecipeConfig
-from schema.errors import UsageError
-from schema.names import check_name
+from jobs.schema import RecipeConfig
+from jobs.schema.errors import UsageError
+from jobs.schema.names import check_name
 
 
 def run_sweep(spec: SweepSpec, name: str, target_given: str, runs_dir: Optional[str], wait: bool,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from launcher.preflight import Target
 from launcher.sweeps.bayes import WORKER_JSON, BayesSpec, Sweep, work
-from schema.errors import UsageError
+from jobs.schema.errors import UsageError
 
 
 def load_sweep(folder: Path) -> Sweep:

@@ -14,9 +14,9 @@ from typing import Optional, Sequence
 
 from launcher.vms import ssh
 from launcher.vms.ssh import HostError, HostSpec
-from schema import ClusterConfig, RecipeConfig
-from schema.errors import UsageError, one_line, short
-from schema.vms import VmsConfig
+from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.schema.errors import UsageError, one_line, short
+from jobs.schema.vms import VmsConfig
 
 PROBE_TIMEOUT_S = 120  # importing torch on a cold VM disk can take tens of seconds
 _MARK = "LAUNCHER-HOST-FACTS "  # a login banner or a setup line's output may precede the probe's line

@@ -7,8 +7,8 @@ import re
 import subprocess
 from typing import Sequence
 
-from schema.errors import ConfigError, one_line, short
-from schema.vms import VmsConfig
+from jobs.schema.errors import ConfigError, one_line, short
+from jobs.schema.vms import VmsConfig
 
 HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a hung one must not hang launch
 # a DNS name, an IPv4 address or an IPv6 address (no spaces, no option-like leading "-", no shell characters)

@@ -1,7 +1,7 @@
 """Where a VM run's files live on each host, and the command lines that start things there.
 
     <remote_dir>/                     vms.remote_dir, "{host}" replaced by the host's address
-        code/launcher/                the project (schema, launcher, jobs, recipes, cluster configs)
+        code/launcher/                the project (launcher, jobs, recipes, cluster configs)
         code/user/                    the user's code_dir, when it is not the project itself
         runs/<run>/                   this host's own run directory: config, logs of its ranks, checkpoints
         ssh/identity, ssh/known_hosts node 0 only: what its supervisor reaches the other hosts with
@@ -17,15 +17,15 @@ import shlex
 from pathlib import Path
 from typing import Iterator, Optional
 
-from schema.files import REPO_ROOT
-from schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
-from schema.secrets import SECRETS_FILE
+from jobs.schema.files import REPO_ROOT
+from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
+from jobs.schema.secrets import SECRETS_FILE
 from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
 from launcher.shell import shell_path
-from schema.vms import HOST_FIELD, VmsConfig
+from jobs.schema.vms import HOST_FIELD, VmsConfig
 
 PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started
-PACKAGES = ("schema", "launcher", "jobs")  # the project's code: what runs on the VMs
+PACKAGES = ("launcher", "jobs")  # the project's code: what runs on the VMs
 CONFIG_FOLDERS = ("recipes", "cluster_configs")
 SKIPPED = {".git", ".venv", "venv", "__pycache__", "runs", "node_modules", ".pytest_cache", "artifacts"}
 MAX_USER_FILE = 64 << 20  # larger files in the code folder are data, not code: not copied to every VM

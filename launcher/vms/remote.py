@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 from launcher.backends import process_start
 from launcher.vms.layout import PID_FILE
-from schema.run_dir import Run
+from jobs.schema.run_dir import Run
 
 
 def supervisor_pid(run: Run) -> Optional[int]:

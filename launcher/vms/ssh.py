@@ -31,8 +31,8 @@ with warnings.catch_warnings():
     import asyncssh
 
 from launcher.shell import shell_path
-from schema.errors import PATH_CHARS, UsageError, one_line, short
-from schema.vms import HOST_FIELD, VmsConfig
+from jobs.schema.errors import PATH_CHARS, UsageError, one_line, short
+from jobs.schema.vms import HOST_FIELD, VmsConfig
 
 T = TypeVar("T")
 _CHUNK = 1 << 18  # bytes written to a channel before waiting for it to drain

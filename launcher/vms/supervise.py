@@ -34,9 +34,9 @@ from typing import Any, Optional
 from launcher.vms import layout
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostSpec, connect, host_specs, sync_tree_async
-from schema import ClusterConfig, RecipeConfig, UsageError, load_resolved
-from schema.run_dir import Run, RunResult
-from schema.vms import VmsConfig
+from jobs.schema import ClusterConfig, RecipeConfig, UsageError, load_resolved
+from jobs.schema.run_dir import Run, RunResult
+from jobs.schema.vms import VmsConfig
 
 log = logging.getLogger("launcher.vms")
 KILL_AFTER_S = 30.0  # a stopped node whose ranks wait on a dead peer is killed after this long

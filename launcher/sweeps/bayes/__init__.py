@@ -2,11 +2,11 @@
 
     launcher sweep digits --search bayes --param optim.lr=loguniform:1e-4:1e-1 --trials 20 --prune
 
-The study is a journal file, `<runs_dir>/sweeps/<sweep>/study.journal` (`schema.study`): appends under a
+The study is a journal file, `<runs_dir>/sweeps/<sweep>/study.journal` (`jobs.schema.study`): appends under a
 lock file, so every worker on every node that shares the file system uses it, with no database server.
 A trial is an ordinary run `<sweep>-tNN`, NN its Optuna trial number; its run directory holds the
 trial's overrides (config.yaml) and trial.json, through which rank 0 reports each evaluation (and, with
-`--prune`, asks the pruner: asynchronous successive halving, `schema.study`).
+`--prune`, asks the pruner: asynchronous successive halving, `jobs.schema.study`).
 
 A worker loops: claim a trial, run it, tell the study how it ended, until the budget (`--trials`, every
 trial the study holds) is spent. Claiming takes the worker's own unfinished trial first (one that was

@@ -13,9 +13,9 @@ from launcher.runs import prepare_run
 from launcher.sweeps.bayes.spec import BayesSpec, distributions, override_text, trial_name
 from launcher.sweeps.record import sweeps_dir
 from launcher.sweeps.space import shown
-from schema import RecipeConfig
-from schema.run_dir import Run
-from schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
+from jobs.schema import RecipeConfig
+from jobs.schema.run_dir import Run
+from jobs.schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
 if TYPE_CHECKING:
     import optuna

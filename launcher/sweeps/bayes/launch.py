@@ -14,9 +14,9 @@ from launcher.sweeps.bayes.claims import WORKER_JSON, Sweep, work, workers_of
 from launcher.sweeps.bayes.spec import BayesSpec, corners, trial_name
 from launcher.sweeps.bayes.status import print_status, summarize
 from launcher.sweeps.record import existing_record, write_record
-from schema import RecipeConfig
-from schema.errors import UsageError
-from schema.names import check_name
+from jobs.schema import RecipeConfig
+from jobs.schema.errors import UsageError
+from jobs.schema.names import check_name
 
 
 def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:

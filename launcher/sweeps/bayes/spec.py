@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from launcher.sweeps.space import parse_random, shown
-from schema.errors import UsageError
+from jobs.schema.errors import UsageError
 
 if TYPE_CHECKING:
     import optuna
@@ -24,7 +24,7 @@ class BayesSpec:
     params: tuple[str, ...]  # `key=distribution:args`, as --random takes them
     trials: int  # the budget: trials the study may hold, whatever their outcome
     seed: int  # seeds TPE
-    prune: bool  # ASHA may stop trials after an evaluation (schema.study)
+    prune: bool  # ASHA may stop trials after an evaluation (jobs.schema.study)
 
     def to_dict(self) -> dict[str, Any]:
         """As stored in the sweep record: credentials inside override values are masked."""

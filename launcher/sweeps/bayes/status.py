@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.sweeps.record import sweeps_dir
-from schema.study import STUDY_JOURNAL, journal_storage, load_study
+from jobs.schema.study import STUDY_JOURNAL, journal_storage, load_study
 
 
 def is_bayes(record: dict[str, Any]) -> bool:

@@ -9,8 +9,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from schema.checks import non_empty, non_negative, positive
-from schema.errors import ConfigError, short
+from jobs.schema.checks import non_empty, non_negative, positive
+from jobs.schema.errors import ConfigError, short
 
 # SkyPilot's accelerator syntax: a name and an optional count per node (`A100:8`, `tpu-v5e-8`, `L4`)
 _ACCELERATORS = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*(:[1-9][0-9]*)?")

@@ -5,8 +5,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from schema.checks import non_empty, non_negative, positive
-from schema.errors import ConfigError, short
+from jobs.schema.checks import non_empty, non_negative, positive
+from jobs.schema.errors import ConfigError, short
 
 HOST_FIELD = "{host}"  # in remote_dir and metadata_url: replaced by each host's own address
 

@@ -12,14 +12,14 @@ from typing import Any, TypeVar
 
 import yaml
 
-from schema import secrets
-from schema.build import build
-from schema.cluster import ClusterConfig
-from schema.errors import ConfigError, short
-from schema.recipe import RecipeConfig
-from schema.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
+from jobs.schema import secrets
+from jobs.schema.build import build
+from jobs.schema.cluster import ClusterConfig
+from jobs.schema.errors import ConfigError, short
+from jobs.schema.recipe import RecipeConfig
+from jobs.schema.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Installed as a wheel, the built-in configs are data files under <prefix>/share/launcher (pyproject.toml);
 # in a checkout (editable install) they are the repository's own folders.
 INSTALLED_CONFIGS = Path(sys.prefix) / "share" / "launcher"

@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from schema.errors import ConfigError, short
+from jobs.schema.errors import ConfigError, short
 
 def build(cls: type, data: Any, src: str, prefix: str = "") -> Any:
     """Turn a dict into dataclass `cls`, checking keys and types; `src` names the file in errors."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from schema.errors import UsageError, short
+from jobs.schema.errors import UsageError, short
 
 MAX_LENGTH = 128
 _NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_LENGTH - 1}}}")

@@ -9,11 +9,11 @@
 
 `launcher/` (control plane) and `jobs/` (inside a rank) both import from here; nothing here imports them.
 """
-from schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
-from schema.errors import ConfigError, UsageError
-from schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, from_document, load, load_cluster,
+from jobs.schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
+from jobs.schema.errors import ConfigError, UsageError
+from jobs.schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, from_document, load, load_cluster,
                           load_recipe, load_resolved, parse_overrides, search_path, to_dict, to_yaml)
-from schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
+from jobs.schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
                            ParallelConfig, RecipeConfig, ScheduleConfig, ScriptConfig, TrainerConfig)
 
 __all__ = [

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from schema.errors import ConfigError, short
+from jobs.schema.errors import ConfigError, short
 
 MAX_TIME_MIN = 365 * 24 * 60  # a year: anything longer is a typo (or seconds given as minutes)
 MAX_SEED = 2**31 - 1  # numpy seeds with seed + rank and refuses values of 2**32 and above

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import yaml
 
-from schema.errors import ConfigError, short
+from jobs.schema.errors import ConfigError, short
 
 
 # Limits far above any real config, so that a hostile or broken file fails in milliseconds with one line.

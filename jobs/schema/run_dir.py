@@ -3,7 +3,7 @@
     <runs_dir>/<run_name>/
         run.json        RunInfo: names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
         config.yaml     resolved recipe      cluster.yaml  resolved cluster config (both with secrets masked)
-        secrets.yaml    the masked values, mode 0600 (only when there are any; see schema.secrets)
+        secrets.yaml    the masked values, mode 0600 (only when there are any; see jobs.schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from schema.errors import UsageError
-from schema.recipe import RecipeConfig
+from jobs.schema.errors import UsageError
+from jobs.schema.recipe import RecipeConfig
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"

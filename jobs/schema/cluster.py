@@ -5,13 +5,13 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
-from schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
-from schema.errors import PATH_CHARS, ConfigError, short
-from schema.skypilot import SkyPilotConfig
-from schema.vms import VmsConfig
+from jobs.schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
+from jobs.schema.errors import PATH_CHARS, ConfigError, short
+from jobs.schema.skypilot import SkyPilotConfig
+from jobs.schema.vms import VmsConfig
 
 if TYPE_CHECKING:
-    from schema.recipe import RecipeConfig
+    from jobs.schema.recipe import RecipeConfig
 
 @dataclass(frozen=True)
 class StorageConfig:

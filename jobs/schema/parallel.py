@@ -5,8 +5,8 @@ import re
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-from schema.checks import non_empty, positive
-from schema.errors import ConfigError, short
+from jobs.schema.checks import non_empty, positive
+from jobs.schema.errors import ConfigError, short
 
 _BLOCK_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+(\.[A-Za-z0-9_*?\[\]!]+)*$")
 # One stage per rank: the schedules whose gloo hangs were fixed (pytorch PR #152938, in torch 2.13).

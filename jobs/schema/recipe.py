@@ -1,6 +1,6 @@
 """Recipe sections: what to train (model, data, optimizer, schedule, layout, checkpoint policy, tracking).
 
-One frozen dataclass per section; `schema.build.build` fills them from YAML and each `check()` validates
+One frozen dataclass per section; `jobs.schema.build.build` fills them from YAML and each `check()` validates
 ranges and cross-field rules, so a bad value fails before anything is started or submitted.
 """
 from __future__ import annotations
@@ -9,9 +9,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
-from schema.checks import fraction, non_empty, non_negative, positive, seed
-from schema.errors import ConfigError, short
-from schema.parallel import ParallelConfig
+from jobs.schema.checks import fraction, non_empty, non_negative, positive, seed
+from jobs.schema.errors import ConfigError, short
+from jobs.schema.parallel import ParallelConfig
 
 # `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
