@@ -12,7 +12,7 @@ RUN_NAME ?=
 PRETRAIN_ARGS ?=
 PRETRAINED := artifacts/vgg_pretrain.pt
 
-.PHONY: setup launch test bench slurm-up slurm-down vms-up vms-down clean
+.PHONY: setup launch test test-fast bench slurm-up slurm-down vms-up vms-down clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,10 @@ launch: setup $(if $(filter vgg_finetune,$(RECIPE)),$(PRETRAINED))
 
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+
+# the pure tests only (no processes, Slurm or GPU), for iteration
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not slurm and not gpu" $(PYTEST_ARGS)
 
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) -m bench.run $(BENCH_ARGS)
