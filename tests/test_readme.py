@@ -1,13 +1,14 @@
-"""Every command the README shows is run here, shortened, so an example can never silently rot.
+"""Every command the docs show is run here, shortened, so an example can never silently rot.
 
-The commands are read from README.md itself: each line of a ```bash block and each form in the CLI
-table. CASES maps each of them to what is actually run (the same command, shortened with overrides
-such as `trainer.max_steps=2`) and to text its output must contain. A README command missing from
-CASES fails `test_every_readme_command_has_a_case`: a new example needs its shortened form here.
+The commands are read from README.md and every page of docs/ (`doc_files`): each line of a ```bash block
+and each form in the CLI table (docs/cli.md). CASES maps each of them to what is actually run (the same
+command, shortened with overrides such as `trainer.max_steps=2`) and to text its output must contain. A
+command shown anywhere but missing from CASES fails `test_every_doc_command_has_a_case`: a new example
+needs its shortened form here. A command shown on several pages is one case, run once.
 
 Everything runs in a copy of the repository, so runs, artifacts and bench results land there. `make`
 runs with the running interpreter (`VENV=... PY=...`, `-o .../.installed`: no virtualenv is built).
-The commands of "Your own code" (PROJECT_CASES) run in a copy of examples/project outside that copy, with
+The commands of docs/your-code.md (PROJECT_CASES) run in a copy of examples/project outside that copy, with
 only the launcher on the import path, as in a user's own project.
 """
 from __future__ import annotations
@@ -25,10 +26,11 @@ import pytest
 from conftest import REPO
 
 README = REPO / "README.md"
+DOCS = REPO / "docs"
 SHELL_BLOCKS = ("bash", "sh", "shell", "console")
-CLI_TABLE_HEADING = "## The `launcher` CLI"
+CLI_TABLE_HEADER = "| command | what it does |"  # the CLI table's header row (docs/cli.md)
 RUN = "readme-launch"  # a finished digits run, made once (fixture `finished_run`) for the commands that need a run
-AS_SHOW = "<the README command with `launcher launch` replaced by `launcher show`>"
+AS_SHOW = "<the doc command with `launcher launch` replaced by `launcher show`>"
 CI_RUNS_IT = "<run by .ci/run, not here: the suite cannot run itself>"
 SHORT = "trainer.max_steps=2"
 SCRIPT_DONE = "the script completed"
@@ -39,11 +41,12 @@ LR_SMALL = f"launcher launch digits optim.lr=0.01 {SHORT} --run-name lr-0.01"
 LR_BIG = f"launcher launch digits optim.lr=0.1 {SHORT} --run-name lr-0.1"
 LR_DROPOUT = ("launcher sweep digits --random optim.lr=loguniform:1e-3:3e-1 --random model.dropout=uniform:0:0.5 "
               f"--trials 1 trainer.epochs=2 {SHORT} --name lr-dropout")
+MY_RUN = f'make launch RECIPE=digits RUN_NAME=my-run ARGS="{SHORT}"'  # the README's tour
 BAYES = ("launcher sweep digits --search bayes --param optim.lr=loguniform:1e-3:1 --param model.dropout=uniform:0:0.5 "
          f"--trials 2 --prune trainer.eval_every=1 {SHORT} --name lr-bayes")
-SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT, BAYES}
+SHARED = {LAUNCH_RUN, GRID_SWEEP, LR_SMALL, LR_BIG, LR_DROPOUT, BAYES, MY_RUN}
 
-# README command -> the steps run for it: (command line, text its output must contain).
+# doc command -> the steps run for it: (command line, text its output must contain).
 # `launcher` is `python -m launcher`; `make` gets the flags of `make_command`.
 CASES: dict[str, tuple[tuple[str, str], ...]] = {
     # ```bash blocks
@@ -61,15 +64,21 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm": (
         ("make slurm-up", ""),
         (f'make launch RECIPE=digits CLUSTER=local_slurm ARGS="{SHORT} --wait"', "completed at step 2"),),
-    "make launch RECIPE=digits RUN_NAME=my-run": (
-        (f'make launch RECIPE=digits RUN_NAME=my-run ARGS="{SHORT}"', "run my-run: "),),
+    "make launch RECIPE=digits RUN_NAME=my-run": ((MY_RUN, "run my-run: "),),
+    # the README's tour, after that run
+    "launcher status my-run": ((MY_RUN, ""), ("launcher status my-run", "state: completed")),
+    "launcher plot my-run --out my-run.png": (
+        (MY_RUN, ""), ("launcher plot my-run --out my-run.png", "wrote my-run.png: train/loss, val/loss")),
+    "launcher doctor my-run": ((MY_RUN, ""), ("launcher doctor my-run", "run my-run: nothing wrong found")),
+    # `make test` runs the suite; `make test-fast` a part of it: the target is checked, not run
+    "make test-fast": (("make -n test-fast", '-m pytest -q -m "not slow and not slurm and not gpu"'),),
     "make bench": (('make bench BENCH_ARGS="--only startup --startup-repeats 1"', "bench.json"),),
     "launcher launch digits optim.lr=0.01 --run-name lr-0.01": ((LR_SMALL, "completed at step 2"),),
     "launcher launch digits optim.lr=0.1 --run-name lr-0.1": ((LR_BIG, "completed at step 2"),),
     "launcher plot lr-0.01 lr-0.1 --out docs/curves.png": (
         (LR_SMALL, ""), (LR_BIG, ""),
         ("launcher plot lr-0.01 lr-0.1 --out docs/curves.png", "wrote docs/curves.png: train/loss, val/loss"),),
-    # "Your own code", in the example project
+    # docs/your-code.md, in the example project
     "launcher launch sines": (
         ("launcher launch sines trainer.max_steps=4 trainer.eval_every=2 --run-name readme-sines", "val/mae="),),
     "launcher run train_ddp.py --procs-per-node 2 -- --steps 100": (
@@ -153,7 +162,7 @@ SLURM_CASES = {"make slurm-up && make launch RECIPE=digits CLUSTER=local_slurm",
 PROJECT_CASES = {command for command in CASES if command.startswith(("launcher launch sines", "launcher run "))}
 
 
-# ----------------------------------------------------------------------------- reading the README
+# ----------------------------------------------------------------------------- reading the docs
 def _one_line(text: str) -> str:
     return " ".join(text.split())
 
@@ -178,19 +187,34 @@ def shell_block_commands(text: str) -> list[str]:
 
 
 def cli_table_commands(text: str) -> list[str]:
-    """Each code span in the first column of the CLI table (`launcher status RUN` / `launcher logs ...`)."""
-    section = text.split(CLI_TABLE_HEADING, 1)[1].split("\n#", 1)[0]
-    commands = []
-    for row in section.splitlines():
-        if row.startswith("| `"):
+    """Each code span in the first column of a CLI table (one headed `| command | what it does |`), e.g.
+    `launcher status RUN` / `launcher logs ...`."""
+    commands, in_table = [], False
+    for row in text.splitlines():
+        if row.strip() == CLI_TABLE_HEADER:
+            in_table = True
+            continue
+        if not row.startswith("|"):
+            in_table = False
+        if in_table and row.startswith("| `"):
             first_cell = re.split(r"(?<!\\)\|", row)[1]
             commands += [_one_line(span.replace("\\|", "|")) for span in re.findall(r"`([^`]+)`", first_cell)]
     return commands
 
 
-def readme_commands() -> list[str]:
-    text = README.read_text()
-    return shell_block_commands(text) + cli_table_commands(text)
+def doc_files() -> list[Path]:
+    """README.md and every page of the docs site."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def doc_commands() -> dict[str, list[str]]:
+    """Each command shown anywhere -> the files that show it (relative to the repository)."""
+    found: dict[str, list[str]] = {}
+    for path in doc_files():
+        text = path.read_text()
+        for command in shell_block_commands(text) + cli_table_commands(text):
+            found.setdefault(command, []).append(str(path.relative_to(REPO)))
+    return found
 
 
 # ----------------------------------------------------------------------------- running them
@@ -200,7 +224,7 @@ def repo_copy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     copy = tmp_path_factory.mktemp("readme") / "repo"
     junk = shutil.ignore_patterns("__pycache__", "results", "*.egg-info")
     copy.mkdir()
-    for name in ("Makefile", "pyproject.toml", "README.md"):
+    for name in ("Makefile", "pyproject.toml", "README.md", "mkdocs.yml"):
         shutil.copy2(REPO / name, copy / name)
     for name in ("bench", "cluster_configs", "docs", "jobs", "launcher", "recipes", "scripts"):
         shutil.copytree(REPO / name, copy / name, ignore=junk)
@@ -262,18 +286,29 @@ def _params() -> list:
             for command, steps in CASES.items() if steps[0][0] != CI_RUNS_IT]
 
 
-def test_every_readme_command_has_a_case() -> None:
-    found = readme_commands()
-    missing = [c for c in found if c not in CASES]
-    assert not missing, f"README.md shows commands that tests/test_readme.py does not run; add them to CASES: {missing}"
+def test_every_doc_command_has_a_case() -> None:
+    """The commands shown across README.md and docs/*.md are exactly the commands CASES runs."""
+    found = doc_commands()
+    missing = {c: files for c, files in found.items() if c not in CASES}
+    assert not missing, f"the docs show commands that tests/test_readme.py does not run; add them to CASES: {missing}"
     stale = [c for c in CASES if c not in found]
-    assert not stale, f"CASES lists commands that README.md no longer shows: {stale}"
+    assert not stale, f"CASES lists commands that no doc file shows any more: {stale}"
+
+
+def test_doc_commands_are_found_on_their_pages() -> None:
+    """Each topic's commands are read from its own page, and the README's from the README."""
+    found = doc_commands()
+    assert "README.md" in found["make launch RECIPE=digits RUN_NAME=my-run"]
+    assert "docs/cli.md" in found["launcher status RUN"]
+    assert "docs/your-code.md" in found["launcher launch sines"]
+    assert "docs/sweeps.md" in found["launcher sweep-status lr-bayes"]
 
 
 def test_readme_parsing_finds_continued_lines_and_table_forms() -> None:
     text = ("```bash\nmake a   # comment\nlauncher b \\\n  c=1\n```\n```yaml\nkey: v\n```\n"
-            f"{CLI_TABLE_HEADING}\n\n| command | what |\n| --- | --- |\n"
-            "| `launcher x RUN` / `launcher y [--r a\\|b]` | `launcher not_this` |\n\n## Next\n| `launcher z` | |\n")
+            f"## CLI\n\n{CLI_TABLE_HEADER}\n| --- | --- |\n"
+            "| `launcher x RUN` / `launcher y [--r a\\|b]` | `launcher not_this` |\n\n## Next\n| `launcher z` | |\n"
+            "| key | what |\n| --- | --- |\n| `model.name` | |\n")
     assert shell_block_commands(text) == ["make a", "launcher b c=1"]
     assert cli_table_commands(text) == ["launcher x RUN", "launcher y [--r a|b]"]
 
@@ -287,8 +322,9 @@ def test_make_test_is_what_ci_runs() -> None:
 
 
 @pytest.mark.parametrize("readme_command", _params())
-@pytest.mark.slow  # each README command runs, shortened, in a copy of the repo
+@pytest.mark.slow  # each doc command runs, shortened, in a copy of the repo
 def test_readme_command_runs(readme_command: str, repo_copy: Path, request: pytest.FixtureRequest) -> None:
+    """`readme_command` is shown in README.md or a page of docs/ (see `doc_commands`)."""
     if readme_command in SLURM_CASES:
         request.getfixturevalue("slurm")
     steps = CASES[readme_command]
