@@ -110,7 +110,7 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     # the CLI table
     "launcher show RECIPE [k=v ...] [--cluster C]": (
         ("launcher show digits trainer.epochs=3 --cluster local", "epochs: 3"),),
-    "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume auto|never] [--run-id ID] [--wait]": (
+    "launcher launch RECIPE [k=v ...] [--cluster C] [--run-name N] [--resume {auto,never}] [--run-id ID] [--wait]": (
         (LAUNCH_RUN, "completed at step 2"),
         (f"launcher status {RUN}", "state: completed"),),
     "launcher run SCRIPT [k=v ...] [--procs-per-node N] [--nodes N] [--cluster C] [--run-name N] [--wait] "
