@@ -14,9 +14,9 @@ from fsspec.implementations.local import LocalFileSystem
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
     InvalidCheckpoint, describe, log
 from jobs.checkpoint.disk import SavesLog
+from jobs.checkpoint.layout import SAVES_LOG, FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.local import LocalWriter
 from jobs.checkpoint.policy import SavePolicy
-from jobs.checkpoint.layout import SAVES_LOG, FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.reader import load_checkpoint
 from jobs.checkpoint.retention import prune, retained
 from jobs.checkpoint.saver import BackgroundSaver, SaveJob
