@@ -43,7 +43,7 @@ class Uploader:
         files = RemoteFiles(local, remote)
         backoff = Backoff(cfg.upload_retries, remote.uri, self._state.stop)
         self._owner = FolderOwner(files, run_id)
-        self._early = EarlyUploads(files, lambda claim: self._owner.check(claim=claim), self._state.stop)
+        self._early = EarlyUploads(files, self._owner.check, self._state.stop)
         self._rounds = UploadRounds(cfg, self._state, files, self._owner, self._early, backoff,
                                     Published(files, saves_log, backoff))
         self._backoff = backoff
