@@ -21,7 +21,8 @@ from jobs.env import RankEnv
 from jobs.models import build_model
 from jobs.preempt import StopFlag
 from jobs.train import exit_cleanly
-from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
+from jobs.checkpoint.policy import SavePolicy
+from jobs.training.agreement import StopAgreement
 from jobs.training.context import RunContext
 from jobs.training.run import train
 from jobs.training.schedule import lr_multiplier
@@ -85,12 +86,12 @@ def trainer_extras(recipe: RecipeConfig, env: RankEnv, iterations: int = 500) ->
     model = build_model(recipe.model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(recipe.schedule, 1000))
-    agreement, last_save = StopAgreement(), time.monotonic()
+    agreement, policy = StopAgreement(), SavePolicy(recipe.checkpoint)
     start = time.perf_counter()
     for step in range(iterations):
         model.train()
-        agreement.exchange(False, save_due_by_time(recipe.checkpoint, last_save))
-        save_due_at_step(recipe.checkpoint, step)
+        agreement.exchange(False, policy.due_by_time())
+        policy.due_at_step(step)
         sched.step()
     agreement.drain()
     return (time.perf_counter() - start) / iterations

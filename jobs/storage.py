@@ -6,7 +6,6 @@ profiles and instance roles); nothing here reads, prints or stores them.
 """
 from __future__ import annotations
 
-import json
 import os
 import threading
 from typing import Any, Optional
@@ -15,8 +14,8 @@ import fsspec
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from jobs.checkpoint.layout import MANIFEST, OWNER_FILE, STEP_DIR, manifest_run_id, parse_owner_record
 from jobs.schema import StorageConfig
-from jobs.schema.run_dir import MANIFEST, STEP_DIR
 from jobs.schema.secrets import redact_text
 
 # s3fs retries connection errors itself (5 tries, and botocore retries inside each): against a
@@ -24,7 +23,6 @@ from jobs.schema.secrets import redact_text
 # client gives up quickly.
 S3_CLIENT_CONFIG: dict[str, Any] = {"connect_timeout": 2, "read_timeout": 10, "retries": {"max_attempts": 2}}
 S3_CALL_RETRIES = 2
-OWNER_FILE = "run-owner.json"  # which run a remote checkpoint folder belongs to
 # Checkpoint files go to S3 through boto3: streamed part by part as they are written (jobs/checkpoint/
 # stream.py), or whole through its transfer manager. Either way 8 MiB parts, 10 in flight on threads,
 # each part sent as soon as one finishes. s3fs's put_file sends 50 MiB parts in batches that wait for
@@ -142,12 +140,10 @@ def folder_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
     """
     record = f"{root.rstrip('/')}/{OWNER_FILE}"
     try:
-        data = json.loads(fs.cat_file(record))
+        text = fs.cat_file(record)
     except FileNotFoundError:
         return _manifest_owner(fs, root)
-    if not isinstance(data, dict) or not isinstance(data.get("run_id"), str):
-        raise ValueError(f"{record} does not hold a run id ({str(data)[:80]!r})")
-    return data["run_id"]
+    return parse_owner_record(text, record)
 
 
 def _manifest_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
@@ -156,10 +152,10 @@ def _manifest_owner(fs: AbstractFileSystem, root: str) -> Optional[str]:
         if entry["type"] != "directory" or not STEP_DIR.match(name):
             continue
         try:
-            run_id = json.loads(fs.cat_file(f"{root.rstrip('/')}/{name}/{MANIFEST}")).get("run_id")
+            run_id = manifest_run_id(fs.cat_file(f"{root.rstrip('/')}/{name}/{MANIFEST}"))
         except (FileNotFoundError, ValueError, AttributeError):
             continue  # uncommitted or unreadable: says nothing about the owner
-        if isinstance(run_id, str):
+        if run_id is not None:
             return run_id
     return None
 

@@ -107,7 +107,7 @@ def test_a_file_streams_to_s3_while_it_is_written(bucket: S3Server, tmp_path: Pa
     commit, and the round after the commit sends no file again."""
     import boto3
 
-    import jobs.checkpoint.uploader as uploader
+    import jobs.checkpoint.remote_files as uploader
     from jobs.checkpoint import stream
 
     client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")
@@ -160,7 +160,7 @@ def test_streamed_files_of_any_size_arrive_whole(bucket: S3Server, tmp_path: Pat
 
     import boto3
 
-    from jobs.checkpoint.manifest import FileEntry
+    from jobs.checkpoint.layout import FileEntry
     from jobs.checkpoint.stream import FileProgress, stream_to_s3
 
     client = boto3.client("s3", endpoint_url=bucket.endpoint, region_name="us-east-1")

@@ -26,22 +26,47 @@ a Checkpointer of another run refuses it before reading, writing or pruning anyt
 
 The parts, one job each:
 
-    manifest.py      the commit record (FileEntry, Manifest) and step folder names
+    layout.py        the names (step folders, manifest, owner record, pointer, saves log) and the
+                     parsing of the records (FileEntry, Manifest); torch-free, imports none of the others
+    disk.py          durable local files: fsync, atomic writes, the commit by manifest, the saves log
     store.py         one run's folder on one file system: step folders, verify, committed, remove
     reader.py        loading a committed checkpoint, each file checked once as it is read
     staging.py       what a state may hold, and its copy into reusable host buffers
     saver.py         the background thread that commits async saves
     local.py         the local writer: hashed files, fsync, manifest by atomic rename, pointer
-    uploader.py      the remote side: upload rounds (thread, backoff), listing, the owner record
+    uploader.py      the remote side, a thin coordinator of: upload_state.py (what its two threads
+                     share), owner.py (the owner claim), early.py (files streamed as they are
+                     written), rounds.py (retried upload rounds, remote pruning), published.py (the
+                     remote pointer and the saves log), remote_files.py (single requests), backoff.py
     retention.py     which checkpoints to keep, and pruning the rest
+    policy.py        when to save and which checkpoint is the best, decided once (torch-free)
     checkpointer.py  Checkpointer, the facade the trainer uses
 """
-from jobs.checkpoint.checkpointer import Checkpointer
-from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint, ForeignRunFolder, InvalidCheckpoint
-from jobs.checkpoint.local import StateWriter
-from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
-from jobs.checkpoint.reader import load_checkpoint
-from jobs.schema.run_dir import MANIFEST
+from __future__ import annotations
 
-__all__ = ["MANIFEST", "CheckpointError", "Checkpointer", "CorruptCheckpoint", "FileEntry", "ForeignRunFolder",
-           "InvalidCheckpoint", "Manifest", "StateWriter", "load_checkpoint", "step_dir_name"]
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# The package's names load on first use (PEP 562), so importing a torch-free part (jobs.checkpoint.layout,
+# which jobs.storage and the launcher read) does not import torch through this file.
+_EXPORTS = {
+    "Checkpointer": "checkpointer", "CheckpointError": "errors", "CorruptCheckpoint": "errors",
+    "ForeignRunFolder": "errors", "InvalidCheckpoint": "errors", "StateWriter": "local", "FileEntry": "layout",
+    "Manifest": "layout", "MANIFEST": "layout", "step_dir_name": "layout", "load_checkpoint": "reader",
+}
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from jobs.checkpoint.checkpointer import Checkpointer
+    from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint, ForeignRunFolder, InvalidCheckpoint
+    from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest, step_dir_name
+    from jobs.checkpoint.local import StateWriter
+    from jobs.checkpoint.reader import load_checkpoint
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    globals()[name] = value  # once: later look-ups do not come here
+    return value

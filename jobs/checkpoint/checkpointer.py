@@ -13,8 +13,10 @@ from fsspec.implementations.local import LocalFileSystem
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
     InvalidCheckpoint, describe, log
-from jobs.checkpoint.local import SAVES_LOG, LocalWriter, SavesLog
-from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
+from jobs.checkpoint.disk import SavesLog
+from jobs.checkpoint.layout import SAVES_LOG, FileEntry, Manifest, step_dir_name
+from jobs.checkpoint.local import LocalWriter
+from jobs.checkpoint.policy import SavePolicy
 from jobs.checkpoint.reader import load_checkpoint
 from jobs.checkpoint.retention import prune, retained
 from jobs.checkpoint.saver import BackgroundSaver, SaveJob
@@ -34,6 +36,9 @@ class Checkpointer:
     `sharded`, every rank writes its shard of what save() is given as `shards` (see
     jobs/checkpoint/sharded.py) and rank 0 commits them with its own files.
 
+    `policy` decides when a save is due and which value of best_metric is the best; every rank
+    keeps its own (its clock restarts at each save()), and the trainer asks it.
+
     With a `run_id`, the remote folder belongs to that run: its owner record (`run-owner.json`) is
     written before the first upload, and a folder owned by another run is neither read, written
     nor pruned (ForeignRunFolder).
@@ -43,6 +48,7 @@ class Checkpointer:
                  is_writer: bool = True, run_id: Optional[str] = None, sharded: bool = False) -> None:
         self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
         self.local_dir = Path(local_dir).absolute()
+        self.policy = SavePolicy(cfg)
         self.remote_uri = remote.rstrip("/") if remote else None
         self._local = Store(LocalFileSystem(), str(self.local_dir), str(self.local_dir))
         self._saves_log = SavesLog(self.local_dir / SAVES_LOG)
@@ -83,9 +89,11 @@ class Checkpointer:
         (DTensors or a pipeline stage's tensors), written with DCP next to rank 0's `state`."""
         if shards is not None:
             self._save_sharded(step, state, metrics, shards)
-            return
-        if not self.is_writer:
-            return
+        elif self.is_writer:
+            self._save_whole(step, state, metrics)
+        self.policy.restart_clock()  # every_minutes counts from the end of this save, on every rank
+
+    def _save_whole(self, step: int, state: dict[str, Any], metrics: dict[str, float]) -> None:
         if self._closed:
             raise CheckpointError(f"save(step={step}) after close(): create a new Checkpointer for {self.local_dir}")
         self._raise_background_error()

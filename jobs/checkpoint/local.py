@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 import threading
@@ -20,13 +19,10 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from jobs.checkpoint.errors import describe, log
-from jobs.checkpoint.manifest import FileEntry, Manifest, step_dir_name
+from jobs.checkpoint.disk import commit_folder, write_atomic
+from jobs.checkpoint.layout import MANIFEST, POINTER, FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.store import Store
 from jobs.checkpoint.stream import FileProgress
-from jobs.schema.run_dir import MANIFEST
-
-POINTER = "latest"
-SAVES_LOG = "saves.jsonl"
 FileStarted = Callable[[str, FileProgress], None]  # a file is about to be written: watch it grow (the uploader)
 
 
@@ -124,43 +120,6 @@ class LocalWriter:
                 self.committed += 1
             else:
                 self.failed += 1
-
-
-def commit_folder(folder: Path, manifest: Manifest) -> None:
-    """The commit: every file's directory entry made durable, then the manifest, atomically."""
-    fsync_path(folder)
-    write_atomic(folder / MANIFEST, manifest.to_json())
-
-
-class SavesLog:
-    """`saves.jsonl`: one JSON line per save and per upload (timings, bytes), from either thread."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def append(self, record: dict[str, Any]) -> None:
-        try:
-            with self._lock, open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as err:  # timings only: a full disk must not cost the checkpoint itself
-            log.warning("could not append to %s (%s)", self.path, describe(err))
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)  # the rename itself must survive a power cut
 
 
 class HashingWriter:

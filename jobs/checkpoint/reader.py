@@ -25,11 +25,10 @@ from typing import Any, Collection, Optional, Union
 import torch
 
 from jobs.checkpoint.errors import CheckpointError, CorruptCheckpoint
-from jobs.checkpoint.manifest import FileEntry, Manifest
+from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest
 from jobs.checkpoint.sharded import is_shard_file, read_full, shard_keys
 from jobs.checkpoint.store import HASH_CHUNK, Store
 from jobs.storage import filesystem, is_local, join
-from jobs.schema.run_dir import MANIFEST
 from jobs.schema import StorageConfig
 
 HASH_THREADS = 2

@@ -1,25 +1,23 @@
 """Retention: which committed checkpoints to keep (the last K and the best one), and pruning the rest."""
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 from jobs.checkpoint.errors import FILE_ONLY, log
-from jobs.checkpoint.manifest import Manifest
+from jobs.checkpoint.layout import Manifest
+from jobs.checkpoint.policy import score
 from jobs.checkpoint.store import Store
 from jobs.schema import CheckpointConfig
 
 
 def retained(manifests: dict[str, Manifest], cfg: CheckpointConfig) -> set[str]:
-    """The newest `keep_last` committed checkpoints plus the best one by `best_metric`."""
+    """The newest `keep_last` committed checkpoints plus the best one by `best_metric` (as the policy
+    scores it: the trainer's progress.best is the same value)."""
     newest = sorted(manifests, key=lambda n: manifests[n].step, reverse=True)
     keep = set(newest[:cfg.keep_last])
-    if cfg.best_metric:
-        sign = 1.0 if cfg.best_mode == "max" else -1.0
-        scored = [(sign * m.metrics[cfg.best_metric], m.step, n) for n, m in manifests.items()
-                  if not math.isnan(m.metrics.get(cfg.best_metric, math.nan))]
-        if scored:
-            keep.add(max(scored)[2])  # ties: the newer one
+    scored = [(s, m.step, n) for n, m in manifests.items() if (s := score(cfg, m.metrics)) is not None]
+    if scored:
+        keep.add(max(scored)[2])  # ties: the newer one
     return keep
 
 

@@ -45,9 +45,8 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
-from jobs.checkpoint.manifest import FileEntry
+from jobs.checkpoint.layout import MANIFEST, FileEntry
 from jobs.checkpoint.store import sha256_of
-from jobs.schema.run_dir import MANIFEST
 
 DCP_METADATA = ".metadata"
 

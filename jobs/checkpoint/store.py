@@ -9,10 +9,10 @@ from pathlib import Path
 
 from fsspec import AbstractFileSystem
 
+from jobs.checkpoint.disk import commit_folder
 from jobs.checkpoint.errors import CorruptCheckpoint, InvalidCheckpoint
-from jobs.checkpoint.manifest import Manifest, step_dir_name
+from jobs.checkpoint.layout import MANIFEST, Manifest, parse_step_dir, step_dir_name
 from jobs.storage import fresh_listing, join
-from jobs.schema.run_dir import MANIFEST, STEP_DIR
 
 HASH_CHUNK = 8 << 20
 
@@ -34,9 +34,9 @@ class Store:
         out = {}
         for entry in fresh_listing(self.fs, self.root):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            match = STEP_DIR.match(name)
-            if match and entry["type"] == "directory":
-                out[name] = int(match.group(1))
+            step = parse_step_dir(name)
+            if step is not None and entry["type"] == "directory":
+                out[name] = step
         return out
 
     def verify(self, name: str, full_hash: bool) -> Manifest:
@@ -106,8 +106,6 @@ def download_folder(remote: Store, name: str, manifest: Manifest, folder: Path) 
     """Copy a committed remote checkpoint into the local `folder` and commit it there: files
     streamed and checked against the manifest (size and SHA-256), fsynced, then the manifest.
     Raises CorruptCheckpoint for a file that does not match."""
-    from jobs.checkpoint.local import commit_folder  # local imports store: import here, not at the top
-
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # uncommitted while its files are replaced
     for file, entry in manifest.files.items():

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from jobs.checkpoint.manifest import FileEntry
+from jobs.checkpoint.layout import FileEntry
 from jobs.storage import S3_PART_BYTES, S3_PARTS_IN_FLIGHT
 
 MAX_PART_BYTES = 5 << 30  # S3's limit per part

@@ -1,4 +1,5 @@
-"""When to stop and when to save, decided the same on every rank."""
+"""Stopping and time-based saves, agreed the same on every rank (when a save is due is the
+checkpointer's policy, jobs.checkpoint.policy)."""
 from __future__ import annotations
 
 import time
@@ -7,7 +8,6 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from jobs.schema import CheckpointConfig
 
 
 # Steps at least this long are agreed on synchronously: one round trip of a few bytes per step then costs
@@ -71,14 +71,3 @@ class StopAgreement:
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
-
-
-def save_due_at_step(cfg: CheckpointConfig, step: int) -> bool:
-    """checkpoint.every_steps says to save at `step` (the same answer on every rank)."""
-    return bool(cfg.every_steps) and step % cfg.every_steps == 0
-
-
-def save_due_by_time(cfg: CheckpointConfig, last_save: float) -> bool:
-    """checkpoint.every_minutes have passed since `last_save` (time.monotonic()) on this rank's
-    clock; ranks' clocks differ, so this goes through StopAgreement.exchange() before acting."""
-    return bool(cfg.every_minutes) and time.monotonic() - last_save >= cfg.every_minutes * 60

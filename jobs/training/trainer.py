@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +19,7 @@ from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.tracking import MetricsLogger
 from jobs.training import batch as batching
-from jobs.training.agreement import StopAgreement, save_due_at_step, save_due_by_time
+from jobs.training.agreement import StopAgreement
 from jobs.training.callbacks import Callbacks
 from jobs.training.context import RunContext
 from jobs.pipeline import PipelineRunner
@@ -66,7 +65,6 @@ class Trainer:
     pruned: bool = False  # a callback asked to end the run after an evaluation (rank 0's answer, on every rank)
     batch: Optional[batching.BatchPlan] = None  # the split of a replica's batch in use (set by fit())
     _batch_record: Optional[dict[str, Any]] = field(init=False, default=None)  # trainer.micro_batch=auto
-    _last_save: float = field(init=False, default=0.0)  # time.monotonic() of the last save (every_minutes)
 
     @property
     def settings(self) -> StepSettings:
@@ -127,18 +125,13 @@ class Trainer:
 
     def save(self) -> None:
         """Checkpoint the current step. Every rank calls it (the state is gathered, or each rank
-        writes its shard)."""
+        writes its shard). The checkpointer's policy says what the best value so far is."""
         metrics = self._eval_metrics()
-        best_key = self.recipe.checkpoint.best_metric
-        if best_key and best_key in metrics:
-            better = max if self.recipe.checkpoint.best_mode == "max" else min
-            best = self.progress.best
-            self.progress.best = metrics[best_key] if best is None else better(best, metrics[best_key])
+        self.progress.best = self.checkpointer.policy.best_after(self.progress.best, metrics)
         if self.checkpointer.sharded:
             self.checkpointer.save(self.progress.step, self._small_state(), metrics, shards=self.shard_state())
         else:
             self.checkpointer.save(self.progress.step, self.state_dict(), metrics)
-        self._last_save = time.monotonic()
 
     def resume(self) -> None:
         """Continue from the newest committed checkpoint, if there is one."""
@@ -234,7 +227,8 @@ class Trainer:
                      self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
         window, agreement = LossWindow(self.device), StopAgreement()
-        self._last_save, preempted = time.monotonic(), False
+        self.checkpointer.policy.restart_clock()  # every_minutes counts from the first step
+        preempted = False
         while st.step < self.total_steps and not (preempted or self.pruned):
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
             plan = self.batch
@@ -271,9 +265,9 @@ class Trainer:
             self._evaluate()
             if self.pruned:
                 return False
-        preempted, time_due = agreement.exchange(self.stop.requested,
-                                                 save_due_by_time(self.recipe.checkpoint, self._last_save))
-        if preempted or save_due_at_step(self.recipe.checkpoint, st.step) or time_due:
+        policy = self.checkpointer.policy  # when to save is the checkpointer's call; the ranks agree on time
+        preempted, time_due = agreement.exchange(self.stop.requested, policy.due_by_time())
+        if policy.due_after_step(st.step, preempted, time_due):
             self.save()
         return preempted
 
@@ -298,13 +292,13 @@ class Trainer:
                 torch.cuda.set_rng_state(rng[1], self.device)
 
     def _finish(self, outcome: str) -> RunResult:
-        st, cfg = self.progress, self.recipe.checkpoint
+        st = self.progress
         if outcome == "completed":
             if self.last_eval is None or self.last_eval.step != st.step:
                 self._evaluate()
-            if cfg.at_end and (not cfg.every_steps or st.step % cfg.every_steps):
+            if self.checkpointer.policy.due_at_end(st.step):
                 self.save()
-        committed = self.checkpointer.flush(cfg.flush_timeout_s) if self.env.is_main else True
+        committed = self.checkpointer.flush() if self.env.is_main else True  # checkpoint.flush_timeout_s
         result = RunResult(outcome=outcome, step=st.step, epoch=st.epoch, signal=self.stop.signal_name,
                            checkpoints_committed=committed, metrics=self._eval_metrics())
         final = self.model.state_dict() if outcome == "completed" else None  # a collective with FSDP
