@@ -254,12 +254,18 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.add_argument("--run-name", help="stable name; launching it again resumes it (default: recipe-confighash)")
     p.add_argument("--resume", choices=["auto", "never"], default="auto",
-                   help="auto: continue from the newest committed checkpoint (default)")
+                   help="auto: continue from the newest committed checkpoint (default); never: refuse a run "
+                        "that has one")
 
 
 def _existing_run(args: argparse.Namespace) -> Run:
     return find_run(args.run, runs_root(load_cluster(args.cluster), args.runs_dir))
 
+
+# A local launch returns when its ranks have ended; Slurm returns once the job is queued, VMs once the run's
+# supervisor runs on node 0 (Backend.launch): --wait then follows it through `Backend.wait`.
+WAIT_HELP = ("Slurm and VMs: block until the run has stopped for good, requeues and relaunches included "
+             "(a local launch always does)")
 
 # Arguments that name a run or a sweep, i.e. a folder or file in the runs directory: checked before any command runs.
 NAME_ARGUMENTS = {"run": "run", "run_name": "run name (--run-name)", "sweep": "sweep", "name": "sweep name (--name)"}
@@ -284,7 +290,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p = add("launch", cmd_launch, "validate, then start a run (or resume it)")
     _run_arguments(p)
-    p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     p.add_argument("--run-id", help="continue the run with this id (in its run.json) on a machine without its run dir")
     p = add("run", cmd_run, "run a Python training script on every rank (script arguments after --)")
     p.add_argument("script", nargs="?", help="the script's path (or -m MODULE)")
@@ -297,7 +303,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("--run-name", help="stable name; running it again continues it (default: script-confighash)")
     p.add_argument("--resume", choices=["auto", "never"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
-    p.add_argument("--wait", action="store_true", help="Slurm: block until the job has finished for good")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     p.add_argument("--sbatch", action="store_true", help="Slurm: print a standalone sbatch script instead of "
                                                          "submitting through submitit")
     p.add_argument("--submit", action="store_true", help="with --sbatch: also submit the script")
@@ -313,9 +319,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     p.add_argument("run")
     p = add("logs", cmd_logs, "print a rank's log")
     p.add_argument("run")
-    p.add_argument("--rank", type=int, default=0)
-    p.add_argument("--follow", "-f", action="store_true")
-    p = add("cancel", cmd_cancel, "stop a run (it saves a checkpoint first)")
+    p.add_argument("--rank", type=int, default=0, help="whose log (default 0)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing what the rank adds while the run lives")
+    p = add("cancel", cmd_cancel, "stop a run (a recipe's ranks save a checkpoint first; a script gets SIGTERM)")
     p.add_argument("run")
     p = add("doctor", cmd_doctor, "name why a run failed and the fix; without RUN, check the environment")
     p.add_argument("run", nargs="?", metavar="RUN")
@@ -340,22 +346,27 @@ def _sweep_commands(add: Callable[[str, Callable[[argparse.Namespace], int], str
                    help="try each value (repeat for a cartesian product)")
     p.add_argument("--random", action="append", default=[], metavar="KEY=DIST:ARGS",
                    help="sample: uniform:LOW:HIGH, loguniform:LOW:HIGH, randint:LOW:HIGH or choice:A,B,...")
-    p.add_argument("--trials", type=int, help="random samples (per grid point when combined with --grid)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random samples (default 0)")
-    p.add_argument("--name", help="sweep name (default: <recipe>-sweep-<hash of the sweep spec>)")
-    p.add_argument("--wait", action="store_true", help="Slurm: block until every trial has finished for good")
+    p.add_argument("--trials", type=int, help="random samples (per grid point when combined with --grid); "
+                                              "--search bayes: how many trials the study runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random samples, or of the Bayesian "
+                                                         "sampler (default 0)")
+    p.add_argument("--name", help="sweep name (default: <recipe>-sweep-<hash of the sweep spec>; "
+                                    "--search bayes: <recipe>-bayes-<hash>)")
+    p.add_argument("--wait", action="store_true", help="Slurm: block until every trial has finished for good "
+                                                         "(a local sweep always does)")
     p.add_argument("--max-parallel", type=int, help="Slurm: run at most this many trials at once")
     p.add_argument("--search", choices=["bayes"], help="bayes: Optuna's seeded TPE over --param, the study in a "
                                                        "journal file in the sweep's folder")
     p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
                    help="--search bayes: a parameter and its range, as --random takes them")
-    p.add_argument("--prune", action="store_true", help="--search bayes: stop trials whose metric is below the "
-                                                        "median of earlier trials at the same step")
+    p.add_argument("--prune", action="store_true", help="--search bayes: stop unpromising trials early by "
+                        "asynchronous successive halving (ASHA): at rungs 1, 3, 9, ... times the step of its 3rd "
+                        "evaluation, a trial goes on only while in the top third of the trials that reached the rung")
     p.add_argument("--workers", type=int, help="--search bayes: workers drawing trials from the study (a Slurm job "
                                                "array of this many; locally processes; default 1)")
     p = add("sweep-status", cmd_sweep_status, "table of a sweep's trials, best first")
     p.add_argument("sweep")
-    p.add_argument("--metric", help="rank by this metric (default: the recipe's checkpoint.best_metric or val/acc)")
+    p.add_argument("--metric", help="rank by this metric (default: the recipe's checkpoint.best_metric, or val/acc)")
     p.add_argument("--mode", choices=["max", "min"], help="whether larger or smaller is better "
                                                           "(default: the recipe's checkpoint.best_mode)")
     p.add_argument("--plot", metavar="FILE", help="also draw the metric by trial and against each parameter "
