@@ -22,6 +22,7 @@ from launcher import backends
 from launcher.backends import local, slurm
 from launcher.backends.base import Batch, Planned
 from launcher.backends.slurm_watch import SlurmWatcher, wait_for_runs
+from launcher.checks import Check
 from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
@@ -81,6 +82,23 @@ def test_nothing_outside_the_backends_asks_which_backend_it_has() -> None:
     offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
                  for i, line in enumerate(path.read_text().splitlines(), 1) if asking.search(line)]
     assert len(files) > 20 and offenders == []
+
+
+def test_the_backends_do_not_import_the_doctor() -> None:
+    """The doctor asks a backend for its checks (Backend.environment_checks); a backend builds them from
+    launcher.checks, never from launcher.doctor, so the two never import each other."""
+    files = [path for folder in ("launcher/backends", "launcher/vms") for path in (REPO / folder).rglob("*.py")]
+    importing = re.compile(r"^\s*(from|import)\s+launcher\.doctor\b|^\s*from\s+launcher\s+import\s+[^\n]*\bdoctor\b")
+    offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if importing.search(line)]
+    assert len(files) > 10 and offenders == []
+
+
+def test_each_backend_names_its_own_doctor_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm command anywhere
+    found = backends.get("slurm").environment_checks(load_cluster("local"))
+    assert [(type(c), c.name, c.ok) for c in found] == [(Check, "Slurm", False)] and "sbatch" in found[0].detail
+    assert backends.get("local").environment_checks(load_cluster("local")) == []
 
 
 # ----------------------------------------------------------------------------- the Slurm watcher

@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
+from launcher.checks import Check
 from launcher.shell import shell_path
 from launcher.vms import layout
-from launcher.vms.checks import check_hosts, check_recipe_on_vms
+from launcher.vms.checks import check_hosts, check_recipe_on_vms, doctor_checks
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from jobs.schema import ClusterConfig, RecipeConfig
@@ -145,11 +146,9 @@ def _remote(run: Run, what: str) -> dict[str, Any]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def environment_checks(cluster: ClusterConfig) -> list[Any]:
+def environment_checks(cluster: ClusterConfig) -> list[Check]:
     """`launcher doctor`: each VM reachable over SSH with the configured user and key."""
-    from launcher.doctor.environment import vm_checks
-
-    return vm_checks(cluster)
+    return doctor_checks(cluster)
 
 
 def status(run: Run) -> dict[str, Any]:
