@@ -29,7 +29,8 @@ def runs_root(cluster: ClusterConfig, override: Optional[str]) -> Path:
         root = Path(override or cluster.runs_dir).expanduser().resolve()
         is_file = _exists(root) and not root.is_dir()
     except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
-        raise UsageError(f"{where}: {short_path(override or cluster.runs_dir, 300)} cannot be used: {_why(err)}") from None
+        raise UsageError(f"{where}: {short_path(override or cluster.runs_dir, 300)} cannot be used: "
+                         f"{_why(err)}") from None
     if is_file:
         raise UsageError(f"{where}: {root} is a file, not a directory", hint="choose a directory for the runs")
     return root

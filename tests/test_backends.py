@@ -195,3 +195,31 @@ def test_local_batch_prepares_each_run_right_before_it_starts(tmp_path: Path, mo
     launched = local.launch_many([plan("a"), plan("b")], cluster, Batch("s", tmp_path / "s", 1))
     assert (launched.code, launched.ended, prepared) == (1, True, ["a"])
     assert not (tmp_path / "b").exists() and "stopped by SIGINT at step 3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the VM backend's record
+def test_vm_state_reads_and_writes_run_json_as_before(tmp_path: Path) -> None:
+    """VmState is a typed view of the keys the VM backend keeps in run.json: the file keeps its format (a run
+    launched before it reads the same), and a hand-edited value of the wrong type reads as unset."""
+    from launcher.vms.state import VmState
+
+    run = Run("r", tmp_path / "r")
+    run.dir.mkdir()
+    written = {"vm_head": "10.0.0.1", "vm_run_dir": "~/launcher/runs/r", "hosts": ["10.0.0.1", "10.0.0.2"],
+               "vm_supervisor": 4321}
+    run.update(run_name="r", backend="vms", **written)  # as `launch` wrote it before VmState existed
+    state = VmState.of(run.info())
+    assert (state.head, state.run_dir, state.hosts, state.started_pid) == ("10.0.0.1", "~/launcher/runs/r",
+                                                                          ("10.0.0.1", "10.0.0.2"), 4321)
+    assert state.to_dict() == written and VmState.from_dict(state.to_dict()) == state
+    run.update(**VmState.entries(launches=2, hosts=["10.0.0.1"], placement={"10.0.0.1": [0, 1]}, waiting_for="x"))
+    on_disk = json.loads(run.info_path.read_text())
+    assert on_disk["vm_launches"] == 2 and on_disk["hosts"] == ["10.0.0.1"] and on_disk["placement"] == {
+        "10.0.0.1": [0, 1]} and on_disk["waiting_for"] == "x" and on_disk["run_name"] == "r"
+    run.update(supervisor_pid=True, supervisor_start="soon", vm_launches="2")  # a hand-edited file
+    state = VmState.of(run.info())
+    assert (state.supervisor_pid, state.supervisor_start, state.launches) == (None, None, 0)
+    run.update(remove=VmState.keys("supervisor_pid", "supervisor_start"))
+    assert "supervisor_pid" not in json.loads(run.info_path.read_text())
+    with pytest.raises(TypeError, match="no field 'head_address'"):
+        VmState.entries(head_address="x")
