@@ -9,6 +9,7 @@ import os
 from typing import Callable, Mapping
 
 from jobs.schema.names import check_name
+from jobs.schema.study import JUDGED_FROM_REPORT, REDUCTION_FACTOR
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -27,6 +28,12 @@ def _run_arguments(p: argparse.ArgumentParser) -> None:
 # supervisor runs on node 0 (Backend.launch): --wait then follows it through `Backend.wait`.
 WAIT_HELP = ("Slurm and VMs: block until the run has stopped for good, requeues and relaunches included "
              "(a local launch always does)")
+
+# The pruner's rule, in the numbers jobs.schema.study gives it (the one place they are set).
+_FACTOR, _FROM = REDUCTION_FACTOR, {1: "1st", 2: "2nd", 3: "3rd"}.get(JUDGED_FROM_REPORT, f"{JUDGED_FROM_REPORT}th")
+PRUNE_HELP = (f"--search bayes: stop unpromising trials early by asynchronous successive halving (ASHA): at rungs "
+              f"1, {_FACTOR}, {_FACTOR ** 2}, ... times the step of its {_FROM} evaluation, a trial goes on only "
+              f"while in the top 1/{_FACTOR} of the trials that reached the rung")
 
 # Arguments that name a run or a sweep, i.e. a folder or file in the runs directory: checked before any command runs.
 NAME_ARGUMENTS = {"run": "run", "run_name": "run name (--run-name)", "sweep": "sweep", "name": "sweep name (--name)"}
@@ -121,9 +128,7 @@ def _sweep_commands(add: Callable[[str, str], argparse.ArgumentParser]) -> None:
                                                        "journal file in the sweep's folder")
     p.add_argument("--param", action="append", default=[], metavar="KEY=DIST:ARGS",
                    help="--search bayes: a parameter and its range, as --random takes them")
-    p.add_argument("--prune", action="store_true", help="--search bayes: stop unpromising trials early by "
-                        "asynchronous successive halving (ASHA): at rungs 1, 3, 9, ... times the step of its 3rd "
-                        "evaluation, a trial goes on only while in the top third of the trials that reached the rung")
+    p.add_argument("--prune", action="store_true", help=PRUNE_HELP)
     p.add_argument("--workers", type=int, help="--search bayes: workers drawing trials from the study (a Slurm job "
                                                "array of this many; locally processes; default 1)")
     p = add("sweep-status", "table of a sweep's trials, best first")
