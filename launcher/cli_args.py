@@ -39,7 +39,8 @@ PRUNE_HELP = (f"--search bayes: stop unpromising trials early by asynchronous su
 NAME_ARGUMENTS = {"run": "run", "run_name": "run name (--run-name)", "sweep": "sweep", "name": "sweep name (--name)"}
 
 
-def build_parser(commands: Mapping[str, Command]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+def build_parser(commands: Mapping[str, Command]) -> tuple[argparse.ArgumentParser,
+                                                         dict[str, argparse.ArgumentParser]]:
     """The top-level parser (help, unknown commands) and each command's own parser; `commands` maps each
     command's name to the function that runs it (launcher.cli.COMMANDS), set as `fn` on its arguments."""
     parser = argparse.ArgumentParser(prog="launcher", description="Launch PyTorch training recipes anywhere.")

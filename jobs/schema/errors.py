@@ -13,7 +13,7 @@ from typing import Any
 # at its end). Only a problem that alone nearly fills a line is cut, at its end.
 _LINE_CHARS, _KEY_CHARS, _HINT_CHARS = 350, 80, 240
 _SOURCE_MIN_CHARS = 30  # what a source keeps whatever the rest of the line needs: ".../recipes/x.yaml"
-_PATH_MIN_CHARS, _OVERRIDES_MIN_CHARS = 20, 40  # before the source goes below _SOURCE_MIN_CHARS
+_PATH_MIN_CHARS, _OVERRIDES_MIN_CHARS = 20, 40  # what each part of a source keeps while the other gives way
 _WITH_OVERRIDES = re.compile(r"(.*?) \(with overrides (.*)\)", re.DOTALL)  # jobs.schema.files' sources
 PATH_CHARS = 200  # an absolute path in a message: shorten_path() keeps its file name
 
