@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_cli
 from launcher.cli import main
+from launcher.preflight import Target
 from jobs.schema import (CLUSTERS_DIR, RECIPES_DIR, ClusterConfig, RecipeConfig, load_cluster, load_recipe,
                     load_resolved, parse_overrides, to_yaml)
 from jobs.schema.errors import ConfigError
@@ -396,8 +397,6 @@ def test_a_pipeline_error_keeps_its_problem_under_a_long_recipe_path(tmp_path: P
 def test_a_path_is_cut_in_its_middle_so_its_file_name_stays(tmp_path: Path) -> None:
     code_dir = _deep(tmp_path) / "my_code"
     assert len(str(code_dir)) > 300
-    from launcher.preflight import Target
-
     with pytest.raises(ConfigError) as info:  # code_dir is checked as a launch loads the recipe
         Target.load("local").recipe("digits", [f"code_dir={code_dir}"])
     assert "/.../" in str(info.value) and "/my_code' is not a directory" in str(info.value)
