@@ -50,7 +50,7 @@ from torch import nn
 from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
-from jobs.pipeline import PipelineLayout, PipelineRunner, build_stage, split_points
+from jobs.parallel.pipeline import PipelineLayout, PipelineRunner, build_stage, split_points
 from jobs.schema import ParallelConfig
 
 MODEL = {"vocab": 256, "seq_len": 64, "dim": 384, "layers": 6, "heads": 6, "tied_embeddings": False}

@@ -17,7 +17,7 @@ from launcher.ownership import check_checkpoint_folder
 from jobs.schema.run_dir import Run
 from launcher.runs import code_dir_of, prepare_run, run_at, runs_root
 from jobs.schema import ClusterConfig, ConfigError, RecipeConfig, load_cluster, load_recipe
-from jobs.schema.errors import PATH_CHARS, short
+from jobs.schema.errors import short, short_path
 from jobs.schema.recipe import DEFAULT_LOSS
 from jobs.schema.names import check_name
 
@@ -30,7 +30,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     absolute path (another checkout's script is another run)."""
     code_dir = code_dir_of(recipe)
     if not code_dir.is_dir():
-        raise ConfigError(src, "code_dir", f"{short(str(code_dir), PATH_CHARS)} is not a directory",
+        raise ConfigError(src, "code_dir", f"{short_path(code_dir)} is not a directory",
                           "point code_dir at the folder that holds your code (default: the launch directory)")
     _check_no_shadowing(code_dir, src)
     script = recipe.script
@@ -40,7 +40,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
         path = (code_dir / script.path).resolve()
         if not path.is_file():
             what = "is a directory, not a script" if path.is_dir() else "no such file"
-            raise ConfigError(src, "script.path", f"{what}: {short(str(path), PATH_CHARS)}",
+            raise ConfigError(src, "script.path", f"{what}: {short_path(path)}",
                               "give the script's path (relative paths start at code_dir)")
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)
@@ -57,7 +57,7 @@ def _check_no_shadowing(code_dir: Path, src: str) -> None:
     for name, ours in OWN_PACKAGES.items():
         for found in (code_dir / name / "__init__.py", code_dir / f"{name}.py"):
             if found.is_file() and found.resolve().parent != ours:
-                shown = short(str(found.parent if found.name == "__init__.py" else found), PATH_CHARS)
+                shown = short_path(found.parent if found.name == "__init__.py" else found)
                 raise ConfigError(src, "code_dir", f"{shown} would replace the launcher's own '{name}' package "
                                   "on every rank", f"rename your {name!r} (e.g. my_{name}) or set code_dir to a "
                                   "folder without it")

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from jobs.schema import ClusterConfig, RecipeConfig, config_hash, secrets, to_dict
-from jobs.schema.errors import UsageError
+from jobs.schema.errors import UsageError, short_path
 from jobs.schema.names import check_name
 from jobs.schema.run_dir import CHECKPOINTS, RESULT_JSON, RUN_JSON, Run, RunInfo, checkpoint_uri, committed_steps
 
@@ -29,7 +29,8 @@ def runs_root(cluster: ClusterConfig, override: Optional[str]) -> Path:
         root = Path(override or cluster.runs_dir).expanduser().resolve()
         is_file = _exists(root) and not root.is_dir()
     except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
-        raise UsageError(f"{where}: {override or cluster.runs_dir!r:.300} cannot be used: {_why(err)}") from None
+        raise UsageError(f"{where}: {short_path(override or cluster.runs_dir, 300)} cannot be used: "
+                         f"{_why(err)}") from None
     if is_file:
         raise UsageError(f"{where}: {root} is a file, not a directory", hint="choose a directory for the runs")
     return root
@@ -98,8 +99,8 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
     except OSError as err:  # no space, no permission, a name too long for the file system, ...
         if created:  # nothing half-made stays behind
             shutil.rmtree(run.dir, ignore_errors=True)
-        raise UsageError(f"cannot write run directory {str(run.dir)!r:.300}: {_why(err)}"
-                         f"{f' ({err.filename!r:.300})' if err.filename else ''}") from None
+        raise UsageError(f"cannot write run directory {short_path(run.dir, 300)}: {_why(err)}"
+                         f"{f' ({short_path(err.filename, 300)})' if err.filename else ''}") from None
     return run
 
 

@@ -30,6 +30,7 @@ from jobs.environments.skypilot import ENTRY_MODULE, RUN_VARIABLE, TASK_HASH_CHA
 from launcher.backends.slurm_options import one_line
 from launcher.shell import shell_path
 from jobs.schema import ClusterConfig, ConfigError, RecipeConfig, REPO_ROOT, UsageError, to_dict
+from jobs.schema.errors import short_path
 from jobs.schema.names import check_name
 from jobs.schema.secrets import is_secret_key, redact, split
 from jobs.schema.skypilot import SkyPilotConfig
@@ -165,6 +166,6 @@ def write_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str, out: Opt
     try:
         Path(out).write_text(text)
     except OSError as err:
-        raise UsageError(f"cannot write {out!r:.200}: {err.strerror or err}") from None
+        raise UsageError(f"cannot write {short_path(out)}: {err.strerror or err}") from None
     print(f"wrote {out}: launch it with `sky jobs launch {shlex.quote(out)}`", file=sys.stderr)
     return 0

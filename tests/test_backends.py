@@ -22,6 +22,7 @@ from launcher import backends
 from launcher.backends import local, slurm
 from launcher.backends.base import Batch, Planned
 from launcher.backends.slurm_watch import SlurmWatcher, wait_for_runs
+from launcher.checks import Check
 from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch
@@ -70,13 +71,34 @@ def test_registry_names_each_backend_and_refuses_others() -> None:
 
 
 def test_nothing_outside_the_backends_asks_which_backend_it_has() -> None:
-    """A new backend is one module and one registry line: no `if backend == ...` elsewhere."""
-    asking = re.compile(r"""\.backend\b[^\n]*[!=]=|[!=]=\s*["'](local|slurm)["']""")
+    """A new backend is one module and one registry line: no `if backend == ...` elsewhere. The names come
+    from the registry, so a backend added there is covered here without editing this test."""
+    names = "|".join(re.escape(name) for name in backends.BACKENDS)
+    asking = re.compile(rf"""\.backend\b[^\n]*[!=]=|[!=]=\s*["']({names})["']|\bin\s*[([{{][^\n]*["']({names})["']""")
+    assert all(asking.search(f"if kind == '{name}'") and asking.search(f'if kind in ("x", "{name}")')
+               for name in backends.BACKENDS)
     files = [path for folder in ("launcher", "jobs") for path in (REPO / folder).rglob("*.py")
              if "backends" not in path.parts and "schema" not in path.parts]  # the config sections name them
     offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
                  for i, line in enumerate(path.read_text().splitlines(), 1) if asking.search(line)]
     assert len(files) > 20 and offenders == []
+
+
+def test_the_backends_do_not_import_the_doctor() -> None:
+    """The doctor asks a backend for its checks (Backend.environment_checks); a backend builds them from
+    launcher.checks, never from launcher.doctor, so the two never import each other."""
+    files = [path for folder in ("launcher/backends", "launcher/vms") for path in (REPO / folder).rglob("*.py")]
+    importing = re.compile(r"^\s*(from|import)\s+launcher\.doctor\b|^\s*from\s+launcher\s+import\s+[^\n]*\bdoctor\b")
+    offenders = [f"{path.relative_to(REPO)}:{i}: {line.strip()}" for path in files
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if importing.search(line)]
+    assert len(files) > 10 and offenders == []
+
+
+def test_each_backend_names_its_own_doctor_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Slurm command anywhere
+    found = backends.get("slurm").environment_checks(load_cluster("local"))
+    assert [(type(c), c.name, c.ok) for c in found] == [(Check, "Slurm", False)] and "sbatch" in found[0].detail
+    assert backends.get("local").environment_checks(load_cluster("local")) == []
 
 
 # ----------------------------------------------------------------------------- the Slurm watcher
@@ -173,3 +195,31 @@ def test_local_batch_prepares_each_run_right_before_it_starts(tmp_path: Path, mo
     launched = local.launch_many([plan("a"), plan("b")], cluster, Batch("s", tmp_path / "s", 1))
     assert (launched.code, launched.ended, prepared) == (1, True, ["a"])
     assert not (tmp_path / "b").exists() and "stopped by SIGINT at step 3" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the VM backend's record
+def test_vm_state_reads_and_writes_run_json_as_before(tmp_path: Path) -> None:
+    """VmState is a typed view of the keys the VM backend keeps in run.json: the file keeps its format (a run
+    launched before it reads the same), and a hand-edited value of the wrong type reads as unset."""
+    from launcher.vms.state import VmState
+
+    run = Run("r", tmp_path / "r")
+    run.dir.mkdir()
+    written = {"vm_head": "10.0.0.1", "vm_run_dir": "~/launcher/runs/r", "hosts": ["10.0.0.1", "10.0.0.2"],
+               "vm_supervisor": 4321}
+    run.update(run_name="r", backend="vms", **written)  # as `launch` wrote it before VmState existed
+    state = VmState.of(run.info())
+    assert (state.head, state.run_dir, state.hosts, state.started_pid) == ("10.0.0.1", "~/launcher/runs/r",
+                                                                          ("10.0.0.1", "10.0.0.2"), 4321)
+    assert state.to_dict() == written and VmState.from_dict(state.to_dict()) == state
+    run.update(**VmState.entries(launches=2, hosts=["10.0.0.1"], placement={"10.0.0.1": [0, 1]}, waiting_for="x"))
+    on_disk = json.loads(run.info_path.read_text())
+    assert on_disk["vm_launches"] == 2 and on_disk["hosts"] == ["10.0.0.1"] and on_disk["placement"] == {
+        "10.0.0.1": [0, 1]} and on_disk["waiting_for"] == "x" and on_disk["run_name"] == "r"
+    run.update(supervisor_pid=True, supervisor_start="soon", vm_launches="2")  # a hand-edited file
+    state = VmState.of(run.info())
+    assert (state.supervisor_pid, state.supervisor_start, state.launches) == (None, None, 0)
+    run.update(remove=VmState.keys("supervisor_pid", "supervisor_start"))
+    assert "supervisor_pid" not in json.loads(run.info_path.read_text())
+    with pytest.raises(TypeError, match="no field 'head_address'"):
+        VmState.entries(head_address="x")

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import run_cli
 from launcher.cli import main
+from launcher.preflight import Target
 from jobs.schema import (CLUSTERS_DIR, RECIPES_DIR, ClusterConfig, RecipeConfig, load_cluster, load_recipe,
                     load_resolved, parse_overrides, to_yaml)
 from jobs.schema.errors import ConfigError
@@ -348,6 +349,57 @@ def test_huge_values_are_cut_in_messages() -> None:
 def test_control_characters_in_keys_stay_on_one_line() -> None:
     err = _error(["trainer.epo\nchs=1"])
     assert len(str(err).splitlines()) == 2 and "trainer.epo\\nchs" in str(err)
+
+
+# ----------------------------------------------------------------------------- error lines under long paths
+# A project cloned to a long path used to lose the end of the problem: the line was cut at a fixed length.
+TIED = ("the tied embedding and output weights would sit on the first and the last stage (their gradient would "
+        "have to be summed across stages, which is not built)")
+PIPELINE_OVERRIDES = ["parallel.strategy=pipeline", "parallel.procs_per_node=2", "parallel.microbatches=4",
+                      "model.kwargs.dim=32", "model.kwargs.layers=3", "model.kwargs.seq_len=32",
+                      "data.kwargs.seq_len=32", "trainer.global_batch=8", "trainer.micro_batch=8",
+                      "model.kwargs.tied_embeddings=true"]
+
+
+def _deep(tmp_path: Path, depth: int = 12) -> Path:
+    folder = tmp_path.joinpath(*[f"folder{i:02d}-" + "x" * 20 for i in range(depth)])
+    folder.mkdir(parents=True)
+    return folder
+
+
+def test_a_long_source_path_gives_way_to_the_key_and_the_problem() -> None:
+    path = "/" + "/".join(f"projects{i}" + "p" * 20 for i in range(11)) + "/recipes/gpt_small.yaml"
+    assert len(path) > 300
+    err = ConfigError(path, "model.kwargs.tied_embeddings", TIED, "set model.kwargs.tied_embeddings=false")
+    line = str(err).splitlines()[0]
+    assert line.endswith(f"/recipes/gpt_small.yaml: model.kwargs.tied_embeddings: {TIED}"), line
+    assert line.startswith("/projects0") and "/.../" in line and len(line) <= 350
+
+
+def test_a_long_override_list_is_shortened_before_the_path() -> None:
+    given = " ".join(f"model.kwargs.option_{i}={i}" for i in range(40))
+    err = ConfigError(f"/home/me/project/recipes/x.yaml (with overrides {given})", "trainer.epochs", "x" * 200)
+    line = str(err).splitlines()[0]
+    assert line.startswith("/home/me/project/recipes/x.yaml (with overrides model.kwargs.option_0=0 "), line
+    assert "...): trainer.epochs: " + "x" * 200 == line[line.index("...)"):] and len(line) <= 350
+
+
+def test_a_pipeline_error_keeps_its_problem_under_a_long_recipe_path(tmp_path: Path) -> None:
+    recipe = _deep(tmp_path) / "gpt_small.yaml"
+    recipe.write_text((RECIPES_DIR / "gpt_small.yaml").read_text())
+    assert len(str(recipe)) > 300
+    err = _error(PIPELINE_OVERRIDES, str(recipe))
+    line = str(err).splitlines()[0]
+    assert err.key == "model.kwargs.tied_embeddings" and line.endswith(f"model.kwargs.tied_embeddings: {TIED}"), line
+    assert "gpt_small.yaml (with overrides parallel.strategy=pipeline" in line and len(line) <= 350
+
+
+def test_a_path_is_cut_in_its_middle_so_its_file_name_stays(tmp_path: Path) -> None:
+    code_dir = _deep(tmp_path) / "my_code"
+    assert len(str(code_dir)) > 300
+    with pytest.raises(ConfigError) as info:  # code_dir is checked as a launch loads the recipe
+        Target.load("local").recipe("digits", [f"code_dir={code_dir}"])
+    assert "/.../" in str(info.value) and "/my_code' is not a directory" in str(info.value)
 
 
 def test_load_resolved_refuses_an_edited_file_cleanly(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""jobs.pipeline: which stage owns which blocks, a stage's module (names kept, the parts composing to the
+"""jobs.parallel.pipeline: which stage owns which blocks, a stage's module (names kept, the parts composing to the
 whole model), the schedules refused, and a real 2-rank pipeline (torchrun, gloo) trained with GPipe and 1F1B
 against one process on the same data and seed.
 
@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from jobs.gpt import gpt, lm_loss
-from jobs.pipeline import PipelineLayout, build_stage, check_schedule, split_points
+from jobs.parallel.pipeline import PipelineLayout, build_stage, check_schedule, split_points
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS, BATCH, SEQ, MICROBATCHES, CLIP = 4, 8, 16, 4, 0.1
@@ -213,7 +213,7 @@ def _worker(out: Path, steps: int) -> None:
     what the test compares."""
     import torch.distributed as dist
 
-    from jobs.pipeline import PipelineLayout, PipelineRunner, clip_grad_norm_
+    from jobs.parallel.pipeline import PipelineLayout, PipelineRunner, clip_grad_norm_
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

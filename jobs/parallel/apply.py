@@ -12,7 +12,7 @@ from torch import nn
 
 from jobs.env import RankEnv
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
-from jobs.pipeline import PipelineLayout, build_stage, split_points
+from jobs.parallel.pipeline import PipelineLayout, build_stage, split_points
 from jobs.schema import ParallelConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")

@@ -10,7 +10,7 @@ import torch
 
 from jobs.models import build_model
 from jobs.parallel.fsdp import shard_blocks
-from jobs.pipeline import split_points
+from jobs.parallel.pipeline import split_points
 from jobs.schema import ConfigError, RecipeConfig
 
 log = logging.getLogger("launcher")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Optional
 
 from jobs.schema.checks import MAX_TIME_MIN, non_empty, non_negative, positive
-from jobs.schema.errors import PATH_CHARS, ConfigError, short
+from jobs.schema.errors import ConfigError, short, short_path
 from jobs.schema.skypilot import SkyPilotConfig
 from jobs.schema.vms import VmsConfig
 
@@ -116,7 +116,7 @@ class ClusterConfig:
         # so that a symlink such as /home -> /mnt/home is the same file system
         folders = [f.rstrip("/") for p in self.shared_paths for f in (p, os.path.realpath(p))]
         if folders and not any(path == f or path.startswith(f + "/") for f in folders):
-            raise ConfigError(src, "shared_paths", f"{what} {short(path, PATH_CHARS)} is not inside "
+            raise ConfigError(src, "shared_paths", f"{what} {short_path(path)} is not inside "
                               f"{', '.join(self.shared_paths)}, so other nodes cannot see it",
                               "move it onto the shared file system, or add its folder to shared_paths")
 

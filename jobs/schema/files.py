@@ -15,7 +15,7 @@ import yaml
 from jobs.schema import secrets
 from jobs.schema.build import build
 from jobs.schema.cluster import ClusterConfig
-from jobs.schema.errors import ConfigError, short
+from jobs.schema.errors import ConfigError, one_line, short, short_path
 from jobs.schema.recipe import RecipeConfig
 from jobs.schema.safe_yaml import MAX_OVERRIDE_CHARS, parse_yaml, read_yaml
 
@@ -90,7 +90,7 @@ def find_config(name: str, folders: list[Path], kind: str) -> Path:
     The name is compared with file stems, never used as a glob pattern: `*` or `[ab]` is an unknown name.
     """
     if name.endswith((".yaml", ".yml")) or "/" in name:
-        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else short(name)
+        path, where = Path(name), name if name.isprintable() and len(name) <= 80 else short_path(name, 80)
         try:
             found = path.is_file()
         except (OSError, ValueError) as err:  # a name too long for the file system, a NUL byte
@@ -136,9 +136,9 @@ def load_cluster(name: str = "local", overrides: list[str] = ()) -> ClusterConfi
 
 
 def _source(path: Path, overrides: list[str]) -> str:
-    """Where a value came from, for errors; long overrides are cut so the key and the problem stay in view."""
-    given = " ".join(overrides)
-    given = given if len(given) <= 60 else given[:57] + "..."
+    """Where a value came from, for errors. A long override list is cut here to a first glance (errors.py's
+    ConfigError shortens it further, and the path in the middle, when the key and the problem need the room)."""
+    given = one_line(" ".join(overrides), 60)
     return f"{path} (with overrides {given})" if overrides else str(path)
 
 

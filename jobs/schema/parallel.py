@@ -11,7 +11,7 @@ from jobs.schema.errors import ConfigError, short
 _BLOCK_PATTERN = re.compile(r"^[A-Za-z0-9_*?\[\]!]+(\.[A-Za-z0-9_*?\[\]!]+)*$")
 # One stage per rank: the schedules whose gloo hangs were fixed (pytorch PR #152938, in torch 2.13).
 PIPELINE_SCHEDULES = ("gpipe", "1f1b")
-# Several stages per rank: not built here, and not shown to work over gloo (jobs.pipeline refuses them too).
+# Several stages per rank: not built here, and not shown to work over gloo (jobs.parallel.pipeline refuses them too).
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble",
                          "dualpipev")
 _PIPELINE_KEYS = {"pipeline_schedule": "gpipe", "microbatches": 1, "split_points": None, "pipeline_stages": None}
@@ -28,7 +28,7 @@ class ParallelConfig:
     mixed_precision: bool = False  # fsdp, CUDA only: compute in bf16 parameters, reduce gradients in fp32
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimizer state live in CPU memory
     # pipeline: one stage per rank; with more ranks than stages, each stage has world_size / stages replicas that
-    # train on their own share of the batch and average gradients (pipeline x data parallel, jobs.pipeline)
+    # train on their own share of the batch and average gradients (pipeline x data parallel, jobs.parallel.pipeline)
     pipeline_stages: Optional[int] = None  # pipeline: stages (at least 2, dividing the world size); unset: world size
     pipeline_schedule: str = "gpipe"  # pipeline: gpipe or 1f1b (multi-stage schedules are refused)
     microbatches: int = 1  # pipeline: pieces each micro batch is cut into to keep the stages busy

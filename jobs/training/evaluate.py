@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from jobs import parallel
 from jobs.env import RankEnv
-from jobs.pipeline import PipelineRunner
+from jobs.parallel.pipeline import PipelineRunner
 from jobs.training.objective import batch_sum
 from jobs.training.step import StepSettings, autocast
 

@@ -14,7 +14,7 @@ from jobs.checkpoint import Checkpointer
 from jobs.data import build_datasets
 from jobs.env import RankEnv
 from jobs.parallel.apply import pipeline_mesh
-from jobs.pipeline import PipelineRunner
+from jobs.parallel.pipeline import PipelineRunner
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained

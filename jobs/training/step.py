@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jobs import parallel
 from jobs.data import ignore_stop_signals
-from jobs.pipeline import PipelineRunner
-from jobs.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
+from jobs.parallel.pipeline import PipelineRunner
+from jobs.parallel.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
 from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers

@@ -22,7 +22,7 @@ from jobs.training import batch as batching
 from jobs.training.agreement import StopAgreement
 from jobs.training.callbacks import Callbacks
 from jobs.training.context import RunContext
-from jobs.pipeline import PipelineRunner
+from jobs.parallel.pipeline import PipelineRunner
 from jobs.training.evaluate import EvalResult, evaluate, evaluate_pipeline
 from jobs.training.objective import Objective
 from jobs.training.parts import LRSchedulers, ModelParts, Optimizers

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Protocol, Sequence, cast
 from jobs.schema.run_dir import Run
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
+from launcher.checks import Check
 
 # States (as `status` reports them) of a run that still runs or will run again, whatever its backend:
 # a second launch must not rewrite its directory, a sweep must not start it again.
@@ -82,9 +83,9 @@ class Backend(Protocol):
     def logs(self, run: Run, rank: int, follow: bool) -> int:
         """Print rank `rank`'s log (and what it adds while the run lives, with `follow`); an exit code."""
 
-    def environment_checks(self, cluster: ClusterConfig) -> list[Any]:
-        """What `launcher doctor` checks from here besides what every backend needs (launcher.doctor.findings
-        Checks: Slurm's commands and controller, each VM over SSH, ...)."""
+    def environment_checks(self, cluster: ClusterConfig) -> list[Check]:
+        """What `launcher doctor` checks from here besides what every backend needs (torch, runs_dir, the
+        store: launcher.doctor.environment): Slurm's commands and controller, each VM over SSH, ..."""
 
 
 class SweepWorkers(Protocol):

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from jobs.script import settle
 from launcher.backends import process_start, run_process
+from launcher.checks import Check
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
 from jobs.schema.run_dir import Run
 from jobs.schema import ClusterConfig, RecipeConfig
@@ -117,7 +118,7 @@ def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, n
     return Launched(max(codes), ended=True)
 
 
-def environment_checks(cluster: ClusterConfig) -> list[Any]:
+def environment_checks(cluster: ClusterConfig) -> list[Check]:
     """Nothing beyond what `launcher doctor` checks for every backend: torchrun ships with torch."""
     return []
 

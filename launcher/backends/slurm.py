@@ -24,10 +24,12 @@ from jobs.environments.slurm import ENTRY_MODULE, rank_main
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
+from launcher.checks import CHECK_TIMEOUT_S, Check, bounded, last_line
 from jobs.schema.run_dir import Run, RunInfo
 from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
 from jobs.schema.errors import UsageError
 
+SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel")  # what `launcher doctor` looks for
 # Slurm's state -> the state `status` reports (others are lower-cased)
 _STATE_NAMES = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",
                 "CANCELLED": "cancelled", "FAILED": "failed", "TIMEOUT": "timeout"}
@@ -202,11 +204,25 @@ def _state(slurm_state: str, info: RunInfo) -> str:
     return state
 
 
-def environment_checks(cluster: ClusterConfig) -> list[Any]:
+def environment_checks(cluster: ClusterConfig) -> list[Check]:
     """`launcher doctor`: Slurm's commands on PATH, the controller answering, the partition."""
-    from launcher.doctor.environment import slurm_checks
-
-    return slurm_checks(cluster)
+    missing = [c for c in SLURM_COMMANDS if shutil.which(c) is None]
+    if missing:
+        return [Check("Slurm", False, f"not on PATH: {', '.join(missing)}", "run the launcher on the cluster's "
+                      "login node, or load Slurm's module / add its bin folder to PATH")]
+    done, err = bounded(lambda: subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True,
+                                               timeout=CHECK_TIMEOUT_S))
+    if err is not None or done.returncode != 0:
+        why = str(err) if err is not None else last_line(done.stderr)
+        return [Check("Slurm", False, f"commands found, but the controller does not answer: {why}",
+                      "check slurmctld (scontrol ping) and your Slurm configuration")]
+    partitions = [p.rstrip("*") for p in done.stdout.split()]
+    wanted = cluster.slurm.partition if cluster.slurm else None
+    if wanted and wanted not in partitions:
+        return [Check("Slurm", False, f"partition {wanted!r} not found (partitions: {', '.join(partitions)})",
+                      "set slurm.partition in the cluster config to one of them")]
+    return [Check("Slurm", True, f"{', '.join(SLURM_COMMANDS)} on PATH; controller answers; partitions: "
+                  f"{', '.join(partitions)}")]
 
 
 def status(run: Run) -> dict[str, Any]:

@@ -22,11 +22,13 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
+from launcher.checks import Check
 from launcher.shell import shell_path
 from launcher.vms import layout
-from launcher.vms.checks import check_hosts, check_recipe_on_vms
+from launcher.vms.checks import check_hosts, check_recipe_on_vms, doctor_checks
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
+from launcher.vms.state import VmState
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import Run, RunResult
@@ -68,11 +70,11 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     try:
         pid = asyncio.run(_start(cfg, head, run))
     except UsageError:
-        if run.info().launches == 1 and "vm_head" not in run.info().extra:
+        if run.info().launches == 1 and VmState.of(run.info()).head is None:
             shutil.rmtree(run.dir, ignore_errors=True)  # never started: nothing stays behind
         raise
-    run.update(state="submitted", vm_head=head.address, vm_run_dir=layout.host_run_dir(cfg, head.address, run.name),
-               hosts=hosts, vm_supervisor=pid)
+    run.update(state="submitted", **VmState(head=head.address, run_dir=layout.host_run_dir(cfg, head.address, run.name),
+                                            hosts=tuple(hosts), started_pid=pid).to_dict())
     print(f"run {run.name}: supervisor (pid {pid}) started on {head.address}; nodes {', '.join(hosts)} "
           f"(follow it: launcher status {run.name}, launcher logs {run.name})", flush=True)
     return 0
@@ -135,27 +137,25 @@ def _remote(run: Run, what: str) -> dict[str, Any]:
     info = run.info()
     cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
     cfg = _cfg(cluster)
-    head = host_specs(cfg, [info.extra["vm_head"]])[0]
+    head = host_specs(cfg, [VmState.of(info).head])[0]
     project = shell_path(layout.host_project_dir(cfg, head.address))
     command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m launcher.vms.remote {what} "
-               f"--run-dir {shell_path(info.extra['vm_run_dir'])}")
+               f"--run-dir {shell_path(VmState.of(info).run_dir)}")
     done = asyncio.run(run_remote(head, command, timeout=60))
     if not done.ok:
         raise HostError(f"{head.login}: {what} of run {run.name} failed: {done.last_error_line()}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def environment_checks(cluster: ClusterConfig) -> list[Any]:
+def environment_checks(cluster: ClusterConfig) -> list[Check]:
     """`launcher doctor`: each VM reachable over SSH with the configured user and key."""
-    from launcher.doctor.environment import vm_checks
-
-    return vm_checks(cluster)
+    return doctor_checks(cluster)
 
 
 def status(run: Run) -> dict[str, Any]:
-    info = run.info()
+    vm = VmState.of(run.info())
     out: dict[str, Any] = {"run": run.name, "backend": "vms", "dir": str(run.dir)}
-    if "vm_head" not in info.extra:
+    if vm.head is None:
         return {**out, "state": "unknown"}
     try:
         remote = _remote(run, "status")
@@ -169,7 +169,8 @@ def status(run: Run) -> dict[str, Any]:
     if remote.get("result") and not alive:
         run.write_result(RunResult.from_dict(remote["result"]))  # the run has ended: its result here too
     result = RunResult.from_dict(remote["result"]) if remote.get("result") else RunResult()
-    out.update(state=state, head=info.extra["vm_head"], hosts=there.get("hosts"), requeues=there.get("requeues", {}))
+    out.update(state=state, head=vm.head, hosts=list(VmState.from_dict(there).hosts) or None,
+               requeues=there.get("requeues", {}))
     for key in ("stop_reason", "last_requeue", "placement"):
         if there.get(key):
             out[key] = there[key]
@@ -178,12 +179,12 @@ def status(run: Run) -> dict[str, Any]:
 
 def live(run: Run) -> Optional[str]:
     state = status(run)["state"]
-    head = run.info().extra.get("vm_head")
+    head = VmState.of(run.info()).head
     return f"{state} on VMs (supervisor on {head})" if state in LIVE_STATES else None
 
 
 def cancel(run: Run) -> str:
-    if "vm_head" not in run.info().extra:
+    if VmState.of(run.info()).head is None:
         return f"run {run.name} has no supervisor"
     pid = _remote(run, "cancel").get("signalled")
     if pid is None:

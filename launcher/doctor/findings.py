@@ -1,9 +1,11 @@
-"""What `launcher doctor` reports: findings (with a run) and checks (without one), and how they print."""
+"""What `launcher doctor` reports: findings (with a run) and checks (without one: `launcher.checks.Check`, shared
+with the backends), and how they print."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence
 
+from launcher.checks import Check
 from jobs.schema.errors import one_line
 
 EVIDENCE_CHARS = 240  # a log line quoted as evidence: enough to recognise it, never a screenful
@@ -33,16 +35,6 @@ class Finding:
     fix: str
     evidence: tuple[Line, ...] = ()
     failure: bool = True  # False: worth knowing, nothing to repair (a preemption the run recovered from)
-
-
-@dataclass(frozen=True)
-class Check:
-    """One check of the environment: `ok` None is information (e.g. no GPU on a login node), not a failure."""
-
-    name: str
-    ok: bool | None
-    detail: str
-    fix: str = ""
 
 
 def render_findings(run_name: str, findings: Sequence[Finding]) -> str:

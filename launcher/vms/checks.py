@@ -1,6 +1,6 @@
 """What `launch` checks on the VMs before anything is written: every host answers over SSH, has the
 interpreter, a recent enough torch, and the same Python and torch versions as the others; and the recipe
-fits VMs without a shared file system."""
+fits VMs without a shared file system. And what `launcher doctor` checks of them (`doctor_checks`)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,10 +9,12 @@ import json
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
+from launcher.checks import SSH_TIMEOUT_S, Check
 from launcher.vms import ssh
+from launcher.vms.hosts import hosts_from_command
 from launcher.vms.ssh import HostError, HostSpec
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError, one_line, short
@@ -143,3 +145,38 @@ def check_recipe_on_vms(recipe: RecipeConfig, cluster: ClusterConfig, src: str) 
         raise UsageError(f"{src}: parallel.strategy={recipe.parallel.strategy} on {nodes} VMs: its sharded "
                          "checkpoints need a folder shared by every node, and VMs have none",
                          hint="use parallel.strategy=ddp, or parallel.nodes=1 (one VM)")
+
+
+# ----------------------------------------------------------------------------- launcher doctor
+def doctor_checks(cluster: ClusterConfig) -> list[Check]:
+    """`launcher doctor`: each VM reachable over SSH with the configured user and key, each within a few seconds."""
+    cfg = cluster.vms
+    assert cfg is not None  # ClusterConfig.check: backend vms has a vms: section
+    try:
+        hosts = list(cfg.hosts) or hosts_from_command(cfg.hosts_command or "", f"cluster config {cluster.name}")
+    except UsageError as err:
+        return [Check("VMs", False, str(err).splitlines()[0])]
+    specs = [replace(s, connect_timeout_s=min(s.connect_timeout_s, SSH_TIMEOUT_S))
+             for s in ssh.host_specs(cfg, hosts)]
+    answers = asyncio.run(_reach_all(specs))
+    return [Check(f"VM {spec.login}", err is None, "answers over SSH" if err is None else _host_error(err),
+                  _hint(err)) for spec, err in zip(specs, answers)]
+
+
+async def _reach_all(specs: list[HostSpec]) -> list[Optional[BaseException]]:
+    async def reach(spec: HostSpec) -> Optional[BaseException]:
+        try:
+            done = await asyncio.wait_for(ssh.run(spec, "true", timeout=SSH_TIMEOUT_S), SSH_TIMEOUT_S * 2)
+        except (UsageError, asyncio.TimeoutError) as err:
+            return err
+        return None if done.ok else UsageError(f"`true` exited with {done.exit_status}")
+
+    return list(await asyncio.gather(*(reach(s) for s in specs)))
+
+
+def _host_error(err: BaseException) -> str:
+    return "no answer in time" if isinstance(err, asyncio.TimeoutError) else str(err).splitlines()[0]
+
+
+def _hint(err: Optional[BaseException]) -> str:
+    return getattr(err, "hint", "") if err is not None else ""

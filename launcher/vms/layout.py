@@ -22,6 +22,7 @@ from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
 from jobs.schema.secrets import SECRETS_FILE
 from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
 from launcher.shell import shell_path
+from launcher.vms.state import VmState
 from jobs.schema.vms import HOST_FIELD, VmsConfig
 
 PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started
@@ -82,7 +83,7 @@ def code_files(run: Run) -> list[tuple[Path, str]]:
 def host_info(run: Run, cfg: VmsConfig, host: str) -> dict:
     """run.json as a host's ranks read it: the user's code at that host's copy."""
     info = run.readable_info().to_dict()
-    for key in ("supervisor_pid", "supervisor_start"):  # node 0's own record of its supervisor, never copied
+    for key in VmState.keys("supervisor_pid", "supervisor_start"):  # node 0's record of its supervisor: not copied
         info.pop(key, None)
     if info.get("code_dir"):
         local = Path(info["code_dir"])

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from launcher.backends import process_start
 from launcher.vms.layout import PID_FILE
+from launcher.vms.state import VmState
 from jobs.schema.run_dir import Run
 
 
@@ -22,9 +23,9 @@ def supervisor_pid(run: Run) -> Optional[int]:
     """The supervisor's pid if it still runs: the one it recorded with its start time (a reused pid is not
     it), or, while it is starting and has recorded nothing yet, the one the launch wrote (if that process
     is a supervisor)."""
-    extra = run.info().extra
-    pid, start = extra.get("supervisor_pid"), extra.get("supervisor_start")
-    if isinstance(pid, int) and pid > 0:
+    state = VmState.of(run.info())
+    pid, start = state.supervisor_pid, state.supervisor_start
+    if pid is not None and pid > 0:
         return pid if process_start(pid) is not None and process_start(pid) == start else None
     try:
         pid = int((run.dir / PID_FILE).read_text())

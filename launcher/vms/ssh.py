@@ -31,7 +31,7 @@ with warnings.catch_warnings():
     import asyncssh
 
 from launcher.shell import shell_path
-from jobs.schema.errors import PATH_CHARS, UsageError, one_line, short
+from jobs.schema.errors import UsageError, one_line, short, short_path
 from jobs.schema.vms import HOST_FIELD, VmsConfig
 
 T = TypeVar("T")
@@ -97,7 +97,7 @@ def check_key_permissions(path: str) -> None:
     """Refuse a private key that is missing, unreadable, or readable by group or others: OpenSSH skips such a
     key ("UNPROTECTED PRIVATE KEY FILE") and the host then answers "Permission denied (publickey)", which
     does not say why (SkyPilot users report a key of mode 0660 this way)."""
-    shown = short(path, PATH_CHARS)
+    shown = short_path(path)
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -124,11 +124,11 @@ def _client_keys(spec: HostSpec) -> dict:
     try:
         key = asyncssh.read_private_key(spec.identity_file)
     except asyncssh.KeyEncryptionError:
-        raise HostError(f"SSH private key {short(spec.identity_file, PATH_CHARS)} needs a passphrase",
+        raise HostError(f"SSH private key {short_path(spec.identity_file)} needs a passphrase",
                         hint="load it into ssh-agent and leave vms.identity_file unset, or use a key "
                         "without one") from None
     except (asyncssh.KeyImportError, ValueError) as exc:
-        raise HostError(f"{short(spec.identity_file, PATH_CHARS)} is not an SSH private key: {exc}",
+        raise HostError(f"{short_path(spec.identity_file)} is not an SSH private key: {exc}",
                         hint="set vms.identity_file to the private key (not the .pub file)") from None
     return {"client_keys": [key], "agent_path": None}
 
@@ -140,7 +140,7 @@ def _known_hosts(spec: HostSpec) -> Union[None, tuple, str]:
         return ()  # asyncssh: ~/.ssh/known_hosts where it exists
     path = os.path.expanduser(spec.known_hosts)
     if not os.path.isfile(path):
-        raise HostError(f"vms.known_hosts file {short(path, PATH_CHARS)} does not exist",
+        raise HostError(f"vms.known_hosts file {short_path(path)} does not exist",
                         hint="point it at a known_hosts file, or use known_hosts: ignore for throwaway VMs")
     return path
 
@@ -154,7 +154,7 @@ async def connect(spec: HostSpec) -> asyncssh.SSHClientConnection:
     except asyncssh.PermissionDenied:
         key = spec.identity_file or "the SSH agent's keys and ~/.ssh/id_*"
         raise HostError(f"{spec.login}: SSH login refused for user {spec.user or getpass.getuser()} with key "
-                        f"{short(key, PATH_CHARS)}",
+                        f"{short_path(key)}",
                         hint="add the public key to that user's ~/.ssh/authorized_keys on the VM, or set "
                         "vms.user / vms.identity_file") from None
     except asyncssh.HostKeyNotVerifiable:
@@ -242,7 +242,7 @@ async def sync_tree_async(target: Union[HostSpec, asyncssh.SSHClientConnection],
     if done.exit_status != 0:
         host = target.get_extra_info("peername", ("?",))[0]
         result = Completed(done.exit_status, _text(done.stdout), _text(done.stderr))
-        raise HostError(f"{host}: copying {len(files)} files into {short(remote_dir, PATH_CHARS)} failed: "
+        raise HostError(f"{host}: copying {len(files)} files into {short_path(remote_dir)} failed: "
                         f"{result.last_error_line()}", hint="check that the folder is writable and the disk "
                         "not full")
 

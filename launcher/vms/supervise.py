@@ -34,6 +34,7 @@ from typing import Any, Optional
 from launcher.vms import layout
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostSpec, connect, host_specs, sync_tree_async
+from launcher.vms.state import VmState
 from jobs.schema import ClusterConfig, RecipeConfig, UsageError, load_resolved
 from jobs.schema.run_dir import Run, RunResult
 from jobs.schema.vms import VmsConfig
@@ -73,13 +74,13 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.cancel)
-        launch = self.run.info().extra.get("vm_launches", 0)
+        launch = VmState.of(self.run.info()).launches
         while True:
             hosts = await self.wait_for_hosts()
             if hosts is None:
                 return
             launch += 1
-            self.run.update(state="running", vm_launches=launch, hosts=hosts)
+            self.run.update(state="running", **VmState.entries(launches=launch, hosts=hosts))
             self.notice_at = None
             ends = await self.launch(hosts, launch)
             if not self.decide(ends):
@@ -104,7 +105,7 @@ class Supervisor:
             if time.monotonic() > deadline:
                 self.stop(f"hosts did not come back within vms.host_wait_s={self.cfg.host_wait_s} s: {why}")
                 return None
-            self.run.update(state="waiting_for_hosts", waiting_for=why)
+            self.run.update(state="waiting_for_hosts", **VmState.entries(waiting_for=why))
             log.info("waiting for hosts: %s", why)
             await asyncio.sleep(5)
         self.stop("cancelled while waiting for hosts", state="cancelled")
@@ -185,7 +186,7 @@ class Supervisor:
             log.info("spot notice on %s: %s", end.host, event)
             if event.get("kind") == "preemption" and self.notice_at is None:
                 self.notice_at = time.monotonic()
-            self.run.update(last_notice={**event, "at": time.time()})
+            self.run.update(**VmState.entries(last_notice={**event, "at": time.time()}))
         elif kind == "exit":
             end.ranks, end.result, end.notice = event.get("ranks", []), event.get("result"), event.get("notice")
 
@@ -206,7 +207,7 @@ class Supervisor:
         result = next((e.result for e in ends if e.result), None)
         if result is not None:
             self.run.write_result(RunResult.from_dict(result))
-        self.run.update(placement=placement)
+        self.run.update(**VmState.entries(placement=placement))
         notice = next((e for e in ends if e.notice), None)
         failed = [e for e in ends if e.code != 0 or e.error]
         if self.cancelled.is_set():
@@ -217,7 +218,7 @@ class Supervisor:
             return False
         if notice is not None:
             if self.notice_at is not None:  # every node has exited: rank 0 flushed the upload of the stop's save
-                self.run.update(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2))
+                self.run.update(**VmState.entries(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2)))
             return self.count("preemptions", f"spot notice on {notice.host} ({notice.notice})")
         if result is not None and result.get("outcome") == "preempted" and not failed:
             self.run.update(state="stopped", stop_reason=f"stopped by {result.get('signal')}")
@@ -261,7 +262,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         asyncio.run(Supervisor(run, args.me).main())
     finally:
-        run.update(remove=("supervisor_pid", "supervisor_start"))
+        run.update(remove=VmState.keys("supervisor_pid", "supervisor_start"))
         (run.dir / layout.PID_FILE).unlink(missing_ok=True)
     return 0
 
