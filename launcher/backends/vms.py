@@ -130,11 +130,8 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
 # ----------------------------------------------------------------------------- following
 def _remote(run: Run, what: str) -> dict[str, Any]:
     """`python -m launcher.vms.remote WHAT` on node 0: its JSON answer."""
-    from jobs.schema import load_resolved
-
     info = run.info()
-    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
-    cfg = _cfg(cluster)
+    cfg = _cfg(run.cluster())
     head = host_specs(cfg, [info.extra["vm_head"]])[0]
     project = shell_path(layout.host_project_dir(cfg, head.address))
     command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m launcher.vms.remote {what} "
@@ -207,10 +204,8 @@ def wait(runs: Sequence[Run], poll_s: float = 2.0) -> dict[str, str]:
 
 def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
     """Rank `rank`'s log from byte `offset` on, from whichever host ran it last; (None, offset) if none yet."""
-    from jobs.schema import load_resolved
-
     info = run.info()
-    cfg = _cfg(load_resolved(run.dir / "cluster.yaml", ClusterConfig))
+    cfg = _cfg(run.cluster())
     hosts = info.extra.get("hosts") or []
     name = f"logs/rank{rank}.log"
     # the newest copy wins: a rank may have run on another node in an earlier launch
