@@ -1,4 +1,6 @@
-"""A run directory's layout and its two records, read and written by both planes through typed classes.
+"""A run directory's layout, its configs and its two records, read and written by both planes through
+one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its resolved configs once,
+`info()`/`result()` read its records (the launcher's `launcher.runs.run_at` checks a name, then opens).
 
     <runs_dir>/<run_name>/
         run.json        RunInfo: names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
