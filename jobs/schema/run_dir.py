@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import yaml
+
 from jobs.schema import secrets
 from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
@@ -200,6 +202,15 @@ class Run:
     def cluster(self) -> ClusterConfig:
         """cluster.yaml: the resolved cluster config, as `recipe()` is read."""
         return self._config(CLUSTER_YAML, ClusterConfig)
+
+    def written_config(self, name: str) -> dict:
+        """CONFIG_YAML or CLUSTER_YAML as written (secrets masked, nothing checked), {} if it cannot be
+        read: for a diagnosis, which must read a run whose files are broken too."""
+        try:
+            data = yaml.safe_load((self.dir / name).read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def write_configs(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
         """config.yaml and cluster.yaml (secrets masked, their values in secrets.yaml) for the ranks to read."""
