@@ -134,6 +134,17 @@ def test_a_run_parses_each_config_file_once(tmp_path: Path, parses: list[str]) -
     assert opened.recipe() is opened.recipe() and opened.cluster() is opened.cluster()
     assert opened.recipe().name == "digits" and opened.cluster().name == "local"
     assert sorted(parses) == [CLUSTER_YAML, CONFIG_YAML]
+    assert opened.written_config(CONFIG_YAML)["name"] == "digits"  # as written, for the doctor
+
+
+def test_writing_the_configs_drops_what_was_parsed(tmp_path: Path) -> None:
+    """A relaunch rewrites the configs: a Run that wrote them reads the new ones, as a rank would."""
+    run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
+    assert run.recipe().trainer.max_steps != 7
+    run.write_configs(load_recipe("digits", ["trainer.max_steps=7"]), run.cluster())
+    assert run.recipe().trainer.max_steps == 7
+    (run.dir / CONFIG_YAML).write_text("[not, a, mapping")
+    assert run.written_config(CONFIG_YAML) == {}
 
 
 @pytest.mark.parametrize("script", [True, False])
