@@ -45,8 +45,7 @@ from typing import Any, Optional
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.script import RUN_DIR_VAR
-from jobs.schema import ClusterConfig, RecipeConfig, load_resolved
-from jobs.schema.run_dir import STEP_DIR, Run, checkpoint_uri
+from jobs.schema.run_dir import STEP_DIR, Run
 
 __all__ = ["RunCheckpointer", "checkpointer", "rank_env", "run_dir", "run_id", "run_name", "should_stop",
            "stop_signal"]
@@ -80,7 +79,7 @@ def _run() -> Run:
     if folder is None:
         raise RuntimeError(f"not inside a launcher run ({RUN_DIR_VAR} is not set): start the script with "
                            "`launcher run SCRIPT`")
-    return Run(folder.name, folder)
+    return Run.at(folder)
 
 
 def run_id() -> str:
@@ -154,11 +153,9 @@ class RunCheckpointer:
 def checkpointer() -> RunCheckpointer:
     """A checkpointer bound to this run: checkpoint.* of its recipe, its storage credentials, its
     run id as the owner of the remote folder. Call it once (it starts background threads)."""
-    from jobs.checkpoint import Checkpointer
+    from jobs.run_checkpointer import checkpointer_for  # torch: only when a script asks for checkpoints
+    from jobs.training.context import RunContext
 
     run = _run()
-    recipe = load_resolved(run.dir / "config.yaml", RecipeConfig)
-    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
-    info = run.readable_info()
-    return RunCheckpointer(Checkpointer(recipe.checkpoint, run.dir / "checkpoints", checkpoint_uri(recipe, run.name),
-                                        cluster.storage, is_writer=rank_env().is_main, run_id=info.run_id))
+    return RunCheckpointer(checkpointer_for(RunContext.of(run), run.recipe(), run.cluster().storage,
+                                            is_writer=rank_env().is_main))

@@ -30,8 +30,8 @@ from typing import BinaryIO, Optional
 
 from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
-from jobs.schema import RecipeConfig, load_resolved
-from jobs.schema.run_dir import Run, RunResult
+from jobs.schema import RecipeConfig
+from jobs.schema.run_dir import LOGS, Run, RunResult
 
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 
@@ -159,19 +159,20 @@ def exit_code(returncode: int) -> int:
     return returncode if returncode >= 0 else 128 - returncode
 
 
-def run_script(run_dir: Path, env: RankEnv | None = None, forwarder: Forwarder | None = None) -> RunResult:
-    """Run the script on this rank until it exits; what result.json holds (written by rank 0)."""
+def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder | None = None) -> RunResult:
+    """Run the script on this rank until it exits; what result.json holds (written by rank 0). `run`: a
+    Run another entry point has opened (its config.yaml maybe parsed already), or a run directory."""
+    run = run if isinstance(run, Run) else Run.at(run)
     env = env or RankEnv.from_environ()
     env.check()
     forwarder = forwarder or Forwarder().install()
-    run = Run(run_dir.name, run_dir)
-    recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
+    recipe = run.recipe()
     code_dir = run.readable_info().code_dir or os.getcwd()
     command = script_command(recipe)
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "logs" / f"rank{env.rank}.log", "ab") as log:
+    (run.dir / LOGS).mkdir(parents=True, exist_ok=True)
+    with open(run.dir / LOGS / f"rank{env.rank}.log", "ab") as log:
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
-                  f"{env.local_rank}), run {run_dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
+                  f"{env.local_rank}), run {run.dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
         log.flush()
         environ = child_environment(run, code_dir, env)
         child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,

@@ -23,8 +23,8 @@ from jobs.preempt import StopFlag
 from jobs.training.callbacks import Callback, FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
-from jobs.schema import ClusterConfig, RecipeConfig, UsageError, load_resolved, to_dict
-from jobs.schema.run_dir import Run, RunResult, checkpoint_uri
+from jobs.schema import UsageError, to_dict
+from jobs.schema.run_dir import LOGS, Run, RunResult
 from jobs.schema.secrets import RedactFilter, secret_values
 from jobs.schema.study import TrialTicket
 
@@ -47,9 +47,9 @@ def on_console(record: logging.LogRecord) -> bool:
 
 
 def setup_logging(run_dir: Path, env: RankEnv) -> None:
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+    (run_dir / LOGS).mkdir(parents=True, exist_ok=True)
     fmt = logging.Formatter(f"%(asctime)s [rank{env.rank}] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    to_file = logging.FileHandler(run_dir / "logs" / f"rank{env.rank}.log")
+    to_file = logging.FileHandler(run_dir / LOGS / f"rank{env.rank}.log")
     to_file.setFormatter(fmt)
     to_console = ConsoleHandler(sys.stdout)
     to_console.setFormatter(fmt)
@@ -73,26 +73,25 @@ def redact_logs(values: set[str]) -> None:
     sys.excepthook = masked_hook
 
 
-def run_training(run_dir: Path, env: RankEnv | None = None, stop: StopFlag | None = None,
+def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | None = None,
                  force_resume: bool = False) -> RunResult:
+    """Train this rank of `run` (a Run another entry point has opened and maybe read already: each
+    config file is parsed once per rank, or a run directory)."""
+    run = run if isinstance(run, Run) else Run.at(run)
     env = env or RankEnv.from_environ()
     env.check()
     stop = stop or StopFlag().install()
-    setup_logging(run_dir, env)
+    setup_logging(run.dir, env)
     logging.getLogger("jobs.train").info("rank %d of %d on %s (local rank %d), run %s", env.rank, env.world_size,
-                                         socket.gethostname(), env.local_rank, run_dir)
-    recipe = load_resolved(run_dir / "config.yaml", RecipeConfig)
-    cluster = load_resolved(run_dir / "cluster.yaml", ClusterConfig)
+                                         socket.gethostname(), env.local_rank, run.dir)
+    recipe, cluster = run.recipe(), run.cluster()
     redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
-    info = Run(run_dir.name, run_dir).readable_info()
+    info = run.readable_info()
     if info.code_dir:  # the user's package next to the recipe: importable as in the launcher's check
         sys.path.insert(0, info.code_dir)
-    run = RunContext(run_dir=run_dir, run_name=info.run_name, run_id=info.run_id,
-                     resume=force_resume or info.resume == "auto",
-                     checkpoint_uri=checkpoint_uri(recipe, info.run_name),  # run.json shows it redacted
-                     shared_run_dir=cluster.nodes_share_run_dir)
+    context = RunContext.of(run, info, force_resume)
     try:
-        result = train(recipe, run, cluster.storage, env, stop, _callbacks(run_dir, env))
+        result = train(recipe, context, cluster.storage, env, stop, _callbacks(run.dir, env))
     except UsageError as err:  # e.g. a factory in the recipe returned the wrong type: one line, no traceback
         logging.getLogger("jobs.train").error("%s", err)
         parallel.shutdown(clean=False)

@@ -96,7 +96,7 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     name = args.run_name or check_name("default run name", default_run_name(recipe))
     root = target.runs_root(args.runs_dir)
     # rendered once before the directory exists, so a refused value leaves nothing behind
-    sbatch.render_sbatch(recipe, target.cluster, Run(name, root / name), python)
+    sbatch.render_sbatch(recipe, target.cluster, Run.at(root / name), python)
     run = target.prepare(recipe, root, name, args.resume)
     script = sbatch.render_sbatch(recipe, target.cluster, run, python)
     path = run.dir / sbatch.SCRIPT_NAME

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Optional
 
-from jobs.schema import ClusterConfig, RecipeConfig, config_hash, secrets, to_dict
+from jobs.schema import ClusterConfig, RecipeConfig, config_hash, secrets
 from jobs.schema.errors import UsageError, short_path
 from jobs.schema.names import check_name
 from jobs.schema.run_dir import CHECKPOINTS, RESULT_JSON, RUN_JSON, Run, RunInfo, checkpoint_uri, committed_steps
@@ -57,11 +57,11 @@ def run_at(root: Path, name: str) -> Run:
         inside = path.resolve().parent == root.resolve()
         _exists(path)
     except (OSError, RuntimeError, ValueError) as err:  # a name too long, a symlink loop, a NUL byte
-        raise UsageError(f"{str(path)!r:.300}: cannot be used as a run directory: {_why(err)}") from None
+        raise UsageError(f"{short_path(path, 300)}: cannot be used as a run directory: {_why(err)}") from None
     if not inside:
-        raise UsageError(f"{str(path)!r:.300} resolves to {str(path.resolve())!r:.300}, outside the runs directory "
-                         f"{root}", hint="choose another --run-name (a run directory cannot be a link elsewhere)")
-    return Run(name, path)
+        raise UsageError(f"{short_path(path, 300)} resolves to {short_path(path.resolve(), 300)}, outside the runs "
+                         f"directory {root}", hint="choose another --run-name (a run directory cannot be a link elsewhere)")
+    return Run.at(path)
 
 
 def code_dir_of(recipe: RecipeConfig) -> Path:
@@ -89,7 +89,7 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
     run = run_at(root, name)
     previous = run.readable_info()
     if previous and resume == "never" and committed_steps(run.dir / CHECKPOINTS):
-        raise UsageError(f"run {name!r} already has checkpoints in {run.dir / 'checkpoints'}; "
+        raise UsageError(f"run {name!r} already has checkpoints in {run.dir / CHECKPOINTS}; "
                          "pass --resume auto to continue it, or choose another --run-name")
     if run_id and not previous.run_id:  # `--run-id`: a new directory continues that run
         previous = dataclasses.replace(previous, run_id=run_id)
@@ -108,7 +108,7 @@ def _write_run_files(run: Run, recipe: RecipeConfig, cluster: ClusterConfig, pre
                      resume: str) -> None:
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / RESULT_JSON).unlink(missing_ok=True)  # belongs to the previous launch
-    secrets.write_configs(run.dir, {"config.yaml": to_dict(recipe), "cluster.yaml": to_dict(cluster)})
+    run.write_configs(recipe, cluster)
     run.update(
         remove=("exit_code", "failed_rank"),  # the previous launch's
         run_name=run.name,

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from jobs.schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document, secrets, to_dict
+from jobs.schema import ClusterConfig, RecipeConfig, UsageError, config_hash, from_document
 from jobs.schema.skypilot import SkyPilotConfig
 from jobs.schema.run_dir import RESULT_JSON, Run, checkpoint_uri
 
@@ -106,10 +106,10 @@ def _variable(environ: Mapping[str, str], name: str) -> str:
 # ----------------------------------------------------------------------------- this node's run directory
 def prepare(recipe: RecipeConfig, cluster: ClusterConfig, runs_dir: Path, name: str, task_id: str) -> Run:
     """This node's run directory for this (re)start: configs, and run.json with the task's run id."""
-    run = Run(name, runs_dir / name)
+    run = Run.at(runs_dir / name)
     run.dir.mkdir(parents=True, exist_ok=True)
     (run.dir / RESULT_JSON).unlink(missing_ok=True)  # the previous start's, on a node that survived it
-    secrets.write_configs(run.dir, {"config.yaml": to_dict(recipe), "cluster.yaml": to_dict(cluster)})
+    run.write_configs(recipe, cluster)
     previous = run.readable_info()
     run.update(remove=("exit_code", "failed_rank"), run_name=name, run_id=run_id(task_id), recipe=recipe.name,
                cluster=cluster.name, backend="local",  # on the node: torchrun started here, as a local run

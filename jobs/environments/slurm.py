@@ -27,8 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from jobs.schema.run_dir import Run, RunResult
-from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, load_resolved
+from jobs.schema.run_dir import FAILURES, Run, RunResult
+from jobs.schema import SlurmConfig
 
 ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
@@ -59,18 +59,18 @@ def rank_main(run_dir: str) -> RunResult:
     # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
     job = SlurmJobEnvironment()
     os.environ.update(torchrun_variables(job))
-    run = Run(Path(run_dir).name, Path(run_dir))
-    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+    run = Run.at(run_dir)  # passed on below: each config file is parsed once in this task
+    cluster = run.cluster()
     # every slurm.env entry, secret ones included: the batch scripts only export the non-secret ones
     os.environ.update((cluster.slurm or SlurmConfig()).env)
     started = time.time()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
         run.update(state="running", restarts=restarts)
-    script = load_resolved(run.dir / "config.yaml", RecipeConfig).script is not None
+    script = run.recipe().script is not None
     try:
         if script:  # `launcher run`: the user's script, in a child process (no torch in this one)
-            result = run_script(run.dir)
+            result = run_script(run)
             if result.outcome == "failed":
                 raise ScriptFailed(result.exit_code or 1)  # the task exits with the script's code
         else:
@@ -78,7 +78,7 @@ def rank_main(run_dir: str) -> RunResult:
 
             # a requeued job always continues its own checkpoints, even if launched with --resume never;
             # every rank derives this itself, so they all take the same (collective) resume path
-            result = run_training(run.dir, force_resume=restarts > 0)
+            result = run_training(run, force_resume=restarts > 0)
     except BaseException:
         record_failure(run, job.global_rank, traceback.format_exc())
         raise
@@ -98,7 +98,7 @@ def _attempt() -> str:
 
 def record_failure(run: Run, rank: int, error: str) -> None:
     """One file per failing rank (no shared file to lock); `after_srun` reads them."""
-    folder = run.dir / "failures"
+    folder = run.dir / FAILURES
     folder.mkdir(exist_ok=True)
     (folder / f"{_attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
 
@@ -113,11 +113,10 @@ def after_srun(run: Run) -> None:
         settle(run)  # a script's rank failed after rank 0 had completed: a failure like any other
     elif info.state in ("requeued", "stopped", "completed", "cancelled"):
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
-    records = sorted((run.dir / "failures").glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
+    records = sorted((run.dir / FAILURES).glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
         "srun failed without a Python error on any rank (killed? see the job's output file)"
-    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
-    _requeue_or_stop(run, cluster.slurm or SlurmConfig(), "failures", why)
+    _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why)
 
 
 def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir or _submitted_run_dir(Path(args.submitit_folder))
     if args.after_srun:
-        after_srun(Run(Path(run_dir).name, Path(run_dir)))
+        after_srun(Run.at(run_dir))
     else:
         rank_main(run_dir)
     return 0

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jobs.script import catches
-from jobs.schema import ClusterConfig, RecipeConfig, load_resolved
+from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import LOGS, RESULT_JSON, Run
 
 ENTRY_MODULE = "jobs.environments.vms"
@@ -51,7 +51,7 @@ class Agent:
 
     def __init__(self, run_dir: Path, host: str, nproc: int) -> None:
         self.host, self.nproc = host, nproc
-        self.run = Run(run_dir.name, run_dir)
+        self.run = Run.at(run_dir)
         self.started = time.time()
         self.child: Optional[subprocess.Popen] = None
         self.notice: Optional[dict[str, Any]] = None
@@ -179,8 +179,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.run_dir = str(Path(args.run_dir).resolve())
     agent = Agent(Path(args.run_dir), args.local_addr, args.nproc)
     stop_on_signals(agent)
-    recipe = load_resolved(agent.run.dir / "config.yaml", RecipeConfig)
-    cluster = load_resolved(agent.run.dir / "cluster.yaml", ClusterConfig)
+    recipe, cluster = agent.run.recipe(), agent.run.cluster()
     cfg = cluster.vms
     assert cfg is not None, "a vms run's cluster.yaml has a vms: section"
     env = {**os.environ, **cfg.env}  # secret values too: never on a command line

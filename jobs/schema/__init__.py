@@ -3,7 +3,7 @@
     recipe.py   recipe sections (what to train)      cluster.py  cluster sections (where)
     build.py    dict -> typed dataclass, checked      checks.py   range checks shared by sections
     files.py    lookup by name, overrides, one loader, resolved YAML in a run directory
-    run_dir.py  a run directory's layout and its typed records (run.json, result.json)
+    run_dir.py  a run directory's one reader: layout, resolved configs, typed records (run.json, result.json)
     errors.py   UsageError / ConfigError (exit 2)     safe_yaml.py bounded YAML reading
     names.py    the rule for run, recipe and sweep names    secrets.py  masking and secrets.yaml
 

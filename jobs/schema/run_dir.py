@@ -1,4 +1,6 @@
-"""A run directory's layout and its two records, read and written by both planes through typed classes.
+"""A run directory's layout, its configs and its two records, read and written by both planes through
+one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its resolved configs once,
+`info()`/`result()` read its records (the launcher's `launcher.runs.run_at` checks a name, then opens).
 
     <runs_dir>/<run_name>/
         run.json        RunInfo: names, tracking id, backend, job ids, pids   run.json.lock  serialises updates
@@ -26,7 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
+import yaml
+
+from jobs.schema import secrets
+from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
+from jobs.schema.files import load_resolved, to_dict
 from jobs.schema.recipe import RecipeConfig
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
@@ -169,14 +176,51 @@ def read_object(path: Path, types: dict[str, type]) -> tuple[dict[str, Any], str
 
 @dataclass(frozen=True)
 class Run:
-    """One run directory; `info()` and `result()` are typed, `update()` changes run.json atomically."""
+    """One run directory, the one reader of its files: `recipe()` and `cluster()` (config.yaml and
+    cluster.yaml, each parsed once per Run, so a rank that passes its Run on never parses them again),
+    `info()` and `result()` typed, `update()` changing run.json atomically. Open one with `Run.at`."""
 
     name: str
     dir: Path
+    # the parsed config files by file name: filled on first use, never compared or shown
+    _configs: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    @classmethod
+    def at(cls, folder: Path | str) -> "Run":
+        """The run whose directory is `folder`; its name is the folder's (as the launcher names them)."""
+        folder = Path(folder)
+        return cls(folder.name, folder)
 
     @property
     def info_path(self) -> Path:
         return self.dir / RUN_JSON
+
+    def recipe(self) -> RecipeConfig:
+        """config.yaml: the resolved recipe with its secrets put back, validated again (it may have been edited)."""
+        return self._config(CONFIG_YAML, RecipeConfig)
+
+    def cluster(self) -> ClusterConfig:
+        """cluster.yaml: the resolved cluster config, as `recipe()` is read."""
+        return self._config(CLUSTER_YAML, ClusterConfig)
+
+    def written_config(self, name: str) -> dict:
+        """CONFIG_YAML or CLUSTER_YAML as written (secrets masked, nothing checked), {} if it cannot be
+        read: for a diagnosis, which must read a run whose files are broken too."""
+        try:
+            data = yaml.safe_load((self.dir / name).read_text(errors="replace"))
+        except (OSError, yaml.YAMLError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def write_configs(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
+        """config.yaml and cluster.yaml (secrets masked, their values in secrets.yaml) for the ranks to read."""
+        secrets.write_configs(self.dir, {CONFIG_YAML: to_dict(recipe), CLUSTER_YAML: to_dict(cluster)})
+        self._configs.clear()  # read back from the files, as a rank would
+
+    def _config(self, name: str, cls: type) -> Any:
+        if name not in self._configs:
+            self._configs[name] = load_resolved(self.dir / name, cls)
+        return self._configs[name]
 
     def info(self) -> RunInfo:
         """run.json; empty while there is none or it cannot be read (`problems()` says why)."""

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from jobs import parallel
-from jobs.checkpoint import Checkpointer
 from jobs.data import build_datasets
 from jobs.env import RankEnv
 from jobs.parallel.apply import pipeline_mesh
@@ -18,6 +17,7 @@ from jobs.parallel.pipeline import PipelineRunner
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
 from jobs.pretrained import load_pretrained
+from jobs.run_checkpointer import checkpointer_for
 from jobs.tracking import MetricsLogger
 from jobs.training.callbacks import Callback, Callbacks
 from jobs.training.context import RunContext
@@ -27,7 +27,7 @@ from jobs.training.schedule import build_optimizers, build_schedulers, planned_s
 from jobs.training.state import RankRNG, seed_rank
 from jobs.training.trainer import Trainer
 from jobs.schema import RecipeConfig, StorageConfig, to_dict
-from jobs.schema.run_dir import RunResult
+from jobs.schema.run_dir import CONFIG_YAML, RunResult
 from jobs.schema.secrets import redact
 
 log = logging.getLogger("jobs.trainer")  # the name log lines have always shown
@@ -53,7 +53,7 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     _check_precision(t.precision, device)
     parallel.init_distributed(env, device)
     _set_determinism(t.deterministic, device)
-    src = str(run.run_dir / "config.yaml")  # a bad import path or factory is reported against it
+    src = str(run.run_dir / CONFIG_YAML)  # a bad import path or factory is reported against it
     objective = Objective.from_recipe(recipe, src)
     train_set, val_set = build_datasets(recipe.data, recipe.model, storage, src)
     p = recipe.parallel
@@ -69,8 +69,7 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
     # a model spread over ranks is saved the same way: each rank writes its part (DCP), nothing is gathered
     sharded = env.distributed and p.strategy in ("fsdp", "pipeline")
-    checkpointer = Checkpointer(recipe.checkpoint, run.run_dir / "checkpoints", run.checkpoint_uri, storage,
-                                is_writer=env.is_main, run_id=run.run_id, sharded=sharded)
+    checkpointer = checkpointer_for(run, recipe, storage, is_writer=env.is_main, sharded=sharded)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
                             env.is_main)
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,

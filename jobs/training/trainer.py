@@ -305,7 +305,7 @@ class Trainer:
         if self.env.is_main:
             if final is not None:
                 torch.save(final, self.run.run_dir / FINAL_MODEL)
-            Run(self.run.run_name, self.run.run_dir).write_result(result)
+            Run.at(self.run.run_dir).write_result(result)
             log.info("%s at step %d: %s", outcome, st.step, self.last_eval.line() if self.last_eval else "")
         return result
 

@@ -132,11 +132,8 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
 # ----------------------------------------------------------------------------- following
 def _remote(run: Run, what: str) -> dict[str, Any]:
     """`python -m launcher.vms.remote WHAT` on node 0: its JSON answer."""
-    from jobs.schema import load_resolved
-
     info = run.info()
-    cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
-    cfg = _cfg(cluster)
+    cfg = _cfg(run.cluster())
     head = host_specs(cfg, [VmState.of(info).head])[0]
     project = shell_path(layout.host_project_dir(cfg, head.address))
     command = (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m launcher.vms.remote {what} "
@@ -208,11 +205,9 @@ def wait(runs: Sequence[Run], poll_s: float = 2.0) -> dict[str, str]:
 
 def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
     """Rank `rank`'s log from byte `offset` on, from whichever host ran it last; (None, offset) if none yet."""
-    from jobs.schema import load_resolved
-
     info = run.info()
-    cfg = _cfg(load_resolved(run.dir / "cluster.yaml", ClusterConfig))
-    hosts = info.extra.get("hosts") or []
+    cfg = _cfg(run.cluster())
+    hosts = VmState.of(info).hosts
     name = f"logs/rank{rank}.log"
     # the newest copy wins: a rank may have run on another node in an earlier launch
     command_for = {h: f"cd {shell_path(layout.host_run_dir(cfg, h, run.name))} 2>/dev/null && "

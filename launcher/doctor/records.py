@@ -7,8 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import yaml
-
 from launcher.doctor.findings import Line
 from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
 
@@ -51,17 +49,9 @@ class RunRecords:
 
 
 def read_run(run: Run) -> RunRecords:
-    return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=_yaml(run.dir / CONFIG_YAML),
-                      cluster=_yaml(run.dir / CLUSTER_YAML), ranks=tuple(_rank_logs(run.dir)),
+    return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=run.written_config(CONFIG_YAML),
+                      cluster=run.written_config(CLUSTER_YAML), ranks=tuple(_rank_logs(run.dir)),
                       job_output=tuple(_job_output(run)))
-
-
-def _yaml(path: Path) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(errors="replace"))
-    except (OSError, yaml.YAMLError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _rank_logs(run_dir: Path) -> Iterator[RankLog]:

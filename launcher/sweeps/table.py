@@ -31,7 +31,7 @@ def _latest_logged(run: Run, metric: str) -> tuple[Optional[int], Optional[float
 def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str, Any]]:
     rows = []
     for entry in record["trials"]:
-        run = Run(entry["run_name"], root / entry["run_name"])
+        run = Run.at(root / entry["run_name"])
         state = entry.get("state") or trial_state(run)  # a Bayesian sweep's study knows how its trials ended
         result = run.result()
         final = metric in result.metrics

@@ -32,7 +32,7 @@ def run_sweep(spec: SweepSpec, name: str, target_given: str, runs_dir: Optional[
     record = new_record(spec, name, target.cluster, trials, recipes[0], root)
     todo = []
     for trial, recipe in zip(trials, recipes):
-        why = _skip_reason(Run(trial.name, root / trial.name))
+        why = _skip_reason(Run.at(root / trial.name))
         if why:
             print(f"trial {trial.name}: {why}; not started again", flush=True)
         else:
@@ -86,7 +86,7 @@ def _launch(todo: list[tuple[Trial, RecipeConfig]], target: Target, root: Path, 
     batch = Batch(record["name"], sweeps_dir(root) / record["name"], record["launches"], max_parallel)
     launched = target.backend.launch_many([planned(t, r) for t, r in todo], target.cluster, batch)
     for trial, _ in todo:
-        set_trial_job(record, trial.name, Run(trial.name, root / trial.name).info().job_id)
+        set_trial_job(record, trial.name, Run.at(root / trial.name).info().job_id)
     if launched.batch_id:
         record["arrays"].append(launched.batch_id)
     write_record(root, record["name"], record)
@@ -97,7 +97,7 @@ def _launch(todo: list[tuple[Trial, RecipeConfig]], target: Target, root: Path, 
 
 def wait_for_trials(backend: Backend, root: Path, record: dict[str, Any]) -> int:
     """Block until every submitted trial stops for good (requeues included); 0 if all completed."""
-    runs = [Run(e["run_name"], root / e["run_name"]) for e in record["trials"] if e.get("job_id")]
+    runs = [Run.at(root / e["run_name"]) for e in record["trials"] if e.get("job_id")]
     try:
         final = backend.wait(runs)
     except KeyboardInterrupt:  # only the waiting stops: the trials keep running on the cluster
@@ -106,7 +106,7 @@ def wait_for_trials(backend: Backend, root: Path, record: dict[str, Any]) -> int
         return 130
     # Slurm's word alone is not enough: the job can complete while the trainer stopped early
     bad = {n: s for n, s in final.items()
-           if s != "completed" or Run(n, root / n).result().outcome != "completed"}
+           if s != "completed" or Run.at(root / n).result().outcome != "completed"}
     for run_name, state in bad.items():
         print(f"trial {run_name}: {state}; logs: launcher logs {run_name}", file=sys.stderr)
     return 1 if bad else 0

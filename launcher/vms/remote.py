@@ -53,10 +53,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
     folder = Path(args.run_dir).expanduser()
-    if not (folder / "run.json").exists():
+    run = Run.at(folder)
+    if not run.info_path.exists():
         print(json.dumps({"missing": str(folder)}))
         return 0
-    run = Run(folder.name, folder)
     print(json.dumps(status(run) if args.what == "status" else cancel(run)))
     return 0
 

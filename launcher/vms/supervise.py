@@ -35,8 +35,8 @@ from launcher.vms import layout
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.ssh import HostSpec, connect, host_specs, sync_tree_async
 from launcher.vms.state import VmState
-from jobs.schema import ClusterConfig, RecipeConfig, UsageError, load_resolved
-from jobs.schema.run_dir import Run, RunResult
+from jobs.schema import UsageError
+from jobs.schema.run_dir import CLUSTER_YAML, Run, RunResult
 from jobs.schema.vms import VmsConfig
 
 log = logging.getLogger("launcher.vms")
@@ -60,8 +60,7 @@ class Supervisor:
     def __init__(self, run: Run, me: str) -> None:
         self.run = run
         self.me = me
-        self.recipe = load_resolved(run.dir / "config.yaml", RecipeConfig)
-        self.cluster = load_resolved(run.dir / "cluster.yaml", ClusterConfig)
+        self.recipe, self.cluster = run.recipe(), run.cluster()
         assert self.cluster.vms is not None, "a vms run's cluster.yaml has a vms: section"
         self.cfg: VmsConfig = layout.supervisor_view(self.cluster.vms, run.dir)
         self.cancelled = asyncio.Event()
@@ -97,7 +96,7 @@ class Supervisor:
         deadline = time.monotonic() + self.cfg.host_wait_s
         while not self.cancelled.is_set():
             try:
-                hosts = resolve_hosts(self.cfg, "cluster.yaml", self.recipe.parallel.nodes)
+                hosts = resolve_hosts(self.cfg, CLUSTER_YAML, self.recipe.parallel.nodes)
                 await asyncio.gather(*(self.prepare(spec) for spec in host_specs(self.cfg, hosts)))
                 return hosts
             except (UsageError, OSError) as err:
@@ -257,8 +256,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     folder = Path(args.run_dir).resolve()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s", stream=sys.stdout)
     logging.getLogger("asyncssh").setLevel(logging.WARNING)  # a line per channel otherwise
-    run = Run(folder.name, folder)
-    run.update(supervisor_pid=os.getpid(), supervisor_start=_start_time())
+    run = Run.at(folder)
+    run.update(**VmState.entries(supervisor_pid=os.getpid(), supervisor_start=_start_time()))
     try:
         asyncio.run(Supervisor(run, args.me).main())
     finally:

@@ -105,7 +105,7 @@ def claim(sweep: Sweep, worker: int) -> Optional[Claimed]:
         trials = study.get_trials(deepcopy=False)
         for trial in trials:
             if trial.state == TrialState.RUNNING and trial.user_attrs.get("worker") == worker:
-                run = Run(trial.user_attrs["run_name"], sweep.root / trial.user_attrs["run_name"])
+                run = Run.at(sweep.root / trial.user_attrs["run_name"])
                 if tell(study, trial.number, run, sweep.metric) in ("", "preempted"):
                     return Claimed(trial.number, tuple(trial.user_attrs["overrides"]), resumed=True)
         if len(trials) >= sweep.spec.trials:
