@@ -32,8 +32,14 @@ $(PRETRAINED): | setup
 launch: setup $(if $(filter vgg_finetune,$(RECIPE)),$(PRETRAINED))
 	$(PY) -m launcher launch $(RECIPE) --cluster $(CLUSTER) $(if $(RUN_NAME),--run-name $(RUN_NAME)) $(ARGS)
 
+# Two pytest workers (pytest-xdist): many tests wait on Slurm, SSH or a server more than they compute.
+# Each test file is one group (its module fixtures made once); everything that uses the machine's one Slurm
+# or its loopback VMs is one group, run one at a time (tests/conftest.py). The `exclusive` tests then run
+# alone. Exit status 5 (nothing selected, e.g. PYTEST_ARGS naming one file) is not a failure.
+TEST_WORKERS ?= 2
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=25 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs --durations=25 -n $(TEST_WORKERS) --dist loadgroup -m "not exclusive" $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -rs -m exclusive $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 # the pure tests only (no processes, Slurm or GPU), for iteration
 test-fast: setup

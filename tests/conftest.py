@@ -203,10 +203,27 @@ def vm_hosts() -> Path:
     return ensure_vms()
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything
+# Files whose tests use the machine's one Slurm or its loopback VMs (sshd on fixed addresses, the metadata
+# server on a fixed port) beyond what a fixture says: `make slurm-up`, `make vms-up` from the docs' commands.
+SHARED_SERVICE_FILES = {"test_readme.py", "test_vms_runs.py", "test_vms_ssh.py"}
+# Runs whose timing under a loaded machine is itself under test (spot notices over SSH across two "VMs", a
+# node killed mid-run): `make test` runs them after the others, one at a time, with nothing beside them.
+EXCLUSIVE_FILES = {"test_vms_runs.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects anything, and before xdist reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A Slurm test runs jobs of several processes: it is in the slow tier as well, so that `-m "not slow"`
-    stays the quick tier on a machine where Slurm is installed."""
+    stays the quick tier on a machine where Slurm is installed.
+
+    Under `pytest -n 2 --dist loadgroup` (make test) each file is one group, so its module fixtures are
+    made once, on one worker; every test that uses the machine's one Slurm or its loopback VMs is in one
+    group "services", so those run one at a time (a Slurm job never waits behind another test's)."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
+        shared = (item.get_closest_marker("slurm") or {"slurm", "vm_hosts"} & set(item.fixturenames)
+                  or item.path.name in SHARED_SERVICE_FILES)
+        item.add_marker(pytest.mark.xdist_group("services" if shared else item.path.name))
+        if item.path.name in EXCLUSIVE_FILES:
+            item.add_marker(pytest.mark.exclusive)

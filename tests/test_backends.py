@@ -223,3 +223,21 @@ def test_vm_state_reads_and_writes_run_json_as_before(tmp_path: Path) -> None:
     assert "supervisor_pid" not in json.loads(run.info_path.read_text())
     with pytest.raises(TypeError, match="no field 'head_address'"):
         VmState.entries(head_address="x")
+
+
+def test_states_without_squeue_come_from_sacct_and_without_sacct_the_error_is_one_line(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """squeue only fills in what accounting lags behind: a machine without it still reads sacct's states.
+    Without sacct no state can be known: a UsageError (one line and a hint), not a traceback."""
+    from launcher.backends.slurm_watch import read_states
+
+    only_sacct = tmp_path / "only_sacct"
+    only_sacct.mkdir()
+    (only_sacct / "sacct").write_text("#!/bin/sh\necho '4242|RUNNING'\n")
+    (only_sacct / "sacct").chmod(0o755)
+    monkeypatch.setenv("PATH", str(only_sacct))
+    assert read_states(["4242"]) == {"4242": "RUNNING"}
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    with pytest.raises(UsageError, match="sacct is not on PATH") as err:
+        read_states(["4242"])
+    assert "login node" in err.value.hint

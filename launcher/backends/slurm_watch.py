@@ -15,6 +15,7 @@ import sys
 import time
 from typing import Callable, Iterable, Sequence
 
+from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import Run
 
 # Slurm states after which a job runs no more (unless rank 0 is requeueing it: see `wait_for_runs`)
@@ -43,18 +44,28 @@ def read_states(arrays: Sequence[str]) -> dict[str, str]:
     """Job or element id -> Slurm state (`CANCELLED by 0` -> CANCELLED) of every job in `arrays`."""
     joined = ",".join(arrays)
     out: dict[str, str] = {}
-    rows = subprocess.run(["sacct", "-j", joined, "-X", "-n", "-P", "-o", "JobID,State"], capture_output=True,
-                          text=True, timeout=60).stdout.splitlines()
+    rows = _output(["sacct", "-j", joined, "-X", "-n", "-P", "-o", "JobID,State"], required=True)
     for row in rows:  # a requeued job may have several rows: the last one is the current start
         job, _, state = row.partition("|")
         for element in expand_job_ids(job.strip()):
             out[element] = (state.split() or [UNKNOWN])[0]
-    queued = subprocess.run(["squeue", "-h", "-r", "-j", joined, "-o", "%i|%T"], capture_output=True, text=True,
-                            timeout=60).stdout.splitlines()
+    queued = _output(["squeue", "-h", "-r", "-j", joined, "-o", "%i|%T"], required=False)
     for row in queued:
         job, _, state = row.partition("|")
         out.setdefault(job.strip(), state.strip() or UNKNOWN)
     return out
+
+
+def _output(command: list[str], required: bool) -> list[str]:
+    """The lines a Slurm command prints. Without sacct no job's state can be known: say so in one line.
+    squeue only fills in what accounting has not seen yet: where it is missing, there is nothing to add."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=60).stdout.splitlines()
+    except FileNotFoundError:
+        if required:
+            raise UsageError(f"{command[0]} is not on PATH: Slurm job states cannot be read here",
+                             hint="run this where Slurm's commands are (a login node), or add them to PATH") from None
+        return []
 
 
 class SlurmWatcher:
