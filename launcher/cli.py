@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          hint="without --sbatch, `launcher run --cluster <slurm config>` submits through submitit")
     target = Target.load(args.cluster)
     made = script_recipe(args.script, args.module, args.script_args, args.nodes, args.procs_per_node, args.code_dir,
-                         args.overrides)
+                         args.overrides, args.resume_args, args.workdir)
     recipe = target.checked(made, "command line", check_backend=not args.sbatch or args.submit)
     return _sbatch(target, recipe, args) if args.sbatch else _launch(target, recipe, args)
 

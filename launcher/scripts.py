@@ -9,10 +9,12 @@ with `launcher launch` or `launcher sbatch`.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
 from jobs.schema import RecipeConfig, from_document
+from jobs.schema.errors import UsageError
 from jobs.schema.names import MAX_LENGTH
 
 
@@ -24,7 +26,8 @@ def script_name(script: Optional[str], module: Optional[str]) -> str:
 
 
 def script_recipe(script: Optional[str], module: Optional[str], script_args: Sequence[str], nodes: int,
-                  procs_per_node: int, code_dir: Optional[str], overrides: Sequence[str]) -> RecipeConfig:
+                  procs_per_node: int, code_dir: Optional[str], overrides: Sequence[str],
+                  resume_args: Optional[str] = None, workdir: Optional[str] = None) -> RecipeConfig:
     """The recipe of `launcher run`: the script, its arguments and the layout; `overrides` may set any
     other recipe key (checkpoint.uri, logging.tracker, ...). A relative script path is the launch
     directory's (made absolute later, with code_dir, by `launcher.preflight.resolve_code`)."""
@@ -33,6 +36,18 @@ def script_recipe(script: Optional[str], module: Optional[str], script_args: Seq
                 "description": f"launcher run {' '.join([script or f'-m {module}', *script_args])}"[:200],
                 "script": {**where, "args": list(script_args)},
                 "parallel": {"nodes": nodes, "procs_per_node": procs_per_node}}
+    if resume_args:  # one string, split as a shell would: --resume-args '--init_from=resume --lr 0.1'
+        document["script"]["resume_args"] = _split(resume_args)
+    if workdir is not None:
+        document["script"]["workdir"] = workdir
     if code_dir is not None:
         document["code_dir"] = code_dir
     return from_document(RecipeConfig, document, "command line", list(overrides))
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # an unclosed quote
+        raise UsageError(f"--resume-args {text!r}: {err}", hint="quote it as the shell would, e.g. "
+                         "--resume-args '--init_from=resume'") from None
