@@ -51,3 +51,23 @@ def _split(text: str) -> list[str]:
     except ValueError as err:  # an unclosed quote
         raise UsageError(f"--resume-args {text!r}: {err}", hint="quote it as the shell would, e.g. "
                          "--resume-args '--init_from=resume'") from None
+
+
+def restart_hint(recipe: RecipeConfig, backend: str) -> Optional[str]:
+    """One line before a script run starts where it may be started again (a Slurm requeue, a VM
+    relaunch) without knowing how to continue: neither resume arguments nor the runtime API."""
+    script = recipe.script
+    if script is None or backend not in ("slurm", "vms") or script.resume_args or _uses_runtime_api(script.path):
+        return None
+    return (f"note: on {backend} a preempted or requeued run starts {script.path or script.module} again; it "
+            "continues only if the script resumes by itself. Pass --resume-args with its resume flag (e.g. "
+            "--resume-args '--init_from=resume'; {checkpoint_dir} in its arguments is the run's own folder), "
+            "or save through the runtime API (jobs.runtime)")
+
+
+def _uses_runtime_api(path: Optional[str]) -> bool:
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return False
+    return "jobs.runtime" in text or "from jobs import runtime" in text
