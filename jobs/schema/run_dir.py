@@ -44,6 +44,7 @@ METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+ENDED_BY_STOP = ("preempted", "cancelled")  # outcomes of a run told to stop: the same command resumes it
 
 
 def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
@@ -73,6 +74,7 @@ class RunInfo:
     resume: str = "auto"
     checkpoint_uri: Optional[str] = None  # masked, for people: ranks derive the real one from the recipe
     config_hash: str = ""
+    runtime_api: Optional[bool] = None  # `launcher run`: the script imported jobs.runtime (it saves on a stop)
     code_dir: Optional[str] = None  # the launch directory: first on every rank's import path (user code)
     created: str = ""
     launches: int = 0
@@ -109,12 +111,14 @@ class RunInfo:
 class RunResult:
     """result.json: what rank 0 wrote at the end of the last launch; the metrics are flat in the file."""
 
-    outcome: str = ""  # completed, preempted, or failed (a script's non-zero exit)
+    # completed, failed (any rank's non-zero exit or signal), pruned (a sweep's trial), preempted (stopped by a
+    # signal: a notice, Ctrl-C; the same command resumes it) or cancelled (stopped by `launcher cancel`)
+    outcome: str = ""
     step: Optional[int] = None
     epoch: Optional[int] = None
-    signal: Optional[str] = None  # the signal that stopped a preempted run
+    signal: Optional[str] = None  # the signal that stopped a preempted or cancelled run
     checkpoints_committed: Optional[bool] = None  # every checkpoint reached its remote folder in time
-    exit_code: Optional[int] = None  # `launcher run`: the script's exit code
+    exit_code: Optional[int] = None  # `launcher run`: the run's exit code, as in run.json (128 + N: signal N)
     metrics: dict = field(default_factory=dict)  # last evaluation, e.g. {"val/acc": 0.97}
 
     def __bool__(self) -> bool:  # no result: running, crashed, or never started
