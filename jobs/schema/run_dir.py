@@ -22,6 +22,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -79,7 +80,7 @@ class RunInfo:
     created: str = ""
     launches: int = 0
     state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...
-    exit_code: Optional[int] = None  # the run's: a failing script's own code, else the local rank launcher's
+    exit_code: Optional[int] = None  # the run's, as `launcher` exits: a failed rank's own, 128 + N for signal N
     failed_rank: Optional[int] = None  # `launcher run`: the first rank whose script failed in this launch
     pid: Optional[int] = None  # local: torchrun, with its start time so a reused pid is not taken for it
     pid_start: Optional[int] = None
@@ -90,7 +91,9 @@ class RunInfo:
     sbatch_script: Optional[str] = None
     submitit_folder: Optional[str] = None
     restarts: Optional[int] = None  # Slurm: SLURM_RESTART_COUNT of the running job
-    requeues: dict = field(default_factory=dict)  # Slurm: requeues so far by kind (preemptions, timeouts, ...)
+    # Slurm: requeues so far by kind: the launcher's own (preemptions, timeouts, failures, counted before it
+    # requeues) and those it did not make (admin_requeues: `scontrol requeue`; node_failures), counted at restart
+    requeues: dict = field(default_factory=dict)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
@@ -240,6 +243,17 @@ class Run:
         tmp = self.dir / f".{RESULT_JSON}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         tmp.replace(self.dir / RESULT_JSON)
+
+    def note(self, event: str) -> None:
+        """One line in rank 0's log (what `launcher logs RUN` prints), with the time: a requeue, a restart,
+        a preemption. Appended whole (O_APPEND), so it never cuts into a line a rank is writing."""
+        (self.dir / LOGS).mkdir(parents=True, exist_ok=True)
+        line = f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {event}\n".encode()
+        fd = os.open(self.dir / LOGS / "rank0.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def problems(self) -> list[str]:
         """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""

@@ -112,6 +112,22 @@ def workers(backend: Backend) -> Optional[SweepWorkers]:
     return cast(SweepWorkers, backend) if hasattr(backend, "launch_workers") else None
 
 
+def what_a_stop_does(run: Run) -> str:
+    """What a run does when it is told to stop, as far as the launcher knows: a recipe's trainer and a
+    script that uses the runtime API (run.json says so once it imported `jobs.runtime`) save a
+    checkpoint; any other script gets SIGTERM and nothing is promised."""
+    try:
+        script = run.recipe().script
+    except Exception:  # noqa: BLE001 - an unreadable config.yaml: say only what is certain
+        return "its ranks get SIGTERM"
+    if script is None:
+        return "it saves a checkpoint and stops"
+    if run.info().runtime_api:
+        return "the script (runtime API) saves a checkpoint and stops"
+    return ("the script is told to stop (SIGTERM); it does not use the runtime API, so whether it saves "
+            "anything is up to the script")
+
+
 def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> int:
     """`logs` where the log is a file in the run directory (every node writes there: this machine, Slurm)."""
     path = run.dir / "logs" / f"rank{rank}.log"

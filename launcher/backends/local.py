@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 from jobs.script import exit_code, settle
 from launcher.backends import process_start, run_process
 from launcher.checks import Check
-from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from jobs.schema.run_dir import Run
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
@@ -160,22 +160,6 @@ def cancel(run: Run) -> str:
     run.update(state="cancelled")  # before the signal: the ranks and the launcher then know it was a cancel
     os.kill(pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
     return f"sent SIGTERM to run {run.name} (pid {pid}); {what_a_stop_does(run)}"
-
-
-def what_a_stop_does(run: Run) -> str:
-    """What a run does when it is told to stop, as far as the launcher knows: a recipe's trainer and a
-    script that uses the runtime API (run.json says so once it imported `jobs.runtime`) save a
-    checkpoint; any other script gets SIGTERM and nothing is promised."""
-    try:
-        script = run.recipe().script
-    except Exception:  # noqa: BLE001 - an unreadable config.yaml: say only what is certain
-        return "its ranks get SIGTERM"
-    if script is None:
-        return "it saves a checkpoint and stops"
-    if run.info().runtime_api:
-        return "the script (runtime API) saves a checkpoint and stops"
-    return ("the script is told to stop (SIGTERM); it does not use the runtime API, so whether it saves "
-            "anything is up to the script")
 
 
 def wait(runs: Sequence[Run], poll_s: float = 1.0) -> dict[str, str]:
