@@ -7,6 +7,7 @@ backend comes from the cluster config (`launcher.backends.get`), and commands us
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import yaml
@@ -183,7 +184,8 @@ def _report(run: Run, code: int) -> int:
     result = run.result()
     code = run.info().exit_code or code
     if result.exit_code is not None:  # `launcher run`: the script's own outcome
-        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}",
+        killed = f" (killed by {signal.Signals(code - 128).name})" if code - 128 in set(signal.Signals) else ""
+        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}{killed}",
                 "preempted": f"the script was stopped by {result.signal}",
                 "cancelled": f"the script was cancelled ({result.signal})"}[result.outcome]
         print(f"run {run.name}: {said}; logs: launcher logs {run.name} [--rank N]", flush=True)
