@@ -11,7 +11,9 @@ owns its process: its signal handlers, its `sys.exit` code, its crashes. This pr
   as SIGTERM, the signal any script can handle (a notice as it is, to a script that handles it);
   the one that came decides what happens next (on Slurm, a USR1/USR2 requeues the job);
 - the exit code is the run's: a script that exits 3 fails the run with 3 (torchrun itself would
-  report 1), recorded in run.json by the first rank that failed on its own.
+  report 1), recorded in run.json by the first rank that failed on its own;
+- how the run ended is settled once every rank has exited (`settle`), by the one that knows whether
+  the run was told to stop: a rank cannot tell a cancel from torchrun's SIGTERM after another rank died.
 
 This module imports no torch: a rank wrapper costs a small Python process, not a second copy of torch.
 """

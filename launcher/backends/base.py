@@ -75,7 +75,8 @@ class Backend(Protocol):
         or None if it does neither."""
 
     def cancel(self, run: Run) -> str:
-        """Stop the run (its ranks save a checkpoint first); a line saying what was done."""
+        """Stop the run, marked `cancelled` first (a trainer's ranks save a checkpoint; a script is told to
+        stop); a line saying what was done and what the run does with it (`what_a_stop_does`)."""
 
     def wait(self, runs: Sequence[Run]) -> dict[str, str]:
         """Block until every run has stopped for good (requeues included): run name -> final state."""
