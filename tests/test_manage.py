@@ -50,7 +50,7 @@ def test_local_status_logs_cancel(runs_dir: Path) -> None:
     assert result["outcome"] == "cancelled" and result["checkpoints_committed"]  # stopped by `launcher cancel`
     assert (runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "manifest.json").exists()
     status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
-    assert "state: preempted" in status and f"step: {result['step']}" in status
+    assert "state: cancelled" in status and f"step: {result['step']}" in status
     assert run_cli("status", "nosuchrun", runs_dir=runs_dir).returncode == 2
 
     # export takes the newest committed checkpoint: a plain state dict that loads into the bare model
