@@ -92,5 +92,5 @@ def test_relaunch_of_a_running_run_is_refused(runs_dir: Path) -> None:
         first.communicate(timeout=120)
     assert cancel.returncode == 0 and "saves a checkpoint and stops" in cancel.stdout, cancel
     info = json.loads((run_dir / "run.json").read_text())
-    assert info["state"] == "preempted" and not {"pid", "launcher_pid"} & info.keys()
+    assert info["state"] == "cancelled" and not {"pid", "launcher_pid"} & info.keys()
     assert run_cli("cancel", "busy", runs_dir=runs_dir, check=True).stdout.strip() == "run busy is not running"
