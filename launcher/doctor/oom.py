@@ -57,7 +57,14 @@ def out_of_memory(records: RunRecords) -> list[Finding]:
         what += (f", with micro batch {batch.micro} x {batch.accumulation} accumulation x {batch.ranks} ranks = "
                  f"global batch {batch.global_batch}")
     evidence = (hit, batch.line) if batch else (hit,)
+    if records.recipe.get("script"):  # the script sizes its own batches: the trainer's keys do not apply
+        return [Finding(what, SCRIPT_OOM_FIX, evidence)]
     return [Finding(what, oom_fix(batch, records.setting("trainer", "micro_batch")), evidence)]
+
+
+SCRIPT_OOM_FIX = ("give the script a smaller batch size (its own flag) and accumulate gradients over several "
+                  "micro batches to keep the effective batch, or autocast to bf16, or shard the model (FSDP); with "
+                  "much memory reserved but unallocated, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
 
 def oom_fix(batch: Optional[Batch], micro_setting: object) -> str:
