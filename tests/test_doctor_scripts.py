@@ -202,3 +202,21 @@ def test_real_script_calling_cuda_on_this_cpu_machine(tmp_path: Path) -> None:
     assert "_cuda_setDevice' at train.py:6\n" in out and out.count("FAILURE") == 1, out
     assert "FIX: use the device torch finds (device = 'cuda' if torch.cuda.is_available() else 'cpu'" in out
     assert "killer" not in out
+
+
+LOST = "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.3]:4471"
+
+
+def test_recorded_script_out_of_memory_names_the_users_line_and_a_fix_for_a_script(tmp_path: Path) -> None:
+    """The trainer's fix (trainer.micro_batch=auto) means nothing to a script: it sizes its own batches."""
+    run = nanogpt_run(tmp_path, "logs")
+    oom = ("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+           "79.19 GiB of which 1.06 GiB is free.")
+    for rank in (0, 1):
+        log = run.dir / "logs" / f"rank{rank}.log"
+        log.write_text(log.read_text().replace("AttributeError: module 'torch._C' has no attribute "
+                                               "'_cuda_setDevice'", oom if rank == 0 else LOST))
+    (failure,) = [f for f in diagnose(read_run(run)) if f.failure]
+    assert failure.what == "out of memory on the GPU on rank 0: tried to allocate 2.00 GiB at train.py:85", failure
+    assert "smaller batch size" in failure.fix and "trainer.micro_batch" not in failure.fix
+    assert [line.where for line in failure.evidence] == ["logs/rank0.log:13", "logs/rank0.log:8"]
