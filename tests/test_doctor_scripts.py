@@ -220,3 +220,13 @@ def test_recorded_script_out_of_memory_names_the_users_line_and_a_fix_for_a_scri
     assert failure.what == "out of memory on the GPU on rank 0: tried to allocate 2.00 GiB at train.py:85", failure
     assert "smaller batch size" in failure.fix and "trainer.micro_batch" not in failure.fix
     assert [line.where for line in failure.evidence] == ["logs/rank0.log:13", "logs/rank0.log:8"]
+
+
+@pytest.mark.parametrize("state", ["completed", "cancelled"])
+def test_a_traceback_the_run_survived_is_no_failure(tmp_path: Path, state: str) -> None:
+    """A script that printed a traceback and carried on (or a Ctrl-C's KeyboardInterrupt): nothing wrong."""
+    folder = tmp_path / "fine"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"state": state, "code_dir": CODE}))
+    (folder / "logs" / "rank0.log").write_text("\n".join(_prefixed(TRACEBACK, "[rank0]: ")) + "\ndone\n")
+    assert diagnose(read_run(Run("fine", folder))) == []

@@ -65,6 +65,8 @@ def diagnose(records: RunRecords) -> list[Finding]:
 
 def unexplained_failure(records: RunRecords) -> list[Finding]:
     """The ranks' tracebacks, else the first error a rank logged, else the run's exit code."""
+    if records.ended_well:
+        return []
     raised = traceback_failures(records)
     if raised:
         return raised

@@ -61,6 +61,8 @@ def known_failure(said: str, records: RunRecords) -> Optional[Known]:
 
 def script_failures(records: RunRecords) -> list[Finding]:
     """The known failures among the ranks' last tracebacks (or, without a traceback, a line that says one)."""
+    if records.ended_well:
+        return []
     failed = _primary(records)
     known = [(tb, k) for tb in failed if (k := known_failure(tb.said, records))]
     if known:
@@ -82,8 +84,8 @@ def traceback_failures(records: RunRecords) -> list[Finding]:
 def _primary(records: RunRecords) -> list[Traceback]:
     """Each rank's last traceback, once the run did not complete; the ranks that only lost the others left
     out when another rank has an error of its own. The first rank that failed (run.json) comes first."""
-    if records.info.state == "completed" and records.info.failed_rank is None:
-        return []  # a traceback the script printed and survived
+    if records.ended_well:
+        return []
     found = last_by_rank(records)
     own = [tb for tb in found if not SECONDARY.search(tb.said)]
     first = records.info.failed_rank
