@@ -20,7 +20,7 @@ from launcher.doctor.tracebacks import last_by_rank, split_prefixes, user_frame
 from jobs.schema.run_dir import Run
 
 CODE = "/home/ana/nanoGPT"
-SITE = "/home/ana/venv/lib/python3.11/site-packages"
+SITE = f"{CODE}/.venv/lib/python3.11/site-packages"  # a virtualenv inside the project: not the user's code
 START = f"launcher: rank {{rank}} of 2 on cpu-node-03 (local rank {{rank}}), run /home/ana/runs/shakespeare: " \
         f"{CODE}/train.py config/train_shakespeare_char.py --device=cpu --compile=False --backend=gloo"
 NANOGPT_OUTPUT = """\

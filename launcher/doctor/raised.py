@@ -36,8 +36,9 @@ KNOWN = (
           "use backend gloo on the CPU: dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')"),
     Known(re.compile(r"environment variable (?:MASTER_ADDR|MASTER_PORT|RANK|WORLD_SIZE) expected, but not set|"
                      r"^KeyError: '(?:RANK|LOCAL_RANK|WORLD_SIZE|LOCAL_WORLD_SIZE|MASTER_ADDR|MASTER_PORT)'"),
-          "the script was started without torchrun's variables (RANK, MASTER_ADDR, ...)", "start it with `launcher run train.py ...`, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR "
-          "and MASTER_PORT on every rank, not `python train.py`; under `launcher run`, a process the script starts "
+          "the script was started without torchrun's variables (RANK, MASTER_ADDR, ...)",
+          "start it with `launcher run train.py ...`, which sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and "
+          "MASTER_PORT on every rank, not `python train.py`; under `launcher run`, a process the script starts "
           "itself must inherit the environment (no env={...}, no env -i)"),
     Known(re.compile(r"Attempting to deserialize object on a CUDA device"),
           "a checkpoint saved on a GPU loaded on a machine without one",

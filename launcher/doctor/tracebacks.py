@@ -24,7 +24,7 @@ PREFIX = re.compile(
     r"|\[?\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:[.,]\d+)?(?:Z|[+-]\d\d:?\d\d)?\]?:? ?"  # 2026-12-07 07:05:58,268
     r"|\[?\d\d:\d\d:\d\d(?:[.,]\d+)?\]? "  # 07:05:58 (jobs.train, many loggers)
     r"|[A-Z][a-z]{2} [ \d]\d \d\d:\d\d:\d\d "  # ts, syslog: "Dec  7 07:05:58 "
-    r"|\[?[IWEF]\d{3,4} \d\d:\d\d:\d\d\.\d+(?: +\d+)? [^\]]*\] ?"  # glog, torch's C++ logs: "E1207 07:05:58.268 15478 api.py:1002] "
+    r"|\[?[IWEF]\d{3,4} \d\d:\d\d:\d\d\.\d+(?: +\d+)? [^\]]*\] ?"  # glog, torch's C++: "E1207 07:05:58.2 api.py:10] "
     r"|\[?(?:DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL|FATAL)\b\]?(?::| -| \|)? ?"  # a level name
     r"|[-|] ")  # the separator a log format puts between fields
 FRAME = re.compile(r'^File "(?P<file>[^"]+)", line (?P<line>\d+)(?:, in (?P<function>.+))?$')
@@ -170,10 +170,11 @@ def user_frame(tb: Traceback, code_dir: Optional[str]) -> Frame:
 
 
 def users(file: str, code_dir: Optional[str]) -> bool:
-    if code_dir and _under(file, code_dir):
-        return True
+    """Whether a frame's file is the user's: a library's is not, even in a virtualenv inside the project."""
     if LIBRARY.search(file) or any(_under(file, str(own)) for own in OWN_PACKAGES.values()):
         return False
+    if code_dir and _under(file, code_dir):
+        return True
     # recorded on another machine: the launcher's own module at another path (".../jobs/training/step.py")
     m = re.search(r"[/\\](launcher|jobs)[/\\](.+\.py)$", file)
     return not (m and (OWN_PACKAGES[m.group(1)] / m.group(2)).is_file())
