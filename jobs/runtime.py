@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
-from jobs.script import RUN_DIR_VAR
+from jobs.script_start import RUN_DIR_VAR
 from jobs.schema.run_dir import STEP_DIR, Run
 
 __all__ = ["RunCheckpointer", "checkpointer", "rank_env", "run_dir", "run_id", "run_name", "should_stop",
@@ -59,8 +59,22 @@ def _install_handlers() -> None:
         _flag.install()
 
 
+def _note_use() -> None:
+    """run.json says the script uses the runtime API (rank 0, once): `launcher cancel` then promises a
+    checkpoint, which it cannot for a script that never imported this module."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run = Run.at(os.environ[RUN_DIR_VAR])
+    try:
+        if not run.info().runtime_api:
+            run.update(runtime_api=True)
+    except Exception:  # noqa: BLE001 - a record that cannot be written must not stop the script
+        pass
+
+
 if os.environ.get(RUN_DIR_VAR):
     _install_handlers()
+    _note_use()
 
 
 def rank_env() -> RankEnv:

@@ -7,6 +7,7 @@ backend comes from the cluster config (`launcher.backends.get`), and commands us
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import yaml
@@ -16,7 +17,7 @@ from launcher.backends.base import Backend
 from launcher.backends.slurm_options import slurm_section
 from launcher.cli_args import Command
 from launcher.preflight import Target
-from jobs.schema.run_dir import Run
+from jobs.schema.run_dir import ENDED_BY_STOP, Run
 from launcher.runs import default_run_name, find_run, runs_root
 from launcher.sweeps.bayes import BayesSpec, default_name as default_bayes_name, is_bayes, print_status, run_bayes, \
     summarize, table_record
@@ -24,7 +25,7 @@ from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table, trial_rows
 from launcher.sweeps.trials import run_sweep
-from launcher.scripts import script_recipe
+from launcher.scripts import restart_hint, script_recipe
 from jobs.schema import RecipeConfig, find_config, load_cluster, recipe_document, search_path, to_yaml
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
@@ -58,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          hint="without --sbatch, `launcher run --cluster <slurm config>` submits through submitit")
     target = Target.load(args.cluster)
     made = script_recipe(args.script, args.module, args.script_args, args.nodes, args.procs_per_node, args.code_dir,
-                         args.overrides)
+                         args.overrides, args.resume_args, args.workdir)
     recipe = target.checked(made, "command line", check_backend=not args.sbatch or args.submit)
     return _sbatch(target, recipe, args) if args.sbatch else _launch(target, recipe, args)
 
@@ -68,10 +69,17 @@ def _launch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     root = target.runs_root(args.runs_dir)
     run = target.prepare(recipe, root, name, args.resume, run_id=args.run_id)
     print(f"run {name}: {run.dir} ({target.cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
+    _restart_hint(recipe, target)
     code = target.backend.launch(recipe, target.cluster, run)
     if code == 0 and args.wait:
         code = _wait(target.backend, run)
     return _report(run, code)
+
+
+def _restart_hint(recipe: RecipeConfig, target: Target) -> None:
+    hint = restart_hint(recipe, target.cluster.backend)
+    if hint:  # on stderr: `launcher run --sbatch` prints the job script on stdout
+        print(hint, file=sys.stderr, flush=True)
 
 
 def _wait(backend: Backend, run: Run) -> int:
@@ -97,6 +105,7 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     # rendered once before the directory exists, so a refused value leaves nothing behind
     sbatch.render_sbatch(recipe, target.cluster, Run.at(root / name), python)
     run = target.prepare(recipe, root, name, args.resume)
+    _restart_hint(recipe, target)
     script = sbatch.render_sbatch(recipe, target.cluster, run, python)
     path = run.dir / sbatch.SCRIPT_NAME
     path.write_text(script)
@@ -177,17 +186,25 @@ def _check_search_options(args: argparse.Namespace) -> None:
 
 
 def _report(run: Run, code: int) -> int:
+    """One line on how the run ended, and its exit code: both from its records, which the backend has
+    settled (result.json and run.json say the same)."""
     result = run.result()
+    code = run.info().exit_code or code
     if result.exit_code is not None:  # `launcher run`: the script's own outcome
-        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}",
-                "preempted": f"the script was stopped by {result.signal}"}[result.outcome]
+        killed = f" (killed by {signal.Signals(code - 128).name})" if code - 128 in set(signal.Signals) else ""
+        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}{killed}",
+                "preempted": f"the script was stopped by {result.signal}",
+                "cancelled": f"the script was cancelled ({result.signal})"}[result.outcome]
         print(f"run {run.name}: {said}; logs: launcher logs {run.name} [--rank N]", flush=True)
-        return code or (1 if result.outcome == "preempted" else 0)
+        return code or (1 if result.outcome != "completed" else 0)
     if result:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("val/"))
         print(f"{result.outcome} at step {result.step}: {metrics}", flush=True)
-        if result.outcome == "preempted":
+        if result.outcome in ENDED_BY_STOP:
             print(f"stopped by {result.signal} after a checkpoint; the same command resumes it", flush=True)
+            return code or 1
+        if result.outcome == "failed":
+            print(f"run failed with exit code {code or 1}; logs: {run.dir / 'logs'}", file=sys.stderr)
             return code or 1
     elif code != 0:
         print(f"run failed with exit code {code}; logs: {run.dir / 'logs'}", file=sys.stderr)

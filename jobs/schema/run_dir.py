@@ -8,6 +8,7 @@ one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its re
         secrets.yaml    the masked values, mode 0600 (only when there are any; see jobs.schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
+        script_checkpoints/  work/   `launcher run`: the script's own checkpoints and working directory
 
 Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
 read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
@@ -22,11 +23,12 @@ import json
 import os
 import re
 import tempfile
+import time
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import yaml
 
@@ -39,11 +41,14 @@ from jobs.schema.recipe import RecipeConfig
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+# `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
+SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
 # A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+ENDED_BY_STOP = ("preempted", "cancelled")  # outcomes of a run told to stop: the same command resumes it
 
 
 def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
@@ -73,11 +78,12 @@ class RunInfo:
     resume: str = "auto"
     checkpoint_uri: Optional[str] = None  # masked, for people: ranks derive the real one from the recipe
     config_hash: str = ""
+    runtime_api: Optional[bool] = None  # `launcher run`: the script imported jobs.runtime (it saves on a stop)
     code_dir: Optional[str] = None  # the launch directory: first on every rank's import path (user code)
     created: str = ""
     launches: int = 0
     state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...
-    exit_code: Optional[int] = None  # the run's: a failing script's own code, else the local rank launcher's
+    exit_code: Optional[int] = None  # the run's, as `launcher` exits: a failed rank's own, 128 + N for signal N
     failed_rank: Optional[int] = None  # `launcher run`: the first rank whose script failed in this launch
     pid: Optional[int] = None  # local: torchrun, with its start time so a reused pid is not taken for it
     pid_start: Optional[int] = None
@@ -88,9 +94,18 @@ class RunInfo:
     sbatch_script: Optional[str] = None
     submitit_folder: Optional[str] = None
     restarts: Optional[int] = None  # Slurm: SLURM_RESTART_COUNT of the running job
-    requeues: dict = field(default_factory=dict)  # Slurm: requeues so far by kind (preemptions, timeouts, ...)
+    # Slurm: requeues so far by kind: the launcher's own (preemptions, timeouts, failures, counted before it
+    # requeues) and those it did not make (admin_requeues: `scontrol requeue`; node_failures), counted at restart
+    requeues: dict = field(default_factory=dict)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
+    # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
+    # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, and the line
+    # saying a restart probably began from scratch
+    attempt: Optional[int] = None
+    attempt_key: Optional[str] = None
+    resuming: Optional[bool] = None
+    restart_note: Optional[str] = None
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
     def __bool__(self) -> bool:  # false: no run.json yet, or one that cannot be read
@@ -109,12 +124,14 @@ class RunInfo:
 class RunResult:
     """result.json: what rank 0 wrote at the end of the last launch; the metrics are flat in the file."""
 
-    outcome: str = ""  # completed, preempted, or failed (a script's non-zero exit)
+    # completed, failed (any rank's non-zero exit or signal), pruned (a sweep's trial), preempted (stopped by a
+    # signal: a notice, Ctrl-C; the same command resumes it) or cancelled (stopped by `launcher cancel`)
+    outcome: str = ""
     step: Optional[int] = None
     epoch: Optional[int] = None
-    signal: Optional[str] = None  # the signal that stopped a preempted run
+    signal: Optional[str] = None  # the signal that stopped a preempted or cancelled run
     checkpoints_committed: Optional[bool] = None  # every checkpoint reached its remote folder in time
-    exit_code: Optional[int] = None  # `launcher run`: the script's exit code
+    exit_code: Optional[int] = None  # `launcher run`: the run's exit code, as in run.json (128 + N: signal N)
     metrics: dict = field(default_factory=dict)  # last evaluation, e.g. {"val/acc": 0.97}
 
     def __bool__(self) -> bool:  # no result: running, crashed, or never started
@@ -237,6 +254,17 @@ class Run:
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         tmp.replace(self.dir / RESULT_JSON)
 
+    def note(self, event: str) -> None:
+        """One line in rank 0's log (what `launcher logs RUN` prints), with the time: a requeue, a restart,
+        a preemption. Appended whole (O_APPEND), so it never cuts into a line a rank is writing."""
+        (self.dir / LOGS).mkdir(parents=True, exist_ok=True)
+        line = f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {event}\n".encode()
+        fd = os.open(self.dir / LOGS / "rank0.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
     def problems(self) -> list[str]:
         """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""
         found = [(self.info_path, read_object(self.info_path, _INFO_TYPES)[1]),
@@ -253,6 +281,18 @@ class Run:
                 info.pop(key, None)
             fields.update({k: v for k, v in (unless_set or {}).items() if info.get(k) is None})
             new = RunInfo.from_dict({**info, **fields})  # a key RunInfo lacks is kept in `extra`
+            self._write_info(new.to_dict())
+            return new
+
+    def change(self, decide: Callable[[RunInfo], dict[str, Any]]) -> RunInfo:
+        """Set the fields that `decide` returns for run.json as read under the lock: an update whose new
+        values depend on the old ones (the first rank to begin a start decides it for every rank)."""
+        with self._locked():
+            info = self.readable_info()
+            fields = decide(info)
+            if not fields:
+                return info
+            new = RunInfo.from_dict({**info.to_dict(), **fields})
             self._write_info(new.to_dict())
             return new
 
