@@ -26,10 +26,9 @@ from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table, trial_rows
 from launcher.sweeps.trials import run_sweep
 from launcher.scripts import restart_hint, script_recipe
-from jobs.schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
+from jobs.schema import RecipeConfig, find_config, load_cluster, recipe_document, search_path, to_yaml
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
-from jobs.schema.recipe import TRAINER_SECTIONS
 from jobs.schema.secrets import redact, redact_text
 
 
@@ -39,8 +38,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     runs = f"script {recipe.script.shown}" if recipe.script else f"gradient accumulation {recipe.grad_accum or 'auto'}"
     print(f"# recipe {recipe.name}: world size {recipe.parallel.world_size}, {runs}, "
           f"default run name {default_run_name(recipe)}")
-    shown = {k: v for k, v in redact(to_dict(recipe)).items() if not (recipe.script and k in TRAINER_SECTIONS)}
-    print(yaml.safe_dump(shown, sort_keys=False), end="")  # a script recipe: only the sections it uses
+    shown = redact(recipe_document(recipe))  # a script recipe: only what it uses, as its run's config.yaml
+    print(yaml.safe_dump(shown, sort_keys=False), end="")
     print(f"# cluster {target.cluster.name}")
     print(to_yaml(target.cluster, redacted=True), end="")
     return 0

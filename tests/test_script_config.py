@@ -425,3 +425,38 @@ def test_config_hash_counts_a_set_top_level_key(key: str) -> None:
     assert config_hash(set_) != config_hash(unset)
     if key == "metrics":  # no metrics at all is not the default (accuracy)
         assert config_hash(dataclasses.replace(unset, metrics={})) != config_hash(unset)
+
+
+# ----------------------------------------------------------------------------- config.yaml of a script run
+@pytest.mark.parametrize("overrides, sections, layout", [
+    ([], set(), set()),
+    (["checkpoint.keep_last=1", "logging.tracker=tensorboard"], set(), set()),
+    (["model.name=vgg", "parallel.strategy=fsdp"], {"model"}, {"strategy"}),  # set by hand: kept as given
+])
+def test_script_run_config_holds_what_applies_and_loads_back(tmp_path: Path, overrides: list[str], sections: set,
+                                                             layout: set) -> None:
+    """A script run's config.yaml (written by prepare_run, as `launcher run` does) has none of the built-in
+    trainer's defaults (model: cnn, data: digits, ...), of parallel only the layout unless set otherwise,
+    and the ranks' Run.recipe() reads back the very recipe: same hash, same default run name."""
+    from launcher.runs import prepare_run
+    from jobs.schema.run_dir import Run
+
+    recipe = script_recipe("train.py", None, ["--lr", "0.1"], 1, 2, None, overrides)
+    run = prepare_run(recipe, load_cluster("local"), default_run_name(recipe), tmp_path, "auto")
+    written = yaml.safe_load((run.dir / "config.yaml").read_text())
+    assert set(written) == {"name", "description", "parallel", "checkpoint", "logging", "script", "code_dir",
+                            *sections}, written
+    assert set(written["parallel"]) == {"nodes", "procs_per_node", *layout}, written["parallel"]
+    reread = Run.at(run.dir).recipe()
+    assert reread == recipe and config_hash(reread) == config_hash(recipe)
+    assert default_run_name(reread) == default_run_name(script_recipe("train.py", None, ["--lr", "0.1"], 1, 2, None,
+                                                                      overrides))
+    assert json.loads((run.dir / "run.json").read_text())["config_hash"] == config_hash(recipe)
+
+
+@pytest.mark.parametrize("recipe_name", ["digits", "vgg_pretrain"])
+def test_recipe_run_config_is_the_whole_recipe(recipe_name: str) -> None:
+    from jobs.schema import load_recipe, recipe_document, to_dict
+
+    recipe = load_recipe(recipe_name)
+    assert recipe_document(recipe) == to_dict(recipe)

@@ -12,7 +12,7 @@
 from jobs.schema.cluster import ClusterConfig, SlurmConfig, StorageConfig
 from jobs.schema.errors import ConfigError, UsageError
 from jobs.schema.files import (CLUSTERS_DIR, RECIPES_DIR, REPO_ROOT, config_hash, find_config, from_document, load, load_cluster,
-                          load_recipe, load_resolved, parse_overrides, search_path, to_dict, to_yaml)
+                          load_recipe, load_resolved, parse_overrides, recipe_document, search_path, to_dict, to_yaml)
 from jobs.schema.recipe import (CheckpointConfig, DataConfig, LoggingConfig, LossConfig, ModelConfig, OptimConfig,
                            ParallelConfig, RecipeConfig, ScheduleConfig, ScriptConfig, TrainerConfig)
 
@@ -20,5 +20,6 @@ __all__ = [
     "CLUSTERS_DIR", "RECIPES_DIR", "REPO_ROOT", "CheckpointConfig", "ClusterConfig", "ConfigError", "DataConfig",
     "LoggingConfig", "LossConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "RecipeConfig", "ScheduleConfig", "ScriptConfig",
     "SlurmConfig", "StorageConfig", "TrainerConfig", "UsageError", "config_hash", "find_config", "from_document", "load",
-    "load_cluster", "load_recipe", "load_resolved", "parse_overrides", "search_path", "to_dict", "to_yaml",
+    "load_cluster", "load_recipe", "load_resolved", "parse_overrides", "recipe_document", "search_path", "to_dict",
+    "to_yaml",
 ]

@@ -153,6 +153,25 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
+# What a script run reads of its recipe (jobs.script, the runtime API, the backends): the rest is the built-in
+# trainer's. Of `parallel`, only the layout: strategy, FSDP and pipeline keys shape the trainer's model.
+SCRIPT_SECTIONS = ("name", "description", "script", "code_dir", "parallel", "checkpoint", "logging")
+LAYOUT = ("nodes", "procs_per_node")
+
+
+def recipe_document(recipe: RecipeConfig) -> dict:
+    """The recipe as a run's config.yaml and `launcher show` give it. A script run's leaves out what it
+    does not use and left at its default (model: cnn, data: digits, optim, ... would say it trains a CNN on
+    digits): a key left out builds as its default, so the file loads back to the same recipe (and hash)."""
+    tree = to_dict(recipe)
+    if recipe.script is None:
+        return tree
+    default = to_dict(RecipeConfig(name=recipe.name))
+    kept = {k: v for k, v in tree.items() if k in SCRIPT_SECTIONS or v != default[k]}
+    kept["parallel"] = {k: v for k, v in tree["parallel"].items() if k in LAYOUT or v != default["parallel"][k]}
+    return kept
+
+
 def to_yaml(cfg: Any, redacted: bool = False) -> str:
     """YAML of a config; `redacted` masks credentials (for anything a person sees)."""
     tree = to_dict(cfg)

@@ -35,7 +35,7 @@ import yaml
 from jobs.schema import secrets
 from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
-from jobs.schema.files import load_resolved, to_dict
+from jobs.schema.files import load_resolved, recipe_document, to_dict
 from jobs.schema.recipe import RecipeConfig
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
@@ -231,7 +231,7 @@ class Run:
 
     def write_configs(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
         """config.yaml and cluster.yaml (secrets masked, their values in secrets.yaml) for the ranks to read."""
-        secrets.write_configs(self.dir, {CONFIG_YAML: to_dict(recipe), CLUSTER_YAML: to_dict(cluster)})
+        secrets.write_configs(self.dir, {CONFIG_YAML: recipe_document(recipe), CLUSTER_YAML: to_dict(cluster)})
         self._configs.clear()  # read back from the files, as a rank would
 
     def _config(self, name: str, cls: type) -> Any:

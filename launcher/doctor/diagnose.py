@@ -13,6 +13,7 @@ from launcher.doctor.collectives import collective_failure, rendezvous
 from launcher.doctor.device import cudnn_not_initialized, label_out_of_range
 from launcher.doctor.findings import Finding
 from launcher.doctor.oom import out_of_memory
+from launcher.doctor.raised import script_failures, traceback_failures
 from launcher.doctor.ranks import first_stop
 from launcher.doctor.records import RunRecords
 from launcher.doctor.storage import disk_full, store_down
@@ -50,7 +51,7 @@ def _requeue_fix(records: RunRecords, counts: dict, stopped: bool) -> str:
 
 
 RULES: tuple[Callable[[RunRecords], list[Finding]], ...] = (
-    out_of_memory, label_out_of_range, cudnn_not_initialized, rendezvous, disk_full, store_down,
+    out_of_memory, script_failures, label_out_of_range, cudnn_not_initialized, rendezvous, disk_full, store_down,
     collective_failure, requeues)
 
 
@@ -63,6 +64,12 @@ def diagnose(records: RunRecords) -> list[Finding]:
 
 
 def unexplained_failure(records: RunRecords) -> list[Finding]:
+    """The ranks' tracebacks, else the first error a rank logged, else the run's exit code."""
+    if records.ended_well:
+        return []
+    raised = traceback_failures(records)
+    if raised:
+        return raised
     first, info = first_stop(records), records.info
     if first is not None and first.lines:
         return [Finding(f"{first.named()} failed first: {first.lines[0].text.split(': ', 2)[-1].strip()[:200]}",

@@ -8,6 +8,7 @@ from typing import Optional
 from launcher.doctor.findings import Finding, Line
 from launcher.doctor.ranks import lines_matching, on_rank
 from launcher.doctor.records import RunRecords
+from launcher.doctor.tracebacks import last_by_rank, shown, user_frame
 
 GPU_OOM = re.compile(r"CUDA out of memory\.(?: Tried to allocate ([\d.]+ [KMGT]iB))?|out of memory with a micro "
                      r"batch of 1 sample")
@@ -57,7 +58,18 @@ def out_of_memory(records: RunRecords) -> list[Finding]:
         what += (f", with micro batch {batch.micro} x {batch.accumulation} accumulation x {batch.ranks} ranks = "
                  f"global batch {batch.global_batch}")
     evidence = (hit, batch.line) if batch else (hit,)
+    if records.recipe.get("script"):  # the script sizes its own batches: the trainer's keys do not apply
+        raised = next((tb for tb in last_by_rank(records) if GPU_OOM.search(tb.said) or CPU_OOM.search(tb.said)), None)
+        if raised is None:
+            return [Finding(what, SCRIPT_OOM_FIX, evidence)]
+        frame = user_frame(raised, records.info.code_dir)
+        return [Finding(f"{what} at {shown(frame, records.info.code_dir)}", SCRIPT_OOM_FIX, (hit, frame.logged))]
     return [Finding(what, oom_fix(batch, records.setting("trainer", "micro_batch")), evidence)]
+
+
+SCRIPT_OOM_FIX = ("give the script a smaller batch size (its own flag) and accumulate gradients over several "
+                  "micro batches to keep the effective batch, or autocast to bf16, or shard the model (FSDP); with "
+                  "much memory reserved but unallocated, PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
 
 
 def oom_fix(batch: Optional[Batch], micro_setting: object) -> str:

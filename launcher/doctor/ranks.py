@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from launcher.doctor.findings import Line
 from launcher.doctor.records import RankLog, RunRecords, log_level, log_time
+from launcher.doctor.tracebacks import content
 
 EXCEPTION = re.compile(r"^(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Interrupt|Exit)\b(?::|$)")
 # A rank's error that only says another rank is gone or late: not where the trouble began.
@@ -41,7 +42,7 @@ def _fatal(line: Line) -> bool:
     level = log_level(line)
     if level is not None:
         return level in ("ERROR", "CRITICAL") and "jobs.train: rank failed:" in line.text
-    return bool(EXCEPTION.match(line.text))
+    return bool(EXCEPTION.match(content(line)))  # whatever prefixes it carries ("[rank1]: ValueError: ...")
 
 
 @dataclass(frozen=True)

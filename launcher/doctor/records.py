@@ -42,6 +42,11 @@ class RunRecords:
             yield from log.lines
         yield from self.job_output
 
+    @property
+    def ended_well(self) -> bool:
+        """Completed, or stopped on purpose: an error a log holds then is one the run survived (or a Ctrl-C's)."""
+        return self.info.state in ("completed", "cancelled", "preempted") and self.info.failed_rank is None
+
     def setting(self, section: str, key: str) -> Any:
         """recipe[section][key], or None where the config lacks it."""
         value = self.recipe.get(section)
