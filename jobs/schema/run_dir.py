@@ -39,6 +39,7 @@ from jobs.schema.recipe import RecipeConfig
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per job start (environments.slurm_requeue)
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
 # A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
