@@ -44,7 +44,7 @@ from typing import Any, Optional
 
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
-from jobs.script import RUN_DIR_VAR
+from jobs.script_start import RUN_DIR_VAR
 from jobs.schema.run_dir import STEP_DIR, Run
 
 __all__ = ["RunCheckpointer", "checkpointer", "rank_env", "run_dir", "run_id", "run_name", "should_stop",
@@ -157,5 +157,7 @@ def checkpointer() -> RunCheckpointer:
     from jobs.training.context import RunContext
 
     run = _run()
+    if rank_env().is_main and not run.info().runtime_api:  # a restart resumes through it: no "from scratch" note
+        run.update(runtime_api=True)
     return RunCheckpointer(checkpointer_for(RunContext.of(run), run.recipe(), run.cluster().storage,
                                             is_writer=rank_env().is_main))

@@ -3,8 +3,9 @@
 
 The script runs as a child process of this one, as torchrun would start it: the same interpreter,
 torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
-the working directory and first import path entry set to the run's code_dir, and LAUNCHER_RUN_DIR
-for the runtime API (`jobs.runtime`). A child process, not `runpy` in this one, because the script
+the run's code_dir first on the import path, and the LAUNCHER_* variables of `jobs.script_start` (the
+run and checkpoint folders, which start of the run this is, whether it resumes), in its working
+directory (script.workdir: the run's work/ folder, or code_dir). A child process, not `runpy` in this one, because the script
 owns its process: its signal handlers, its `sys.exit` code, its crashes. This process stays in front of it:
 - every line the script prints goes to `logs/rank<N>.log` and to this rank's console;
 - a stop signal (SIGTERM, SIGINT, and Slurm's SIGUSR1/SIGUSR2 preemption notice) reaches the script
@@ -32,8 +33,8 @@ from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import LOGS, Run, RunResult
+from jobs.script_start import Start, begin
 
-RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 
 
 class ScriptFailed(SystemExit):
@@ -43,14 +44,15 @@ class ScriptFailed(SystemExit):
         return f"the script exited with code {self.code}"
 
 
-def script_command(recipe: RecipeConfig) -> list[str]:
+def script_command(run: Run, recipe: RecipeConfig, start: Start) -> list[str]:
     script = recipe.script
     assert script is not None, "jobs.script runs recipes with a script: section"
     head = [script.path] if script.path else ["-m", script.module or ""]
-    return [sys.executable, "-u", *head, *script.args]  # -u: lines reach the log as they are printed
+    # -u: lines reach the log as they are printed
+    return [sys.executable, "-u", *head, *start.arguments(run, recipe)]
 
 
-def child_environment(run: Run, code_dir: str, rank: RankEnv) -> dict[str, str]:
+def child_environment(run: Run, code_dir: str, rank: RankEnv, start: Start) -> dict[str, str]:
     env = dict(os.environ)
     # One rank starts without torchrun, so nothing set its variables: set them as `torchrun
     # --nproc-per-node 1` would (env:// rendezvous needs every one), on a free port as --standalone does.
@@ -59,7 +61,7 @@ def child_environment(run: Run, code_dir: str, rank: RankEnv) -> dict[str, str]:
     for key, value in (("RANK", rank.rank), ("LOCAL_RANK", rank.local_rank), ("WORLD_SIZE", rank.world_size),
                        ("LOCAL_WORLD_SIZE", rank.local_world_size), ("MASTER_ADDR", rank.master_addr)):
         env.setdefault(key, str(value))
-    env[RUN_DIR_VAR] = str(run.dir)
+    env.update(start.environment(run))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -149,6 +151,12 @@ def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:
         console.flush()
 
 
+def _say(log: BinaryIO, line: str) -> None:
+    """A line of the launcher's own in the rank's log and on its console."""
+    log.write(f"{line}\n".encode())
+    print(line, flush=True)
+
+
 def _start_deaf(thread: threading.Thread) -> None:
     """Start `thread` with the stop signals blocked in it. The kernel hands a signal to any thread that
     does not block it, and Python runs handlers only in the main thread: one taken by the copying
@@ -197,14 +205,18 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
     forwarder = forwarder or Forwarder().install()
     recipe = run.recipe()
     code_dir = run.readable_info().code_dir or os.getcwd()
-    command = script_command(recipe)
+    start = begin(run, recipe, Path(code_dir))
+    command = script_command(run, recipe, start)
     (run.dir / LOGS).mkdir(parents=True, exist_ok=True)
     with open(run.dir / LOGS / f"rank{env.rank}.log", "ab") as log:
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
-                  f"{env.local_rank}), run {run.dir}: {recipe.script.shown if recipe.script else ''}\n".encode())
+                  f"{env.local_rank}), run {run.dir}, {start.described(recipe)}: "
+                  f"{' '.join(command[2:])}\n".encode())
+        if start.note and env.is_main:
+            _say(log, f"launcher: {start.note}")
         log.flush()
-        environ = child_environment(run, code_dir, env)
-        child = subprocess.Popen(command, cwd=code_dir, env=environ, stdin=subprocess.DEVNULL,
+        environ = child_environment(run, code_dir, env, start)
+        child = subprocess.Popen(command, cwd=start.workdir, env=environ, stdin=subprocess.DEVNULL,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_prepare_child,
                                  start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child

@@ -24,7 +24,7 @@ from launcher.sweeps.record import read_record
 from launcher.sweeps.space import SweepSpec, default_sweep_name
 from launcher.sweeps.table import print_table, trial_rows
 from launcher.sweeps.trials import run_sweep
-from launcher.scripts import script_recipe
+from launcher.scripts import restart_hint, script_recipe
 from jobs.schema import RecipeConfig, find_config, load_cluster, search_path, to_dict, to_yaml
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
@@ -59,7 +59,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          hint="without --sbatch, `launcher run --cluster <slurm config>` submits through submitit")
     target = Target.load(args.cluster)
     made = script_recipe(args.script, args.module, args.script_args, args.nodes, args.procs_per_node, args.code_dir,
-                         args.overrides)
+                         args.overrides, args.resume_args, args.workdir)
     recipe = target.checked(made, "command line", check_backend=not args.sbatch or args.submit)
     return _sbatch(target, recipe, args) if args.sbatch else _launch(target, recipe, args)
 
@@ -69,10 +69,17 @@ def _launch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     root = target.runs_root(args.runs_dir)
     run = target.prepare(recipe, root, name, args.resume, run_id=args.run_id)
     print(f"run {name}: {run.dir} ({target.cluster.backend} backend, {recipe.parallel.world_size} ranks)", flush=True)
+    _restart_hint(recipe, target)
     code = target.backend.launch(recipe, target.cluster, run)
     if code == 0 and args.wait:
         code = _wait(target.backend, run)
     return _report(run, code)
+
+
+def _restart_hint(recipe: RecipeConfig, target: Target) -> None:
+    hint = restart_hint(recipe, target.cluster.backend)
+    if hint:  # on stderr: `launcher run --sbatch` prints the job script on stdout
+        print(hint, file=sys.stderr, flush=True)
 
 
 def _wait(backend: Backend, run: Run) -> int:
@@ -98,6 +105,7 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     # rendered once before the directory exists, so a refused value leaves nothing behind
     sbatch.render_sbatch(recipe, target.cluster, Run.at(root / name), python)
     run = target.prepare(recipe, root, name, args.resume)
+    _restart_hint(recipe, target)
     script = sbatch.render_sbatch(recipe, target.cluster, run, python)
     path = run.dir / sbatch.SCRIPT_NAME
     path.write_text(script)

@@ -71,6 +71,11 @@ def build_parser(commands: Mapping[str, Command]) -> tuple[argparse.ArgumentPars
     p.add_argument("--code-dir", help="folder with your code: working directory and first on the ranks' import "
                                       "path (default: this directory)")
     p.add_argument("--run-name", help="stable name; running it again continues it (default: script-confighash)")
+    p.add_argument("--resume-args", metavar="'ARGS'", help="arguments added to the script's own whenever the run "
+                   "starts again after it made progress (a requeue, restart or relaunch), e.g. "
+                   "--resume-args '--init_from=resume'; {run_dir} and {checkpoint_dir} are filled in")
+    p.add_argument("--workdir", choices=["run", "code"], help="the script's working directory: run (default: a "
+                   "folder of the run's own, new files land there, the code folder's are seen through links) or code")
     p.add_argument("--resume", choices=["auto", "never"], default="auto", help=argparse.SUPPRESS)
     p.add_argument("--run-id", help=argparse.SUPPRESS)
     p.add_argument("--wait", action="store_true", help=WAIT_HELP)
@@ -155,12 +160,22 @@ def parse_args(argv: list[str], commands: Mapping[str, Command]) -> argparse.Nam
         cut = ours.index("--")
         ours, theirs = ours[:cut], ours[cut + 1:]
     if argv[0] == "run":
+        ours = _glue_resume_args(ours)
         _refuse_script_options(parsers["run"], ours)
     args = parsers[argv[0]].parse_intermixed_args(ours)
     if argv[0] == "run":
         args.script_args = theirs
         _script_or_module(parsers["run"], args)
     return args
+
+
+def _glue_resume_args(ours: list[str]) -> list[str]:
+    """`--resume-args --init_from=resume` as `--resume-args=--init_from=resume`: argparse takes a value that
+    starts with a dash for an option, and resume arguments always do."""
+    out, it = [], iter(ours)
+    for arg in it:
+        out.append(f"{arg}={next(it, '')}" if arg == "--resume-args" else arg)
+    return out
 
 
 def _refuse_script_options(parser: argparse.ArgumentParser, ours: list[str]) -> None:

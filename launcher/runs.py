@@ -5,6 +5,7 @@ The layout and the typed records (run.json, result.json) are in jobs/schema/run_
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 import time
 import uuid
@@ -14,7 +15,8 @@ from typing import Optional
 from jobs.schema import ClusterConfig, RecipeConfig, config_hash, secrets
 from jobs.schema.errors import UsageError, short_path
 from jobs.schema.names import check_name
-from jobs.schema.run_dir import CHECKPOINTS, RESULT_JSON, RUN_JSON, Run, RunInfo, checkpoint_uri, committed_steps
+from jobs.schema.run_dir import (CHECKPOINTS, RESULT_JSON, RUN_JSON, SCRIPT_CHECKPOINTS, Run, RunInfo, checkpoint_uri,
+                                 committed_steps)
 
 
 def default_run_name(recipe: RecipeConfig) -> str:
@@ -79,6 +81,11 @@ def find_run(name: str, root: Path) -> Run:
     return run
 
 
+def _files(folder: Path) -> bool:
+    """Whether a script left anything in `folder` (its own checkpoints)."""
+    return folder.is_dir() and any(files for _, _, files in os.walk(folder))
+
+
 def _shown(uri: Optional[str]) -> Optional[str]:
     return secrets.redact_text(uri) if uri else None
 
@@ -88,9 +95,12 @@ def prepare_run(recipe: RecipeConfig, cluster: ClusterConfig, name: str, root: P
     """The run directory, created or updated for this launch; a new run takes `run_id` if given."""
     run = run_at(root, name)
     previous = run.readable_info()
-    if previous and resume == "never" and committed_steps(run.dir / CHECKPOINTS):
-        raise UsageError(f"run {name!r} already has checkpoints in {run.dir / CHECKPOINTS}; "
-                         "pass --resume auto to continue it, or choose another --run-name")
+    if previous and resume == "never":
+        for folder, found in ((run.dir / CHECKPOINTS, committed_steps(run.dir / CHECKPOINTS)),
+                              (run.dir / SCRIPT_CHECKPOINTS, _files(run.dir / SCRIPT_CHECKPOINTS))):
+            if found:
+                raise UsageError(f"run {name!r} already has checkpoints in {folder}; pass --resume auto to "
+                                 "continue it, or choose another --run-name")
     if run_id and not previous.run_id:  # `--run-id`: a new directory continues that run
         previous = dataclasses.replace(previous, run_id=run_id)
     created = not run.dir.exists()

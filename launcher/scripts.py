@@ -9,10 +9,12 @@ with `launcher launch` or `launcher sbatch`.
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Optional, Sequence
 
 from jobs.schema import RecipeConfig, from_document
+from jobs.schema.errors import UsageError
 from jobs.schema.names import MAX_LENGTH
 
 
@@ -24,7 +26,8 @@ def script_name(script: Optional[str], module: Optional[str]) -> str:
 
 
 def script_recipe(script: Optional[str], module: Optional[str], script_args: Sequence[str], nodes: int,
-                  procs_per_node: int, code_dir: Optional[str], overrides: Sequence[str]) -> RecipeConfig:
+                  procs_per_node: int, code_dir: Optional[str], overrides: Sequence[str],
+                  resume_args: Optional[str] = None, workdir: Optional[str] = None) -> RecipeConfig:
     """The recipe of `launcher run`: the script, its arguments and the layout; `overrides` may set any
     other recipe key (checkpoint.uri, logging.tracker, ...). A relative script path is the launch
     directory's (made absolute later, with code_dir, by `launcher.preflight.resolve_code`)."""
@@ -33,6 +36,38 @@ def script_recipe(script: Optional[str], module: Optional[str], script_args: Seq
                 "description": f"launcher run {' '.join([script or f'-m {module}', *script_args])}"[:200],
                 "script": {**where, "args": list(script_args)},
                 "parallel": {"nodes": nodes, "procs_per_node": procs_per_node}}
+    if resume_args:  # one string, split as a shell would: --resume-args '--init_from=resume --lr 0.1'
+        document["script"]["resume_args"] = _split(resume_args)
+    if workdir is not None:
+        document["script"]["workdir"] = workdir
     if code_dir is not None:
         document["code_dir"] = code_dir
     return from_document(RecipeConfig, document, "command line", list(overrides))
+
+
+def _split(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # an unclosed quote
+        raise UsageError(f"--resume-args {text!r}: {err}", hint="quote it as the shell would, e.g. "
+                         "--resume-args '--init_from=resume'") from None
+
+
+def restart_hint(recipe: RecipeConfig, backend: str) -> Optional[str]:
+    """One line before a script run starts where it may be started again (a Slurm requeue, a VM
+    relaunch) without knowing how to continue: neither resume arguments nor the runtime API."""
+    script = recipe.script
+    if script is None or backend not in ("slurm", "vms") or script.resume_args or _uses_runtime_api(script.path):
+        return None
+    return (f"note: on {backend} a preempted or requeued run starts {script.path or script.module} again; it "
+            "continues only if the script resumes by itself. Pass --resume-args with its resume flag (e.g. "
+            "--resume-args '--init_from=resume'; {checkpoint_dir} in its arguments is the run's own folder), "
+            "or save through the runtime API (jobs.runtime)")
+
+
+def _uses_runtime_api(path: Optional[str]) -> bool:
+    try:
+        text = Path(path).read_text(errors="replace") if path else ""
+    except OSError:
+        return False
+    return "jobs.runtime" in text or "from jobs import runtime" in text

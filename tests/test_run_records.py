@@ -38,6 +38,16 @@ def test_resume_never_ignores_a_save_that_never_committed(tmp_path: Path) -> Non
     assert _launch(tmp_path, "never").dir == run.dir  # nothing to resume, so nothing to refuse: a fresh start
 
 
+def test_resume_never_refuses_a_script_run_with_its_own_checkpoints(tmp_path: Path) -> None:
+    run = _launch(tmp_path, "auto")
+    (run.dir / "script_checkpoints").mkdir()
+    assert _launch(tmp_path, "never").dir == run.dir  # an empty folder is nothing to continue
+    (run.dir / "script_checkpoints" / "out").mkdir()
+    (run.dir / "script_checkpoints" / "out" / "ckpt.pt").write_bytes(b"a script's own save")
+    with pytest.raises(UsageError, match="already has checkpoints in .*script_checkpoints; pass --resume auto"):
+        _launch(tmp_path, "never")
+
+
 def test_status_shows_every_metric_the_recipe_measures(tmp_path: Path) -> None:
     """A regression recipe's val/mae is shown like the built-in val/acc (result.json keeps metrics flat)."""
     run = _launch(tmp_path, "auto")

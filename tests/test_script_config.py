@@ -106,7 +106,8 @@ def test_script_recipe_file_is_shown(project: Path, capsys: pytest.CaptureFixtur
     shown = yaml.safe_load(capsys.readouterr().out.split("# cluster")[0])
     assert shown["name"] == "myscript" and shown["parallel"]["procs_per_node"] == 2
     # the path is made absolute (from code_dir, here the launch directory); the arguments are strings
-    assert shown["script"] == {"path": str(project / "train.py"), "module": None, "args": ["--steps", "3", "a b"]}
+    assert shown["script"] == {"path": str(project / "train.py"), "module": None, "args": ["--steps", "3", "a b"],
+                               "resume_args": [], "workdir": "run"}
     # only the sections a script run uses: the trainer's (model, data, optim, ...) are not read
     assert not set(shown) & {"model", "data", "loss", "metrics", "optim", "schedule", "trainer"}, shown
     assert {"checkpoint", "logging", "parallel"} <= set(shown)
@@ -373,8 +374,10 @@ def test_ranks_import_from_code_dir(how: str, project: Path, tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run = tmp_path / "runs" / "cd"
     assert json.loads((run / "run.json").read_text())["code_dir"] == str(project / "sub")
-    said = f"helper=from-sub cwd={project / 'sub'} args={ARGS!r}"
+    # the working directory is the run's own (script.workdir: run), where code_dir's files are seen through links
+    said = f"helper=from-sub cwd={run / 'work'} args={ARGS!r}"
     assert said in (run / "logs" / "rank0.log").read_text() and said in proc.stdout
+    assert (run / "work" / "h3_helper.py").resolve() == project / "sub" / "h3_helper.py"
 
 
 def test_code_dir_in_the_home_directory(project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

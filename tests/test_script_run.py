@@ -127,7 +127,7 @@ def test_plain_ddp_script_runs_on_two_ranks_with_its_own_logs_and_args(project: 
         assert seen[0]["WORLD_SIZE"] == "2" and seen[0]["LOCAL_WORLD_SIZE"] == "2"
         assert seen[0]["sum"] == 3.0  # 1 + 2: the two ranks met in one process group
         assert seen[0]["argv"] == args  # untouched: spaces, '--', an option of `launcher run` itself
-        assert seen[0]["cwd"] == str(project)
+        assert seen[0]["cwd"] == str(run_dir / "work")  # the run's own working directory (script.workdir: run)
     ports = {r["MASTER_PORT"] for r in reports(proc.stdout)}
     assert len(ports) == 1 and len(reports(proc.stdout)) == 2  # both ranks on the console, one rendezvous
     assert read_result(run_dir)["outcome"] == "completed"

@@ -89,7 +89,7 @@ def _assert_both_ranks_ran(run_dir: Path, project: Path) -> None:
         assert len(seen) == 1, f"rank{rank}.log holds {len(seen)} reports, not its own one: {log}"
         assert (seen[0]["RANK"], seen[0]["LOCAL_RANK"], seen[0]["WORLD_SIZE"], seen[0]["LOCAL_WORLD_SIZE"]) == \
             (str(rank), str(rank), "2", "2"), seen
-        assert seen[0]["sum"] == 3.0 and seen[0]["argv"] == ARGS and seen[0]["cwd"] == str(project), seen
+        assert seen[0]["sum"] == 3.0 and seen[0]["argv"] == ARGS and seen[0]["cwd"] == str(run_dir / "work"), seen
         ports.add((seen[0]["MASTER_ADDR"], seen[0]["MASTER_PORT"]))
     assert len(ports) == 1  # one rendezvous
     assert read_result(run_dir)["outcome"] == "completed"

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from jobs.schema.checks import fraction, non_empty, non_negative, positive, seed
 from jobs.schema.errors import ConfigError, short
 from jobs.schema.parallel import ParallelConfig
+from jobs.schema.script import ScriptConfig
 
 # `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -224,42 +225,6 @@ class LoggingConfig:
 
 # what only the built-in trainer reads: a script recipe leaves them unset (unchecked, not shown)
 TRAINER_SECTIONS = ("model", "data", "loss", "metrics", "optim", "schedule", "trainer")
-_MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
-
-
-@dataclass(frozen=True)
-class ScriptConfig:
-    """A training script run on every rank instead of the built-in trainer (`launcher run`)."""
-
-    path: Optional[str] = None  # a Python file, run as `python PATH ARGS` (relative: to code_dir)
-    module: Optional[str] = None  # or a module, run as `python -m MODULE ARGS`
-    args: tuple[str, ...] = ()  # the script's own arguments, passed through untouched
-
-    @property
-    def shown(self) -> str:
-        """How people see it: `train.py --lr 0.1` or `-m pkg.train --lr 0.1`."""
-        head = [self.path] if self.path else ["-m", self.module or ""]
-        return " ".join([*head, *self.args])
-
-    def check(self, src: str) -> None:
-        if (self.path is None) == (self.module is None):
-            raise ConfigError(src, "script", "needs exactly one of script.path and script.module",
-                              "e.g. script.path=train.py, or script.module=mypkg.train")
-        non_empty(src, "script.path", self.path)
-        # the command line may hold bytes that are not UTF-8 (Python keeps them as surrogates): the run's
-        # config.yaml, its logs and the ranks' command line could not carry them unchanged
-        texts = {"script.path": self.path or "", **{f"script.args[{i}]": a for i, a in enumerate(self.args)}}
-        for key, text in texts.items():
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError:
-                raise ConfigError(src, key, f"{short(text)} is not valid UTF-8 text",
-                                  "give it in UTF-8 (rename the file, or change the terminal's encoding)") from None
-        if self.module is not None and not _MODULE.match(self.module):
-            raise ConfigError(src, "script.module", f"{short(self.module)} is not a module name",
-                              "write a dotted module name, e.g. mypkg.train")
-
-
 @dataclass(frozen=True)
 class RecipeConfig:
     name: str  # recipe name; the default run name derives from it

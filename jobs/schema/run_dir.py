@@ -8,6 +8,7 @@ one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its re
         secrets.yaml    the masked values, mode 0600 (only when there are any; see jobs.schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
+        script_checkpoints/  work/   `launcher run`: the script's own checkpoints and working directory
 
 Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
 read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
@@ -26,7 +27,7 @@ import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import yaml
 
@@ -40,6 +41,8 @@ RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
 REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per job start (environments.slurm_requeue)
+# `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
+SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
 # A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
@@ -92,6 +95,14 @@ class RunInfo:
     requeues: dict = field(default_factory=dict)  # Slurm: requeues so far by kind (preemptions, timeouts, ...)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
+    # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
+    # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, whether the
+    # script saves through the runtime API, and the line saying a restart probably began from scratch
+    attempt: Optional[int] = None
+    attempt_key: Optional[str] = None
+    resuming: Optional[bool] = None
+    runtime_api: Optional[bool] = None
+    restart_note: Optional[str] = None
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
     def __bool__(self) -> bool:  # false: no run.json yet, or one that cannot be read
@@ -254,6 +265,18 @@ class Run:
                 info.pop(key, None)
             fields.update({k: v for k, v in (unless_set or {}).items() if info.get(k) is None})
             new = RunInfo.from_dict({**info, **fields})  # a key RunInfo lacks is kept in `extra`
+            self._write_info(new.to_dict())
+            return new
+
+    def change(self, decide: Callable[[RunInfo], dict[str, Any]]) -> RunInfo:
+        """Set the fields that `decide` returns for run.json as read under the lock: an update whose new
+        values depend on the old ones (the first rank to begin a start decides it for every rank)."""
+        with self._locked():
+            info = self.readable_info()
+            fields = decide(info)
+            if not fields:
+                return info
+            new = RunInfo.from_dict({**info.to_dict(), **fields})
             self._write_info(new.to_dict())
             return new
 

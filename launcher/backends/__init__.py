@@ -44,6 +44,11 @@ def status(run: Run) -> dict[str, Any]:
     problems, info, out = run.problems(), run.info(), of_run(run).status(run)
     if info.exit_code and out["state"] in ("failed", "stopped"):  # a failing script's own code, if any
         out["exit_code"] = info.exit_code
+    if info.attempt:  # `launcher run`: which start of the script this is, and whether it resumed
+        out["script_start"] = f"{info.attempt} ({'resumed earlier progress' if info.resuming else 'fresh'})" \
+            if info.attempt > 1 else "1"
+    if info.restart_note:
+        out["warning"] = info.restart_note
     return {**out, **({"note": "; ".join(problems)} if problems else {})}
 
 
