@@ -88,7 +88,7 @@ def _real_scontrol() -> str:
 
 
 def main(argv: list[str]) -> int:
-    from jobs.script import RUN_DIR_VAR  # the script's run (its environment has it, the wrapper's not)
+    from jobs.script_start import RUN_DIR_VAR  # the script's run (its environment has it, the wrapper's not)
 
     if len(argv) == 2 and argv[0] == "requeue" and argv[1] in own_job_ids() and os.environ.get(RUN_DIR_VAR):
         return _requeue_asked(Path(os.environ[RUN_DIR_VAR]), argv[1])
