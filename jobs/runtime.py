@@ -59,8 +59,22 @@ def _install_handlers() -> None:
         _flag.install()
 
 
+def _note_use() -> None:
+    """run.json says the script uses the runtime API (rank 0, once): `launcher cancel` then promises a
+    checkpoint, which it cannot for a script that never imported this module."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    run = Run.at(os.environ[RUN_DIR_VAR])
+    try:
+        if not run.info().runtime_api:
+            run.update(runtime_api=True)
+    except Exception:  # noqa: BLE001 - a record that cannot be written must not stop the script
+        pass
+
+
 if os.environ.get(RUN_DIR_VAR):
     _install_handlers()
+    _note_use()
 
 
 def rank_env() -> RankEnv:
@@ -157,7 +171,5 @@ def checkpointer() -> RunCheckpointer:
     from jobs.training.context import RunContext
 
     run = _run()
-    if rank_env().is_main and not run.info().runtime_api:  # a restart resumes through it: no "from scratch" note
-        run.update(runtime_api=True)
     return RunCheckpointer(checkpointer_for(RunContext.of(run), run.recipe(), run.cluster().storage,
                                             is_writer=rank_env().is_main))

@@ -12,7 +12,9 @@ owns its process: its signal handlers, its `sys.exit` code, its crashes. This pr
   as SIGTERM, the signal any script can handle (a notice as the notice signal the script handles);
   the one that came decides what happens next (on Slurm, a USR1/USR2 requeues the job);
 - the exit code is the run's: a script that exits 3 fails the run with 3 (torchrun itself would
-  report 1), recorded in run.json by the first rank that failed on its own.
+  report 1), recorded in run.json by the first rank that failed on its own;
+- how the run ended is settled once every rank has exited (`settle`), by the one that knows whether
+  the run was told to stop: a rank cannot tell a cancel from torchrun's SIGTERM after another rank died.
 
 This module imports no torch: a rank wrapper costs a small Python process, not a second copy of torch.
 """
@@ -32,7 +34,7 @@ from typing import BinaryIO, Optional
 from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
-from jobs.schema.run_dir import LOGS, Run, RunResult
+from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
 from jobs.script_start import Start, begin
 
 
@@ -142,12 +144,15 @@ def catches(pid: int, name: str) -> bool:
 
 
 def _tee(source: BinaryIO, log: BinaryIO, prefix: bytes) -> None:
-    """Copy the script's output, line by line, into the rank's log file and onto the console."""
+    """Copy the script's output, line by line, into the rank's log file and onto the console (with one
+    `[rankN] ` prefix: torch prefixes its own lines `[rankN]: `, which the console shows as ours)."""
     console = sys.stdout.buffer
+    own = prefix.rstrip() + b":" if prefix else b""
     for line in iter(source.readline, b""):
         log.write(line)
         log.flush()
-        console.write(prefix + line)
+        shown = line[len(own):].lstrip(b" ") if own and line.startswith(own) else line
+        console.write(prefix + shown)
         console.flush()
 
 
@@ -230,8 +235,13 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
 
 
 def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> RunResult:
+    """This rank's ending. A stop signal is taken for a stop here (a rank cannot tell a cancel from
+    torchrun's or srun's SIGTERM after another rank died): whoever knows whether the run was told to
+    stop (the local launcher, Slurm's after-srun step) settles it afterwards (`settle`)."""
     if stop_signal:  # told to stop: whatever the script did with the SIGTERM, the run was stopped
-        result = RunResult(outcome="preempted", signal=stop_signal, exit_code=code)
+        cancelled = run.info().state == "cancelled"  # `launcher cancel` says so before it signals
+        result = RunResult(outcome="cancelled" if cancelled else "preempted", signal=stop_signal,
+                           exit_code=signal_status(stop_signal))
     elif code == 0:
         result = RunResult(outcome="completed", exit_code=0)
     else:  # failed on its own: the first such rank names the run's exit code (torchrun's would be 1)
@@ -240,19 +250,52 @@ def _outcome(run: Run, env: RankEnv, code: int, stop_signal: Optional[str]) -> R
     if env.is_main:
         info = run.info()
         if result.outcome != "failed" and info.failed_rank is not None:  # another rank failed first
-            result = RunResult(outcome="failed", exit_code=info.exit_code, signal=stop_signal)
+            result = RunResult(outcome="failed", exit_code=info.exit_code)
         run.write_result(result)
     return result
 
 
-def settle(run: Run) -> RunResult:
-    """The run's result once every rank has exited. A script's ranks end on their own, so rank 0 may
-    have written `completed` before another rank failed: that rank's failure (in run.json) is the run's."""
+def signal_status(name: str) -> int:
+    """The exit status of a process ended by signal `name`, as a shell reports it: 128 + its number."""
+    return 128 + int(signal.Signals[name])
+
+
+def settle(run: Run, stop: Optional[str], status: int) -> RunResult:
+    """The run's one ending once every rank has exited, written to result.json and run.json (state,
+    exit_code): what `launcher status`, the console and a sweep's study are told.
+
+    `stop`: the stop signal the launcher itself was told and forwarded (`launcher cancel`, Ctrl-C, a
+    notice), None if nobody told the run to stop; `status`: the ranks' exit status as the launcher saw
+    it (torchrun's: a failed rank's own status, `jobs.torchrun`). A rank that failed on its own, or any
+    non-zero status without a stop, fails the run, whatever rank 0 wrote: rank 0 takes torchrun's
+    SIGTERM after another rank died for a stop, and a script's ranks end on their own (rank 0 may have
+    written `completed` before another failed). A stopped run is `cancelled` after `launcher cancel`
+    (run.json's state says so before the signal is sent), else `preempted`."""
     result, info = run.result(), run.info()
-    if result.outcome == "completed" and info.failed_rank is not None:
-        result = RunResult(outcome="failed", exit_code=info.exit_code)
-        run.write_result(result)
+    script = result.exit_code is not None or info.failed_rank is not None or _is_script(run)
+    if info.failed_rank is not None:
+        ended, code = "failed", info.exit_code or status or 1
+    elif stop is None and (status != 0 or result.outcome not in ("completed", "pruned")):
+        ended, code = "failed", status or (result.exit_code if result.outcome == "failed" else None) or 1
+    elif stop is not None and not (result.outcome in ("completed", "pruned") and status == 0):
+        ended, code = ("cancelled" if info.state == "cancelled" else "preempted"), signal_status(stop)
+    else:
+        ended, code = result.outcome, status
+    if ended != result.outcome or (script and result.exit_code != code):
+        if result or script:  # a trainer that crashed wrote nothing: run.json alone says how it ended
+            result = RunResult.from_dict({**result.to_dict(), "outcome": ended,
+                                          "signal": stop if ended in ENDED_BY_STOP else None,
+                                          **({"exit_code": code} if script else {})})
+            run.write_result(result)
+    run.update(state=ended, exit_code=code)
     return result
+
+
+def _is_script(run: Run) -> bool:
+    try:
+        return run.recipe().script is not None
+    except Exception:  # noqa: BLE001 - a config that cannot be read: not a script run as far as we know
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

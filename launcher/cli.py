@@ -7,6 +7,7 @@ backend comes from the cluster config (`launcher.backends.get`), and commands us
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 import yaml
@@ -16,7 +17,7 @@ from launcher.backends.base import Backend
 from launcher.backends.slurm_options import slurm_section
 from launcher.cli_args import Command
 from launcher.preflight import Target
-from jobs.schema.run_dir import Run
+from jobs.schema.run_dir import ENDED_BY_STOP, Run
 from launcher.runs import default_run_name, find_run, runs_root
 from launcher.sweeps.bayes import BayesSpec, default_name as default_bayes_name, is_bayes, print_status, run_bayes, \
     summarize, table_record
@@ -186,17 +187,25 @@ def _check_search_options(args: argparse.Namespace) -> None:
 
 
 def _report(run: Run, code: int) -> int:
+    """One line on how the run ended, and its exit code: both from its records, which the backend has
+    settled (result.json and run.json say the same)."""
     result = run.result()
+    code = run.info().exit_code or code
     if result.exit_code is not None:  # `launcher run`: the script's own outcome
-        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}",
-                "preempted": f"the script was stopped by {result.signal}"}[result.outcome]
+        killed = f" (killed by {signal.Signals(code - 128).name})" if code - 128 in set(signal.Signals) else ""
+        said = {"completed": "the script completed", "failed": f"the script failed with exit code {code}{killed}",
+                "preempted": f"the script was stopped by {result.signal}",
+                "cancelled": f"the script was cancelled ({result.signal})"}[result.outcome]
         print(f"run {run.name}: {said}; logs: launcher logs {run.name} [--rank N]", flush=True)
-        return code or (1 if result.outcome == "preempted" else 0)
+        return code or (1 if result.outcome != "completed" else 0)
     if result:
         metrics = ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if k.startswith("val/"))
         print(f"{result.outcome} at step {result.step}: {metrics}", flush=True)
-        if result.outcome == "preempted":
+        if result.outcome in ENDED_BY_STOP:
             print(f"stopped by {result.signal} after a checkpoint; the same command resumes it", flush=True)
+            return code or 1
+        if result.outcome == "failed":
+            print(f"run failed with exit code {code or 1}; logs: {run.dir / 'logs'}", file=sys.stderr)
             return code or 1
     elif code != 0:
         print(f"run failed with exit code {code}; logs: {run.dir / 'logs'}", file=sys.stderr)

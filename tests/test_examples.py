@@ -133,8 +133,9 @@ def test_runtime_api_script_cancelled_and_run_again_ends_bit_equal(project: Path
     wait_until(reached_step_10, "run cut to reach step 10", timeout=120, poll=0.05)
     cancel = user_cli(project, "cancel", "cut")
     assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert "(runtime API) saves a checkpoint" in cancel.stdout, cancel.stdout  # run.json: it imported jobs.runtime
     out = cut.communicate(timeout=120)[0]
-    assert cut.returncode != 0 and "the script was stopped by SIGTERM" in out, out
+    assert cut.returncode != 0 and "the script was cancelled (SIGTERM)" in out, out
     stopped_at = int(log.read_text().split("stopping at step ")[1].split()[0])
     assert 10 <= stopped_at < 150
 

@@ -47,10 +47,10 @@ def test_local_status_logs_cancel(runs_dir: Path) -> None:
     result = read_result(runs_dir / "live")
     followed = follow.communicate(timeout=30)[0]  # --follow ends by itself once the run has stopped
     assert "rank 0 of 2" in followed and f"preempted at step {result['step']}" in followed
-    assert result["outcome"] == "preempted" and result["checkpoints_committed"]
+    assert result["outcome"] == "cancelled" and result["checkpoints_committed"]  # stopped by `launcher cancel`
     assert (runs_dir / "live" / "checkpoints" / f"step-{result['step']:09d}" / "manifest.json").exists()
     status = run_cli("status", "live", runs_dir=runs_dir, check=True).stdout
-    assert "state: preempted" in status and f"step: {result['step']}" in status
+    assert "state: cancelled" in status and f"step: {result['step']}" in status
     assert run_cli("status", "nosuchrun", runs_dir=runs_dir).returncode == 2
 
     # export takes the newest committed checkpoint: a plain state dict that loads into the bare model

@@ -90,6 +90,17 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "-- --steps 3", SCRIPT_DONE),),
     "launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --sbatch -- --steps 100": (
         ("launcher run train_ddp.py --cluster local_slurm --procs-per-node 2 --sbatch -- --steps 100", "srun"),),
+    "launcher run nanogpt_style.py --procs-per-node 2 --resume-args '--init_from=resume' --run-name ng -- "
+    "--out_dir={checkpoint_dir} --max_iters 200": (
+        ("launcher run nanogpt_style.py --procs-per-node 2 --resume-args '--init_from=resume' --run-name ng -- "
+         "--out_dir={checkpoint_dir} --max_iters 20", "[rank0] done at iter 20"),
+        ("launcher run nanogpt_style.py --procs-per-node 2 --resume-args '--init_from=resume' --run-name ng -- "
+         "--out_dir={checkpoint_dir} --max_iters 40", "[rank1] resuming from iter 20"),),
+    "launcher run tutorial_style.py --procs-per-node 2 --run-name tut -- --total_epochs 10": (
+        ("launcher run tutorial_style.py --procs-per-node 2 --run-name tut -- --total_epochs 2",
+         "Training snapshot saved at snapshot.pt"),
+        ("launcher run tutorial_style.py --procs-per-node 2 --run-name tut -- --total_epochs 3",
+         "Resuming training from snapshot at Epoch 2"),),
     "launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 200": (
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", SCRIPT_DONE),
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", "resumed at step 20"),),

@@ -60,8 +60,13 @@ def test_a_nanogpt_style_script_preempted_on_slurm_resumes_to_the_same_weights(p
 
 
 def test_an_admin_requeue_finds_the_tutorial_snapshot_in_the_run(project: Path) -> None:
+    """Requeued by hand mid-run, the script resumes from the snapshot.pt it wrote into the run's work folder
+    and ends with the weights of a run that went straight through."""
+    epochs = ["--total_epochs", "6"]
+    straight = Background("run", "tutorial_style.py", "--procs-per-node", "2", "--run-name", "straight", "--",
+                          *epochs, runs_dir=project / "runs", env=user_env(), cwd=project)
     proc = user_cli(project, "run", "tutorial_style.py", "--cluster", "local_slurm", "--procs-per-node", "2",
-                    "--run-name", "tut", "--", "--total_epochs", "6", "--epoch_sleep", "1")
+                    "--run-name", "tut", "--", *epochs, "--epoch_sleep", "1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "note: on slurm a preempted or requeued run starts" in proc.stderr  # said once, up front
     run_dir = project / "runs" / "tut"
@@ -72,5 +77,8 @@ def test_an_admin_requeue_finds_the_tutorial_snapshot_in_the_run(project: Path) 
     text = (run_dir / "logs" / "rank0.log").read_text()
     assert "Resuming training from snapshot at Epoch" in text, text
     assert not (project / "snapshot.pt").exists() and _info(run_dir)["attempt"] == 2
+    straight.finish()
+    final = [json.loads((project / "runs" / name / "work" / "final.json").read_text()) for name in ("tut", "straight")]
+    assert final[0] == final[1]
     status = user_cli(project, "status", "tut").stdout
     assert "warning: start 2: the script uses neither --resume-args nor the runtime API" in status, status

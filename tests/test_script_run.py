@@ -80,6 +80,14 @@ print(f"stopping after {len(received)} SIGTERM", flush=True)
 sys.exit(0)
 '''
 
+# Waits for a kill; its line carries torch's own prefix, as torch's logs and tracebacks on a rank do.
+KILLABLE_SCRIPT = '''\
+import os, time
+
+print(f"[rank{os.environ['RANK']}]: pid {os.getpid()} wrapper {os.getppid()}", flush=True)
+time.sleep(120)
+'''
+
 MODULE = '''\
 import json, os, sys
 import torch.distributed as dist
@@ -106,6 +114,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "fail.py").write_text(FAILING_SCRIPT)
     (folder / "sigterm.py").write_text(SIGTERM_SCRIPT)
     (folder / "late.py").write_text(LATE_FAILURE_SCRIPT)
+    (folder / "killable.py").write_text(KILLABLE_SCRIPT)
     (folder / "mypkg" / "__init__.py").write_text("")
     (folder / "mypkg" / "helper.py").write_text("GREETING = 'hello from mypkg'\n")
     (folder / "mypkg" / "train.py").write_text(MODULE)
@@ -174,6 +183,38 @@ def test_rank_failing_after_rank_0_completed_fails_the_run(project: Path, tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("killed", ["wrapper", "script"])
+def test_a_sigkilled_rank_fails_the_run_everywhere_with_one_exit_code(killed: str, project: Path,
+                                                                        tmp_path: Path) -> None:
+    """SIGKILL (the OOM killer) to rank 1's wrapper (`python -m jobs.script`) or to its script: the run
+    failed with 137 (128 + 9) on the console, in its exit code, run.json, result.json and `status`.
+    Rank 0 then gets torchrun's SIGTERM, which is no stop: nobody told the launcher to stop."""
+    runs = tmp_path / "runs"
+    first = subprocess.Popen([sys.executable, "-m", "launcher", "run", "killable.py", "--procs-per-node", "2",
+                              "--run-name", "kp", "--runs-dir", str(runs)], cwd=project, env=user_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = runs / "kp" / "logs" / "rank1.log"
+
+    def pids() -> list[str]:
+        if first.poll() is not None:
+            raise AssertionError(f"the run ended before the kill: {first.communicate()[0]}")
+        text = log.read_text() if log.exists() else ""
+        return text.split("]: pid ", 1)[1].split()[:3:2] if " wrapper " in text else []
+
+    script, wrapper = wait_until(pids, "rank 1's script to start", timeout=120)
+    os.kill(int(wrapper if killed == "wrapper" else script), signal.SIGKILL)
+    out = first.communicate(timeout=120)[0]
+    assert first.returncode == 137, out
+    assert "run kp: the script failed with exit code 137" in out and "completed" not in out, out
+    assert "[rank1] pid" in out and "[rank1] [rank1]" not in out, out  # torch's own prefix, shown once
+    status = user_cli(project, "status", "kp", "--runs-dir", str(runs)).stdout.splitlines()
+    assert "state: failed" in status and "exit_code: 137" in status, status
+    info, result = json.loads((runs / "kp" / "run.json").read_text()), read_result(runs / "kp")
+    assert result["outcome"] == "failed" and result["exit_code"] == info["exit_code"] == 137, (result, info)
+    assert info["state"] == "failed" and not result["signal"], (result, info)
+
+
+@pytest.mark.slow
 def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Path) -> None:
     """No runtime API: `launcher cancel` reaches the script's own SIGTERM handler, once per rank (a
     second SIGTERM would interrupt that handler's own cleanup); a second launch of it is refused."""
@@ -197,16 +238,20 @@ def test_cancel_sends_one_sigterm_to_a_plain_script(project: Path, tmp_path: Pat
                                "--runs-dir", str(runs)], cwd=project, env=user_env(), stdout=subprocess.PIPE, text=True)
     cancel = user_cli(project, "cancel", "term", "--runs-dir", str(runs))
     assert cancel.returncode == 0 and "sent SIGTERM" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert "does not use the runtime API" in cancel.stdout and "checkpoint" not in cancel.stdout, cancel.stdout
     out = first.communicate(timeout=120)[0]
     followed = follow.communicate(timeout=60)[0]  # `logs --follow` ends by itself once the run has stopped
     assert "waiting for SIGTERM" in followed and "stopping after 1 SIGTERM" in followed, followed
-    assert first.returncode != 0, out  # stopped, not completed
+    assert first.returncode == 143, out  # stopped by SIGTERM, as a shell would say (128 + 15)
+    assert "Traceback" not in out and "SignalException" not in out and "death signal" not in out, out
+    assert "run term: the script was cancelled (SIGTERM)" in out, out
     for rank in (0, 1):
         assert Path(f"{marker}.{rank}").read_text() == "1 SIGTERM\n", f"rank {rank}: {out}"
     status = user_cli(project, "status", "term", "--runs-dir", str(runs)).stdout.splitlines()
-    assert "state: preempted" in status and "signal: SIGTERM" in status, status
+    assert "state: cancelled" in status and "signal: SIGTERM" in status and "exit_code: 143" in status, status
     result = read_result(runs / "term")
-    assert result["exit_code"] == 0, result  # what the script itself exited with, after its handler
+    info = json.loads((runs / "term" / "run.json").read_text())
+    assert result["outcome"] == "cancelled" and result["exit_code"] == info["exit_code"] == 143, (result, info)
 
 
 @pytest.mark.slow
@@ -224,7 +269,7 @@ def test_ctrl_c_reaches_a_one_rank_script_as_one_sigterm(project: Path, tmp_path
     assert Path(f"{marker}.0").read_text() == "1 SIGTERM\n", out
     assert "KeyboardInterrupt" not in out, out
     result = read_result(runs / "int")
-    assert result["outcome"] == "preempted" and result["exit_code"] == 0, result
+    assert result["outcome"] == "preempted" and result["exit_code"] == 130 == first.returncode, result  # 128 + SIGINT
 
 
 @pytest.mark.parametrize("handled", [True, False])

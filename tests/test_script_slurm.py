@@ -51,6 +51,19 @@ dist.barrier()
 print("worked", flush=True)
 '''
 
+# Each start waits until it is told to stop (SIGTERM) or the file argv[1] exists, and says which start it is.
+WAITING_SCRIPT = '''\
+import os, signal, sys, time
+
+start = os.environ.get("SLURM_RESTART_COUNT", "0")
+stopped = []
+signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
+print(f"start {start} waiting", flush=True)
+while not stopped and not os.path.exists(sys.argv[1]):
+    time.sleep(0.05)
+print(f"start {start} ends", flush=True)
+'''
+
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 RESUMABLE = REPO / "examples" / "project" / "train_resumable.py"
 ARGS = ["--note", "two words", "--", "--run-name", "x=1"]  # spaces, '--', an option of `launcher run` itself
@@ -75,6 +88,7 @@ def project(tmp_path: Path) -> Path:
     (folder / "preemptible.py").write_text(PREEMPTIBLE_SCRIPT)
     (folder / "flaky.py").write_text(FLAKY_SCRIPT)
     (folder / "late.py").write_text(LATE_FAILURE_SCRIPT)
+    (folder / "waiting.py").write_text(WAITING_SCRIPT)
     cluster = yaml.safe_load((REPO / "cluster_configs" / "local_slurm.yaml").read_text())
     cluster["slurm"]["max_failures"] = 0  # a failing script is not requeued: its exit code is the run's
     (folder / "slurm_once.yaml").write_text(yaml.safe_dump(cluster))
@@ -232,3 +246,42 @@ def test_runtime_script_preempted_resumes_to_the_same_weights(project: Path, tmp
     for key in a:
         same = a[key] == b[key] if not isinstance(a[key], torch.Tensor) else torch.equal(a[key], b[key])
         assert same, f"{key} differs between the preempted run and the straight one"
+
+
+def test_a_rerun_is_running_with_its_history_and_an_admin_requeue_counts_as_one(project: Path, tmp_path: Path) -> None:
+    """USR2 (a preemption), then `scontrol requeue` by hand: during each rerun `status` says running, with
+    no outcome of the start before (its result.json is gone) and the history apart; the admin's requeue,
+    which the launcher did not make, is counted as its own kind; `launcher logs` has a line for each."""
+    runs, go = tmp_path / "runs", tmp_path / "go"
+    proc = user_cli(project, "run", "waiting.py", "--cluster", "local_slurm", "--procs-per-node", "2",
+                    "--run-name", "hist", "--runs-dir", str(runs), "--", str(go))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_dir = runs / "hist"
+    job_id, log = _info(run_dir)["job_id"], run_dir / "logs" / "rank0.log"
+
+    def status() -> list[str]:
+        return user_cli(project, "status", "hist", "--runs-dir", str(runs)).stdout.splitlines()
+
+    def rerun_running(start: int) -> list[str]:
+        shown = status()
+        return shown if f"start {start} waiting" in log.read_text() and "state: running" in shown else []
+
+    wait_until(lambda: log.exists() and "start 0 waiting" in log.read_text(), "the first start", timeout=90)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    shown = wait_until(lambda: rerun_running(1), "the rerun after the preemption", timeout=90)
+    assert not any(line.startswith(("outcome", "signal", "exit_code")) for line in shown), shown
+    assert "history: preemptions 1, restarts 1" in shown and not (run_dir / "result.json").exists(), shown
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    shown = wait_until(lambda: rerun_running(2), "the rerun after scontrol requeue", timeout=90)
+    assert "history: preemptions 1, admin_requeues 1, restarts 2" in shown, shown
+    assert not any(line.startswith("outcome") for line in shown), shown
+    go.write_text("")
+    wait_until(lambda: _info(run_dir)["state"] == "completed" and _sacct(job_id) == "COMPLETED", "the end", timeout=90)
+    assert _info(run_dir)["requeues"] == {"preemptions": 1, "admin_requeues": 1}
+    logs = user_cli(project, "logs", "hist", "--runs-dir", str(runs)).stdout
+    lines = [line for line in logs.splitlines() if line.startswith("launcher: 20")]  # launcher: <time> <event>
+    assert len(lines) == 3, logs
+    assert "preempted (SIGUSR2); requeueing job" in lines[0] and lines[1].endswith(f"restart 1 of job {job_id}")
+    assert lines[2].endswith(f"requeued by an admin (scontrol requeue), restart 2 of job {job_id}"), lines
+    final = status()
+    assert "state: completed" in final and "history: preemptions 1, admin_requeues 1, restarts 2" in final, final

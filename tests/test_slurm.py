@@ -179,11 +179,14 @@ def test_cancelled_job_shows_cancelled(runs_dir: Path) -> None:
     out = run_cli("cancel", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert "cancelled Slurm job" in out
     wait_until(lambda: _sacct(_info(run_dir)["job_id"]) == "CANCELLED", "CANCELLED in sacct")
+    wait_until(lambda: (run_dir / "result.json").exists(), "rank 0 to write how it ended")
     status = run_cli("status", "cx", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
-    assert "state: cancelled" in status
+    assert "state: cancelled" in status.splitlines(), status
     time.sleep(3)
     assert _sacct(_info(run_dir)["job_id"]) == "CANCELLED"  # not requeued
-    assert "requeues: {}" in status
+    # one story: cancelled, with no `outcome: preempted` beside it and no requeue in its history
+    assert "outcome" not in status and "history" not in status and "preempted" not in status, status
+    assert read_result(run_dir)["outcome"] == "cancelled" and _info(run_dir)["state"] == "cancelled"
 
 
 def test_a_job_sbatch_refuses_is_one_line_and_leaves_nothing(runs_dir: Path, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.environments import slurm_requeue
-from jobs.schema.run_dir import FAILURES, Run, RunResult
+from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunResult
 from jobs.schema import SlurmConfig
 
 ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
@@ -67,7 +67,7 @@ def rank_main(run_dir: str) -> RunResult:
     started = time.time()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
-        run.update(state="running", restarts=restarts)
+        begin_start(run, restarts)
     script = run.recipe().script is not None
     try:
         if script:  # `launcher run`: the user's script, in a child process (no torch in this one)
@@ -106,16 +106,47 @@ def record_failure(run: Run, rank: int, error: str) -> None:
     (folder / f"{_attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
 
 
+def begin_start(run: Run, restarts: int) -> None:
+    """Rank 0, as this start of the job begins: the previous start's result.json goes (its outcome is
+    history now, in run.json's `requeues`), and a restart the launcher did not ask for is counted as an
+    admin's `scontrol requeue` or a node failure. Each restart is a line in `launcher logs`."""
+    info = run.info()
+    counts = dict(info.requeues)
+    if restarts > 0:
+        (run.dir / RESULT_JSON).unlink(missing_ok=True)
+        unexplained = restarts - sum(counts.values())  # the launcher counts its own before it requeues
+        if unexplained > 0:
+            kind = "node_failures" if _previous_start_state() == "NODE_FAIL" else "admin_requeues"
+            counts[kind] = counts.get(kind, 0) + unexplained
+            why = "after a node failure" if kind == "node_failures" else "requeued by an admin (scontrol requeue)"
+        else:
+            why = f"requeued by the launcher ({info.last_requeue})"
+        run.note(f"{why}, restart {restarts} of job {os.environ.get('SLURM_JOB_ID', '?')}")
+    run.update(state="running", restarts=restarts, requeues=counts, remove=("exit_code", "failed_rank"))
+
+
+def _previous_start_state() -> str:
+    """sacct's state of the job's previous start (REQUEUED after `scontrol requeue`, NODE_FAIL after a
+    node failure); "" where sacct cannot tell."""
+    try:
+        rows = subprocess.run(["sacct", "-j", os.environ.get("SLURM_JOB_ID", ""), "--duplicates", "-X", "-n", "-P",
+                               "-o", "State"], capture_output=True, text=True, timeout=30).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (rows[-2].split() or [""])[0] if len(rows) >= 2 else ""  # "CANCELLED by 0": its first word
+
+
 def after_srun(run: Run) -> None:
     """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
-    Count one failure for this start of the job, whichever rank it was, then requeue or stop."""
+    The run's ending is settled as failed (rank 0 may have taken srun's SIGTERM for a stop, or completed
+    before another rank failed); one failure is counted for this start of the job, whichever rank it
+    was, then the job is requeued or stopped."""
     from jobs.script import settle
 
     info = run.info()
-    if info.state == "completed" and info.failed_rank is not None:
-        settle(run)  # a script's rank failed after rank 0 had completed: a failure like any other
-    elif info.state in ("requeued", "stopped", "completed", "cancelled"):
+    if info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None:
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
+    settle(run, None, info.exit_code or 1)
     records = sorted((run.dir / FAILURES).glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
         "srun failed without a Python error on any rank (killed? see the job's output file)"
@@ -125,6 +156,11 @@ def after_srun(run: Run) -> None:
 def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
     if result.outcome == "completed":
         run.update(state="completed")
+        return
+    if run.info().state == "cancelled":  # `launcher cancel` said so before scancel: no requeue, no preemption
+        from jobs.script import settle
+
+        settle(run, result.signal or "SIGTERM", 0)
         return
     asked = slurm_requeue.asked(run.dir)  # the script's framework ran `scontrol requeue` (without a notice)
     if result.signal not in ("SIGUSR1", "SIGUSR2") and not asked:
@@ -136,6 +172,9 @@ def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) ->
     _requeue_or_stop(run, cfg, kind, why)
 
 
+_EVENTS = {"preemptions": "preempted", "timeouts": "near the time limit", "failures": "failed"}
+
+
 def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
     """Count preemptions, time-outs and failures separately; past its limit a job stops requeueing."""
     counts = dict(run.info().requeues)
@@ -143,12 +182,14 @@ def _requeue_or_stop(run: Run, cfg: SlurmConfig, kind: str, why: str) -> None:
     if counts.get(kind, 0) >= limit:
         message = f"not requeued: {kind} limit of {limit} reached (slurm.max_{kind}); last: {why}"
         run.update(state="stopped", stop_reason=message)
+        run.note(f"{_EVENTS[kind]} ({why}); {message}")
         print(message, file=sys.stderr, flush=True)
         return
     counts[kind] = counts.get(kind, 0) + 1
     # a failed script's exit code and rank belong to this start: the next one must not fail with them
     run.update(requeues=counts, state="requeued", last_requeue=why, remove=("exit_code", "failed_rank"))
     job_id = os.environ["SLURM_JOB_ID"]
+    run.note(f"{_EVENTS[kind]} ({why}); requeueing job {job_id} ({kind} {counts[kind]}/{limit})")
     print(f"requeueing job {job_id} ({kind} {counts[kind]}/{limit}): {why}", flush=True)
     subprocess.run(["scontrol", "requeue", job_id], check=False, timeout=60)
 

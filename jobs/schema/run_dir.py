@@ -23,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 import typing
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+ENDED_BY_STOP = ("preempted", "cancelled")  # outcomes of a run told to stop: the same command resumes it
 
 
 def checkpoint_uri(recipe: RecipeConfig, run_name: str) -> Optional[str]:
@@ -77,11 +79,12 @@ class RunInfo:
     resume: str = "auto"
     checkpoint_uri: Optional[str] = None  # masked, for people: ranks derive the real one from the recipe
     config_hash: str = ""
+    runtime_api: Optional[bool] = None  # `launcher run`: the script imported jobs.runtime (it saves on a stop)
     code_dir: Optional[str] = None  # the launch directory: first on every rank's import path (user code)
     created: str = ""
     launches: int = 0
     state: Optional[str] = None  # submitted, running, requeued, stopped, completed, cancelled, ...
-    exit_code: Optional[int] = None  # the run's: a failing script's own code, else the local rank launcher's
+    exit_code: Optional[int] = None  # the run's, as `launcher` exits: a failed rank's own, 128 + N for signal N
     failed_rank: Optional[int] = None  # `launcher run`: the first rank whose script failed in this launch
     pid: Optional[int] = None  # local: torchrun, with its start time so a reused pid is not taken for it
     pid_start: Optional[int] = None
@@ -92,16 +95,17 @@ class RunInfo:
     sbatch_script: Optional[str] = None
     submitit_folder: Optional[str] = None
     restarts: Optional[int] = None  # Slurm: SLURM_RESTART_COUNT of the running job
-    requeues: dict = field(default_factory=dict)  # Slurm: requeues so far by kind (preemptions, timeouts, ...)
+    # Slurm: requeues so far by kind: the launcher's own (preemptions, timeouts, failures, counted before it
+    # requeues) and those it did not make (admin_requeues: `scontrol requeue`; node_failures), counted at restart
+    requeues: dict = field(default_factory=dict)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
     # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
-    # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, whether the
-    # script saves through the runtime API, and the line saying a restart probably began from scratch
+    # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, and the line
+    # saying a restart probably began from scratch
     attempt: Optional[int] = None
     attempt_key: Optional[str] = None
     resuming: Optional[bool] = None
-    runtime_api: Optional[bool] = None
     restart_note: Optional[str] = None
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
@@ -121,12 +125,14 @@ class RunInfo:
 class RunResult:
     """result.json: what rank 0 wrote at the end of the last launch; the metrics are flat in the file."""
 
-    outcome: str = ""  # completed, preempted, or failed (a script's non-zero exit)
+    # completed, failed (any rank's non-zero exit or signal), pruned (a sweep's trial), preempted (stopped by a
+    # signal: a notice, Ctrl-C; the same command resumes it) or cancelled (stopped by `launcher cancel`)
+    outcome: str = ""
     step: Optional[int] = None
     epoch: Optional[int] = None
-    signal: Optional[str] = None  # the signal that stopped a preempted run
+    signal: Optional[str] = None  # the signal that stopped a preempted or cancelled run
     checkpoints_committed: Optional[bool] = None  # every checkpoint reached its remote folder in time
-    exit_code: Optional[int] = None  # `launcher run`: the script's exit code
+    exit_code: Optional[int] = None  # `launcher run`: the run's exit code, as in run.json (128 + N: signal N)
     metrics: dict = field(default_factory=dict)  # last evaluation, e.g. {"val/acc": 0.97}
 
     def __bool__(self) -> bool:  # no result: running, crashed, or never started
@@ -248,6 +254,17 @@ class Run:
         tmp = self.dir / f".{RESULT_JSON}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
         tmp.replace(self.dir / RESULT_JSON)
+
+    def note(self, event: str) -> None:
+        """One line in rank 0's log (what `launcher logs RUN` prints), with the time: a requeue, a restart,
+        a preemption. Appended whole (O_APPEND), so it never cuts into a line a rank is writing."""
+        (self.dir / LOGS).mkdir(parents=True, exist_ok=True)
+        line = f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {event}\n".encode()
+        fd = os.open(self.dir / LOGS / "rank0.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
 
     def problems(self) -> list[str]:
         """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""

@@ -42,7 +42,7 @@ def of_run(run: Run) -> Backend:
 def status(run: Run) -> dict[str, Any]:
     """`launcher status`: the run's backend's view, plus why run.json or result.json cannot be read."""
     problems, info, out = run.problems(), run.info(), of_run(run).status(run)
-    if info.exit_code and out["state"] in ("failed", "stopped"):  # a failing script's own code, if any
+    if info.exit_code and out["state"] in ("failed", "stopped", "preempted", "cancelled"):  # the run's, as it exited
         out["exit_code"] = info.exit_code
     if info.attempt:  # `launcher run`: which start of the script this is, and whether it resumed
         out["script_start"] = f"{info.attempt} ({'resumed earlier progress' if info.resuming else 'fresh'})" \

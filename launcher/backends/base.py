@@ -75,7 +75,8 @@ class Backend(Protocol):
         or None if it does neither."""
 
     def cancel(self, run: Run) -> str:
-        """Stop the run (its ranks save a checkpoint first); a line saying what was done."""
+        """Stop the run, marked `cancelled` first (a trainer's ranks save a checkpoint; a script is told to
+        stop); a line saying what was done and what the run does with it (`what_a_stop_does`)."""
 
     def wait(self, runs: Sequence[Run]) -> dict[str, str]:
         """Block until every run has stopped for good (requeues included): run name -> final state."""
@@ -110,6 +111,22 @@ class SweepWorkers(Protocol):
 def workers(backend: Backend) -> Optional[SweepWorkers]:
     """`backend` as a SweepWorkers, or None where it runs no Bayesian sweep."""
     return cast(SweepWorkers, backend) if hasattr(backend, "launch_workers") else None
+
+
+def what_a_stop_does(run: Run) -> str:
+    """What a run does when it is told to stop, as far as the launcher knows: a recipe's trainer and a
+    script that uses the runtime API (run.json says so once it imported `jobs.runtime`) save a
+    checkpoint; any other script gets SIGTERM and nothing is promised."""
+    try:
+        script = run.recipe().script
+    except Exception:  # noqa: BLE001 - an unreadable config.yaml: say only what is certain
+        return "its ranks get SIGTERM"
+    if script is None:
+        return "it saves a checkpoint and stops"
+    if run.info().runtime_api:
+        return "the script (runtime API) saves a checkpoint and stops"
+    return ("the script is told to stop (SIGTERM); it does not use the runtime API, so whether it saves "
+            "anything is up to the script")
 
 
 def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> int:

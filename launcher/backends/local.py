@@ -17,10 +17,10 @@ from types import FrameType
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from jobs.script import settle
+from jobs.script import exit_code, settle
 from launcher.backends import process_start, run_process
 from launcher.checks import Check
-from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from jobs.schema.run_dir import Run
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
@@ -56,17 +56,16 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     if not env["OMP_NUM_THREADS"]:
         del env["OMP_NUM_THREADS"]
     child = subprocess.Popen(rank_command(recipe, run), env=env)
+    told = _Told()
     try:
         run.update(pid=child.pid, pid_start=process_start(child.pid), launcher_pid=os.getpid(),
                    launcher_start=process_start(os.getpid()), state="running")
-        code = _wait(child)
+        _wait(child, told)
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
-            outcome = settle(run).outcome or ("failed" if child.returncode else "finished")
-            # a failing script's own exit code (recorded by its rank) is the run's, not torchrun's 1
-            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"), state=outcome,
-                       unless_set={"exit_code": child.returncode})
-    return run.info().exit_code or code
+            settle(run, told.signal, exit_code(child.returncode))  # the one ending: result.json, run.json, status
+            run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"))
+    return run.info().exit_code or 0
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
@@ -158,8 +157,9 @@ def cancel(run: Run) -> str:
     pid = run_process(info, "launcher_pid", "launcher_start") or run_process(info, "pid", "pid_start")
     if not pid:
         return f"run {run.name} is not running"
+    run.update(state="cancelled")  # before the signal: the ranks and the launcher then know it was a cancel
     os.kill(pid, signal.SIGTERM)  # the launcher forwards it to torchrun, which forwards it to every rank
-    return f"sent SIGTERM to run {run.name} (pid {pid}); it saves a checkpoint and stops"
+    return f"sent SIGTERM to run {run.name} (pid {pid}); {what_a_stop_does(run)}"
 
 
 def wait(runs: Sequence[Run], poll_s: float = 1.0) -> dict[str, str]:
@@ -170,8 +170,16 @@ def wait(runs: Sequence[Run], poll_s: float = 1.0) -> dict[str, str]:
     return {run.name: status(run)["state"] for run in runs}
 
 
-def _wait(child: subprocess.Popen) -> int:
+class _Told:
+    """The stop signal this launcher was told (and forwarded to the ranks), if any: only this process
+    knows whether the ranks' SIGTERM was a stop or torchrun's reaction to a rank that died."""
+
+    signal: Optional[str] = None
+
+
+def _wait(child: subprocess.Popen, told: _Told) -> int:
     def forward(signum: int, _frame: FrameType | None) -> None:
+        told.signal = told.signal or signal.Signals(signum).name
         child.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}

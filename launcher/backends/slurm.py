@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 from jobs.environments.slurm import ENTRY_MODULE, rank_main
-from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log
+from jobs.script import exit_code, settle
+from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
 from launcher.checks import CHECK_TIMEOUT_S, Check, bounded, last_line
@@ -226,16 +227,24 @@ def environment_checks(cluster: ClusterConfig) -> list[Check]:
 
 
 def status(run: Run) -> dict[str, Any]:
+    """`state` is where the job is now, or how it ended; `history` what happened to it so far (requeues
+    by kind, restarts), apart from any outcome; `outcome` (result.json) only once the run has ended and
+    where it says more than the state (never beside `cancelled`, which is the whole story)."""
     info = run.info()
     job_id = info.job_id
     slurm_state = WATCHER.state(job_id) if job_id else UNKNOWN
-    out: dict[str, Any] = {"run": run.name, "state": _state(slurm_state, info), "backend": "slurm",
-                           "job_id": job_id, "slurm_state": slurm_state, "dir": str(run.dir),
-                           "requeues": info.requeues}
+    state = _state(slurm_state, info)
+    out: dict[str, Any] = {"run": run.name, "state": state, "backend": "slurm", "job_id": job_id,
+                           "slurm_state": slurm_state, "dir": str(run.dir)}
+    history = {**info.requeues, **({"restarts": info.restarts} if info.restarts else {})}
+    if history:
+        out["history"] = ", ".join(f"{kind} {n}" for kind, n in history.items())
     if info.stop_reason:
         out["stop_reason"] = info.stop_reason
-    result = run.result()
-    out.update({**result.pick("step", "epoch", "outcome"), **result.metrics})  # every val/* the recipe measures
+    result = run.result() if state not in LIVE_STATES else None  # a result of a start that is over
+    if result:
+        shown = ("step", "epoch") if result.outcome == state or state == "cancelled" else ("step", "epoch", "outcome")
+        out.update({**result.pick(*shown), **result.metrics})  # every val/* the recipe measures
     return out
 
 
@@ -253,9 +262,9 @@ def cancel(run: Run) -> str:
     job_id = run.info().job_id
     if not job_id:
         return f"run {run.name} has no Slurm job"
+    run.update(state="cancelled")  # before scancel: rank 0 then knows its SIGTERM is a cancel, not a preemption
     subprocess.run(["scancel", job_id], check=True, timeout=60)
-    run.update(state="cancelled")
-    return f"cancelled Slurm job {job_id} (run {run.name}); its ranks save a checkpoint on SIGTERM"
+    return f"cancelled Slurm job {job_id} (run {run.name}); {what_a_stop_does(run)}"
 
 
 def wait(runs: Sequence[Run]) -> dict[str, str]:
@@ -297,15 +306,20 @@ def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> in
     child = subprocess.Popen(["srun", "--kill-on-bad-exit=1", python, "-u", "-m", ENTRY_MODULE, "--run-dir",
                               str(run.dir)])
 
+    told: list[str] = []  # the stop this worker forwarded, if any: srun's SIGTERM after a rank died is none
+
     def forward(signum: int, _frame: Any) -> None:
+        told.append(signal.Signals(signum).name)
         child.send_signal(signum)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM)}
     try:
-        return child.wait()
+        code = child.wait()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    settle(run, told[0] if told else None, exit_code(code))  # what the study is told
+    return run.info().exit_code or 0
 
 
 def workers_live(array_id: str) -> bool:

@@ -14,7 +14,7 @@ from launcher.sweeps.bayes.spec import BayesSpec, distributions, override_text, 
 from launcher.sweeps.record import sweeps_dir
 from launcher.sweeps.space import shown
 from jobs.schema import RecipeConfig
-from jobs.schema.run_dir import Run
+from jobs.schema.run_dir import ENDED_BY_STOP, Run
 from jobs.schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def claim(sweep: Sweep, worker: int) -> Optional[Claimed]:
         for trial in trials:
             if trial.state == TrialState.RUNNING and trial.user_attrs.get("worker") == worker:
                 run = Run.at(sweep.root / trial.user_attrs["run_name"])
-                if tell(study, trial.number, run, sweep.metric) in ("", "preempted"):
+                if tell(study, trial.number, run, sweep.metric) in ("", *ENDED_BY_STOP):
                     return Claimed(trial.number, tuple(trial.user_attrs["overrides"]), resumed=True)
         if len(trials) >= sweep.spec.trials:
             return None
@@ -121,12 +121,14 @@ def claim(sweep: Sweep, worker: int) -> Optional[Claimed]:
 
 def tell(study: "optuna.Study", number: int, run: Run, metric: str, code: Optional[int] = None) -> str:
     """Tell the study how trial `number`'s run ended; what it was ("" while it has no result and
-    `code` is None: it never ended, so it resumes). A preempted trial is not told: it resumes."""
+    `code` is None: it never ended, so it resumes). A trial stopped by a signal (preempted, cancelled) is
+    not told: it resumes. Any rank that failed (a signal, a non-zero code) fails it: the launcher settled
+    result.json so (`jobs.script.settle`)."""
     from optuna.trial import TrialState
 
     result = run.result()
     outcome = result.outcome
-    if outcome == "preempted" or (not outcome and code is None):
+    if outcome in ENDED_BY_STOP or (not outcome and code is None):
         return outcome
     if outcome == "completed" and metric in result.metrics:
         study.tell(number, result.metrics[metric])
@@ -164,7 +166,7 @@ def work(sweep: Sweep, worker: int, runner: Runner) -> int:
         claimed = claim(sweep, worker)
         if claimed is None:
             return 0
-        if run_claimed(sweep, claimed, worker, runner) == "preempted":
+        if run_claimed(sweep, claimed, worker, runner) in ENDED_BY_STOP:
             print(f"trial #{claimed.number} was stopped by a signal; worker {worker} stops (the same "
                   f"command resumes it as the same trial)", file=sys.stderr, flush=True)
             return 1
