@@ -9,7 +9,7 @@ directory (script.workdir: the run's work/ folder, or code_dir). A child process
 owns its process: its signal handlers, its `sys.exit` code, its crashes. This process stays in front of it:
 - every line the script prints goes to `logs/rank<N>.log` and to this rank's console;
 - a stop signal (SIGTERM, SIGINT, and Slurm's SIGUSR1/SIGUSR2 preemption notice) reaches the script
-  as SIGTERM, the signal any script can handle (a notice as it is, to a script that handles it);
+  as SIGTERM, the signal any script can handle (a notice as the notice signal the script handles);
   the one that came decides what happens next (on Slurm, a USR1/USR2 requeues the job);
 - the exit code is the run's: a script that exits 3 fails the run with 3 (torchrun itself would
   report 1), recorded in run.json by the first rank that failed on its own;
@@ -82,10 +82,15 @@ class Forwarder:
     reaches this process and the launcher forwards it as well, and a second SIGTERM would run the
     script's handler again in the middle of its own cleanup, or kill it while it exits."""
 
-    def __init__(self) -> None:
+    def __init__(self, kill_after: Optional[float] = None) -> None:
         self.child: Optional[subprocess.Popen] = None
         self.signal_name: Optional[str] = None
         self._forwarded = False
+        # On Slurm (its KillWait): a stop signal after the forwarded one is Slurm ending the job (a requeue,
+        # scancel, the end of the grace period), which kills what still runs this long after its SIGTERM.
+        # The script's own requeue never ends the job (jobs.environments.slurm_requeue): this does the kill.
+        self.kill_after = kill_after
+        self._kill_timer: Optional[threading.Timer] = None
 
     def install(self) -> "Forwarder":
         for sig in STOP_SIGNALS:
@@ -93,17 +98,39 @@ class Forwarder:
         return self
 
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        again = self._forwarded
         self.signal_name = self.signal_name or signal.Signals(signum).name
         self.forward()
+        if again and self.kill_after is not None and self._kill_timer is None and self.child is not None:
+            self._kill_timer = threading.Timer(self.kill_after, _kill_if_running, args=(self.child,))
+            self._kill_timer.daemon = True
+            _start_deaf(self._kill_timer)
 
     def forward(self) -> None:
         """SIGTERM to the script once a stop signal came (called again when the script has started);
-        a Slurm notice (USR1/USR2) as it is to a script that handles it (the runtime API does), so
-        the script knows a preemption from a cancel whichever signal reaches it first."""
+        a Slurm notice (USR1/USR2) as the notice signal the script handles (`notice_for`), so the
+        script knows a preemption from a cancel whichever signal reaches it first."""
         if self.signal_name and not self._forwarded and self.child is not None and self.child.poll() is None:
             self._forwarded = True
-            notice = self.signal_name in ("SIGUSR1", "SIGUSR2") and catches(self.child.pid, self.signal_name)
-            self.child.send_signal(signal.Signals[self.signal_name] if notice else signal.SIGTERM)
+            self.child.send_signal(notice_for(self.child.pid, self.signal_name) or signal.SIGTERM)
+
+
+NOTICES = ("SIGUSR1", "SIGUSR2")  # Slurm's preemption/time-limit notices (`--signal`)
+
+
+def notice_for(pid: int, name: str) -> Optional[signal.Signals]:
+    """The signal that carries Slurm notice `name` to process `pid`: the same one if it handles it (the
+    runtime API handles both), else the other notice if it handles that one (Lightning's SLURMEnvironment
+    listens for SIGUSR1, the launcher's jobs get SIGUSR2), else None (it gets SIGTERM)."""
+    if name not in NOTICES:
+        return None
+    other = NOTICES[1 - NOTICES.index(name)]
+    return next((signal.Signals[n] for n in (name, other) if catches(pid, n)), None)
+
+
+def _kill_if_running(child: subprocess.Popen) -> None:
+    if child.poll() is None:
+        child.kill()
 
 
 def catches(pid: int, name: str) -> bool:
@@ -158,13 +185,15 @@ def _die_with_parent() -> None:
 
 
 def _prepare_child() -> None:
-    """In the child, before exec: follow this wrapper if it dies, and ignore Slurm's USR1/USR2. Slurm
-    signals every process of the step, the script too, and their default action ends a process: a
-    script that handles only SIGTERM would die of the notice before the forwarded SIGTERM reaches
-    it. An ignored signal stays ignored across exec; a script that handles them (the runtime API) still can."""
+    """In the child, before exec: follow this wrapper if it dies, and ignore SIGUSR2, the notice Slurm
+    sends the launcher's jobs. Slurm signals every process of the step, the script too, and its default
+    action ends a process: a script that handles only SIGTERM would die of the notice before the
+    forwarded SIGTERM reaches it. An ignored signal stays ignored across exec; a script that handles it
+    (the runtime API) still can. SIGUSR1 keeps its default: a framework installs its notice handler only
+    on a signal nobody else handles (Lightning's SLURMEnvironment checks for SIG_DFL), and only a
+    hand-made `scancel --signal=USR1` sends it to the script directly."""
     _die_with_parent()
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def exit_code(returncode: int) -> int:

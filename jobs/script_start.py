@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from jobs.schema import RecipeConfig
-from jobs.schema.run_dir import CHECKPOINTS, SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR, Run, RunInfo, committed_steps
+from jobs.schema.run_dir import (CHECKPOINTS, REQUEUE_ASKED, SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR, Run, RunInfo,
+                                 committed_steps)
 from jobs.schema.script import fill
 
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
@@ -86,8 +87,11 @@ def begin(run: Run, recipe: RecipeConfig, code_dir: Path) -> Start:
             return {}
         attempt = (info.attempt or 0) + 1
         resuming = attempt > 1 and made_progress(run, checkpoint_dir, workdir if script.workdir == "run" else None)
+        # the runtime API, or a framework that asked for its own requeue (Lightning's SLURMEnvironment:
+        # jobs.environments.slurm_requeue), which resumes by itself from what it saved (its hpc checkpoint)
+        resumes_itself = bool(info.runtime_api) or (run.dir / REQUEUE_ASKED).is_dir()
         return {"attempt": attempt, "attempt_key": key, "resuming": resuming,
-                "restart_note": _note(attempt, resuming, bool(script.resume_args), bool(info.runtime_api))}
+                "restart_note": _note(attempt, resuming, bool(script.resume_args), resumes_itself)}
 
     info = run.change(decide)
     return Start(info.attempt or 1, bool(info.resuming), checkpoint_dir, workdir, info.restart_note)
@@ -116,8 +120,8 @@ def _holds_a_file(folder: Path, skip_links: bool = False) -> bool:
     return False
 
 
-def _note(attempt: int, resuming: bool, has_resume_args: bool, runtime_api: bool) -> Optional[str]:
-    if attempt == 1 or runtime_api:
+def _note(attempt: int, resuming: bool, has_resume_args: bool, resumes_itself: bool) -> Optional[str]:
+    if attempt == 1 or resumes_itself:
         return None
     if not has_resume_args:
         return (f"start {attempt}: the script uses neither --resume-args nor the runtime API; unless it resumes "

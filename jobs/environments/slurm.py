@@ -27,6 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from jobs.environments import slurm_requeue
 from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunResult
 from jobs.schema import SlurmConfig
 
@@ -53,7 +54,7 @@ def rank_main(run_dir: str) -> RunResult:
     """The function submitit runs in every task (and `python -m jobs.environments.slurm` under srun)."""
     from submitit.slurm.slurm import SlurmJobEnvironment
 
-    from jobs.script import ScriptFailed, run_script  # imported here: the --after-srun step needs neither
+    from jobs.script import Forwarder, ScriptFailed, run_script  # imported here: the --after-srun step needs neither
 
     # Not submitit.JobEnvironment(): that one only recognises Slurm inside submitit's own scripts
     # (SUBMITIT_EXECUTOR), and this entry also runs under a plain sbatch script's srun.
@@ -70,7 +71,9 @@ def rank_main(run_dir: str) -> RunResult:
     script = run.recipe().script is not None
     try:
         if script:  # `launcher run`: the user's script, in a child process (no torch in this one)
-            result = run_script(run)
+            forwarder = Forwarder(kill_after=slurm_requeue.kill_wait()).install()
+            with slurm_requeue.stand_in():  # the script's own `scontrol requeue` asks rank 0 to requeue
+                result = run_script(run, forwarder=forwarder)
             if result.outcome == "failed":
                 raise ScriptFailed(result.exit_code or 1)  # the task exits with the script's code
         else:
@@ -159,12 +162,14 @@ def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) ->
 
         settle(run, result.signal or "SIGTERM", 0)
         return
-    if result.signal not in ("SIGUSR1", "SIGUSR2"):
+    asked = slurm_requeue.asked(run.dir)  # the script's framework ran `scontrol requeue` (without a notice)
+    if result.signal not in ("SIGUSR1", "SIGUSR2") and not asked:
         run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
     at = f" at step {result.step}" if result.step is not None else ""  # a script's result has no step
-    _requeue_or_stop(run, cfg, kind, f"{result.signal}{at}")
+    why = f"{result.signal}{at}" if result.signal in ("SIGUSR1", "SIGUSR2") else "the script's scontrol requeue"
+    _requeue_or_stop(run, cfg, kind, why)
 
 
 _EVENTS = {"preemptions": "preempted", "timeouts": "near the time limit", "failures": "failed"}

@@ -41,6 +41,7 @@ from jobs.schema.recipe import RecipeConfig
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per job start (environments.slurm_requeue)
 # `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
 SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
