@@ -247,8 +247,9 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
 
     status = user_cli(project, "status", "pl", "--runs-dir", str(runs)).stdout
     lines = status.splitlines()
-    assert "state: completed" in lines and "outcome: completed" in lines, status
-    assert "requeues: {'preemptions': 1}" in lines and "slurm_state: COMPLETED" in lines, status
+    assert "state: completed" in lines and "slurm_state: COMPLETED" in lines, status
+    assert "history: preemptions 1, restarts 1" in lines, status  # one requeue: the launcher's, counted
+    assert "script_start: 2 (resumed earlier progress)" in lines, status
     assert "from scratch" not in status, status  # Lightning resumed by itself: no "began again" note
 
 

@@ -101,6 +101,10 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          "Training snapshot saved at snapshot.pt"),
         ("launcher run tutorial_style.py --procs-per-node 2 --run-name tut -- --total_epochs 3",
          "Resuming training from snapshot at Epoch 2"),),
+    "launcher run lightning_style.py --cluster local_slurm --procs-per-node 2 --wait -- --root={checkpoint_dir} "
+    "--steps 300": (
+        ("launcher run lightning_style.py --cluster local_slurm --procs-per-node 2 --wait --run-name readme-pl -- "
+         "--root={checkpoint_dir} --steps 6 --every 3", SCRIPT_DONE),),
     "launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 200": (
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", SCRIPT_DONE),
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", "resumed at step 20"),),
