@@ -77,7 +77,7 @@ def _launch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
 
 
 def _restart_hint(recipe: RecipeConfig, target: Target) -> None:
-    hint = restart_hint(recipe, target.cluster.backend)
+    hint = restart_hint(recipe, target.cluster.backend, target.backend.RESTARTS_RUNS)
     if hint:  # on stderr: `launcher run --sbatch` prints the job script on stdout
         print(hint, file=sys.stderr, flush=True)
 

@@ -53,11 +53,12 @@ def _split(text: str) -> list[str]:
                          "--resume-args '--init_from=resume'") from None
 
 
-def restart_hint(recipe: RecipeConfig, backend: str) -> Optional[str]:
-    """One line before a script run starts where it may be started again (a Slurm requeue, a VM
-    relaunch) without knowing how to continue: neither resume arguments nor the runtime API."""
+def restart_hint(recipe: RecipeConfig, backend: str, restarts_runs: bool) -> Optional[str]:
+    """One line before a script run starts on a backend that may start it again by itself (a Slurm
+    requeue, a VM relaunch: `restarts_runs`) without knowing how to continue: neither resume arguments
+    nor the runtime API."""
     script = recipe.script
-    if script is None or backend not in ("slurm", "vms") or script.resume_args or _uses_runtime_api(script.path):
+    if script is None or not restarts_runs or script.resume_args or _uses_runtime_api(script.path):
         return None
     return (f"note: on {backend} a preempted or requeued run starts {script.path or script.module} again; it "
             "continues only if the script resumes by itself. Pass --resume-args with its resume flag (e.g. "

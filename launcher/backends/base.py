@@ -55,6 +55,10 @@ class Launched:
 class Backend(Protocol):
     """Starts, follows and stops runs, each in its run directory (`launcher.runs`)."""
 
+    # Whether the backend starts a run's ranks again by itself (a Slurm requeue, a VM relaunch): a script
+    # that does not know how to continue is then told so before it starts (launcher.scripts.restart_hint).
+    RESTARTS_RUNS: bool
+
     def check(self, recipe: RecipeConfig, cluster: ClusterConfig) -> None:
         """Raise UsageError if this run cannot be launched here; called before anything exists."""
 

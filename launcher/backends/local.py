@@ -25,6 +25,8 @@ from jobs.schema.run_dir import Run
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 
+RESTARTS_RUNS = False  # a stopped local run starts again only when the user launches it again
+
 
 def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
     # the trainer, or (`launcher run`) the wrapper that runs the user's script

@@ -30,6 +30,8 @@ from jobs.schema.run_dir import Run, RunInfo
 from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
 from jobs.schema.errors import UsageError
 
+RESTARTS_RUNS = True  # a preempted, timed-out or admin-requeued job starts again by itself
+
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel")  # what `launcher doctor` looks for
 # Slurm's state -> the state `status` reports (others are lower-cased)
 _STATE_NAMES = {"RUNNING": "running", "PENDING": "pending", "REQUEUED": "requeued", "COMPLETED": "completed",

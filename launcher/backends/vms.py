@@ -34,6 +34,8 @@ from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import Run, RunResult
 from jobs.schema.vms import VmsConfig
 
+RESTARTS_RUNS = True  # the run's supervisor relaunches the ranks after a spot preemption
+
 SSH_DIR_MODE = 0o700
 
 
