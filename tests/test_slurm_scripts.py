@@ -221,7 +221,34 @@ def test_after_srun_counts_the_first_failing_rank_then_stops(tmp_path: Path, stu
         assert info.last_requeue == "rank 1: RuntimeError: boom on rank 1"
     assert info.state == "stopped" and "failures limit of 1 reached" in info.stop_reason
     assert "rank 1: RuntimeError: boom on rank 1" in info.stop_reason
-    assert [c["argv"] for c in calls(tmp_path / "scontrol.jsonl")] == [["requeue", "7"]]  # requeued once
+    requeues = [c["argv"] for c in calls(tmp_path / "scontrol.jsonl") if c["argv"][0] == "requeue"]
+    assert requeues == [["requeue", "7"]]  # requeued once
+
+
+@pytest.mark.parametrize("state, crash", [("RUNNING", True), ("REQUEUED", False), ("CANCELLED", False),
+                                          ("TIMEOUT", False), ("NODE_FAIL", False)])
+def test_after_srun_counts_no_crash_when_slurm_itself_ends_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                   state: str, crash: bool) -> None:
+    """An admin's `scontrol requeue` (or scancel) TERMs the ranks and the batch shell; under load srun
+    can exit of it before the shell's TERM arrives. Slurm's own view of the job tells the two apart: a
+    job a rank crashed in is still RUNNING."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$*" >> {tmp_path}/scontrol.log\n'
+                                      f'[ "$1" = show ] && echo "JobId=9 JobName=x JobState={state} Reason=None"\n'
+                                      "exit 0\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "9")
+    run = _crashed_run(tmp_path, max_failures=3)
+    run.update(state="terminated")  # rank 0 took the SIGTERM for a stop
+    slurm_env.after_srun(run)
+    info = run.info()
+    said = (tmp_path / "scontrol.log").read_text().splitlines()
+    assert said[0] == "show job -o 9", said
+    assert (info.requeues == {"failures": 1} and info.state == "requeued" and "requeue 9" in said) is crash, (info, said)
+    if not crash:
+        assert info.requeues == {} and info.state == "terminated" and len(said) == 1, (info, said)
 
 
 def test_after_srun_leaves_a_decided_run_alone(tmp_path: Path, stub_bin: Path, monkeypatch: pytest.MonkeyPatch) -> None:

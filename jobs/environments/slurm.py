@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import re
 import subprocess
 import sys
 import time
@@ -146,11 +147,27 @@ def after_srun(run: Run) -> None:
     info = run.info()
     if info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None:
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
+    if _slurm_ends_the_job():
+        return  # no crash: Slurm's own TERM (an admin's requeue, scancel) reached the ranks before this shell
     settle(run, None, info.exit_code or 1)
     records = sorted((run.dir / FAILURES).glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
         "srun failed without a Python error on any rank (killed? see the job's output file)"
     _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why)
+
+
+def _slurm_ends_the_job() -> bool:
+    """Whether Slurm itself is ending this job (`scontrol requeue`, scancel, the time limit, a node
+    failure). Its SIGTERM reaches the ranks and this shell; under load srun may exit of it before
+    this shell's own TERM arrives, which would look like a crash. A job whose rank crashed is still
+    RUNNING while its batch shell runs this; one Slurm ends is not (REQUEUED, CANCELLED, TIMEOUT, ...)."""
+    try:
+        shown = subprocess.run(["scontrol", "show", "job", "-o", os.environ.get("SLURM_JOB_ID", "")],
+                               capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False  # cannot tell: count it as a crash, as before
+    state = re.search(r"\bJobState=(\S+)", shown)
+    return state is not None and state.group(1) != "RUNNING"
 
 
 def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
