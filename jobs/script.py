@@ -5,8 +5,10 @@ The script runs as a child process of this one, as torchrun would start it: the 
 torchrun's variables (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT),
 the run's code_dir first on the import path, and the LAUNCHER_* variables of `jobs.script_start` (the
 run and checkpoint folders, which start of the run this is, whether it resumes), in its working
-directory (script.workdir: the run's work/ folder, or code_dir). A child process, not `runpy` in this one, because the script
-owns its process: its signal handlers, its `sys.exit` code, its crashes. This process stays in front of it:
+directory (script.workdir: the run's work/ folder, or code_dir), through `jobs/script_main.py`, which runs
+it as `python` would and ends its process without the interpreter's teardown (see there why). A child
+process, not `runpy` in this one, because the script owns its process: its signal handlers, its
+`sys.exit` code, its crashes. This process stays in front of it:
 - every line the script prints goes to `logs/rank<N>.log` and to this rank's console;
 - a stop signal (SIGTERM, SIGINT, and Slurm's SIGUSR1/SIGUSR2 preemption notice) reaches the script
   as SIGTERM, the signal any script can handle (a notice as the notice signal the script handles);
@@ -37,6 +39,7 @@ from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
 from jobs.script_start import Start, begin
 
+SCRIPT_MAIN = str(Path(__file__).with_name("script_main.py"))  # by path: a user's jobs/ folder cannot shadow it
 
 
 class ScriptFailed(SystemExit):
@@ -50,8 +53,9 @@ def script_command(run: Run, recipe: RecipeConfig, start: Start) -> list[str]:
     script = recipe.script
     assert script is not None, "jobs.script runs recipes with a script: section"
     head = [script.path] if script.path else ["-m", script.module or ""]
-    # -u: lines reach the log as they are printed
-    return [sys.executable, "-u", *head, *start.arguments(run, recipe)]
+    # -u: lines reach the log as they are printed; SCRIPT_MAIN runs it as python would, and ends the process
+    # without the interpreter's teardown, where DDP's gloo threads can abort a finished script
+    return [sys.executable, "-u", SCRIPT_MAIN, *head, *start.arguments(run, recipe)]
 
 
 def child_environment(run: Run, code_dir: str, rank: RankEnv, start: Start) -> dict[str, str]:
@@ -216,7 +220,7 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
     with open(run.dir / LOGS / f"rank{env.rank}.log", "ab") as log:
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
                   f"{env.local_rank}), run {run.dir}, {start.described(recipe)}: "
-                  f"{' '.join(command[2:])}\n".encode())
+                  f"{' '.join(command[3:])}\n".encode())
         if start.note and env.is_main:
             _say(log, f"launcher: {start.note}")
         log.flush()
