@@ -181,6 +181,40 @@ def test_a_later_stop_signal_kills_a_script_that_ignores_sigterm_after_kill_wait
     assert code == "-9" and name == "SIGUSR2" and 1.0 <= float(took) < 10, out.stdout
 
 
+# ----------------------------------------------------------------------------- local
+@pytest.mark.slow
+def test_lightning_cancelled_and_relaunched_locally_resumes_with_one_flag(tmp_path: Path) -> None:
+    """Lightning on this machine (no Slurm: its SIGTERM handler runs, no hpc checkpoint): `launcher cancel`
+    mid-run, then the same command again. `--resume-args '--ckpt_path=last'` is added on the second start
+    only, which resumes from the ModelCheckpoint's last.ckpt in the run's own folder and ends at max_steps."""
+    pytest.importorskip("lightning")
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(LIGHTNING_SCRIPT, project / "lightning_style.py")
+    run = ["run", "lightning_style.py", "--procs-per-node", "2", "--resume-args", "--ckpt_path=last", "--run-name",
+           "cut", "--", "--root={checkpoint_dir}", "--steps", "60", "--every", "20"]
+    first = subprocess.Popen([sys.executable, "-m", "launcher", *run, "--step-sleep", "0.1"], cwd=project,
+                             env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    last = project / "runs" / "cut" / "script_checkpoints" / "checkpoints" / "last.ckpt"
+    try:
+        wait_until(last.exists, "Lightning's last.ckpt", timeout=120)
+    finally:
+        cancel = user_cli(project, "cancel", "cut")
+        out = first.communicate(timeout=120)[0]
+    assert first.returncode == 143 and "the script was cancelled (SIGTERM)" in out, out
+    assert "finished at step" not in out and "--ckpt_path" not in out, out  # stopped early; a first start: no flag
+    assert "it does not use the runtime API" in cancel.stdout, cancel.stdout  # no checkpoint promised
+    again = user_cli(project, *run)
+    assert again.returncode == 0, again.stdout + again.stderr
+    starts = [int(step) for step in re.findall(r"\[rank0\] rank 0: training from step (\d+)", again.stdout)]
+    assert len(starts) == 1 and starts[0] >= 20, again.stdout  # from last.ckpt, not from 0
+    assert "[rank0] rank 0: finished at step 60" in again.stdout and "[rank1] rank 1: finished at step 60" in \
+        again.stdout, again.stdout
+    status = user_cli(project, "status", "cut").stdout.splitlines()
+    assert "state: completed" in status and "script_start: 2 (resumed earlier progress)" in status, status
+
+
 # ----------------------------------------------------------------------------- the local Slurm
 def _info(run_dir: Path) -> dict:
     return json.loads((run_dir / "run.json").read_text())
