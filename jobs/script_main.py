@@ -44,7 +44,7 @@ def main(argv: list[str]) -> None:
         print(f"{sys.executable}: can't open file {os.path.abspath(target)!r}: [Errno 2] No such file or directory",
               file=sys.stderr)
         os._exit(2)  # as python does
-    sys.argv = [target, *rest]  # runpy sets argv[0] to the file it runs, as python does
+    sys.argv = [target, *rest]  # as python sets it: the path as given
     sys.path[0] = os.getcwd() if module else os.path.dirname(os.path.abspath(target))  # this file's folder out
     try:
         if module:
@@ -70,14 +70,14 @@ def _run_file(path: str) -> None:
     """As `python path` runs it: in a fresh `__main__` module whose `__file__` is the absolute path
     (sys.argv[0] stays as given), compiled from bytes so its encoding declaration holds."""
     source = Path(path).absolute()
-    main = types.ModuleType("__main__")
-    main.__file__ = str(source)
-    main.__builtins__ = builtins
-    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", str(source))
-    sys.modules["__main__"] = main  # pickles of its classes (multiprocessing's spawn) find it there
+    script = types.ModuleType("__main__")
+    script.__file__ = str(source)
+    script.__builtins__ = builtins
+    script.__loader__ = importlib.machinery.SourceFileLoader("__main__", str(source))
+    sys.modules["__main__"] = script  # pickles of its classes (multiprocessing's spawn) find it there
     with io.open_code(str(source)) as file:
         code = compile(file.read(), str(source), "exec", dont_inherit=True)
-    exec(code, main.__dict__)
+    exec(code, script.__dict__)
 
 
 def _exit_status(code: object) -> int:
