@@ -192,7 +192,7 @@ def test_lightning_cancelled_and_relaunched_locally_resumes_with_one_flag(tmp_pa
     project.mkdir()
     shutil.copy(LIGHTNING_SCRIPT, project / "lightning_style.py")
     run = ["run", "lightning_style.py", "--procs-per-node", "2", "--resume-args", "--ckpt_path=last", "--run-name",
-           "cut", "--", "--root={checkpoint_dir}", "--steps", "60", "--every", "20"]
+           "cut", "--", "--root={checkpoint_dir}", "--steps", "40", "--every", "10"]
     first = subprocess.Popen([sys.executable, "-m", "launcher", *run, "--step-sleep", "0.1"], cwd=project,
                              env=user_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True)
@@ -208,8 +208,8 @@ def test_lightning_cancelled_and_relaunched_locally_resumes_with_one_flag(tmp_pa
     again = user_cli(project, *run)
     assert again.returncode == 0, again.stdout + again.stderr
     starts = [int(step) for step in re.findall(r"\[rank0\] rank 0: training from step (\d+)", again.stdout)]
-    assert len(starts) == 1 and starts[0] >= 20, again.stdout  # from last.ckpt, not from 0
-    assert "[rank0] rank 0: finished at step 60" in again.stdout and "[rank1] rank 1: finished at step 60" in \
+    assert len(starts) == 1 and starts[0] >= 10, again.stdout  # from last.ckpt, not from 0
+    assert "[rank0] rank 0: finished at step 40" in again.stdout and "[rank1] rank 1: finished at step 40" in \
         again.stdout, again.stdout
     status = user_cli(project, "status", "cut").stdout.splitlines()
     assert "state: completed" in status and "script_start: 2 (resumed earlier progress)" in status, status
@@ -248,15 +248,15 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
     stops the ranks, requeues once (sacct: one REQUEUED start) and counts it; the second start resumes
     from the hpc checkpoint and ends at the step count of a run never stopped."""
     pytest.importorskip("lightning")
-    project, runs, steps = tmp_path / "project", tmp_path / "runs", 120
+    project, runs, steps = tmp_path / "project", tmp_path / "runs", 80
     project.mkdir()
     shutil.copy(LIGHTNING_SCRIPT, project / "lightning_style.py")
-    args = ["--", "--steps", str(steps), "--every", "25", "--root={checkpoint_dir}"]
+    args = ["--", "--steps", str(steps), "--every", "20", "--root={checkpoint_dir}"]
     proc = user_cli(project, "run", "lightning_style.py", "--cluster", "local_slurm", "--procs-per-node", "2",
                     "--run-name", "pl", "--runs-dir", str(runs), *args, "--step-sleep", "0.1")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "pl"
-    job_id = _preempt_when(run_dir, "step 50\n")
+    job_id = _preempt_when(run_dir, "step 40\n")
     wait_until(lambda: _finished(run_dir, job_id), "the requeued job to complete", timeout=240)
 
     info = _info(run_dir)
@@ -269,7 +269,7 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
     hpc = sorted(p.name for p in (run_dir / "script_checkpoints").glob("hpc_ckpt_*.ckpt"))
     assert hpc == ["hpc_ckpt_1.ckpt"], hpc
     starts = [int(s) for s in re.findall(r"rank 0: training from step (\d+)", text)]
-    assert len(starts) == 2 and starts[0] == 0 and 50 <= starts[1] < steps, starts  # resumed, not from 0
+    assert len(starts) == 2 and starts[0] == 0 and 40 <= starts[1] < steps, starts  # resumed, not from 0
     assert "Restoring states from the checkpoint path at" in text and "hpc_ckpt_1.ckpt" in text, text
     ends = re.findall(r"rank (\d): finished at step (\d+)", text + (run_dir / "logs" / "rank1.log").read_text())
     # once each, at max_steps as a run never stopped ends (the first start stopped early, before `finished`)
