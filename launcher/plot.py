@@ -11,34 +11,67 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Iterator, Optional, Sequence
 
 from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import METRICS_JSONL
+from jobs.schema.run_files import open_regular, parse_json
 
 FORMATS = (".png", ".pdf", ".svg")
 NOT_CURVES = {"step", "time", "epoch", "samples_per_s"}  # bookkeeping, not something one compares runs by
 Curve = list[tuple[int, float]]
+MAX_LINE = 1 << 20  # one line of metrics.jsonl: a few hundred bytes when a rank writes it
+MAX_STEP = 2**53  # a step a float axis can place exactly
 
 
 def read_curves(run_dir: Path) -> dict[str, Curve]:
     """metric -> [(step, value)] sorted by step, one value per step (the last one logged)."""
     path = run_dir / METRICS_JSONL
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{path}: no such file: the run has logged no step here yet (a run on VMs logs on its "
                          f"first VM)")
     by_metric: dict[str, dict[int, float]] = {}
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a crash
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+    for row in _rows(path):
+        step = row.get("step")
+        if not isinstance(step, int) or abs(step) > MAX_STEP:
             continue
         for key, value in row.items():
-            if key not in NOT_CURVES and isinstance(value, (int, float)) and math.isfinite(value):
-                by_metric.setdefault(key, {})[row["step"]] = float(value)
+            number = _number(value)
+            if key not in NOT_CURVES and number is not None:
+                by_metric.setdefault(key, {})[step] = number
     return {metric: sorted(points.items()) for metric, points in by_metric.items()}
+
+
+def _rows(path: Path) -> Iterator[dict]:
+    """Each line of metrics.jsonl that is a JSON object; a line cut short by a crash, garbled or absurdly
+    long or deep is skipped. Only a regular file is read (a FIFO or /dev/zero would never end)."""
+    try:
+        f = open_regular(path)
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read: {err.strerror or err}") from None
+    with f:
+        while line := f.readline(MAX_LINE + 1):
+            if len(line) > MAX_LINE:
+                while line and not line.endswith(b"\n"):  # the rest of an over-long line
+                    line = f.readline(MAX_LINE)
+                continue
+            try:
+                row = parse_json(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict):
+                yield row
+
+
+def _number(value: Any) -> Optional[float]:
+    """A finite float from a logged value, or None (text, null, nan, an integer too large for a float)."""
+    if not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def default_metrics(curves: Iterable[dict[str, Curve]]) -> list[str]:
@@ -52,6 +85,8 @@ def check_out(out: str) -> Path:
     path = Path(out)
     if path.suffix.lower() not in FORMATS:
         raise UsageError(f"--out {out}: give a file ending in {', '.join(FORMATS)}")
+    if path.is_dir():
+        raise UsageError(f"--out {out}: is a folder", hint=f"give a file name, e.g. {path / 'curves.png'}")
     if not path.parent.is_dir():
         raise UsageError(f"--out {out}: folder {path.parent} does not exist")
     return path
@@ -100,8 +135,12 @@ def _panels(n: int) -> tuple[Any, list[Any]]:
 def save(fig: Any, out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as err:  # a read-only folder, /proc, a full disk
+        raise UsageError(f"--out {out}: cannot be written: {err.strerror or err}") from None
+    finally:
+        plt.close(fig)
 
 
 def trial_parameters(overrides: Sequence[str]) -> dict[str, Any]:

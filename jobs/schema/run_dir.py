@@ -37,6 +37,7 @@ from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.files import load_resolved, recipe_document, to_dict
 from jobs.schema.recipe import RecipeConfig
+from jobs.schema.run_files import load_record
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
@@ -177,7 +178,7 @@ _INFO_TYPES, _RESULT_TYPES = _json_types(RunInfo), _json_types(RunResult)
 def read_object(path: Path, types: dict[str, type]) -> tuple[dict[str, Any], str]:
     """The JSON object in `path` ({} if there is no file) and "", or {} and why it cannot be used."""
     try:
-        data = json.loads(path.read_bytes())
+        data = load_record(path)  # bounded: a FIFO, /dev/zero or JSON nested 200k deep is refused, not read
     except (FileNotFoundError, NotADirectoryError):
         return {}, ""
     except (OSError, ValueError) as err:  # ValueError: invalid JSON or not UTF-8 (a partial write)

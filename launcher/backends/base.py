@@ -6,6 +6,7 @@ outside `launcher/backends/` knows which scheduler runs a job.
 """
 from __future__ import annotations
 
+import io
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Protocol, Sequence, cast
 
 from jobs.schema.run_dir import Run
+from jobs.schema.run_files import open_regular
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 from launcher.checks import Check
@@ -138,9 +140,14 @@ def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> in
     path = run.dir / "logs" / f"rank{rank}.log"
     if not path.exists():
         raise UsageError(f"{path}: no log for rank {rank} (yet)")
+    try:
+        raw = open_regular(path)  # a FIFO would block for ever, a link to /dev/zero never end
+    except OSError as err:
+        raise UsageError(f"{path}: cannot be read: {err.strerror or err}",
+                         hint="a rank's log is a plain file the launcher writes: move this one aside") from None
     # a log is what a process wrote, not necessarily UTF-8: show undecodable bytes as U+FFFD, never fail
-    with open(path, encoding="utf-8", errors="replace") as f:
-        sys.stdout.write(f.read())
+    with io.TextIOWrapper(raw, encoding="utf-8", errors="replace") as f:
+        _copy(f)
         while follow and live():
             line = f.readline()
             if line:
@@ -148,5 +155,11 @@ def print_log(run: Run, rank: int, follow: bool, live: Callable[[], bool]) -> in
                 sys.stdout.flush()
             else:
                 time.sleep(0.5)
-        sys.stdout.write(f.read())
+        _copy(f)
     return 0
+
+
+def _copy(f: io.TextIOWrapper) -> None:
+    """The rest of `f` to stdout, a chunk at a time: a log of many GiB is never held whole."""
+    while chunk := f.read(1 << 20):
+        sys.stdout.write(chunk)

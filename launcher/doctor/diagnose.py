@@ -50,9 +50,16 @@ def _requeue_fix(records: RunRecords, counts: dict, stopped: bool) -> str:
     return "; ".join(tips) or "nothing to do: every requeue resumed from the newest checkpoint"
 
 
+def unread_files(records: RunRecords) -> list[Finding]:
+    """Records and logs that could not be read (damaged, or no regular file): what they held is not diagnosed."""
+    return [Finding(f"{what}: not read, so not diagnosed", "the launcher writes these as plain JSON and text "
+                    "files: repair this one or move it aside", failure=False)
+            for what in records.unread]
+
+
 RULES: tuple[Callable[[RunRecords], list[Finding]], ...] = (
     out_of_memory, script_failures, label_out_of_range, cudnn_not_initialized, rendezvous, disk_full, store_down,
-    collective_failure, requeues)
+    collective_failure, requeues, unread_files)
 
 
 def diagnose(records: RunRecords) -> list[Finding]:

@@ -9,6 +9,7 @@ from typing import Any, Iterator, Optional
 
 from launcher.doctor.findings import Line
 from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
+from jobs.schema.run_files import NotRegularFile, open_regular
 
 # The first line a rank writes at every launch: jobs.train's "rank 0 of 2 on HOST" and jobs.script's
 # "launcher: rank 0 of 2 on HOST". The last one in a log starts the launch being diagnosed.
@@ -36,6 +37,7 @@ class RunRecords:
     cluster: dict = field(default_factory=dict)
     ranks: tuple[RankLog, ...] = ()
     job_output: tuple[Line, ...] = ()  # the Slurm job's output files and failure records
+    unread: tuple[str, ...] = ()  # "logs/rank0.log: not a regular file (a FIFO)": files skipped, and why
 
     def lines(self) -> Iterator[Line]:
         for log in self.ranks:
@@ -54,20 +56,22 @@ class RunRecords:
 
 
 def read_run(run: Run) -> RunRecords:
+    unread = run.problems()  # run.json or result.json damaged: said, not taken for "no record"
+    ranks = tuple(_rank_logs(run.dir, unread))
     return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=run.written_config(CONFIG_YAML),
-                      cluster=run.written_config(CLUSTER_YAML), ranks=tuple(_rank_logs(run.dir)),
-                      job_output=tuple(_job_output(run)))
+                      cluster=run.written_config(CLUSTER_YAML), ranks=ranks,
+                      job_output=tuple(_job_output(run, unread)), unread=tuple(unread))
 
 
-def _rank_logs(run_dir: Path) -> Iterator[RankLog]:
+def _rank_logs(run_dir: Path, unread: list[str]) -> Iterator[RankLog]:
     found = sorted((int(m.group(1)), p) for p in (run_dir / LOGS).glob("rank*.log") if (m := RANK_LOG.match(p.name)))
     for rank, path in found:
-        lines = read_lines(path, f"{LOGS}/{path.name}")
+        lines = read_lines(path, f"{LOGS}/{path.name}", unread)
         starts = [i for i, line in enumerate(lines) if LAUNCH_START.search(line.text)]
         yield RankLog(rank, tuple(lines[starts[-1]:] if starts else lines))
 
 
-def _job_output(run: Run) -> Iterator[Line]:
+def _job_output(run: Run, unread: list[str]) -> Iterator[Line]:
     """The current Slurm job's output (submitit's or an sbatch script's) and its ranks' failure records."""
     info = run.info()
     paths: list[Path] = []
@@ -81,19 +85,23 @@ def _job_output(run: Run) -> Iterator[Line]:
             shown = str(path.relative_to(run.dir))
         except ValueError:
             shown = str(path)
-        yield from read_lines(path, shown)
+        yield from read_lines(path, shown, unread)
 
 
-def read_lines(path: Path, shown: str) -> list[Line]:
-    """The file's lines (its last MAX_READ bytes) numbered as in the file; [] if it cannot be read. A log is
+def read_lines(path: Path, shown: str, unread: list[str]) -> list[Line]:
+    """The file's lines (its last MAX_READ bytes) numbered as in the file; [] if it cannot be read, and
+    `unread` says why where it is no regular file (a FIFO would block, /dev/zero never ends). A log is
     what a process wrote, not necessarily UTF-8: undecodable bytes read as U+FFFD."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = f.seek(0, 2)
             skipped = max(0, size - MAX_READ)
             first = _count_lines(f, skipped) + 1
             f.seek(skipped)
-            data = f.read()
+            data = f.read(MAX_READ)  # a file that grows while it is read is still read only this far
+    except NotRegularFile as err:
+        unread.append(f"{shown}: {err}")
+        return []
     except OSError:
         return []
     text = data.decode(errors="replace").splitlines()
