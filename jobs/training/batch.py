@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from jobs.schema import RecipeConfig
+from jobs.schema.run_files import load_record
 
 log = logging.getLogger("jobs.trainer")
 
@@ -92,9 +93,10 @@ def search(per_replica: int, fits: Callable[[int], bool]) -> tuple[Optional[int]
 # ---------------------------------------------------------------------- the run's record
 def read_record(run_dir: Path) -> Optional[dict[str, Any]]:
     try:
-        return json.loads((run_dir / RECORD).read_text())
+        data = load_record(run_dir / RECORD)  # bounded: a damaged record reads as none, a search runs again
     except (OSError, ValueError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:

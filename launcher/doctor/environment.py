@@ -62,8 +62,9 @@ def store_check(cluster: ClusterConfig, store: Optional[str]) -> Check:
                      "--store s3://BUCKET/PREFIX checks one")
     uri = store or "s3://"
     shown = redact_text(store) if store else f"the buckets at {endpoint}"
-    if is_s3(uri) and not _has_credentials(cluster):
-        return Check("checkpoint store", False, f"{shown}: no AWS credentials found",
+    missing = _credentials_missing(cluster) if is_s3(uri) else None
+    if missing:
+        return Check("checkpoint store", False, f"{shown}: {missing}",
                      "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or storage.profile")
     listing, err = bounded(lambda: _list(filesystem(uri, cluster.storage)))
     if err is not None:
@@ -81,12 +82,17 @@ def _list(fs_path: tuple[Any, str]) -> list:
         return []
 
 
-def _has_credentials(cluster: ClusterConfig) -> bool:
-    """Whether boto3 finds any credentials (variables, profile, instance role); it never prints them."""
+def _credentials_missing(cluster: ClusterConfig) -> Optional[str]:
+    """Why boto3 finds no credentials (variables, profile, instance role), or None; it never prints them."""
     import boto3
+    from botocore.exceptions import BotoCoreError
 
-    session = boto3.session.Session(profile_name=cluster.storage.profile)
-    return bounded(session.get_credentials, SSH_TIMEOUT_S)[0] is not None
+    try:  # a storage.profile that ~/.aws/config lacks raises here (ProfileNotFound)
+        session = boto3.session.Session(profile_name=cluster.storage.profile)
+    except BotoCoreError as err:
+        return (f"cluster config {cluster.name}: storage.profile {cluster.storage.profile!r} cannot be used: "
+                f"{one_line(str(err), 200)}")
+    return None if bounded(session.get_credentials, SSH_TIMEOUT_S)[0] is not None else "no AWS credentials found"
 
 
 def tracker_check() -> Check:

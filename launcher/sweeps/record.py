@@ -12,6 +12,7 @@ from typing import Any, Optional
 from launcher.sweeps.space import SweepSpec, Trial, shown
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
+from jobs.schema.run_files import load_record
 
 
 def sweeps_dir(root: Path) -> Path:
@@ -27,7 +28,19 @@ def read_record(root: Path, name: str) -> dict[str, Any]:
     if not path.exists():
         known = sorted(p.stem for p in sweeps_dir(root).glob("*.json")) if sweeps_dir(root).exists() else []
         raise UsageError(f"{path}: no such sweep (sweeps in {sweeps_dir(root)}: {', '.join(known) or 'none'})")
-    return json.loads(path.read_text())
+    return _load(path)
+
+
+def _load(path: Path) -> dict[str, Any]:
+    """A sweep's record: a UsageError naming the file if it is damaged (not JSON, not an object, a FIFO)."""
+    try:
+        record = load_record(path)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"{path}: unreadable: {err}", hint="repair or move this file aside") from None
+    if not isinstance(record, dict):
+        raise UsageError(f"{path}: unreadable: a JSON {type(record).__name__}, not an object",
+                         hint="repair or move this file aside")
+    return record
 
 
 def write_record(root: Path, name: str, record: dict[str, Any]) -> None:
@@ -44,7 +57,7 @@ def existing_record(root: Path, name: str, spec: dict[str, Any]) -> Optional[dic
     path = record_path(root, name)
     if not path.exists():
         return None
-    record = json.loads(path.read_text())
+    record = _load(path)
     if record.get("spec") != spec:
         raise UsageError(f"sweep {name!r} already exists with another spec ({path})",
                          hint="choose another --name, or leave --name out to name the sweep by its spec")
