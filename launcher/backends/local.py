@@ -26,6 +26,10 @@ from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 
 RESTARTS_RUNS = False  # a stopped local run starts again only when the user launches it again
+# Ranks per CPU allowed before a launch is refused: oversubscribing a little is common (a 4-rank gloo test on
+# a 2-core laptop), 100000 ranks are a typo that would start processes until the machine stalls.
+RANKS_PER_CPU, MIN_RANKS_LIMIT = 4, 8
+MAX_RANKS_ENV = "LAUNCHER_MAX_LOCAL_RANKS"  # the user's own limit, for a machine they know can take more
 
 
 def rank_command(recipe: RecipeConfig, run: Run) -> list[str]:
@@ -43,6 +47,27 @@ def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
         raise UsageError(f"cluster config {cluster.name!r} (local) runs one node but the recipe asks for "
                          f"parallel.nodes={recipe.parallel.nodes}", hint="set parallel.nodes=1 or use a Slurm "
                          "cluster config (--cluster ...)")
+    nproc, limit = recipe.parallel.procs_per_node, local_ranks_limit()
+    if nproc > limit:
+        raise UsageError(f"parallel.procs_per_node={nproc}: more ranks than this machine can run ({_cpus()} CPUs: "
+                         f"at most {limit}, {RANKS_PER_CPU} per CPU)", hint=f"lower parallel.procs_per_node "
+                         f"(--procs-per-node), or allow more: {MAX_RANKS_ENV}={nproc}")
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (taskset, a cgroup's cpuset), not the machine's total."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def local_ranks_limit() -> int:
+    """How many ranks one local launch may start: $LAUNCHER_MAX_LOCAL_RANKS, else a few per CPU."""
+    given = os.environ.get(MAX_RANKS_ENV, "").strip()
+    if not given:
+        return max(MIN_RANKS_LIMIT, RANKS_PER_CPU * _cpus())
+    if not given.isdigit() or int(given) < 1:
+        raise UsageError(f"{MAX_RANKS_ENV}={given[:40]!r}: not a positive whole number",
+                         hint="set it to the most ranks one local launch may start, or unset it")
+    return int(given)
 
 
 def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
