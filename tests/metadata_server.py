@@ -88,6 +88,7 @@ class State:
             self.action: Optional[dict[str, str]] = None
             self.rebalance: Optional[dict[str, str]] = None
             self.failures: tuple[int, int] = (0, 0)  # (status, how many more requests get it)
+            self.etag_prefix = ""  # put before every ETag: a test's odd one ("a b&c"), which GCE could send
             self.cond.notify_all()
 
     def notice(self, action: str = "terminate") -> None:
@@ -104,6 +105,9 @@ class State:
     def preempted_text(self) -> str:
         return "TRUE" if self.preempted else "FALSE"
 
+    def etag(self) -> str:
+        return self.etag_prefix + etag_of(self.preempted_text())
+
     def wait_for_change(self, last_etag: str, timeout: Optional[float]) -> bool:
         """Block until the value's ETag differs from `last_etag`, the timeout passes, or the server stops.
         False only when the server is stopping (the client then gets no answer, as from a dying server)."""
@@ -111,7 +115,7 @@ class State:
         with self.cond:
             self.long_polls += 1
             try:
-                while etag_of(self.preempted_text()) == last_etag and not self.closing:
+                while self.etag() == last_etag and not self.closing:
                     left = None if deadline is None else deadline - time.monotonic()
                     if left is not None and left <= 0:
                         break
@@ -198,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
             return self._reply(404, "text/html", "not found\n")
         if query.get("wait_for_change", "").lower() == "true":
             with state.cond:
-                last = query.get("last_etag") or etag_of(state.preempted_text())
+                last = query.get("last_etag") or state.etag()
             try:
                 timeout = float(query["timeout_sec"]) if "timeout_sec" in query else None
             except ValueError:
@@ -207,9 +211,8 @@ class Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
                 return 0
         with state.cond:
-            value = state.preempted_text()
-        return self._reply(200, "application/text", value,
-                           {"Metadata-Flavor": "Google", "ETag": etag_of(value)})
+            value, etag = state.preempted_text(), state.etag()
+        return self._reply(200, "application/text", value, {"Metadata-Flavor": "Google", "ETag": etag})
 
     def _aws(self, method: str, path: str) -> int:
         state = self.server.state
@@ -309,6 +312,11 @@ class MetadataServer:
         """Every AWS token issued so far stops working (GETs with it get 401)."""
         with self.state.cond:
             self.state.tokens.clear()
+
+    def etag_prefix(self, prefix: str) -> None:
+        """Every GCE ETag from now on starts with `prefix` (a space, '&', '#': the client must quote it)."""
+        with self.state.cond:
+            self.state.etag_prefix = prefix
 
     def fail_next(self, status: int, count: int) -> None:
         """The next `count` metadata requests get `status` (503: the service is having a bad time)."""

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Iterator, Optional
 
 import pytest
@@ -209,6 +210,29 @@ def test_5xx_answers_are_retried_and_logged_once(server: MetadataServer, watcher
     assert len(warnings) == 1 and "503" in warnings[0], warnings
 
 
+@pytest.mark.parametrize("etag", ["a b", "x&last_etag=y#z", "\u00e9/+%20"])
+def test_gce_etag_with_odd_characters_is_quoted_and_the_notice_seen(server: MetadataServer, etag: str,
+                                                                    watchers: list[NoticeWatcher]) -> None:
+    """GCE's ETag is the server's text: sent back unquoted, a space made every long poll fail (issue 23)."""
+    server.etag_prefix(etag)
+    watcher, got = watch(watchers, "gce", server.url, long_poll_s=60)
+    wait_until(lambda: server.long_polls >= 1, "a long poll with the odd ETag", timeout=WAIT_S, poll=0.02)
+    server.notice()
+    wait_until(lambda: got.notices, "the notice", timeout=WAIT_S, poll=0.02)
+    assert got.kinds() == ["preemption"]
+    assert all(r.status == 200 for r in server.requests), server.requests
+
+
+def test_a_failing_watcher_says_so_once_through_on_error(server: MetadataServer, watchers: list[NoticeWatcher]) -> None:
+    """As loud as a missing watcher: the agent writes on_error's line into rank 0's log, once per kind."""
+    said: list[str] = []
+    server.fail_next(503, 5)
+    watcher = NoticeWatcher("gce", server.url, on_notice=Collected(), long_poll_s=60, on_error=said.append)
+    watchers.append(watcher.start())
+    wait_until(lambda: server.long_polls >= 1, "the long poll after five 503s", timeout=WAIT_S, poll=0.02)
+    assert len(said) == 1 and said[0].startswith("WARNING: ") and server.url in said[0] and "503" in said[0], said
+
+
 @pytest.mark.parametrize("provider", ["gce", "aws"])
 def test_stop_ends_the_thread_mid_wait(server: MetadataServer, provider: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="launcher.spot")
@@ -287,3 +311,21 @@ def test_command_lines_print_the_notice_as_json() -> None:
     bad = subprocess.run([sys.executable, "-m", "jobs.environments.spot", "--provider", "gce", "--url", "ftp://x"],
                          cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not an http(s) URL" in bad.stderr and bad.stdout == ""
+
+
+def test_the_node_agent_writes_a_failing_watchers_warning_into_rank_0s_log(tmp_path: Path) -> None:
+    """A watcher that cannot reach its metadata service is as loud as a missing one: one WARNING line in the
+    log `launcher logs RUN` shows, naming the endpoint and the error, however many polls fail."""
+    from jobs.environments.vms import Agent
+
+    url = f"http://{HOST_B}:{free_port(HOST_B)}"  # nothing listens there
+    watcher = Agent(tmp_path, HOST_B, 1).watch("aws", url, 0.05)
+    try:
+        log = tmp_path / "logs" / "rank0.log"
+        wait_until(lambda: log.exists() and "WARNING" in log.read_text(), "the warning in rank 0's log",
+                   timeout=WAIT_S, poll=0.02)
+        time.sleep(0.5)  # ten more failed polls: still one line
+    finally:
+        watcher.stop()
+    lines = log.read_text().splitlines()
+    assert len(lines) == 1 and url in lines[0] and "ConnectionRefusedError" in lines[0], lines

@@ -31,7 +31,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 log = logging.getLogger("launcher.spot")
 
@@ -105,7 +105,7 @@ class NoticeWatcher:
 
     def __init__(self, provider: str, base_url: Optional[str] = None, poll_s: float = AWS_POLL_S,
                  on_notice: Optional[Callable[[Notice], None]] = None, *, long_poll_s: int = LONG_POLL_S,
-                 token_ttl_s: int = TOKEN_TTL_S) -> None:
+                 token_ttl_s: int = TOKEN_TTL_S, on_error: Optional[Callable[[str], None]] = None) -> None:
         if provider not in PROVIDERS:
             raise ValueError(f"provider {provider!r}: use one of {', '.join(PROVIDERS)}")
         url = urlsplit(base_url or DEFAULT_URL)
@@ -116,6 +116,7 @@ class NoticeWatcher:
         self.provider, self.base_url, self.poll_s = provider, (base_url or DEFAULT_URL).rstrip("/"), poll_s
         self.long_poll_s, self.token_ttl_s = int(long_poll_s), int(token_ttl_s)
         self._on_notice = on_notice
+        self._on_error = on_error  # each kind of error once: a watcher that cannot watch must be seen (a rank log)
         self._address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
         self._https = url.scheme == "https"
         self._stop = threading.Event()
@@ -178,6 +179,12 @@ class NoticeWatcher:
             self._logged.add(kind)
             log.warning("spot notices (%s, %s): %s; retrying (not logged again: %s)",
                         self.provider, self.base_url, message, kind)
+            if self._on_error is not None:
+                try:
+                    self._on_error(f"WARNING: spot/preemption notices from {self.base_url} ({self.provider}) cannot "
+                                   f"be read: {message}; a preemption may go unseen while this lasts (retrying)")
+                except Exception:  # the report's failure must not end the watch
+                    log.exception("spot watcher error callback failed")
 
     def _fire(self, kind: str, detail: str) -> None:
         if kind in self._fired:
@@ -197,7 +204,8 @@ class NoticeWatcher:
         path, timeout = GCE_PREEMPTED, REQUEST_TIMEOUT_S
         if self._gce_read:
             path += f"?wait_for_change=true&timeout_sec={self.long_poll_s}"
-            path += f"&last_etag={self._etag}" if self._etag else ""
+            # quoted: the ETag is the server's text, and one with a space or a '&' would break every later poll
+            path += f"&last_etag={quote(self._etag, safe='')}" if self._etag else ""
             timeout += self.long_poll_s
         resp = self._request("GET", path, {"Metadata-Flavor": "Google"}, timeout)
         if resp.status != 200:

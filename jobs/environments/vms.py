@@ -108,7 +108,7 @@ class Agent:
         from jobs.environments.spot import NoticeWatcher
 
         return NoticeWatcher(provider, url.replace("{host}", self.host) if url else None, poll_s,
-                             self.on_notice).start()
+                             self.on_notice, on_error=self.run.note).start()  # in rank 0's log: `launcher logs`
 
     # ------------------------------------------------------------------ processes
     def _ranks(self) -> list[int]:
