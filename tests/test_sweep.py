@@ -103,6 +103,9 @@ def test_random_samples_per_grid_point() -> None:
     ((), ("optim.lr=uniform:a:b",), 2, "two float bounds"),
     ((), ("trainer.micro_batch=choice:",), 2, "choice needs values"),
     (("optim.lr=0.1,0.2",), (), 3, "needs --random"),
+    (("optim.lr=0.1,0.2\n",), (), 1, "control character '\\n'"),  # a newline ran trials (issue 23)
+    (("optim.name=sgd,\x1b[2Jadamw",), (), 1, "control character '\\x1b'"),
+    ((), ("trainer.micro_batch=choice:16,\r32",), 2, "control character '\\r'"),
 ])
 def test_bad_sweep_specs_are_refused(grid: tuple, rand: tuple, trials: int, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):

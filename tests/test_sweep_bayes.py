@@ -24,6 +24,7 @@ from launcher.preflight import Target
 from launcher.sweeps.bayes import BayesSpec, Sweep, trial_name, work
 from launcher.sweeps.bayes.spec import distributions
 from jobs.schema import RecipeConfig
+from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import Run, RunResult, committed_steps
 from jobs.schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
@@ -112,6 +113,21 @@ def test_outcomes_are_told_and_the_table_shows_best_pruned_importances(runs_dir:
     assert re.search(r"told-t01\s+pruned", out) and re.search(r"told-t02\s+failed", out), out
 
 
+@pytest.mark.parametrize("name", ["../escaped", "/tmp", "a\nb", 7])
+def test_a_run_name_read_back_from_the_journal_is_checked_as_at_launch(tmp_path: Path, name: object) -> None:
+    """The journal is a file in the runs directory: a run_name edited into it must not become a path."""
+    from launcher.sweeps.bayes.claims import claim
+
+    sweep = _sweep(tmp_path / "runs", "j", trials=2)
+    assert claim(sweep, 0) is not None  # trial 0, RUNNING, this worker's
+    storage = sweep.storage()
+    trial = load_study(storage, "j").get_trials(deepcopy=False)[0]
+    storage.set_trial_user_attr(trial._trial_id, "run_name", name)
+    with pytest.raises(UsageError, match="not a (valid )?name"):
+        claim(sweep, 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
 def test_importances_with_too_few_completed_trials(runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
     sweep = _sweep(runs_dir, "few", trials=1)
     (runs_dir / "sweeps" / "few.json").write_text(json.dumps(
@@ -188,6 +204,8 @@ def test_asha_rungs_start_at_the_third_evaluation_and_keep_the_top_third(tmp_pat
     (["--search", "bayes", "--param", "model.dropout=uniform:0:1.5", "--trials", "2"],
      "model.dropout: 1.5 must be between 0 and 1"),
     (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--trials", "0"], "--trials 0 must be >= 1"),
+    (["--search", "bayes", "--param", "trainer.micro_batch=choice:16,32\n", "--trials", "2"],
+     "control character '\\n' in the value"),  # accepted, and ran trials (issue 23)
     (["--search", "bayes", "--param", "optim.lr=uniform:0.1:0.2", "--trials", "2", "--workers", "0"],
      "--workers 0 must be >= 1"),
 ])

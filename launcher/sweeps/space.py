@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.schema.errors import UsageError
+from jobs.schema.errors import UsageError, short
 from jobs.schema.secrets import redact_text
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
@@ -67,6 +67,10 @@ def split_values(raw: str) -> list[str]:
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
+    control = next((ch for ch in item if ord(ch) < 0x20 or 0x7f <= ord(ch) < 0xa0), None)
+    if control is not None:  # a newline would end a line of the trial's overrides in every file and log
+        raise UsageError(f"{flag} {short(item)}: control character {control!r} in the value",
+                         hint="give each sweep value as one line of printable text")
     key, sep, raw = item.partition("=")
     if not sep or not key or not raw:
         example = "optim.lr=1e-3,1e-2" if flag == "--grid" else "optim.lr=loguniform:1e-4:1e-1"

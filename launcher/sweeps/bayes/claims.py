@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Callable, Optional
 
 from launcher.backends.base import SweepWorkers, workers as sweep_workers
 from launcher.preflight import Target
-from launcher.runs import prepare_run
+from launcher.runs import prepare_run, run_at
 from launcher.sweeps.bayes.spec import BayesSpec, distributions, override_text, trial_name
 from launcher.sweeps.record import sweeps_dir
 from launcher.sweeps.space import shown
 from jobs.schema import RecipeConfig
+from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import ENDED_BY_STOP, Run
 from jobs.schema.study import STUDY_JOURNAL, TrialTicket, journal_storage, load_study
 
@@ -105,7 +106,7 @@ def claim(sweep: Sweep, worker: int) -> Optional[Claimed]:
         trials = study.get_trials(deepcopy=False)
         for trial in trials:
             if trial.state == TrialState.RUNNING and trial.user_attrs.get("worker") == worker:
-                run = Run.at(sweep.root / trial.user_attrs["run_name"])
+                run = _trial_run(sweep, trial.user_attrs.get("run_name"))
                 if tell(study, trial.number, run, sweep.metric) in ("", *ENDED_BY_STOP):
                     return Claimed(trial.number, tuple(trial.user_attrs["overrides"]), resumed=True)
         if len(trials) >= sweep.spec.trials:
@@ -117,6 +118,15 @@ def claim(sweep: Sweep, worker: int) -> Optional[Claimed]:
                            ("overrides", overrides), ("worker", worker)):
             trial.set_user_attr(key, value)
         return Claimed(trial.number, tuple(overrides), resumed=False)
+
+
+def _trial_run(sweep: Sweep, name: object) -> Run:
+    """The run of a trial the journal names: checked as a launch checks a run name (the journal is a file
+    anyone with the runs directory can edit, and `../x` or `/etc` must not become a run directory)."""
+    if not isinstance(name, str):
+        raise UsageError(f"{sweep.folder / STUDY_JOURNAL}: a trial's run_name is {name!r:.40}, not a name",
+                         hint="the study journal is damaged: start the sweep again under another --name")
+    return run_at(sweep.root, name)
 
 
 def tell(study: "optuna.Study", number: int, run: Run, metric: str, code: Optional[int] = None) -> str:
