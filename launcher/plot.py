@@ -55,6 +55,8 @@ def _rows(path: Path) -> Iterator[dict]:
                 while line and not line.endswith(b"\n"):  # the rest of an over-long line
                     line = f.readline(MAX_LINE)
                 continue
+            if not line.lstrip().startswith(b"{"):  # not a row: skipped without a parse (millions of them)
+                continue
             try:
                 row = parse_json(line)
             except ValueError:

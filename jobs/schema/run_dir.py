@@ -37,7 +37,7 @@ from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.files import load_resolved, recipe_document, to_dict
 from jobs.schema.recipe import RecipeConfig
-from jobs.schema.run_files import load_record
+from jobs.schema.run_files import MAX_RECORD, load_record, read_capped
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
@@ -225,9 +225,9 @@ class Run:
     def written_config(self, name: str) -> dict:
         """CONFIG_YAML or CLUSTER_YAML as written (secrets masked, nothing checked), {} if it cannot be
         read: for a diagnosis, which must read a run whose files are broken too."""
-        try:
-            data = yaml.safe_load((self.dir / name).read_text(errors="replace"))
-        except (OSError, yaml.YAMLError):
+        try:  # bounded (a FIFO or /dev/zero is not read); RecursionError: YAML nested thousands deep
+            data = yaml.safe_load(read_capped(self.dir / name, MAX_RECORD).decode(errors="replace"))
+        except (OSError, ValueError, RecursionError, yaml.YAMLError):
             return {}
         return data if isinstance(data, dict) else {}
 

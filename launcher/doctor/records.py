@@ -18,6 +18,7 @@ LAUNCH_START = re.compile(r"(?:INFO jobs\.train: |^launcher: )rank \d+ of \d+ on
 LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[rank(\d+)\] ([A-Z]+) ([\w.]+): ")
 RANK_LOG = re.compile(r"^rank(\d+)\.log$")
 MAX_READ = 8 << 20  # bytes read from the end of one file: a week-long run's log is not read whole
+MAX_LINES = 100_000  # and of those, the lines kept: 8 MiB of one-character lines would take the rules minutes
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,7 @@ def read_lines(path: Path, shown: str, unread: list[str]) -> list[Line]:
     except OSError:
         return []
     text = data.decode(errors="replace").splitlines()
+    first, text = first + max(0, len(text) - MAX_LINES), text[-MAX_LINES:]
     return [Line(shown, first + i, line) for i, line in enumerate(text)]
 
 

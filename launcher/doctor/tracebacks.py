@@ -9,6 +9,7 @@ followed apart. Indentation is read relative to the `Traceback` line, which carr
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ def _files(records: RunRecords) -> Iterator[Sequence[Line]]:
     yield from by_path.values()
 
 
+@functools.lru_cache(maxsize=256)  # called for every line, with a few file names
 def _rank_of_file(path: str) -> Optional[int]:
     m = re.search(r"rank(\d+)", Path(path).name)
     return int(m.group(1)) if m else None
