@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from hypothesis import strategies as st
 from launcher.cli import main
 
 TIME_LIMIT_S = 10  # a reader that takes longer is hanging (each case takes milliseconds)
+MEMORY_HEADROOM = 1 << 30  # a reader needs a few MiB: one that wants a GiB more is reading without end
 DAMAGE = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                          HealthCheck.function_scoped_fixture])
@@ -48,18 +50,34 @@ def cli(*argv: str) -> Outcome:
     """`launcher ARGV` in this process: its exit code (or SystemExit's code), stdout and stderr. An
     exception other than SystemExit propagates: that is the traceback a user would see."""
     out, err = io.StringIO(), io.StringIO()
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
-    try:
+    with _bounded():
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code: Any = main(list(argv))
             except SystemExit as exit_:
                 code = exit_.code
+    return Outcome(code, out.getvalue(), err.getvalue())
+
+
+@contextlib.contextmanager
+def _bounded() -> Iterator[None]:
+    """A regression fails the case instead of hanging or exhausting the machine: an alarm interrupts a
+    blocked open() of a FIFO; reading /dev/zero never blocks (no signal is seen), so the address space
+    gets MEMORY_HEADROOM more than now and that read ends in a MemoryError."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    limits = resource.getrlimit(resource.RLIMIT_AS)
+    used = int(next(line for line in Path("/proc/self/status").read_text().splitlines()
+                    if line.startswith("VmSize:")).split()[1]) << 10
+    cap = used + MEMORY_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (cap if limits[1] == resource.RLIM_INFINITY else min(cap, limits[1]),
+                                            limits[1]))
+    signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT_S)
+    try:
+        yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+        resource.setrlimit(resource.RLIMIT_AS, limits)
         signal.signal(signal.SIGALRM, previous)
-    return Outcome(code, out.getvalue(), err.getvalue())
 
 
 def assert_clean(result: Outcome, codes: tuple = (0, 2)) -> None:
@@ -172,6 +190,10 @@ def test_more_local_ranks_than_the_machine_can_run_are_refused(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from launcher.backends import local
 
+    def refuse(*args: Any, **kwargs: Any) -> None:  # a regression must fail here, not start 100000 processes
+        raise AssertionError(f"started a process: {args[0] if args else kwargs}")
+
+    monkeypatch.setattr(local.subprocess, "Popen", refuse)
     (tmp_path / "s.py").write_text("print('ran')\n")
     monkeypatch.chdir(tmp_path)
     result = cli("run", "s.py", "--procs-per-node", "100000", "--runs-dir", str(tmp_path / "runs"))
