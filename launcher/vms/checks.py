@@ -12,7 +12,7 @@ import shlex
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from launcher.checks import SSH_TIMEOUT_S, Check
+from launcher.checks import CHECK_TIMEOUT_S, SSH_TIMEOUT_S, Check
 from launcher.vms import ssh
 from launcher.vms.hosts import hosts_from_command
 from launcher.vms.ssh import HostError, HostSpec
@@ -153,7 +153,9 @@ def doctor_checks(cluster: ClusterConfig) -> list[Check]:
     cfg = cluster.vms
     assert cfg is not None  # ClusterConfig.check: backend vms has a vms: section
     try:
-        hosts = list(cfg.hosts) or hosts_from_command(cfg.hosts_command or "", f"cluster config {cluster.name}")
+        # bounded as every doctor check is (launch itself waits up to HOSTS_COMMAND_TIMEOUT_S)
+        hosts = list(cfg.hosts) or hosts_from_command(cfg.hosts_command or "", f"cluster config {cluster.name}",
+                                                      CHECK_TIMEOUT_S)
     except UsageError as err:
         return [Check("VMs", False, str(err).splitlines()[0])]
     specs = [replace(s, connect_timeout_s=min(s.connect_timeout_s, SSH_TIMEOUT_S))
