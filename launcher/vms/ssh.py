@@ -221,15 +221,18 @@ def run_all(specs: Sequence[HostSpec], command: str, timeout: Optional[float] = 
 
 
 async def sync_tree_async(target: Union[HostSpec, asyncssh.SSHClientConnection],
-                          files: Sequence[tuple[Path, str]], remote_dir: str) -> None:
-    """Copy local files to `remote_dir` (created; "~/" allowed) on one host, each to its path relative to it:
-    one tar stream over one channel, file modes kept (a secrets file of mode 0600 stays 0600)."""
+                          files: Sequence[tuple[Path, str]], remote_dir: str,
+                          folder_mode: Optional[int] = None) -> None:
+    """Copy local files to `remote_dir` (created; "~/" allowed; given `folder_mode` whatever the VM's umask) on
+    one host, each to its path relative to it: one tar stream over one channel, file modes kept (a secrets file
+    of mode 0600 stays 0600)."""
     if isinstance(target, HostSpec):
         async with await connect(target) as conn:
-            return await sync_tree_async(conn, files, remote_dir)
+            return await sync_tree_async(conn, files, remote_dir, folder_mode)
     d = shell_path(remote_dir)
+    chmod = f" && chmod {folder_mode:o} {d}" if folder_mode is not None else ""
     # -p: modes as archived whatever the remote umask; --no-same-owner: files belong to the SSH user
-    command = f"mkdir -p {d} && tar --no-same-owner -p -xf - -C {d}"
+    command = f"mkdir -p {d}{chmod} && tar --no-same-owner -p -xf - -C {d}"
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL) as spool:
         _write_tar(spool, files)
         spool.seek(0)
