@@ -97,6 +97,10 @@ class VmsConfig:
             non_negative(src, f"vms.{key}", getattr(self, key))
 
     def _check_env_and_sync(self, src: str) -> None:
+        for i, line in enumerate(self.setup):
+            if line.rstrip().endswith("\\"):  # each line runs on its own, followed by a check of its status
+                raise ConfigError(src, f"vms.setup[{i}]", f"{short(line)} continues onto the next line",
+                                  "give each command whole, as one list item")
         for key in self.env:
             if not _ENV_KEY.match(key):
                 raise ConfigError(src, "vms.env", f"{short(key)} is not an environment variable name",

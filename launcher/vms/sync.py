@@ -109,7 +109,8 @@ def check_size(files: Sequence[tuple[Path, str]], max_mb: int, src: str, code_di
     total = sum(size for size, _ in sizes)
     if total <= max_mb << 20:
         return
-    biggest = ", ".join(f"{rel} ({_mb(size)})" for size, rel in sizes[:_SHOWN_BIGGEST])
+    shown = [(size, rel) for size, rel in sizes[:_SHOWN_BIGGEST] if size >= 1 << 20] or sizes[:1]
+    biggest = ", ".join(f"{rel} ({_mb(size)})" for size, rel in shown)
     where = f"{short_path(Path(code_dir) / IGNORE_FILE)}" if code_dir else IGNORE_FILE
     raise ConfigError(src, "vms.sync_max_mb", f"the code to copy to each VM weighs {_mb(total)}, over "
                       f"{max_mb} MB; the biggest: {biggest}", f"leave them out with a pattern in {where} or "
@@ -146,7 +147,7 @@ def _names_any(line: str, names: set[str], keep_patterns: bool) -> bool:
     patterns = [p for p in fields[0].split(",") if not p.startswith("!")]
     if keep_patterns and any(c in fields[0] for c in "*?"):
         return True
-    return any(fnmatch.fnmatchcase(name, p) for name in names for p in patterns)
+    return any(name == p or fnmatch.fnmatchcase(name, p.replace("[", "[[]")) for name in names for p in patterns)
 
 
 def _hashed_is(entry: str, name: str) -> bool:
