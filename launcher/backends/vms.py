@@ -98,7 +98,7 @@ async def _start(cfg: VmsConfig, head: HostSpec, run: Run, code: list[tuple[Path
             await sync_tree_async(conn, layout.run_files(run, cfg, head.address, Path(staging)),
                                   layout.host_run_dir(cfg, head.address, run.name))
             await send_ssh_files(conn, cfg, head.address, hosts, Path(staging))
-    done = await run_remote(conn, layout.supervisor_command(cfg, run.name, head.address), timeout=60)
+        done = await run_remote(conn, layout.supervisor_command(cfg, run.name, head.address), timeout=60)
     pid = done.stdout.strip().splitlines()[-1] if done.ok and done.stdout.strip() else ""
     if not pid.isdigit():
         raise HostError(f"{head.login}: could not start the run's supervisor: {done.last_error_line()}",

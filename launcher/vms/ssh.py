@@ -192,6 +192,11 @@ async def run(target: Union[HostSpec, asyncssh.SSHClientConnection], command: st
     except asyncssh.TimeoutError:
         host = target.get_extra_info("peername", ("?",))[0]
         raise HostError(f"{host}: {short(command, 60)} did not finish within {timeout:g} s") from None
+    except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError) as exc:
+        host = target.get_extra_info("peername", ("?",))[0]
+        raise HostError(f"{host}: the SSH connection was lost while running {short(command, 60)}: "
+                        f"{one_line(str(exc), 120)}", hint="check that the VM is still up, then run the command "
+                        "again") from None
     return Completed(done.exit_status if done.exit_signal is None else None,
                      _text(done.stdout), _text(done.stderr))
 
