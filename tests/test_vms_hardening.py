@@ -20,7 +20,7 @@ import pytest
 
 from conftest import user_cli
 from launcher.backends import vms as backend
-from launcher.vms import checks, layout
+from launcher.vms import checks, layout, ssh
 from launcher.vms.hosts import hosts_from_command
 from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, marked_log
 from launcher.vms.ssh import Completed, HostError, HostSpec
@@ -156,6 +156,23 @@ def test_a_login_banner_before_the_answer_is_skipped() -> None:
         marked_log("h", f"{LOG_MARK}stat: bad\ntext")
 
 
+def test_a_connection_lost_mid_command_is_one_line() -> None:
+    import asyncio
+
+    import asyncssh
+
+    class Lost:
+        async def run(self, *_: object, **__: object) -> None:
+            raise asyncssh.ChannelOpenError(2, "SSH connection closed")
+
+        def get_extra_info(self, *_: object) -> tuple:
+            return ("10.0.0.5", 22)
+
+    with pytest.raises(HostError) as exc:
+        asyncio.run(ssh.run(Lost(), "cat run.json"))  # type: ignore[arg-type]
+    assert one_line(exc).startswith("10.0.0.5: the SSH connection was lost while running 'cat run.json'")
+
+
 def test_a_probe_report_without_its_fields_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     import asyncio
 
@@ -228,6 +245,7 @@ def test_launch_wait_gives_up_on_an_unreachable_node_0(tmp_path: Path, capsys: p
     ({"env": {"A=B": "1"}}, "vms.env"),
     ({"env": {"": "1"}}, "vms.env"),
     ({"env": {"1X": "1"}}, "vms.env"),
+    ({"env": {"X": "a\0b"}}, "vms.env.X"),
     ({"sync_exclude": ("",)}, "vms.sync_exclude[0]"),
     ({"sync_max_mb": 0}, "vms.sync_max_mb"),
     ({"setup": ("source a.sh \\",)}, "vms.setup[0]"),

@@ -101,10 +101,12 @@ class VmsConfig:
             if line.rstrip().endswith("\\"):  # each line runs on its own, followed by a check of its status
                 raise ConfigError(src, f"vms.setup[{i}]", f"{short(line)} continues onto the next line",
                                   "give each command whole, as one list item")
-        for key in self.env:
+        for key, value in self.env.items():
             if not _ENV_KEY.match(key):
                 raise ConfigError(src, "vms.env", f"{short(key)} is not an environment variable name",
                                   "use letters, digits and _, not starting with a digit (e.g. HF_HOME)")
+            if "\0" in value:  # no process can be given it
+                raise ConfigError(src, f"vms.env.{key}", "holds a NUL character", "remove it")
         for i, pattern in enumerate(self.sync_exclude):
             try:
                 compile_pattern(pattern)
