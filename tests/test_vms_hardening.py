@@ -8,9 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
-import os
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import replace
