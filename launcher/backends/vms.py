@@ -22,12 +22,12 @@ from typing import Any, Optional, Sequence
 
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
 from launcher.checks import Check
+from launcher.runs import code_dir_of
 from launcher.shell import shell_path
 from launcher.vms import layout
 from launcher.vms.checks import check_hosts, check_recipe_on_vms, doctor_checks
 from launcher.vms.hosts import resolve_hosts
 from launcher.vms.sync import code_to_copy, known_hosts_for
-from launcher.runs import code_dir_of
 from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, marked_log
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
@@ -130,7 +130,12 @@ async def send_ssh_files(conn: Any, cfg: VmsConfig, head: str, hosts: Sequence[s
         files.append((Path(cfg.identity_file).expanduser(), "identity"))
     known = Path(cfg.known_hosts or "~/.ssh/known_hosts").expanduser()
     if cfg.known_hosts != "ignore" and known.is_file():
-        lines = known_hosts_for(known.read_text(errors="replace"), hosts, cfg.port, bool(cfg.hosts_command))
+        try:
+            text = known.read_text(errors="replace")
+        except OSError as err:
+            raise HostError(f"cannot read known_hosts file {known}: {err.strerror}",
+                            hint="make it readable, or set vms.known_hosts") from None
+        lines = known_hosts_for(text, hosts, cfg.port, bool(cfg.hosts_command))
         staged = staging / "known_hosts"
         staged.touch(mode=0o600)
         staged.write_text(lines)
