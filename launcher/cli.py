@@ -85,6 +85,9 @@ def _restart_hint(recipe: RecipeConfig, target: Target) -> None:
 def _wait(backend: Backend, run: Run) -> int:
     """`--wait`: until the run has stopped for good (requeues included); 0 if it completed."""
     state = backend.wait([run])[run.name]
+    if state == "unknown":  # the wait gave up on a backend that could not be asked (it said why)
+        print(f"run {run.name}: state unknown (launcher status {run.name} asks again)", flush=True)
+        return 1
     print(f"run {run.name} has stopped: {state}", flush=True)
     if state == "completed" and run.result().outcome == "completed":
         return 0
