@@ -195,6 +195,29 @@ def test_bayes_sweep_params_and_worker_json_stay_private(tmp_path: Path, monkeyp
     assert _leaks(runs) == []
 
 
+def test_grid_sweep_lines_and_record_mask_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    """A grid over credential-holding values: the trial lines, the error of a bad trial and the sweep record
+    show them masked (the trials' own config.yaml: see above), trials stood in."""
+    from launcher.backends import base, local
+    from launcher.cli import main
+
+    def prepare_only(planned: list[base.Planned], cluster: object, batch: object) -> base.Launched:
+        for trial in planned:
+            trial.prepare()  # each trial's run directory, as a real launch writes it
+        return base.Launched(0, ended=True)
+
+    monkeypatch.setattr(local, "launch_many", prepare_only)
+    runs = tmp_path / "runs"
+    grid = f"model.pretrained={URL},{QUERY_URL}"
+    assert main(["sweep", "digits", "--grid", grid, "--name", "g", "--runs-dir", str(runs)]) == 0
+    assert main(["sweep", "digits", "model.width=-1", "--grid", grid, "--name", "bad", "--runs-dir", str(runs)]) == 2
+    out = capsys.readouterr()
+    assert "trial g-t00: model.pretrained=https://***@hub.example/x" in out.out, out.out
+    assert "with overrides model.width=-1 model.pretrained=https://***@hub" in out.err, out.err
+    assert _shown(out.out + out.err) == [] and _leaks(runs) == [], out.out + out.err
+
+
 def test_write_private_replaces_what_was_there(tmp_path: Path) -> None:
     """0600 whatever existed (a 0644 file, a symlink to another file, a planted temporary name): the new
     file replaces the entry, nothing is written through a link."""
