@@ -50,7 +50,8 @@ def _split(text: str) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as err:  # an unclosed quote
-        raise UsageError(f"--resume-args {text!r}: {err}", hint="quote it as the shell would, e.g. "
+        shown = " ".join(redact_args(text.split()))  # split at blanks to mask what it can: --token=... in it
+        raise UsageError(f"--resume-args {shown!r}: {err}", hint="quote it as the shell would, e.g. "
                          "--resume-args '--init_from=resume'") from None
 
 

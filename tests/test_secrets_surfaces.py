@@ -234,3 +234,12 @@ def test_write_private_replaces_what_was_there(tmp_path: Path) -> None:
         assert not path.is_symlink() and path.read_text() == PASSWORD
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert target.read_text() == "theirs"
+
+
+def test_resume_args_that_cannot_be_split_are_quoted_back_masked() -> None:
+    from launcher.scripts import script_recipe
+    from jobs.schema.errors import UsageError
+
+    with pytest.raises(UsageError) as err:
+        script_recipe("s.py", None, [], 1, 1, None, [], resume_args=f"--token={PASSWORD} 'x")
+    assert PASSWORD not in str(err.value) and "--token=***" in str(err.value)
