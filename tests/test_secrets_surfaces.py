@@ -19,7 +19,6 @@ from conftest import read_result, run_cli
 from jobs.schema import load_cluster, load_recipe, secrets
 from jobs.schema.run_dir import Run, RunResult
 from launcher.backends.slurm import executor_parameters
-from launcher.preflight import Target
 from launcher.runs import prepare_run
 from launcher.sbatch import render_sbatch, render_worker_array
 from launcher.skypilot import render_task
@@ -123,6 +122,7 @@ print("script ran")
 """
 
 
+@pytest.mark.slow  # one real launch of a script through the CLI
 def test_script_arguments_reach_the_script_but_no_file_or_line(tmp_path: Path) -> None:
     script = tmp_path / "s.py"
     script.write_text(ARGV_SCRIPT)
