@@ -109,7 +109,7 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     script = sbatch.render_sbatch(recipe, target.cluster, run, python)
     path = run.dir / sbatch.SCRIPT_NAME
     write_private(path, script)  # slurm.setup lines are the user's shell: they may hold a credential
-    sys.stdout.write(script)
+    sys.stdout.write(redact_text(script))  # as the file, but a URL credential in a setup line masked
     sys.stdout.flush()
     print(f"# run {name}: {run.dir}; script written to {path}", file=sys.stderr, flush=True)
     if args.submit:

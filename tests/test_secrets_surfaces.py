@@ -29,6 +29,7 @@ QUERY_TOKEN = "qTOKEN-plant-93a0"  # a ?token= value
 PASSWORD = "hunter2-PLANT-5e11"  # --password=VALUE
 API_KEY = "apiKEY-plant-77d2"  # --api-key VALUE (the next argument)
 ENDPOINT_PASS = "endpointPW-plant-0b3c"
+SETUP_PASS = "setupPW-plant-6f0e"  # in a slurm.setup line: kept in the 0600 sbatch.sh, masked when printed
 PLANTED = (URL_PASS, QUERY_TOKEN, PASSWORD, API_KEY, ENDPOINT_PASS)
 URL = f"https://alice:{URL_PASS}@hub.example/x"
 QUERY_URL = f"https://data.example/d?token={QUERY_TOKEN}"
@@ -98,7 +99,8 @@ def test_printed_sbatch_and_skypilot_task_hold_no_credential(tmp_path: Path) -> 
     """The two commands that print what they render, through the real CLI (`launcher sbatch` also
     prepares the run directory)."""
     runs = tmp_path / "runs"
-    slurm = _cluster(tmp_path, "slurm", {"partition": "debug", "time_min": 10, "env": ENV})
+    setup = f"pip install --index-url https://bob:{SETUP_PASS}@pypi.example/simple x"  # the user's shell line
+    slurm = _cluster(tmp_path, "slurm", {"partition": "debug", "time_min": 10, "env": ENV, "setup": [setup]})
     sky = _cluster(tmp_path, "skypilot", {"env": ENV})
     out = tmp_path / "task.yaml"
     printed = []
@@ -110,7 +112,9 @@ def test_printed_sbatch_and_skypilot_task_hold_no_credential(tmp_path: Path) -> 
         assert proc.returncode == 0, proc.stdout + proc.stderr
         printed.append(proc.stdout + proc.stderr)
     assert _shown("\n".join(printed)) == [] and _leaks(runs) == [] and _shown(out.read_text()) == []
-    assert stat.S_IMODE((runs / "s" / "sbatch.sh").stat().st_mode) == 0o600
+    script = runs / "s" / "sbatch.sh"  # the line as written runs in the job; printed, it is masked
+    assert stat.S_IMODE(script.stat().st_mode) == 0o600 and SETUP_PASS in script.read_text()
+    assert SETUP_PASS not in printed[0] and "https://***@pypi.example/simple" in printed[0]
 
 
 # ----------------------------------------------------------------------------- script arguments
