@@ -56,7 +56,8 @@ def _shown(text: str) -> list[str]:
 def _cluster(tmp_path: Path, backend: str, section: dict) -> Path:
     path = tmp_path / f"planted_{backend}.yaml"
     top = {"backend": backend} if backend != "skypilot" else {}
-    storage = {} if backend == "skypilot" else {"storage": {"endpoint_url": f"http://minio:{ENDPOINT_PASS}@127.0.0.1:9"}}
+    endpoint = f"http://minio:{ENDPOINT_PASS}@127.0.0.1:9"
+    storage = {} if backend == "skypilot" else {"storage": {"endpoint_url": endpoint}}
     path.write_text(yaml.safe_dump({**top, **storage, backend: section}))
     return path
 
@@ -188,8 +189,8 @@ def test_bayes_sweep_params_and_worker_json_stay_private(tmp_path: Path, monkeyp
     folder.mkdir(parents=True)
     (folder / "worker.json").write_text("{}")
     os.chmod(folder / "worker.json", 0o644)
-    code = main(["sweep", "digits", "trainer.max_steps=1", "--search", "bayes", "--name", "planted", "--trials", "2", "--runs-dir",
-                 str(runs), "--cluster", "local", "--param", f"model.pretrained=choice:{URL},{QUERY_URL}",
+    code = main(["sweep", "digits", "trainer.max_steps=1", "--search", "bayes", "--name", "planted", "--trials", "2",
+                 "--runs-dir", str(runs), "--cluster", "local", "--param", f"model.pretrained=choice:{URL},{QUERY_URL}",
                  "--param", "optim.lr=loguniform:1e-4:1e-1"])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err

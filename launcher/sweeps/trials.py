@@ -57,8 +57,8 @@ def resolve_trials(spec: SweepSpec, trials: list[Trial], target: Target) -> list
         try:
             recipes.append(target.recipe(spec.recipe, [*spec.fixed, *trial.overrides]))
         except UsageError as err:
-            raise UsageError(f"trial {trial.name} ({' '.join(shown(trial.overrides))}) is invalid, so nothing was created "
-                             f"or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
+            raise UsageError(f"trial {trial.name} ({' '.join(shown(trial.overrides))}) is invalid, so nothing was "
+                             f"created or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
     target.backend.check_many([(t.name, r) for t, r in zip(trials, recipes)], target.cluster)
     return recipes
 

@@ -62,8 +62,9 @@ def run_bayes(spec: BayesSpec, name: str, target_given: str, runs_dir: Optional[
     refuse_if_live(sweep, record)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     sweep.create_study()
-    write_private(sweep.folder / WORKER_JSON, json.dumps({"spec": spec.raw(), "cluster": target_given, "cwd": os.getcwd(),
-                                                          "metric": sweep.metric, "mode": sweep.mode}, indent=2) + "\n")
+    given = {"spec": spec.raw(), "cluster": target_given, "cwd": os.getcwd(), "metric": sweep.metric,
+             "mode": sweep.mode}
+    write_private(sweep.folder / WORKER_JSON, json.dumps(given, indent=2) + "\n")  # unmasked: 0600 whatever was there
     record["launches"] += 1
     write_record(root, name, record)
     print(f"sweep {name}: Bayesian (TPE, seed {spec.seed}{', ASHA pruning' if spec.prune else ''}) over "

@@ -26,8 +26,8 @@ def summarize(root: Path, record: dict[str, Any]) -> dict[str, Any]:
         return {"trials": [], "best": None, "pruned": [], "importances": None, "why_no_importances": "no study yet"}
     study = load_study(journal_storage(journal), record["name"])
     trials = study.get_trials(deepcopy=False)
-    rows = [{"run_name": t.user_attrs.get("run_name", f"#{t.number}"), "overrides": shown(t.user_attrs.get("overrides", [])),
-             "number": t.number, "state": t.state.name.lower()} for t in trials]
+    rows = [{"run_name": t.user_attrs.get("run_name", f"#{t.number}"), "number": t.number,
+             "overrides": shown(t.user_attrs.get("overrides", [])), "state": t.state.name.lower()} for t in trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
