@@ -187,13 +187,16 @@ def test_bayes_sweep_params_and_worker_json_stay_private(tmp_path: Path, monkeyp
     runs = tmp_path / "runs"
     folder = runs / "sweeps" / "planted"
     folder.mkdir(parents=True)
-    (folder / "worker.json").write_text("{}")
-    os.chmod(folder / "worker.json", 0o644)
+    for name in ("worker.json", "study.journal"):  # left by an older launcher, readable by everyone
+        (folder / name).write_text("{}\n" if name == "worker.json" else "")
+        os.chmod(folder / name, 0o644)
     code = main(["sweep", "digits", "trainer.max_steps=1", "--search", "bayes", "--name", "planted", "--trials", "2",
                  "--runs-dir", str(runs), "--cluster", "local", "--param", f"model.pretrained=choice:{URL},{QUERY_URL}",
                  "--param", "optim.lr=loguniform:1e-4:1e-1"])
     out = capsys.readouterr()
     assert code == 0, out.out + out.err
+    for name in ("worker.json", "study.journal"):
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600, name
     assert URL_PASS in (folder / "worker.json").read_text()  # what a Slurm worker reads
     assert _shown(out.out + out.err) == [], out.out + out.err
     assert "model.pretrained=https://***@hub.example/x" in out.out or "token=***" in out.out, out.out
