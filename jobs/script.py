@@ -38,6 +38,7 @@ from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
+from jobs.schema.secrets import redact_args
 from jobs.script_start import Start, begin
 
 SCRIPT_MAIN = str(Path(__file__).with_name("script_main.py"))  # by path: a user's jobs/ folder cannot shadow it
@@ -223,7 +224,7 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
     with open(run.dir / LOGS / f"rank{env.rank}.log", "ab") as log:
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
                   f"{env.local_rank}), run {run.dir}, {start.described(recipe)}: "
-                  f"{' '.join(command[3:])}\n".encode())
+                  f"{' '.join(redact_args(command[3:]))}\n".encode())  # the real ones: secrets.yaml
         if start.note and env.is_main:
             _say(log, f"launcher: {start.note}")
         log.flush()
