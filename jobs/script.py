@@ -29,14 +29,16 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
-from typing import BinaryIO, Optional
+from typing import BinaryIO, Callable, Optional, Union
 
 from jobs.env import RankEnv
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
+from jobs.schema.secrets import redact_args
 from jobs.script_start import Start, begin
 
 SCRIPT_MAIN = str(Path(__file__).with_name("script_main.py"))  # by path: a user's jobs/ folder cannot shadow it
@@ -86,15 +88,17 @@ class Forwarder:
     reaches this process and the launcher forwards it as well, and a second SIGTERM would run the
     script's handler again in the middle of its own cleanup, or kill it while it exits."""
 
-    def __init__(self, kill_after: Optional[float] = None) -> None:
+    def __init__(self, kill_after: Union[float, Callable[[], float], None] = None) -> None:
         self.child: Optional[subprocess.Popen] = None
         self.signal_name: Optional[str] = None
         self._forwarded = False
         # On Slurm (its KillWait): a stop signal after the forwarded one is Slurm ending the job (a requeue,
         # scancel, the end of the grace period), which kills what still runs this long after its SIGTERM.
         # The script's own requeue never ends the job (jobs.environments.slurm_requeue): this does the kill.
+        # A callable is asked only then, in the killing thread (Slurm's is `scontrol show config`: no rank
+        # should pay for it at every start, nor a signal handler wait for it).
         self.kill_after = kill_after
-        self._kill_timer: Optional[threading.Timer] = None
+        self._kill_timer: Optional[threading.Thread] = None
 
     def install(self) -> "Forwarder":
         for sig in STOP_SIGNALS:
@@ -106,8 +110,7 @@ class Forwarder:
         self.signal_name = self.signal_name or signal.Signals(signum).name
         self.forward()
         if again and self.kill_after is not None and self._kill_timer is None and self.child is not None:
-            self._kill_timer = threading.Timer(self.kill_after, _kill_if_running, args=(self.child,))
-            self._kill_timer.daemon = True
+            self._kill_timer = threading.Thread(target=_kill_after, args=(self.child, self.kill_after), daemon=True)
             _start_deaf(self._kill_timer)
 
     def forward(self) -> None:
@@ -132,7 +135,8 @@ def notice_for(pid: int, name: str) -> Optional[signal.Signals]:
     return next((signal.Signals[n] for n in (name, other) if catches(pid, n)), None)
 
 
-def _kill_if_running(child: subprocess.Popen) -> None:
+def _kill_after(child: subprocess.Popen, delay: Union[float, Callable[[], float]]) -> None:
+    time.sleep(delay() if callable(delay) else delay)
     if child.poll() is None:
         child.kill()
 
@@ -220,7 +224,7 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
     with open(run.dir / LOGS / f"rank{env.rank}.log", "ab") as log:
         log.write(f"launcher: rank {env.rank} of {env.world_size} on {socket.gethostname()} (local rank "
                   f"{env.local_rank}), run {run.dir}, {start.described(recipe)}: "
-                  f"{' '.join(command[3:])}\n".encode())
+                  f"{' '.join(redact_args(command[3:]))}\n".encode())  # the real ones: secrets.yaml
         if start.note and env.is_main:
             _say(log, f"launcher: {start.note}")
         log.flush()

@@ -28,6 +28,7 @@ from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import (CHECKPOINTS, REQUEUE_ASKED, SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR, Run, RunInfo,
                                  committed_steps)
 from jobs.schema.script import fill
+from jobs.schema.secrets import redact_args
 
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 CHECKPOINT_DIR_VAR, WORK_DIR_VAR = "LAUNCHER_CHECKPOINT_DIR", "LAUNCHER_WORK_DIR"
@@ -65,7 +66,7 @@ class Start:
         if self.attempt == 1:
             return "start 1 of the run"
         if self.resuming and script and script.resume_args:
-            return f"start {self.attempt}: continues earlier progress, with {' '.join(script.resume_args)}"
+            return f"start {self.attempt}: continues earlier progress, with {' '.join(redact_args(script.resume_args))}"
         return f"start {self.attempt}: continues earlier progress" if self.resuming else \
             f"start {self.attempt}: no earlier progress found"
 

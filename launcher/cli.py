@@ -29,7 +29,7 @@ from launcher.scripts import restart_hint, script_recipe
 from jobs.schema import RecipeConfig, find_config, load_cluster, recipe_document, search_path, to_yaml
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
-from jobs.schema.secrets import redact, redact_text
+from jobs.schema.secrets import redact, redact_text, write_private
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -85,6 +85,9 @@ def _restart_hint(recipe: RecipeConfig, target: Target) -> None:
 def _wait(backend: Backend, run: Run) -> int:
     """`--wait`: until the run has stopped for good (requeues included); 0 if it completed."""
     state = backend.wait([run])[run.name]
+    if state == "unknown":  # the wait gave up on a backend that could not be asked (it said why)
+        print(f"run {run.name}: state unknown (launcher status {run.name} asks again)", flush=True)
+        return 1
     print(f"run {run.name} has stopped: {state}", flush=True)
     if state == "completed" and run.result().outcome == "completed":
         return 0
@@ -108,8 +111,8 @@ def _sbatch(target: Target, recipe: RecipeConfig, args: argparse.Namespace) -> i
     _restart_hint(recipe, target)
     script = sbatch.render_sbatch(recipe, target.cluster, run, python)
     path = run.dir / sbatch.SCRIPT_NAME
-    path.write_text(script)
-    sys.stdout.write(script)
+    write_private(path, script)  # slurm.setup lines are the user's shell: they may hold a credential
+    sys.stdout.write(redact_text(script))  # as the file, but a URL credential in a setup line masked
     sys.stdout.flush()
     print(f"# run {name}: {run.dir}; script written to {path}", file=sys.stderr, flush=True)
     if args.submit:

@@ -69,7 +69,7 @@ def _body(src: str, s: SlurmConfig, run: Run, python: str) -> list[str]:
              "set -eo pipefail", ""]
     exports = env_exports(src, s)
     if exports:
-        lines += ["# slurm.env (secret-looking keys are set by each rank itself, never written here)"] + exports
+        lines += ["# slurm.env (secret entries are set by each rank itself, never written here)"] + exports
     setup = setup_lines(src, s)
     if setup:
         lines += ["# slurm.setup: shell lines from the cluster config, inserted verbatim"] + setup + [""]

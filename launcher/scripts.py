@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 from jobs.schema import RecipeConfig, from_document
 from jobs.schema.errors import UsageError
+from jobs.schema.secrets import redact_args
 from jobs.schema.names import MAX_LENGTH
 
 
@@ -33,7 +34,7 @@ def script_recipe(script: Optional[str], module: Optional[str], script_args: Seq
     directory's (made absolute later, with code_dir, by `launcher.preflight.resolve_code`)."""
     where = {"path": str(Path(script).absolute())} if script else {"module": module}
     document = {"name": script_name(script, module),
-                "description": f"launcher run {' '.join([script or f'-m {module}', *script_args])}"[:200],
+                "description": f"launcher run {' '.join([script or f'-m {module}', *redact_args(script_args)])}"[:200],
                 "script": {**where, "args": list(script_args)},
                 "parallel": {"nodes": nodes, "procs_per_node": procs_per_node}}
     if resume_args:  # one string, split as a shell would: --resume-args '--init_from=resume --lr 0.1'
@@ -49,7 +50,8 @@ def _split(text: str) -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as err:  # an unclosed quote
-        raise UsageError(f"--resume-args {text!r}: {err}", hint="quote it as the shell would, e.g. "
+        shown = " ".join(redact_args(text.split()))  # split at blanks to mask what it can: --token=... in it
+        raise UsageError(f"--resume-args {shown!r}: {err}", hint="quote it as the shell would, e.g. "
                          "--resume-args '--init_from=resume'") from None
 
 

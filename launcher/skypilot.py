@@ -12,9 +12,11 @@ What reaches the file, and why none of it runs as unintended shell code:
   would smuggle in lines it does not show);
 - `envs`: YAML values, which SkyPilot exports with `shlex.quote` itself; the resolved configs travel as
   base64 in `LAUNCHER_RUN` (one self-contained file to hand to SkyPilot; a file beside it carried by
-  `file_mounts` would depend on the directory `sky` is run from). Secrets are never written: keys of
-  `skypilot.env` that look secret are declared under `secrets:` with no value, for
-  `sky jobs launch --secret KEY`; a credential elsewhere in the recipe or cluster config is refused.
+  `file_mounts` would depend on the directory `sky` is run from). Secrets are never written: entries
+  of `skypilot.env` that are secret (a key that looks secret, or a value holding a URL's user info or
+  a `?token=`: `is_secret_entry`) are declared under `secrets:` with no value, for
+  `sky jobs launch --secret KEY` (the value from the user's shell); a credential elsewhere in the
+  recipe or cluster config is refused.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from launcher.shell import shell_path
 from jobs.schema import ClusterConfig, ConfigError, RecipeConfig, REPO_ROOT, UsageError, to_dict
 from jobs.schema.errors import short_path
 from jobs.schema.names import check_name
-from jobs.schema.secrets import is_secret_key, redact, split
+from jobs.schema.secrets import is_secret_entry, redact, split
 from jobs.schema.skypilot import SkyPilotConfig
 
 _SHELL_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -105,8 +107,8 @@ def _section(key: str, value: Any) -> str:
 def render_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str) -> str:
     """The whole task file: checked first (`check_task`), so a refused value writes nothing."""
     sky = check_task(recipe, cluster, base)
-    hidden = [key for key in sky.env if is_secret_key(key)]
-    envs = {key: value for key, value in sky.env.items() if not is_secret_key(key)}
+    hidden = [key for key, value in sky.env.items() if is_secret_entry(key, value)]
+    envs = {key: value for key, value in sky.env.items() if key not in hidden}
     envs[RUN_VARIABLE] = encode_configs(to_dict(recipe), redact(to_dict(cluster)))
     parts = [_header(recipe, cluster, base, hidden),
              _section("name", base), _section("num_nodes", recipe.parallel.nodes),

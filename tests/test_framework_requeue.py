@@ -160,25 +160,26 @@ def test_stand_in_is_on_path_only_while_the_script_runs() -> None:
 def test_a_later_stop_signal_kills_a_script_that_ignores_sigterm_after_kill_wait() -> None:
     """On Slurm the wrapper does what Slurm's requeue would have done to the job: SIGKILL what still runs
     KillWait after the SIGTERM. Here the script ignores SIGTERM; the first signal (the notice) is forwarded,
-    the second one starts the count."""
+    the second one starts the count. KillWait is asked for only then (Slurm's costs a `scontrol` call)."""
     code = ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
             "print('ready', flush=True)\ntime.sleep(60)\n")
     wrapper = ("import os, signal, subprocess, sys, time\n"
                "from jobs.script import Forwarder\n"
-               "f = Forwarder(kill_after=1.0).install()\n"
+               "asked = []\n"
+               "f = Forwarder(kill_after=lambda: asked.append(1) or 1.0).install()\n"
                f"f.child = subprocess.Popen([sys.executable, '-c', {code!r}], stdout=subprocess.PIPE, text=True)\n"
                "assert f.child.stdout.readline() == 'ready\\n'\n"
                "start = time.monotonic()\n"
                "os.kill(os.getpid(), signal.SIGUSR2); time.sleep(0.3)\n"
-               "assert f.child.poll() is None  # forwarded as SIGTERM, ignored\n"
+               "assert f.child.poll() is None and not asked  # forwarded as SIGTERM, ignored\n"
                "os.kill(os.getpid(), signal.SIGTERM)\n"
                "code = f.child.wait(timeout=30)\n"
-               "print(code, f.signal_name, round(time.monotonic() - start, 1))\n")
+               "print(code, f.signal_name, round(time.monotonic() - start, 1), len(asked))\n")
     out = subprocess.run([sys.executable, "-c", wrapper], env=user_env(), capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0, out.stderr
-    code, name, took = out.stdout.split()
-    assert code == "-9" and name == "SIGUSR2" and 1.0 <= float(took) < 10, out.stdout
+    code, name, took, asked = out.stdout.split()
+    assert code == "-9" and name == "SIGUSR2" and 1.0 <= float(took) < 10 and asked == "1", out.stdout
 
 
 # ----------------------------------------------------------------------------- local

@@ -4,7 +4,8 @@
   every string a cluster config or run name can reach: `bash -n`, sbatch's own reading of the header,
   then executed with `srun` and `python` stubbed so nothing of ours runs: no marker file appears.
 - Values that must be refused are refused by `check` (before a run directory exists) on both paths.
-- Secret-looking `slurm.env` keys never appear in either script; `rank_main` sets them in the ranks.
+- Secret `slurm.env` entries (secret-looking keys, values with URL user info or `?token=`) never appear
+  in either script; `rank_main` sets them in the ranks.
 - After srun fails, both scripts run `--after-srun` (unless the job was told to stop), which counts
   the crash of any rank once.
 - Data-loader workers and wandb's service survive the signals a job gets.
@@ -163,7 +164,9 @@ def test_run_directory_that_sbatch_would_expand_is_refused(tmp_path: Path, stub_
 
 
 # ----------------------------------------------------------------------------- secrets (point 4, Slurm half)
-SECRETS = {"WANDB_API_KEY": "sekr1t-wandb", "HF_TOKEN": "sekr1t-hf", "AWS_SECRET_ACCESS_KEY": "sekr1t-aws"}
+SECRETS = {"WANDB_API_KEY": "sekr1t-wandb", "HF_TOKEN": "sekr1t-hf", "AWS_SECRET_ACCESS_KEY": "sekr1t-aws",
+           # secret values under plain names (issue 23): URL user info, a ?token= query value
+           "HF_ENDPOINT": "https://alice:sekr1t-url@hub.example/x", "DATA_URL": "https://d.example/x?token=sekr1t-q"}
 
 
 def test_secret_env_never_written_into_either_script(tmp_path: Path, stub_bin: Path) -> None:

@@ -136,12 +136,15 @@ def test_two_nodes_of_two_ranks_train_what_one_node_of_four_does(
     """One torchrun per node, c10d rendezvous on node 0, each node in its own folder: the same weights as
     one node with the same world size; `launch --wait` follows it and reports the result here."""
     s3_server.create_bucket("vm22")
-    cluster, runs = vm_cluster(tmp_path, vm_hosts, s3_server), tmp_path / "runs"
+    # a setup line with a comment (issue 23: it used to make the agent's command a comment, starting nothing)
+    cluster = vm_cluster(tmp_path, vm_hosts, s3_server, setup=["export SETUP_RAN=1  # a comment", "true;"])
+    runs = tmp_path / "runs"
     out = cli(cluster, runs, "launch", "digits", *DIGITS, "parallel.nodes=2", "parallel.procs_per_node=2",
               "checkpoint.uri=s3://vm22/runs", "--run-name", "two", "--wait", timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "run two has stopped: completed" in out.stdout
     assert json.loads((runs / "two" / "result.json").read_text())["step"] == 40  # copied back from node 0
+    assert (tmp_path / "hosts" / HOSTS[0] / "ssh").stat().st_mode & 0o777 == 0o700  # the key's folder on node 0
     info = head_info(tmp_path, "two")
     assert info["placement"] == {HOSTS[0]: [0, 1], HOSTS[1]: [2, 3]} or \
         info["placement"] == {HOSTS[1]: [0, 1], HOSTS[0]: [2, 3]}, info

@@ -323,3 +323,29 @@ def test_another_runs_folder_on_node_0_is_refused(vm_hosts: Path, tmp_path: Path
                    runs_dir=runs)
     assert proc.returncode == 2 and "holds another run named same (run id 0123456789ab" in proc.stderr, proc.stderr
     assert not (runs / "same").exists() and json.loads((theirs / "run.json").read_text()) == {"run_id": "0123456789ab"}
+
+
+def test_node_0s_ssh_folder_is_private_and_holds_only_the_runs_known_hosts(vms: VmsConfig, tmp_path: Path) -> None:
+    """What launch sends node 0's supervisor: the key, and of known_hosts only the run's hosts' lines, in a folder
+    of mode 0700 whatever the VM's umask (one SSH connection, no run)."""
+    import asyncio
+
+    from launcher.backends.vms import send_ssh_files
+
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[{HOSTS[0]}]:{PORT} ssh-ed25519 AAAAnode0\nbank.example.com ssh-ed25519 AAAAbank\n")
+    cfg = replace(vms, known_hosts=str(known))
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    async def send() -> None:
+        async with await ssh.connect(ssh.host_specs(vms, HOSTS)[0]) as conn:  # its known_hosts: ignore
+            await conn.run(f"mkdir -p {tmp_path}/hosts/{HOSTS[0]}/ssh && chmod 777 {tmp_path}/hosts/{HOSTS[0]}/ssh")
+            await send_ssh_files(conn, cfg, HOSTS[0], [HOSTS[0]], staging)
+
+    asyncio.run(send())
+    folder = tmp_path / "hosts" / HOSTS[0] / "ssh"
+    assert oct(folder.stat().st_mode & 0o777) == oct(0o700)
+    assert oct((folder / "identity").stat().st_mode & 0o777) == oct(0o600)
+    assert (folder / "known_hosts").read_text() == f"[{HOSTS[0]}]:{PORT} ssh-ed25519 AAAAnode0\n"
+    assert oct((folder / "known_hosts").stat().st_mode & 0o777) == oct(0o600)

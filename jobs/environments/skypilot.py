@@ -10,8 +10,9 @@ prepares this node's run directory and then replaces itself with torchrun, which
   new run. No folder is shared between nodes: each node writes its own run directory under DIR, and a
   replacement VM starts with an empty one (the checkpoints come back from `checkpoint.uri`).
 - The resolved recipe and cluster config come in the task file's `LAUNCHER_RUN` variable (gzip, base64,
-  JSON; secrets are never in it: `launcher skypilot` refuses a recipe holding one, and secret-looking
-  `skypilot.env` keys are declared for `sky jobs launch --secret KEY` and masked here).
+  JSON; secrets are never in it: `launcher skypilot` refuses a recipe holding one, and secret `skypilot.env`
+  entries (a credential-named key, or a value with URL user info or a `?token=`) are declared for
+  `sky jobs launch --secret KEY` and masked here; SkyPilot sets them, this module never reads them).
 - SkyPilot's variables map to torchrun's options in one table, `TORCHRUN_OPTIONS`.
 - Spot VMs on GCP or AWS (`skypilot.use_spot`, `skypilot.cloud`): torchrun runs beside the VM backend's
   node agent, which watches the metadata service; on a notice the ranks save together, and this node

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.environments import slurm_requeue
+from jobs.environments.slurm_requeue import attempt
 from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunResult
 from jobs.schema import SlurmConfig
 
@@ -72,7 +73,7 @@ def rank_main(run_dir: str) -> RunResult:
     script = run.recipe().script is not None
     try:
         if script:  # `launcher run`: the user's script, in a child process (no torch in this one)
-            forwarder = Forwarder(kill_after=slurm_requeue.kill_wait()).install()
+            forwarder = Forwarder(kill_after=slurm_requeue.kill_wait).install()
             with slurm_requeue.stand_in():  # the script's own `scontrol requeue` asks rank 0 to requeue
                 result = run_script(run, forwarder=forwarder)
             if result.outcome == "failed":
@@ -95,16 +96,11 @@ def rank_main(run_dir: str) -> RunResult:
     return result
 
 
-def _attempt() -> str:
-    """This start of the job: requeues keep the job id and count SLURM_RESTART_COUNT up."""
-    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
-
-
 def record_failure(run: Run, rank: int, error: str) -> None:
     """One file per failing rank (no shared file to lock); `after_srun` reads them."""
     folder = run.dir / FAILURES
     folder.mkdir(exist_ok=True)
-    (folder / f"{_attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
+    (folder / f"{attempt()}.rank{rank}").write_text(f"rank {rank}: {error.strip().splitlines()[-1]}\n")
 
 
 def begin_start(run: Run, restarts: int) -> None:
@@ -150,7 +146,7 @@ def after_srun(run: Run) -> None:
     if _slurm_ends_the_job():
         return  # no crash: Slurm's own TERM (an admin's requeue, scancel) reached the ranks before this shell
     settle(run, None, info.exit_code or 1)
-    records = sorted((run.dir / FAILURES).glob(f"{_attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
+    records = sorted((run.dir / FAILURES).glob(f"{attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
     why = records[0].read_text().strip() if records else \
         "srun failed without a Python error on any rank (killed? see the job's output file)"
     _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why)
@@ -171,6 +167,8 @@ def _slurm_ends_the_job() -> bool:
 
 
 def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) -> None:
+    from jobs.script import NOTICES  # Slurm's notices, as the script's wrapper forwards them
+
     if result.outcome == "completed":
         run.update(state="completed")
         return
@@ -180,12 +178,12 @@ def _after_run(run: Run, cfg: SlurmConfig, result: RunResult, elapsed: float) ->
         settle(run, result.signal or "SIGTERM", 0)
         return
     asked = slurm_requeue.asked(run.dir)  # the script's framework ran `scontrol requeue` (without a notice)
-    if result.signal not in ("SIGUSR1", "SIGUSR2") and not asked:
+    if result.signal not in NOTICES and not asked:
         run.update(state="terminated")  # SIGTERM: scancel, or Slurm requeueing the job itself
         return
     kind = "timeouts" if _near_time_limit(cfg) else "preemptions"
     at = f" at step {result.step}" if result.step is not None else ""  # a script's result has no step
-    why = f"{result.signal}{at}" if result.signal in ("SIGUSR1", "SIGUSR2") else "the script's scontrol requeue"
+    why = f"{result.signal}{at}" if result.signal in NOTICES else "the script's scontrol requeue"
     _requeue_or_stop(run, cfg, kind, why)
 
 

@@ -62,6 +62,12 @@ def kill_wait() -> float:
     return float(found.group(1)) if found else 30.0
 
 
+def attempt() -> str:
+    """This start of the job (the key of its requeue requests and failure records): requeues keep the job
+    id and count SLURM_RESTART_COUNT up."""
+    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+
+
 def own_job_ids() -> set[str]:
     """The ids a script may give its own job: SLURM_JOB_ID, and ARRAYJOB_TASK for an array task (Lightning's)."""
     ids = {os.environ.get("SLURM_JOB_ID", "")}
@@ -72,8 +78,6 @@ def own_job_ids() -> set[str]:
 
 def asked(run_dir: Path) -> bool:
     """Whether the script asked this start of the job to be requeued (rank 0's wrapper asks after it)."""
-    from jobs.environments.slurm import _attempt as attempt  # the key of the failure records too
-
     return (run_dir / REQUEUE_ASKED / attempt()).exists()
 
 
@@ -98,8 +102,6 @@ def main(argv: list[str]) -> int:
 
 
 def _requeue_asked(run_dir: Path, job: str) -> int:
-    from jobs.environments.slurm import _attempt as attempt  # the key of the failure records too
-
     folder = run_dir / REQUEUE_ASKED
     folder.mkdir(parents=True, exist_ok=True)
     (folder / attempt()).write_text(f"scontrol requeue {job}\n")

@@ -137,8 +137,9 @@ def load_cluster(name: str = "local", overrides: list[str] = ()) -> ClusterConfi
 
 def _source(path: Path, overrides: list[str]) -> str:
     """Where a value came from, for errors. A long override list is cut here to a first glance (errors.py's
-    ConfigError shortens it further, and the path in the middle, when the key and the problem need the room)."""
-    given = one_line(" ".join(overrides), 60)
+    ConfigError shortens it further, and the path in the middle, when the key and the problem need the room).
+    Masked before it is cut: a URL cut before its `@` no longer looks like one to the error's redaction."""
+    given = one_line(" ".join(secrets.redact_override(o) for o in overrides), 60)
     return f"{path} (with overrides {given})" if overrides else str(path)
 
 

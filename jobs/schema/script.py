@@ -8,6 +8,7 @@ from typing import Literal, Optional
 
 from jobs.schema.checks import non_empty
 from jobs.schema.errors import ConfigError, short
+from jobs.schema.secrets import redact_args
 
 _MODULE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 # Replaced in every script argument (and resume argument) on the ranks by the run's folders; nothing
@@ -31,9 +32,9 @@ class ScriptConfig:
 
     @property
     def shown(self) -> str:
-        """How people see it: `train.py --lr 0.1` or `-m pkg.train --lr 0.1`."""
+        """How people see it: `train.py --lr 0.1` or `-m pkg.train --lr 0.1` (credentials masked)."""
         head = [self.path] if self.path else ["-m", self.module or ""]
-        return " ".join([*head, *self.args])
+        return " ".join([*head, *redact_args(self.args)])
 
     def check(self, src: str) -> None:
         if (self.path is None) == (self.module is None):

@@ -33,8 +33,9 @@ class SkyPilotConfig:
     job_recovery: Literal["EAGER_NEXT_REGION", "FAILOVER"] = "EAGER_NEXT_REGION"  # SkyPilot's recovery strategy
     max_restarts_on_errors: int = 0  # also relaunch after the job itself failed (not only after a preemption)
     setup: tuple[str, ...] = ()  # shell lines run once per node when it is provisioned (pip install ...)
-    env: dict[str, str] = field(default_factory=dict)  # environment of every rank; secret-looking keys are
-    # never written into the task file: they are declared there for `sky jobs launch --secret KEY`
+    env: dict[str, str] = field(default_factory=dict)  # environment of every rank; secret entries (a key that
+    # looks secret, a value with URL user info or ?token=) are never written into the task file: they are
+    # declared there for `sky jobs launch --secret KEY`
     python: str = "python3"  # interpreter on the nodes (with torch and this project's dependencies)
     workdir: Optional[str] = None  # local folder SkyPilot copies to every node (default: this project's folder)
     project_dir: str = "~/sky_workdir"  # this project's folder on the nodes (where SkyPilot puts workdir)

@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from jobs.schema.errors import UsageError
+
 if TYPE_CHECKING:
     import optuna
 
@@ -70,7 +72,23 @@ def journal_storage(journal: Path | str) -> "optuna.storages.JournalStorage":
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     quiet()
+    keep_private(Path(journal))
     return optuna.storages.JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+
+
+def keep_private(journal: Path) -> None:
+    """The journal holds every trial's parameters and overrides unmasked (a choice may be a credential):
+    0600 whatever existed before. Optuna appends to it, so it is made private in place, not replaced;
+    a symlink there is refused rather than followed."""
+    if journal.is_symlink():
+        raise UsageError(f"{journal} is a symbolic link; a sweep's study journal must be a file of its own",
+                         hint="remove the link, or give the sweep another --name")
+    fd = os.open(journal, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
 
 
 def make_pruner(first_rung: int) -> "optuna.pruners.BasePruner":

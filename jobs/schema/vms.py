@@ -1,14 +1,29 @@
 """Cluster config sections for cloud VMs reached over SSH (`backend: vms`) and SkyPilot task files."""
 from __future__ import annotations
 
+import ipaddress
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from jobs.schema.checks import non_empty, non_negative, positive
 from jobs.schema.errors import ConfigError, short
+from jobs.schema.globs import compile_pattern
 
 HOST_FIELD = "{host}"  # in remote_dir and metadata_url: replaced by each host's own address
+# a DNS name: dot-separated labels of letters, digits, "-" and "_" (internal names), none beginning with "-"
+_HOST_NAME = re.compile(r"^(?=.{1,253}\.?$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_][A-Za-z0-9_-]{0,62})*\.?$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")  # what a shell and execve take as a variable name
+
+
+def valid_host(host: str) -> bool:
+    """A host name or an IPv4/IPv6 address (with a %zone): nothing a shell or ssh would read otherwise."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(_HOST_NAME.match(host)) and not host.replace(".", "").isdigit()
 
 
 @dataclass(frozen=True)
@@ -29,9 +44,13 @@ class VmsConfig:
     remote_dir: str = "~/launcher"
     code: Literal["sync", "image"] = "sync"  # sync: copy the project and code_dir over at launch; image: already there
     code_path: Optional[str] = None  # with code: image, the project's folder on the VMs
+    # with code: sync, gitignore-style patterns of the code folder's files not to copy (besides the defaults:
+    # keys, secrets, run folders, hidden files; and the code folder's .launcherignore)
+    sync_exclude: tuple[str, ...] = ()
+    sync_max_mb: int = 100  # with code: sync, the most the copied code may weigh: data belongs in a bucket
     # interpreter on the VMs (with torch installed); default: the launching one's path (the same image)
     python: Optional[str] = None
-    setup: tuple[str, ...] = ()  # shell lines run before the ranks start (venv activation, ...)
+    setup: tuple[str, ...] = ()  # shell lines run before the ranks start (venv activation, ...), each on its own line
     env: dict[str, str] = field(default_factory=dict)  # environment variables for every rank
     provider: Literal["none", "gce", "aws"] = "none"  # whose spot/preemption notices to watch
     metadata_url: Optional[str] = None  # metadata service (default http://169.254.169.254); "{host}" allowed
@@ -54,8 +73,9 @@ class VmsConfig:
                               "list the VMs' addresses, or a command that prints them one per line")
         for i, host in enumerate(self.hosts):
             non_empty(src, f"vms.hosts[{i}]", host)
-            if any(c.isspace() for c in host) or host.startswith("-"):
-                raise ConfigError(src, f"vms.hosts[{i}]", f"{short(host)} is not a host name or address")
+            if not valid_host(host):
+                raise ConfigError(src, f"vms.hosts[{i}]", f"{short(host)} is not a host name or address",
+                                  "list each VM's DNS name or IP address (e.g. 10.0.0.5), nothing else")
         if len(set(self.hosts)) != len(self.hosts):
             raise ConfigError(src, "vms.hosts", "a host is listed twice", "list each VM once")
         for key in ("hosts_command", "user", "identity_file", "known_hosts", "code_path", "metadata_url", "python"):
@@ -70,7 +90,27 @@ class VmsConfig:
                               "set vms.code_path, or use code: sync")
         if self.metadata_url and not self.metadata_url.startswith(("http://", "https://")):
             raise ConfigError(src, "vms.metadata_url", f"{short(self.metadata_url)} is not an http(s) URL")
+        self._check_env_and_sync(src)
         for key in ("connect_timeout_s", "host_wait_s", "notice_poll_s"):
             positive(src, f"vms.{key}", getattr(self, key))
         for key in ("max_preemptions", "max_failures"):
             non_negative(src, f"vms.{key}", getattr(self, key))
+
+    def _check_env_and_sync(self, src: str) -> None:
+        for i, line in enumerate(self.setup):
+            if line.rstrip().endswith("\\"):  # each line runs on its own, followed by a check of its status
+                raise ConfigError(src, f"vms.setup[{i}]", f"{short(line)} continues onto the next line",
+                                  "give each command whole, as one list item")
+        for key, value in self.env.items():
+            if not _ENV_KEY.match(key):
+                raise ConfigError(src, "vms.env", f"{short(key)} is not an environment variable name",
+                                  "use letters, digits and _, not starting with a digit (e.g. HF_HOME)")
+            if "\0" in value:  # no process can be given it
+                raise ConfigError(src, f"vms.env.{key}", "holds a NUL character", "remove it")
+        for i, pattern in enumerate(self.sync_exclude):
+            try:
+                compile_pattern(pattern)
+            except ValueError as err:
+                raise ConfigError(src, f"vms.sync_exclude[{i}]", f"{short(pattern)} {err}",
+                                  "write gitignore-style patterns, e.g. data/ or *.ckpt") from None
+        positive(src, "vms.sync_max_mb", self.sync_max_mb)

@@ -29,6 +29,7 @@ from launcher.checks import CHECK_TIMEOUT_S, Check, bounded, last_line
 from jobs.schema.run_dir import Run, RunInfo
 from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
 from jobs.schema.errors import UsageError
+from jobs.schema.secrets import write_private
 
 RESTARTS_RUNS = True  # a preempted, timed-out or admin-requeued job starts again by itself
 
@@ -288,7 +289,7 @@ def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, n
 
     python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
     script = folder / f"workers-{attempt}.sh"
-    script.write_text(render_worker_array(recipe, cluster, folder, workers, python))
+    write_private(script, render_worker_array(recipe, cluster, folder, workers, python))  # as sbatch.sh: setup lines
     proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise UsageError(f"sbatch refused the workers of {name}: {errors.one_line(proc.stderr.strip(), 300)}",

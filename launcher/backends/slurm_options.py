@@ -9,10 +9,12 @@ What reaches a batch script, and why none of it can run as shell code:
   escapes even inside quotes, `#` starts a comment). A newline would end the comment and turn
   the rest of the value into shell lines, so control characters are refused everywhere;
 - `slurm.extra_sbatch`: long options `--name` or `--name=value` only;
-- `slurm.env`: keys are shell identifiers, values single lines exported with `shlex.quote`. Keys
-  that look secret (`jobs.schema.secrets.is_secret_key`) are never written into a script: the rank entry
-  (`jobs.environments.slurm.rank_main`) sets every `slurm.env` entry in each rank itself, so the ranks
-  still see them, but the batch shell and `slurm.setup` lines only see the non-secret ones;
+- `slurm.env`: keys are shell identifiers, values single lines exported with `shlex.quote`. Secret
+  entries (`is_secret_entry`: a key that looks secret, or a value holding a URL's user info or a
+  `?token=`) are never written into a script nor printed: the rank entry
+  (`jobs.environments.slurm.rank_main`) sets every `slurm.env` entry in each rank itself, from the run's
+  cluster.yaml with secrets.yaml (0600) laid over it, so the ranks still see them, but the batch shell
+  and `slurm.setup` lines only see the non-secret ones;
 - `slurm.setup`: shell lines by design (module load, venv activation), inserted verbatim, one
   line each, so an entry cannot smuggle in more lines than it shows;
 - `slurm.python`, the run name and the run directory: single lines, quoted where they are used.
@@ -25,7 +27,7 @@ from typing import Optional
 
 from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig
 from jobs.schema.errors import ConfigError, UsageError
-from jobs.schema.secrets import is_secret_key
+from jobs.schema.secrets import is_secret_entry
 
 # (config key named in errors, sbatch long option, value or None for a flag)
 SlurmOption = tuple[str, str, Optional[str]]
@@ -51,7 +53,7 @@ def slurm_section(cluster: ClusterConfig) -> SlurmConfig:
 def one_line(src: str, key: str, value: str) -> str:
     """A value that must stay on its line: a newline would turn the rest into script lines of its own."""
     if _CONTROL.search(value):
-        shown = "the value" if is_secret_key(key.rsplit(".", 1)[-1]) else repr(value)  # an error is printed
+        shown = "the value" if is_secret_entry(key.rsplit(".", 1)[-1], value) else repr(value)  # an error is printed
         raise ConfigError(src, key, f"{shown} contains a newline or another control character",
                           "use a single line of printable characters")
     return value
@@ -98,7 +100,7 @@ def _extra_option(src: str, key: str, entry: str) -> SlurmOption:
 def env_exports(src: str, s: SlurmConfig) -> list[str]:
     """`export KEY=value` for every non-secret `slurm.env` entry (secret ones: see the module doc)."""
     checked = [(check_env_entry(src, key, value), value) for key, value in s.env.items()]
-    return [f"export {key}={shlex.quote(value)}" for key, value in checked if not is_secret_key(key)]
+    return [f"export {key}={shlex.quote(value)}" for key, value in checked if not is_secret_entry(key, value)]
 
 
 def check_env_entry(src: str, key: str, value: str) -> str:

@@ -12,7 +12,6 @@ node 0's result.json here, so `launcher status` and `launch --wait` report it as
 from __future__ import annotations
 
 import asyncio
-import json
 import shlex
 import shutil
 import sys
@@ -23,10 +22,13 @@ from typing import Any, Optional, Sequence
 
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned
 from launcher.checks import Check
+from launcher.runs import code_dir_of
 from launcher.shell import shell_path
 from launcher.vms import layout
 from launcher.vms.checks import check_hosts, check_recipe_on_vms, doctor_checks
 from launcher.vms.hosts import resolve_hosts
+from launcher.vms.sync import code_to_copy, known_hosts_for
+from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, marked_log
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
 from jobs.schema import ClusterConfig, RecipeConfig
@@ -50,9 +52,13 @@ def _src(cluster: ClusterConfig) -> str:
 
 # ----------------------------------------------------------------------------- checks
 def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
-    """The recipe fits VMs, every host answers and has a usable Python and torch: before anything is written."""
+    """The recipe fits VMs, the code to copy is not too big, every host answers and has a usable Python and
+    torch: before anything is written."""
     cfg = _cfg(cluster)
     check_recipe_on_vms(recipe, cluster, _src(cluster))
+    if cfg.code == "sync":
+        runs = Path(cluster.runs_dir).expanduser().resolve() if cluster.runs_dir else None
+        code_to_copy(cfg, str(code_dir_of(recipe)), runs, _src(cluster))
     hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
     check_hosts(cfg, hosts, _src(cluster))
 
@@ -70,7 +76,8 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
     head = host_specs(cfg, hosts[:1])[0]
     try:
-        pid = asyncio.run(_start(cfg, head, run))
+        code = code_to_copy(cfg, run.info().code_dir, run.dir.parent, _src(cluster)) if cfg.code == "sync" else []
+        pid = asyncio.run(_start(cfg, head, run, code, hosts))
     except UsageError:
         if run.info().launches == 1 and VmState.of(run.info()).head is None:
             shutil.rmtree(run.dir, ignore_errors=True)  # never started: nothing stays behind
@@ -82,16 +89,15 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     return 0
 
 
-async def _start(cfg: VmsConfig, head: HostSpec, run: Run) -> int:
+async def _start(cfg: VmsConfig, head: HostSpec, run: Run, code: list[tuple[Path, str]], hosts: list[str]) -> int:
     async with await connect(head) as conn:
         await _refuse_foreign(conn, cfg, head, run)
-        if cfg.code == "sync":
-            files = layout.project_files() + layout.user_files(run.info().code_dir)
-            await sync_tree_async(conn, files, layout.host_code_dir(cfg, head.address))
+        if code:
+            await sync_tree_async(conn, code, layout.host_code_dir(cfg, head.address))
         with tempfile.TemporaryDirectory() as staging:
             await sync_tree_async(conn, layout.run_files(run, cfg, head.address, Path(staging)),
                                   layout.host_run_dir(cfg, head.address, run.name))
-        await sync_tree_async(conn, _ssh_files(cfg), f"{layout.host_root(cfg, head.address)}/ssh")
+            await send_ssh_files(conn, cfg, head.address, hosts, Path(staging))
         done = await run_remote(conn, layout.supervisor_command(cfg, run.name, head.address), timeout=60)
     pid = done.stdout.strip().splitlines()[-1] if done.ok and done.stdout.strip() else ""
     if not pid.isdigit():
@@ -106,24 +112,35 @@ async def _refuse_foreign(conn: Any, cfg: VmsConfig, head: HostSpec, run: Run) -
     folder = layout.host_run_dir(cfg, head.address, run.name)
     done = await run_remote(conn, f"cat {shell_path(folder)}/run.json 2>/dev/null", timeout=30)
     try:
-        theirs = json.loads(done.stdout).get("run_id") if done.ok else None
-    except ValueError:
-        theirs = None
-    if theirs and theirs != run.info().run_id:
+        theirs = json_object(head.address, "run.json", done.stdout).get("run_id") if done.ok else None
+    except HostError:
+        theirs = None  # no run.json there, or a damaged one: nothing to resume from
+    if isinstance(theirs, str) and theirs and theirs != run.info().run_id:
         raise UsageError(f"{head.address}:{folder} holds another run named {run.name} (run id {theirs}, this one "
                          f"is {run.info().run_id})", hint="choose another --run-name, continue that run with "
                          f"--run-id {theirs}, or delete that folder on the VMs")
 
 
-def _ssh_files(cfg: VmsConfig) -> list[tuple[Path, str]]:
-    """The key (and known_hosts) node 0's supervisor reaches the other nodes with, copied with mode 0600."""
-    out = []
+async def send_ssh_files(conn: Any, cfg: VmsConfig, head: str, hosts: Sequence[str], staging: Path) -> None:
+    """What node 0's supervisor reaches the hosts with (its own included: it starts node 0's agent over SSH too):
+    the private key, and the known_hosts lines of the run's hosts only (not the user's whole list), each 0600 in
+    a folder of mode 0700."""
+    files = []
     if cfg.identity_file:
-        out.append((Path(cfg.identity_file).expanduser(), "identity"))
+        files.append((Path(cfg.identity_file).expanduser(), "identity"))
     known = Path(cfg.known_hosts or "~/.ssh/known_hosts").expanduser()
     if cfg.known_hosts != "ignore" and known.is_file():
-        out.append((known, "known_hosts"))
-    return out
+        try:
+            text = known.read_text(errors="replace")
+        except OSError as err:
+            raise HostError(f"cannot read known_hosts file {known}: {err.strerror}",
+                            hint="make it readable, or set vms.known_hosts") from None
+        lines = known_hosts_for(text, hosts, cfg.port, bool(cfg.hosts_command))
+        staged = staging / "known_hosts"
+        staged.touch(mode=0o600)
+        staged.write_text(lines)
+        files.append((staged, "known_hosts"))
+    await sync_tree_async(conn, files, f"{layout.host_root(cfg, head)}/ssh", folder_mode=SSH_DIR_MODE)
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
@@ -143,7 +160,7 @@ def _remote(run: Run, what: str) -> dict[str, Any]:
     done = asyncio.run(run_remote(head, command, timeout=60))
     if not done.ok:
         raise HostError(f"{head.login}: {what} of run {run.name} failed: {done.last_error_line()}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return last_json_object(head.login, f"{what} of run {run.name}", done.stdout)
 
 
 def environment_checks(cluster: ClusterConfig) -> list[Check]:
@@ -160,14 +177,15 @@ def status(run: Run) -> dict[str, Any]:
         remote = _remote(run, "status")
     except UsageError as err:
         return {**out, "state": "unreachable", "note": str(err)}
-    there = remote.get("info") or {}
+    there = remote.get("info") if isinstance(remote.get("info"), dict) else {}
     alive = remote.get("supervisor") is not None
     state = there.get("state") or ("submitted" if alive else "unknown")  # the supervisor is starting
     if not alive and state in LIVE_STATES:
         state = "lost"  # the supervisor died (node 0 preempted or rebooted): launch again to resume
-    if remote.get("result") and not alive:
-        run.write_result(RunResult.from_dict(remote["result"]))  # the run has ended: its result here too
-    result = RunResult.from_dict(remote["result"]) if remote.get("result") else RunResult()
+    answer = remote.get("result") if isinstance(remote.get("result"), dict) else None
+    if answer and not alive:
+        run.write_result(RunResult.from_dict(answer))  # the run has ended: its result here too
+    result = RunResult.from_dict(answer) if answer else RunResult()
     out.update(state=state, head=vm.head, hosts=list(VmState.from_dict(there).hosts) or None,
                requeues=there.get("requeues", {}))
     for key in ("stop_reason", "last_requeue", "placement"):
@@ -192,17 +210,32 @@ def cancel(run: Run) -> str:
 
 
 def wait(runs: Sequence[Run], poll_s: float = 2.0) -> dict[str, str]:
-    """Until every run's supervisor has ended (relaunches included); the states `status` reports."""
+    """Until every run's supervisor has ended (relaunches included); the states `status` reports. A node 0 that
+    does not answer for vms.host_wait_s ends the wait with the state "unknown": the run may go on there."""
     final: dict[str, str] = {}
+    unreachable_since: dict[str, float] = {}
     while len(final) < len(runs):
         for run in runs:
             if run.name not in final:
                 state = status(run)["state"]
-                if state not in LIVE_STATES and state != "unreachable":
+                if state == "unreachable":
+                    since = unreachable_since.setdefault(run.name, time.monotonic())
+                    if time.monotonic() - since >= _cfg(run.cluster()).host_wait_s:
+                        final[run.name] = _gave_up(run)
+                    continue
+                unreachable_since.pop(run.name, None)
+                if state not in LIVE_STATES:
                     final[run.name] = state
         if len(final) < len(runs):
             time.sleep(poll_s)
     return final
+
+
+def _gave_up(run: Run) -> str:
+    head, grace = VmState.of(run.info()).head, _cfg(run.cluster()).host_wait_s
+    print(f"run {run.name}: node 0 ({head}) has not answered for {grace} s (vms.host_wait_s), so its state is "
+          f"unknown: it may still run there; look again with: launcher status {run.name}", file=sys.stderr, flush=True)
+    return "unknown"
 
 
 def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
@@ -213,15 +246,17 @@ def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
     name = f"logs/rank{rank}.log"
     # the newest copy wins: a rank may have run on another node in an earlier launch
     command_for = {h: f"cd {shell_path(layout.host_run_dir(cfg, h, run.name))} 2>/dev/null && "
-                      f"stat -c %Y {name} && tail -c +{offset + 1} {name}" for h in hosts}
+                      f"mtime=$(stat -c %Y {name}) && echo \"{LOG_MARK}$mtime\" && tail -c +{offset + 1} {name}"
+                   for h in hosts}
 
     async def fetch() -> dict[str, Any]:
         outs = await asyncio.gather(*(run_remote(s, command_for[s.address], timeout=60)
                                       for s in host_specs(cfg, hosts)), return_exceptions=True)
         return dict(zip(hosts, outs))
 
-    found = [(int(o.stdout.split("\n", 1)[0]), o.stdout.split("\n", 1)[1]) for o in asyncio.run(fetch()).values()
-             if not isinstance(o, BaseException) and o.ok and "\n" in o.stdout]
+    answers = asyncio.run(fetch())
+    found = [marked_log(h, o.stdout) for h, o in answers.items() if not isinstance(o, BaseException) and o.ok]
+    found = [one for one in found if one is not None]
     if not found:
         return None, offset
     text = max(found)[1]

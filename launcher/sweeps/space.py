@@ -12,10 +12,10 @@ import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from jobs.schema.errors import UsageError, short
-from jobs.schema.secrets import redact_text
+from jobs.schema.secrets import redact_override
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 
@@ -46,9 +46,10 @@ class Trial:
     overrides: tuple[str, ...]  # this trial's own overrides (after the fixed ones)
 
 
-def shown(overrides: tuple[str, ...]) -> list[str]:
-    """Override items as the sweep record stores them: credentials inside values are masked."""
-    return [redact_text(item) for item in overrides]
+def shown(overrides: Iterable[str]) -> list[str]:
+    """Override items as the sweep record stores them and lines show them: credentials masked (the whole
+    value of a credential-named key, URL user info and `?token=` values in any other)."""
+    return [redact_override(item) for item in overrides]
 
 
 def split_values(raw: str) -> list[str]:

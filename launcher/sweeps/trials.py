@@ -13,7 +13,7 @@ from launcher.preflight import Target
 from jobs.schema.run_dir import Run
 from launcher.runs import prepare_run
 from launcher.sweeps.record import new_record, record_path, set_trial_job, sweeps_dir, write_record
-from launcher.sweeps.space import SweepSpec, Trial, expand
+from launcher.sweeps.space import SweepSpec, Trial, expand, shown
 from launcher.sweeps.table import print_table, trial_state
 from jobs.schema import RecipeConfig
 from jobs.schema.errors import UsageError
@@ -57,8 +57,8 @@ def resolve_trials(spec: SweepSpec, trials: list[Trial], target: Target) -> list
         try:
             recipes.append(target.recipe(spec.recipe, [*spec.fixed, *trial.overrides]))
         except UsageError as err:
-            raise UsageError(f"trial {trial.name} ({' '.join(trial.overrides)}) is invalid, so nothing was created "
-                             f"or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
+            raise UsageError(f"trial {trial.name} ({' '.join(shown(trial.overrides))}) is invalid, so nothing was "
+                             f"created or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
     target.backend.check_many([(t.name, r) for t, r in zip(trials, recipes)], target.cluster)
     return recipes
 
@@ -82,7 +82,7 @@ def _launch(todo: list[tuple[Trial, RecipeConfig]], target: Target, root: Path, 
         return Planned(recipe, lambda: prepare_run(recipe, target.cluster, trial.name, root, "auto"))
 
     for trial, _ in todo:
-        print(f"trial {trial.name}: {' '.join(trial.overrides)}", flush=True)
+        print(f"trial {trial.name}: {' '.join(shown(trial.overrides))}", flush=True)
     batch = Batch(record["name"], sweeps_dir(root) / record["name"], record["launches"], max_parallel)
     launched = target.backend.launch_many([planned(t, r) for t, r in todo], target.cluster, batch)
     for trial, _ in todo:

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import json
 import os
 import re
 import shlex
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from launcher.checks import SSH_TIMEOUT_S, Check
+from launcher.checks import CHECK_TIMEOUT_S, SSH_TIMEOUT_S, Check
 from launcher.vms import ssh
+from launcher.vms.layout import setup_script
+from launcher.vms.remote_output import json_object
 from launcher.vms.hosts import hosts_from_command
 from launcher.vms.ssh import HostError, HostSpec
 from jobs.schema import ClusterConfig, RecipeConfig
@@ -63,8 +64,7 @@ def check_hosts(cfg: VmsConfig, hosts: Sequence[str], src: str) -> dict[str, Hos
 
 async def probe(spec: HostSpec, cfg: VmsConfig) -> HostFacts:
     """Run the probe after vms.setup (which may activate a virtual environment that vms.python names)."""
-    command = "\n".join([*cfg.setup, f"{shlex.quote(cfg.interpreter)} -c {shlex.quote(PROBE)}"])
-    done = await ssh.run(spec, command, timeout=PROBE_TIMEOUT_S)
+    done = await ssh.run(spec, probe_command(cfg), timeout=PROBE_TIMEOUT_S)
     line = next((ln for ln in done.stdout.splitlines() if ln.startswith(_MARK)), None)
     if done.exit_status in (126, 127) and line is None:  # the shell's "not found" / "not executable"
         raise HostError(f"{spec.address}: no interpreter {short(cfg.interpreter)} there: {done.last_error_line()}",
@@ -73,9 +73,19 @@ async def probe(spec: HostSpec, cfg: VmsConfig) -> HostFacts:
     if not done.ok or line is None:
         raise HostError(f"{spec.address}: {short(cfg.interpreter)} failed (exit status {done.exit_status}): "
                         f"{done.last_error_line()}", hint="run it on the VM to see why; check vms.setup")
-    found = json.loads(line[len(_MARK):])
-    return HostFacts(spec.address, found["python"], found["torch"], int(found["cuda_devices"]),
-                     found["hostname"])
+    found = json_object(spec.address, "the interpreter's report", line[len(_MARK):])
+    try:
+        return HostFacts(spec.address, str(found["python"]), None if found["torch"] is None else str(found["torch"]),
+                         int(found["cuda_devices"]), str(found["hostname"]))
+    except (KeyError, TypeError, ValueError):
+        raise HostError(f"{spec.address}: the interpreter's report lacks its fields: {short(line, 120)}",
+                        hint="run the launcher's own code on the VM (vms.code_path / vms.python)") from None
+
+
+def probe_command(cfg: VmsConfig) -> str:
+    """vms.setup (which may activate the virtual environment that vms.python names), then the probe: the same
+    setup script the node agents run."""
+    return setup_script(cfg, f"{shlex.quote(cfg.interpreter)} -c {shlex.quote(PROBE)}")
 
 
 def torch_floor() -> str:
@@ -153,7 +163,9 @@ def doctor_checks(cluster: ClusterConfig) -> list[Check]:
     cfg = cluster.vms
     assert cfg is not None  # ClusterConfig.check: backend vms has a vms: section
     try:
-        hosts = list(cfg.hosts) or hosts_from_command(cfg.hosts_command or "", f"cluster config {cluster.name}")
+        # bounded as every doctor check is (launch itself waits up to HOSTS_COMMAND_TIMEOUT_S)
+        hosts = list(cfg.hosts) or hosts_from_command(cfg.hosts_command or "", f"cluster config {cluster.name}",
+                                                      CHECK_TIMEOUT_S)
     except UsageError as err:
         return [Check("VMs", False, str(err).splitlines()[0])]
     specs = [replace(s, connect_timeout_s=min(s.connect_timeout_s, SSH_TIMEOUT_S))

@@ -3,16 +3,15 @@
 address)."""
 from __future__ import annotations
 
-import re
+import os
+import signal
 import subprocess
 from typing import Sequence
 
 from jobs.schema.errors import ConfigError, one_line, short
-from jobs.schema.vms import VmsConfig
+from jobs.schema.vms import VmsConfig, valid_host
 
 HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a hung one must not hang launch
-# a DNS name, an IPv4 address or an IPv6 address (no spaces, no option-like leading "-", no shell characters)
-_HOST = re.compile(r"^(?!-)[A-Za-z0-9._:%-]+$")
 
 
 def resolve_hosts(cfg: VmsConfig, src: str, nodes: int) -> list[str]:
@@ -28,15 +27,13 @@ def resolve_hosts(cfg: VmsConfig, src: str, nodes: int) -> list[str]:
     return hosts[:nodes]
 
 
-def hosts_from_command(command: str, src: str) -> list[str]:
+def hosts_from_command(command: str, src: str, timeout_s: float = HOSTS_COMMAND_TIMEOUT_S) -> list[str]:
     """Run `command` here (bash -c) and read one host per line from its output; blank lines are skipped."""
     key, shown = "vms.hosts_command", short(command, 60)
-    try:
-        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, errors="replace",
-                              timeout=HOSTS_COMMAND_TIMEOUT_S, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise ConfigError(src, key, f"{shown} did not finish within {HOSTS_COMMAND_TIMEOUT_S} s",
-                          "run it in a shell to see why (a login prompt? a slow API?)") from None
+    done = _run_bounded(command, timeout_s)
+    if done is None:
+        raise ConfigError(src, key, f"{shown} did not finish within {timeout_s:g} s (timed out, stopped)",
+                          "run it in a shell to see why (a login prompt? a slow API?)")
     if done.returncode != 0:
         raise ConfigError(src, key, f"{shown} exited with status {done.returncode}: {_last_line(done.stderr)}",
                           "run it in a shell to see why (logged in to the cloud CLI?)")
@@ -48,9 +45,29 @@ def hosts_from_command(command: str, src: str) -> list[str]:
     return hosts
 
 
+def _run_bounded(command: str, timeout_s: float) -> "subprocess.CompletedProcess[str] | None":
+    """bash -c COMMAND in a session of its own; None if it ran past `timeout_s`, after killing its whole process
+    group: a cloud CLI's children (a credential helper, a pager) must not outlive it holding the pipe open."""
+    proc = subprocess.Popen(["bash", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            errors="replace", stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:  # a child that left the group still holds the pipe: not waited for
+            proc.wait()
+        return None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def _check_printed(hosts: Sequence[str], shown: str, src: str) -> None:
     for host in hosts:
-        if not _HOST.match(host):
+        if not valid_host(host):
             raise ConfigError(src, "vms.hosts_command", f"{shown} printed {short(host, 60)}, which is not a "
                               "host name or address", "make it print one address per line and nothing else")
     seen = set()

@@ -15,7 +15,6 @@ import dataclasses
 import json
 import shlex
 from pathlib import Path
-from typing import Iterator, Optional
 
 from jobs.schema.files import REPO_ROOT
 from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, RUN_JSON, Run
@@ -23,13 +22,10 @@ from jobs.schema.secrets import SECRETS_FILE
 from jobs.environments.vms import ENTRY_MODULE as AGENT_MODULE
 from launcher.shell import shell_path
 from launcher.vms.state import VmState
+from launcher.vms.sync import select
 from jobs.schema.vms import HOST_FIELD, VmsConfig
 
 PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started
-PACKAGES = ("launcher", "jobs")  # the project's code: what runs on the VMs
-CONFIG_FOLDERS = ("recipes", "cluster_configs")
-SKIPPED = {".git", ".venv", "venv", "__pycache__", "runs", "node_modules", ".pytest_cache", "artifacts"}
-MAX_USER_FILE = 64 << 20  # larger files in the code folder are data, not code: not copied to every VM
 
 
 def host_root(cfg: VmsConfig, host: str) -> str:
@@ -49,35 +45,10 @@ def host_run_dir(cfg: VmsConfig, host: str, run_name: str) -> str:
 
 
 # ------------------------------------------------------------------ files to copy
-def _walk(folder: Path, under: str) -> Iterator[tuple[Path, str]]:
-    for path in sorted(folder.rglob("*")):
-        rel = path.relative_to(folder)
-        if any(part in SKIPPED or part.startswith(".") for part in rel.parts) or not path.is_file():
-            continue
-        if path.stat().st_size <= MAX_USER_FILE:
-            yield path, f"{under}/{rel.as_posix()}"
-
-
-def project_files(root: Path = REPO_ROOT) -> list[tuple[Path, str]]:
-    """The project's packages and built-in configs, as (local file, path under code/)."""
-    out: list[tuple[Path, str]] = []
-    for name in (*PACKAGES, *CONFIG_FOLDERS):
-        if (root / name).is_dir():
-            out += [(p, f"launcher/{rel}") for p, rel in _walk(root / name, name) if not rel.endswith(".pyc")]
-    return out
-
-
-def user_files(code_dir: Optional[str], root: Path = REPO_ROOT) -> list[tuple[Path, str]]:
-    """The user's code_dir, unless it is the project itself (already copied)."""
-    if not code_dir or Path(code_dir).resolve() == root.resolve():
-        return []
-    return list(_walk(Path(code_dir), "user"))
-
-
 def code_files(run: Run) -> list[tuple[Path, str]]:
-    """What node 0 copies to another host: its whole code folder (project and user code)."""
+    """What node 0 copies to another host: its whole code folder (project and user code, as `launch` chose it)."""
     code = Path(run.dir).parents[1] / "code"
-    return list(_walk(code, ".")) if code.is_dir() else []
+    return select(code, ".") if code.is_dir() else []
 
 
 def host_info(run: Run, cfg: VmsConfig, host: str) -> dict:
@@ -103,25 +74,39 @@ def run_files(run: Run, cfg: VmsConfig, host: str, staging: Path) -> list[tuple[
 
 
 # ------------------------------------------------------------------ commands
-def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str) -> str:
-    """The shell line that starts a node agent on `host` (setup lines first, as the user wrote them)."""
+def setup_script(cfg: VmsConfig, *then: str) -> str:
+    """vms.setup's lines, each on a line of its own (a "# comment" or a trailing ";" ends only its line), each
+    checked: a failing one stops the script with its exit status, naming it; then the lines `then`. The pre-launch
+    probe, the supervisor and every node agent run their setup through this one function."""
+    lines: list[str] = []
+    for n, line in enumerate(cfg.setup, 1):
+        lines += [line, f'launcher_status=$?; if [ "$launcher_status" -ne 0 ]; then echo "vms.setup line {n} '
+                  f'failed (exit status $launcher_status)" >&2; exit "$launcher_status"; fi']
+    return "\n".join([*lines, *then])
+
+
+def _in_project(cfg: VmsConfig, host: str, *then: str) -> str:
     project = shell_path(host_project_dir(cfg, host))
+    return "\n".join([f"cd {project} || exit 1", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+                      setup_script(cfg, *then)])
+
+
+def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str) -> str:
+    """The shell script that starts a node agent on `host` (setup lines first, as the user wrote them)."""
     agent = [cfg.interpreter, "-u", "-m", AGENT_MODULE, "--nnodes", str(nnodes), "--nproc", str(nproc),
              "--rdzv", rdzv, "--rdzv-id", rdzv_id, "--local-addr", host]
-    return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"',
-                        *cfg.setup, f"exec {' '.join(map(shlex.quote, agent))} --run-dir "
-                        f"{shell_path(host_run_dir(cfg, host, run_name))}"])
+    return _in_project(cfg, host, f"exec {' '.join(map(shlex.quote, agent))} --run-dir "
+                       f"{shell_path(host_run_dir(cfg, host, run_name))}")
 
 
 def supervisor_command(cfg: VmsConfig, run_name: str, host: str) -> str:
     """Start the supervisor on node 0 in a session of its own (it outlives this SSH session); prints its pid."""
-    project, run_dir = shell_path(host_project_dir(cfg, host)), shell_path(host_run_dir(cfg, host, run_name))
+    run_dir = shell_path(host_run_dir(cfg, host, run_name))
     start = [cfg.interpreter, "-u", "-m", "launcher.vms.supervise", "--self", host]
-    return " && ".join([f"cd {project}", f'export PYTHONPATH={project}"${{PYTHONPATH:+:$PYTHONPATH}}"', *cfg.setup,
-                        f"mkdir -p {run_dir}/logs",
-                        f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "
-                        f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $! > {run_dir}/{PID_FILE}; "
-                        f"cat {run_dir}/{PID_FILE})"])
+    return _in_project(cfg, host, f"mkdir -p {run_dir}/logs || exit 1",
+                       f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "
+                       f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $! > {run_dir}/{PID_FILE}; "
+                       f"cat {run_dir}/{PID_FILE})")
 
 
 def supervisor_view(cfg: VmsConfig, run_dir: Path) -> VmsConfig:

@@ -192,6 +192,11 @@ async def run(target: Union[HostSpec, asyncssh.SSHClientConnection], command: st
     except asyncssh.TimeoutError:
         host = target.get_extra_info("peername", ("?",))[0]
         raise HostError(f"{host}: {short(command, 60)} did not finish within {timeout:g} s") from None
+    except (asyncssh.ChannelOpenError, asyncssh.ConnectionLost, asyncssh.DisconnectError) as exc:
+        host = target.get_extra_info("peername", ("?",))[0]
+        raise HostError(f"{host}: the SSH connection was lost while running {short(command, 60)}: "
+                        f"{one_line(str(exc), 120)}", hint="check that the VM is still up, then run the command "
+                        "again") from None
     return Completed(done.exit_status if done.exit_signal is None else None,
                      _text(done.stdout), _text(done.stderr))
 
@@ -221,15 +226,18 @@ def run_all(specs: Sequence[HostSpec], command: str, timeout: Optional[float] = 
 
 
 async def sync_tree_async(target: Union[HostSpec, asyncssh.SSHClientConnection],
-                          files: Sequence[tuple[Path, str]], remote_dir: str) -> None:
-    """Copy local files to `remote_dir` (created; "~/" allowed) on one host, each to its path relative to it:
-    one tar stream over one channel, file modes kept (a secrets file of mode 0600 stays 0600)."""
+                          files: Sequence[tuple[Path, str]], remote_dir: str,
+                          folder_mode: Optional[int] = None) -> None:
+    """Copy local files to `remote_dir` (created; "~/" allowed; given `folder_mode` whatever the VM's umask) on
+    one host, each to its path relative to it: one tar stream over one channel, file modes kept (a secrets file
+    of mode 0600 stays 0600)."""
     if isinstance(target, HostSpec):
         async with await connect(target) as conn:
-            return await sync_tree_async(conn, files, remote_dir)
+            return await sync_tree_async(conn, files, remote_dir, folder_mode)
     d = shell_path(remote_dir)
+    chmod = f" && chmod {folder_mode:o} {d}" if folder_mode is not None else ""
     # -p: modes as archived whatever the remote umask; --no-same-owner: files belong to the SSH user
-    command = f"mkdir -p {d} && tar --no-same-owner -p -xf - -C {d}"
+    command = f"mkdir -p {d}{chmod} && tar --no-same-owner -p -xf - -C {d}"
     with tempfile.SpooledTemporaryFile(max_size=_SPOOL) as spool:
         _write_tar(spool, files)
         spool.seek(0)

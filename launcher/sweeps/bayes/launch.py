@@ -14,9 +14,11 @@ from launcher.sweeps.bayes.claims import WORKER_JSON, Sweep, work, workers_of
 from launcher.sweeps.bayes.spec import BayesSpec, corners, trial_name
 from launcher.sweeps.bayes.status import print_status, summarize
 from launcher.sweeps.record import existing_record, write_record
+from launcher.sweeps.space import shown
 from jobs.schema import RecipeConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
+from jobs.schema.secrets import write_private
 
 
 def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
@@ -28,7 +30,7 @@ def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
         try:
             recipes.append(target.recipe(spec.recipe, [*spec.fixed, *overrides]))
         except UsageError as err:
-            raise UsageError(f"--param {' '.join(overrides)} (the bounds of the search space) is invalid, so "
+            raise UsageError(f"--param {' '.join(shown(overrides))} (the bounds of the search space) is invalid, so "
                              f"nothing was created or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
     if sweep_workers(target.backend) is None:
         raise UsageError(f"cluster config {target.cluster.name!r} uses backend {target.cluster.backend!r}, which "
@@ -60,10 +62,9 @@ def run_bayes(spec: BayesSpec, name: str, target_given: str, runs_dir: Optional[
     refuse_if_live(sweep, record)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     sweep.create_study()
-    worker_json = sweep.folder / WORKER_JSON
-    worker_json.touch(mode=0o600)
-    worker_json.write_text(json.dumps({"spec": spec.raw(), "cluster": target_given, "cwd": os.getcwd(),
-                                       "metric": sweep.metric, "mode": sweep.mode}, indent=2) + "\n")
+    given = {"spec": spec.raw(), "cluster": target_given, "cwd": os.getcwd(), "metric": sweep.metric,
+             "mode": sweep.mode}
+    write_private(sweep.folder / WORKER_JSON, json.dumps(given, indent=2) + "\n")  # unmasked: 0600 whatever was there
     record["launches"] += 1
     write_record(root, name, record)
     print(f"sweep {name}: Bayesian (TPE, seed {spec.seed}{', ASHA pruning' if spec.prune else ''}) over "

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.sweeps.record import sweeps_dir
+from launcher.sweeps.space import shown
 from jobs.schema.study import STUDY_JOURNAL, journal_storage, load_study
 
 
@@ -25,14 +26,14 @@ def summarize(root: Path, record: dict[str, Any]) -> dict[str, Any]:
         return {"trials": [], "best": None, "pruned": [], "importances": None, "why_no_importances": "no study yet"}
     study = load_study(journal_storage(journal), record["name"])
     trials = study.get_trials(deepcopy=False)
-    rows = [{"run_name": t.user_attrs.get("run_name", f"#{t.number}"), "overrides": t.user_attrs.get("overrides", []),
-             "number": t.number, "state": t.state.name.lower()} for t in trials]
+    rows = [{"run_name": t.user_attrs.get("run_name", f"#{t.number}"), "number": t.number,
+             "overrides": shown(t.user_attrs.get("overrides", [])), "state": t.state.name.lower()} for t in trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
         b = study.best_trial
         best = {"run_name": b.user_attrs.get("run_name"), "number": b.number, "value": b.value,
-                "overrides": b.user_attrs.get("overrides", [])}
+                "overrides": shown(b.user_attrs.get("overrides", []))}  # the record and lines: masked
     pruned = [{"run_name": t.user_attrs.get("run_name"), "number": t.number,
                "step": t.last_step if t.last_step is not None else "?"} for t in trials if t.state == TrialState.PRUNED]
     importances, why = None, ""
