@@ -24,8 +24,7 @@ from launcher.cli import main
 TIME_LIMIT_S = 10  # a reader that takes longer is hanging (each case takes milliseconds)
 MEMORY_HEADROOM = 1 << 30  # a reader needs a few MiB: one that wants a GiB more is reading without end
 DAMAGE = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                                         HealthCheck.function_scoped_fixture])
+                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 GOOD_RUN = {"run_name": "r", "backend": "local", "state": "completed", "launches": 1}
 GOOD_RESULT = {"outcome": "completed", "step": 10, "val/acc": 0.9}
 GOOD_METRICS = '{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/loss": 1.5, "val/loss": 1.7}\n'
@@ -194,12 +193,13 @@ def test_more_local_ranks_than_the_machine_can_run_are_refused(tmp_path: Path,
         raise AssertionError(f"started a process: {args[0] if args else kwargs}")
 
     monkeypatch.setattr(local.subprocess, "Popen", refuse)
+    monkeypatch.delenv(local.MAX_RANKS_ENV, raising=False)
     (tmp_path / "s.py").write_text("print('ran')\n")
     monkeypatch.chdir(tmp_path)
     result = cli("run", "s.py", "--procs-per-node", "100000", "--runs-dir", str(tmp_path / "runs"))
     assert_clean(result)
     assert result.code == 2 and "parallel.procs_per_node=100000: more ranks than this machine can run" in result.err
-    assert f"LAUNCHER_MAX_LOCAL_RANKS=100000" in result.err and "CPUs" in result.err, result
+    assert "LAUNCHER_MAX_LOCAL_RANKS=100000" in result.err and "CPUs" in result.err, result
     assert not (tmp_path / "runs").exists()
     cpus = len(os.sched_getaffinity(0))
     assert local.local_ranks_limit() == max(8, 4 * cpus)  # a 4-rank test on a 2-core machine still runs
