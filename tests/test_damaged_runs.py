@@ -281,14 +281,14 @@ def test_status_logs_cancel_of_damaged_run_files_end_cleanly(tmp_path_factory: p
 
 
 @given(files=some_files)
-@settings(DAMAGE, max_examples=120)
+@settings(DAMAGE, max_examples=80)
 def test_doctor_of_damaged_run_files_ends_cleanly(tmp_path_factory: pytest.TempPathFactory,
                                                   files: list[tuple[str, Any]]) -> None:
     _reads_cleanly(tmp_path_factory.mktemp("runs"), "doctor", files)
 
 
 @given(files=some_files)
-@settings(DAMAGE, max_examples=80)
+@settings(DAMAGE, max_examples=50)
 def test_plot_of_damaged_run_files_ends_cleanly(tmp_path_factory: pytest.TempPathFactory,
                                                 files: list[tuple[str, Any]]) -> None:
     _reads_cleanly(tmp_path_factory.mktemp("runs"), "plot", files)

@@ -226,10 +226,10 @@ def test_gce_etag_with_odd_characters_is_quoted_and_the_notice_seen(server: Meta
 def test_a_failing_watcher_says_so_once_through_on_error(server: MetadataServer, watchers: list[NoticeWatcher]) -> None:
     """As loud as a missing watcher: the agent writes on_error's line into rank 0's log, once per kind."""
     said: list[str] = []
-    server.fail_next(503, 5)
+    server.fail_next(503, 3)  # backoff 0.2 + 0.4 + 0.8 s
     watcher = NoticeWatcher("gce", server.url, on_notice=Collected(), long_poll_s=60, on_error=said.append)
     watchers.append(watcher.start())
-    wait_until(lambda: server.long_polls >= 1, "the long poll after five 503s", timeout=WAIT_S, poll=0.02)
+    wait_until(lambda: server.long_polls >= 1, "the long poll after three 503s", timeout=WAIT_S, poll=0.02)
     assert len(said) == 1 and said[0].startswith("WARNING: ") and server.url in said[0] and "503" in said[0], said
 
 
