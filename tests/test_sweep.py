@@ -180,6 +180,23 @@ def test_sweep_status_of_an_unknown_sweep_lists_the_known_ones(runs_dir: Path, c
     assert "no such sweep" in err and "digits-sweep-0badc0de" in err
 
 
+@pytest.mark.parametrize("trials", [[{"run_name": "../outside", "overrides": []}],
+                                    [{"run_name": "/etc", "overrides": []}],
+                                    [{"overrides": []}], ["t0"], {"run_name": "t0"}])
+def test_a_sweep_record_with_a_bad_trial_name_is_refused(runs_dir: Path, trials: object,
+                                                        capsys: pytest.CaptureFixture) -> None:
+    """Every reader of a sweep record builds run folders from its trials' names: a damaged or planted name
+    never becomes a path (`..`, an absolute path), whatever command reads it."""
+    (runs_dir / "sweeps").mkdir()
+    (runs_dir / "sweeps" / "s.json").write_text(json.dumps({"name": "s", "trials": trials}))
+    before = sorted(runs_dir.rglob("*"))
+    assert main(["sweep-status", "s", "--runs-dir", str(runs_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "s.json" in err and "Traceback" not in err, err
+    assert len([line for line in err.splitlines() if not line.lstrip().startswith("HINT")]) == 1, err
+    assert sorted(runs_dir.rglob("*")) == before
+
+
 def test_random_without_trials_is_refused(runs_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["sweep", "digits", "--random", "optim.lr=loguniform:1e-4:1e-1", "--runs-dir", str(runs_dir)]) == 2
     assert "--trials" in capsys.readouterr().err

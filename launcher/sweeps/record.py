@@ -12,6 +12,7 @@ from typing import Any, Optional
 from launcher.sweeps.space import SweepSpec, Trial, shown
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
+from jobs.schema.names import check_name
 from jobs.schema.run_files import load_record
 
 
@@ -40,7 +41,26 @@ def _load(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise UsageError(f"{path}: unreadable: a JSON {type(record).__name__}, not an object",
                          hint="repair or move this file aside")
+    _check_trials(path, record.get("trials", []))
     return record
+
+
+def _check_trials(path: Path, trials: Any) -> None:
+    """Every reader builds run folders from the trials' names: a damaged or planted name (`../x`, `/etc`)
+    must never become a path, so each is checked as a launch checks a --run-name."""
+    if not isinstance(trials, list):
+        raise UsageError(f"{path}: unreadable: trials is a {type(trials).__name__}, not a list",
+                         hint="repair or move this file aside")
+    for i, entry in enumerate(trials):
+        name = entry.get("run_name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not isinstance(entry.get("overrides", []), list):
+            raise UsageError(f"{path}: unreadable: trial {i} has no run_name and overrides list",
+                             hint="repair or move this file aside")
+        try:
+            check_name("run name", name)
+        except UsageError as err:
+            raise UsageError(f"{path}: trial {i}: {str(err).splitlines()[0]}",
+                             hint="repair or move this file aside") from None
 
 
 def write_record(root: Path, name: str, record: dict[str, Any]) -> None:
