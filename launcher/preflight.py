@@ -29,6 +29,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
     do not depend on the directory they are launched from; a script recipe's does, through its
     absolute path (another checkout's script is another run)."""
     code_dir = code_dir_of(recipe)
+    _refuse_unusable_path(code_dir, src, "code_dir")
     if not code_dir.is_dir():
         raise ConfigError(src, "code_dir", f"{short_path(code_dir)} is not a directory",
                           "point code_dir at the folder that holds your code (default: the launch directory)")
@@ -38,6 +39,7 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
         return recipe
     if script.path is not None:
         path = (code_dir / script.path).resolve()
+        _refuse_unusable_path(path, src, "script.path")
         if not path.is_file():
             what = "is a directory, not a script" if path.is_dir() else "no such file"
             raise ConfigError(src, "script.path", f"{what}: {short_path(path)}",
@@ -45,6 +47,18 @@ def resolve_code(recipe: RecipeConfig, src: str) -> RecipeConfig:
         return dataclasses.replace(recipe, script=dataclasses.replace(script, path=str(path)))
     _check_module(script.module or "", code_dir, src)
     return recipe
+
+
+def _refuse_unusable_path(path: Path, src: str, key: str) -> None:
+    """A path the system itself refuses (a name too long, a denied folder on the way) is a ConfigError:
+    pathlib's is_dir/is_file say False only for a missing file and raise for these."""
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # said by the caller, with what the path should be
+    except OSError as err:
+        raise ConfigError(src, key, f"{short_path(path)}: {err.strerror or err}",
+                          "give a path this machine can open") from None
 
 
 # The launcher's own packages: code_dir goes first on every rank's import path, so a user folder with one of

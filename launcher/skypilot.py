@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import stat
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -157,17 +158,39 @@ def run_command(sky: SkyPilotConfig, recipe: RecipeConfig, base: str) -> str:
 
 # ----------------------------------------------------------------------------- the command
 def write_task(recipe: RecipeConfig, cluster: ClusterConfig, base: str, out: Optional[str]) -> int:
-    """`launcher skypilot`: the task file on stdout, or in `out` (then a note on stderr)."""
+    """`launcher skypilot`: the task file on stdout, or in `out` (then a note on stderr). A refusal comes
+    alone, before any warning: `out` is checked first, the warning printed once the file is written."""
+    if out is not None:
+        _check_out(out)
     text = render_task(recipe, cluster, base)
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        try:
+            Path(out).write_text(text)
+        except OSError as err:
+            raise UsageError(f"--out {short_path(out)}: cannot write it: {err.strerror or err}",
+                             hint="give a file in a folder that exists and that you may write") from None
     if not recipe.checkpoint.uri:
         print("warning: no checkpoint.uri: checkpoints stay on the VM, so a recovered job (a new VM) starts "
               "from step 0; set checkpoint.uri=s3://... or gs://...", file=sys.stderr)
-    if out is None:
-        sys.stdout.write(text)
-        return 0
-    try:
-        Path(out).write_text(text)
-    except OSError as err:
-        raise UsageError(f"cannot write {short_path(out)}: {err.strerror or err}") from None
-    print(f"wrote {out}: launch it with `sky jobs launch {shlex.quote(out)}`", file=sys.stderr)
+    if out is not None:
+        print(f"wrote {out}: launch it with `sky jobs launch {shlex.quote(out)}`", file=sys.stderr)
     return 0
+
+
+def _check_out(out: str) -> None:
+    """--out names a file to (over)write: not empty, not a folder, and not a FIFO or a device, which
+    opening for writing would block on (a FIFO waits for a reader) or write into."""
+    path = Path(out)
+    try:
+        what = "" if not out.strip() else _not_a_file(path.stat().st_mode) if path.exists() else ""
+    except OSError as err:  # a name too long, a folder on the way that is not one
+        what = err.strerror or str(err)
+    if not out.strip() or what:
+        raise UsageError(f"--out {short_path(out)}: {what or 'is empty'}",
+                         hint="give the path of the task file to write, e.g. --out task.yaml")
+
+
+def _not_a_file(mode: int) -> str:
+    return "" if stat.S_ISREG(mode) else "is a folder" if stat.S_ISDIR(mode) else "is not a regular file"

@@ -1,0 +1,372 @@
+"""Tier 1, property-based: whatever a user types after `launcher run` (options and `-- ARGS`), into a sweep's
+`--grid`/`--random`/`--param`, or writes into a cluster config's `vms:` or `skypilot:` section, the command
+ends with exit 0 or with exit 2 and one `error:` line (plus an optional HINT line): never a traceback, never
+another exit code, never a hang; and a refused command creates nothing.
+
+Everything runs in-process through `launcher.cli.main`. No rank ever starts: each backend's start points
+(`_START_POINTS`) are replaced by one that raises `_WouldStart`, which counts as exit 0; everything before
+them (the checks, the run directory) runs for real. VM checks stop where they would connect over SSH.
+Each property runs 500 derandomized examples (2,000 in all), so CI sees the same ones."""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import REPO
+from launcher import cli, cli_args
+
+TOOL_CACHES = {".hypothesis", ".pytest_cache", "__pycache__"}  # written by the test tools, never by the launcher
+BOUND_S = 20  # per command: the slowest example measured takes well under a second
+FUZZ = settings(max_examples=500, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture])
+
+
+class _WouldStart(Exception):
+    """Raised where ranks, workers or jobs would start (or a VM be reached): the command got that far."""
+
+
+def _would_start(*_args: Any, **_kwargs: Any) -> Any:
+    for value in [*_args, *_kwargs.values()]:  # coroutines of the SSH probes that will never be awaited
+        for coro in value.values() if isinstance(value, dict) else []:
+            getattr(coro, "close", lambda: None)()
+    raise _WouldStart
+
+
+_START_POINTS = [*(f"launcher.backends.{b}.{f}" for b in ("local", "slurm")
+                   for f in ("launch", "launch_many", "launch_workers", "run_trial_here")),
+                 "launcher.backends.vms.launch", "launcher.backends.vms.launch_many", "launcher.sbatch.submit",
+                 "launcher.vms.ssh.gather_hosts"]
+
+
+# ----------------------------------------------------------------------------- the property
+def _tree(box: Path) -> set[str]:
+    """Every path under `box`, and the repository's top level (a stray file lands there, in the launch folder)."""
+    out = {str(REPO / name) for name in os.listdir(REPO) if name not in TOOL_CACHES}
+    for root, dirs, files in os.walk(box):
+        out |= {os.path.join(root, name) for name in dirs + files}
+    return out
+
+
+@contextlib.contextmanager
+def _bounded(seconds: int) -> Iterator[None]:
+    def late(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(f"the command ran longer than {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, late)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _argparse_refusal(lines: list[str]) -> bool:
+    """argparse's own refusal: its usage lines, then `launcher CMD: error: ...` as the one last line."""
+    return lines[0].startswith("usage: ") and lines[-1].startswith("launcher ") and ": error: " in lines[-1] \
+        and not any(": error: " in line for line in lines[:-1])
+
+
+def _ends_cleanly(argv: list[str], box: Path, created_ok: list[Path]) -> int:
+    """The property, for one command line run from `box`: the exit code (0 or 2), its stderr shaped as said
+    above, and nothing new in `box` or the repository unless the command succeeded (then only `created_ok`)."""
+    before = _tree(box)
+    out, err = io.StringIO(), io.StringIO()
+    started = time.monotonic()
+    with _bounded(BOUND_S), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(argv)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 2
+        except _WouldStart:
+            code = 0
+    assert time.monotonic() - started < BOUND_S
+    text = err.getvalue()
+    lines = text.splitlines()
+    assert "Traceback" not in text and code in (0, 2), (code, text)
+    new = _tree(box) - before
+    if code == 2:
+        assert lines and (_argparse_refusal(lines) or (lines[0].startswith("error: ") and len(lines) <= 2
+                          and all(line.startswith("  HINT: ") for line in lines[1:]))), text
+        assert not new, (sorted(new)[:5], text)
+    else:
+        assert not any(line.startswith("error:") for line in lines), text
+        assert all(any(Path(p).is_relative_to(ok) for ok in created_ok) for p in new), (sorted(new)[:5], text)
+    for ok in created_ok:  # the next example starts from the same tree
+        if ok.is_dir():
+            shutil.rmtree(ok)
+            ok.mkdir()
+        elif ok.exists() or ok.is_symlink():
+            ok.unlink()
+    return code
+
+
+@pytest.fixture(scope="module")
+def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The folder the commands run in: a script, a package, a folder, a FIFO, a runs directory."""
+    box = tmp_path_factory.mktemp("cli-fuzz")
+    (box / "s.py").write_text("print('hi')\n")
+    (box / "pkg").mkdir()
+    (box / "pkg" / "__init__.py").write_text("")
+    (box / "pkg" / "train.py").write_text("")
+    (box / "folder").mkdir()
+    os.mkfifo(box / "fifo")
+    (box / "runs").mkdir()
+    (box / "key").write_text("not a key\n")
+    (box / "key").chmod(0o600)
+    (box / "open_key").write_text("not a key\n")
+    (box / "open_key").chmod(0o644)
+    with pytest.MonkeyPatch.context() as mp:
+        # the CLI builds its parsers anew at every call (9 ms, mostly gettext lookups): built once here, the
+        # 2,000 examples fit the suite's time; parsing is the same
+        parsers = cli_args.build_parser(cli.COMMANDS)
+        mp.setattr(cli_args, "build_parser", lambda commands: parsers)
+        for point in _START_POINTS:
+            mp.setattr(point, _would_start)
+        mp.chdir(box)
+        yield box
+
+
+# ----------------------------------------------------------------------------- hostile pieces
+def _values(box: str) -> list[str]:
+    """Option values and arguments that have broken CLIs. No NUL: a command line cannot carry one."""
+    return ["", " ", "-1", "0", "1", "2", "3", "100000", "1e999", "nan", "inf", "-", "--", "=", "a=b", "-x",
+            "x" * 300, "x/" * 2100, "\n", "a\nb", "a\rb", "\x1b[31m", "é", "\u2028", "caf\udce9", "$(touch pwned)", "`touch x`",
+            ";touch x", "|", "&&", "'", '"', "{run_dir}", "{checkpoint_dir}", "{", "%s", "https://u:tok@h/x",
+            "--password=hunter2", "~", "/", "/dev/null", "/proc/x", ".", "..", "../x", "run", "code",
+            f"{box}/s.py", f"{box}/folder", f"{box}/fifo", f"{box}/missing", "s.py", "folder", "fifo", "missing.py",
+            "pkg", "pkg.train", "pkg.missing", "1pkg", "os"]
+
+
+def _texts(box: str) -> st.SearchStrategy[str]:
+    return st.one_of(st.sampled_from(_values(box)), st.sampled_from(_values(box)),
+                     st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=20))
+
+
+_PARSERS = cli_args.build_parser(cli.COMMANDS)[1]
+
+
+def _options(command: str, *, skip: set[str]) -> list[str]:
+    """The command's own option names (from its parser, so new options are fuzzed too)."""
+    parsers = _PARSERS
+    return sorted(o for o in parsers[command]._option_string_actions if o not in {"-h", "--help", *skip})
+
+
+def _mostly(fitting: st.SearchStrategy[str], hostile: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """One hostile value in six, so that most command lines get past argparse to the checks behind it."""
+    return st.sampled_from([fitting] * 5 + [hostile]).flatmap(lambda chosen: chosen)
+
+
+def _option_tokens(names: list[str], plausible: dict[str, list[str]], values: st.SearchStrategy[str],
+                   extra: st.SearchStrategy[str]) -> st.SearchStrategy[list[str]]:
+    """Mostly `--opt VALUE` with a value that fits the option, sometimes a hostile one, `--opt=VALUE`, a bare
+    `--opt` or something `extra` (overrides, stray values)."""
+    def pair(name: str) -> st.SearchStrategy[list[str]]:
+        fitting = st.sampled_from(plausible[name]) if plausible.get(name) else values
+        value = _mostly(fitting, values)
+        return st.one_of(value.map(lambda v: [name, v]), value.map(lambda v: [name, v]),
+                         value.map(lambda v: [f"{name}={v}"])) if plausible.get(name, True) else st.just([name])
+
+    one = st.one_of(*(pair(n) for n in names), extra.map(lambda v: [v]))
+    return st.lists(one, max_size=5).map(lambda parts: sum(parts, []))
+
+
+# ----------------------------------------------------------------------------- launcher run
+def _run_values(box: str) -> dict[str, list[str]]:
+    """Values that fit each `launcher run` option (an empty list: a flag, which takes none)."""
+    return {"--nodes": ["1", "1", "2", "0", "-1", "100000"], "--procs-per-node": ["1", "1", "2", "0", "-1"],
+            "--code-dir": [box, ".", "folder", "pkg", "missing", "fifo", "s.py", "/", "~"],
+            "--run-name": ["r1", "r1", "a" * 300, "../x", "-x", "a b"], "--run-id": ["0123abcd", "../x", "a" * 300],
+            "--resume-args": ["--init_from=resume", "--lr {checkpoint_dir}", "'unclosed", "--password=x", "--"],
+            "--workdir": ["run", "code"], "--resume": ["auto", "never"], "-m": ["pkg.train", "pkg", "os", "1pkg",
+                                                                                "pkg.missing", "json.tool"],
+            "--wait": [], "--sbatch": [], "--submit": []}
+
+
+OVERRIDES = ["parallel.nodes=2", "parallel.procs_per_node=2", "checkpoint.uri=s3://u:p@b/x", "script.args=[1]",
+             "script.path=x.py", "script.module=pkg.train", "code_dir=folder", "trainer.epochs=1", "nope=1",
+             "script.workdir=code", "name=../x", "script.resume_args=[a]", "checkpoint.every_steps=0"]
+
+
+@st.composite
+def run_command_lines(draw: st.DrawFn, box: str) -> list[str]:
+    values = _texts(box)
+    head = draw(st.sampled_from([["s.py"], ["s.py"], [f"{box}/s.py"], ["-m", "pkg.train"], []]))
+    extra = st.one_of(st.sampled_from(OVERRIDES), st.sampled_from(OVERRIDES), values)
+    tokens = draw(_option_tokens(_options("run", skip={"--runs-dir", "--cluster"}), _run_values(box), values, extra))
+    cluster = draw(st.sampled_from(["local"] * 6 + ["local_slurm"] * 3 + ["local_vms", "nope", "", f"{box}/fifo",
+                                                                          f"{box}/folder", "../x"]))
+    tail = draw(st.one_of(st.just([]), st.lists(values, max_size=4).map(lambda args: ["--", *args])))
+    return ["run", *head, *tokens, "--cluster", cluster, "--runs-dir", f"{box}/runs", *tail]
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_run_command_line(box: Path, data: st.DataObject) -> None:
+    argv = data.draw(run_command_lines(str(box)))
+    _ends_cleanly(argv, box, [box / "runs"])
+
+
+# ----------------------------------------------------------------------------- sweeps: --grid, --random, --param
+SWEEP_KEYS = ["optim.lr", "optim.lr", "trainer.seed", "trainer.max_steps", "model.dropout", "data.batch_size", "nope",
+              "", " ", "optim", "optim.lr.x", "a=b", "--grid", "trainer.seed "]
+SWEEP_VALUES = ["1e-3", "0.1", "1", "2", "0", "-1", "[1, 2]", "{a: 1}", "[1,", "", " ", "nan", "1e999", ".inf", "x",
+                "x" * 300, "null", "~", "!!python/object:os.system", "&a", "*a", "'", "https://u:tok@h/x", "1,2",
+                "é", "--trials"]
+BOUNDS = ["1e-4:1e-1", "0:1", "1:8", "0:0", "1:0", "-1:1", "1e999:1e999", "nan:1", "-inf:inf", "1:2:3", "", ":",
+          "a:b", "1e-4", "0x1:0x2", "1_0:2_0", "2**64:2**65", "18446744073709551616:18446744073709551617"]
+
+
+def _grid_items() -> st.SearchStrategy[str]:
+    values = st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(",".join)
+    return st.tuples(st.sampled_from(SWEEP_KEYS), values).map("=".join)
+
+
+def _distribution_items() -> st.SearchStrategy[str]:
+    choice = st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(lambda v: "choice:" + ",".join(v))
+    bounded = st.tuples(st.sampled_from(["uniform", "loguniform", "randint", "normal", "", "choice"]),
+                        st.sampled_from(BOUNDS)).map(":".join)
+    return st.tuples(st.sampled_from(SWEEP_KEYS), st.one_of(bounded, bounded, choice)).map("=".join)
+
+
+def _sweep_values() -> dict[str, list[str]]:
+    grid, dist = _grid_items(), _distribution_items()
+    return {"--grid": grid, "--random": dist, "--param": dist,  # strategies, not lists: see _sweep_tokens
+            "--trials": ["1", "2", "3", "0", "-1", "100000"], "--seed": ["0", "1", "-1", str(2 ** 64)],
+            "--name": ["s1", "s1", "../x", "a" * 300, "-x"], "--max-parallel": ["1", "2", "0", "-1"],
+            "--search": ["bayes"], "--workers": ["1", "2", "0", "-1"], "--wait": [], "--prune": []}
+
+
+@st.composite
+def sweep_command_lines(draw: st.DrawFn, box: str) -> list[str]:
+    values, fitting = _texts(box), _sweep_values()
+    bayes = draw(st.sampled_from([True, False, False]))
+    names = _options("sweep", skip={"--runs-dir", "--cluster"})
+    tokens = []
+    for _ in range(draw(st.integers(0, 5))):
+        name = draw(st.sampled_from(names))
+        fit = fitting.get(name)
+        if fit == []:
+            tokens.append(name)
+            continue
+        fit = fit if isinstance(fit, st.SearchStrategy) else st.sampled_from(fit) if fit else values
+        tokens += [name, draw(_mostly(fit, values))]
+    space = draw(st.lists(_distribution_items() if bayes else _grid_items(), min_size=1, max_size=2))
+    space_option = "--param" if bayes else "--grid"
+    head = ["--search", "bayes", "--trials", "2"] if bayes else []
+    overrides = draw(st.lists(st.sampled_from(["trainer.max_steps=2", "optim.lr=0.1", "nope=1", "=", "x"]),
+                              max_size=2))
+    cluster = draw(st.sampled_from(["local"] * 5 + ["local_slurm"] * 2 + ["local_vms", "nope"]))
+    return ["sweep", "digits", *head, *sum(([space_option, item] for item in space), []), *tokens, *overrides,
+            "--cluster", cluster, "--runs-dir", f"{box}/runs"]
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_sweep_space(box: Path, data: st.DataObject) -> None:
+    argv = data.draw(sweep_command_lines(str(box)))
+    _ends_cleanly(argv, box, [box / "runs"])
+
+
+# ----------------------------------------------------------------------------- vms: and skypilot: sections
+def _yaml_values(box: str) -> list[Any]:
+    """Values that have broken config sections: wrong types, limits, NUL and other control characters."""
+    return ["", " ", "\x00", "a\nb", "\x1b[31m", "x" * 300, "-x", "$(touch pwned)", ";touch x", "{host}", "~", "/",
+            f"{box}/missing", f"{box}/folder", f"{box}/fifo", "https://u:tok@h/x", 0, -1, 1, 2 ** 64, 10 ** 400,
+            1.5, float("nan"), float("inf"), True, None, [], {}, [1], ["a"], {"a": 1}, "é", "\u2028"]
+
+
+def _section(fitting: dict[str, list[Any]], box: str) -> st.SearchStrategy[dict[str, Any]]:
+    """A section with some of its keys, each mostly a fitting value (unknown keys: test_config_fuzz)."""
+    hostile = st.sampled_from(_yaml_values(box))
+    keyed = {k: _mostly(st.sampled_from(v), hostile) for k, v in fitting.items()}
+    return st.fixed_dictionaries({}, optional=keyed)
+
+
+def _vms_fitting(box: str) -> dict[str, list[Any]]:
+    return {
+        "hosts": [["127.0.0.2"], ["127.0.0.2", "127.0.0.3"], ["127.0.0.2", "127.0.0.2"], [], ["::1"], ["h-1.example"],
+                  ["a b"], ["-oProxyCommand=x"], "127.0.0.2", [1], [None], [""], ["h:22"]],
+        # only commands that print or fail: the property must not run arbitrary shell code
+        "hosts_command": ["echo 127.0.0.2", "printf '127.0.0.2\\n127.0.0.3\\n'", "true", "false", "echo -- -x",
+                          "echo 'a;b'", "echo h; echo h", "echo 'a b'", "exit 3", "echo x >&2; exit 1", ""],
+        "user": ["root", "ubuntu", "", "-oProxyCommand=x", "a b", "a\nb"],
+        "identity_file": [f"{box}/key", f"{box}/open_key", f"{box}/missing", f"{box}/folder", f"{box}/fifo", "",
+                          "~/.ssh/nope", "x" * 5000],
+        "port": [22, 2222, 0, 65536, -1, "22"], "rdzv_port": [29400, 0, 65536],
+        "known_hosts": ["ignore", "", f"{box}/missing", "~/.ssh/known_hosts"],
+        "connect_timeout_s": [15, 1, 0, -1, 1e999], "remote_dir": ["~/launcher", "/tmp/x/{host}", "", "a\nb", "$(x)"],
+        "code": ["sync", "image", "copy"], "code_path": ["/opt/project", "", "~"],
+        "python": ["python3", "/usr/bin/python3", "", "python3 -u"],
+        "provider": ["none", "gce", "aws", "azure"],
+        "metadata_url": ["http://169.254.169.254", "http://{host}:8080", "ftp://x", "", "http://u:p@h"],
+        "notice_poll_s": [5.0, 0.1, 0, -1, float("nan")], "host_wait_s": [600, 0, -1],
+        "max_preemptions": [20, 0, -1], "max_failures": [1, 0, -1],
+    }
+
+
+def _skypilot_fitting(box: str) -> dict[str, list[Any]]:
+    return {
+        "cloud": ["gcp", "aws", "", "g c p", "-x"], "region": ["us-central1", "", "a/b"],
+        "accelerators": ["A100:1", "A100:2", "L4", "tpu-v5e-8", "A100:0", "A100:-1", "A100:" + "9" * 30, "A100:8:1",
+                         ""],
+        "cpus": ["8", "8+", "32.5+", "", "-1", "1e999"], "memory": ["32+", "0", "+", ""],
+        "disk_size": [256, 0, -1, 10 ** 20, "256"], "image_id": ["projects/x/images/y", "", "a\nb"],
+        "use_spot": [True, False, "yes", 1], "job_recovery": ["EAGER_NEXT_REGION", "FAILOVER", "x"],
+        "max_restarts_on_errors": [0, 2, -1], "setup": [["pip install -e ."], ["a", "b"], ["a\nb"], [""], "pip", [1]],
+        "env": [{"NCCL_DEBUG": "WARN"}, {"WANDB_API_KEY": ""}, {"A=B": "x"}, {"": "x"}, {"X": "a\nb"}, {"X": 1},
+                {"X": None}, {"SKYPILOT_X": "1"}, {"LAUNCHER_RUN": "x"}, {"1X": "x"}, {"X": ["a"]}],
+        "python": ["python3", "", " ", "/usr/bin/python3 -u", "a\nb", "~/venv/bin/python"],
+        "workdir": [box, f"{box}/missing", "", f"{box}/fifo"], "project_dir": ["~/sky_workdir", "", "~", "/abs", "a b"],
+        "runs_dir": ["~/sky_runs", "", "a\nb", "~user/x"], "master_port": [29500, 0, 65536, "x"],
+        "metadata_url": ["http://127.0.0.1:1", "ftp://x", "", "http://u:p@h"], "notice_hold_s": [600, 0, -1],
+    }
+
+
+RECIPE_OVERRIDES = ["parallel.nodes=1", "parallel.nodes=2", "parallel.procs_per_node=1", "parallel.procs_per_node=2",
+                    "checkpoint.uri=s3://b/p", "checkpoint.uri=s3://u:p@b/p", "parallel.strategy=fsdp",
+                    "trainer.max_steps=2"]
+
+
+def _write_cluster(box: Path, doc: dict[str, Any]) -> str:
+    path = box / "cluster.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True))
+    return str(path)
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_vms_section(box: Path, data: st.DataObject) -> None:
+    section = data.draw(_section(_vms_fitting(str(box)), str(box)))
+    cluster = _write_cluster(box, {"backend": "vms", "runs_dir": "runs", "vms": section})
+    command = data.draw(st.sampled_from([["launch", "digits"], ["launch", "digits"], ["run", "s.py"],
+                                         ["show", "digits"], ["sweep", "digits", "--grid", "optim.lr=0.1,0.2"]]))
+    overrides = data.draw(st.lists(st.sampled_from(RECIPE_OVERRIDES), max_size=3))
+    _ends_cleanly([*command, *overrides, "--cluster", cluster, "--runs-dir", f"{box}/runs"], box, [box / "runs"])
+
+
+@FUZZ
+@given(data=st.data())
+def test_any_skypilot_section(box: Path, data: st.DataObject) -> None:
+    section = data.draw(_section(_skypilot_fitting(str(box)), str(box)))
+    cluster = _write_cluster(box, {"runs_dir": "runs", "skypilot": section})
+    overrides = data.draw(st.lists(st.sampled_from(RECIPE_OVERRIDES), max_size=3))
+    options = data.draw(st.lists(st.sampled_from([["--run-name", "r1"], ["--run-name", "a" * 300],
+                                                   ["--out", f"{box}/task.yaml"], ["--out", f"{box}/task.yaml"],
+                                                   ["--out", f"{box}/folder"], ["--out", f"{box}/fifo"],
+                                                   ["--out", "/proc/x.yaml"], ["--out", f"{box}/missing/t.yaml"],
+                                                   ["--out", ""]]), max_size=2))
+    argv = ["skypilot", "digits", *overrides, *sum(options, []), "--cluster", cluster]
+    _ends_cleanly(argv, box, [box / "task.yaml"])
