@@ -83,7 +83,9 @@ def _ends_cleanly(argv: list[str], box: Path, created_ok: list[Path]) -> int:
     """The property, for one command line run from `box`: the exit code (0 or 2), its stderr shaped as said
     above, and nothing new in `box` or the repository unless the command succeeded (then only `created_ok`)."""
     before = _tree(box)
-    out, err = io.StringIO(), io.StringIO()
+    # as a UTF-8 terminal's: printing a lone surrogate (a non-UTF-8 byte of the command line) to stdout fails
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
     started = time.monotonic()
     with _bounded(BOUND_S), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
@@ -93,7 +95,7 @@ def _ends_cleanly(argv: list[str], box: Path, created_ok: list[Path]) -> int:
         except _WouldStart:
             code = 0
     assert time.monotonic() - started < BOUND_S
-    text = err.getvalue()
+    text = err.buffer.getvalue().decode()
     lines = text.splitlines()
     assert "Traceback" not in text and code in (0, 2), (code, text)
     new = _tree(box) - before
@@ -106,8 +108,8 @@ def _ends_cleanly(argv: list[str], box: Path, created_ok: list[Path]) -> int:
         assert all(any(Path(p).is_relative_to(ok) for ok in created_ok) for p in new), (sorted(new)[:5], text)
     for ok in created_ok:  # the next example starts from the same tree
         if ok.is_dir():
-            shutil.rmtree(ok)
-            ok.mkdir()
+            for inside in ok.iterdir():
+                shutil.rmtree(inside) if inside.is_dir() and not inside.is_symlink() else inside.unlink()
         elif ok.exists() or ok.is_symlink():
             ok.unlink()
     return code
@@ -123,6 +125,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (box / "pkg" / "train.py").write_text("")
     (box / "folder").mkdir()
     os.mkfifo(box / "fifo")
+    os.symlink("loop", box / "loop")  # a symlink to itself
     (box / "runs").mkdir()
     (box / "key").write_text("not a key\n")
     (box / "key").chmod(0o600)
@@ -146,7 +149,7 @@ def _values(box: str) -> list[str]:
             "x" * 300, "x/" * 2100, "\n", "a\nb", "a\rb", "\x1b[31m", "é", "\u2028", "caf\udce9", "$(touch pwned)", "`touch x`",
             ";touch x", "|", "&&", "'", '"', "{run_dir}", "{checkpoint_dir}", "{", "%s", "https://u:tok@h/x",
             "--password=hunter2", "~", "/", "/dev/null", "/proc/x", ".", "..", "../x", "run", "code",
-            f"{box}/s.py", f"{box}/folder", f"{box}/fifo", f"{box}/missing", "s.py", "folder", "fifo", "missing.py",
+            f"{box}/s.py", f"{box}/folder", f"{box}/fifo", f"{box}/missing", "s.py", "folder", "fifo", "loop", "missing.py",
             "pkg", "pkg.train", "pkg.missing", "1pkg", "os"]
 
 
@@ -164,9 +167,9 @@ def _options(command: str, *, skip: set[str]) -> list[str]:
     return sorted(o for o in parsers[command]._option_string_actions if o not in {"-h", "--help", *skip})
 
 
-def _mostly(fitting: st.SearchStrategy[str], hostile: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
-    """One hostile value in six, so that most command lines get past argparse to the checks behind it."""
-    return st.sampled_from([fitting] * 5 + [hostile]).flatmap(lambda chosen: chosen)
+def _mostly(fitting: st.SearchStrategy[Any], hostile: st.SearchStrategy[Any], one_in: int = 6) -> st.SearchStrategy[Any]:
+    """One hostile value in `one_in`, so that most inputs get past the first check to the ones behind it."""
+    return st.sampled_from([fitting] * (one_in - 1) + [hostile]).flatmap(lambda chosen: chosen)
 
 
 def _option_tokens(names: list[str], plausible: dict[str, list[str]], values: st.SearchStrategy[str],
@@ -208,6 +211,8 @@ def run_command_lines(draw: st.DrawFn, box: str) -> list[str]:
     tokens = draw(_option_tokens(_options("run", skip={"--runs-dir", "--cluster"}), _run_values(box), values, extra))
     cluster = draw(st.sampled_from(["local"] * 6 + ["local_slurm"] * 3 + ["local_vms", "nope", "", f"{box}/fifo",
                                                                           f"{box}/folder", "../x"]))
+    if cluster == "local_slurm" and draw(st.booleans()):
+        tokens.append("--sbatch")  # the job script rendered from all of it (submitted: a start point)
     tail = draw(st.one_of(st.just([]), st.lists(values, max_size=4).map(lambda args: ["--", *args])))
     return ["run", *head, *tokens, "--cluster", cluster, "--runs-dir", f"{box}/runs", *tail]
 
@@ -230,7 +235,8 @@ BOUNDS = ["1e-4:1e-1", "0:1", "1:8", "0:0", "1:0", "-1:1", "1e999:1e999", "nan:1
 
 
 def _grid_items() -> st.SearchStrategy[str]:
-    values = st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(",".join)
+    values = st.one_of(st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(",".join),
+                       st.just(",".join(map(str, range(1001)))))  # too many trials
     return st.tuples(st.sampled_from(SWEEP_KEYS), values).map("=".join)
 
 
@@ -288,11 +294,19 @@ def _yaml_values(box: str) -> list[Any]:
             1.5, float("nan"), float("inf"), True, None, [], {}, [1], ["a"], {"a": 1}, "é", "\u2028"]
 
 
-def _section(fitting: dict[str, list[Any]], box: str) -> st.SearchStrategy[dict[str, Any]]:
-    """A section with some of its keys, each mostly a fitting value (unknown keys: test_config_fuzz)."""
+def _section(fitting: dict[str, list[Any]], box: str, one_of: tuple[str, ...] = ()) -> st.SearchStrategy[dict]:
+    """A section with some of its keys, each mostly a fitting value (unknown keys: test_config_fuzz), and
+    mostly exactly one of the keys `one_of`."""
     hostile = st.sampled_from(_yaml_values(box))
-    keyed = {k: _mostly(st.sampled_from(v), hostile) for k, v in fitting.items()}
-    return st.fixed_dictionaries({}, optional=keyed)
+    keyed = {k: _mostly(st.sampled_from(v), hostile, one_in=15) for k, v in fitting.items()}
+    if "hosts_command" in keyed:  # never a hostile value: it runs in a shell here
+        keyed["hosts_command"] = st.sampled_from(fitting["hosts_command"])
+    optional = st.fixed_dictionaries({}, optional={k: v for k, v in keyed.items() if k not in one_of})
+    if not one_of:
+        return optional
+    exclusive = st.sampled_from([one_of[0]] * 3 + list(one_of[1:])).flatmap(lambda key: st.fixed_dictionaries({key: keyed[key]}))
+    either = _mostly(exclusive, st.fixed_dictionaries({}, optional={k: keyed[k] for k in one_of}), one_in=10)
+    return st.tuples(optional, either).map(lambda parts: {**parts[0], **parts[1]})
 
 
 def _vms_fitting(box: str) -> dict[str, list[Any]]:
@@ -349,7 +363,7 @@ def _write_cluster(box: Path, doc: dict[str, Any]) -> str:
 @FUZZ
 @given(data=st.data())
 def test_any_vms_section(box: Path, data: st.DataObject) -> None:
-    section = data.draw(_section(_vms_fitting(str(box)), str(box)))
+    section = data.draw(_section(_vms_fitting(str(box)), str(box), ("hosts", "hosts_command")))
     cluster = _write_cluster(box, {"backend": "vms", "runs_dir": "runs", "vms": section})
     command = data.draw(st.sampled_from([["launch", "digits"], ["launch", "digits"], ["run", "s.py"],
                                          ["show", "digits"], ["sweep", "digits", "--grid", "optim.lr=0.1,0.2"]]))

@@ -106,6 +106,8 @@ def test_random_samples_per_grid_point() -> None:
     (("optim.lr=0.1,0.2\n",), (), 1, "control character '\\n'"),  # a newline ran trials (issue 23)
     (("optim.name=sgd,\x1b[2Jadamw",), (), 1, "control character '\\x1b'"),
     ((), ("trainer.micro_batch=choice:16,\r32",), 2, "control character '\\r'"),
+    ((), ("optim.lr=uniform:0:1",), 100000, "the sweep has 100000 trials (--trials 100000), more than 1000"),
+    (tuple(f"k{i}=" + ",".join("0123456789") for i in range(10)), (), 1, "10000000000 trials (10 x 10 x"),
 ])
 def test_bad_sweep_specs_are_refused(grid: tuple, rand: tuple, trials: int, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -18,6 +18,10 @@ from jobs.schema.errors import UsageError, short
 from jobs.schema.secrets import redact_override
 
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
+# Every trial's config is loaded and checked before anything exists (a few ms each), and on Slurm a sweep is
+# one job array, which Slurm's default MaxArraySize (1001) caps at 1000 elements: more is refused, counted
+# before the trials are built (a grid of 10 keys x 10 values would be 10^10 of them).
+MAX_TRIALS = 1000
 
 
 @dataclass(frozen=True)
@@ -151,6 +155,7 @@ def expand(spec: SweepSpec, sweep_name: str) -> list[Trial]:
     if spec.trials > 1 and not dists:
         raise UsageError(f"--trials {spec.trials} repeats identical grid points: it needs --random",
                          hint="to repeat with other seeds, add --grid trainer.seed=0,1,2")
+    _refuse_too_many(axes, spec.trials)
     rng = random.Random(spec.seed)
     points = list(itertools.product(*[[f"{k}={v}" for v in values] for k, values in axes]))
     combos = []
@@ -159,6 +164,14 @@ def expand(spec: SweepSpec, sweep_name: str) -> list[Trial]:
             combos.append(tuple(point) + tuple(f"{k}={sample(d, a, rng)}" for k, d, a in dists))
     width = max(2, len(str(len(combos) - 1)))
     return [Trial(f"{sweep_name}-t{i:0{width}d}", combo) for i, combo in enumerate(combos)]
+
+
+def _refuse_too_many(axes: list[tuple[str, list[str]]], trials: int) -> None:
+    count = math.prod(len(values) for _, values in axes) * trials
+    if count > MAX_TRIALS:
+        sizes = " x ".join([*(str(len(values)) for _, values in axes), *([f"--trials {trials}"] if trials > 1 else [])])
+        raise UsageError(f"the sweep has {count} trials ({sizes}), more than {MAX_TRIALS}",
+                         hint="split it into several sweeps (--name), or let --search bayes choose the trials")
 
 
 def default_sweep_name(spec: SweepSpec) -> str:
