@@ -186,6 +186,8 @@ def _check_search_options(args: argparse.Namespace) -> None:
         raise UsageError("--search bayes needs --trials N (how many trials the study may run)")
     if args.workers is not None and args.workers < 1:
         raise UsageError(f"--workers {args.workers} must be >= 1 (workers running trials at once)")
+    if args.seed < 0:  # numpy's SeedSequence, behind every trial's sampler, takes none (found in the worker)
+        raise UsageError(f"--seed {args.seed} must be >= 0 (it seeds the Bayesian sampler)", hint="e.g. --seed 0")
 
 
 def _report(run: Run, code: int) -> int:

@@ -16,6 +16,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Iterator
 
 import pytest
@@ -44,10 +45,13 @@ def _would_start(*_args: Any, **_kwargs: Any) -> Any:
     raise _WouldStart
 
 
-_START_POINTS = [*(f"launcher.backends.{b}.{f}" for b in ("local", "slurm")
-                   for f in ("launch", "launch_many", "launch_workers", "run_trial_here")),
-                 "launcher.backends.vms.launch", "launcher.backends.vms.launch_many", "launcher.sbatch.submit",
-                 "launcher.vms.ssh.gather_hosts"]
+# Where ranks, workers or jobs would start. Locally that is Popen, the backend's one use of subprocess, so a
+# Bayesian sweep's in-process worker runs for real up to its first trial's ranks; Slurm's are the functions that
+# submit (through submitit or sbatch); a VM's is the first SSH connection (the probes of every host).
+_START_POINTS = {"launcher.backends.local.subprocess": SimpleNamespace(Popen=_would_start),
+                 **{f"launcher.backends.slurm.{f}": _would_start
+                    for f in ("launch", "launch_many", "launch_workers", "run_trial_here")},
+                 "launcher.sbatch.submit": _would_start, "launcher.vms.ssh.gather_hosts": _would_start}
 
 
 # ----------------------------------------------------------------------------- the property
@@ -136,8 +140,8 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         # 2,000 examples fit the suite's time; parsing is the same
         parsers = cli_args.build_parser(cli.COMMANDS)
         mp.setattr(cli_args, "build_parser", lambda commands: parsers)
-        for point in _START_POINTS:
-            mp.setattr(point, _would_start)
+        for point, stand_in in _START_POINTS.items():
+            mp.setattr(point, stand_in)
         mp.chdir(box)
         yield box
 
@@ -225,31 +229,31 @@ def test_any_run_command_line(box: Path, data: st.DataObject) -> None:
 
 
 # ----------------------------------------------------------------------------- sweeps: --grid, --random, --param
-SWEEP_KEYS = ["optim.lr", "optim.lr", "trainer.seed", "trainer.max_steps", "model.dropout", "data.batch_size", "nope",
-              "", " ", "optim", "optim.lr.x", "a=b", "--grid", "trainer.seed "]
-SWEEP_VALUES = ["1e-3", "0.1", "1", "2", "0", "-1", "[1, 2]", "{a: 1}", "[1,", "", " ", "nan", "1e999", ".inf", "x",
-                "x" * 300, "null", "~", "!!python/object:os.system", "&a", "*a", "'", "https://u:tok@h/x", "1,2",
-                "é", "--trials"]
-BOUNDS = ["1e-4:1e-1", "0:1", "1:8", "0:0", "1:0", "-1:1", "1e999:1e999", "nan:1", "-inf:inf", "1:2:3", "", ":",
-          "a:b", "1e-4", "0x1:0x2", "1_0:2_0", "2**64:2**65", "18446744073709551616:18446744073709551617"]
+SWEEP_KEYS = ["optim.lr", "trainer.seed", "model.dropout", "optim.momentum", "trainer.micro_batch"]
+ODD_KEYS = ["nope", "", " ", "optim", "optim.lr.x", "a=b", "--grid", "trainer.seed ", "trainer.global_batch"]
+SWEEP_VALUES = ["1e-3", "0.1", "0.5", "1", "2", "0", "16"]
+ODD_VALUES = ["-1", "[1, 2]", "{a: 1}", "[1,", "]", "", " ", "nan", "1e999", ".inf", "x", "x" * 300, "null", "~",
+              "!!python/object:os.system", "&a", "*a", "'", "https://u:tok@h/x", "é", "--trials", "0x10", "1_000"]
+BOUNDS = ["1e-4:1e-1", "0:1", "1:8", "0.1:0.5"]
+ODD_BOUNDS = ["0:0", "1:0", "-1:1", "1e999:1e999", "nan:1", "-inf:inf", "1:2:3", "", ":", "a:b", "1e-4", "0x1:0x2",
+              "1_0:2_0", "18446744073709551616:18446744073709551617", "1e-320:1e-310"]
 
 
-def _grid_items() -> st.SearchStrategy[str]:
-    values = st.one_of(st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(",".join),
-                       st.just(",".join(map(str, range(1001)))))  # too many trials
-    return st.tuples(st.sampled_from(SWEEP_KEYS), values).map("=".join)
+def _space_item(distribution: bool) -> st.SearchStrategy[str]:
+    """`KEY=V1,V2` (grid) or `KEY=DIST:ARGS` (random, param): mostly fitting, each part now and then odd."""
+    key = _mostly(st.sampled_from(SWEEP_KEYS), st.sampled_from(ODD_KEYS))
+    value = _mostly(st.sampled_from(SWEEP_VALUES), st.sampled_from(ODD_VALUES))
+    many = st.one_of(st.lists(value, min_size=1, max_size=3).map(",".join),
+                     st.just(",".join(map(str, range(1001)))))  # too many trials
+    bounded = st.tuples(_mostly(st.sampled_from(["uniform", "loguniform", "randint"]),
+                                st.sampled_from(["normal", "", "choice", "UNIFORM"])),
+                        _mostly(st.sampled_from(BOUNDS), st.sampled_from(ODD_BOUNDS))).map(":".join)
+    dist = st.one_of(bounded, bounded, many.map(lambda v: f"choice:{v}"))
+    return st.tuples(key, dist if distribution else many).map("=".join)
 
 
-def _distribution_items() -> st.SearchStrategy[str]:
-    choice = st.lists(st.sampled_from(SWEEP_VALUES), min_size=1, max_size=3).map(lambda v: "choice:" + ",".join(v))
-    bounded = st.tuples(st.sampled_from(["uniform", "loguniform", "randint", "normal", "", "choice"]),
-                        st.sampled_from(BOUNDS)).map(":".join)
-    return st.tuples(st.sampled_from(SWEEP_KEYS), st.one_of(bounded, bounded, choice)).map("=".join)
-
-
-def _sweep_values() -> dict[str, list[str]]:
-    grid, dist = _grid_items(), _distribution_items()
-    return {"--grid": grid, "--random": dist, "--param": dist,  # strategies, not lists: see _sweep_tokens
+def _sweep_values() -> dict[str, Any]:
+    return {"--grid": _space_item(False), "--random": _space_item(True), "--param": _space_item(True),
             "--trials": ["1", "2", "3", "0", "-1", "100000"], "--seed": ["0", "1", "-1", str(2 ** 64)],
             "--name": ["s1", "s1", "../x", "a" * 300, "-x"], "--max-parallel": ["1", "2", "0", "-1"],
             "--search": ["bayes"], "--workers": ["1", "2", "0", "-1"], "--wait": [], "--prune": []}
@@ -257,25 +261,24 @@ def _sweep_values() -> dict[str, list[str]]:
 
 @st.composite
 def sweep_command_lines(draw: st.DrawFn, box: str) -> list[str]:
+    """A grid, random or Bayesian sweep as it is meant, then some more options (of any search, fitting or not)."""
     values, fitting = _texts(box), _sweep_values()
-    bayes = draw(st.sampled_from([True, False, False]))
-    names = _options("sweep", skip={"--runs-dir", "--cluster"})
+    search = draw(st.sampled_from(["grid", "random", "bayes"]))
+    flag = {"grid": "--grid", "random": "--random", "bayes": "--param"}[search]
+    space = draw(st.lists(_space_item(search != "grid"), min_size=1, max_size=2,
+                          unique_by=lambda item: item.partition("=")[0]))
+    head = {"grid": [], "random": ["--trials", "2"], "bayes": ["--search", "bayes", "--trials", "2"]}[search]
     tokens = []
-    for _ in range(draw(st.integers(0, 5))):
-        name = draw(st.sampled_from(names))
+    for name in draw(st.lists(st.sampled_from(_options("sweep", skip={"--runs-dir", "--cluster"})), max_size=2)):
         fit = fitting.get(name)
         if fit == []:
             tokens.append(name)
             continue
         fit = fit if isinstance(fit, st.SearchStrategy) else st.sampled_from(fit) if fit else values
         tokens += [name, draw(_mostly(fit, values))]
-    space = draw(st.lists(_distribution_items() if bayes else _grid_items(), min_size=1, max_size=2))
-    space_option = "--param" if bayes else "--grid"
-    head = ["--search", "bayes", "--trials", "2"] if bayes else []
-    overrides = draw(st.lists(st.sampled_from(["trainer.max_steps=2", "optim.lr=0.1", "nope=1", "=", "x"]),
-                              max_size=2))
+    overrides = draw(st.lists(st.sampled_from(["trainer.epochs=1", "optim.lr=0.1", "nope=1", "=", "x"]), max_size=2))
     cluster = draw(st.sampled_from(["local"] * 5 + ["local_slurm"] * 2 + ["local_vms", "nope"]))
-    return ["sweep", "digits", *head, *sum(([space_option, item] for item in space), []), *tokens, *overrides,
+    return ["sweep", "digits", *head, *sum(([flag, item] for item in space), []), *tokens, *overrides,
             "--cluster", cluster, "--runs-dir", f"{box}/runs"]
 
 

@@ -108,6 +108,7 @@ def test_random_samples_per_grid_point() -> None:
     ((), ("trainer.micro_batch=choice:16,\r32",), 2, "control character '\\r'"),
     ((), ("optim.lr=uniform:0:1",), 100000, "the sweep has 100000 trials (--trials 100000), more than 1000"),
     (tuple(f"k{i}=" + ",".join("0123456789") for i in range(10)), (), 1, "10000000000 trials (10 x 10 x"),
+    ((), ("trainer.seed=choice:" + ",".join(map(str, range(101))),), 2, "choice:...: 101 values, more than 100"),
 ])
 def test_bad_sweep_specs_are_refused(grid: tuple, rand: tuple, trials: int, message: str) -> None:
     with pytest.raises(UsageError, match=re.escape(message)):

@@ -22,6 +22,9 @@ DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice")
 # one job array, which Slurm's default MaxArraySize (1001) caps at 1000 elements: more is refused, counted
 # before the trials are built (a grid of 10 keys x 10 values would be 10^10 of them).
 MAX_TRIALS = 1000
+# A Bayesian sweep checks one config per choice before anything exists (`bayes.spec.corners`), and TPE learns
+# little about a category it has tried once: a longer list is refused (a range of integers is randint's).
+MAX_CHOICES = 100
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,9 @@ def parse_random(items: list[str], flag: str = "--random") -> list[tuple[str, st
             values = split_values(args)
             if not args or any(v == "" for v in values):
                 raise UsageError(f"{flag} {item!r}: choice needs values", hint=f"e.g. {key}=choice:16,32")
+            if len(values) > MAX_CHOICES:
+                raise UsageError(f"{flag} {key}=choice:...: {len(values)} values, more than {MAX_CHOICES}",
+                                 hint=f"for a range of integers use {key}=randint:LOW:HIGH; to try each value, --grid")
             out.append((key, dist, values))
             continue
         bounds = args.split(":")
