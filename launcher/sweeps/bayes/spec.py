@@ -88,8 +88,12 @@ def override_text(value: Any) -> str:
 
 
 def corners(space: list[tuple[str, str, list[str]]]) -> list[tuple[str, ...]]:
-    """Override sets that reach every bound and every choice: if each loads, every suggestion will."""
+    """Override sets that reach every bound and every choice: if each loads, every suggestion will. A bound is
+    written as a suggestion is (`override_text`): `uniform:0:1` on an int key suggests 0.53, so 0.0, not 0."""
+    def text(dist: str, arg: str) -> str:
+        return arg if dist == "choice" else override_text(int(arg) if dist == "randint" else float(arg))
+
     def at(i: int) -> tuple[str, ...]:
-        return tuple(f"{k}={args[min(i, len(args) - 1)]}" for k, _, args in space)
+        return tuple(f"{k}={text(dist, args[min(i, len(args) - 1)])}" for k, dist, args in space)
 
     return [at(i) for i in range(max(len(args) for _, _, args in space))]
