@@ -327,7 +327,7 @@ def _vms_fitting(box: str) -> dict[str, list[Any]]:
         "port": [22, 2222, 0, 65536, -1, "22"], "rdzv_port": [29400, 0, 65536],
         "known_hosts": ["ignore", "", f"{box}/missing", "~/.ssh/known_hosts"],
         "connect_timeout_s": [15, 1, 0, -1, 1e999], "remote_dir": ["~/launcher", "/tmp/x/{host}", "", "a\nb", "$(x)"],
-        "code": ["sync", "image", "copy"], "code_path": ["/opt/project", "", "~"],
+        "code": ["sync", "sync", "image", "copy"], "code_path": ["/opt/project", "", "~"],
         "python": ["python3", "/usr/bin/python3", "", "python3 -u"],
         "provider": ["none", "gce", "aws", "azure"],
         "metadata_url": ["http://169.254.169.254", "http://{host}:8080", "ftp://x", "", "http://u:p@h"],
@@ -339,11 +339,11 @@ def _vms_fitting(box: str) -> dict[str, list[Any]]:
 def _skypilot_fitting(box: str) -> dict[str, list[Any]]:
     return {
         "cloud": ["gcp", "aws", "", "g c p", "-x"], "region": ["us-central1", "", "a/b"],
-        "accelerators": ["A100:1", "A100:2", "L4", "tpu-v5e-8", "A100:0", "A100:-1", "A100:" + "9" * 30, "A100:8:1",
-                         ""],
+        "accelerators": ["A100:2", "A100:2", "L4:2", "A100:1", "L4", "tpu-v5e-8", "A100:0", "A100:-1",
+                         "A100:" + "9" * 30, "A100:8:1", ""],  # digits runs 2 ranks per node
         "cpus": ["8", "8+", "32.5+", "", "-1", "1e999"], "memory": ["32+", "0", "+", ""],
-        "disk_size": [256, 0, -1, 10 ** 20, "256"], "image_id": ["projects/x/images/y", "", "a\nb"],
-        "use_spot": [True, False, "yes", 1], "job_recovery": ["EAGER_NEXT_REGION", "FAILOVER", "x"],
+        "disk_size": [256, 100, 0, -1, 10 ** 20, "256"], "image_id": ["projects/x/images/y", "", "a\nb"],
+        "use_spot": [True, False, True, False, "yes"], "job_recovery": ["EAGER_NEXT_REGION", "FAILOVER", "x"],
         "max_restarts_on_errors": [0, 2, -1], "setup": [["pip install -e ."], ["a", "b"], ["a\nb"], [""], "pip", [1]],
         "env": [{"NCCL_DEBUG": "WARN"}, {"WANDB_API_KEY": ""}, {"A=B": "x"}, {"": "x"}, {"X": "a\nb"}, {"X": 1},
                 {"X": None}, {"SKYPILOT_X": "1"}, {"LAUNCHER_RUN": "x"}, {"1X": "x"}, {"X": ["a"]}],

@@ -154,6 +154,26 @@ def test_recipe_whose_name_is_a_path_creates_nothing(command: list[str], tmp_pat
     assert sorted(tmp_path.rglob("*")) == sorted([runs_dir, recipe])
 
 
+def test_negative_seed_of_a_bayesian_sweep_creates_nothing(tmp_path: Path, runs_dir: Path,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    """numpy's SeedSequence behind every trial's sampler takes no negative seed: it raised in the worker, after
+    the sweep's folder and study existed (found by test_cli_fuzz)."""
+    _refused(capsys, ["sweep", "digits", "--search", "bayes", "--param", "optim.lr=uniform:0.01:0.1", "--trials", "1",
+                      "--seed", "-1", "--runs-dir", str(runs_dir)], "--seed -1 must be >= 0")
+    _nothing_created(tmp_path, runs_dir)
+
+
+@pytest.mark.parametrize("option", ["--code-dir", "code_dir"])
+def test_code_dir_too_long_for_the_file_system(option: str, tmp_path: Path, runs_dir: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    """pathlib's is_dir raises ENAMETOOLONG (it says False only for a missing path): a traceback before."""
+    (tmp_path / "s.py").write_text("")
+    given = ["--code-dir", "x" * 300] if option == "--code-dir" else ["code_dir=" + "x" * 300]
+    _refused(capsys, ["run", str(tmp_path / "s.py"), *given, "--runs-dir", str(runs_dir)],
+             "code_dir: ", "File name too long")
+    assert sorted(tmp_path.rglob("*")) == sorted([runs_dir, tmp_path / "s.py"])
+
+
 # ----------------------------------------------------------------------------- names are not patterns
 @pytest.mark.parametrize("pattern", ["*", "?igits", "[d]igits", "digit*"])
 def test_recipe_name_is_not_a_glob(pattern: str, capsys: pytest.CaptureFixture) -> None:

@@ -180,6 +180,22 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, case
     assert not out.exists() and proc.stdout == "" and "hunter2" not in proc.stderr
 
 
+@pytest.mark.parametrize("target", ["fifo", "folder", ""])
+def test_out_that_is_not_a_file_is_refused_alone(tmp_path: Path, target: str) -> None:
+    """A FIFO blocked the write forever (no reader); a folder's refusal came after the no-checkpoint warning."""
+    cluster = write_cluster(tmp_path / "c.yaml", {})
+    out = tmp_path / target if target else Path("")
+    if target == "fifo":
+        os.mkfifo(out)
+    elif target:
+        out.mkdir()
+    proc = run_cli("skypilot", "digits", "parallel.procs_per_node=1", "--cluster", str(cluster), "--out",
+                   str(out) if target else "", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and lines[0].startswith("error: --out ") and len(lines) == 2, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.yaml", *([target] if target else [])])
+
+
 # ----------------------------------------------------------------------------- tier 1: the node's side
 ENV = {"SKYPILOT_NODE_IPS": "10.0.0.7\n10.0.0.9\n", "SKYPILOT_NODE_RANK": "1", "SKYPILOT_NUM_NODES": "2",
        "SKYPILOT_NUM_GPUS_PER_NODE": "8"}

@@ -22,7 +22,7 @@ from jobs.training.state import TrainState
 from launcher.cli import main
 from launcher.preflight import Target
 from launcher.sweeps.bayes import BayesSpec, Sweep, trial_name, work
-from launcher.sweeps.bayes.spec import distributions
+from launcher.sweeps.bayes.spec import corners, distributions
 from jobs.schema import RecipeConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.run_dir import Run, RunResult, committed_steps
@@ -87,6 +87,15 @@ def test_same_seed_same_suggestions_also_across_a_restart(tmp_path: Path) -> Non
     other = _sweep(tmp_path / "d", "s", seed=1)
     assert work(other, 0, _stand_in()) == 0
     assert [t.params for t in _journal(tmp_path / "d", "s")] != params
+
+
+def test_corners_are_written_as_the_study_suggests() -> None:
+    """`uniform:0:1` on an int key passed as 0 and 1, then the study's 0.53 was refused once it existed."""
+    space = [("trainer.seed", "uniform", ["0", "1"]), ("trainer.epochs", "randint", ["1_0", "12"]),
+             ("optim.name", "choice", ["sgd", "adamw", "sgd"])]
+    assert corners(space) == [("trainer.seed=0.0", "trainer.epochs=10", "optim.name=sgd"),
+                              ("trainer.seed=1.0", "trainer.epochs=12", "optim.name=adamw"),
+                              ("trainer.seed=1.0", "trainer.epochs=12", "optim.name=sgd")]
 
 
 def test_outcomes_are_told_and_the_table_shows_best_pruned_importances(runs_dir: Path,
