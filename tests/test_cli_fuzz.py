@@ -1,11 +1,14 @@
 """Tier 1, property-based: whatever a user types after `launcher run` (options and `-- ARGS`), into a sweep's
 `--grid`/`--random`/`--param`, or writes into a cluster config's `vms:` or `skypilot:` section, the command
 ends with exit 0 or with exit 2 and one `error:` line (plus an optional HINT line): never a traceback, never
-another exit code, never a hang; and a refused command creates nothing.
+another exit code, never a hang; and a refused command creates nothing (a command that succeeds creates
+only its run or sweep folder, or its --out file). argparse's own refusals keep argparse's shape: its usage
+lines, then one `launcher CMD: error: ...` line.
 
 Everything runs in-process through `launcher.cli.main`. No rank ever starts: each backend's start points
 (`_START_POINTS`) are replaced by one that raises `_WouldStart`, which counts as exit 0; everything before
-them (the checks, the run directory) runs for real. VM checks stop where they would connect over SSH.
+them (the checks, the run directory, a Bayesian sweep's study and its first claimed trial) runs for real.
+VM checks stop where they would connect over SSH; `vms.hosts_command` only ever runs commands that print.
 Each property runs 500 derandomized examples (2,000 in all), so CI sees the same ones."""
 from __future__ import annotations
 
@@ -303,7 +306,7 @@ def _section(fitting: dict[str, list[Any]], box: str, one_of: tuple[str, ...] = 
     """A section with some of its keys, each mostly a fitting value (unknown keys: test_config_fuzz), and
     mostly exactly one of the keys `one_of`."""
     hostile = st.sampled_from(_yaml_values(box))
-    keyed = {k: _mostly(st.sampled_from(v), hostile, one_in=15) for k, v in fitting.items()}
+    keyed = {k: _mostly(st.sampled_from(v), hostile, one_in=40) for k, v in fitting.items()}  # ~10 keys each
     if "hosts_command" in keyed:  # never a hostile value: it runs in a shell here
         keyed["hosts_command"] = st.sampled_from(fitting["hosts_command"])
     optional = st.fixed_dictionaries({}, optional={k: v for k, v in keyed.items() if k not in one_of})
@@ -316,8 +319,11 @@ def _section(fitting: dict[str, list[Any]], box: str, one_of: tuple[str, ...] = 
 
 def _vms_fitting(box: str) -> dict[str, list[Any]]:
     return {
-        "hosts": [["127.0.0.2"], ["127.0.0.2", "127.0.0.3"], ["127.0.0.2", "127.0.0.2"], [], ["::1"], ["h-1.example"],
-                  ["a b"], ["-oProxyCommand=x"], "127.0.0.2", [1], [None], [""], ["h:22"]],
+        "hosts": [["127.0.0.2"], ["127.0.0.2", "127.0.0.3"]] * 4 + [["127.0.0.2", "127.0.0.2"], [], ["::1"],
+                  ["h-1.example"], ["a b"], ["-oProxyCommand=x"], "127.0.0.2", [1], [None], [""], ["h:22"],
+                  ["127.0.0.9;touch${IFS}/x"]],
+        "env": [{"OMP_NUM_THREADS": "1"}, {"A=B": "x"}, {"": "x"}, {"X": "a\nb"}, {"X": 1}, {"X": "https://u:p@h/x"}],
+        "setup": [["source env.sh"], ["source env.sh  # activate"], ["a;"], [], ["a\nb"], "pip"],
         # only commands that print or fail: the property must not run arbitrary shell code
         "hosts_command": ["echo 127.0.0.2", "printf '127.0.0.2\\n127.0.0.3\\n'", "true", "false", "echo -- -x",
                           "echo 'a;b'", "echo h; echo h", "echo 'a b'", "exit 3", "echo x >&2; exit 1", ""],
@@ -327,7 +333,7 @@ def _vms_fitting(box: str) -> dict[str, list[Any]]:
         "port": [22, 2222, 0, 65536, -1, "22"], "rdzv_port": [29400, 0, 65536],
         "known_hosts": ["ignore", "", f"{box}/missing", "~/.ssh/known_hosts"],
         "connect_timeout_s": [15, 1, 0, -1, 1e999], "remote_dir": ["~/launcher", "/tmp/x/{host}", "", "a\nb", "$(x)"],
-        "code": ["sync", "sync", "image", "copy"], "code_path": ["/opt/project", "", "~"],
+        "code": ["sync", "sync", "sync", "image", "copy"], "code_path": ["/opt/project", "", "~"],
         "python": ["python3", "/usr/bin/python3", "", "python3 -u"],
         "provider": ["none", "gce", "aws", "azure"],
         "metadata_url": ["http://169.254.169.254", "http://{host}:8080", "ftp://x", "", "http://u:p@h"],
@@ -338,12 +344,12 @@ def _vms_fitting(box: str) -> dict[str, list[Any]]:
 
 def _skypilot_fitting(box: str) -> dict[str, list[Any]]:
     return {
-        "cloud": ["gcp", "aws", "", "g c p", "-x"], "region": ["us-central1", "", "a/b"],
+        "cloud": ["gcp", "aws", "gcp", "aws", "", "g c p", "-x"], "region": ["us-central1"] * 4 + ["", "a/b"],
         "accelerators": ["A100:2", "A100:2", "L4:2", "A100:1", "L4", "tpu-v5e-8", "A100:0", "A100:-1",
                          "A100:" + "9" * 30, "A100:8:1", ""],  # digits runs 2 ranks per node
         "cpus": ["8", "8+", "32.5+", "", "-1", "1e999"], "memory": ["32+", "0", "+", ""],
-        "disk_size": [256, 100, 0, -1, 10 ** 20, "256"], "image_id": ["projects/x/images/y", "", "a\nb"],
-        "use_spot": [True, False, True, False, "yes"], "job_recovery": ["EAGER_NEXT_REGION", "FAILOVER", "x"],
+        "disk_size": [256, 100, 50, 256, 0, -1, 10 ** 20, "256"], "image_id": ["projects/x/images/y", "", "a\nb"],
+        "use_spot": [True, False, True, False, "yes"], "job_recovery": ["EAGER_NEXT_REGION", "FAILOVER"] * 2 + ["x"],
         "max_restarts_on_errors": [0, 2, -1], "setup": [["pip install -e ."], ["a", "b"], ["a\nb"], [""], "pip", [1]],
         "env": [{"NCCL_DEBUG": "WARN"}, {"WANDB_API_KEY": ""}, {"A=B": "x"}, {"": "x"}, {"X": "a\nb"}, {"X": 1},
                 {"X": None}, {"SKYPILOT_X": "1"}, {"LAUNCHER_RUN": "x"}, {"1X": "x"}, {"X": ["a"]}],
