@@ -152,10 +152,10 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 # ----------------------------------------------------------------------------- hostile pieces
 def _values(box: str) -> list[str]:
     """Option values and arguments that have broken CLIs. No NUL: a command line cannot carry one."""
-    # fixed on h23-secrets: "x" * 100_000 (one argument may hold 128 KiB): redact_text's URL pattern backtracks
-    # over each run of scheme characters, quadratic (40,000 letters: 50 s in `launcher run`)
+    # "x" * 100_000 and ";" * 100_000: one argument may hold 128 KiB; the secret patterns once scanned a run of
+    # scheme characters or separators again from each character (40,000 letters: 50 s in `launcher run`)
     return ["", " ", "-1", "0", "1", "2", "3", "100000", "1e999", "nan", "inf", "-", "--", "=", "a=b", "-x",
-            "x" * 300, "x/" * 2100, "\n", "a\nb", "a\rb", "\x1b[31m", "é", "\u2028", "caf\udce9", "$(touch pwned)", "`touch x`",
+            "x" * 300, "x" * 100_000, ";" * 100_000, "x/" * 2100, "\n", "a\nb", "a\rb", "\x1b[31m", "é", "\u2028", "caf\udce9", "$(touch pwned)", "`touch x`",
             ";touch x", "|", "&&", "'", '"', "{run_dir}", "{checkpoint_dir}", "{", "%s", "https://u:tok@h/x",
             "--password=hunter2", "~", "/", "/dev/null", "/proc/x", ".", "..", "../x", "run", "code",
             f"{box}/s.py", f"{box}/folder", f"{box}/fifo", f"{box}/missing", "s.py", "folder", "fifo", "loop", "missing.py",

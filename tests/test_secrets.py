@@ -164,3 +164,22 @@ def test_a_refused_secret_is_not_quoted_in_the_error(tmp_path: Path, runs_dir: P
     proc = run_cli("sbatch", "digits", "--cluster", str(cluster), "--run-name", "r", runs_dir=runs_dir)
     assert proc.returncode == 2 and "slurm.env.HF_TOKEN: the value contains a newline" in proc.stderr, proc.stderr
     assert TOKEN not in proc.stdout + proc.stderr and not (runs_dir / "r").exists()
+
+
+@pytest.mark.parametrize("text", ["x" * 1_000_000, ";" * 1_000_000, "?a" * 500_000, "a://" * 250_000])
+def test_redaction_of_a_long_argument_ends(text: str) -> None:
+    """A script argument may hold 128 KiB: the secret patterns once scanned a run of letters (or of `;`) again
+    from each of its characters, so 40,000 letters took 50 s of `launcher run` and a million would take hours.
+    The alarm only stops a hang; a linear scan takes milliseconds."""
+    import signal
+
+    def hung(*_: object) -> None:
+        raise TimeoutError("redact_text did not end within 20 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        assert secrets.redact_text(text) == text and secrets.secret_values([{"args": [text]}]) == set()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
