@@ -16,6 +16,15 @@ from conftest import REPO, run_cli
 from jobs.schema.run_dir import Run
 
 
+def _default_signals() -> None:
+    """A forked worker inherits the Python handlers of the pytest process it came from (a test earlier in this
+    worker may have installed one): with SIGTERM's default back, Pool.terminate() always ends it."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _set_key(args: tuple[str, int]) -> None:
     run_dir, i = args
     Run("many", Path(run_dir)).update(**{f"key{i}": i})
@@ -25,7 +34,7 @@ def test_concurrent_updates_keep_every_key(tmp_path: Path) -> None:
     run = Run("many", tmp_path / "many")
     run.dir.mkdir()
     run.update(run_name="many")
-    with multiprocessing.get_context("fork").Pool(8) as pool:
+    with multiprocessing.get_context("fork").Pool(8, initializer=_default_signals) as pool:
         pool.map(_set_key, [(str(run.dir), i) for i in range(300)], chunksize=1)
     info = json.loads(run.info_path.read_text())
     assert {f"key{i}" for i in range(300)} <= info.keys() and info["run_name"] == "many"
