@@ -9,6 +9,8 @@ one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its re
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
         script_checkpoints/  work/   `launcher run`: the script's own checkpoints and working directory
+        ranks/rankN.json  each rank's process (pid, start time, host), for `launcher stacks` (jobs.stacks)
+        logs/stacks/rankN.txt  what a rank's faulthandler wrote; logs/stacks/<time>/rankN.txt  one dump of every rank
 
 Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
 read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
@@ -46,6 +48,8 @@ REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per
 # `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
 SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
+# Each rank's process record (jobs.stacks writes it at start) and, under logs/, the folder of its stack dumps
+RANKS, STACKS = "ranks", "stacks"
 # A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
 MANIFEST = "manifest.json"
