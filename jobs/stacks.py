@@ -32,7 +32,8 @@ from typing import IO, Optional
 from jobs.schema.run_dir import LOGS, RANKS, STACKS
 from jobs.stack_report import add_source, group
 
-__all__ = ["STACK_SIGNAL", "install", "dump", "group", "record", "local_ranks", "script_environment"]
+__all__ = ["STACK_SIGNAL", "install", "dump", "group", "record", "local_ranks", "script_environment",
+           "read_answers", "dump_folder"]
 
 # A real-time signal: the trainer takes SIGUSR1/SIGUSR2/SIGTERM/SIGINT for stops (jobs.preempt), Slurm and
 # torchrun send those, and the classic signals left all mean something else (SIGQUIT dumps core, SIGWINCH
@@ -53,8 +54,14 @@ def stack_file(run_dir: Path, rank: int) -> Path:
 
 
 def dump_folder(run_dir: Path) -> Path:
-    """A new folder for one dump of every rank, named by the time: `<run>/logs/stacks/20261207-143501`."""
-    return run_dir / LOGS / STACKS / time.strftime("%Y%m%d-%H%M%S")
+    """A new folder's path for one dump of every rank, named by the time: `<run>/logs/stacks/20261207-143501`
+    (`-2`, `-3`, ... after a name taken in the same second)."""
+    base = run_dir / LOGS / STACKS / time.strftime("%Y%m%d-%H%M%S")
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
 
 
 def install(run_dir: Path, rank: int) -> None:
@@ -233,6 +240,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     texts = dump(local_ranks(args.run_dir), args.dest, args.timeout)
     print(json.dumps({"host": socket.gethostname(), "stacks": {str(r): t for r, t in texts.items()}}), flush=True)
     return 0
+
+
+def read_answers(output: str) -> dict[int, str]:
+    """rank -> stack from the JSON lines `main` printed on each node (other lines, a node's warnings, skipped)."""
+    texts: dict[int, str] = {}
+    for line in output.splitlines():
+        try:
+            answer = json.loads(line) if line.startswith("{") else None
+        except ValueError:
+            continue
+        found = answer.get("stacks") if isinstance(answer, dict) else None
+        if isinstance(found, dict):
+            texts.update({int(r): str(t) for r, t in found.items() if str(r).isdigit()})
+    return dict(sorted(texts.items()))
 
 
 if __name__ == "__main__":

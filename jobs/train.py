@@ -18,6 +18,7 @@ from types import TracebackType
 from tqdm import tqdm
 
 from jobs import parallel
+from jobs import stacks
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
 from jobs.training.callbacks import Callback, FirstStepMarker
@@ -82,6 +83,7 @@ def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | N
     env.check()
     stop = stop or StopFlag().install()
     setup_logging(run.dir, env)
+    stacks.install(run.dir, env.rank)  # `launcher stacks` and the hang watchdog find and read this process
     logging.getLogger("jobs.train").info("rank %d of %d on %s (local rank %d), run %s", env.rank, env.world_size,
                                          socket.gethostname(), env.local_rank, run.dir)
     recipe, cluster = run.recipe(), run.cluster()

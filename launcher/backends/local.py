@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from jobs.script import exit_code, settle
+from jobs.stacks import dump, local_ranks
 from launcher.backends import process_start, run_process
 from launcher.checks import Check
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
@@ -215,6 +216,11 @@ def _wait(child: subprocess.Popen, told: _Told) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stacks(run: Run, dest: Path) -> dict[int, str]:
+    """The ranks are processes of this machine: each recorded its pid (jobs.stacks)."""
+    return dump(local_ranks(run.dir), dest)
 
 
 def logs(run: Run, rank: int, follow: bool) -> int:
