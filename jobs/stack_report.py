@@ -16,7 +16,7 @@ from typing import Optional
 
 SOURCE_HEADER = "Source lines:"
 # py-spy: `Thread 0x7F... (idle): "MainThread"` / `    <module> (/path/x.py:12)`
-PY_SPY_THREAD = re.compile(r'^Thread (\S+) \((\w+)\)(?:: "(.*)")?\s*$')
+PY_SPY_THREAD = re.compile(r'^Thread (\S+) \(([^)]*)\)(?:: "(.*)")?\s*$')
 PY_SPY_FRAME = re.compile(r"^\s+(.+?) \((.+):(\d+)\)\s*$")
 # faulthandler: `Current thread 0x... (most recent call first):` / `  File "/path/x.py", line 12 in <module>`
 FAULT_THREAD = re.compile(r"^(?:Current thread|Thread) (0x[0-9a-f]+)|^Stack \(most recent call first\)")

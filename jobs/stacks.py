@@ -154,8 +154,8 @@ def _py_spy() -> Optional[str]:
 
 def _with_py_spy(tool: str, pids: dict[int, int], deadline: float) -> tuple[dict[int, str], dict[int, str]]:
     """(rank -> stack, rank -> why not) from one py-spy per process, all at once."""
-    procs = {r: subprocess.Popen([tool, "dump", "--full-filenames", "--pid", str(p)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, stdin=subprocess.DEVNULL) for r, p in pids.items()}
+    procs = {r: subprocess.Popen([tool, "dump", "--full-filenames", "--pid", str(p)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for r, p in pids.items()}
     texts, failed = {}, {}
     for rank, proc in procs.items():
         try:

@@ -274,6 +274,8 @@ def cmd_stacks(args: argparse.Namespace) -> int:
     if not texts:
         raise UsageError(f"run {run.name}: no rank has recorded its process yet (they record it as they start): "
                          "try again in a few seconds")
+    for rank in range(run.recipe().parallel.world_size):  # a rank that died while the others hang: said
+        texts.setdefault(rank, "no stack: no live process of this rank on any node\n")
     dest.mkdir(parents=True, exist_ok=True)
     for rank, text in texts.items():  # the nodes wrote theirs there too; VMs' folders are on their hosts
         (dest / f"rank{rank}.txt").write_text(text)
@@ -298,8 +300,8 @@ def _existing_run(args: argparse.Namespace) -> Run:
 # Each command's function, by its name on the command line (launcher.cli_args builds their parsers).
 COMMANDS: dict[str, Command] = {
     "show": cmd_show, "launch": cmd_launch, "run": cmd_run, "export": cmd_export, "plot": cmd_plot,
-    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "stacks": cmd_stacks, "doctor": cmd_doctor, "sweep": cmd_sweep,
-    "sweep-status": cmd_sweep_status, "sbatch": cmd_sbatch, "skypilot": cmd_skypilot,
+    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "stacks": cmd_stacks, "doctor": cmd_doctor,
+    "sweep": cmd_sweep, "sweep-status": cmd_sweep_status, "sbatch": cmd_sbatch, "skypilot": cmd_skypilot,
 }
 
 

@@ -3,11 +3,8 @@ in both tools' formats, `jobs.stacks.dump` against real processes (py-spy, fault
 handler, a dead pid), the doctor reading dump files, and one real 2-rank `launcher run` that hangs on purpose."""
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -27,7 +24,7 @@ def py_spy_dump(frames: list[str], pid: int = 7) -> str:
     """A dump as `py-spy dump --full-filenames` prints it, main thread first, then a helper thread."""
     body = "\n".join(f"    {frame}" for frame in frames)
     return (f"Process {pid}: python train.py\nPython v3.11.7 (/usr/bin/python3.11)\n\n"
-            f'Thread {pid} (idle): "MainThread"\n{body}\n'
+            f'Thread {pid} (active+gil): "MainThread"\n{body}\n'
             'Thread 99 (idle): "pin_memory"\n    wait (/usr/lib/python3.11/threading.py:327)\n')
 
 
@@ -49,7 +46,8 @@ def test_group_puts_identical_ranks_together_and_names_the_innermost_user_frame(
 
 
 def test_the_source_block_names_the_call_and_faulthandler_dumps_parse_the_same() -> None:
-    fault = ('Thread 0x00007f01 (most recent call first):\n  File "/usr/lib/python3.11/threading.py", line 327 in wait\n'
+    fault = ('Thread 0x00007f01 (most recent call first):\n'
+             '  File "/usr/lib/python3.11/threading.py", line 327 in wait\n'
              '\nCurrent thread 0x00007f00 (most recent call first):\n  File "/home/me/my_script.py", line 12 in step\n'
              '  File "/home/me/my_script.py", line 20 in <module>\n\nSource lines:\n'
              "  /home/me/my_script.py:12: time.sleep(3600)  # stuck\n")
@@ -156,7 +154,7 @@ def test_doctor_says_nothing_of_dumps_of_a_run_that_completed(tmp_path: Path) ->
     assert not [f for f in diagnose(read_run(run)) if "stuck" in f.what or "wait" in f.what]
 
 
-LOADER = [f"wait (/usr/lib/python3.11/threading.py:331)", "get (/usr/lib/python3.11/queue.py:180)",
+LOADER = ["wait (/usr/lib/python3.11/threading.py:331)", "get (/usr/lib/python3.11/queue.py:180)",
           "_try_get_data (/venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:1133)",
           "__next__ (/venv/lib/python3.11/site-packages/torch/utils/data/dataloader.py:631)",
           "<module> (/home/me/train.py:42)"]
@@ -181,33 +179,14 @@ def test_stacks_of_a_run_that_is_not_running_is_one_line_and_exit_2(tmp_path: Pa
     assert proc.stderr.startswith("error: run hung is not running (") and proc.stderr.count("\n") == 1
 
 
-# ----------------------------------------------------------------------------- a real run
-def check_live_stacks(runs_dir: Path, cwd: Path = REPO) -> str:
-    """`launcher run tests/stacks_hang.py` on 2 local ranks (rank 1 sleeps, rank 0 waits in a barrier):
-    `launcher stacks` names both lines, with py-spy and through faulthandler, and the doctor explains it;
-    then the run is cancelled. The first `launcher stacks` output, for the docs."""
-    script = REPO / "tests" / "stacks_hang.py"
-    run = Background("run", str(script), "--procs-per-node", "2", "--cluster", "local", "--run-name", "hang",
-                     runs_dir=runs_dir, cwd=cwd)
-    logs = runs_dir / "hang" / "logs"
-    try:
-        wait_until(lambda: all(_logged(logs / f"rank{r}.log", text) for r, text in
-                               ((0, "rank 0 at the barrier"), (1, "rank 1 sleeping"))), "both ranks in place", 120)
-        shown = run_cli("stacks", "hang", runs_dir=runs_dir, check=True).stdout
-        fallback = run_cli("stacks", "hang", runs_dir=runs_dir, check=True, env={stacks.PY_SPY_ENV: "0"}).stdout
-        doctor = run_cli("doctor", "hang", runs_dir=runs_dir).stdout
-    finally:
-        run_cli("cancel", "hang", runs_dir=runs_dir)
-        run.proc.wait(timeout=120)
-    for out in (shown, fallback):
-        assert "rank 1: time.sleep at stacks_hang.py:9\n" in out, out
-        assert "rank 0: dist.barrier at stacks_hang.py:11\n" in out, out
-    newest = sorted((runs_dir / "hang" / "logs" / "stacks").glob("*/rank1.txt"), key=lambda p: p.stat().st_mtime)
-    assert len(newest) == 2 and newest[0].read_text().startswith("Process ")  # py-spy's dump, then faulthandler's
-    assert newest[1].read_text().startswith("Current thread "), newest[1].read_text()
-    assert ("rank 1 stuck in time.sleep at stacks_hang.py:9; rank 0 waiting in dist.barrier at stacks_hang.py:11"
-            in doctor), doctor
-    return shown
+# ----------------------------------------------------------------------------- real runs
+HANG = REPO / "tests" / "stacks_hang.py"  # rank 1 sleeps at line 9, rank 0 waits in the barrier at line 11
+SLEEPS, WAITS = "rank 1: time.sleep at stacks_hang.py:9\n", "rank 0: dist.barrier at stacks_hang.py:11\n"
+
+
+def wait_for_both_ranks(run_dir: Path) -> None:
+    wait_until(lambda: all(_logged(run_dir / "logs" / f"rank{r}.log", text) for r, text in
+                           ((0, "rank 0 at the barrier"), (1, "rank 1 sleeping"))), "both ranks in place", 180)
 
 
 def _logged(path: Path, text: str) -> bool:
@@ -216,4 +195,35 @@ def _logged(path: Path, text: str) -> bool:
 
 @pytest.mark.slow
 def test_stacks_names_both_ranks_of_a_live_local_run(runs_dir: Path) -> None:
-    check_live_stacks(runs_dir)
+    """One 2-rank `launcher run` that hangs on purpose: `launcher stacks` names both lines, read by py-spy and
+    (py-spy off) through the faulthandler the script's own process registered; the doctor explains it."""
+    run = Background("run", str(HANG), "--procs-per-node", "2", "--cluster", "local", "--run-name", "hang",
+                     runs_dir=runs_dir)
+    try:
+        wait_for_both_ranks(runs_dir / "hang")
+        shown = run_cli("stacks", "hang", runs_dir=runs_dir, check=True).stdout
+        fallback = run_cli("stacks", "hang", runs_dir=runs_dir, check=True, env={stacks.PY_SPY_ENV: "0"}).stdout
+        doctor = run_cli("doctor", "hang", runs_dir=runs_dir).stdout
+    finally:
+        run_cli("cancel", "hang", runs_dir=runs_dir)
+        run.proc.wait(timeout=120)
+    for out in (shown, fallback):
+        assert SLEEPS in out and WAITS in out, out
+    dumps = sorted((runs_dir / "hang" / "logs" / "stacks").glob("*/rank1.txt"), key=lambda p: p.stat().st_mtime)
+    assert len(dumps) == 2 and dumps[0].read_text().startswith("Process ")  # py-spy's dump, then faulthandler's
+    assert dumps[1].read_text().startswith("Current thread "), dumps[1].read_text()
+    assert ("rank 1 stuck in time.sleep at stacks_hang.py:9; rank 0 waiting in dist.barrier at stacks_hang.py:11"
+            in doctor), doctor
+
+
+@pytest.mark.slurm
+def test_stacks_reads_the_ranks_of_a_slurm_job(slurm: None, runs_dir: Path) -> None:
+    """The same hang as one Slurm job of 2 tasks: `srun --overlap` runs jobs.stacks beside the ranks."""
+    run_cli("run", str(HANG), "--procs-per-node", "2", "--cluster", "local_slurm", "--run-name", "hang",
+            runs_dir=runs_dir, check=True)
+    try:
+        wait_for_both_ranks(runs_dir / "hang")
+        shown = run_cli("stacks", "hang", runs_dir=runs_dir, check=True).stdout
+    finally:
+        run_cli("cancel", "hang", runs_dir=runs_dir)
+    assert SLEEPS in shown and WAITS in shown, shown
