@@ -3,6 +3,7 @@ in both tools' formats, `jobs.stacks.dump` against real processes (py-spy, fault
 handler, a dead pid), the doctor reading dump files, and one real 2-rank `launcher run` that hangs on purpose."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,18 @@ def test_dump_reads_a_sleeping_process_and_says_a_dead_pid_is_gone(sleeper: subp
     assert texts[4] == f"no stack: process {dead.stdout.strip()} is not running\n"
     assert (tmp_path / "dump" / "rank3.txt").read_text() == texts[3]
     assert sleeper.poll() is None
+
+
+def test_a_node_dumps_its_own_ranks_and_answers_in_one_json_line(sleeper: subprocess.Popen, tmp_path: Path) -> None:
+    """What `launcher stacks` runs on each Slurm node or VM; a record of another host's rank is not this node's."""
+    run = tmp_path / "run"
+    (run / "ranks" / "rank5.json").write_text(json.dumps({"rank": 5, "pid": sleeper.pid, "host": "elsewhere",
+                                                                    "pid_start": stacks.process_start(sleeper.pid)}))
+    out = subprocess.run([sys.executable, "-m", "jobs.stacks", "--run-dir", str(run), "--dest", str(tmp_path / "d")],
+                         cwd=REPO, capture_output=True, text=True, timeout=60, check=True).stdout
+    answers = stacks.read_answers(out)
+    assert list(answers) == [3] and "sleeper.py:10" in answers[3]
+    assert (tmp_path / "d" / "rank3.txt").read_text() == answers[3]
 
 
 @pytest.mark.parametrize("sleeper", ["bare"], indirect=True)

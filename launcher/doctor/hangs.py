@@ -82,8 +82,8 @@ def kind_of(stack: Stack) -> str:
 def _evidence(records: RunRecords, ranks: list[int], stack: Stack) -> Optional[Line]:
     """The dump line of the group's first rank where its labelled frame is."""
     text = records.stacks.get(ranks[0], "")
-    where = stack.label().rpartition(" at ")[2]
+    where = re.compile(re.escape(stack.label().rpartition(" at ")[2]) + r"(?!\d)")  # train.py:7, not :70
     for number, line in enumerate(text.splitlines(), 1):
-        if where and where in line.replace('", line ', ":"):
+        if where.search(line.replace('", line ', ":")):
             return Line(f"{records.stacks_dir}/rank{ranks[0]}.txt", number, line)
     return None
