@@ -24,6 +24,7 @@ FAULT_FRAME = re.compile(r'^\s+File "(.+)", line (\d+) in (.+?)\s*$')
 SOURCE_LINE = re.compile(r"^\s+(.+):(\d+): (.*)$")
 CALL = re.compile(r"([A-Za-z_][\w.]*)\s*\(")
 # Code that is not the user's: the standard library, installed packages, the interpreter's frozen modules
+WRAPPER = re.compile(r"/jobs/script_main\.py$")
 LIBRARY = re.compile(r"site-packages|dist-packages|/lib/python3[\d.]*/|^<|/jobs/script_main\.py$")
 
 
@@ -147,8 +148,8 @@ def group(stacks: dict[int, str]) -> str:
     for ranks, stack in grouped(stacks):
         out.append(f"{ranks_named(ranks)}: {stack.label()}")
         main = stack.main
-        if main is not None:
-            out += [f"    {frame}" for frame in main.frames]
+        if main is not None:  # `launcher run`'s wrapper frames (script_main) left out: the same in every script
+            out += [f"    {frame}" for frame in main.frames if not WRAPPER.search(frame.file)]
             others = len(stack.threads) - 1
             if others:
                 out.append(f"    (+{others} other thread{'s' if others > 1 else ''}: see the dump files)")

@@ -51,7 +51,8 @@ def hangs(records: RunRecords) -> list[Finding]:
     said = "; ".join(f"{ranks_named(r)} stuck in {s.label()}" for r, s, _ in stuck)
     if stuck and waiting:
         what = f"{said}; {_waiting(waiting)} (a rank that skipped or never reached a collective)"
-        return [Finding(what, FIXES[stuck[0][2]], evidence)]
+        return [Finding(what, f"{FIXES[stuck[0][2]]}; the others only wait for it in their collective",
+                        evidence)]
     if stuck:
         return [Finding(said, FIXES[stuck[0][2]], evidence)]
     if len(waiting) > 1:
