@@ -4,6 +4,7 @@ handler, a dead pid), the doctor reading dump files, and one real 2-rank `launch
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,4 +240,19 @@ def test_stacks_reads_the_ranks_of_a_slurm_job(slurm: None, runs_dir: Path) -> N
         shown = run_cli("stacks", "hang", runs_dir=runs_dir, check=True).stdout
     finally:
         run_cli("cancel", "hang", runs_dir=runs_dir)
+    assert SLEEPS in shown and WAITS in shown, shown
+
+
+@pytest.mark.slow
+def test_stacks_reads_the_ranks_on_vms_over_ssh(vm_hosts: Path, runs_dir: Path) -> None:
+    """The same hang on the loopback "VMs" (one host, 2 ranks): `python -m jobs.stacks` runs there over SSH,
+    in that host's own copy of the run directory."""
+    name = f"hang-{os.getpid()}"  # the hosts keep their folders from one test run to the next
+    run_cli("run", str(HANG), "--procs-per-node", "2", "--cluster", "local_vms", "--run-name", name,
+            runs_dir=runs_dir, check=True)
+    try:
+        wait_for_both_ranks(Path(f"/tmp/launcher-vms/hosts/127.0.0.2/runs/{name}"))  # cluster_configs/local_vms.yaml
+        shown = run_cli("stacks", name, runs_dir=runs_dir, check=True).stdout
+    finally:
+        run_cli("cancel", name, runs_dir=runs_dir)
     assert SLEEPS in shown and WAITS in shown, shown
