@@ -71,9 +71,15 @@ class Stack:
         at = next((i for i, f in enumerate(frames) if f.user), 0)
         where = frames[at]
         code = self.source.get((where.file, where.line)) or linecache.getline(where.file, where.line).strip()
-        call = CALL.search(code)
-        name = call.group(1) if call else frames[0].function if at else where.function
+        name = _called(CALL.findall(code), frames[:at]) or (frames[0].function if at else where.function)
         return f"{name} at {PurePath(where.file).name}:{where.line}"
+
+
+def _called(calls: list[str], inside: tuple[Frame, ...]) -> str:
+    """Which call of a line runs now: the one a frame inside it is named after (`scaler.scale(loss).backward()`
+    inside `Tensor.backward`: backward), else the line's first (`time.sleep(n)`: a C function has no frame)."""
+    names = {frame.function.rsplit(".", 1)[-1] for frame in inside}
+    return next((call for call in calls if call.rsplit(".", 1)[-1] in names), calls[0] if calls else "")
 
 
 def parse(text: str) -> Stack:

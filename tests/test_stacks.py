@@ -58,6 +58,10 @@ def test_the_source_block_names_the_call_and_faulthandler_dumps_parse_the_same()
     assert stack.label() == "time.sleep at my_script.py:12"
     with_source = py_spy_dump(BARRIER) + "\nSource lines:\n  /home/me/train.py:9: dist.barrier()\n"
     assert stacks.group({0: with_source, 1: with_source}).startswith("ranks 0,1: dist.barrier at train.py:9\n")
+    backward = py_spy_dump(["Tensor.backward (/venv/lib/python3.11/site-packages/torch/_tensor.py:623)",
+                            "step (/home/me/train.py:96)"])
+    backward += "\nSource lines:\n  /home/me/train.py:96: scaler.scale(loss).backward()\n"
+    assert parse(backward).label() == "backward at train.py:96"  # the call running, not the line's first
 
 
 def test_many_ranks_are_named_as_ranges() -> None:
