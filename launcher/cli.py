@@ -265,12 +265,12 @@ def cmd_stacks(args: argparse.Namespace) -> int:
     from jobs.stacks import dump_folder, group
 
     run = _existing_run(args)
-    backend = backends.of_run(run)
-    if not backend.live(run):
-        raise UsageError(f"run {run.name} is not running ({backends.status(run)['state']}): stacks are read from "
-                         f"live ranks; `launcher doctor {run.name}` explains a run that has ended")
+    state = backends.status(run)["state"]
+    if state != "running":  # queued, starting, requeued or ended: no rank to read
+        raise UsageError(f"run {run.name} is not running ({state}): stacks are read from running ranks; "
+                         f"`launcher doctor {run.name}` explains a run that has ended")
     dest = dump_folder(run.dir)
-    texts = backend.stacks(run, dest)
+    texts = backends.of_run(run).stacks(run, dest)
     if not texts:
         raise UsageError(f"run {run.name}: no rank has recorded its process yet (they record it as they start): "
                          "try again in a few seconds")
