@@ -180,12 +180,12 @@ def _with_faulthandler(pids: dict[int, int], deadline: float) -> dict[int, str]:
         if STACK_SIGNAL is None or path is None or not _catches(pid, STACK_SIGNAL):
             texts[rank] = f"no stack: process {pid} has no stack handler installed (not started yet, or not a rank)\n"
             continue
-        sent[rank] = (path, path.stat().st_size)
         try:
+            sent[rank] = (path, path.stat().st_size)
             os.kill(pid, STACK_SIGNAL)
-        except ProcessLookupError:
-            texts[rank] = f"no stack: process {pid} ended\n"
-            del sent[rank]
+        except OSError as err:  # it ended meanwhile, its file was removed, or it is another user's process
+            texts[rank] = f"no stack: process {pid}: {err.strerror or err}\n"
+            sent.pop(rank, None)
     for rank, (path, start) in sent.items():
         texts[rank] = _appended(path, start, deadline) or f"no stack: process {pids[rank]} wrote none in time\n"
     return texts
@@ -194,25 +194,31 @@ def _with_faulthandler(pids: dict[int, int], deadline: float) -> dict[int, str]:
 def _appended(path: Path, start: int, deadline: float) -> str:
     """What was written to `path` past `start`, once it stops growing (faulthandler writes a dump in a burst)."""
     last = start
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        size = path.stat().st_size
-        if size > start and size == last:
-            break
-        last = size
-    with open(path, "rb") as f:
-        f.seek(start)
-        return f.read(1 << 20).decode(errors="replace")
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            size = path.stat().st_size
+            if size > start and size == last:
+                break
+            last = size
+        with open(path, "rb") as f:
+            f.seek(start)
+            return f.read(1 << 20).decode(errors="replace")
+    except OSError:  # the file was removed meanwhile: nothing to read
+        return ""
 
 
 def _fault_file(pid: int, rank: int) -> Optional[Path]:
     """The stack file process `pid` holds open (its faulthandler's), found among its descriptors."""
-    fds = Path(f"/proc/{pid}/fd")
     try:
-        links = [os.readlink(fd) for fd in fds.iterdir()]
-    except OSError:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:  # gone, or another user's
         return None
-    for link in links:
+    for fd in fds:
+        try:
+            link = os.readlink(fd)
+        except OSError:  # closed while we looked
+            continue
         if link.endswith(f"/{STACKS}/rank{rank}.txt"):
             return Path(link)
     return None
