@@ -70,7 +70,7 @@ class Stack:
         frames = main.frames
         at = next((i for i, f in enumerate(frames) if f.user), 0)
         where = frames[at]
-        code = self.source.get((where.file, where.line)) or linecache.getline(where.file, where.line).strip()
+        code = self.source.get((where.file, where.line), "")  # never read here: the file may be on a dead mount
         name = _called(CALL.findall(code), frames[:at]) or (frames[0].function if at else where.function)
         return f"{name} at {PurePath(where.file).name}:{where.line}"
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import IO, Optional
@@ -133,17 +134,33 @@ def dump(pids: dict[int, int], dest: Path, timeout_s: float = 20.0, *,
     tool = _py_spy() if py_spy is not False and os.environ.get(PY_SPY_ENV) != "0" else None
     failed: dict[int, str] = {}
     if tool and alive:
-        spied, failed = _with_py_spy(tool, alive, time.monotonic() + (deadline - time.monotonic()) / 2)
+        # py-spy gets 40% of the time, the signal path the next 40%, the source lines what is left
+        spied, failed = _with_py_spy(tool, alive, time.monotonic() + 0.4 * timeout_s)
         texts.update(spied)
     rest = {r: p for r, p in alive.items() if r not in texts}
     if rest:
-        for rank, text in _with_faulthandler(rest, deadline).items():
+        for rank, text in _with_faulthandler(rest, deadline - 0.2 * timeout_s).items():
             texts[rank] = (f"py-spy: {failed[rank]}\n" if rank in failed and text.startswith("no stack") else "") + text
+    texts = _with_source(texts, deadline)
     dest.mkdir(parents=True, exist_ok=True)
     for rank, text in texts.items():
-        texts[rank] = add_source(text)  # the lines themselves, read here where the code is
-        (dest / f"rank{rank}.txt").write_text(texts[rank])
+        (dest / f"rank{rank}.txt").write_text(text)
     return dict(sorted(texts.items()))
+
+
+def _with_source(texts: dict[int, str], deadline: float) -> dict[int, str]:
+    """Each text with the source lines of its user frames, read here where the code is, in a thread given
+    what is left of the time (at least a second): code on a mount that stopped answering must not hang this."""
+    done: dict[int, str] = {}
+
+    def read() -> None:
+        for rank, text in texts.items():
+            done[rank] = add_source(text)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(max(1.0, deadline - time.monotonic()))
+    return {rank: done.get(rank, text) for rank, text in texts.items()}
 
 
 def _py_spy() -> Optional[str]:
@@ -155,13 +172,17 @@ def _py_spy() -> Optional[str]:
 def _with_py_spy(tool: str, pids: dict[int, int], deadline: float) -> tuple[dict[int, str], dict[int, str]]:
     """(rank -> stack, rank -> why not) from one py-spy per process, all at once."""
     procs = {r: subprocess.Popen([tool, "dump", "--full-filenames", "--pid", str(p)], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL) for r, p in pids.items()}
+                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+             for r, p in pids.items()}  # a session each: one that hangs is killed with whatever it started
     texts, failed = {}, {}
     for rank, proc in procs.items():
         try:
             out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended just now
+                pass
             proc.communicate()
             failed[rank] = "timed out"
             continue

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,19 @@ def test_dump_reads_a_sleeping_process_and_says_a_dead_pid_is_gone(sleeper: subp
     assert texts[4] == f"no stack: process {dead.stdout.strip()} is not running\n"
     assert (tmp_path / "dump" / "rank3.txt").read_text() == texts[3]
     assert sleeper.poll() is None
+
+
+def test_a_py_spy_that_hangs_is_cut_off_and_the_signal_path_answers(sleeper: subprocess.Popen, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """py-spy stuck (ptrace waiting on a process in uninterruptible sleep): dump stays within its time."""
+    stuck = tmp_path / "py-spy"
+    stuck.write_text("#!/bin/sh\nsleep 60\n")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(stacks, "_py_spy", lambda: str(stuck))
+    began = time.monotonic()
+    texts = stacks.dump({3: sleeper.pid}, tmp_path / "dump", 3)
+    assert time.monotonic() - began < 4
+    assert texts[3].startswith("Current thread ") and "sleeper.py\", line 10" in texts[3]
 
 
 def test_a_node_dumps_its_own_ranks_and_answers_in_one_json_line(sleeper: subprocess.Popen, tmp_path: Path) -> None:
