@@ -34,7 +34,7 @@ from launcher.vms.state import VmState
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.stacks import read_answers
 from jobs.schema.errors import UsageError
-from jobs.schema.run_dir import Run, RunResult
+from jobs.schema.run_dir import LOGS, STACKS, Run, RunResult
 from jobs.schema.vms import VmsConfig
 
 RESTARTS_RUNS = True  # the run's supervisor relaunches the ranks after a spot preemption
@@ -272,7 +272,7 @@ def stacks(run: Run, dest: Path) -> dict[int, str]:
     def command(host: str) -> str:
         project, folder = shell_path(layout.host_project_dir(cfg, host)), layout.host_run_dir(cfg, host, run.name)
         return (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m jobs.stacks --run-dir "
-                f"{shell_path(folder)} --dest {shell_path(f'{folder}/logs/stacks/{dest.name}')}")
+                f"{shell_path(folder)} --dest {shell_path(f'{folder}/{LOGS}/{STACKS}/{dest.name}')}")
 
     async def ask() -> list[Any]:
         return await asyncio.gather(*(run_remote(spec, command(spec.address), timeout=60)
