@@ -70,6 +70,9 @@ def child_environment(run: Run, code_dir: str, rank: RankEnv, start: Start) -> d
                        ("LOCAL_WORLD_SIZE", rank.local_world_size), ("MASTER_ADDR", rank.master_addr)):
         env.setdefault(key, str(value))
     env.update(start.environment(run))
+    # NCCL's error handling as the recipe says, under torchrun (which sets 1) and srun (nothing) alike; the
+    # collective timeout is the script's own init_process_group(timeout=...)
+    env.update(run.recipe().parallel.rank_environment())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
 
