@@ -77,6 +77,21 @@ def test_the_clock_times_from_step_start_to_the_last_backward_only() -> None:
     assert clock.take() == 0.0  # taken: the next window starts empty
 
 
+def test_the_clock_on_cuda_times_the_device_work_without_waiting_for_it() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the events path of ComputeClock is timed on a GPU only")
+    clock, x = ComputeClock(torch.device("cuda")), torch.randn(2048, 2048, device="cuda")
+    clock.start()
+    for _ in range(20):
+        x = x @ x / 2048
+    clock.mark()
+    torch.cuda._sleep(10_000_000)  # work after the mark (the gradient all-reduce): not compute
+    seconds = clock.take()
+    assert 0 < seconds < 1 and clock.take() == 0.0
+
+
 # ----------------------------------------------------------------------------- settings and doctor, pure
 def test_the_settings_are_validated_and_reach_the_process_group_options() -> None:
     import torch
