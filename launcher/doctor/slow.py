@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from launcher.doctor.findings import Finding, Line
-from launcher.doctor.ranks import lines_matching
 from launcher.doctor.records import RunRecords
 
 SLOW_RANK = re.compile(r"slow rank: rank (\d+) on (\S+) takes ([\d.]+|inf)x the median compute time per step of "
@@ -20,9 +19,9 @@ SLOW_FIX = ("every rank waits for the slowest at each step: look at that host (a
 def slow_ranks(records: RunRecords) -> list[Finding]:
     """A note per slow rank: worth knowing (the run was slower than it needed to be), nothing failed."""
     by_rank: dict[int, list[tuple[Line, re.Match]]] = {}
-    for line in lines_matching(records, SLOW_RANK):
-        m = SLOW_RANK.search(line.text)
-        by_rank.setdefault(int(m.group(1)), []).append((line, m))
+    for line in (line for log in records.ranks for line in log.lines):  # not the Slurm output: the same lines again
+        if m := SLOW_RANK.search(line.text):
+            by_rank.setdefault(int(m.group(1)), []).append((line, m))
     found = []
     for rank, seen in sorted(by_rank.items()):
         worst = max(seen, key=lambda pair: float(pair[1].group(3)))[1]
