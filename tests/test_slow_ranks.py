@@ -197,7 +197,7 @@ TIMEOUT_RANK = textwrap.dedent("""
     try:
         dist.all_reduce(torch.ones(1))
     except Exception as err:
-        print(f"FAILED after {time.monotonic() - start:.1f} s: {err}")
+        print(f"FAILED after {time.monotonic() - start:.1f} s: {err}", flush=True)
 """)
 
 
