@@ -7,7 +7,9 @@ What is timed (`ComputeClock`): from the start of a step to the start of its las
 reducing gradients in that backward pass, and nothing before it waits for another rank (the data is loaded
 before the step starts): the time is this rank's own forward passes, and with gradient accumulation its
 earlier backward passes too. A fast rank waits for a slow one inside the last backward pass, so its step
-takes as long but its compute does not. On CUDA two events per step time the device's work without waiting
+takes as long but its compute does not. (DDP's broadcast of buffers at the start of a forward pass is a
+collective inside the window, but the ranks reach it together: they left the previous step's all-reduce
+together.) On CUDA two events per step time the device's work without waiting
 for it; they are read at the log interval, when the logged loss synchronizes anyway.
 
 Only with parallel.strategy=ddp: an FSDP forward pass gathers parameters from every rank (the waiting would
