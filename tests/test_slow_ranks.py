@@ -60,6 +60,7 @@ def test_the_warning_names_rank_host_ratio_figures_and_steps() -> None:
     line = SlowRank(1, "host-b", 0.084, 0.040, 101, 200).line()
     assert line == ("slow rank: rank 1 on host-b takes 2.1x the median compute time per step of the other ranks "
                     "(0.084 s vs 0.040 s) over steps 101-200")
+    assert "(0.041 s vs 0.36 ms)" in SlowRank(1, "h", 0.04125, 0.00036, 1, 5).line()
 
 
 def test_the_clock_times_from_step_start_to_the_last_backward_only() -> None:
@@ -140,12 +141,12 @@ def _recorded_run(tmp_path: Path, lines: list[str]) -> Run:
 
 def test_doctor_names_the_slow_rank_as_a_note(tmp_path: Path) -> None:
     warn = "12:00:0{} [rank0] WARNING jobs.trainer: " + SlowRank(1, "host-b", 0.084, 0.040, 1, 10).line()
-    worse = "12:00:09 [rank0] WARNING jobs.trainer: " + SlowRank(1, "host-b", 0.120, 0.040, 11, 20).line()
+    worse = "12:00:09 [rank0] WARNING jobs.trainer: " + SlowRank(1, "host-b", 0.0012, 0.0004, 11, 20).line()
     run = _recorded_run(tmp_path, ["12:00:00 [rank0] INFO jobs.train: rank 0 of 2 on host-a", warn.format(5), worse])
     found = slow_ranks(read_run(run))
     assert len(found) == 1 and not found[0].failure
     assert found[0].what == ("rank 1 on host-b was slow in 2 log intervals between steps 1 and 20: up to 3.0x the "
-                             "median compute time per step of the other ranks (0.120 s vs 0.040 s)")
+                             "median compute time per step of the other ranks (1.20 ms vs 0.40 ms)")
     assert [line.where for line in found[0].evidence] == ["logs/rank0.log:2", "logs/rank0.log:3"]
     assert "--exclude=HOST" in found[0].fix
     assert exit_code(diagnose(read_run(run))) == 0  # worth knowing, nothing failed

@@ -8,7 +8,7 @@ from launcher.doctor.findings import Finding, Line
 from launcher.doctor.records import RunRecords
 
 SLOW_RANK = re.compile(r"slow rank: rank (\d+) on (\S+) takes ([\d.]+|inf)x the median compute time per step of "
-                       r"the other ranks \(([\d.]+) s vs ([\d.]+) s\) over steps (\d+)-(\d+)")
+                       r"the other ranks \(([\d.]+ m?s) vs ([\d.]+ m?s)\) over steps (\d+)-(\d+)")
 
 SLOW_FIX = ("every rank waits for the slowest at each step: look at that host (another process or job on its CPUs "
             "or GPU: top, nvidia-smi; a GPU held back by heat or power: nvidia-smi -q -d PERFORMANCE; a failing "
@@ -29,7 +29,7 @@ def slow_ranks(records: RunRecords) -> list[Finding]:
         times = "once" if len(seen) == 1 else f"in {len(seen)} log intervals"
         what = (f"rank {rank} on {worst.group(2)} was slow {times} between steps {first.group(6)} and "
                 f"{last.group(7)}: up to {worst.group(3)}x the median compute time per step of the other ranks "
-                f"({worst.group(4)} s vs {worst.group(5)} s)")
+                f"({worst.group(4)} vs {worst.group(5)})")
         evidence = (seen[0][0],) if len(seen) == 1 else (seen[0][0], seen[-1][0])
         found.append(Finding(what, SLOW_FIX, evidence, failure=False))
     return found
