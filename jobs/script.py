@@ -72,6 +72,9 @@ def child_environment(run: Run, code_dir: str, rank: RankEnv, start: Start) -> d
         env.setdefault(key, str(value))
     env.update(start.environment(run))
     env.update(stacks.script_environment(run.dir, rank.rank))  # script_main registers the stack signal
+    # NCCL's error handling as the recipe says, under torchrun (which sets 1) and srun (nothing) alike; the
+    # collective timeout is the script's own init_process_group(timeout=...)
+    env.update(run.recipe().parallel.rank_environment())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
 

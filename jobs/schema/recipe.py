@@ -173,8 +173,14 @@ class TrainerConfig:
     seed: int = 0  # seeds model init, data order and dropout
     deterministic: bool = True  # deterministic kernels (needed for bit-exact resume)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available, logged at start
+    # slow-rank report (jobs.training.slow_ranks): WARNING when a rank's compute time per step is more than this
+    # many times the median of the other ranks', over a log interval; 0 = not measured
+    slow_rank_factor: float = 1.5
 
     def check(self, src: str) -> None:
+        if self.slow_rank_factor != 0 and not self.slow_rank_factor > 1:  # also refuses nan
+            raise ConfigError(src, "trainer.slow_rank_factor", f"{short(self.slow_rank_factor)} must be above 1, or "
+                              "0 to turn the slow-rank report off", "e.g. trainer.slow_rank_factor=1.5")
         if self.epochs is None and self.max_steps is None:
             raise ConfigError(src, "trainer", "neither epochs nor max_steps is set", "set trainer.epochs or trainer.max_steps")
         for key in ("epochs", "max_steps", "grad_accum", "global_batch", "micro_batch"):

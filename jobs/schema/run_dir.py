@@ -112,6 +112,7 @@ class RunInfo:
     attempt_key: Optional[str] = None
     resuming: Optional[bool] = None
     restart_note: Optional[str] = None
+    slow_rank: Optional[str] = None  # the newest slow-rank warning of rank 0 (jobs.training.slow_ranks)
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
     def __bool__(self) -> bool:  # false: no run.json yet, or one that cannot be read

@@ -17,6 +17,7 @@ from launcher.doctor.oom import out_of_memory
 from launcher.doctor.raised import script_failures, traceback_failures
 from launcher.doctor.ranks import first_stop
 from launcher.doctor.records import RunRecords
+from launcher.doctor.slow import slow_ranks
 from launcher.doctor.storage import disk_full, store_down
 
 
@@ -65,7 +66,7 @@ def collective_unless_hung(records: RunRecords) -> list[Finding]:
 
 RULES: tuple[Callable[[RunRecords], list[Finding]], ...] = (
     out_of_memory, script_failures, label_out_of_range, cudnn_not_initialized, rendezvous, disk_full, store_down,
-    hangs, collective_unless_hung, requeues, unread_files)
+    hangs, collective_unless_hung, requeues, unread_files, slow_ranks)
 
 
 def diagnose(records: RunRecords) -> list[Finding]:
