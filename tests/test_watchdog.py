@@ -1,0 +1,155 @@
+"""The hang watchdog and restarts inside the allocation (launcher.watchdog, the local supervisor).
+
+Pure: the timeout rule, the budgets, the settings' validation, the watchdog on progress files with a fake
+clock. Real processes: one 2-rank local run whose rank 1 hangs inside a step on its first attempt and raises
+inside a step on its second (tests/faulty_data.py): both are caught and restarted in place from the newest
+checkpoint, and the run ends with weights bit-equal to an uninterrupted one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, final_params, run_cli
+from jobs.progress import ProgressWriter, Report
+from jobs.schema import load_cluster, load_recipe
+from jobs.schema.resilience import ResilienceConfig, hang_timeout
+from launcher.backends import local
+from launcher.cli import main
+from launcher.runs import prepare_run
+from launcher.watchdog import Watchdog, budget_left
+
+
+def test_the_default_timeout_is_300_s_or_20_slowest_steps() -> None:
+    assert hang_timeout(None, 0.0) == 300  # before any step: a first step that compiles is not a hang
+    assert hang_timeout(None, 10.0) == 300
+    assert hang_timeout(None, 20.0) == 400
+    assert hang_timeout(7.0, 100.0) == 7  # a setting wins over the measurement
+
+
+def test_each_kind_has_its_own_budget() -> None:
+    cfg = ResilienceConfig(max_hang_restarts=2, max_crash_restarts=0)
+    assert budget_left(cfg, {}, "hangs") == (True, 2)
+    assert budget_left(cfg, {"hangs": 1, "crashes": 5}, "hangs") == (True, 2)
+    assert budget_left(cfg, {"hangs": 2}, "hangs") == (False, 2)
+    assert budget_left(cfg, {}, "crashes") == (False, 0)  # crashes restart only when asked for
+
+
+@pytest.mark.parametrize("override, said", [
+    ("resilience.hang_timeout_s=0", "resilience.hang_timeout_s: 0.0 must be > 0"),
+    ("resilience.hang_timeout_s=-5", "resilience.hang_timeout_s: -5.0 must be > 0"),
+    ("resilience.max_hang_restarts=-1", "resilience.max_hang_restarts: -1 must be >= 0"),
+    ("resilience.max_crash_restarts=-2", "resilience.max_crash_restarts: -2 must be >= 0"),
+    ("resilience.hang_timeout_s=soon", "resilience.hang_timeout_s"),
+    ("resilience.max_hang_restart=1", "max_hang_restart"),  # a typo: refused, the valid keys listed
+])
+def test_a_bad_setting_is_one_line_and_exit_2(override: str, said: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["show", "digits", override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "digits.yaml" in err and said in err, err
+    assert "Traceback" not in err
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_the_rank_that_stops_reporting_is_named(tmp_path: Path) -> None:
+    run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
+    writers = [ProgressWriter(run.progress_file(r)).started() for r in (0, 1)]
+    clock = Clock()
+    dog = Watchdog(run, 2, 10.0, clock)
+    for second in range(30):
+        writers[0].beat(second)  # rank 0 steps on; rank 1 reported once and then nothing
+        if second == 0:
+            writers[1].beat(0)
+        hang = dog.check()
+        if second < 10:
+            assert hang is None, (second, hang)
+        clock.now += 1
+    assert hang is not None and hang.ranks == (1,) and hang.timeout_s == 10 and hang.steps == {1: 0}
+    assert "on rank 1 (rank 1 at step 0)" in hang.line()
+    assert dog.pids() == {0: os.getpid(), 1: os.getpid()}
+
+
+def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_path: Path) -> None:
+    run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    ProgressWriter(run.progress_file(0), ended.pid).started()  # a rank that finished: never a hang
+    ProgressWriter(run.progress_file(1)).started()
+    clock = Clock()
+    dog = Watchdog(run, 2, None, clock)
+    assert dog.check() is None and dog.timeout() == 300
+    clock.now += 301
+    hang = dog.check()
+    assert hang is not None and hang.ranks == (1,)  # rank 0's process has ended
+    assert Report.read(run.progress_file(1)) == Report(os.getpid(), 0, None, 0.0)
+
+
+def test_past_its_budget_a_run_stops_and_status_says_why(tmp_path: Path) -> None:
+    recipe = load_recipe("digits", ["resilience.max_crash_restarts=1"])
+    run = prepare_run(recipe, load_cluster("local"), "r", tmp_path, "auto")
+    assert local._restart(recipe, run, "crashes", "rank 1 exited with code 1")
+    assert run.info().inplace_restarts == {"crashes": 1} and run.info().resume == "auto"
+    assert not local._restart(recipe, run, "crashes", "rank 1 exited with code 1")
+    shown = local.status(run)
+    assert shown["restarts"] == "crashes 1"
+    assert shown["stop_reason"] == ("not restarted: crashes limit of 1 reached (resilience.max_crash_restarts); "
+                                    "last: rank 1 exited with code 1")
+    log = (run.dir / "logs" / "rank0.log").read_text()
+    assert "restarting every rank in place" in log and "crashed; not restarted" in log
+
+
+# ----------------------------------------------------------------------------- real processes
+STEPS = ["trainer.max_steps=12", "checkpoint.every_steps=4", "checkpoint.best_metric=null", "logging.log_every=1",
+         "logging.progress_bar=false", "data.target=faulty_data:digits", "data.kwargs.rank=1",
+         f"code_dir={REPO / 'tests'}"]
+HANG_S = 5.0
+
+
+@pytest.mark.slow
+def test_a_hang_and_a_crash_restart_in_place_and_end_bit_equal(runs_dir: Path) -> None:
+    """Rank 1 hangs in step 7 (sample 197 of the attempt), then after the restart from step 4 raises in
+    step 8 (sample 100): two restarts in one launch, each counted by kind, and the weights of an
+    uninterrupted run."""
+    marker = runs_dir / "fired"
+    faulty = [*STEPS, "data.kwargs.faults=hang@197,raise@100", f"data.kwargs.marker={marker}",
+              f"resilience.hang_timeout_s={HANG_S}", "resilience.max_hang_restarts=1",
+              "resilience.max_crash_restarts=1"]
+    started = time.time()
+    out = run_cli("launch", "digits", *faulty, "--run-name", "faulty", runs_dir=runs_dir, timeout=300)
+    took = time.time() - started
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = runs_dir / "faulty"
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    stacks = run_dir / "logs" / "stacks" / "hang-1"
+    texts = {p.name: p.read_text() for p in stacks.iterdir()}
+    assert set(texts) == {"rank0.txt", "rank1.txt"}, texts
+    assert "faulty_data.py" in texts["rank1.txt"] or "no stack dumper" in texts["rank1.txt"], texts["rank1.txt"]
+    hang_line = next(line for line in log.splitlines() if "hang: no progress" in line)
+    assert "rank 1" in hang_line and f"timeout {HANG_S:.0f} s" in hang_line, hang_line
+    detected = stacks.stat().st_mtime - float(Path(f"{marker}.hang").read_text())
+    print(f"launch with a hang and a crash: {took:.1f} s; hang detected {detected:.1f} s after it began "
+          f"(timeout {HANG_S} s); {hang_line}")
+    assert HANG_S <= detected <= HANG_S + 5, detected
+    assert "restarting every rank in place from checkpoint step-4 (hangs 1/1)" in log, log[-3000:]
+    assert "crashed (rank 1 exited with code 1); restarting every rank in place" in log, log[-3000:]
+    assert "(crashes 1/1)" in log
+    status = run_cli("status", "faulty", runs_dir=runs_dir, check=True).stdout
+    assert "state: completed" in status and "restarts: hangs 1, crashes 1" in status, status
+
+    ref = run_cli("launch", "digits", *STEPS, "--run-name", "ref", runs_dir=runs_dir, timeout=300)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    got, want = final_params(run_dir), final_params(runs_dir / "ref")
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want), "the restarted run's weights differ"
