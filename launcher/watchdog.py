@@ -1,7 +1,7 @@
 """The supervisor's watchdog and restart budget, for any backend whose supervisor waits on the ranks
 (locally the `launcher launch` process in front of torchrun: launcher.backends.local).
 
-Hang: a rank whose progress (jobs.progress) has not changed for `resilience.hang_timeout_s` (default
+Hang: no live rank's progress (jobs.progress) has changed for `resilience.hang_timeout_s` (default
 max(300 s, 20 x the slowest step any rank measured)). Progress is a new step report; before a rank's first
 report (startup, a compile, a plain script that reports no steps) it is the rank's CPU time or its log
 growing. A rank whose process has ended is not hung. Changes are timed on this process's own monotonic
@@ -42,7 +42,8 @@ class Hang:
         where = ", ".join(f"rank {r} at step {self.steps.get(r) if self.steps.get(r) is not None else '-'}"
                           for r in self.ranks)
         return (f"hang: no progress for {self.stalled_s:.0f} s (timeout {self.timeout_s:.0f} s) on "
-                f"rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))} ({where})")
+                f"rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))} ({where}); "
+                "their stacks say where each one waits")
 
 
 @dataclass
@@ -52,11 +53,16 @@ class _Seen:
 
 
 class Watchdog:
-    """Follows every rank's progress; `check()` (called every second or so) returns a Hang or None."""
+    """Follows every rank's progress; `check()` (called every second or so) returns a Hang or None.
 
-    def __init__(self, run: Run, ranks: int, setting: Optional[float],
+    A hang is an attempt in which no live rank made progress for the timeout: in lock-step training one
+    stuck rank stops every other at its next collective, and a rank still starting (importing, waiting
+    at the rendezvous for a slow peer) is kept alive by its peers' progress. A rank stuck alone while the
+    others compute is found once they have ended (ended ranks are not watched)."""
+
+    def __init__(self, run: Run, ranks: int, setting: Optional[float], root: Optional[int] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.run, self.ranks, self.setting, self.clock = run, ranks, setting, clock
+        self.run, self.ranks, self.setting, self.root, self.clock = run, ranks, setting, root, clock
         self.seen: dict[int, _Seen] = {}
         self.reports: dict[int, Optional[Report]] = {}
 
@@ -68,12 +74,12 @@ class Watchdog:
             seen = self.seen.get(rank)
             if seen is None or signature != seen.signature:
                 self.seen[rank] = _Seen(signature, now)
+        live = [r for r in sorted(self.seen) if self._alive(r)]
         limit = self.timeout()
-        stalled = [r for r, s in self.seen.items() if now - s.since >= limit and self._alive(r)]
-        if not stalled:
+        if not live or now - max(self.seen[r].since for r in live) < limit:
             return None
-        return Hang(tuple(sorted(stalled)), max(now - self.seen[r].since for r in stalled), limit,
-                    {r: (self.reports.get(r) or Report(0)).step for r in stalled})
+        return Hang(tuple(live), now - max(self.seen[r].since for r in live), limit,
+                    {r: (self.reports.get(r) or Report(0)).step for r in live})
 
     def timeout(self) -> float:
         slowest = max((r.slowest_s for r in self.reports.values() if r is not None), default=0.0)
@@ -84,15 +90,24 @@ class Watchdog:
         return {r: report.pid for r, report in self.reports.items() if report is not None}
 
     def _signature(self, rank: int, report: Optional[Report]) -> tuple:
-        if report is not None and report.beats:
+        """What must change for the rank to have made progress: its step count once it reports steps,
+        else its CPU time and its log (before it reported at all: the CPU time of every process started)."""
+        log = _size(self.run.dir / LOGS / f"rank{rank}.log")
+        if report is None:
+            return ("starting", tree_ticks(self.root) if self.root else None, log)
+        if report.beats:
             return ("steps", report.pid, report.beats)
-        pid = report.pid if report is not None else None
-        return ("alive", pid, cpu_ticks(pid) if pid else None, _size(self.run.dir / LOGS / f"rank{rank}.log"))
+        return ("alive", report.pid, cpu_ticks(report.pid), log)
 
     def _alive(self, rank: int) -> bool:
         """A rank that has not reported yet counts as alive (torchrun is starting it); an ended one does not."""
         report = self.reports.get(rank)
         return report is None or (_PROC / str(report.pid)).exists() and not _zombie(report.pid)
+
+
+def tree_ticks(root: int) -> int:
+    """CPU ticks of `root` and every process below it."""
+    return sum(cpu_ticks(pid) or 0 for pid in [root, *descendants(root)])
 
 
 def cpu_ticks(pid: int) -> Optional[int]:

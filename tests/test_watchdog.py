@@ -63,21 +63,25 @@ class Clock:
         return self.now
 
 
-def test_the_rank_that_stops_reporting_is_named(tmp_path: Path) -> None:
+def test_a_hang_is_no_progress_on_any_live_rank(tmp_path: Path) -> None:
+    """Rank 1 stops at step 5; rank 0 steps on until 10 (then waits for rank 1 in a collective): the
+    hang is 10 s after rank 0's last step, naming both ranks and their steps."""
     run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
     writers = [ProgressWriter(run.progress_file(r)).started() for r in (0, 1)]
     clock = Clock()
-    dog = Watchdog(run, 2, 10.0, clock)
-    for second in range(30):
-        writers[0].beat(second)  # rank 0 steps on; rank 1 reported once and then nothing
-        if second == 0:
-            writers[1].beat(0)
-        hang = dog.check()
-        if second < 10:
-            assert hang is None, (second, hang)
+    dog = Watchdog(run, 2, 10.0, clock=clock)
+    found = {}
+    for second in range(25):
+        if second <= 10:
+            writers[0].beat(second)
+        if second <= 5:
+            writers[1].beat(second)
+        found[second] = dog.check()
         clock.now += 1
-    assert hang is not None and hang.ranks == (1,) and hang.timeout_s == 10 and hang.steps == {1: 0}
-    assert "on rank 1 (rank 1 at step 0)" in hang.line()
+    assert [s for s, hang in found.items() if hang is not None] == list(range(20, 25))
+    hang = found[20]
+    assert hang is not None and hang.ranks == (0, 1) and hang.timeout_s == 10 and hang.steps == {0: 10, 1: 5}
+    assert "on ranks 0, 1 (rank 0 at step 10, rank 1 at step 5)" in hang.line()
     assert dog.pids() == {0: os.getpid(), 1: os.getpid()}
 
 
@@ -85,15 +89,24 @@ def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_p
     run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()
-    ProgressWriter(run.progress_file(0), ended.pid).started()  # a rank that finished: never a hang
-    ProgressWriter(run.progress_file(1)).started()
-    clock = Clock()
-    dog = Watchdog(run, 2, None, clock)
-    assert dog.check() is None and dog.timeout() == 300
-    clock.now += 301
-    hang = dog.check()
-    assert hang is not None and hang.ranks == (1,)  # rank 0's process has ended
-    assert Report.read(run.progress_file(1)) == Report(os.getpid(), 0, None, 0.0)
+    sleeping = subprocess.Popen(["sleep", "60"])  # a plain script that reports no steps and uses no CPU
+    try:
+        ProgressWriter(run.progress_file(0), ended.pid).started()  # a rank that finished: never a hang
+        ProgressWriter(run.progress_file(1), sleeping.pid).started()
+        clock = Clock()
+        dog = Watchdog(run, 2, None, clock=clock)
+        assert dog.check() is None and dog.timeout() == 300
+        clock.now += 299
+        assert dog.check() is None
+        clock.now += 1
+        hang = dog.check()
+        assert hang is not None and hang.ranks == (1,)  # rank 0's process has ended
+        assert Report.read(run.progress_file(1)) == Report(sleeping.pid, 0, None, 0.0)
+        (run.dir / "logs" / "rank1.log").write_text("a line\n")  # its output grew: progress
+        assert dog.check() is None
+    finally:
+        sleeping.kill()
+        sleeping.wait()
 
 
 def test_past_its_budget_a_run_stops_and_status_says_why(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def _attempt(recipe: RecipeConfig, run: Run, env: dict[str, str], told: "_Told",
     ending that a restart is counted as ("hangs", "crashes") and why."""
     shutil.rmtree(run.dir / PROGRESS, ignore_errors=True)  # the previous attempt's reports
     child = subprocess.Popen(rank_command(recipe, run), env=env)
-    watchdog = Watchdog(run, recipe.parallel.procs_per_node, recipe.resilient.hang_timeout_s)
+    watchdog = Watchdog(run, recipe.parallel.procs_per_node, recipe.resilient.hang_timeout_s, child.pid)
     hang = None
     try:
         run.update(pid=child.pid, pid_start=process_start(child.pid), launcher_pid=os.getpid(),
