@@ -102,6 +102,7 @@ def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_p
         hang = dog.check()
         assert hang is not None and hang.ranks == (1,)  # rank 0's process has ended
         assert Report.read(run.progress_file(1)) == Report(sleeping.pid, 0, None, 0.0)
+        (run.dir / "logs").mkdir(exist_ok=True)
         (run.dir / "logs" / "rank1.log").write_text("a line\n")  # its output grew: progress
         assert dog.check() is None
     finally:
