@@ -156,8 +156,7 @@ def to_dict(cfg: Any) -> dict:
 
 # What a script run reads of its recipe (jobs.script, the runtime API, the backends): the rest is the built-in
 # trainer's. Of `parallel`, only the layout: strategy, FSDP and pipeline keys shape the trainer's model.
-SCRIPT_SECTIONS = ("name", "description", "script", "code_dir", "parallel", "checkpoint", "logging",
-                   "resilience")
+SCRIPT_SECTIONS = ("name", "description", "script", "code_dir", "parallel", "checkpoint", "logging")
 LAYOUT = ("nodes", "procs_per_node")
 
 
