@@ -167,3 +167,17 @@ def test_a_hang_and_a_crash_restart_in_place_and_end_bit_equal(runs_dir: Path) -
     got, want = final_params(run_dir), final_params(runs_dir / "ref")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want), "the restarted run's weights differ"
+
+
+def test_a_scripts_step_call_reports_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.should_stop() is a script's step: each call is a beat in its rank's progress file."""
+    from jobs import runtime
+
+    run = prepare_run(load_recipe("digits"), load_cluster("local"), "r", tmp_path, "auto")
+    monkeypatch.setenv("LAUNCHER_RUN_DIR", str(run.dir))
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setattr(runtime, "_progress", None)
+    for _ in range(3):
+        assert runtime.should_stop() is False
+    report = Report.read(run.progress_file(3))
+    assert report is not None and report.pid == os.getpid() and report.beats == 3 and report.step == 3
