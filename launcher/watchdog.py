@@ -86,7 +86,12 @@ class Watchdog:
         return hang_timeout(self.setting, slowest)
 
     def pids(self) -> dict[int, int]:
-        """rank -> the pid doing its work, for the ranks that reported one."""
+        """rank -> the pid doing its work: the one it reported, else (a rank stuck before its first report)
+        the deepest process below torchrun whose environment names that rank."""
+        found = rank_processes(self.root) if self.root and len(self.pids_reported()) < self.ranks else {}
+        return {**found, **self.pids_reported()}
+
+    def pids_reported(self) -> dict[int, int]:
         return {r: report.pid for r, report in self.reports.items() if report is not None}
 
     def _signature(self, rank: int, report: Optional[Report]) -> tuple:
@@ -148,6 +153,22 @@ def descendants(root: int) -> list[int]:
         pid = todo.pop()
         found.append(pid)
         todo += children.get(pid, [])
+    return found
+
+
+def rank_processes(root: int) -> dict[int, int]:
+    """rank -> pid from the RANK variable in the environment of `root` and the processes below it; a
+    script's own process (below its rank's wrapper, same RANK) wins over the wrapper. One rank (no
+    torchrun, no RANK): `root` is rank 0."""
+    found = {0: root}
+    for pid in descendants(root):  # parents come before their children
+        try:
+            environ = (_PROC / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        rank = next((v[5:] for v in environ if v.startswith(b"RANK=")), b"")
+        if rank.isdigit():
+            found[int(rank)] = pid
     return found
 
 

@@ -22,7 +22,7 @@ from jobs.schema.resilience import ResilienceConfig, hang_timeout
 from launcher.backends import local
 from launcher.cli import main
 from launcher.runs import prepare_run
-from launcher.watchdog import Watchdog, budget_left
+from launcher.watchdog import Watchdog, budget_left, descendants, rank_processes
 
 
 def test_the_default_timeout_is_300_s_or_20_slowest_steps() -> None:
@@ -83,6 +83,24 @@ def test_a_hang_is_no_progress_on_any_live_rank(tmp_path: Path) -> None:
     assert hang is not None and hang.ranks == (0, 1) and hang.timeout_s == 10 and hang.steps == {0: 10, 1: 5}
     assert "on ranks 0, 1 (rank 0 at step 10, rank 1 at step 5)" in hang.line()
     assert dog.pids() == {0: os.getpid(), 1: os.getpid()}
+
+
+def test_a_rank_that_never_reported_is_found_by_its_environment() -> None:
+    """A rank stuck before its first report (an import on a dead mount) is still dumped: its pid comes
+    from the RANK in the environment of the processes below the supervisor's child."""
+    code = "import subprocess, sys, os; subprocess.run(['sleep', '30'], env={**os.environ, 'RANK': '1'})"
+    root = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and 1 not in rank_processes(root.pid):
+            time.sleep(0.05)
+        found = rank_processes(root.pid)
+        assert found[0] == root.pid and found[1] in descendants(root.pid)
+        assert Path(f"/proc/{found[1]}/cmdline").read_bytes().startswith(b"sleep")
+    finally:
+        for pid in [*descendants(root.pid), root.pid]:
+            os.kill(pid, 9)
+        root.wait()
 
 
 def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_path: Path) -> None:
