@@ -22,7 +22,7 @@ from jobs.schema.recipe import DataConfig, ModelConfig
 def digits(faults: str = "", rank: int = 1, marker: str = "") -> tuple[Dataset, Dataset]:
     train, val = built_in(DataConfig(), ModelConfig(in_channels=1, image_size=8), None)
     planned = [(kind, int(at)) for kind, _, at in (f.partition("@") for f in faults.split(",") if f)]
-    return Faulty(train, planned, rank, Path(marker)), val
+    return (Faulty(train, planned, rank, Path(marker)) if planned else train), val
 
 
 class Faulty(Dataset):
