@@ -38,6 +38,10 @@ class Hang:
     timeout_s: float
     steps: dict = field(default_factory=dict)  # rank -> last reported step (None: no step yet)
 
+    def short(self) -> str:
+        return f"no progress for {self.stalled_s:.0f} s on rank{'s' if len(self.ranks) > 1 else ''} " \
+               f"{', '.join(map(str, self.ranks))}"
+
     def line(self) -> str:
         where = ", ".join(f"rank {r} at step {self.steps.get(r) if self.steps.get(r) is not None else '-'}"
                           for r in self.ranks)

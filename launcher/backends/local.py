@@ -118,7 +118,7 @@ def _attempt(recipe: RecipeConfig, run: Run, env: dict[str, str], told: "_Told",
     if told.signal:
         return None
     if hang is not None:
-        return "hangs", hang.line()
+        return "hangs", hang.short()
     code = exit_code(child.returncode)
     return ("crashes", _crash_reason(run, code)) if code else None
 
