@@ -34,9 +34,10 @@ class Faulty(Dataset):
 
     def __getitem__(self, index: int):  # noqa: ANN204 - what the inner data set returns
         self.loaded += 1
+        if int(os.environ.get("RANK", "0")) != self.rank:  # only the faulty rank reads its marker
+            return self.inner[index]
         fired = int(self.marker.read_text()) if self.marker.exists() else 0
-        if fired < len(self.planned) and int(os.environ.get("RANK", "0")) == self.rank \
-                and self.loaded == self.planned[fired][1]:
+        if fired < len(self.planned) and self.loaded == self.planned[fired][1]:
             self.marker.write_text(str(fired + 1))
             Path(f"{self.marker}.{self.planned[fired][0]}").write_text(str(time.time()))  # when it fired
             if self.planned[fired][0] == "hang":
