@@ -43,8 +43,8 @@ class Hang:
                f"{', '.join(map(str, self.ranks))}"
 
     def line(self) -> str:
-        where = ", ".join(f"rank {r} at step {self.steps.get(r) if self.steps.get(r) is not None else '-'}"
-                          for r in self.ranks)
+        where = ", ".join(f"rank {r} at step {self.steps[r]}" if self.steps.get(r) is not None else
+                          f"rank {r}: no step reported" for r in self.ranks)
         return (f"hang: no progress for {self.stalled_s:.0f} s (timeout {self.timeout_s:.0f} s) on "
                 f"rank{'s' if len(self.ranks) > 1 else ''} {', '.join(map(str, self.ranks))} ({where}); "
                 "their stacks say where each one waits")
