@@ -200,3 +200,12 @@ def test_a_scripts_step_call_reports_progress(tmp_path: Path, monkeypatch: pytes
         assert runtime.should_stop() is False
     report = Report.read(run.progress_file(3))
     assert report is not None and report.pid == os.getpid() and report.beats == 3 and report.step == 3
+
+
+def test_a_crash_without_a_budget_fails_the_run_as_before(tmp_path: Path) -> None:
+    """max_crash_restarts=0 (the default): no restart, and no stop reason beside the failure."""
+    recipe = load_recipe("digits")
+    run = prepare_run(recipe, load_cluster("local"), "r", tmp_path, "auto")
+    assert not local._restart(recipe, run, "crashes", "a rank exited with code 1")
+    assert run.info().inplace_stop is None and "stop_reason" not in local.status(run)
+    assert not (run.dir / "logs" / "rank0.log").exists()

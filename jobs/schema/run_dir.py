@@ -106,6 +106,7 @@ class RunInfo:
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
     # restarts inside the allocation by kind ("hangs", "crashes"), against resilience.max_*_restarts
     inplace_restarts: dict = field(default_factory=dict)
+    inplace_stop: Optional[str] = None  # why the run was not restarted in place (a budget ran out)
     # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
     # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, and the line
     # saying a restart probably began from scratch

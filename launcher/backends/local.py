@@ -86,7 +86,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     env.setdefault("OMP_NUM_THREADS", "1" if recipe.parallel.procs_per_node > 1 else env.get("OMP_NUM_THREADS", ""))
     if not env["OMP_NUM_THREADS"]:
         del env["OMP_NUM_THREADS"]
-    run.update(remove=("inplace_restarts", "stop_reason"))  # each launch has its whole budget
+    run.update(remove=("inplace_restarts", "inplace_stop"))  # each launch has its whole budget
     told, attempt = _Told(), 1
     while True:
         ended = _attempt(recipe, run, {**env, RESTART_VAR: str(attempt - 1)}, told, attempt)
@@ -135,10 +135,11 @@ def _restart(recipe: RecipeConfig, run: Run, kind: str, why: str) -> bool:
     allowed, limit = budget_left(recipe.resilient, counts, kind)
     event = "hung" if kind == "hangs" else "crashed"
     if not allowed:
-        message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
-        run.update(stop_reason=message)
-        run.note(f"{event}; {message}")
-        print(message, file=sys.stderr, flush=True)
+        if kind == "hangs" or limit > 0:  # a crash with no budget asked for fails the run as it always did
+            message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
+            run.update(inplace_stop=message)
+            run.note(f"{event}; {message}")
+            print(message, file=sys.stderr, flush=True)
         return False
     counts[kind] = counts.get(kind, 0) + 1
     steps = committed_steps(run.dir / CHECKPOINTS)
@@ -231,7 +232,7 @@ def status(run: Run) -> dict[str, Any]:
     # restarts inside this launch by kind (launcher.watchdog), and why the run stopped if a budget ran out
     history = {"restarts": ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())} \
         if info.inplace_restarts else {}
-    stopped = {"stop_reason": info.stop_reason} if info.stop_reason and not pid else {}
+    stopped = {"stop_reason": info.inplace_stop} if info.inplace_stop and not pid else {}
     return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary,
             **history, **stopped}
 
