@@ -36,6 +36,7 @@ from typing import BinaryIO, Callable, Optional, Union
 
 from jobs import stacks
 from jobs.env import RankEnv
+from jobs.progress import ProgressWriter
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
@@ -239,6 +240,7 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
                                  start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child
         stacks.record(run.dir, env.rank, child.pid)  # the script's process is the rank `launcher stacks` reads
+        ProgressWriter(run.progress_file(env.rank), child.pid).started()  # the watchdog's pid to watch and dump
         forwarder.forward()  # a stop that arrived while the script was starting
         prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
         copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from jobs.schema.checks import fraction, non_empty, non_negative, positive, seed
 from jobs.schema.errors import ConfigError, short
 from jobs.schema.parallel import ParallelConfig
+from jobs.schema.resilience import ResilienceConfig
 from jobs.schema.script import ScriptConfig
 
 # `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
@@ -247,10 +248,18 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # hang timeout and restart budgets, for the trainer and scripts alike (jobs.schema.resilience)
+    # unset keeps the config hash (and default run name) of recipes written before the section existed
+    resilience: Optional[ResilienceConfig] = None
     # run this script on every rank instead of the trainer (model, data, optim, ... are then unused)
     script: Optional[ScriptConfig] = None
     # the user's code: first on every rank's import path; relative to the launch directory (default: it)
     code_dir: Optional[str] = None
+
+    @property
+    def resilient(self) -> ResilienceConfig:
+        """The resilience section, its defaults where the recipe has none."""
+        return self.resilience or ResilienceConfig()
 
     @property
     def eval_metrics(self) -> dict[str, str]:
@@ -275,7 +284,7 @@ class RecipeConfig:
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
         non_empty(src, "code_dir", self.code_dir)
-        for section in (self.parallel, self.checkpoint, self.logging):
+        for section in (self.parallel, self.checkpoint, self.logging, self.resilient):
             section.check(src)
         if self.script is not None:  # the script trains: the trainer's sections are not used
             self.script.check(src)

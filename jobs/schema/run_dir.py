@@ -8,6 +8,8 @@ one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its re
         secrets.yaml    the masked values, mode 0600 (only when there are any; see jobs.schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
+        progress/rankN  each rank's progress report, read by the watchdog (jobs.progress)
+        logs/stacks/hang-<attempt>/rankN.txt  every rank's stack, dumped before a hung attempt is ended
         script_checkpoints/  work/   `launcher run`: the script's own checkpoints and working directory
         ranks/rankN.json  each rank's process (pid, start time, host), for `launcher stacks` (jobs.stacks)
         logs/stacks/rankN.txt  what a rank's faulthandler wrote; logs/stacks/<time>/rankN.txt  one dump of every rank
@@ -44,6 +46,7 @@ from jobs.schema.run_files import MAX_RECORD, load_record, read_capped
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+PROGRESS = "progress"  # <run>/progress/rankN: each rank's last step report (the hang watchdog reads them)
 REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per job start (environments.slurm_requeue)
 # `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
 SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
@@ -105,6 +108,9 @@ class RunInfo:
     requeues: dict = field(default_factory=dict)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
+    # restarts inside the allocation by kind ("hangs", "crashes"), against resilience.max_*_restarts
+    inplace_restarts: dict = field(default_factory=dict)
+    inplace_stop: Optional[str] = None  # why the run was not restarted in place (a budget ran out)
     # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
     # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, and the line
     # saying a restart probably began from scratch
@@ -271,6 +277,14 @@ class Run:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def progress_file(self, rank: int) -> Path:
+        """Where rank `rank` reports its progress (jobs.progress writes it, launcher.watchdog reads it)."""
+        return self.dir / PROGRESS / f"rank{rank}"
+
+    def stacks_dir(self, attempt: int) -> Path:
+        """Where every rank's stack goes when attempt `attempt` of this launch hangs."""
+        return self.dir / LOGS / STACKS / f"hang-{attempt}"
 
     def problems(self) -> list[str]:
         """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""
