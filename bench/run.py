@@ -16,6 +16,8 @@
     preemption (goal <= 1), launch -> first step on 2 VMs vs 1 VM vs the local backend
 (h) Bayesian sweep (TPE + ASHA pruning) vs a 27-point grid on digits: trial-steps to reach the grid's best
     val/acc as a fraction of the grid's, median of 3 seeds (goal <= 0.4; bench/bayes_sweep.py)
+(i) the slow-rank report's cost: trainer s/step with trainer.slow_rank_factor=1.5 vs 0 (A/B pairs), and its
+    own work timed alone as a share of the step (goal <= 1%; bench/slow_rank.py)
 """
 from __future__ import annotations
 
@@ -192,6 +194,22 @@ def bench_vms(repeats: int) -> dict:
     return vm_notice.run(repeats)
 
 
+def bench_slow_rank(recipe: str) -> dict:
+    proc = subprocess.run(torchrun("-m", "bench.slow_rank", recipe), cwd=REPO, env=ENV, capture_output=True,
+                          text=True, check=True)
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
+def slow_rank_rows(s: dict) -> list[tuple[str, str, str, str]]:
+    return [(f"slow-rank report on vs off (2 ranks, {s['recipe']})", f"{s['with_s_per_step'] * 1e3:.2f} ms",
+             f"off {s['without_s_per_step'] * 1e3:.2f} ms",
+             f"ratio {s['ratio']:.3f} (median of {len(s['pair_ratios'])} A/B pairs, "
+             f"{min(s['pair_ratios']):.2f}-{max(s['pair_ratios']):.2f})"),
+            ("slow-rank report's own work, timed alone", f"{s['report_alone_s_per_step'] * 1e6:.1f} us/step",
+             f"{s['report_share_of_step'] * 100:.3f}% of a step", "goal <= 1% (clock every step, all-gather "
+             "every log interval)")]
+
+
 def pipeline_rows(p: dict) -> list[tuple[str, str, str, str]]:
     """One row per figure of bench_pipeline: each strategy's step time against DDP's, each schedule's bubble."""
     rows = []
@@ -274,6 +292,8 @@ def table(results: dict) -> str:
         rows.append(tuple(row))
     for row in results.get("bayes_rows", []):
         rows.append(tuple(row))
+    if "slow_rank" in results:
+        rows += slow_rank_rows(results["slow_rank"])
     if "skipped" in results.get("vms", {}):
         rows.append(("VMs over SSH", "SKIPPED", results["vms"]["skipped"], ""))
     if not rows:
@@ -287,7 +307,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms", "bayes"],
+                                           "vms", "bayes", "slowrank"],
                         default=None)
     parser.add_argument("--small", action="store_true",
                         help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
@@ -320,6 +340,8 @@ def main() -> None:
 
         results["bayes"] = bayes_sweep.run()
         results["bayes_rows"] = bayes_sweep.rows(results["bayes"])
+    if args.only in (None, "slowrank"):
+        results["slow_rank"] = bench_slow_rank(args.recipe)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.only is not None:

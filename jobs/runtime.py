@@ -52,6 +52,7 @@ __all__ = ["RunCheckpointer", "checkpointer", "rank_env", "run_dir", "run_id", "
 
 _flag = StopFlag()
 _agreement: Any = None  # jobs.training.agreement.StopAgreement, made on the first should_stop() (torch)
+_progress: Any = None  # jobs.progress.ProgressWriter: should_stop() is the script's step, reported to the watchdog
 
 
 def _install_handlers() -> None:
@@ -118,6 +119,8 @@ def should_stop() -> bool:
     global _agreement
     import torch.distributed as dist
 
+    _beat()
+
     if not dist.is_initialized():
         return _flag.requested
     if _agreement is None:
@@ -125,6 +128,18 @@ def should_stop() -> bool:
 
         _agreement = StopAgreement()
     return _agreement.exchange(_flag.requested, False)[0]
+
+
+def _beat() -> None:
+    """One step of the script, for the watchdog of the run's supervisor (inside a run only)."""
+    global _progress
+    if _progress is None:
+        if not os.environ.get(RUN_DIR_VAR):
+            return
+        from jobs.progress import ProgressWriter
+
+        _progress = ProgressWriter(_run().progress_file(int(os.environ.get("RANK", "0"))))
+    _progress.beat()
 
 
 class RunCheckpointer:

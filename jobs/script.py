@@ -34,7 +34,9 @@ from pathlib import Path
 from types import FrameType
 from typing import BinaryIO, Callable, Optional, Union
 
+from jobs import stacks
 from jobs.env import RankEnv
+from jobs.progress import ProgressWriter
 from jobs.preempt import STOP_SIGNALS
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import ENDED_BY_STOP, LOGS, Run, RunResult
@@ -70,6 +72,10 @@ def child_environment(run: Run, code_dir: str, rank: RankEnv, start: Start) -> d
                        ("LOCAL_WORLD_SIZE", rank.local_world_size), ("MASTER_ADDR", rank.master_addr)):
         env.setdefault(key, str(value))
     env.update(start.environment(run))
+    env.update(stacks.script_environment(run.dir, rank.rank))  # script_main registers the stack signal
+    # NCCL's error handling as the recipe says, under torchrun (which sets 1) and srun (nothing) alike; the
+    # collective timeout is the script's own init_process_group(timeout=...)
+    env.update(run.recipe().parallel.rank_environment())
     env["PYTHONPATH"] = os.pathsep.join(p for p in (code_dir, env.get("PYTHONPATH", "")) if p)
     return env
 
@@ -233,6 +239,8 @@ def run_script(run: Run | Path, env: RankEnv | None = None, forwarder: Forwarder
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, preexec_fn=_prepare_child,
                                  start_new_session=True)  # signalled by the Forwarder only
         forwarder.child = child
+        stacks.record(run.dir, env.rank, child.pid)  # the script's process is the rank `launcher stacks` reads
+        ProgressWriter(run.progress_file(env.rank), child.pid).started()  # the watchdog's pid to watch and dump
         forwarder.forward()  # a stop that arrived while the script was starting
         prefix = f"[rank{env.rank}] ".encode() if env.distributed else b""
         copier = threading.Thread(target=_tee, args=(child.stdout, log, prefix), daemon=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import faulthandler
 import gc
 import importlib.machinery
 import io
@@ -37,6 +38,7 @@ from typing import Optional
 
 
 def main(argv: list[str]) -> None:
+    _register_stack_signal()
     module = argv[0] == "-m"
     target = argv[1] if module else argv[0]
     rest = argv[2:] if module else argv[1:]
@@ -64,6 +66,24 @@ def main(argv: list[str]) -> None:
         code = 1
     _finish_as_python_does()
     os._exit(code)
+
+
+_STACK_FILES: list = []  # faulthandler writes to these until the process ends
+
+
+def _register_stack_signal() -> None:
+    """Every thread's stack to the rank's stack file on the signal `launcher stacks` sends where py-spy cannot
+    read the process (jobs.stacks: the file and signal come from the rank wrapper's environment; this file
+    imports none of ours, so a user's own `jobs/` cannot shadow them)."""
+    path, signum = os.environ.get("LAUNCHER_STACK_FILE"), os.environ.get("LAUNCHER_STACK_SIGNAL", "")
+    if not path or not signum.isdigit():
+        return
+    try:
+        out = open(path, "a")  # noqa: SIM115 - open for the life of the process
+        faulthandler.register(int(signum), file=out, all_threads=True, chain=False)
+    except (OSError, ValueError, RuntimeError):  # a stack file that cannot be written: no dumps, the script runs
+        return
+    _STACK_FILES.append(out)
 
 
 def _run_file(path: str) -> None:

@@ -33,6 +33,7 @@ from jobs.schema.secrets import redact_args
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 CHECKPOINT_DIR_VAR, WORK_DIR_VAR = "LAUNCHER_CHECKPOINT_DIR", "LAUNCHER_WORK_DIR"
 ATTEMPT_VAR, RESUMING_VAR = "LAUNCHER_ATTEMPT", "LAUNCHER_RESUMING"
+RESTART_VAR = "LAUNCHER_RESTART"  # the supervisor's restart inside the allocation (launcher.watchdog): a new start
 FIX = "pass --resume-args with the flag that makes the script resume (recipe key script.resume_args), " \
       "or save through the runtime API (jobs.runtime)"
 
@@ -99,10 +100,11 @@ def begin(run: Run, recipe: RecipeConfig, code_dir: Path) -> Start:
 
 
 def start_key(info: RunInfo) -> str:
-    """What tells this start from the last one: a launch, a Slurm job's restart, a torchrun rendezvous."""
+    """What tells this start from the last one: a launch, a Slurm job's restart, a torchrun rendezvous, a
+    restart by the supervisor (one rank has no torchrun, so no new rendezvous id)."""
     env = os.environ
     return (f"launch {info.launches} slurm {env.get('SLURM_JOB_ID', '-')}.{env.get('SLURM_RESTART_COUNT', '0')} "
-            f"rdzv {env.get('TORCHELASTIC_RUN_ID', '-')}")
+            f"rdzv {env.get('TORCHELASTIC_RUN_ID', '-')} restart {env.get(RESTART_VAR, '0')}")
 
 
 def made_progress(run: Run, checkpoint_dir: Path, workdir: Optional[Path]) -> bool:

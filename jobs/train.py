@@ -18,8 +18,10 @@ from types import TracebackType
 from tqdm import tqdm
 
 from jobs import parallel
+from jobs import stacks
 from jobs.env import RankEnv
 from jobs.preempt import StopFlag
+from jobs.progress import StepReporter
 from jobs.training.callbacks import Callback, FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
@@ -82,6 +84,7 @@ def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | N
     env.check()
     stop = stop or StopFlag().install()
     setup_logging(run.dir, env)
+    stacks.install(run.dir, env.rank)  # `launcher stacks` and the hang watchdog find and read this process
     logging.getLogger("jobs.train").info("rank %d of %d on %s (local rank %d), run %s", env.rank, env.world_size,
                                          socket.gethostname(), env.local_rank, run.dir)
     recipe, cluster = run.recipe(), run.cluster()
@@ -91,7 +94,7 @@ def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | N
         sys.path.insert(0, info.code_dir)
     context = RunContext.of(run, info, force_resume)
     try:
-        result = train(recipe, context, cluster.storage, env, stop, _callbacks(run.dir, env))
+        result = train(recipe, context, cluster.storage, env, stop, _callbacks(run, env))
     except UsageError as err:  # e.g. a factory in the recipe returned the wrong type: one line, no traceback
         logging.getLogger("jobs.train").error("%s", err)
         parallel.shutdown(clean=False)
@@ -113,18 +116,20 @@ def _log_failure(err: BaseException) -> None:
                                               extra={"console": False})
 
 
-def _callbacks(run_dir: Path, env: RankEnv) -> list[Callback]:
+def _callbacks(run: Run, env: RankEnv) -> list[Callback]:
     """first_step.json belongs to the run directory, whatever started the run: `make bench` times
     launch-to-first-step with it and tests wait on it before signalling a run, through `launcher
     launch`, sbatch or submitit alike. Registering it here, at the one rank entry point every
     backend goes through, keeps it out of the trainer without an opt-in variable that each backend
     would have to carry to the ranks. One writer: rank 0. The same holds for a Bayesian sweep's trial:
     the launcher's trial.json in the run directory says which study rank 0 reports to (and whether
-    its pruner may stop the run); the other ranks follow rank 0's answer."""
+    its pruner may stop the run); the other ranks follow rank 0's answer. Every rank reports its progress
+    (jobs.progress), which the watchdog of whatever supervises it reads."""
+    reporter = StepReporter(run.progress_file(env.rank))
     if not env.is_main:
-        return []
-    callbacks: list[Callback] = [FirstStepMarker(run_dir)]
-    ticket = TrialTicket.read(run_dir)
+        return [reporter]
+    callbacks: list[Callback] = [reporter, FirstStepMarker(run.dir)]
+    ticket = TrialTicket.read(run.dir)
     if ticket is not None:
         from jobs.training.pruning import TrialReporter  # optuna: only in a Bayesian sweep's trials
 

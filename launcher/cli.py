@@ -260,6 +260,30 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stacks(args: argparse.Namespace) -> int:
+    """Every rank's Python stack now, grouped by identical stacks; each rank's dump under logs/stacks/<time>/."""
+    from jobs.stacks import dump_folder, group
+
+    run = _existing_run(args)
+    state = backends.status(run)["state"]
+    if state != "running":  # queued, starting, requeued or ended: no rank to read
+        raise UsageError(f"run {run.name} is not running ({state}): stacks are read from running ranks; "
+                         f"`launcher doctor {run.name}` explains a run that has ended")
+    dest = dump_folder(run.dir)
+    texts = backends.of_run(run).stacks(run, dest)
+    if not texts:
+        raise UsageError(f"run {run.name}: no rank has recorded its process yet (they record it as they start): "
+                         "try again in a few seconds")
+    for rank in range(run.recipe().parallel.world_size):  # a rank that died while the others hang: said
+        texts.setdefault(rank, "no stack: no live process of this rank on any node\n")
+    dest.mkdir(parents=True, exist_ok=True)
+    for rank, text in texts.items():  # the nodes wrote theirs there too; VMs' folders are on their hosts
+        (dest / f"rank{rank}.txt").write_text(text)
+    print(group(texts), end="")
+    print(f"(each rank's dump: {dest})")
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     """A run's failure named with its fix, or (no run) the environment checked: 0 if nothing is wrong, else 1."""
     from launcher.doctor.command import doctor_environment, doctor_run  # torch, boto3, asyncssh: only when asked
@@ -276,8 +300,8 @@ def _existing_run(args: argparse.Namespace) -> Run:
 # Each command's function, by its name on the command line (launcher.cli_args builds their parsers).
 COMMANDS: dict[str, Command] = {
     "show": cmd_show, "launch": cmd_launch, "run": cmd_run, "export": cmd_export, "plot": cmd_plot,
-    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "doctor": cmd_doctor, "sweep": cmd_sweep,
-    "sweep-status": cmd_sweep_status, "sbatch": cmd_sbatch, "skypilot": cmd_skypilot,
+    "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel, "stacks": cmd_stacks, "doctor": cmd_doctor,
+    "sweep": cmd_sweep, "sweep-status": cmd_sweep_status, "sbatch": cmd_sbatch, "skypilot": cmd_skypilot,
 }
 
 

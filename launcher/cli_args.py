@@ -98,6 +98,8 @@ def build_parser(commands: Mapping[str, Command]) -> tuple[argparse.ArgumentPars
     p.add_argument("--follow", "-f", action="store_true", help="keep printing what the rank adds while the run lives")
     p = add("cancel", "stop a run (a recipe's ranks save a checkpoint first; a script gets SIGTERM)")
     p.add_argument("run")
+    p = add("stacks", "print every rank's Python stack now, ranks with identical stacks together (a live run)")
+    p.add_argument("run")
     p = add("doctor", "name why a run failed and the fix; without RUN, check the environment")
     p.add_argument("run", nargs="?", metavar="RUN")
     p.add_argument("--store", metavar="URI", help="without RUN: also list this checkpoint folder (s3://BUCKET/PREFIX)")

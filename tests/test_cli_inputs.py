@@ -109,7 +109,7 @@ def test_bad_run_name_creates_nothing(command: str, name: str, tmp_path: Path, r
 
 
 @pytest.mark.parametrize("name", ["../x", "..", "a" * 300, "run\nx", "ABS"])
-@pytest.mark.parametrize("command", [["status"], ["logs"], ["cancel"], ["export", "--to", "out.pt"],
+@pytest.mark.parametrize("command", [["status"], ["logs"], ["cancel"], ["stacks"], ["export", "--to", "out.pt"],
                                      ["sweep-status"]])
 def test_bad_run_argument_is_refused(command: list[str], name: str, tmp_path: Path, runs_dir: Path,
                                      capsys: pytest.CaptureFixture) -> None:

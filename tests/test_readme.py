@@ -32,6 +32,8 @@ CLI_TABLE_HEADER = "| command | what it does |"  # the CLI table's header row (d
 RUN = "readme-launch"  # a finished digits run, made once (fixture `finished_run`) for the commands that need a run
 AS_SHOW = "<the doc command with `launcher launch` replaced by `launcher show`>"
 CI_RUNS_IT = "<run by .ci/run, not here: the suite cannot run itself>"
+# `launcher stacks` needs a live run that hangs on purpose: one 2-rank launch, made by this test of test_stacks.py
+LIVE_STACKS = "tests/test_stacks.py::test_stacks_names_both_ranks_of_a_live_local_run"
 SHORT = "trainer.max_steps=2"
 SCRIPT_DONE = "the script completed"
 # Commands that two cases run: the same command line in the same folder runs once (see `check_step`).
@@ -149,6 +151,7 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
          f"wrote table-curves.svg: val/acc, train/loss of {RUN}"),),
     "launcher logs RUN [--rank N] [--follow]": ((f"launcher logs {RUN} --rank 1 --follow", "rank 1 of 2"),),
     "launcher cancel RUN": ((f"launcher cancel {RUN}", "is not running"),),
+    "launcher stacks RUN": ((LIVE_STACKS, ""),),
     "launcher sbatch RECIPE --cluster C [--submit]": (
         (f"launcher sbatch digits --cluster local_slurm {SHORT} --run-name readme-sbatch", "srun"),),
     "launcher sweep RECIPE --cluster C --grid k=a,b ...": ((GRID_SWEEP, "sweep readme-grid: 2 trials"),),
@@ -298,7 +301,7 @@ def finished_run(repo_copy: Path) -> str:
 
 def _params() -> list:
     return [pytest.param(command, marks=[pytest.mark.slurm] if command in SLURM_CASES else [], id=command[:60])
-            for command, steps in CASES.items() if steps[0][0] != CI_RUNS_IT]
+            for command, steps in CASES.items() if steps[0][0] not in (CI_RUNS_IT, LIVE_STACKS)]
 
 
 def test_every_doc_command_has_a_case() -> None:
@@ -334,6 +337,16 @@ def test_make_test_is_what_ci_runs() -> None:
     assert "make test" in (REPO / ".ci" / "run").read_text().splitlines()
     dry = subprocess.run(make_command(["-n", "test"]), cwd=REPO, capture_output=True, text=True, check=True)
     assert f"{sys.executable} -m pytest" in dry.stdout
+
+
+def test_stacks_is_run_live_by_its_own_test() -> None:
+    """`launcher stacks RUN` only answers for a live run: the test named runs it on one that hangs on purpose
+    (and checks what it prints); one 2-rank launch in the suite, not two."""
+    path, name = LIVE_STACKS.split("::")
+    import test_stacks
+
+    assert (REPO / path).is_file() and callable(getattr(test_stacks, name))
+    assert "launcher stacks" in (REPO / "docs" / "doctor.md").read_text()
 
 
 @pytest.mark.parametrize("readme_command", _params())

@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry
 from jobs.checkpoint.store import sha256_of
+from jobs.parallel.distributed import gloo_group
 
 DCP_METADATA = ".metadata"
 
@@ -89,7 +90,7 @@ class ShardedSaver:
     def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, Optional[dict[str, FileEntry]]], None]],
                  cuda: bool, asynchronous: bool = True) -> None:
         self.rank, self.commit, self.asynchronous = rank, commit, asynchronous
-        self.group = dist.new_group(backend="gloo")  # never shared with training's collectives
+        self.group = gloo_group()  # never shared with training's collectives
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                     use_async_staging=False, use_non_blocking_copy=cuda))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-shards")

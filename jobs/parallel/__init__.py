@@ -8,9 +8,9 @@
 """
 from jobs.parallel.apply import abandon_backward, data_parallel, forward_is_collective, gradient_sync, parallelize, unwrap
 from jobs.parallel.distributed import all_reduce_mean, all_reduce_sum, any_rank, broadcast_flag, \
-    init_distributed, pick_device, ranks_where, shutdown
+    gather_values, host_names, init_distributed, pick_device, ranks_where, shutdown
 from jobs.parallel.state import load_model_state, load_optimizer_state, model_state, optimizer_state
 
-__all__ = ["abandon_backward", "all_reduce_mean", "any_rank", "broadcast_flag", "ranks_where", "data_parallel", "all_reduce_sum", "forward_is_collective", "gradient_sync", "init_distributed",
+__all__ = ["abandon_backward", "all_reduce_mean", "any_rank", "broadcast_flag", "ranks_where", "data_parallel", "all_reduce_sum", "forward_is_collective", "gather_values", "gradient_sync", "host_names", "init_distributed",
            "load_model_state", "load_optimizer_state", "model_state", "optimizer_state", "parallelize",
            "pick_device", "shutdown", "unwrap"]

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from jobs.env import RankEnv
-from jobs.schema import TrainerConfig
+from jobs.schema import ParallelConfig, TrainerConfig
 
 log = logging.getLogger("jobs.parallel")
 
 _HOST_GROUP: list = [None]  # the gloo group for host-side flags (see init_distributed)
+_TIMEOUT: list = [None]  # parallel.collective_timeout_s as set by init_distributed (None: torch's default)
 
 
 def pick_device(cfg: TrainerConfig, env: RankEnv) -> torch.device:
@@ -31,20 +35,38 @@ def pick_device(cfg: TrainerConfig, env: RankEnv) -> torch.device:
     return device
 
 
-def init_distributed(env: RankEnv, device: torch.device) -> None:
-    """NCCL on CUDA, gloo on CPU; a single rank runs without a process group."""
+def init_distributed(env: RankEnv, device: torch.device, cfg: ParallelConfig = ParallelConfig()) -> None:
+    """NCCL on CUDA, gloo on CPU; a single rank runs without a process group. The timeouts are the recipe's
+    (parallel.collective_timeout_s, parallel.nccl_error_handling), whichever backend started the rank."""
     if not env.distributed or dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
-                            timeout=timedelta(minutes=10), device_id=device if device.type == "cuda" else None)
+    # read by ProcessGroupNCCL when it is made: torchrun sets 1, srun nothing (torch's own 3), so set it here
+    os.environ.update(cfg.rank_environment())
+    options = process_group_options(env, device, cfg)
+    dist.init_process_group(**options)
+    _TIMEOUT[0] = options["timeout"]
     # Host flags get a gloo group of their own (a collective: made here, at the same point on every rank):
     # under NCCL they never wait for the GPU, and a rank sending a flag can never be matched with a peer
     # still inside a gradient all-reduce of the default group.
-    _HOST_GROUP[0] = dist.new_group(backend="gloo")
+    _HOST_GROUP[0] = gloo_group()
     if env.is_main:
-        log.info("process group: %s, %d ranks, rendezvous %s:%d", backend, env.world_size,
-                 env.master_addr, env.master_port)
+        log.info("process group: %s, %d ranks, rendezvous %s:%d; collective timeout %g s (parallel."
+                 "collective_timeout_s), NCCL error handling %s", options["backend"], env.world_size,
+                 env.master_addr, env.master_port, cfg.collective_timeout_s, cfg.nccl_error_handling)
+
+
+def gloo_group() -> Any:
+    """A new gloo group (a collective: every rank makes it at the same point) with the run's collective
+    timeout: torch gives a new group its own default (30 min for gloo) instead of the default group's."""
+    return dist.new_group(backend="gloo", timeout=_TIMEOUT[0])
+
+
+def process_group_options(env: RankEnv, device: torch.device, cfg: ParallelConfig) -> dict[str, Any]:
+    """init_process_group's arguments for this rank."""
+    cuda = device.type == "cuda"
+    return {"backend": "nccl" if cuda else "gloo", "init_method": "env://", "rank": env.rank,
+            "world_size": env.world_size, "timeout": timedelta(seconds=cfg.collective_timeout_s),
+            "device_id": device if cuda else None}
 
 
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
@@ -76,6 +98,26 @@ def any_rank(flag: bool) -> bool:
     return bool(ranks_where(flag))
 
 
+def gather_values(value: float) -> list[float]:
+    """Every rank's `value`, by rank, on every rank: one all-gather of one number per rank on the host gloo
+    group (a CPU tensor: it never waits for a GPU's queue)."""
+    if not dist.is_initialized():
+        return [value]
+    mine = torch.tensor([value], dtype=torch.float64)
+    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine, group=_HOST_GROUP[0])
+    return [float(t.item()) for t in every]
+
+
+def host_names() -> list[str]:
+    """Every rank's host name, by rank, on every rank (a collective)."""
+    if not dist.is_initialized():
+        return [socket.gethostname()]
+    names: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(names, socket.gethostname(), group=_HOST_GROUP[0])
+    return [str(n) for n in names]
+
+
 def broadcast_flag(flag: bool) -> bool:
     """Rank 0's `flag`, on every rank (a decision only rank 0 can make, such as a pruner's)."""
     if not dist.is_initialized():
@@ -93,4 +135,4 @@ def shutdown(clean: bool = True) -> None:
         if clean:
             dist.barrier()
         dist.destroy_process_group()
-        _HOST_GROUP[0] = None
+        _HOST_GROUP[0] = _TIMEOUT[0] = None

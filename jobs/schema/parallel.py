@@ -14,6 +14,9 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b")
 # Several stages per rank: not built here, and not shown to work over gloo (jobs.parallel.pipeline refuses them too).
 MULTI_STAGE_SCHEDULES = ("interleaved_1f1b", "looped_bfs", "interleaved_zero_bubble", "zbv_zero_bubble",
                          "dualpipev")
+# parallel.nccl_error_handling -> TORCH_NCCL_ASYNC_ERROR_HANDLING (torch's ErrorHandlingMode, ProcessGroupNCCL.hpp)
+NCCL_ERROR_HANDLING = {"tear_down": "1", "clean_up_only": "2", "skip_clean_up": "3", "off": "0"}
+MAX_TIMEOUT_S = 7 * 24 * 3600
 _PIPELINE_KEYS = {"pipeline_schedule": "gpipe", "microbatches": 1, "split_points": None, "pipeline_stages": None}
 
 
@@ -34,6 +37,11 @@ class ParallelConfig:
     microbatches: int = 1  # pipeline: pieces each micro batch is cut into to keep the stages busy
     # pipeline: the block each stage after the first starts at ("layers.2"); unset: balanced by parameters
     split_points: Optional[tuple[str, ...]] = None
+    # a collective that waits longer than this fails the run (init_process_group's timeout, NCCL and gloo alike)
+    collective_timeout_s: float = 600.0
+    # what NCCL does with a timed-out or failed collective (TORCH_NCCL_ASYNC_ERROR_HANDLING, set on every rank of
+    # every backend): tear_down ends the process, clean_up_only aborts the communicator, off waits on
+    nccl_error_handling: Literal["tear_down", "clean_up_only", "skip_clean_up", "off"] = "tear_down"
 
     @property
     def world_size(self) -> int:
@@ -52,7 +60,15 @@ class ParallelConfig:
         of a stage (the stages of one replica all see the same batch)."""
         return max(1, self.world_size // self.stages)
 
+    def rank_environment(self) -> dict[str, str]:
+        """The variables torch reads when a rank makes its process group (the trainer's and a script's alike)."""
+        return {"TORCH_NCCL_ASYNC_ERROR_HANDLING": NCCL_ERROR_HANDLING[self.nccl_error_handling]}
+
     def check(self, src: str) -> None:
+        if not 0 < self.collective_timeout_s <= MAX_TIMEOUT_S:  # also refuses nan and inf
+            raise ConfigError(src, "parallel.collective_timeout_s", f"{short(self.collective_timeout_s)} must be > 0 "
+                              f"and at most {MAX_TIMEOUT_S} (a week)",
+                              "e.g. parallel.collective_timeout_s=600 (seconds a collective may wait for a peer)")
         positive(src, "parallel.nodes", self.nodes)
         positive(src, "parallel.procs_per_node", self.procs_per_node)
         if self.strategy == "pipeline":

@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Union
 from jobs.schema.checks import fraction, non_empty, non_negative, positive, seed
 from jobs.schema.errors import ConfigError, short
 from jobs.schema.parallel import ParallelConfig
+from jobs.schema.resilience import ResilienceConfig
 from jobs.schema.script import ScriptConfig
 
 # `package.module:attribute.path`: the module is imported, the attribute looked up in it (jobs.targets).
@@ -173,8 +174,14 @@ class TrainerConfig:
     seed: int = 0  # seeds model init, data order and dropout
     deterministic: bool = True  # deterministic kernels (needed for bit-exact resume)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available, logged at start
+    # slow-rank report (jobs.training.slow_ranks): WARNING when a rank's compute time per step is more than this
+    # many times the median of the other ranks', over a log interval; 0 = not measured
+    slow_rank_factor: float = 1.5
 
     def check(self, src: str) -> None:
+        if self.slow_rank_factor != 0 and not self.slow_rank_factor > 1:  # also refuses nan
+            raise ConfigError(src, "trainer.slow_rank_factor", f"{short(self.slow_rank_factor)} must be above 1, or "
+                              "0 to turn the slow-rank report off", "e.g. trainer.slow_rank_factor=1.5")
         if self.epochs is None and self.max_steps is None:
             raise ConfigError(src, "trainer", "neither epochs nor max_steps is set", "set trainer.epochs or trainer.max_steps")
         for key in ("epochs", "max_steps", "grad_accum", "global_batch", "micro_batch"):
@@ -241,10 +248,18 @@ class RecipeConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # hang timeout and restart budgets, for the trainer and scripts alike (jobs.schema.resilience)
+    # unset keeps the config hash (and default run name) of recipes written before the section existed
+    resilience: Optional[ResilienceConfig] = None
     # run this script on every rank instead of the trainer (model, data, optim, ... are then unused)
     script: Optional[ScriptConfig] = None
     # the user's code: first on every rank's import path; relative to the launch directory (default: it)
     code_dir: Optional[str] = None
+
+    @property
+    def resilient(self) -> ResilienceConfig:
+        """The resilience section, its defaults where the recipe has none."""
+        return self.resilience or ResilienceConfig()
 
     @property
     def eval_metrics(self) -> dict[str, str]:
@@ -269,7 +284,7 @@ class RecipeConfig:
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)
         non_empty(src, "code_dir", self.code_dir)
-        for section in (self.parallel, self.checkpoint, self.logging):
+        for section in (self.parallel, self.checkpoint, self.logging, self.resilient):
             section.check(src)
         if self.script is not None:  # the script trains: the trainer's sections are not used
             self.script.check(src)

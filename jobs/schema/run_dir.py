@@ -8,7 +8,11 @@ one typed API: `Run.at(folder)` opens a run, `recipe()`/`cluster()` parse its re
         secrets.yaml    the masked values, mode 0600 (only when there are any; see jobs.schema.secrets)
         logs/rankN.log  metrics.jsonl  result.json (RunResult)  model.pt  checkpoints/ (local copies)
         failures/       one file per rank that raised, read after srun to count a failure (Slurm)
+        progress/rankN  each rank's progress report, read by the watchdog (jobs.progress)
+        logs/stacks/hang-<attempt>/rankN.txt  every rank's stack, dumped before a hung attempt is ended
         script_checkpoints/  work/   `launcher run`: the script's own checkpoints and working directory
+        ranks/rankN.json  each rank's process (pid, start time, host), for `launcher stacks` (jobs.stacks)
+        logs/stacks/rankN.txt  what a rank's faulthandler wrote; logs/stacks/<time>/rankN.txt  one dump of every rank
 
 Several processes write run.json (the launcher, rank 0, `launcher cancel`), so every update is a
 read-modify-write under an exclusive lock, written to a unique temporary file and renamed over it:
@@ -42,10 +46,13 @@ from jobs.schema.run_files import MAX_RECORD, load_record, read_capped
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
 CHECKPOINTS, LOGS, FAILURES = "checkpoints", "logs", "failures"
+PROGRESS = "progress"  # <run>/progress/rankN: each rank's last step report (the hang watchdog reads them)
 REQUEUE_ASKED = "requeue_asked"  # a script's own `scontrol requeue`, a file per job start (environments.slurm_requeue)
 # `launcher run`: the script's own checkpoint folder ({checkpoint_dir}) and working directory (script.workdir: run)
 SCRIPT_CHECKPOINTS, SCRIPT_WORKDIR = "script_checkpoints", "work"
 METRICS_JSONL, FINAL_MODEL = "metrics.jsonl", "model.pt"
+# Each rank's process record (jobs.stacks writes it at start) and, under logs/, the folder of its stack dumps
+RANKS, STACKS = "ranks", "stacks"
 # A checkpoint folder (local or remote) holds step-N/ folders; one is committed once its manifest exists,
 # written last (see jobs.checkpoint). The launcher needs this much of the layout too.
 MANIFEST = "manifest.json"
@@ -101,6 +108,9 @@ class RunInfo:
     requeues: dict = field(default_factory=dict)
     last_requeue: Optional[str] = None
     stop_reason: Optional[str] = None  # why the run stopped instead of requeueing (a budget ran out)
+    # restarts inside the allocation by kind ("hangs", "crashes"), against resilience.max_*_restarts
+    inplace_restarts: dict = field(default_factory=dict)
+    inplace_stop: Optional[str] = None  # why the run was not restarted in place (a budget ran out)
     # `launcher run`: this start of the script (1 = the run's first) and what identifies it (the launch,
     # Slurm job and restart, torchrun's rendezvous), whether it continues earlier progress, and the line
     # saying a restart probably began from scratch
@@ -108,6 +118,7 @@ class RunInfo:
     attempt_key: Optional[str] = None
     resuming: Optional[bool] = None
     restart_note: Optional[str] = None
+    slow_rank: Optional[str] = None  # the newest slow-rank warning of rank 0 (jobs.training.slow_ranks)
     extra: dict = field(default_factory=dict)  # keys this version does not know: kept, never dropped
 
     def __bool__(self) -> bool:  # false: no run.json yet, or one that cannot be read
@@ -266,6 +277,14 @@ class Run:
             os.write(fd, line)
         finally:
             os.close(fd)
+
+    def progress_file(self, rank: int) -> Path:
+        """Where rank `rank` reports its progress (jobs.progress writes it, launcher.watchdog reads it)."""
+        return self.dir / PROGRESS / f"rank{rank}"
+
+    def stacks_dir(self, attempt: int) -> Path:
+        """Where every rank's stack goes when attempt `attempt` of this launch hangs."""
+        return self.dir / LOGS / STACKS / f"hang-{attempt}"
 
     def problems(self) -> list[str]:
         """Why run.json or result.json cannot be read, for `status` to show instead of a traceback."""

@@ -8,6 +8,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from jobs.parallel.distributed import gloo_group
 
 
 # Steps at least this long are agreed on synchronously: one round trip of a few bytes per step then costs
@@ -35,7 +36,7 @@ class StopAgreement:
         self.distributed = dist.is_initialized()
         self.group = None
         if self.distributed and "gloo" not in dist.get_backend():
-            self.group = dist.new_group(backend="gloo")  # a collective: every rank makes its agreement at once
+            self.group = gloo_group()  # a collective: every rank makes its agreement at once
         self.synchronous = False
         self._calls = 0
         self._first_call = 0.0

@@ -51,7 +51,7 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     t = recipe.trainer
     device = parallel.pick_device(t, env)
     _check_precision(t.precision, device)
-    parallel.init_distributed(env, device)
+    parallel.init_distributed(env, device, recipe.parallel)
     _set_determinism(t.deterministic, device)
     src = str(run.run_dir / CONFIG_YAML)  # a bad import path or factory is reported against it
     objective = Objective.from_recipe(recipe, src)

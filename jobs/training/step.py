@@ -19,6 +19,7 @@ from jobs.parallel.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
 from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
+from jobs.training.slow_ranks import ComputeClock
 from jobs.schema import TrainerConfig
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -33,6 +34,7 @@ class StepSettings:
     device: torch.device
     objective: Objective
     eval_batch: int = 128  # samples per evaluation forward pass (4 micro batches: no gradients kept)
+    clock: Optional[ComputeClock] = None  # times this rank's compute for the slow-rank report
 
 
 def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int, steps: int, micro: int,
@@ -71,8 +73,10 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
     With `guard`, an out-of-memory error does not end the run: the ranks exchange a flag before every
     backward pass (a host-side all-reduce of one number per rank), and when any rank ran out of memory
     every rank raises StepOutOfMemory there, before the gradients of the step are reduced."""
-    cfg, device, loss_fn = settings.trainer, settings.device, settings.objective.loss
+    cfg, device, loss_fn, clock = settings.trainer, settings.device, settings.objective.loss, settings.clock
     module = model.single
+    if clock is not None:
+        clock.start()
     model.train()
     total = torch.zeros((), device=device)
     failed = False  # this rank ran out of memory in an earlier micro-batch of the step
@@ -92,6 +96,8 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
                 failed = _said(err, "forward", i, len(micro))
             if guard:
                 _agree(failed)
+            if last and clock is not None:
+                clock.mark()  # DDP reduces gradients during this backward pass: waiting for the others starts here
             try:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             except Exception as err:  # noqa: BLE001

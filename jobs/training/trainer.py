@@ -29,6 +29,7 @@ from jobs.training.parts import LRSchedulers, ModelParts, Optimizers
 from jobs.training.state import RankRNG, TrainState
 from jobs.training.memory import DoesNotFit, release
 from jobs.training.probe import find_micro_batch
+from jobs.training.slow_ranks import SlowRankReport
 from jobs.training.step import LossWindow, MicroBatches, StepOutOfMemory, StepSettings, micro_batches, \
     pipeline_train_step, resplit, train_step
 from jobs.schema import RecipeConfig, config_hash, to_yaml
@@ -65,12 +66,14 @@ class Trainer:
     pruned: bool = False  # a callback asked to end the run after an evaluation (rank 0's answer, on every rank)
     batch: Optional[batching.BatchPlan] = None  # the split of a replica's batch in use (set by fit())
     _batch_record: Optional[dict[str, Any]] = field(init=False, default=None)  # trainer.micro_batch=auto
+    _slow: Optional[SlowRankReport] = field(init=False, default=None)  # the slow-rank report (set by fit())
 
     @property
     def settings(self) -> StepSettings:
         micro = self.batch.micro if self.batch is not None else self.recipe.trainer.micro_batch
         micro = micro if isinstance(micro, int) else 32  # before an auto search: nothing is evaluated then
-        return StepSettings(self.recipe.trainer, self.device, self.objective, eval_batch=4 * micro)
+        return StepSettings(self.recipe.trainer, self.device, self.objective, eval_batch=4 * micro,
+                            clock=self._slow.clock if self._slow is not None else None)
 
     @property
     def auto_batch(self) -> bool:
@@ -226,6 +229,8 @@ class Trainer:
             log.info("%s%s%s; %d steps/epoch, %d steps", self.batch.line(), ranks, how, steps_per_epoch,
                      self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
+        if t.slow_rank_factor and self.env.distributed and self.recipe.parallel.strategy == "ddp":
+            self._slow = SlowRankReport(t.slow_rank_factor, self.device, st.step)
         window, agreement = LossWindow(self.device), StopAgreement()
         self.checkpointer.policy.restart_clock()  # every_minutes counts from the first step
         preempted = False
@@ -328,10 +333,23 @@ class Trainer:
         loss = parallel.all_reduce_mean(window.loss_sum.detach().clone().float()).item() / max(1, window.steps)
         lr = self.optimizers.lr
         self.metrics.log(st.step, {"train/loss": loss, "lr": lr, "epoch": st.epoch,
-                                   "samples_per_s": samples / max(seconds, 1e-9)})
+                                   "samples_per_s": samples / max(seconds, 1e-9), **self._slow_ranks()})
         if self.metrics.enabled and not sys.stderr.isatty():
             log.info("step %d epoch %d: train/loss %.4f lr %.3g", st.step, st.epoch, loss, lr)
         window.reset()
+
+    def _slow_ranks(self) -> dict[str, float]:
+        """Every rank's compute seconds per step since the last report, for metrics.jsonl; a WARNING (and
+        run.json's slow_rank, which `launcher status` shows) about each slow one (jobs.training.slow_ranks)."""
+        found = self._slow.exchange(self.progress.step) if self._slow is not None else None
+        if found is None or not self.env.is_main:
+            return {}
+        per_step, slow = found
+        for rank in slow:
+            log.warning("%s", rank.line())
+        if slow:
+            Run.at(self.run.run_dir).update(slow_rank="; ".join(rank.line() for rank in slow))
+        return {f"compute_s/rank{rank}": round(seconds, 6) for rank, seconds in enumerate(per_step)}
 
 
 def _progress_bar(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> Any:

@@ -49,6 +49,8 @@ def status(run: Run) -> dict[str, Any]:
             if info.attempt > 1 else "1"
     if info.restart_note:
         out["warning"] = info.restart_note
+    if info.slow_rank:  # rank 0's newest slow-rank warning (jobs.training.slow_ranks)
+        out["slow_rank"] = info.slow_rank
     return {**out, **({"note": "; ".join(problems)} if problems else {})}
 
 

@@ -90,6 +90,10 @@ class Backend(Protocol):
     def logs(self, run: Run, rank: int, follow: bool) -> int:
         """Print rank `rank`'s log (and what it adds while the run lives, with `follow`); an exit code."""
 
+    def stacks(self, run: Run, dest: Path) -> dict[int, str]:
+        """Every rank's Python stack now (a live run): rank -> the dump's text (`jobs.stacks.dump`, run where the
+        ranks are), each also written to `dest/rank<N>.txt` on the ranks' host."""
+
     def environment_checks(self, cluster: ClusterConfig) -> list[Check]:
         """What `launcher doctor` checks from here besides what every backend needs (torch, runs_dir, the
         store: launcher.doctor.environment): Slurm's commands and controller, each VM over SSH, ..."""

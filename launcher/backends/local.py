@@ -9,6 +9,7 @@ ends: a pid reused by another process later is never taken for the run's."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from jobs.script import exit_code, settle
+from jobs.stacks import dump, local_ranks
 from launcher.backends import process_start, run_process
 from launcher.checks import Check
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
-from jobs.schema.run_dir import Run
+from jobs.schema.run_dir import CHECKPOINTS, PROGRESS, RESULT_JSON, Run, committed_steps
+from jobs.script_start import RESTART_VAR
+from launcher.watchdog import KINDS, Hang, Watchdog, budget_left, end_hung_attempt
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 
@@ -75,24 +79,79 @@ def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig
 
 
 def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
-    """Start the ranks and wait for them: the ranks' exit code."""
+    """Start the ranks and wait for them, starting them again in place after a hang or a crash while the
+    run's budgets allow (launcher.watchdog); the ranks' exit code."""
     check(recipe, cluster)
     env = dict(os.environ)
     # 2 ranks x N intra-op threads oversubscribe small machines; torchrun would also default to 1.
     env.setdefault("OMP_NUM_THREADS", "1" if recipe.parallel.procs_per_node > 1 else env.get("OMP_NUM_THREADS", ""))
     if not env["OMP_NUM_THREADS"]:
         del env["OMP_NUM_THREADS"]
+    run.update(remove=("inplace_restarts", "inplace_stop"))  # each launch has its whole budget
+    told, attempt = _Told(), 1
+    while True:
+        ended = _attempt(recipe, run, {**env, RESTART_VAR: str(attempt - 1)}, told, attempt)
+        if ended is None or not _restart(recipe, run, *ended):
+            break
+        attempt += 1
+    return run.info().exit_code or 0
+
+
+def _attempt(recipe: RecipeConfig, run: Run, env: dict[str, str], told: "_Told",
+             attempt: int) -> Optional[tuple[str, str]]:
+    """One start of every rank, to its end: None when it ended well or was told to stop, else the kind of
+    ending that a restart is counted as ("hangs", "crashes") and why."""
+    shutil.rmtree(run.dir / PROGRESS, ignore_errors=True)  # the previous attempt's reports
     child = subprocess.Popen(rank_command(recipe, run), env=env)
-    told = _Told()
+    watchdog = Watchdog(run, recipe.parallel.procs_per_node, recipe.resilient.hang_timeout_s, child.pid)
+    hang = None
     try:
         run.update(pid=child.pid, pid_start=process_start(child.pid), launcher_pid=os.getpid(),
                    launcher_start=process_start(os.getpid()), state="running")
-        _wait(child, told)
+        hang = _wait(child, told, watchdog)
+        if hang is not None:
+            end_hung_attempt(run, watchdog, hang, child.pid, attempt)
+            child.wait()
     finally:
         if child.poll() is not None:  # the ranks are gone: their pids must not outlive them in run.json
             settle(run, told.signal, exit_code(child.returncode))  # the one ending: result.json, run.json, status
             run.update(remove=("pid", "pid_start", "launcher_pid", "launcher_start"))
-    return run.info().exit_code or 0
+    if told.signal:
+        return None
+    if hang is not None:
+        return "hangs", hang.short()
+    code = exit_code(child.returncode)
+    return ("crashes", _crash_reason(run, code)) if code else None
+
+
+def _crash_reason(run: Run, code: int) -> str:
+    info = run.info()
+    rank = f"rank {info.failed_rank} " if info.failed_rank is not None else "a rank "
+    return f"{rank}exited with code {info.exit_code or code}"
+
+
+def _restart(recipe: RecipeConfig, run: Run, kind: str, why: str) -> bool:
+    """Count a restart of `kind` and prepare it, or (past its budget) say why the run stops."""
+    counts = dict(run.info().inplace_restarts)
+    allowed, limit = budget_left(recipe.resilient, counts, kind)
+    event = "hung" if kind == "hangs" else "crashed"
+    if not allowed:
+        if kind == "hangs" or limit > 0:  # a crash with no budget asked for fails the run as it always did
+            message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
+            run.update(inplace_stop=message)
+            run.note(f"{event}; {message}")
+            print(message, file=sys.stderr, flush=True)
+        return False
+    counts[kind] = counts.get(kind, 0) + 1
+    steps = committed_steps(run.dir / CHECKPOINTS)
+    start = f"checkpoint step-{steps[-1]}" if steps else "the newest committed checkpoint, if any"
+    # the restart continues the run whatever --resume said: it is the same launch, started again
+    run.update(inplace_restarts=counts, resume="auto", state="restarting", remove=("exit_code", "failed_rank"))
+    (run.dir / RESULT_JSON).unlink(missing_ok=True)  # the failed attempt's
+    line = f"{event} ({why}); restarting every rank in place from {start} ({kind} {counts[kind]}/{limit})"
+    run.note(line)
+    print(f"run {run.name}: {line}", file=sys.stderr, flush=True)
+    return True
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
@@ -171,7 +230,12 @@ def status(run: Run) -> dict[str, Any]:
         state = "failed" if info.launches else "unknown"
     running = {"pid": pid} if pid else {}
     summary = {**result.pick("step", "epoch", "signal"), **result.metrics}  # every val/* the recipe measures
-    return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary}
+    # restarts inside this launch by kind (launcher.watchdog), and why the run stopped if a budget ran out
+    history = {"restarts": ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())} \
+        if info.inplace_restarts else {}
+    stopped = {"stop_reason": info.inplace_stop} if info.inplace_stop and not pid else {}
+    return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary,
+            **history, **stopped}
 
 
 def live(run: Run) -> Optional[str]:
@@ -204,17 +268,31 @@ class _Told:
     signal: Optional[str] = None
 
 
-def _wait(child: subprocess.Popen, told: _Told) -> int:
+def _wait(child: subprocess.Popen, told: _Told, watchdog: Watchdog, poll_s: float = 1.0) -> Optional[Hang]:
+    """Until the ranks end (None) or the watchdog finds a hang (which it returns; the ranks still run).
+    A run told to stop is not watched: its ranks are saving."""
     def forward(signum: int, _frame: FrameType | None) -> None:
         told.signal = told.signal or signal.Signals(signum).name
         child.send_signal(signal.SIGTERM)
 
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)}
     try:
-        return child.wait()
+        while True:
+            try:
+                child.wait(timeout=poll_s)  # returns as soon as the ranks end
+                return None
+            except subprocess.TimeoutExpired:
+                hang = None if told.signal else watchdog.check()
+                if hang is not None:
+                    return hang
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def stacks(run: Run, dest: Path) -> dict[int, str]:
+    """The ranks are processes of this machine: each recorded its pid (jobs.stacks)."""
+    return dump(local_ranks(run.dir), dest)
 
 
 def logs(run: Run, rank: int, follow: bool) -> int:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 from jobs.environments.slurm import ENTRY_MODULE, rank_main
 from jobs.script import exit_code, settle
+from jobs.stacks import read_answers
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
@@ -31,6 +32,9 @@ from jobs.schema import ClusterConfig, RecipeConfig, SlurmConfig, errors
 from jobs.schema.errors import UsageError
 from jobs.schema.secrets import write_private
 
+# The launcher's own code, first on the import path of `python -m jobs.stacks` on the nodes (as the ranks run it)
+CODE_ROOT = Path(__file__).resolve().parents[2]
+STACKS_TIMEOUT_S = 90  # one dump per node takes seconds (jobs.stacks bounds it at 20 s); srun may wait a little
 RESTARTS_RUNS = True  # a preempted, timed-out or admin-requeued job starts again by itself
 
 SLURM_COMMANDS = ("sbatch", "srun", "squeue", "sacct", "scontrol", "scancel")  # what `launcher doctor` looks for
@@ -268,6 +272,26 @@ def cancel(run: Run) -> str:
     run.update(state="cancelled")  # before scancel: rank 0 then knows its SIGTERM is a cancel, not a preemption
     subprocess.run(["scancel", job_id], check=True, timeout=60)
     return f"cancelled Slurm job {job_id} (run {run.name}); {what_a_stop_does(run)}"
+
+
+def stacks(run: Run, dest: Path) -> dict[int, str]:
+    """`python -m jobs.stacks` once on each node of the job, beside its ranks: `srun --overlap` runs a step in
+    the running job's allocation without waiting for its resources."""
+    info, cluster = run.info(), run.cluster()
+    python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
+    command = ["srun", "--overlap", f"--jobid={info.job_id}", f"--nodes={run.recipe().parallel.nodes}",
+               "--ntasks-per-node=1", python, "-m", "jobs.stacks", "--run-dir", str(run.dir), "--dest", str(dest)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(CODE_ROOT), os.environ.get("PYTHONPATH"))))}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=STACKS_TIMEOUT_S, env=env)
+    except subprocess.TimeoutExpired:
+        raise UsageError(f"run {run.name}: srun --overlap into job {info.job_id} did not answer in "
+                         f"{STACKS_TIMEOUT_S} s") from None
+    texts = read_answers(done.stdout)
+    if not texts:
+        raise UsageError(f"run {run.name}: no stacks from job {info.job_id}: srun said: "
+                         f"{last_line(done.stderr)} (exit code {done.returncode})")
+    return texts
 
 
 def wait(runs: Sequence[Run]) -> dict[str, str]:

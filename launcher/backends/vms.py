@@ -32,8 +32,9 @@ from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, 
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
 from jobs.schema import ClusterConfig, RecipeConfig
+from jobs.stacks import read_answers
 from jobs.schema.errors import UsageError
-from jobs.schema.run_dir import Run, RunResult
+from jobs.schema.run_dir import LOGS, STACKS, Run, RunResult
 from jobs.schema.vms import VmsConfig
 
 RESTARTS_RUNS = True  # the run's supervisor relaunches the ranks after a spot preemption
@@ -261,6 +262,30 @@ def log_text(run: Run, rank: int, offset: int = 0) -> tuple[Optional[str], int]:
         return None, offset
     text = max(found)[1]
     return text, offset + len(text.encode())
+
+
+def stacks(run: Run, dest: Path) -> dict[int, str]:
+    """`python -m jobs.stacks` on every host over SSH, each in its own copy of the run's folder (its dumps stay
+    there, under the same name as `dest`, which receives them here)."""
+    cfg, hosts = _cfg(run.cluster()), VmState.of(run.info()).hosts
+
+    def command(host: str) -> str:
+        project, folder = shell_path(layout.host_project_dir(cfg, host)), layout.host_run_dir(cfg, host, run.name)
+        return (f"cd {project} && PYTHONPATH={project} {shlex.quote(cfg.interpreter)} -m jobs.stacks --run-dir "
+                f"{shell_path(folder)} --dest {shell_path(f'{folder}/{LOGS}/{STACKS}/{dest.name}')}")
+
+    async def ask() -> list[Any]:
+        return await asyncio.gather(*(run_remote(spec, command(spec.address), timeout=60)
+                                      for spec in host_specs(cfg, hosts)), return_exceptions=True)
+
+    texts: dict[int, str] = {}
+    for host, done in zip(hosts, asyncio.run(ask())):
+        if isinstance(done, BaseException) or not done.ok:
+            why = done if isinstance(done, BaseException) else done.last_error_line()
+            print(f"{host}: no stacks: {why}", file=sys.stderr)
+            continue
+        texts.update(read_answers(done.stdout))
+    return dict(sorted(texts.items()))
 
 
 def logs(run: Run, rank: int, follow: bool) -> int:

@@ -1,5 +1,5 @@
 """From a run's records to findings: pure functions of log text and run records, one per kind of failure,
-grouped by family (oom, device, collectives, storage; requeues here).
+grouped by family (oom, device, collectives, hangs, storage; requeues here).
 
 Every rule looks at the last launch only (`records`), quotes the lines it relied on as file:line, and says
 what to do in the launcher's own terms (`trainer.micro_batch=auto`, `slurm.time_min`, ...). The messages
@@ -12,10 +12,12 @@ from typing import Callable
 from launcher.doctor.collectives import collective_failure, rendezvous
 from launcher.doctor.device import cudnn_not_initialized, label_out_of_range
 from launcher.doctor.findings import Finding
+from launcher.doctor.hangs import hangs
 from launcher.doctor.oom import out_of_memory
 from launcher.doctor.raised import script_failures, traceback_failures
 from launcher.doctor.ranks import first_stop
 from launcher.doctor.records import RunRecords
+from launcher.doctor.slow import slow_ranks
 from launcher.doctor.storage import disk_full, store_down
 
 
@@ -57,9 +59,14 @@ def unread_files(records: RunRecords) -> list[Finding]:
             for what in records.unread]
 
 
+def collective_unless_hung(records: RunRecords) -> list[Finding]:
+    """A collective's timeout, unless stack dumps show the hang behind it: they name the rank and the line."""
+    return [] if hangs(records) else collective_failure(records)
+
+
 RULES: tuple[Callable[[RunRecords], list[Finding]], ...] = (
     out_of_memory, script_failures, label_out_of_range, cudnn_not_initialized, rendezvous, disk_full, store_down,
-    collective_failure, requeues, unread_files)
+    hangs, collective_unless_hung, requeues, unread_files, slow_ranks)
 
 
 def diagnose(records: RunRecords) -> list[Finding]:

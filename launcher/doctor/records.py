@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from launcher.doctor.findings import Line
-from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, Run, RunInfo, RunResult
+from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, STACKS, Run, RunInfo, RunResult
 from jobs.schema.run_files import NotRegularFile, open_regular
 
 # The first line a rank writes at every launch: jobs.train's "rank 0 of 2 on HOST" and jobs.script's
@@ -17,6 +17,7 @@ LAUNCH_START = re.compile(r"(?:INFO jobs\.train: |^launcher: )rank \d+ of \d+ on
 # jobs.train's format: "19:39:12 [rank0] ERROR jobs.train: message"
 LOG_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[rank(\d+)\] ([A-Z]+) ([\w.]+): ")
 RANK_LOG = re.compile(r"^rank(\d+)\.log$")
+RANK_DUMP = re.compile(r"^rank(\d+)\.txt$")
 MAX_READ = 8 << 20  # bytes read from the end of one file: a week-long run's log is not read whole
 MAX_LINES = 100_000  # and of those, the lines kept: 8 MiB of one-character lines would take the rules minutes
 
@@ -39,6 +40,8 @@ class RunRecords:
     ranks: tuple[RankLog, ...] = ()
     job_output: tuple[Line, ...] = ()  # the Slurm job's output files and failure records
     unread: tuple[str, ...] = ()  # "logs/rank0.log: not a regular file (a FIFO)": files skipped, and why
+    stacks: dict = field(default_factory=dict)  # rank -> its stack in the newest dump (logs/stacks/<time>/)
+    stacks_dir: str = ""  # that dump's folder, relative to the run directory
 
     def lines(self) -> Iterator[Line]:
         for log in self.ranks:
@@ -59,9 +62,26 @@ class RunRecords:
 def read_run(run: Run) -> RunRecords:
     unread = run.problems()  # run.json or result.json damaged: said, not taken for "no record"
     ranks = tuple(_rank_logs(run.dir, unread))
+    stacks_dir, stacks = _newest_stacks(run.dir, unread)
     return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=run.written_config(CONFIG_YAML),
                       cluster=run.written_config(CLUSTER_YAML), ranks=ranks,
-                      job_output=tuple(_job_output(run, unread)), unread=tuple(unread))
+                      job_output=tuple(_job_output(run, unread)), unread=tuple(unread), stacks=stacks,
+                      stacks_dir=stacks_dir)
+
+
+def _newest_stacks(run_dir: Path, unread: list[str]) -> tuple[str, dict[int, str]]:
+    """The newest folder of stack dumps (`launcher stacks`, the hang watchdog): its path and rank -> text."""
+    try:
+        dumps = [p for p in (run_dir / LOGS / STACKS).iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return "", {}
+    if not dumps:
+        return "", {}
+    newest = max(dumps, key=lambda p: (p.stat().st_mtime, p.name))
+    shown = str(newest.relative_to(run_dir))
+    texts = {int(m.group(1)): "\n".join(line.text for line in read_lines(p, f"{shown}/{p.name}", unread))
+             for p in sorted(newest.glob("rank*.txt")) if (m := RANK_DUMP.match(p.name))}
+    return shown, texts
 
 
 def _rank_logs(run_dir: Path, unread: list[str]) -> Iterator[RankLog]:
