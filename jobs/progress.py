@@ -1,4 +1,4 @@
-"""Each rank's progress report, for the watchdog of whatever supervises the ranks (`launcher.watchdog`).
+"""Each rank's progress report, for the watchdog of whatever supervises the ranks (`jobs.watchdog`).
 
 A rank keeps one small file, `<run>/progress/rankN` (`Run.progress_file`), and overwrites it in place with
 one fixed-width JSON line: its pid (the process whose stack is dumped on a hang), how many steps it reported
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-WIDTH = 200  # bytes of the line: every write covers the whole previous one
+WIDTH = 256  # bytes of the line: every write covers the whole previous one
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,15 @@ class Report:
     beats: int = 0  # steps reported since this process started (0: none yet)
     step: Optional[int] = None
     slowest_s: float = 0.0  # the longest gap between two step reports on this rank
+    host: str = ""  # where `pid` runs: a supervisor on another node cannot look the pid up
 
     @classmethod
     def read(cls, path: Path) -> Optional["Report"]:
         """The report in `path`, None while there is none or it cannot be parsed (a torn read)."""
         try:
             data = json.loads(path.read_bytes()[:WIDTH * 2] or b"null")
-            return cls(int(data["pid"]), int(data["beats"]), data.get("step"), float(data["slowest_s"]))
+            return cls(int(data["pid"]), int(data["beats"]), data.get("step"), float(data["slowest_s"]),
+                       str(data.get("host", "")))
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
@@ -67,7 +70,8 @@ class ProgressWriter:
 
     def _write(self) -> None:
         line: dict[str, Any] = {"pid": self.pid, "beats": self.beats, "step": self.step,
-                                "slowest_s": round(self.slowest_s, 3), "time": round(time.time(), 3)}
+                                "slowest_s": round(self.slowest_s, 3), "time": round(time.time(), 3),
+                                "host": socket.gethostname()[:64]}
         os.pwrite(self._fd, json.dumps(line).ljust(WIDTH - 1).encode() + b"\n", 0)
 
 

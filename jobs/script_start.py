@@ -33,7 +33,7 @@ from jobs.schema.secrets import redact_args
 RUN_DIR_VAR = "LAUNCHER_RUN_DIR"  # how the runtime API inside the script finds its run
 CHECKPOINT_DIR_VAR, WORK_DIR_VAR = "LAUNCHER_CHECKPOINT_DIR", "LAUNCHER_WORK_DIR"
 ATTEMPT_VAR, RESUMING_VAR = "LAUNCHER_ATTEMPT", "LAUNCHER_RESUMING"
-RESTART_VAR = "LAUNCHER_RESTART"  # the supervisor's restart inside the allocation (launcher.watchdog): a new start
+RESTART_VAR = "LAUNCHER_RESTART"  # the supervisor's restart inside the allocation (jobs.watchdog): a new start
 FIX = "pass --resume-args with the flag that makes the script resume (recipe key script.resume_args), " \
       "or save through the runtime API (jobs.runtime)"
 

@@ -269,6 +269,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
+def node_command(python: str, run_dir: Path, dest: Path, nodes: int, job_id: str) -> list[str]:
+    """`main` once on each node of a running Slurm job, beside its ranks: `srun --overlap` runs a step in
+    the job's allocation without waiting for its resources (the hung step holds them all)."""
+    # --ntasks: from inside the job, srun would otherwise take the batch step's SLURM_NTASKS
+    return ["srun", "--overlap", f"--jobid={job_id}", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+            python, "-m", "jobs.stacks", "--run-dir", str(run_dir), "--dest", str(dest)]
+
+
 def read_answers(output: str) -> dict[int, str]:
     """rank -> stack from the JSON lines `main` printed on each node (other lines, a node's warnings, skipped)."""
     texts: dict[int, str] = {}

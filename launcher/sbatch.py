@@ -1,18 +1,17 @@
 """Standalone sbatch scripts: `launcher sbatch RECIPE --cluster C` prints a script for plain `sbatch`.
 
-The script runs the same rank entry point as the submitit backend (`python -m jobs.environments.slurm
---run-dir DIR` under srun), so preemption, saving and requeueing behave the same: after a stop
-signal rank 0 decides whether to requeue and calls `scontrol requeue` itself; the script forwards
-signals, and counts a crash of any rank after srun (below).
+The script ends in the same batch step as the submitit backend's (`jobs.environments.slurm_supervise`, which
+replaces the shell and runs `python -m jobs.environments.slurm --run-dir DIR` under srun), so preemption,
+saving, requeueing, hangs and restarts inside the allocation behave the same: after a stop signal rank 0
+decides whether to requeue and calls `scontrol requeue` itself; the supervisor forwards signals, restarts
+the ranks in place after a hang or a crash while the recipe's budgets allow, and otherwise counts a crash
+against `slurm.max_failures`.
 
 Config values never reach the shell unquoted: `launcher.backends.slurm_options` computes and checks them
 for both paths (see its docstring). Here a value of a `#SBATCH` line that is not plainly safe is
 double-quoted for sbatch's parser; command lines use `shlex.quote`. `slurm.setup` lines run after
 the non-secret `slurm.env` entries are exported, in the order the submitit backend uses, so setup
 lines may refer to those variables.
-
-If srun fails while nobody told the job to stop (no TERM to this shell), the script runs the rank
-entry's `--after-srun` step, which counts the crash of any rank against `slurm.max_failures`.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Optional
 
-from jobs.environments.slurm import ENTRY_MODULE
+from jobs.environments.slurm import SUPERVISOR
 from launcher.backends.slurm_options import SlurmOption, env_exports, job_options, one_line, setup_lines, \
     slurm_section, source
 from jobs.schema.run_dir import Run
@@ -60,67 +59,29 @@ def sbatch_options(recipe: RecipeConfig, s: SlurmConfig, run: Run, src: str) -> 
 
 
 def _body(src: str, s: SlurmConfig, run: Run, python: str) -> list[str]:
-    entry = [python, "-u", "-m", ENTRY_MODULE, "--run-dir", str(run.dir)]
     one_line(src, "slurm.python", python)
-    srun = " ".join(shlex.quote(a) for a in ["srun", "--kill-on-bad-exit=1", *entry])
-    after = " ".join(shlex.quote(a) for a in [*entry, "--after-srun"])
+    supervisor = " ".join(shlex.quote(a) for a in [python, "-u", "-m", SUPERVISOR, "--run-dir", str(run.dir),
+                                                   "--forward-notices"])
     lines = ["# -e: a failing setup line stops the job before any rank starts. -u comes after the setup:",
              "# activation scripts often read unset variables.",
-             "set -eo pipefail", ""]
+             "set -eo pipefail", "",
+             "# a notice (--signal=B:USR2) before the ranks start must not kill this shell",
+             """trap 'echo "sbatch script: SIGUSR2 before the ranks started" >&2' USR2""", ""]
     exports = env_exports(src, s)
     if exports:
         lines += ["# slurm.env (secret entries are set by each rank itself, never written here)"] + exports
     setup = setup_lines(src, s)
     if setup:
         lines += ["# slurm.setup: shell lines from the cluster config, inserted verbatim"] + setup + [""]
-    return lines + ["set -u", "", *_SIGNALS, srun + " &", *_WAIT, *_after_srun(after)]
+    return lines + ["set -u", "", *HAND_OVER, f"exec {supervisor}"]
 
 
-# --signal=B: reaches this shell, not the ranks: forward to srun, which forwards to every task.
-# A trapped signal interrupts `wait` (status > 128) while srun still runs, so wait again until srun
-# has really exited, then exit with its code. Rank 0 requeues the job itself after the save.
-_SIGNALS = """\
-# --signal=B:USR2 reaches this shell only: forward it (and TERM) to srun, which forwards to every rank.
-srun_pid=""
-signalled=0
-terminated=0
-forward() {
-    signalled=1
-    if [ "$1" = TERM ]; then terminated=1; fi
-    if [ -z "$srun_pid" ]; then
-        echo "sbatch script: SIG$1 before srun started" >&2
-        if [ "$1" = TERM ]; then exit 143; fi
-        return 0
-    fi
-    echo "sbatch script: SIG$1, forwarding to srun (pid $srun_pid)" >&2
-    kill -s "$1" "$srun_pid" 2>/dev/null || true
-}
-trap 'forward USR2' USR2
-trap 'forward TERM' TERM
-""".splitlines()
-
-_WAIT = """\
-srun_pid=$!
-while :; do
-    signalled=0
-    status=0
-    wait "$srun_pid" || status=$?
-    # a trapped signal makes `wait` return early (status > 128) while srun still runs: wait again
-    if [ "$signalled" = 1 ] && [ "$status" -gt 128 ]; then continue; fi
-    break
-done
-echo "sbatch script: srun exited with status $status" >&2
-""".splitlines()
-
-
-def _after_srun(command: str) -> list[str]:
-    """A rank crashed (srun failed) and the job was not told to stop: count it, requeue or stop."""
-    return ["# srun failed without a TERM to the job (scancel, requeue, time limit): a rank crashed;",
-            "# count it against slurm.max_failures, then requeue or stop the run",
-            'if [ "$status" -ne 0 ] && [ "$terminated" = 0 ]; then',
-            f"    {command} || true",
-            "fi",
-            'exit "$status"']
+# The supervisor replaces this shell (exec), so Slurm's signals to the batch shell reach it: it forwards
+# notices and TERM to srun, watches for hangs and restarts the ranks in place (slurm_supervise).
+HAND_OVER = ["# srun, the hang watchdog and restarts inside the allocation: jobs.environments.slurm_supervise,",
+             "# which replaces this shell and forwards its signals to srun. A notice in the moment between",
+             "# here and its own handlers is ignored, not fatal.",
+             "trap '' USR1 USR2"]
 
 
 # ----------------------------------------------------------------------------- quoting and checks

@@ -23,6 +23,7 @@ from jobs.schema import load_cluster, load_recipe
 from jobs.schema.errors import ConfigError
 from jobs.schema.run_dir import Run
 from launcher.sbatch import render_sbatch
+from launcher.runs import prepare_run
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 PYTHON = "/usr/bin/python3"
@@ -163,8 +164,8 @@ def test_golden_scripts_are_valid_and_complete() -> None:
         assert script.count("#SBATCH") == len(sbatch_arguments(script)), cluster_name
         assert opts["--signal"].startswith("B:USR2@") and "--requeue" in opts
         assert opts["--output"] == "/runs/digits-golden/slurm-%j.out" and opts["--open-mode"] == "append"
-        assert "srun --kill-on-bad-exit=1 /usr/bin/python3 -u -m jobs.environments.slurm " \
-               "--run-dir /runs/digits-golden &" in script
+        assert script.endswith("exec /usr/bin/python3 -u -m jobs.environments.slurm_supervise "
+                               "--run-dir /runs/digits-golden --forward-notices\n")
     gpu = option_values((GOLDEN / "gpu_cluster.sbatch").read_text())
     assert gpu["--nodes"] == "2" and gpu["--ntasks-per-node"] == "8" and gpu["--gpus-per-node"] == "8"
     assert gpu["--constraint"] == "a100|h100" and gpu["--reservation"] == "training" and "--exclusive" in gpu
@@ -202,7 +203,7 @@ def test_hostile_values_never_execute_and_arrive_intact(tmp_path: Path) -> None:
     cluster = load_cluster(str(hostile_cluster(tmp_path, pwned)))
     name = "my run $HOME `id` 'q\" %j;x"
     run = Run(name, tmp_path / "runs dir $(touch PWNED_d)" / name)
-    python = str(tmp_path / "py $(touch PWNED_e)")  # never executed: the fake srun records it
+    python = str(tmp_path / "py $(touch PWNED_e)" / "python")  # a fake that records how the script ran it
     script = render_sbatch(load_recipe("digits"), cluster, run, python)
     path = tmp_path / "job.sbatch"
     path.write_text(script)
@@ -216,18 +217,20 @@ def test_hostile_values_never_execute_and_arrive_intact(tmp_path: Path) -> None:
     assert opts["--comment"] == f"`touch {pwned}/PWNED_c` ; x"
     assert opts["--output"] == str(run.dir).replace("%", "%%") + "/slurm-%j.out"
 
-    out = tmp_path / "srun.json"
-    fake_srun(tmp_path / "bin", f"""\
+    out = tmp_path / "python.json"
+    Path(python).parent.mkdir()
+    Path(python).write_text(f"#!{sys.executable}\n" + textwrap.dedent(f"""\
         import json, os, sys
         keys = {sorted(HOSTILE_ENV) + ["SETUP_SEEN"]!r}
         json.dump({{"argv": sys.argv[1:], "env": {{k: os.environ.get(k) for k in keys}}}}, open({str(out)!r}, "w"))
-        """)
+        """))
+    Path(python).chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
     proc = subprocess.run(["bash", str(path)], cwd=pwned, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     seen = json.loads(out.read_text())
-    assert seen["argv"] == ["--kill-on-bad-exit=1", python, "-u", "-m", "jobs.environments.slurm",
-                            "--run-dir", str(run.dir)]
+    assert seen["argv"] == ["-u", "-m", "jobs.environments.slurm_supervise", "--run-dir", str(run.dir),
+                            "--forward-notices"]
     assert seen["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
                            "SETUP_SEEN": "verbatim: 2"}
     assert not list(pwned.rglob("PWNED*")) and not list(tmp_path.rglob("PWNED*"))
@@ -274,7 +277,7 @@ def test_cli_prints_script_and_prepares_run_dir(runs_dir: Path) -> None:
                    runs_dir=runs_dir, check=True)
     run_dir = runs_dir / "p"
     assert proc.stdout == (run_dir / "sbatch.sh").read_text()
-    assert f"--run-dir {run_dir} &" in proc.stdout and option_values(proc.stdout)["--job-name"] == "p"
+    assert f"--run-dir {run_dir} --forward-notices\n" in proc.stdout and option_values(proc.stdout)["--job-name"] == "p"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["backend"] == "slurm" and info["cluster"] == "local_slurm" and "job_id" not in info
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["trainer"]["max_steps"] == 5
@@ -283,7 +286,8 @@ def test_cli_prints_script_and_prepares_run_dir(runs_dir: Path) -> None:
 
 # ----------------------------------------------------------------------------- tier 1: trap and wait
 def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> None:
-    """USR2 and TERM to the batch shell reach srun; the shell keeps waiting and exits with srun's code."""
+    """USR2 and TERM to the batch step (the supervisor the shell became) reach srun; it keeps waiting and
+    exits with srun's code, and counts nothing (the job was told to stop)."""
     log = tmp_path / "srun.log"
     fake_srun(tmp_path / "bin", f"""\
         import signal, sys, time
@@ -301,8 +305,11 @@ def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> N
         sys.exit(7)
         """)
     script = tmp_path / "job.sbatch"
-    script.write_text(render("local_slurm", Run("t", tmp_path / "t")))
-    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1"}
+    cluster = load_cluster("local_slurm")
+    run = prepare_run(load_recipe("digits"), cluster, "t", tmp_path / "runs", "auto")
+    script.write_text(render_sbatch(load_recipe("digits"), cluster, run, sys.executable))  # the real supervisor
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "SLURM_JOB_ID": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     stderr = tmp_path / "stderr"
     with open(stderr, "w") as err:  # a file, not a pipe: an orphaned fake srun must not block a read
         shell = subprocess.Popen(["bash", str(script)], env=env, stderr=err)
@@ -317,6 +324,7 @@ def test_trap_forwards_signals_and_waits_for_srun_exit_code(tmp_path: Path) -> N
     assert shell.wait(timeout=30) == 7, stderr.read_text()
     assert log.read_text().split() == ["started", "SIGUSR2", "SIGTERM", "SIGUSR2"]
     assert "srun exited with status 7" in stderr.read_text()
+    assert run.info().requeues == {} and not run.info().inplace_restarts  # a TERM is no crash
 
 
 def test_failing_setup_line_stops_before_srun(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@
 - Values that must be refused are refused by `check` (before a run directory exists) on both paths.
 - Secret `slurm.env` entries (secret-looking keys, values with URL user info or `?token=`) never appear
   in either script; `rank_main` sets them in the ranks.
-- After srun fails, both scripts run `--after-srun` (unless the job was told to stop), which counts
-  the crash of any rank once.
+- Both scripts hand their batch step to the supervisor (tests/test_slurm_supervise.py); `after_srun`
+  counts the crash of any rank once.
 - Data-loader workers and wandb's service survive the signals a job gets.
 """
 from __future__ import annotations
@@ -91,7 +91,8 @@ def hostile_slurm(pwned: Path, python: Path) -> dict[str, Any]:
 def test_submitit_script_quotes_every_value_and_runs_nothing(tmp_path: Path, stub_bin: Path) -> None:
     pwned = tmp_path / "pwned"
     pwned.mkdir()
-    python = stub(tmp_path / "py $(touch PWNED_e) `id`" / "python", tmp_path / "python.jsonl", [])
+    python = stub(tmp_path / "py $(touch PWNED_e) `id`" / "python", tmp_path / "python.jsonl",
+                  sorted(HOSTILE_ENV) + ["SETUP_SEEN", "WANDB_API_KEY", "SUBMITIT_EXECUTOR"])
     cfg = write_cluster(tmp_path / "hostile.yaml", hostile_slurm(pwned, python))
     name = "my run $HOME `id` 'q\" ;x"
     run = Run(name, tmp_path / "runs $(touch PWNED_d)" / name)
@@ -110,18 +111,17 @@ def test_submitit_script_quotes_every_value_and_runs_nothing(tmp_path: Path, stu
     assert opts["--mem"] == "3G"  # the unit `launcher sbatch` writes too
     assert opts["--output"] == f"{folder}/%j_0_log.out"
 
-    for code in (0, 3):  # 3: srun failed, so the teardown runs `python -m jobs.environments.slurm --after-srun`
-        env = {**os.environ, "SLURM_JOB_ID": "1", "STUB_EXIT": str(code)}
-        proc = subprocess.run(["bash", str(path)], cwd=pwned, env=env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == code, proc.stderr
-    srun_calls, python_calls = calls(tmp_path / "srun.jsonl"), calls(tmp_path / "python.jsonl")
-    assert len(srun_calls) == 2 and srun_calls[0]["argv"] == [
-        "--unbuffered", "--output", f"{folder}/%j_%t_log.out", "--kill-on-bad-exit=1",
-        str(python), "-u", "-m", "submitit.core._submit", str(folder)]
-    assert srun_calls[0]["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
-                                    "SETUP_SEEN": "verbatim: 2", "WANDB_API_KEY": os.environ.get("WANDB_API_KEY")}
+    env = {**os.environ, "SLURM_JOB_ID": "1"}
+    proc = subprocess.run(["bash", str(path)], cwd=pwned, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    # the batch shell becomes the supervisor (which runs srun itself): submitit's own srun line never runs
+    python_calls = calls(tmp_path / "python.jsonl")
     assert [c["argv"] for c in python_calls] == [
-        ["-u", "-m", "jobs.environments.slurm", "--after-srun", "--submitit-folder", str(folder)]]
+        ["-u", "-m", "jobs.environments.slurm_supervise", "--submitit-folder", str(folder)]]
+    assert python_calls[0]["env"] == {**{k: v.format(pwned=pwned) for k, v in HOSTILE_ENV.items()},
+                                      "SETUP_SEEN": "verbatim: 2", "WANDB_API_KEY": os.environ.get("WANDB_API_KEY"),
+                                      "SUBMITIT_EXECUTOR": "slurm"}
+    assert not calls(tmp_path / "srun.jsonl")
     assert not list(tmp_path.rglob("PWNED*"))
 
 
@@ -270,29 +270,21 @@ def test_after_srun_finds_the_run_of_a_job_array_element(tmp_path: Path, monkeyp
     DelayedSubmission(slurm_env.rank_main, "/runs/trial-2").dump(tmp_path / "12_2_submitted.pkl")
     for key, value in {"SLURM_JOB_ID": "15", "SLURM_ARRAY_JOB_ID": "12", "SLURM_ARRAY_TASK_ID": "2"}.items():
         monkeypatch.setenv(key, value)
-    assert slurm_env._submitted_run_dir(tmp_path) == "/runs/trial-2"
+    assert slurm_env.submitted_run_dir(tmp_path) == "/runs/trial-2"
 
 
-def test_plain_script_counts_a_crash_but_not_a_stop(tmp_path: Path, stub_bin: Path) -> None:
-    """`launcher sbatch`'s script: srun failing on its own runs --after-srun; after a TERM it does not."""
+def test_plain_script_hands_its_step_to_the_supervisor(tmp_path: Path, stub_bin: Path) -> None:
+    """`launcher sbatch`'s script: the setup runs, then the shell becomes the supervisor, which forwards
+    notices (the script's --signal=B:USR2 reaches the batch shell only)."""
     python = stub(tmp_path / "python", tmp_path / "python.jsonl", [])
     run = Run("p", tmp_path / "p")
     script = tmp_path / "job.sbatch"
     script.write_text(render_sbatch(load_recipe("digits"), load_cluster("local_slurm"), run, str(python)))
-    env = {**os.environ, "SLURM_JOB_ID": "1", "STUB_EXIT": "3"}
-    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 3, proc.stderr
+    proc = subprocess.run(["bash", str(script)], env={**os.environ, "SLURM_JOB_ID": "1", "STUB_EXIT": "3"},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr  # the supervisor's status is the job's
     assert [c["argv"] for c in calls(tmp_path / "python.jsonl")] == [
-        ["-u", "-m", "jobs.environments.slurm", "--run-dir", str(run.dir), "--after-srun"]]
-
-    (tmp_path / "python.jsonl").unlink()
-    srun = stub_bin / "srun"  # now an srun that fails only after the shell got TERM (scancel, requeue)
-    srun.write_text(f"#!{sys.executable}\nimport signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                    "time.sleep(1)\nsys.exit(3)\n")
-    shell = subprocess.Popen(["bash", str(script)], env=env, stderr=subprocess.DEVNULL)
-    time.sleep(0.5)
-    shell.send_signal(signal.SIGTERM)
-    assert shell.wait(timeout=30) == 3 and not calls(tmp_path / "python.jsonl")
+        ["-u", "-m", "jobs.environments.slurm_supervise", "--run-dir", str(run.dir), "--forward-notices"]]
 
 
 # ----------------------------------------------------------------------------- point 11: helpers survive signals

@@ -1,4 +1,4 @@
-"""The hang watchdog and restarts inside the allocation (launcher.watchdog, the local supervisor).
+"""The hang watchdog and restarts inside the allocation (jobs.watchdog, the local supervisor).
 
 Pure: the timeout rule, the budgets, the settings' validation, the watchdog on progress files with a fake
 clock. Real processes: one 2-rank local run whose rank 1 hangs inside a step on its first attempt and raises
@@ -7,6 +7,7 @@ checkpoint, and the run ends with weights bit-equal to an uninterrupted one."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from jobs.schema.resilience import ResilienceConfig, hang_timeout
 from launcher.backends import local
 from launcher.cli import main
 from launcher.runs import prepare_run
-from launcher.watchdog import Watchdog, budget_left, descendants, rank_processes
+from jobs.watchdog import Watchdog, budget_left, descendants, rank_processes, restart_in_place
 
 
 def test_the_default_timeout_is_300_s_or_20_slowest_steps() -> None:
@@ -119,7 +120,7 @@ def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_p
         clock.now += 1
         hang = dog.check()
         assert hang is not None and hang.ranks == (1,)  # rank 0's process has ended
-        assert Report.read(run.progress_file(1)) == Report(sleeping.pid, 0, None, 0.0)
+        assert Report.read(run.progress_file(1)) == Report(sleeping.pid, 0, None, 0.0, socket.gethostname())
         (run.dir / "logs").mkdir(exist_ok=True)
         (run.dir / "logs" / "rank1.log").write_text("a line\n")  # its output grew: progress
         assert dog.check() is None
@@ -131,9 +132,9 @@ def test_the_default_follows_the_slowest_step_and_ended_ranks_are_not_hung(tmp_p
 def test_past_its_budget_a_run_stops_and_status_says_why(tmp_path: Path) -> None:
     recipe = load_recipe("digits", ["resilience.max_crash_restarts=1"])
     run = prepare_run(recipe, load_cluster("local"), "r", tmp_path, "auto")
-    assert local._restart(recipe, run, "crashes", "rank 1 exited with code 1")
+    assert restart_in_place(run, recipe.resilient, "crashes", "rank 1 exited with code 1")
     assert run.info().inplace_restarts == {"crashes": 1} and run.info().resume == "auto"
-    assert not local._restart(recipe, run, "crashes", "rank 1 exited with code 1")
+    assert not restart_in_place(run, recipe.resilient, "crashes", "rank 1 exited with code 1")
     shown = local.status(run)
     assert shown["restarts"] == "crashes 1"
     assert shown["stop_reason"] == ("not restarted: crashes limit of 1 reached (resilience.max_crash_restarts); "
@@ -207,6 +208,6 @@ def test_a_crash_without_a_budget_fails_the_run_as_before(tmp_path: Path) -> Non
     """max_crash_restarts=0 (the default): no restart, and no stop reason beside the failure."""
     recipe = load_recipe("digits")
     run = prepare_run(recipe, load_cluster("local"), "r", tmp_path, "auto")
-    assert not local._restart(recipe, run, "crashes", "a rank exited with code 1")
+    assert not restart_in_place(run, recipe.resilient, "crashes", "a rank exited with code 1")
     assert run.info().inplace_stop is None and "stop_reason" not in local.status(run)
     assert not (run.dir / "logs" / "rank0.log").exists()

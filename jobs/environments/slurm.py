@@ -26,14 +26,16 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from jobs.environments import slurm_requeue
 from jobs.environments.slurm_requeue import attempt
+from jobs.progress import ProgressWriter
 from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunResult
 from jobs.schema import SlurmConfig
 
-ENTRY_MODULE = "jobs.environments.slurm"  # `python -m ENTRY_MODULE ...` in both batch scripts
+ENTRY_MODULE = "jobs.environments.slurm"  # `srun python -m ENTRY_MODULE ...`: every rank
+SUPERVISOR = "jobs.environments.slurm_supervise"  # `exec python -m SUPERVISOR ...` ends both batch scripts
 # torchrun variable -> submitit JobEnvironment attribute (submitit keeps the same kind of table)
 ENV_MAP = {"RANK": "global_rank", "LOCAL_RANK": "local_rank", "WORLD_SIZE": "num_tasks"}
 
@@ -66,6 +68,8 @@ def rank_main(run_dir: str) -> RunResult:
     cluster = run.cluster()
     # every slurm.env entry, secret ones included: the batch scripts only export the non-secret ones
     os.environ.update((cluster.slurm or SlurmConfig()).env)
+    # the hang watchdog sees this rank from its start (its CPU time, where it runs beside the supervisor)
+    ProgressWriter(run.progress_file(job.global_rank)).started()
     started = time.time()
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
     if job.global_rank == 0:
@@ -133,8 +137,9 @@ def _previous_start_state() -> str:
     return (rows[-2].split() or [""])[0] if len(rows) >= 2 else ""  # "CANCELLED by 0": its first word
 
 
-def after_srun(run: Run) -> None:
-    """In the batch shell, after srun failed although the job was not told to stop: a rank crashed.
+def after_srun(run: Run, why: Optional[str] = None) -> None:
+    """After srun failed although the job was not told to stop (a rank crashed, or hung past the
+    in-place budget: `why`), and no restart inside the allocation is left (jobs.environments.slurm_supervise).
     The run's ending is settled as failed (rank 0 may have taken srun's SIGTERM for a stop, or completed
     before another rank failed); one failure is counted for this start of the job, whichever rank it
     was, then the job is requeued or stopped."""
@@ -143,16 +148,20 @@ def after_srun(run: Run) -> None:
     info = run.info()
     if info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None:
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
-    if _slurm_ends_the_job():
+    if slurm_ends_the_job():
         return  # no crash: Slurm's own TERM (an admin's requeue, scancel) reached the ranks before this shell
     settle(run, None, info.exit_code or 1)
+    _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why or crash_reason(run))
+
+
+def crash_reason(run: Run) -> str:
+    """The earliest error a rank recorded in this attempt (`record_failure`)."""
     records = sorted((run.dir / FAILURES).glob(f"{attempt()}.rank*"), key=lambda p: p.stat().st_mtime_ns)
-    why = records[0].read_text().strip() if records else \
+    return records[0].read_text().strip() if records else \
         "srun failed without a Python error on any rank (killed? see the job's output file)"
-    _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why)
 
 
-def _slurm_ends_the_job() -> bool:
+def slurm_ends_the_job() -> bool:
     """Whether Slurm itself is ending this job (`scontrol requeue`, scancel, the time limit, a node
     failure). Its SIGTERM reaches the ranks and this shell; under load srun may exit of it before
     this shell's own TERM arrives, which would look like a crash. A job whose rank crashed is still
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--submitit-folder")
     parser.add_argument("--after-srun", action="store_true")
     args = parser.parse_args(argv)
-    run_dir = args.run_dir or _submitted_run_dir(Path(args.submitit_folder))
+    run_dir = args.run_dir or submitted_run_dir(Path(args.submitit_folder))
     if args.after_srun:
         after_srun(Run.at(run_dir))
     else:
@@ -247,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _submitted_run_dir(folder: Path) -> str:
+def submitted_run_dir(folder: Path) -> str:
     """The run directory submitit's job was submitted with (one job array holds several runs)."""
     from submitit.core.utils import DelayedSubmission, JobPaths
     from submitit.slurm.slurm import SlurmJobEnvironment

@@ -63,9 +63,13 @@ def kill_wait() -> float:
 
 
 def attempt() -> str:
-    """This start of the job (the key of its requeue requests and failure records): requeues keep the job
-    id and count SLURM_RESTART_COUNT up."""
-    return f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    """This start of the ranks (the key of their requeue requests and failure records): requeues keep the
+    job id and count SLURM_RESTART_COUNT up; a restart inside the allocation counts RESTART_VAR up."""
+    from jobs.script_start import RESTART_VAR
+
+    inplace = os.environ.get(RESTART_VAR, "0")
+    key = f"{os.environ.get('SLURM_JOB_ID', 'nojob')}.{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return key if inplace == "0" else f"{key}.{inplace}"
 
 
 def own_job_ids() -> set[str]:

@@ -1,5 +1,5 @@
 """The `resilience:` recipe section: when a run counts as hung, and how often its ranks are started again
-inside the allocation after a hang or a crash (`launcher.watchdog`, run by the supervisor of every rank).
+inside the allocation after a hang or a crash (`jobs.watchdog`, run by the supervisor of every rank).
 
 One section for the trainer and for `launcher run` scripts alike: the `trainer:` section is not part of a
 script's recipe, and a hang or a crash is the same event whatever the ranks run. The budgets count restarts

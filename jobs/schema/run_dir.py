@@ -279,7 +279,7 @@ class Run:
             os.close(fd)
 
     def progress_file(self, rank: int) -> Path:
-        """Where rank `rank` reports its progress (jobs.progress writes it, launcher.watchdog reads it)."""
+        """Where rank `rank` reports its progress (jobs.progress writes it, jobs.watchdog reads it)."""
         return self.dir / PROGRESS / f"rank{rank}"
 
     def stacks_dir(self, attempt: int) -> Path:

@@ -20,9 +20,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
-from jobs.environments.slurm import ENTRY_MODULE, rank_main
+from jobs.environments.slurm import ENTRY_MODULE, SUPERVISOR, rank_main
 from jobs.script import exit_code, settle
-from jobs.stacks import read_answers
+from jobs.stacks import node_command, read_answers
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from launcher.backends.slurm_options import check_cluster, env_exports, job_options, one_line, setup_lines, source
 from launcher.backends.slurm_watch import UNKNOWN, WATCHER, array_of, wait_for_runs
@@ -111,15 +111,13 @@ def _for_sbatch(value: str) -> str:
     return value.replace("\\", "\\\\")
 
 
-def _after_srun_lines(python: str, folder: Path) -> list[str]:
-    """submitit's teardown: runs after srun, where `$?` is still srun's status. On TERM (scancel,
-    requeue, time limit) this shell dies at once, so only a crash of a rank gets here."""
-    command = " ".join(shlex.quote(a) for a in [python, "-u", "-m", ENTRY_MODULE,
-                                                "--after-srun", "--submitit-folder", str(folder)])
-    return ["status=$?",
-            "# srun failed and the job was not told to stop: a rank crashed; count it, requeue or stop",
-            f'if [ "$status" -ne 0 ]; then {command} || true; fi',
-            'exit "$status"']
+def _hand_over(python: str, folder: Path) -> list[str]:
+    """The last setup lines: the batch step becomes the supervisor (`jobs.environments.slurm_supervise`),
+    which runs submitit's srun line itself, watches for hangs and restarts the ranks in place; submitit's
+    own srun line after the setup never runs. One batch step for both submit paths."""
+    command = " ".join(shlex.quote(a) for a in [python, "-u", "-m", SUPERVISOR, "--submitit-folder", str(folder)])
+    return ["# srun, the hang watchdog and restarts inside the allocation (jobs.environments.slurm_supervise)",
+            "export SUBMITIT_EXECUTOR=slurm", "trap '' USR1 USR2", f"exec {command}"]
 
 
 def make_executor(recipe: RecipeConfig, cluster: ClusterConfig, job_name: str, folder: Path) -> Any:
@@ -130,8 +128,8 @@ def make_executor(recipe: RecipeConfig, cluster: ClusterConfig, job_name: str, f
     _check_folder(folder)
     # submitit puts `python` into the command line as given: quote it here
     executor = submitit.SlurmExecutor(folder=folder, python=shlex.quote(python))
-    executor.update_parameters(**executor_parameters(recipe, cluster, job_name),
-                               teardown=_after_srun_lines(python, folder))
+    params = executor_parameters(recipe, cluster, job_name)
+    executor.update_parameters(**{**params, "setup": params["setup"] + _hand_over(python, folder)})
     return executor
 
 
@@ -279,8 +277,7 @@ def stacks(run: Run, dest: Path) -> dict[int, str]:
     the running job's allocation without waiting for its resources."""
     info, cluster = run.info(), run.cluster()
     python = (cluster.slurm.python if cluster.slurm else None) or sys.executable
-    command = ["srun", "--overlap", f"--jobid={info.job_id}", f"--nodes={run.recipe().parallel.nodes}",
-               "--ntasks-per-node=1", python, "-m", "jobs.stacks", "--run-dir", str(run.dir), "--dest", str(dest)]
+    command = node_command(python, run.dir, dest, run.recipe().parallel.nodes, info.job_id)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(CODE_ROOT), os.environ.get("PYTHONPATH"))))}
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=STACKS_TIMEOUT_S, env=env)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Callable, Optional
 from jobs import stacks
 from jobs.progress import Report
 from jobs.schema.resilience import ResilienceConfig, hang_timeout
-from jobs.schema.run_dir import LOGS, Run
+from jobs.schema.run_dir import CHECKPOINTS, LOGS, RESULT_JSON, Run, committed_steps
 
 KINDS = {"hangs": "max_hang_restarts", "crashes": "max_crash_restarts"}  # kind -> its budget's key
 _PROC = Path("/proc")
@@ -109,9 +111,11 @@ class Watchdog:
         return ("alive", report.pid, cpu_ticks(report.pid), log)
 
     def _alive(self, rank: int) -> bool:
-        """A rank that has not reported yet counts as alive (torchrun is starting it); an ended one does not."""
+        """A rank that has not reported yet counts as alive (torchrun is starting it); an ended one does not.
+        A rank on another node counts as alive: its pid means nothing here, and srun ends the step when
+        one of its ranks fails."""
         report = self.reports.get(rank)
-        return report is None or (_PROC / str(report.pid)).exists() and not _zombie(report.pid)
+        return report is None or report.host not in ("", socket.gethostname()[:64]) or (_PROC / str(report.pid)).exists() and not _zombie(report.pid)
 
 
 def tree_ticks(root: int) -> int:
@@ -192,3 +196,29 @@ def budget_left(cfg: ResilienceConfig, counts: dict, kind: str) -> tuple[bool, i
     """Whether one more restart of `kind` is allowed after `counts` so far, and the limit."""
     limit = getattr(cfg, KINDS[kind])
     return counts.get(kind, 0) < limit, limit
+
+
+def restart_in_place(run: Run, cfg: ResilienceConfig, kind: str, why: str) -> bool:
+    """Count a restart of `kind` and prepare it (the ranks resume from the newest committed checkpoint),
+    or, past its budget, record why the ranks are not started again (run.json's inplace_stop, a line in
+    `launcher logs`). A crash with no budget asked for (the default) says nothing: it ends as it always did."""
+    counts = dict(run.info().inplace_restarts)
+    allowed, limit = budget_left(cfg, counts, kind)
+    event = "hung" if kind == "hangs" else "crashed"
+    if not allowed:
+        if kind == "hangs" or limit > 0:
+            message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
+            run.update(inplace_stop=message)
+            run.note(f"{event}; {message}")
+            print(message, file=sys.stderr, flush=True)
+        return False
+    counts[kind] = counts.get(kind, 0) + 1
+    steps = committed_steps(run.dir / CHECKPOINTS)
+    start = f"checkpoint step-{steps[-1]}" if steps else "the newest committed checkpoint, if any"
+    # the restart continues the run whatever --resume said: it is the same launch, started again
+    run.update(inplace_restarts=counts, resume="auto", state="restarting", remove=("exit_code", "failed_rank"))
+    (run.dir / RESULT_JSON).unlink(missing_ok=True)  # the failed attempt's
+    line = f"{event} ({why}); restarting every rank in place from {start} ({kind} {counts[kind]}/{limit})"
+    run.note(line)
+    print(f"run {run.name}: {line}", file=sys.stderr, flush=True)
+    return True
