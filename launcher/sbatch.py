@@ -113,7 +113,7 @@ def submit(run: Run, script: Path) -> str:
         raise UsageError(f"sbatch refused {script} (exit {proc.returncode}): {proc.stderr.strip()}")
     job_id = proc.stdout.strip().split(";")[0]  # --parsable prints "id" or "id;cluster"
     run.update(job_id=job_id, job_ids=run.info().job_ids + [job_id], sbatch_script=str(script),
-               state="submitted")
+               state="submitted", remove=("inplace_restarts", "inplace_stop"))  # each launch: whole budgets
     return job_id
 
 

@@ -127,7 +127,9 @@ def _attempt(run: Run, command: list[str], told: Told, restarts: int) -> tuple[i
     recipe = run.recipe()
     ranks = recipe.parallel.nodes * recipe.parallel.procs_per_node
     watchdog = Watchdog(run, ranks, recipe.resilient.hang_timeout_s)
-    told.child = subprocess.Popen(command, env={**os.environ, RESTART_VAR: str(restarts)})
+    # in this process's environment too: the failure records of the attempt are keyed by it (attempt())
+    os.environ[RESTART_VAR] = str(restarts)
+    told.child = subprocess.Popen(command)
     hang = None
     while True:
         try:

@@ -191,8 +191,9 @@ def _submitted(cluster: ClusterConfig, runs: list[Run], what: str, submit: Calla
 
 
 def _record_job(run: Run, job_id: str, folder: Path, **extra: str) -> None:
+    # each launch has the whole of its restart budgets (resilience:), as on every backend
     run.update(job_id=job_id, job_ids=run.info().job_ids + [job_id], submitit_folder=str(folder),
-               state="submitted", **extra)
+               state="submitted", remove=("inplace_restarts", "inplace_stop"), **extra)
 
 
 def _forget_unsubmitted(run: Run) -> None:
@@ -244,6 +245,8 @@ def status(run: Run) -> dict[str, Any]:
     history = {**info.requeues, **({"restarts": info.restarts} if info.restarts else {})}
     if history:
         out["history"] = ", ".join(f"{kind} {n}" for kind, n in history.items())
+    if info.inplace_restarts:  # inside the allocation, by kind (jobs.environments.slurm_supervise)
+        out["restarts"] = ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())
     if info.stop_reason:
         out["stop_reason"] = info.stop_reason
     result = run.result() if state not in LIVE_STATES else None  # a result of a start that is over
