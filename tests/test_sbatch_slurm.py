@@ -74,12 +74,12 @@ def test_slurm_usr2_to_batch_shell_requeues_and_resumes(slurm: None, runs_dir: P
     result, info = read_result(run_dir), json.loads((run_dir / "run.json").read_text())
     assert info["requeues"] == {"preemptions": 1}, f"the run finished before the signal? {info}\n{out[-3000:]}"
     assert result["outcome"] == "completed" and result["step"] == steps
-    assert "sbatch script: SIGUSR2, forwarding to srun" in out
+    assert "slurm supervisor: SIGUSR2, forwarding to srun" in out
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("rank*.log"))
     assert "preempted at step" in logs and "resumed from" in logs
     assert info["restarts"] == 1 and info["state"] == "completed"
     assert (run_dir / "logs" / "rank0.log").exists() and (run_dir / "logs" / "rank1.log").exists()
-    assert "srun exited with status 0" in out.rsplit("sbatch script: SIGUSR2", 1)[1]  # the second start's srun
+    assert "srun exited with status 0" in out.rsplit("slurm supervisor: SIGUSR2", 1)[1]  # the second start's srun
     status = run_cli("status", "pre", "--cluster", "local_slurm", runs_dir=runs_dir, check=True).stdout
     assert f"job_id: {job_id}" in status and "state: completed" in status
 
@@ -97,8 +97,14 @@ def test_slurm_runs_hostile_script_intact(slurm: None, tmp_path: Path) -> None:
     name = "odd name $HOME `id` 'q\" #x %j"
     run = Run(name, tmp_path / "runs $(touch PWNED_d)" / name)
     run.dir.mkdir(parents=True)
-    dump = tmp_path / "dump rank.py"  # stands in for python: records what each task received
-    dump.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+    run.write_configs(load_recipe("digits"), cluster)
+    # stands in for python: the batch step's supervisor runs for real (and starts this file as every rank's
+    # python), each rank records what it received
+    dump = tmp_path / "dump rank.py"
+    dump.write_text(f"#!{sys.executable}\nimport json, os, runpy, sys\n"
+                    "if 'jobs.environments.slurm_supervise' in sys.argv:\n"
+                    "    sys.executable, sys.argv = __file__, ['supervise', *sys.argv[sys.argv.index('-m') + 2:]]\n"
+                    "    runpy.run_module('jobs.environments.slurm_supervise', run_name='__main__')\n"
                     "keys = " + repr(sorted(HOSTILE_ENV)) + "\n"
                     "json.dump({'argv': sys.argv[1:], 'env': {k: os.environ.get(k) for k in keys}},\n"
                     "          open(os.path.join(sys.argv[-1], f\"dump-{os.environ['SLURM_PROCID']}.json\"), 'w'))\n")

@@ -114,6 +114,8 @@ SLOW_FIRST_START_PYTHON = """\
 # the cores; the requeued start trains its few remaining steps at full speed.
 import os, runpy, sys, time
 sys.path.insert(0, os.getcwd())  # what -m does
+# the batch step's supervisor starts every rank with its own interpreter: this stand-in again
+sys.executable = os.path.abspath(sys.argv[0])
 module, sys.argv = sys.argv[3], sys.argv[3:]
 if os.environ.get("SLURM_RESTART_COUNT", "0") == "0" and module == "submitit.core._submit":
     import jobs.training.trainer
@@ -212,6 +214,8 @@ FAILING_PYTHON = """\
 # error in a real rank); everything else runs as `python -u -m MODULE ARGS`.
 import os, runpy, sys
 sys.path.insert(0, os.getcwd())  # what -m does
+# the batch step's supervisor starts every rank with its own interpreter: this stand-in again
+sys.executable = os.path.abspath(sys.argv[0])
 module, sys.argv = sys.argv[3], sys.argv[3:]
 if os.environ.get("SLURM_PROCID") == "1" and module == "submitit.core._submit":
     import jobs.training.trainer

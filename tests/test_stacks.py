@@ -274,3 +274,21 @@ def test_stacks_reads_the_ranks_on_vms_over_ssh(vm_hosts: Path, runs_dir: Path) 
     finally:
         run_cli("cancel", name, runs_dir=runs_dir)
     assert SLEEPS in shown and WAITS in shown, shown
+
+
+def test_the_nccl_flight_recorder_is_on_and_dumps_into_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every rank records its last collectives (NCCL only) and a timed-out collective dumps them into the run's
+    stacks folder; a user's own setting wins, in the trainer's process and in a script's environment."""
+    from jobs import stacks
+
+    for key in stacks.flight_recorder(tmp_path):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")  # the user's
+    env = stacks.script_environment(tmp_path, 1)
+    assert env["TORCH_FR_BUFFER_SIZE"] == "2000" and env["TORCH_NCCL_TRACE_BUFFER_SIZE"] == "2000"
+    assert env["TORCH_FR_DUMP_TEMP_FILE"] == str(tmp_path / "logs" / "stacks" / "nccl-trace-rank")
+    assert "TORCH_NCCL_DUMP_ON_TIMEOUT" not in env
+    monkeypatch.setattr(stacks, "STACK_SIGNAL", None)  # install: the environment only, no handler
+    stacks.install(tmp_path, 0)
+    assert os.environ["TORCH_FR_DUMP_TEMP_FILE"] == env["TORCH_FR_DUMP_TEMP_FILE"]
+    assert os.environ["TORCH_NCCL_DUMP_ON_TIMEOUT"] == "0"
