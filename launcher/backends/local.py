@@ -23,9 +23,9 @@ from jobs.stacks import dump, local_ranks
 from launcher.backends import process_start, run_process
 from launcher.checks import Check
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
-from jobs.schema.run_dir import CHECKPOINTS, PROGRESS, RESULT_JSON, Run, committed_steps
+from jobs.schema.run_dir import PROGRESS, Run
 from jobs.script_start import RESTART_VAR
-from launcher.watchdog import KINDS, Hang, Watchdog, budget_left, end_hung_attempt
+from launcher.watchdog import Hang, Watchdog, end_hung_attempt, restart_or_stop, status_fields
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 
@@ -132,26 +132,10 @@ def _crash_reason(run: Run, code: int) -> str:
 
 def _restart(recipe: RecipeConfig, run: Run, kind: str, why: str) -> bool:
     """Count a restart of `kind` and prepare it, or (past its budget) say why the run stops."""
-    counts = dict(run.info().inplace_restarts)
-    allowed, limit = budget_left(recipe.resilient, counts, kind)
-    event = "hung" if kind == "hangs" else "crashed"
-    if not allowed:
-        if kind == "hangs" or limit > 0:  # a crash with no budget asked for fails the run as it always did
-            message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
-            run.update(inplace_stop=message)
-            run.note(f"{event}; {message}")
-            print(message, file=sys.stderr, flush=True)
-        return False
-    counts[kind] = counts.get(kind, 0) + 1
-    steps = committed_steps(run.dir / CHECKPOINTS)
-    start = f"checkpoint step-{steps[-1]}" if steps else "the newest committed checkpoint, if any"
-    # the restart continues the run whatever --resume said: it is the same launch, started again
-    run.update(inplace_restarts=counts, resume="auto", state="restarting", remove=("exit_code", "failed_rank"))
-    (run.dir / RESULT_JSON).unlink(missing_ok=True)  # the failed attempt's
-    line = f"{event} ({why}); restarting every rank in place from {start} ({kind} {counts[kind]}/{limit})"
-    run.note(line)
-    print(f"run {run.name}: {line}", file=sys.stderr, flush=True)
-    return True
+    restart, line = restart_or_stop(run, recipe.resilient, kind, why)
+    if line is not None:
+        print(f"run {run.name}: {line}" if restart else line, file=sys.stderr, flush=True)
+    return restart
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
@@ -231,11 +215,8 @@ def status(run: Run) -> dict[str, Any]:
     running = {"pid": pid} if pid else {}
     summary = {**result.pick("step", "epoch", "signal"), **result.metrics}  # every val/* the recipe measures
     # restarts inside this launch by kind (launcher.watchdog), and why the run stopped if a budget ran out
-    history = {"restarts": ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())} \
-        if info.inplace_restarts else {}
-    stopped = {"stop_reason": info.inplace_stop} if info.inplace_stop and not pid else {}
     return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary,
-            **history, **stopped}
+            **status_fields(info, bool(pid))}
 
 
 def live(run: Run) -> Optional[str]:
