@@ -7,6 +7,7 @@ node dumps its ranks' stacks, the supervisor restarts both node agents on the sa
 checkpoint in S3, and the run ends with the weights of an uninterrupted one."""
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +22,7 @@ from jobs.schema import load_cluster, load_recipe
 from jobs.watchdog import Hang, NodeWatchdog
 from launcher.backends import vms as vms_backend
 from launcher.runs import prepare_run
+from launcher.vms import supervise
 from launcher.vms.restarts import Stalls, hang_of, verdict
 from launcher.vms.supervise import END, RELAUNCH, RESTART, NodeEnd, Supervisor
 from s3_server import S3Server, s3_server_fixture
@@ -122,17 +124,41 @@ def test_a_hang_restarts_in_place_until_its_budget_then_the_run_stops(tmp_path: 
     info = run.info()
     assert info.inplace_restarts == {"hangs": 1} and info.state == "restarting" and not info.requeues
     assert (run.stacks_dir(1) / "rank1.txt").read_text().startswith("Faulty.__getitem__")  # node 1's, on node 0
+    asyncio.run(sup.forward_notes(ends))  # rank 0 ran on node 0: its log there
     log = (run.dir / "logs" / "rank0.log").read_text()
     assert "hang: no progress for 8 s (timeout 8 s) on ranks 0, 1" in log
     assert "stacks of every rank in logs/stacks/hang-1/ on node 0 (127.0.0.2)" in log
     assert "restarting every rank in place from the newest committed checkpoint, if any (hangs 1/1)" in log
-    assert sup.notes and all(line in log for line in sup.notes)  # what goes to the host that ran rank 0 too
+    assert log.index("hang: no progress") < log.index("restarting every rank") and not sup.notes
 
     sup.attempt = 2
     assert sup.decide(ends) == END
     info = run.info()
     assert info.state == "failed" and info.inplace_stop.startswith(
         "not restarted: hangs limit of 1 reached (resilience.max_hang_restarts); last: no progress for 8 s")
+
+
+def test_the_notes_go_to_the_host_that_ran_rank_0(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`launcher logs` reads rank 0's log from the host that wrote it last: the restart's lines go there,
+    not into a copy on node 0 that would hide the rank's own lines; node 0 keeps them if that host fails."""
+    run = vm_run(tmp_path, "resilience.max_crash_restarts=1")
+    sup = Supervisor(run, "127.0.0.2")
+    sent: list[tuple[str, str, str]] = []
+
+    async def remote(spec: Any, command: str, input: str = "", timeout: float = 0) -> Any:
+        sent.append((spec.address, command, input))
+        return SimpleNamespace(ok=len(sent) == 1)  # the first answer works, the second fails
+
+    monkeypatch.setattr(supervise, "run_remote", remote)
+    ends = [NodeEnd("127.0.0.3", 1, [0]), NodeEnd("127.0.0.2", 1, [1])]
+    for _ in range(2):
+        assert sup.decide(ends) in (RESTART, END)
+        asyncio.run(sup.forward_notes(ends))
+    assert [(host, command.endswith("/runs/r/logs/rank0.log")) for host, command, _ in sent] == \
+        [("127.0.0.3", True), ("127.0.0.3", True)]
+    assert "restarting every rank in place" in sent[0][2] and sent[0][2].startswith("launcher: ")
+    log = (run.dir / "logs" / "rank0.log").read_text()
+    assert "restarting every rank in place" not in log and "crashes limit of 1 reached" in log
 
 
 def test_a_crash_without_a_budget_is_a_failure_relaunched_as_before(tmp_path: Path) -> None:

@@ -129,12 +129,12 @@ class Agent:
     # ------------------------------------------------------------------ hangs
     def watch_hangs(self, setting: Optional[float], poll_s: float = 1.0) -> None:
         """Report when this node's ranks stall for the timeout (`stalled`) and when they move again
-        (`progress`); the supervisor decides from every node's reports. Ends once the supervisor gave an order:
-        ranks that save are expected to be quiet."""
+        (`progress`); the supervisor decides from every node's reports. Ends once the supervisor gave an order
+        or a spot notice came: ranks that save are expected to be quiet."""
         assert self.child is not None
         self.watchdog = NodeWatchdog(self.run, setting, self.child.pid)
         stalled = False
-        while self.child.poll() is None and self.asked is None:
+        while self.child.poll() is None and self.asked is None and self.notice is None:
             hang = self.watchdog.check()
             if hang is not None and not stalled:
                 self.emit("stalled", **hang_fields(hang))

@@ -47,7 +47,7 @@ from launcher.vms.ssh import HostSpec, connect, host_specs, run as run_remote, s
 from launcher.vms.state import VmState
 from launcher.watchdog import KINDS, restart_or_stop
 from jobs.schema import UsageError
-from jobs.schema.run_dir import CLUSTER_YAML, LOGS, Run, RunResult
+from jobs.schema.run_dir import CLUSTER_YAML, LOGS, Run, RunResult, note_line
 from jobs.watchdog import Hang
 from jobs.schema.vms import VmsConfig
 
@@ -100,14 +100,22 @@ class Supervisor:
                 return
             launch += 1
             self.run.update(state="running", **VmState.entries(launches=launch, hosts=hosts))
-            then = RESTART
-            while then == RESTART:  # restarts in place: the same hosts, nothing copied again
-                self.notice_at = None
-                ends = await self.launch(hosts, launch)
-                then = self.decide(ends)
-                await self.forward_notes(ends)
-            if then == END:
+            if await self.attempts(hosts, launch) == END:
                 return
+
+    async def attempts(self, hosts: list[str], launch: int) -> str:
+        """Start the node agents on `hosts` again and again while each ending is a restart in place (the same
+        hosts, nothing copied again); what follows the last: RELAUNCH or END."""
+        while True:
+            self.notice_at = None
+            ends = await self.launch(hosts, launch)
+            then = self.decide(ends)
+            await self.forward_notes(ends)
+            if then != RESTART:
+                return then
+            if self.cancelled.is_set():  # cancelled while the attempt ended: nothing runs, nothing to save
+                self.run.update(state="cancelled")
+                return END
 
     def cancel(self) -> None:
         log.info("cancel: telling every node to save and stop")
@@ -295,22 +303,25 @@ class Supervisor:
         self.note(f"{hang.line()}; stacks of every rank in {dest.relative_to(self.run.dir)}/ on node 0 ({self.me})")
 
     def note(self, line: str) -> None:
-        """A line in node 0's rank 0 log now, and in the log of the host that ran rank 0 (forward_notes)."""
-        self.run.note(line)
-        self.notes.append(line)
+        """A line for `launcher logs`, written once the attempt's notes are all known (forward_notes)."""
+        self.notes.append(note_line(line))
 
     async def forward_notes(self, ends: list[NodeEnd]) -> None:
-        """`launcher logs` reads rank 0's log from the host that wrote it last: the notes go there too."""
-        notes, self.notes = self.notes, []
-        host = next((e.host for e in ends if 0 in e.ranks), None)
-        if not notes or host is None or host == self.me:
-            return
-        text = "".join(f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {line}\n" for line in notes)
-        log_file = f"{layout.host_run_dir(self.cfg, host, self.run.name)}/{LOGS}/rank0.log"
-        try:
-            await run_remote(host_specs(self.cfg, [host])[0], f"cat >> {shlex.quote(log_file)}", input=text, timeout=30)
-        except (UsageError, OSError) as err:  # the notes are in node 0's copy of the log still
-            log.info("could not add the notes to %s's rank 0 log: %s", host, err)
+        """The notes go into rank 0's log on the host that ran rank 0: `launcher logs` reads the copy written
+        last (by the second), so a copy on node 0 beside it could hide the rank's own lines. Node 0 keeps them
+        where that host cannot be reached."""
+        text, self.notes = "".join(self.notes), []
+        host = next((e.host for e in ends if 0 in e.ranks), self.me)
+        if text and host != self.me:
+            log_file = f"{layout.host_run_dir(self.cfg, host, self.run.name)}/{LOGS}/rank0.log"
+            try:
+                done = await run_remote(host_specs(self.cfg, [host])[0], f"cat >> {shlex.quote(log_file)}",
+                                        input=text, timeout=30)
+                text = "" if done.ok else text
+            except (UsageError, OSError) as err:
+                log.info("could not add the notes to %s's rank 0 log: %s", host, err)
+        if text:
+            self.run.append_log(text)
 
     def count(self, kind: str, why: str) -> bool:
         counts = dict(self.run.info().requeues)
