@@ -224,7 +224,7 @@ def test_a_hang_on_two_vms_restarts_in_place_and_ends_bit_equal(tmp_path: Path, 
     detected = stacks.stat().st_mtime - float(Path(f"{marker}.hang").read_text())
     logs = cli(cluster, runs, "logs", "hang").stdout  # from whichever host ran rank 0 last
     hang_line = next(line for line in logs.splitlines() if "hang: no progress" in line)
-    print(f"hang detected {detected:.1f} s after it began (timeout {HANG_S} s)\n" + "\n".join(
+    print(f"status: {final}\nhang detected {detected:.1f} s after it began (timeout {HANG_S} s)\n" + "\n".join(
         line for line in logs.splitlines() if line.startswith("launcher:") or "resumed from" in line))
     assert HANG_S <= detected <= HANG_S + 15, detected
     assert "on ranks 0, 1" in hang_line and "stacks of every rank in logs/stacks/hang-1/ on node 0" in hang_line
