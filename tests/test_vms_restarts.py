@@ -197,7 +197,8 @@ def test_a_hang_on_two_vms_restarts_in_place_and_ends_bit_equal(tmp_path: Path, 
                                                                   s3_server: S3Server) -> None:
     """Rank 1 sleeps for ever in its data loader during step 15 (sample 453 of its process): both nodes stall,
     each dumps its rank's stack, the supervisor kills and restarts both agents on the same hosts (no relaunch,
-    nothing copied), the ranks resume from step 10 in S3 and the run ends bit-equal to an uninterrupted one."""
+    nothing copied), the ranks resume from step 10 in S3. Then rank 1 raises in step 14 (sample 100 after the
+    restart): a crash, restarted in place the same way. The run ends bit-equal to an uninterrupted one."""
     from test_vms_runs import DIGITS, HOSTS, TWO_NODES, assert_bit_equal, cli, exported, head_info, launch, \
         vm_cluster, wait_state
 
@@ -209,12 +210,12 @@ def test_a_hang_on_two_vms_restarts_in_place_and_ends_bit_equal(tmp_path: Path, 
     s3_server.create_bucket("vmhang")
     cluster, runs = vm_cluster(tmp_path, vm_hosts, s3_server), tmp_path / "runs"
     launch(cluster, runs, "hang", *TWO_NODES, *data, "checkpoint.uri=s3://vmhang/runs",
-           "data.kwargs.faults=hang@453", f"data.kwargs.marker={marker}", f"resilience.hang_timeout_s={HANG_S}",
-           "resilience.max_hang_restarts=1")
+           "data.kwargs.faults=hang@453,raise@100", f"data.kwargs.marker={marker}",
+           f"resilience.hang_timeout_s={HANG_S}", "resilience.max_hang_restarts=1", "resilience.max_crash_restarts=1")
     final = wait_state(cluster, runs, "hang", timeout=400)
     info = head_info(tmp_path, "hang")
     assert final["state"] == "completed", (final, info)
-    assert final["restarts"] == "hangs 1" and "stop_reason" not in final, final
+    assert final["restarts"] == "hangs 1, crashes 1" and "stop_reason" not in final, final
     assert info["vm_launches"] == 1 and not info.get("requeues"), info  # restarted in place, never relaunched
 
     stacks = tmp_path / "hosts" / HOSTS[0] / "runs" / "hang" / "logs" / "stacks" / "hang-1"
@@ -228,7 +229,9 @@ def test_a_hang_on_two_vms_restarts_in_place_and_ends_bit_equal(tmp_path: Path, 
         line for line in logs.splitlines() if line.startswith("launcher:") or "resumed from" in line))
     assert HANG_S <= detected <= HANG_S + 15, detected
     assert "on ranks 0, 1" in hang_line and "stacks of every rank in logs/stacks/hang-1/ on node 0" in hang_line
-    assert "restarting every rank in place" in logs and "(hangs 1/1)" in logs, logs[-3000:]
+    assert "restarting every rank in place from checkpoint step-10 (hangs 1/1)" in logs, logs[-3000:]
+    assert "crashed (node 127.0.0.3: exit code 1); restarting every rank in place" in logs, logs[-3000:]
+    assert "(crashes 1/1)" in logs
     assert "resumed from s3://vmhang/runs/hang/step-" in logs
 
     ref = tmp_path / "ref"
