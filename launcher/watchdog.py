@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from jobs import stacks
 # the core lives in the jobs plane, where each VM's node agent runs it too; re-exported for this plane
-from jobs.watchdog import Hang, Watchdog, cpu_ticks, descendants, rank_processes, tree_ticks  # noqa: F401
+from jobs.watchdog import Hang, Watchdog, descendants, rank_processes  # noqa: F401
 from jobs.schema.resilience import ResilienceConfig
 from jobs.schema.run_dir import CHECKPOINTS, RESULT_JSON, Run, RunInfo, committed_steps
 

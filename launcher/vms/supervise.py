@@ -17,8 +17,9 @@ host over SSH (`jobs.environments.vms`), and follow their events. What ends a la
   same restart in place, against that budget; past either budget the run stops as failed (`inplace_stop`);
 - SIGTERM to this process (`launcher cancel`): every node saves and stops; the run is cancelled.
 Preemptions and failures have separate budgets (vms.max_preemptions, vms.max_failures), as on Slurm;
-before a relaunch the supervisor waits up to vms.host_wait_s for every host to answer. Each restart or stop
-is a line in `launcher logs` (rank 0's log, on the host that ran rank 0 and on node 0).
+before a relaunch the supervisor waits up to vms.host_wait_s for every host to answer. Each hang, restart or
+stop is a line in `launcher logs` (rank 0's log on the host that ran rank 0; node 0's where that host is
+unreachable).
 
 State goes into node 0's run.json (state, launches, hosts, placement of ranks, requeues by kind,
 last_requeue, stop_reason, inplace_restarts, inplace_stop) and rank 0's result.json is copied next to it,
@@ -47,7 +48,8 @@ from launcher.vms.ssh import HostSpec, connect, host_specs, run as run_remote, s
 from launcher.vms.state import VmState
 from launcher.watchdog import KINDS, restart_or_stop
 from jobs.schema import UsageError
-from jobs.schema.run_dir import CLUSTER_YAML, LOGS, Run, RunResult, note_line
+from jobs.schema.run_dir import CLUSTER_YAML, Run, RunResult, note_line, rank_log
+from jobs.stacks import save as save_stacks
 from jobs.watchdog import Hang
 from jobs.schema.vms import VmsConfig
 
@@ -85,7 +87,7 @@ class Supervisor:
         self.stalls = Stalls()  # each node's last word on its ranks' progress, during an attempt
         self.hang: Optional[Hang] = None  # the hang declared in this attempt
         self.stacks: dict[int, str] = {}  # rank -> its stack, from every node, on a hang
-        self.notes: list[str] = []  # lines for `launcher logs` not yet copied to the host that ran rank 0
+        self.notes: list[str] = []  # lines for `launcher logs`, written once the attempt has ended (forward_notes)
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
@@ -266,7 +268,7 @@ class Supervisor:
         self.run.update(**VmState.entries(placement={e.host: e.ranks for e in ends}))
         kind, why = verdict(ends, cancelled=self.cancelled.is_set(), result=result, hang=self.hang)
         if self.hang is not None:
-            self.save_stacks(self.hang)
+            self.record_hang(self.hang)
         if kind in ("cancelled", "completed"):
             self.run.update(state=kind)
             return END
@@ -292,14 +294,11 @@ class Supervisor:
             return END
         return RELAUNCH if self.count("failures", why) else END
 
-    def save_stacks(self, hang: Hang) -> None:
+    def record_hang(self, hang: Hang) -> None:
         """Every node's dump of its ranks, into node 0's folder for this attempt (node 0's own agent wrote its
         ranks' files there already), and the hang's line in `launcher logs`."""
         dest = self.run.stacks_dir(self.attempt)
-        dest.mkdir(parents=True, exist_ok=True)
-        for rank, text in self.stacks.items():
-            if not (dest / f"rank{rank}.txt").exists():
-                (dest / f"rank{rank}.txt").write_text(text)
+        save_stacks(self.stacks, dest, replace=False)
         self.note(f"{hang.line()}; stacks of every rank in {dest.relative_to(self.run.dir)}/ on node 0 ({self.me})")
 
     def note(self, line: str) -> None:
@@ -313,7 +312,7 @@ class Supervisor:
         text, self.notes = "".join(self.notes), []
         host = next((e.host for e in ends if 0 in e.ranks), self.me)
         if text and host != self.me:
-            log_file = f"{layout.host_run_dir(self.cfg, host, self.run.name)}/{LOGS}/rank0.log"
+            log_file = f"{layout.host_run_dir(self.cfg, host, self.run.name)}/{rank_log(0)}"
             try:
                 done = await run_remote(host_specs(self.cfg, [host])[0], f"cat >> {shlex.quote(log_file)}",
                                         input=text, timeout=30)
