@@ -33,7 +33,7 @@ from typing import IO, Optional
 from jobs.schema.run_dir import LOGS, RANKS, STACKS
 from jobs.stack_report import add_source, group
 
-__all__ = ["STACK_SIGNAL", "install", "dump", "group", "record", "local_ranks", "script_environment",
+__all__ = ["STACK_SIGNAL", "install", "dump", "save", "group", "record", "local_ranks", "script_environment",
            "read_answers", "dump_folder"]
 
 # A real-time signal: the trainer takes SIGUSR1/SIGUSR2/SIGTERM/SIGINT for stops (jobs.preempt), Slurm and
@@ -157,10 +157,17 @@ def dump(pids: dict[int, int], dest: Path, timeout_s: float = 20.0, *,
         for rank, text in _with_faulthandler(rest, deadline - 0.2 * timeout_s).items():
             texts[rank] = (f"py-spy: {failed[rank]}\n" if rank in failed and text.startswith("no stack") else "") + text
     texts = _with_source(texts, deadline)
+    save(texts, dest)
+    return dict(sorted(texts.items()))
+
+
+def save(texts: dict[int, str], dest: Path, replace: bool = True) -> None:
+    """Each rank's stack as `dest/rank<N>.txt`; `replace=False` keeps a rank's file already there (the VM
+    supervisor gathers every node's dumps into node 0's folder, where node 0's own agent wrote its ranks')."""
     dest.mkdir(parents=True, exist_ok=True)
     for rank, text in texts.items():
-        (dest / f"rank{rank}.txt").write_text(text)
-    return dict(sorted(texts.items()))
+        if replace or not (dest / f"rank{rank}.txt").exists():
+            (dest / f"rank{rank}.txt").write_text(text)
 
 
 def _with_source(texts: dict[int, str], deadline: float) -> dict[int, str]:

@@ -1,5 +1,8 @@
-"""The supervisor's watchdog and restart budget, for any backend whose supervisor waits on the ranks
-(locally the `launcher launch` process in front of torchrun: launcher.backends.local).
+"""The hang watchdog and the restart budgets, torch-free and in the jobs plane so that every supervisor of ranks
+runs the same: the local `launcher launch` process (launcher.backends.local), a Slurm job's batch step
+(jobs.environments.slurm_supervise, which reads every node's reports from the shared run folder), and each
+VM's node agent (jobs.environments.vms, which watches only its own node's ranks: `NodeWatchdog`) with the
+run's supervisor on node 0 deciding (launcher.vms.supervise).
 
 Hang: no live rank's progress (jobs.progress) has changed for `resilience.hang_timeout_s` (default
 max(300 s, 20 x the slowest step any rank measured)). Progress is a new step report; before a rank's first
@@ -20,14 +23,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from jobs import stacks
 from jobs.progress import Report
 from jobs.schema.resilience import ResilienceConfig, hang_timeout
-from jobs.schema.run_dir import CHECKPOINTS, LOGS, RESULT_JSON, Run, committed_steps
+from jobs.schema.run_dir import CHECKPOINTS, LOGS, PROGRESS, RESULT_JSON, Run, RunInfo, committed_steps
 
-KINDS = {"hangs": "max_hang_restarts", "crashes": "max_crash_restarts"}  # kind -> its budget's key
 _PROC = Path("/proc")
 
 
@@ -74,7 +76,7 @@ class Watchdog:
 
     def check(self) -> Optional[Hang]:
         now = self.clock()
-        for rank in range(self.ranks):
+        for rank in self.watched():
             report = self.reports[rank] = Report.read(self.run.progress_file(rank))
             signature = self._signature(rank, report)
             seen = self.seen.get(rank)
@@ -86,6 +88,10 @@ class Watchdog:
             return None
         return Hang(tuple(live), now - max(self.seen[r].since for r in live), limit,
                     {r: (self.reports.get(r) or Report(0)).step for r in live})
+
+    def watched(self) -> Iterable[int]:
+        """The ranks to follow: every rank of the run (one supervisor sees them all)."""
+        return range(self.ranks)
 
     def timeout(self) -> float:
         slowest = max((r.slowest_s for r in self.reports.values() if r is not None), default=0.0)
@@ -113,9 +119,10 @@ class Watchdog:
     def _alive(self, rank: int) -> bool:
         """A rank that has not reported yet counts as alive (torchrun is starting it); an ended one does not.
         A rank on another node counts as alive: its pid means nothing here, and srun ends the step when
-        one of its ranks fails."""
+        one of its ranks fails (Slurm, whose supervisor reads every node's reports from the shared run folder)."""
         report = self.reports.get(rank)
-        return report is None or report.host not in ("", socket.gethostname()[:64]) or (_PROC / str(report.pid)).exists() and not _zombie(report.pid)
+        return report is None or report.host not in ("", socket.gethostname()[:64]) or \
+            (_PROC / str(report.pid)).exists() and not _zombie(report.pid)
 
 
 def tree_ticks(root: int) -> int:
@@ -180,6 +187,32 @@ def rank_processes(root: int) -> dict[int, int]:
     return found
 
 
+class NodeWatchdog(Watchdog):
+    """The ranks of one node only, for its node agent (VMs: each node has its own run folder, so it sees only
+    its own ranks' progress files). Which of the run's ranks run here is learnt as they start: a progress
+    file in this folder, or a process below torchrun (`root`) whose environment names its RANK. Before any
+    rank has started (torchrun waits at the rendezvous) nothing is watched: the rendezvous has a timeout."""
+
+    def __init__(self, run: Run, setting: Optional[float], root: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(run, 0, setting, root, clock)
+
+    def watched(self) -> Iterable[int]:
+        reported = {int(p.name[4:]) for p in (self.run.dir / PROGRESS).glob("rank*") if p.name[4:].isdigit()}
+        return sorted(reported | set(self._started()) | set(self.seen))
+
+    def pids(self) -> dict[int, int]:
+        return {**self._started(), **self.pids_reported()}
+
+    def _started(self) -> dict[int, int]:
+        """rank -> pid of this node's rank processes (not torchrun itself, which names no rank)."""
+        return {r: pid for r, pid in rank_processes(self.root).items() if pid != self.root} if self.root else {}
+
+
+# ----------------------------------------------------------------------------- ending an attempt, restart budgets
+KINDS = {"hangs": "max_hang_restarts", "crashes": "max_crash_restarts"}  # kind -> its budget's key
+
+
 def end_hung_attempt(run: Run, watchdog: Watchdog, hang: Hang, root: int, attempt: int) -> None:
     """Dump every rank's stack, say which ranks hung, then kill the attempt's whole process tree."""
     dest = run.stacks_dir(attempt)
@@ -198,20 +231,23 @@ def budget_left(cfg: ResilienceConfig, counts: dict, kind: str) -> tuple[bool, i
     return counts.get(kind, 0) < limit, limit
 
 
-def restart_in_place(run: Run, cfg: ResilienceConfig, kind: str, why: str) -> bool:
-    """Count a restart of `kind` and prepare it (the ranks resume from the newest committed checkpoint),
-    or, past its budget, record why the ranks are not started again (run.json's inplace_stop, a line in
-    `launcher logs`). A crash with no budget asked for (the default) says nothing: it ends as it always did."""
+def restart_or_stop(run: Run, cfg: ResilienceConfig, kind: str, why: str,
+                    note: Optional[Callable[[str], None]] = None) -> tuple[bool, Optional[str]]:
+    """Count a restart of `kind` and prepare it (True), or, past its budget, record why the run stops
+    (False). The line said comes back too; None for a crash with no budget asked for, which the backend
+    handles as it always did (locally the run fails; on VMs a failure, relaunched within vms.max_failures).
+    `note` puts a line into `launcher logs` (default: rank 0's log in `run`)."""
+    note = note or run.note
     counts = dict(run.info().inplace_restarts)
     allowed, limit = budget_left(cfg, counts, kind)
     event = "hung" if kind == "hangs" else "crashed"
     if not allowed:
-        if kind == "hangs" or limit > 0:
-            message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
-            run.update(inplace_stop=message)
-            run.note(f"{event}; {message}")
-            print(message, file=sys.stderr, flush=True)
-        return False
+        if kind == "crashes" and limit == 0:
+            return False, None
+        message = f"not restarted: {kind} limit of {limit} reached (resilience.{KINDS[kind]}); last: {why}"
+        run.update(inplace_stop=message)
+        note(f"{event}; {message}")
+        return False, message
     counts[kind] = counts.get(kind, 0) + 1
     steps = committed_steps(run.dir / CHECKPOINTS)
     start = f"checkpoint step-{steps[-1]}" if steps else "the newest committed checkpoint, if any"
@@ -219,6 +255,22 @@ def restart_in_place(run: Run, cfg: ResilienceConfig, kind: str, why: str) -> bo
     run.update(inplace_restarts=counts, resume="auto", state="restarting", remove=("exit_code", "failed_rank"))
     (run.dir / RESULT_JSON).unlink(missing_ok=True)  # the failed attempt's
     line = f"{event} ({why}); restarting every rank in place from {start} ({kind} {counts[kind]}/{limit})"
-    run.note(line)
-    print(f"run {run.name}: {line}", file=sys.stderr, flush=True)
-    return True
+    note(line)
+    return True, line
+
+
+def status_fields(info: RunInfo, live: bool) -> dict[str, Any]:
+    """What `launcher status` shows of the restarts inside the allocation on any backend: the count by kind,
+    and, once the run has ended, why it was not restarted again."""
+    history = {"restarts": ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())} \
+        if info.inplace_restarts else {}
+    stopped = {"stop_reason": info.inplace_stop} if info.inplace_stop and not live else {}
+    return {**history, **stopped}
+
+
+def restart_in_place(run: Run, cfg: ResilienceConfig, kind: str, why: str) -> bool:
+    """`restart_or_stop`, with its line also on the supervisor's stderr (the console, or the job's output)."""
+    restart, line = restart_or_stop(run, cfg, kind, why)
+    if line is not None:
+        print(f"run {run.name}: {line}" if restart else line, file=sys.stderr, flush=True)
+    return restart

@@ -75,6 +75,16 @@ def committed_steps(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for m in map(STEP_DIR.match, names) if m)
 
 
+def rank_log(rank: int) -> str:
+    """Rank `rank`'s log, relative to the run directory (on VMs, each host's copy of it)."""
+    return f"{LOGS}/rank{rank}.log"
+
+
+def note_line(event: str) -> str:
+    """A note as `launcher logs` shows it (Run.note; the VM supervisor writes the same into another host's log)."""
+    return f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {event}\n"
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """run.json. Every field is optional in the file: a run being created has none yet."""
@@ -269,12 +279,16 @@ class Run:
 
     def note(self, event: str) -> None:
         """One line in rank 0's log (what `launcher logs RUN` prints), with the time: a requeue, a restart,
-        a preemption. Appended whole (O_APPEND), so it never cuts into a line a rank is writing."""
+        a preemption."""
+        self.append_log(note_line(event))
+
+    def append_log(self, lines: str) -> None:
+        """Whole lines appended to rank 0's log in one write (O_APPEND): they never cut into a line a rank is
+        writing."""
         (self.dir / LOGS).mkdir(parents=True, exist_ok=True)
-        line = f"launcher: {time.strftime('%Y-%m-%dT%H:%M:%S')} {event}\n".encode()
-        fd = os.open(self.dir / LOGS / "rank0.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fd = os.open(self.dir / rank_log(0), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line)
+            os.write(fd, lines.encode())
         finally:
             os.close(fd)
 

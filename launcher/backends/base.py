@@ -23,7 +23,7 @@ from launcher.checks import Check
 # a second launch must not rewrite its directory, a sweep must not start it again.
 LIVE_STATES = frozenset({"running", "pending", "requeued", "submitted", "configuring", "completing", "suspended",
                          "requeue_hold", "requeue_fed", "resizing", "signaling", "stage_out",
-                         "waiting_for_hosts"})
+                         "waiting_for_hosts", "restarting"})  # restarting: in place, after a hang or a crash
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from launcher.checks import Check
 from launcher.backends.base import LIVE_STATES, Batch, Launched, Planned, print_log, what_a_stop_does
 from jobs.schema.run_dir import PROGRESS, Run
 from jobs.script_start import RESTART_VAR
-from jobs.watchdog import Hang, Watchdog, end_hung_attempt, restart_in_place
+from jobs.watchdog import Hang, Watchdog, end_hung_attempt, restart_in_place, status_fields
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 
@@ -207,11 +207,8 @@ def status(run: Run) -> dict[str, Any]:
     running = {"pid": pid} if pid else {}
     summary = {**result.pick("step", "epoch", "signal"), **result.metrics}  # every val/* the recipe measures
     # restarts inside this launch by kind (jobs.watchdog), and why the run stopped if a budget ran out
-    history = {"restarts": ", ".join(f"{kind} {n}" for kind, n in info.inplace_restarts.items())} \
-        if info.inplace_restarts else {}
-    stopped = {"stop_reason": info.inplace_stop} if info.inplace_stop and not pid else {}
     return {"run": run.name, "state": state, "backend": "local", "dir": str(run.dir), **running, **summary,
-            **history, **stopped}
+            **status_fields(info, bool(pid))}
 
 
 def live(run: Run) -> Optional[str]:

@@ -31,13 +31,15 @@ from launcher.vms.sync import code_to_copy, known_hosts_for
 from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, marked_log
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
+from jobs.watchdog import status_fields
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.stacks import read_answers
 from jobs.schema.errors import UsageError
-from jobs.schema.run_dir import LOGS, STACKS, Run, RunResult
+from jobs.schema.run_dir import LOGS, STACKS, Run, RunInfo, RunResult
 from jobs.schema.vms import VmsConfig
 
-RESTARTS_RUNS = True  # the run's supervisor relaunches the ranks after a spot preemption
+RESTARTS_RUNS = True  # the run's supervisor relaunches the ranks after a spot preemption (and restarts them in place
+# after a hang or a crash: launcher.vms.supervise)
 
 SSH_DIR_MODE = 0o700
 
@@ -192,6 +194,8 @@ def status(run: Run) -> dict[str, Any]:
     for key in ("stop_reason", "last_requeue", "placement"):
         if there.get(key):
             out[key] = there[key]
+    # restarts in place by kind (the supervisor's, after a hang or a crash) and why the last one was refused
+    out.update(status_fields(RunInfo.from_dict(there), alive))
     return {**out, **result.pick("step", "epoch", "outcome", "signal"), **result.metrics}
 
 

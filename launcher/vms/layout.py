@@ -91,10 +91,12 @@ def _in_project(cfg: VmsConfig, host: str, *then: str) -> str:
                       setup_script(cfg, *then)])
 
 
-def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str) -> str:
-    """The shell script that starts a node agent on `host` (setup lines first, as the user wrote them)."""
+def agent_command(cfg: VmsConfig, run_name: str, host: str, nnodes: int, nproc: int, rdzv: str, rdzv_id: str,
+                  restarts: int = 0) -> str:
+    """The shell script that starts a node agent on `host` (setup lines first, as the user wrote them);
+    `restarts`: the restarts in place before this start (jobs.watchdog)."""
     agent = [cfg.interpreter, "-u", "-m", AGENT_MODULE, "--nnodes", str(nnodes), "--nproc", str(nproc),
-             "--rdzv", rdzv, "--rdzv-id", rdzv_id, "--local-addr", host]
+             "--rdzv", rdzv, "--rdzv-id", rdzv_id, "--local-addr", host, "--restart", str(restarts)]
     return _in_project(cfg, host, f"exec {' '.join(map(shlex.quote, agent))} --run-dir "
                        f"{shell_path(host_run_dir(cfg, host, run_name))}")
 

@@ -6,15 +6,24 @@ bring each one the code and the run's files (a replacement VM has neither), star
 host over SSH (`jobs.environments.vms`), and follow their events. What ends a launch decides the next:
 - every node exited 0 and rank 0's result says completed: the run is completed;
 - a spot notice on any node: the ranks saved together; a preemption is counted and the run relaunched;
-- a node's agent failed, or its SSH session was lost (the VM is gone): the other nodes are told to stop,
-  then killed after `KILL_AFTER_S` (their collectives can never finish), a failure is counted, and the
-  run relaunched;
+- a node's SSH session was lost (the VM is gone), or a node's agent failed and `resilience.max_crash_restarts`
+  is 0: the other nodes are told to stop, then killed after `KILL_AFTER_S` (their collectives can never
+  finish), a failure is counted, and the run relaunched;
+- every node's agent reported its ranks stalled (launcher.vms.restarts): the run hangs. Each node dumps its
+  ranks' stacks (node 0 gets them all, in `logs/stacks/hang-<attempt>/`) and kills them; then, within
+  `resilience.max_hang_restarts`, every node agent starts again on the same hosts (no host lookup, no copying),
+  from the newest committed checkpoint: a restart in place, counted in run.json's `inplace_restarts`;
+- a rank crashed (an agent exited non-zero over a live session) with `resilience.max_crash_restarts` > 0: the
+  same restart in place, against that budget; past either budget the run stops as failed (`inplace_stop`);
 - SIGTERM to this process (`launcher cancel`): every node saves and stops; the run is cancelled.
 Preemptions and failures have separate budgets (vms.max_preemptions, vms.max_failures), as on Slurm;
-before a relaunch the supervisor waits up to vms.host_wait_s for every host to answer.
+before a relaunch the supervisor waits up to vms.host_wait_s for every host to answer. Each hang, restart or
+stop is a line in `launcher logs` (rank 0's log on the host that ran rank 0; node 0's where that host is
+unreachable).
 
 State goes into node 0's run.json (state, launches, hosts, placement of ranks, requeues by kind,
-last_requeue, stop_reason) and rank 0's result.json is copied next to it, wherever rank 0 ran.
+last_requeue, stop_reason, inplace_restarts, inplace_stop) and rank 0's result.json is copied next to it,
+wherever rank 0 ran.
 """
 from __future__ import annotations
 
@@ -23,6 +32,7 @@ import asyncio
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import tempfile
@@ -33,15 +43,20 @@ from typing import Any, Optional
 
 from launcher.vms import layout
 from launcher.vms.hosts import resolve_hosts
-from launcher.vms.ssh import HostSpec, connect, host_specs, sync_tree_async
+from launcher.vms.restarts import Stalls, verdict
+from launcher.vms.ssh import HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
+from jobs.watchdog import KINDS, restart_or_stop
 from jobs.schema import UsageError
-from jobs.schema.run_dir import CLUSTER_YAML, Run, RunResult
+from jobs.schema.run_dir import CLUSTER_YAML, Run, RunResult, note_line, rank_log
+from jobs.stacks import save as save_stacks
+from jobs.watchdog import Hang
 from jobs.schema.vms import VmsConfig
 
 log = logging.getLogger("launcher.vms")
 KILL_AFTER_S = 30.0  # a stopped node whose ranks wait on a dead peer is killed after this long
 KEEPALIVE = (5, 3)  # interval (s), missed answers: a vanished VM's session is closed within ~15 s
+RESTART, RELAUNCH, END = "restart", "relaunch", "end"  # what follows a launch's ending (Supervisor.decide)
 
 
 @dataclass
@@ -67,6 +82,12 @@ class Supervisor:
         self.nodes: dict[str, Any] = {}  # host -> asyncssh process of its agent, during a launch
         self.notice_at: Optional[float] = None  # when this launch's first preemption notice arrived
         self.kill_timer: Optional[asyncio.TimerHandle] = None  # kills the nodes a failed one left waiting
+        self.attempt = 0  # starts of the node agents by this supervisor: hang-<attempt> names a hang's stacks
+        self.live: set[str] = set()  # hosts whose agent runs, during an attempt
+        self.stalls = Stalls()  # each node's last word on its ranks' progress, during an attempt
+        self.hang: Optional[Hang] = None  # the hang declared in this attempt
+        self.stacks: dict[int, str] = {}  # rank -> its stack, from every node, on a hang
+        self.notes: list[str] = []  # lines for `launcher logs`, written once the attempt has ended (forward_notes)
 
     # ------------------------------------------------------------------ the loop
     async def main(self) -> None:
@@ -74,16 +95,29 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.cancel)
         launch = VmState.of(self.run.info()).launches
+        self.run.update(remove=("inplace_restarts", "inplace_stop"))  # each `launcher launch` has its whole budget
         while True:
             hosts = await self.wait_for_hosts()
             if hosts is None:
                 return
             launch += 1
             self.run.update(state="running", **VmState.entries(launches=launch, hosts=hosts))
+            if await self.attempts(hosts, launch) == END:
+                return
+
+    async def attempts(self, hosts: list[str], launch: int) -> str:
+        """Start the node agents on `hosts` again and again while each ending is a restart in place (the same
+        hosts, nothing copied again); what follows the last: RELAUNCH or END."""
+        while True:
             self.notice_at = None
             ends = await self.launch(hosts, launch)
-            if not self.decide(ends):
-                return
+            then = self.decide(ends)
+            await self.forward_notes(ends)
+            if then != RESTART:
+                return then
+            if self.cancelled.is_set():  # cancelled while the attempt ended: nothing runs, nothing to save
+                self.run.update(state="cancelled")
+                return END
 
     def cancel(self) -> None:
         log.info("cancel: telling every node to save and stop")
@@ -125,13 +159,18 @@ class Supervisor:
     # ------------------------------------------------------------------ one launch
     async def launch(self, hosts: list[str], launch: int) -> list[NodeEnd]:
         p = self.recipe.parallel
+        self.attempt += 1
+        self.stalls, self.hang, self.stacks = Stalls(), None, {}
         rdzv = f"{hosts[0]}:{self.cfg.rdzv_port}"
-        rdzv_id = f"{self.run.info().run_id or self.run.name}-{launch}"
-        log.info("launch %d on %s (rendezvous %s)", launch, ", ".join(hosts), rdzv)
+        # a new rendezvous per start: a restart in place must never meet the killed attempt's state
+        rdzv_id = f"{self.run.info().run_id or self.run.name}-{launch}-{self.attempt}"
+        restarts = sum(self.run.info().inplace_restarts.values())
+        log.info("launch %d (attempt %d) on %s (rendezvous %s)", launch, self.attempt, ", ".join(hosts), rdzv)
+        self.run.update(state="running")
 
         async def node(spec: HostSpec) -> NodeEnd:
             command = layout.agent_command(self.cfg, self.run.name, spec.address, len(hosts), p.procs_per_node,
-                                           rdzv, rdzv_id)
+                                           rdzv, rdzv_id, restarts)
             return await self.follow(spec, command)
 
         tasks = [asyncio.create_task(node(spec)) for spec in host_specs(self.cfg, hosts)]
@@ -139,7 +178,8 @@ class Supervisor:
         for next_done in asyncio.as_completed(tasks):
             end = await next_done
             ends.append(end)
-            if (end.code != 0 or end.error) and len(ends) < len(tasks) and not self.cancelled.is_set():
+            if (end.code != 0 or end.error) and len(ends) < len(tasks) and not self.cancelled.is_set() \
+                    and self.hang is None:  # on a hang every node kills its own ranks already
                 await self.stop_others(end)
         self.nodes.clear()
         if self.kill_timer is not None:
@@ -158,6 +198,7 @@ class Supervisor:
         async with conn:
             proc = await conn.create_process(command)
             self.nodes[spec.address] = proc
+            self.live.add(spec.address)
             if self.cancelled.is_set():
                 _order(proc, "stop")
             try:
@@ -167,6 +208,9 @@ class Supervisor:
                 end.code = done.exit_status if done.exit_status is not None else None
             except Exception as err:  # noqa: BLE001 - asyncssh.ConnectionLost and friends: the VM is gone
                 end.error = f"lost the SSH session to {spec.address}: {err}"
+            finally:
+                self.live.discard(spec.address)
+                self.check_hang()  # the nodes left may all be stalled
         if end.code is None and not end.error:
             end.error = f"the node agent on {spec.address} ended without an exit status (killed by a signal?)"
         log.info("node %s ended: code %s %s", spec.address, end.code, end.error)
@@ -186,8 +230,24 @@ class Supervisor:
             if event.get("kind") == "preemption" and self.notice_at is None:
                 self.notice_at = time.monotonic()
             self.run.update(**VmState.entries(last_notice={**event, "at": time.time()}))
+        elif kind in ("stalled", "progress"):
+            log.info("%s: %s", end.host, line.strip())
+            self.stalls.report(end.host, event)
+            self.check_hang()
+        elif kind == "stacks" and isinstance(event.get("stacks"), dict):
+            self.stacks.update({int(r): str(t) for r, t in event["stacks"].items() if str(r).isdigit()})
         elif kind == "exit":
             end.ranks, end.result, end.notice = event.get("ranks", []), event.get("result"), event.get("notice")
+
+    def check_hang(self) -> None:
+        """Every live node stalled: the run hangs. Each node dumps its ranks' stacks, then kills them."""
+        hang = None if self.hang or self.cancelled.is_set() else self.stalls.hang(self.live)
+        if hang is None:
+            return
+        self.hang = hang
+        log.info("%s: every node dumps its ranks' stacks and kills them", hang.line())
+        for proc in self.nodes.values():
+            _order(proc, f"hang {self.attempt}")
 
     async def stop_others(self, failed: NodeEnd) -> None:
         """A node failed: the others cannot finish a collective without it. Stop them, then kill."""
@@ -200,30 +260,67 @@ class Supervisor:
                 KILL_AFTER_S, lambda: [_order(p, "kill") for p in list(self.nodes.values())])
 
     # ------------------------------------------------------------------ deciding
-    def decide(self, ends: list[NodeEnd]) -> bool:
-        """Record how the launch ended; True to relaunch."""
-        placement = {e.host: e.ranks for e in ends}
+    def decide(self, ends: list[NodeEnd]) -> str:
+        """Record how the attempt ended; what follows: RESTART (in place), RELAUNCH or END."""
         result = next((e.result for e in ends if e.result), None)
         if result is not None:
             self.run.write_result(RunResult.from_dict(result))
-        self.run.update(**VmState.entries(placement=placement))
-        notice = next((e for e in ends if e.notice), None)
-        failed = [e for e in ends if e.code != 0 or e.error]
-        if self.cancelled.is_set():
-            self.run.update(state="cancelled")
-            return False
-        if result is not None and result.get("outcome") == "completed" and not failed:
-            self.run.update(state="completed")  # a notice that came too late to matter
-            return False
-        if notice is not None:
-            if self.notice_at is not None:  # every node has exited: rank 0 flushed the upload of the stop's save
-                self.run.update(**VmState.entries(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2)))
-            return self.count("preemptions", f"spot notice on {notice.host} ({notice.notice})")
-        if result is not None and result.get("outcome") == "preempted" and not failed:
-            self.run.update(state="stopped", stop_reason=f"stopped by {result.get('signal')}")
-            return False
-        first = failed[0] if failed else ends[0]
-        return self.count("failures", f"node {first.host}: {first.error or f'exit code {first.code}'}")
+        self.run.update(**VmState.entries(placement={e.host: e.ranks for e in ends}))
+        kind, why = verdict(ends, cancelled=self.cancelled.is_set(), result=result, hang=self.hang)
+        if self.hang is not None:
+            self.record_hang(self.hang)
+        if kind in ("cancelled", "completed"):
+            self.run.update(state=kind)
+            return END
+        if kind == "stopped":
+            self.run.update(state="stopped", stop_reason=why)
+            return END
+        if kind == "preemptions" and self.notice_at is not None:  # every node has exited: rank 0 flushed its upload
+            self.run.update(**VmState.entries(notice_to_saved_s=round(time.monotonic() - self.notice_at, 2)))
+        if kind in KINDS:
+            return self.restart(kind, why)
+        return RELAUNCH if self.count(kind, why) else END
+
+    def restart(self, kind: str, why: str) -> str:
+        """A hang or a crash: start every node again in place within its budget; past it, stop. A crash with no
+        budget asked for (max_crash_restarts: 0) is a failure, relaunched as it always was."""
+        again, line = restart_or_stop(self.run, self.recipe.resilient, kind, why, self.note)
+        if again:
+            log.info("%s", line)
+            return RESTART
+        if line is not None:
+            log.info("%s", line)
+            self.run.update(state="failed")
+            return END
+        return RELAUNCH if self.count("failures", why) else END
+
+    def record_hang(self, hang: Hang) -> None:
+        """Every node's dump of its ranks, into node 0's folder for this attempt (node 0's own agent wrote its
+        ranks' files there already), and the hang's line in `launcher logs`."""
+        dest = self.run.stacks_dir(self.attempt)
+        save_stacks(self.stacks, dest, replace=False)
+        self.note(f"{hang.line()}; stacks of every rank in {dest.relative_to(self.run.dir)}/ on node 0 ({self.me})")
+
+    def note(self, line: str) -> None:
+        """A line for `launcher logs`, written once the attempt's notes are all known (forward_notes)."""
+        self.notes.append(note_line(line))
+
+    async def forward_notes(self, ends: list[NodeEnd]) -> None:
+        """The notes go into rank 0's log on the host that ran rank 0: `launcher logs` reads the copy written
+        last (by the second), so a copy on node 0 beside it could hide the rank's own lines. Node 0 keeps them
+        where that host cannot be reached."""
+        text, self.notes = "".join(self.notes), []
+        host = next((e.host for e in ends if 0 in e.ranks), self.me)
+        if text and host != self.me:
+            log_file = f"{layout.host_run_dir(self.cfg, host, self.run.name)}/{rank_log(0)}"
+            try:
+                done = await run_remote(host_specs(self.cfg, [host])[0], f"cat >> {shlex.quote(log_file)}",
+                                        input=text, timeout=30)
+                text = "" if done.ok else text
+            except (UsageError, OSError) as err:
+                log.info("could not add the notes to %s's rank 0 log: %s", host, err)
+        if text:
+            self.run.append_log(text)
 
     def count(self, kind: str, why: str) -> bool:
         counts = dict(self.run.info().requeues)
