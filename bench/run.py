@@ -16,6 +16,8 @@
     preemption (goal <= 1), launch -> first step on 2 VMs vs 1 VM vs the local backend
 (h) Bayesian sweep (TPE + ASHA pruning) vs a 27-point grid on digits: trial-steps to reach the grid's best
     val/acc as a fraction of the grid's, median of 3 seeds (goal <= 0.4; bench/bayes_sweep.py)
+(j) hangs and crashes on the local Slurm: seconds from the fault to training again, restarted inside the job
+    vs through a requeue (bench/slurm_restarts.py; needs `make slurm-up`)
 (i) the slow-rank report's cost: trainer s/step with trainer.slow_rank_factor=1.5 vs 0 (A/B pairs), and its
     own work timed alone as a share of the step (goal <= 1%; bench/slow_rank.py)
 """
@@ -294,6 +296,10 @@ def table(results: dict) -> str:
         rows.append(tuple(row))
     if "slow_rank" in results:
         rows += slow_rank_rows(results["slow_rank"])
+    if "restarts" in results:
+        from bench import slurm_restarts
+
+        rows += slurm_restarts.rows(results["restarts"])
     if "skipped" in results.get("vms", {}):
         rows.append(("VMs over SSH", "SKIPPED", results["vms"]["skipped"], ""))
     if not rows:
@@ -307,7 +313,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms", "bayes", "slowrank"],
+                                           "vms", "bayes", "slowrank", "restarts"],
                         default=None)
     parser.add_argument("--small", action="store_true",
                         help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
@@ -342,6 +348,10 @@ def main() -> None:
         results["bayes_rows"] = bayes_sweep.rows(results["bayes"])
     if args.only in (None, "slowrank"):
         results["slow_rank"] = bench_slow_rank(args.recipe)
+    if args.only in (None, "restarts"):
+        from bench import slurm_restarts
+
+        results["restarts"] = slurm_restarts.run()
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     if args.only is not None:
