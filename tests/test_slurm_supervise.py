@@ -127,3 +127,25 @@ def test_a_term_restarts_nothing(tmp_path: Path) -> None:
     run = _run(tmp_path, ["resilience.max_crash_restarts=3", "resilience.hang_timeout_s=60"])
     code, srun, said = _supervise(tmp_path, run, ["hang"], term_after_s=2.0)
     assert len(srun) == 1 and not run.info().inplace_restarts and "requeue" not in said, said
+
+
+def test_a_rank_on_another_node_is_watched_not_taken_for_ended(tmp_path: Path) -> None:
+    """Slurm's supervisor reads every node's reports from the shared run folder: a pid from another host means
+    nothing here, so that rank counts as alive (watched), while a rank of this host whose process ended is not."""
+    import socket
+
+    from jobs.watchdog import Watchdog
+
+    run = _run(tmp_path, [])
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    for rank, host, pid in ((0, socket.gethostname(), gone.pid), (1, "another-node", gone.pid)):
+        run.progress_file(rank).parent.mkdir(parents=True, exist_ok=True)
+        run.progress_file(rank).write_text(json.dumps({"pid": pid, "beats": 3, "step": 3, "slowest_s": 0.1,
+                                                       "host": host}))
+    now = [100.0]
+    dog = Watchdog(run, 2, 5.0, clock=lambda: now[0])
+    assert dog.check() is None
+    now[0] += 6
+    hang = dog.check()
+    assert hang is not None and hang.ranks == (1,) and hang.steps == {1: 3}

@@ -86,13 +86,13 @@ _SUBMITIT_NAMED = {"job_name", "partition", "account", "qos", "time", "nodes", "
 
 
 def executor_parameters(recipe: RecipeConfig, cluster: ClusterConfig, job_name: str) -> dict[str, Any]:
-    """submitit's parameters from the options `launcher sbatch` also uses (`slurm_options.job_options`)."""
+    """submitit's parameters from the options `launcher sbatch` also uses (`slurm_options.job_options`). Its
+    srun line never runs: the setup's last line hands the batch step to the supervisor (`_hand_over`), which
+    runs srun itself (with --kill-on-bad-exit: one rank dying ends the step)."""
     s, src = cluster.slurm or SlurmConfig(), source(cluster)
     params: dict[str, Any] = {
         "signal_delay_s": s.grace_period_s, "stderr_to_stdout": True,
         "setup": _SURVIVE_SIGNALS + env_exports(src, s) + setup_lines(src, s),
-        # one rank dying must end the step, not leave the others blocked in a collective
-        "srun_args": ["--kill-on-bad-exit=1"],
         "additional_parameters": {"requeue": True},
     }
     for _, option, value in job_options(recipe, s, src, job_name):
