@@ -227,8 +227,8 @@ def _recorded_run(tmp_path: Path, lines: list[str]) -> Run:
 
 
 def test_doctor_names_the_slow_rank_as_a_note(tmp_path: Path) -> None:
-    split = StepSplit(0.084, 0.001, 0.010)
-    warn = "12:00:0{} [rank0] WARNING jobs.trainer: " + SlowRank(1, "host-b", "compute", 0.084, 0.040, 1, 10, split).line()
+    first = SlowRank(1, "host-b", "compute", 0.084, 0.040, 1, 10, StepSplit(0.084, 0.001, 0.010))
+    warn = "12:00:0{} [rank0] WARNING jobs.trainer: " + first.line()
     worse = "12:00:09 [rank0] WARNING jobs.trainer: " + SlowRank(1, "host-b", "compute", 0.0012, 0.0004, 11, 20,
                                                                   StepSplit(0.0012, 0.0001, 0.02)).line()
     run = _recorded_run(tmp_path, ["12:00:00 [rank0] INFO jobs.train: rank 0 of 2 on host-a", warn.format(5), worse])

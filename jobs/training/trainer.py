@@ -354,6 +354,7 @@ class Trainer:
         return {f"{kind}_s/rank{rank}": round(getattr(split, kind), 6) for kind in ("compute", "data", "sync")
                 for rank, split in enumerate(per_rank)}
 
+
 def _progress_bar(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> Any:
     if not (env.is_main and recipe.logging.progress_bar and sys.stderr.isatty()):
         return None
