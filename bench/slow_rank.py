@@ -3,8 +3,9 @@
 Two measures on the same ranks and process group:
 - the trainer's seconds per step with the report (trainer.slow_rank_factor=1.5) against without it (0), in
   alternating A/B runs so that slow drift in the machine's load cancels (bench.ddp_overhead's way);
-- the report's own work timed alone, which is below the noise of whole steps: the clock's two reads per
-  step and, once per log interval, the all-gather of one number per rank, as a share of the step.
+- the report's own work timed alone, which is below the noise of whole steps: the clock's four reads per
+  step (the loader's wait, compute, sync) and, once per log interval, the all-gather of three numbers per
+  rank, as a share of the step.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ PAIRS = 6
 
 
 def report_alone(iterations: int = 2000) -> float:
-    """Seconds per step of the report's work: a clock start and mark every step, an exchange every WINDOW."""
+    """Seconds per step of the report's work: the clock around a loader's next(), at the step's start, at the
+    last backward and after the optimizer every step, and an exchange every WINDOW."""
     report = SlowRankReport(1.5, torch.device("cpu"), 0)
     start = time.perf_counter()
-    for step in range(1, iterations + 1):
+    for step, _ in enumerate(report.clock.batches(range(iterations)), start=1):
         report.clock.start()
         report.clock.mark()
+        report.clock.end()
         if step % WINDOW == 0:
             report.exchange(step)
     return (time.perf_counter() - start) / iterations

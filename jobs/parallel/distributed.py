@@ -5,7 +5,7 @@ import logging
 import os
 import socket
 from datetime import timedelta
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -98,15 +98,15 @@ def any_rank(flag: bool) -> bool:
     return bool(ranks_where(flag))
 
 
-def gather_values(value: float) -> list[float]:
-    """Every rank's `value`, by rank, on every rank: one all-gather of one number per rank on the host gloo
-    group (a CPU tensor: it never waits for a GPU's queue)."""
+def gather_values(values: Sequence[float]) -> list[list[float]]:
+    """Every rank's `values` (the same count on each), by rank, on every rank: one all-gather of a few
+    numbers per rank on the host gloo group (a CPU tensor: it never waits for a GPU's queue)."""
     if not dist.is_initialized():
-        return [value]
-    mine = torch.tensor([value], dtype=torch.float64)
-    every = [torch.zeros(1, dtype=torch.float64) for _ in range(dist.get_world_size())]
+        return [[float(v) for v in values]]
+    mine = torch.tensor(list(values), dtype=torch.float64)
+    every = [torch.zeros(len(mine), dtype=torch.float64) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine, group=_HOST_GROUP[0])
-    return [float(t.item()) for t in every]
+    return [t.tolist() for t in every]
 
 
 def host_names() -> list[str]:

@@ -19,7 +19,7 @@ from jobs.parallel.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
 from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
-from jobs.training.slow_ranks import ComputeClock
+from jobs.training.slow_ranks import StepClock
 from jobs.schema import TrainerConfig
 
 MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
@@ -34,7 +34,7 @@ class StepSettings:
     device: torch.device
     objective: Objective
     eval_batch: int = 128  # samples per evaluation forward pass (4 micro batches: no gradients kept)
-    clock: Optional[ComputeClock] = None  # times this rank's compute for the slow-rank report
+    clock: Optional[StepClock] = None  # times this rank's step in parts for the slow-rank report
 
 
 def micro_batches(dataset: Dataset, sampler: DistributedSampler, skip_steps: int, steps: int, micro: int,
@@ -94,10 +94,12 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
                 if not (guard and is_oom(err)):
                     raise
                 failed = _said(err, "forward", i, len(micro))
+            if last and clock is not None:
+                # DDP reduces gradients during this backward pass: waiting for the others starts here (and
+                # in the guard's exchange just below, where a fast rank waits for a slow one's forward pass)
+                clock.mark()
             if guard:
                 _agree(failed)
-            if last and clock is not None:
-                clock.mark()  # DDP reduces gradients during this backward pass: waiting for the others starts here
             try:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
             except Exception as err:  # noqa: BLE001
@@ -124,6 +126,8 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
         for opt in optimizers:
             opt.step()
     optimizers.zero_grad()
+    if clock is not None:
+        clock.end()
     return total
 
 

@@ -237,8 +237,9 @@ class Trainer:
         while st.step < self.total_steps and not (preempted or self.pruned):
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
             plan = self.batch
-            for micro in micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, plan.micro,
-                                       plan.accum, self.recipe.data.num_workers):
+            steps = micro_batches(self.train_set, sampler, st.step_in_epoch, steps_per_epoch, plan.micro, plan.accum,
+                                  self.recipe.data.num_workers)
+            for micro in steps if self._slow is None else self._slow.clock.batches(steps):  # times the wait
                 preempted = self._step(micro, window, agreement, bar)
                 if preempted or self.pruned or st.step >= self.total_steps or self.batch != plan:
                     break  # a lowered micro batch: the rest of the epoch is loaded again in the new size
@@ -339,17 +340,19 @@ class Trainer:
         window.reset()
 
     def _slow_ranks(self) -> dict[str, float]:
-        """Every rank's compute seconds per step since the last report, for metrics.jsonl; a WARNING (and
-        run.json's slow_rank, which `launcher status` shows) about each slow one (jobs.training.slow_ranks)."""
+        """Every rank's compute, data and sync seconds per step since the last report, for metrics.jsonl; a
+        WARNING (and run.json's slow_rank, which `launcher status` shows) about each slow one
+        (jobs.training.slow_ranks)."""
         found = self._slow.exchange(self.progress.step) if self._slow is not None else None
         if found is None or not self.env.is_main:
             return {}
-        per_step, slow = found
+        per_rank, slow = found
         for rank in slow:
             log.warning("%s", rank.line())
         if slow:
             Run.at(self.run.run_dir).update(slow_rank="; ".join(rank.line() for rank in slow))
-        return {f"compute_s/rank{rank}": round(seconds, 6) for rank, seconds in enumerate(per_step)}
+        return {f"{kind}_s/rank{rank}": round(getattr(split, kind), 6) for kind in ("compute", "data", "sync")
+                for rank, split in enumerate(per_rank)}
 
 
 def _progress_bar(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> Any:
