@@ -249,10 +249,10 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
     stops the ranks, requeues once (sacct: one REQUEUED start) and counts it; the second start resumes
     from the hpc checkpoint and ends at the step count of a run never stopped."""
     pytest.importorskip("lightning")
-    project, runs, steps = tmp_path / "project", tmp_path / "runs", 60
+    project, runs, steps = tmp_path / "project", tmp_path / "runs", 30
     project.mkdir()
     shutil.copy(LIGHTNING_SCRIPT, project / "lightning_style.py")
-    args = ["--", "--steps", str(steps), "--every", "20", "--root={checkpoint_dir}"]
+    args = ["--", "--steps", str(steps), "--every", "10", "--root={checkpoint_dir}"]
     # Lightning saves from inside its signal handler, with a barrier: a rank that takes the notice while
     # the other is already in the gradients' all-reduce deadlocks both (Lightning's own hazard, seen under
     # load here). Steps that are mostly the sleep (where Python runs the handler at once) keep both ranks
@@ -261,7 +261,7 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
                     "--run-name", "pl", "--runs-dir", str(runs), *args, "--step-sleep", "0.3")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = runs / "pl"
-    job_id = _preempt_when(run_dir, "step 40\n")
+    job_id = _preempt_when(run_dir, "step 20\n")
     wait_until(lambda: _finished(run_dir, job_id), "the requeued job to complete", timeout=240)
 
     info = _info(run_dir)
@@ -274,7 +274,7 @@ def test_lightning_preempted_on_slurm_is_requeued_once_and_resumes(tmp_path: Pat
     hpc = sorted(p.name for p in (run_dir / "script_checkpoints").glob("hpc_ckpt_*.ckpt"))
     assert hpc == ["hpc_ckpt_1.ckpt"], hpc
     starts = [int(s) for s in re.findall(r"rank 0: training from step (\d+)", text)]
-    assert len(starts) == 2 and starts[0] == 0 and 40 <= starts[1] < steps, starts  # resumed, not from 0
+    assert len(starts) == 2 and starts[0] == 0 and 20 <= starts[1] < steps, starts  # resumed, not from 0
     assert "Restoring states from the checkpoint path at" in text and "hpc_ckpt_1.ckpt" in text, text
     ends = re.findall(r"rank (\d): finished at step (\d+)", text + (run_dir / "logs" / "rank1.log").read_text())
     # once each, at max_steps as a run never stopped ends (the first start stopped early, before `finished`)
