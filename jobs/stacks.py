@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 from typing import IO, Optional
 
+from jobs import flight_recorder
 from jobs.schema.run_dir import LOGS, RANKS, STACKS
 from jobs.stack_report import add_source, group
 
@@ -44,7 +45,6 @@ __all__ = ["STACK_SIGNAL", "install", "dump", "save", "group", "record", "local_
 STACK_SIGNAL: Optional[int] = int(signal.SIGRTMIN) + 5 if hasattr(signal, "SIGRTMIN") else None
 # "0": never use py-spy (the faulthandler path, as where ptrace is refused); how tests take that path
 PY_SPY_ENV = "LAUNCHER_STACKS_PY_SPY"
-FLIGHT_RECORDER_ENTRIES = 2000  # collectives kept per process group (TorchTitan keeps 20000; each is a few hundred bytes)
 # `launcher run`: how the script's own process (jobs/script_main.py, which imports none of ours) registers
 STACK_FILE_ENV, STACK_SIGNAL_ENV = "LAUNCHER_STACK_FILE", "LAUNCHER_STACK_SIGNAL"
 _OPEN: list[IO[str]] = []  # the files faulthandler writes to: open for the life of the process
@@ -66,20 +66,10 @@ def dump_folder(run_dir: Path) -> Path:
     return folder
 
 
-def flight_recorder(run_dir: Path) -> dict[str, str]:
-    """torch's NCCL flight recorder, on for every rank: the last FLIGHT_RECORDER_ENTRIES collectives of each
-    process group are kept, and a collective that times out dumps them into the run's stacks folder
-    (`nccl-trace-rank<N>`): which collective each rank last entered, and which one it never finished. Read by
-    ProcessGroupNCCL when it is made (gloo ignores them); a user's own setting wins."""
-    size = str(FLIGHT_RECORDER_ENTRIES)
-    return {"TORCH_FR_BUFFER_SIZE": size, "TORCH_NCCL_TRACE_BUFFER_SIZE": size, "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_DUMP_TEMP_FILE": str(run_dir / LOGS / STACKS / "nccl-trace-rank")}
-
-
 def install(run_dir: Path, rank: int) -> None:
     """In a rank's own process, at its start: faulthandler dumps every thread on STACK_SIGNAL, the flight
     recorder is on, and the rank's record names this process."""
-    for key, value in flight_recorder(run_dir).items():
+    for key, value in flight_recorder.environment(run_dir).items():
         os.environ.setdefault(key, value)
     if STACK_SIGNAL is not None:
         path = stack_file(run_dir, rank)
@@ -93,7 +83,7 @@ def install(run_dir: Path, rank: int) -> None:
 def script_environment(run_dir: Path, rank: int) -> dict[str, str]:
     """What the script's process needs to register the same handler itself (jobs/script_main.py), and the
     flight recorder's settings (unless the user's environment has its own)."""
-    recorder = {k: v for k, v in flight_recorder(run_dir).items() if k not in os.environ}
+    recorder = {k: v for k, v in flight_recorder.environment(run_dir).items() if k not in os.environ}
     if STACK_SIGNAL is None:
         return recorder
     stack_file(run_dir, rank).parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
-from jobs import stacks
+from jobs import flight_recorder, stacks
 from jobs.progress import Report
 from jobs.schema.resilience import ResilienceConfig, hang_timeout
 from jobs.schema.run_dir import CHECKPOINTS, LOGS, PROGRESS, RESULT_JSON, Run, RunInfo, committed_steps
@@ -216,7 +216,8 @@ KINDS = {"hangs": "max_hang_restarts", "crashes": "max_crash_restarts"}  # kind 
 def end_hung_attempt(run: Run, watchdog: Watchdog, hang: Hang, root: int, attempt: int) -> None:
     """Dump every rank's stack, say which ranks hung, then kill the attempt's whole process tree."""
     dest = run.stacks_dir(attempt)
-    stacks.dump(watchdog.pids(), dest)
+    with flight_recorder.recording(run.dir, dest):  # each rank's last collectives beside its stack
+        stacks.dump(watchdog.pids(), dest)
     run.note(f"{hang.line()}; stacks of every rank in {dest.relative_to(run.dir)}/")
     for pid in [*descendants(root), root]:
         try:

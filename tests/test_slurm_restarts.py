@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from conftest import REPO, Background, final_params, run_cli, wait_until
+from jobs.flight_recorder import last_collective
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 
@@ -68,6 +69,10 @@ def test_a_hang_and_a_crash_restart_inside_the_job(runs_dir: Path) -> None:
     hang = next(line for line in log.splitlines() if "hang: no progress" in line)
     assert "stacks of ranks 0, 1 in logs/stacks/hang-1/" in hang, hang
     assert "faulty_data.py" in (run_dir / "logs" / "stacks" / "hang-1" / "rank1.txt").read_text()
+    # each rank's last collectives beside its stack: rank 0 entered one that rank 1, stuck loading, never did
+    newest = {r: last_collective(json.loads((run_dir / "logs" / "stacks" / "hang-1" / f"flight-rank{r}.json")
+                                            .read_text())) for r in (0, 1)}
+    assert newest[0][0] > newest[1][0], newest
     detected = (run_dir / "logs" / "stacks" / "hang-1").stat().st_mtime - float(Path(f"{marker}.hang").read_text())
     print(f"hang detected {detected:.1f} s after it began (timeout {HANG_S} s); {hang}")
     assert "restarting every rank in place from checkpoint step-4 (hangs 1/1)" in log, log[-3000:]

@@ -181,6 +181,22 @@ def test_doctor_names_the_stuck_rank_and_what_the_others_wait_in(tmp_path: Path)
                                                        "logs/stacks/20261207-143501/rank0.txt:6"]
 
 
+def test_doctor_adds_the_collective_the_stuck_rank_never_entered(tmp_path: Path) -> None:
+    """The flight recorder's records beside the stacks (jobs.flight_recorder): the ranks that wait entered
+    collective #28, the stuck one's newest is #27; a record that is not JSON is left out."""
+    stuck = py_spy_dump(["<module> (/home/me/my_script.py:12)"]) + SLEEP_SOURCE
+    run = hung_run(tmp_path, {0: py_spy_dump(ALL_REDUCE), 1: stuck, 2: py_spy_dump(ALL_REDUCE)})
+    folder = run.dir / "logs" / "stacks" / "20261207-143501"
+    for rank, seq in ((0, 28), (1, 27), (2, 28)):
+        entries = [{"pg_id": 0, "collective_seq_id": n, "profiling_name": "gloo:all_reduce", "state": "scheduled"}
+                   for n in range(seq - 2, seq + 1)]
+        (folder / f"flight-rank{rank}.json").write_text(json.dumps({"entries": entries}))
+    (folder / "flight-rank3.json").write_text("{not json")
+    [found] = [f for f in diagnose(read_run(run)) if f.failure]
+    assert found.what.endswith("(a rank that skipped or never reached a collective); the flight recorder: ranks "
+                               "0,2 entered collective #28 (gloo:all_reduce), which rank 1 never entered"), found.what
+
+
 def test_doctor_says_nothing_of_dumps_of_a_run_that_completed(tmp_path: Path) -> None:
     run = hung_run(tmp_path, {0: py_spy_dump(ALL_REDUCE), 1: py_spy_dump(SLEEP)}, state="completed")
     assert not [f for f in diagnose(read_run(run)) if "stuck" in f.what or "wait" in f.what]
@@ -279,9 +295,9 @@ def test_stacks_reads_the_ranks_on_vms_over_ssh(vm_hosts: Path, runs_dir: Path) 
 def test_the_nccl_flight_recorder_is_on_and_dumps_into_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every rank records its last collectives (NCCL only) and a timed-out collective dumps them into the run's
     stacks folder; a user's own setting wins, in the trainer's process and in a script's environment."""
-    from jobs import stacks
+    from jobs import flight_recorder, stacks
 
-    for key in stacks.flight_recorder(tmp_path):
+    for key in flight_recorder.environment(tmp_path):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("TORCH_NCCL_DUMP_ON_TIMEOUT", "0")  # the user's
     env = stacks.script_environment(tmp_path, 1)

@@ -6,6 +6,7 @@ inside a step on its second (tests/faulty_data.py): both are caught and restarte
 checkpoint, and the run ends with weights bit-equal to an uninterrupted one."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from conftest import REPO, final_params, run_cli
+from jobs.flight_recorder import last_collective
 from jobs.progress import ProgressWriter, Report
 from jobs.schema import load_cluster, load_recipe
 from jobs.schema.resilience import ResilienceConfig, hang_timeout
@@ -167,7 +169,10 @@ def test_a_hang_and_a_crash_restart_in_place_and_end_bit_equal(runs_dir: Path) -
     log = (run_dir / "logs" / "rank0.log").read_text()
     stacks = run_dir / "logs" / "stacks" / "hang-1"
     texts = {p.name: p.read_text() for p in stacks.iterdir()}
-    assert set(texts) == {"rank0.txt", "rank1.txt"}, texts
+    assert {"rank0.txt", "rank1.txt"} <= set(texts), texts
+    # each rank's last collectives beside its stack: rank 0 entered one that rank 1, stuck loading, never did
+    newest = {r: last_collective(json.loads(texts[f"flight-rank{r}.json"])) for r in (0, 1)}
+    assert newest[0][0] > newest[1][0], newest
     hang_line = next(line for line in log.splitlines() if "hang: no progress" in line)
     # rank 1 sleeps in its data loader, rank 0 waits for it in the gradients' all-reduce: both stall
     assert "on ranks 0, 1" in hang_line and f"timeout {HANG_S:.0f} s" in hang_line, hang_line

@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Optional
 
-from jobs import stacks
+from jobs import flight_recorder, stacks
 from jobs.environments import slurm
 from jobs.schema.run_dir import PROGRESS, Run
 from jobs.script_start import RESTART_VAR
@@ -148,12 +148,14 @@ def _end_hung_step(run: Run, hang: Hang, child: subprocess.Popen) -> None:
     a hung rank would not act on a polite signal, and the others wait for it."""
     dest = run.stacks_dir(1 + sum(run.info().inplace_restarts.values()))  # numbered across the launch
     nodes = run.recipe().parallel.nodes
-    try:
-        done = subprocess.run(stacks.node_command(sys.executable, run.dir, dest, nodes, os.environ["SLURM_JOB_ID"]),
-                              capture_output=True, text=True, timeout=STACKS_TIMEOUT_S)
-        found = stacks.read_answers(done.stdout)
-    except (OSError, subprocess.SubprocessError, KeyError):
-        found = {}
+    with flight_recorder.recording(run.dir, dest):  # each rank's last collectives beside its stack
+        try:
+            done = subprocess.run(stacks.node_command(sys.executable, run.dir, dest, nodes,
+                                                      os.environ["SLURM_JOB_ID"]),
+                                  capture_output=True, text=True, timeout=STACKS_TIMEOUT_S)
+            found = stacks.read_answers(done.stdout)
+        except (OSError, subprocess.SubprocessError, KeyError):
+            found = {}
     where = f"stacks of ranks {', '.join(map(str, found))} in {dest.relative_to(run.dir)}/" if found else \
         "no stack could be taken (srun --overlap did not answer)"
     run.note(f"{hang.line()}; {where}")

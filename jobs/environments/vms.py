@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from jobs import stacks
+from jobs import flight_recorder, stacks
 from jobs.script import catches
 from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import LOGS, PROGRESS, RESULT_JSON, Run
@@ -151,7 +151,8 @@ class Agent:
         self.asked = "hang"
         dest = self.run.stacks_dir(attempt)
         pids = self.watchdog.pids() if self.watchdog is not None else {}
-        texts = stacks.dump(pids, dest)
+        with flight_recorder.recording(self.run.dir, dest):  # each rank's last collectives beside its stack
+            texts = stacks.dump(pids, dest)
         self.emit("stacks", attempt=attempt, dir=str(dest), stacks={str(r): t[-STACK_CHARS:] for r, t in texts.items()})
         self._kill_all()
 

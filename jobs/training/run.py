@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from jobs import parallel
+from jobs import flight_recorder, parallel
 from jobs.data import build_datasets
 from jobs.env import RankEnv
 from jobs.parallel.apply import pipeline_mesh
@@ -52,6 +52,8 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     device = parallel.pick_device(t, env)
     _check_precision(t.precision, device)
     parallel.init_distributed(env, device, recipe.parallel)
+    if env.distributed:  # on a hang the supervisor asks each rank for its last collectives
+        flight_recorder.serve(run.run_dir, env.rank)
     _set_determinism(t.deterministic, device)
     src = str(run.run_dir / CONFIG_YAML)  # a bad import path or factory is reported against it
     objective = Objective.from_recipe(recipe, src)

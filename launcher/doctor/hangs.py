@@ -50,7 +50,8 @@ def hangs(records: RunRecords) -> list[Finding]:
     evidence = tuple(filter(None, (_evidence(records, ranks, stack) for ranks, stack, _ in (stuck + waiting)[:4])))
     said = "; ".join(f"{ranks_named(r)} stuck in {s.label()}" for r, s, _ in stuck)
     if stuck and waiting:
-        what = f"{said}; {_waiting(waiting)} (a rank that skipped or never reached a collective)"
+        what = f"{said}; {_waiting(waiting)} (a rank that skipped or never reached a collective)" + \
+            _recorded(records.collectives)
         return [Finding(what, f"{FIXES[stuck[0][2]]}; the others only wait for it in their collective",
                         evidence)]
     if stuck:
@@ -59,6 +60,20 @@ def hangs(records: RunRecords) -> list[Finding]:
         return [Finding(f"ranks wait in different collectives: {_waiting(waiting)} (a rank skipped a collective "
                         "or called them in another order)", FIXES["collective"], evidence)]
     return [Finding(f"every rank waits in {waiting[0][1].label()}", ALL_WAITING_FIX, evidence)]
+
+
+def _recorded(collectives: dict) -> str:
+    """What the flight recorder adds: the collective the furthest ranks entered and the ranks that never did."""
+    if len(collectives) < 2:
+        return ""
+    furthest = max(seq for seq, _, _ in collectives.values())
+    behind = sorted(r for r, (seq, _, _) in collectives.items() if seq < furthest)
+    if not behind:
+        return ""
+    op = next(op for seq, op, _ in collectives.values() if seq == furthest)
+    ahead = sorted(r for r in collectives if r not in behind)
+    return (f"; the flight recorder: {ranks_named(ahead)} entered collective #{furthest} ({op}), which "
+            f"{ranks_named(behind)} never entered")
 
 
 def _waiting(groups: list[tuple[list[int], Stack, str]]) -> str:

@@ -9,7 +9,8 @@ from typing import Any, Iterator, Optional
 
 from launcher.doctor.findings import Line
 from jobs.schema.run_dir import CLUSTER_YAML, CONFIG_YAML, FAILURES, LOGS, STACKS, Run, RunInfo, RunResult
-from jobs.schema.run_files import NotRegularFile, open_regular
+from jobs.flight_recorder import last_collective
+from jobs.schema.run_files import NotRegularFile, load_record, open_regular
 
 # The first line a rank writes at every launch: jobs.train's "rank 0 of 2 on HOST" and jobs.script's
 # "launcher: rank 0 of 2 on HOST". The last one in a log starts the launch being diagnosed.
@@ -42,6 +43,9 @@ class RunRecords:
     unread: tuple[str, ...] = ()  # "logs/rank0.log: not a regular file (a FIFO)": files skipped, and why
     stacks: dict = field(default_factory=dict)  # rank -> its stack in the newest dump (logs/stacks/<time>/)
     stacks_dir: str = ""  # that dump's folder, relative to the run directory
+    # rank -> (sequence number, operation, state) of its newest collective, from the flight recorder's record
+    # beside its stack in that folder (jobs.flight_recorder)
+    collectives: dict = field(default_factory=dict)
 
     def lines(self) -> Iterator[Line]:
         for log in self.ranks:
@@ -63,10 +67,29 @@ def read_run(run: Run) -> RunRecords:
     unread = run.problems()  # run.json or result.json damaged: said, not taken for "no record"
     ranks = tuple(_rank_logs(run.dir, unread))
     stacks_dir, stacks = _newest_stacks(run.dir, unread)
+    collectives = _newest_collectives(run.dir / stacks_dir) if stacks_dir else {}
     return RunRecords(name=run.name, info=run.info(), result=run.result(), recipe=run.written_config(CONFIG_YAML),
                       cluster=run.written_config(CLUSTER_YAML), ranks=ranks,
                       job_output=tuple(_job_output(run, unread)), unread=tuple(unread), stacks=stacks,
-                      stacks_dir=stacks_dir)
+                      stacks_dir=stacks_dir, collectives=collectives)
+
+
+FLIGHT_RECORD_MAX = 64 << 20  # a record of 2000 collectives per group is well under a MiB
+
+
+def _newest_collectives(folder: Path) -> dict[int, tuple]:
+    """rank -> its newest collective, from each `flight-rank<N>.json` a rank wrote on a hang; a record that
+    cannot be read is left out (the stacks still say where the rank was)."""
+    found = {}
+    for path in sorted(folder.glob("flight-rank*.json")):
+        rank = path.name[len("flight-rank"):-len(".json")]
+        try:
+            newest = last_collective(load_record(path, FLIGHT_RECORD_MAX)) if rank.isdigit() else None
+        except (OSError, ValueError, TypeError, AttributeError):
+            newest = None
+        if newest is not None:
+            found[int(rank)] = newest
+    return found
 
 
 def _newest_stacks(run_dir: Path, unread: list[str]) -> tuple[str, dict[int, str]]:
