@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from jobs import flight_recorder
 from jobs.flight_recorder import collect, last_collective, record_file, recording, request, serve
 
@@ -59,6 +61,7 @@ def test_the_last_collective_is_the_default_groups_newest() -> None:
     assert last_collective({"entries": []}) is None
 
 
+@pytest.mark.slow
 def test_a_real_gloo_record_names_the_collectives(tmp_path: Path) -> None:
     """Two gloo ranks all-reduce three times, then each dumps its record through the same call the serving
     thread makes: both name the third all_reduce as their newest collective."""
