@@ -117,6 +117,16 @@ def test_status_of_many_runs_costs_one_sacct_call(tmp_path: Path, slurm_stubs: P
     assert len(_calls(tmp_path, "squeue")) == 3
 
 
+def test_a_job_accounting_still_calls_pending_is_running_when_squeue_says_so(slurm_stubs: Path) -> None:
+    """sacct lags behind the controller (seen under load: `launcher stacks` refused a job whose ranks ran):
+    a PENDING in accounting gives way to squeue's state; any other accounting state stands."""
+    from launcher.backends.slurm_watch import read_states
+
+    (slurm_stubs / "sacct.answer").write_text("21|PENDING\n22|COMPLETED\n23|PENDING\n")
+    (slurm_stubs / "squeue.answer").write_text("21|RUNNING\n22|RUNNING\n")
+    assert read_states(["21", "22", "23"]) == {"21": "RUNNING", "22": "COMPLETED", "23": "PENDING"}
+
+
 def test_watcher_answers_from_one_read_for_a_moment() -> None:
     reads: list[list[str]] = []
 

@@ -52,7 +52,10 @@ def read_states(arrays: Sequence[str]) -> dict[str, str]:
     queued = _output(["squeue", "-h", "-r", "-j", joined, "-o", "%i|%T"], required=False)
     for row in queued:
         job, _, state = row.partition("|")
-        out.setdefault(job.strip(), state.strip() or UNKNOWN)
+        job, state = job.strip(), state.strip() or UNKNOWN
+        # accounting lags behind the controller: a job sacct still calls PENDING may be running by now
+        if out.get(job, "PENDING") == "PENDING":
+            out[job] = state
     return out
 
 
