@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 from jobs.schema.run_dir import LOGS, STACKS
+from jobs.schema.run_files import replace_text
 
 ENTRIES = 2000  # collectives kept per process group (TorchTitan keeps 20000; each is a few hundred bytes)
 REQUEST = ".flight-recorder"  # in <run>/logs/stacks/: the folder a dump goes to, written by the supervisor
@@ -94,14 +95,7 @@ def _readable(trace: Any) -> dict:
 
 
 def _write(path: Path, data: dict) -> None:
-    _write_text(path, json.dumps(data, indent=1) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomic: a reader (the supervisor, the other side's poll) never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    replace_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def _stamp(path: Path) -> Optional[int]:
@@ -118,7 +112,7 @@ def request(run_dir: Path, dest: Path) -> list[int]:
              if p.name.rpartition("rank")[2].isdigit() and _serving(p)]
     if ranks:
         dest.mkdir(parents=True, exist_ok=True)
-        _write_text(_folder(run_dir) / REQUEST, f"{dest}\n")
+        replace_text(_folder(run_dir) / REQUEST, f"{dest}\n")
     return sorted(ranks)
 
 

@@ -32,6 +32,7 @@ from typing import IO, Optional
 
 from jobs import flight_recorder
 from jobs.schema.run_dir import LOGS, RANKS, STACKS
+from jobs.schema.run_files import replace_text
 from jobs.stack_report import add_source, group
 
 __all__ = ["STACK_SIGNAL", "install", "dump", "save", "group", "record", "local_ranks", "script_environment",
@@ -97,9 +98,7 @@ def record(run_dir: Path, rank: int, pid: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     data = {"rank": rank, "pid": pid, "pid_start": process_start(pid), "host": socket.gethostname(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    tmp = folder / f".rank{rank}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data) + "\n")
-    tmp.replace(folder / f"rank{rank}.json")  # atomic: a reader never sees half a record
+    replace_text(folder / f"rank{rank}.json", json.dumps(data) + "\n")
 
 
 def process_start(pid: int) -> Optional[int]:

@@ -13,14 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, Background, final_params, run_cli, wait_until
+from conftest import Background, final_params, run_cli, wait_until
 from jobs.flight_recorder import last_collective
+from test_watchdog import STEPS  # the same faulty run as the local case
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm")]
 
-STEPS = ["trainer.max_steps=12", "checkpoint.every_steps=4", "checkpoint.best_metric=null", "logging.log_every=1",
-         "logging.progress_bar=false", "data.target=faulty_data:digits", "data.kwargs.rank=1",
-         f"code_dir={REPO / 'tests'}"]
 HANG_S = 8.0
 
 

@@ -31,7 +31,7 @@ from typing import Any, Optional
 from jobs.environments import slurm_requeue
 from jobs.environments.slurm_requeue import attempt
 from jobs.progress import ProgressWriter
-from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunResult
+from jobs.schema.run_dir import FAILURES, RESULT_JSON, Run, RunInfo, RunResult
 from jobs.schema import SlurmConfig
 
 ENTRY_MODULE = "jobs.environments.slurm"  # `srun python -m ENTRY_MODULE ...`: every rank
@@ -146,12 +146,18 @@ def after_srun(run: Run, why: Optional[str] = None) -> None:
     from jobs.script import settle
 
     info = run.info()
-    if info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None:
+    if decided(info):
         return  # rank 0 has already decided (a preemption), or finished and only the teardown failed
     if slurm_ends_the_job():
         return  # no crash: Slurm's own TERM (an admin's requeue, scancel) reached the ranks before this shell
     settle(run, None, info.exit_code or 1)
     _requeue_or_stop(run, run.cluster().slurm or SlurmConfig(), "failures", why or crash_reason(run))
+
+
+def decided(info: RunInfo) -> bool:
+    """Whether rank 0 already settled how this start ends (a preemption's requeue, a stop, a cancel), or
+    finished and only the teardown failed: then a failed step is no crash."""
+    return info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None
 
 
 def crash_reason(run: Run) -> str:

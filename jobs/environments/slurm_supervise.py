@@ -32,6 +32,7 @@ from typing import Optional
 
 from jobs import flight_recorder, stacks
 from jobs.environments import slurm
+from jobs.schema import RecipeConfig
 from jobs.schema.run_dir import PROGRESS, Run
 from jobs.script_start import RESTART_VAR
 from jobs.watchdog import Hang, Watchdog, restart_in_place
@@ -91,14 +92,14 @@ def srun_command(run_dir: Optional[str], submitit_folder: Optional[Path]) -> lis
 
 def supervise(run: Run, command: list[str], told: Told) -> int:
     """Run the step until it ends for good; the batch step's exit status."""
-    restarts = 0
+    recipe, restarts = run.recipe(), 0  # parsed once: every attempt runs the same recipe
     while True:
-        status, hang = _attempt(run, command, told, restarts)
+        status, hang = _attempt(run, recipe, command, told, restarts)
         print(f"slurm supervisor: srun exited with status {status}", file=sys.stderr, flush=True)
         if told.terminated:
             return status
         if hang is not None:
-            if restart_in_place(run, run.recipe().resilient, "hangs", hang.short()):
+            if restart_in_place(run, recipe.resilient, "hangs", hang.short()):
                 restarts += 1
                 continue
             slurm.after_srun(run, why=hang.line())
@@ -106,7 +107,7 @@ def supervise(run: Run, command: list[str], told: Told) -> int:
         if status == 0:
             return 0
         if not told.noticed and _ranks_crashed(run) and \
-                restart_in_place(run, run.recipe().resilient, "crashes", slurm.crash_reason(run)):
+                restart_in_place(run, recipe.resilient, "crashes", slurm.crash_reason(run)):
             restarts += 1
             continue
         slurm.after_srun(run)  # count a failure, then requeue or stop (it checks the job was not ended)
@@ -116,15 +117,13 @@ def supervise(run: Run, command: list[str], told: Told) -> int:
 def _ranks_crashed(run: Run) -> bool:
     """A failed step is a crash unless a rank already decided how this start ends (saved for a preemption,
     cancelled) or Slurm itself is ending the job."""
-    info = run.info()
-    decided = info.state in ("requeued", "stopped", "cancelled") or info.state == "completed" and info.failed_rank is None
-    return not decided and not slurm.slurm_ends_the_job()
+    return not slurm.decided(run.info()) and not slurm.slurm_ends_the_job()
 
 
-def _attempt(run: Run, command: list[str], told: Told, restarts: int) -> tuple[int, Optional[Hang]]:
+def _attempt(run: Run, recipe: RecipeConfig, command: list[str], told: Told,
+             restarts: int) -> tuple[int, Optional[Hang]]:
     """One start of the step: srun's exit status, and the hang that ended it, if any."""
     shutil.rmtree(run.dir / PROGRESS, ignore_errors=True)  # the previous attempt's reports
-    recipe = run.recipe()
     ranks = recipe.parallel.nodes * recipe.parallel.procs_per_node
     watchdog = Watchdog(run, ranks, recipe.resilient.hang_timeout_s)
     # in this process's environment too: the failure records of the attempt are keyed by it (attempt())
@@ -140,14 +139,13 @@ def _attempt(run: Run, command: list[str], told: Told, restarts: int) -> tuple[i
         if hang is None and not told.terminated and not told.noticed:
             hang = watchdog.check()
             if hang is not None:
-                _end_hung_step(run, hang, told.child)
+                _end_hung_step(run, recipe.parallel.nodes, hang, told.child)
 
 
-def _end_hung_step(run: Run, hang: Hang, child: subprocess.Popen) -> None:
+def _end_hung_step(run: Run, nodes: int, hang: Hang, child: subprocess.Popen) -> None:
     """Every rank's stack, from each node (`srun --overlap` beside the hung step), then the step killed:
     a hung rank would not act on a polite signal, and the others wait for it."""
     dest = run.stacks_dir(1 + sum(run.info().inplace_restarts.values()))  # numbered across the launch
-    nodes = run.recipe().parallel.nodes
     with flight_recorder.recording(run.dir, dest):  # each rank's last collectives beside its stack
         try:
             done = subprocess.run(stacks.node_command(sys.executable, run.dir, dest, nodes,

@@ -41,7 +41,7 @@ from jobs.schema.cluster import ClusterConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.files import load_resolved, recipe_document, to_dict
 from jobs.schema.recipe import RecipeConfig
-from jobs.schema.run_files import MAX_RECORD, load_record, read_capped
+from jobs.schema.run_files import MAX_RECORD, load_record, read_capped, replace_text
 
 RUN_JSON, RESULT_JSON = "run.json", "result.json"
 CONFIG_YAML, CLUSTER_YAML = "config.yaml", "cluster.yaml"
@@ -273,9 +273,7 @@ class Run:
 
     def write_result(self, result: RunResult) -> None:
         """Atomic, so `launcher status` never reads half a file."""
-        tmp = self.dir / f".{RESULT_JSON}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
-        tmp.replace(self.dir / RESULT_JSON)
+        replace_text(self.dir / RESULT_JSON, json.dumps(result.to_dict(), indent=2) + "\n")
 
     def note(self, event: str) -> None:
         """One line in rank 0's log (what `launcher logs RUN` prints), with the time: a requeue, a restart,

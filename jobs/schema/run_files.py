@@ -42,6 +42,14 @@ def open_regular(path: Path) -> BinaryIO:
     raise NotRegularFile(f"not a regular file ({kind_of(mode)})")
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write `path` whole or not at all: a reader (status, the doctor, a supervisor's poll) never sees half a
+    file. The temporary file is named by this process, so two writers never share one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def read_capped(path: Path, limit: int) -> bytes:
     """The whole file, refused (ValueError) if it is over `limit` bytes."""
     with open_regular(path) as f:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
 from jobs.schema.errors import UsageError
+from jobs.schema.run_files import replace_text
 
 if TYPE_CHECKING:
     import optuna
@@ -50,9 +51,7 @@ class TrialTicket:
     prune: bool  # whether the pruner may end the run early (outcome "pruned")
 
     def write(self, run_dir: Path) -> None:
-        tmp = run_dir / f".{TRIAL_JSON}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        tmp.replace(run_dir / TRIAL_JSON)  # atomic: a rank never reads half a ticket
+        replace_text(run_dir / TRIAL_JSON, json.dumps(asdict(self), indent=2) + "\n")  # a rank never reads half
 
     @classmethod
     def read(cls, run_dir: Path) -> Optional["TrialTicket"]:

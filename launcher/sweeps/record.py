@@ -13,7 +13,7 @@ from launcher.sweeps.space import SweepSpec, Trial, shown
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.schema.errors import UsageError
 from jobs.schema.names import check_name
-from jobs.schema.run_files import load_record
+from jobs.schema.run_files import load_record, replace_text
 
 
 def sweeps_dir(root: Path) -> Path:
@@ -66,9 +66,7 @@ def _check_trials(path: Path, trials: Any) -> None:
 def write_record(root: Path, name: str, record: dict[str, Any]) -> None:
     path = record_path(root, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(path)  # atomic, like run.json
+    replace_text(path, json.dumps(record, indent=2) + "\n")  # atomic, like run.json
 
 
 def existing_record(root: Path, name: str, spec: dict[str, Any]) -> Optional[dict[str, Any]]:
