@@ -14,7 +14,7 @@ from fsspec.implementations.local import LocalFileSystem
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
     InvalidCheckpoint, describe, log
 from jobs.checkpoint.disk import SavesLog
-from jobs.checkpoint.layout import SAVES_LOG, FileEntry, Manifest, step_dir_name
+from jobs.checkpoint.layout import MANIFEST, SAVES_LOG, FileEntry, Manifest, step_dir_name
 from jobs.checkpoint.local import LocalWriter
 from jobs.checkpoint.policy import SavePolicy
 from jobs.checkpoint.reader import load_checkpoint
@@ -22,7 +22,8 @@ from jobs.checkpoint.retention import prune, retained
 from jobs.checkpoint.saver import BackgroundSaver, SaveJob
 from jobs.checkpoint.sharded import ShardedSaver, ShardJob, is_shard_file
 from jobs.checkpoint.staging import check_leaves, check_state, copy_tree
-from jobs.checkpoint.store import Store, download_folder
+from jobs.checkpoint.spread import fetch_once
+from jobs.checkpoint.store import Store
 from jobs.checkpoint.uploader import Uploader
 from jobs.storage import filesystem
 from jobs.schema import CheckpointConfig, StorageConfig
@@ -45,7 +46,8 @@ class Checkpointer:
     """
 
     def __init__(self, cfg: CheckpointConfig, local_dir: Path, remote: str | None, storage: StorageConfig,
-                 is_writer: bool = True, run_id: Optional[str] = None, sharded: bool = False) -> None:
+                 is_writer: bool = True, run_id: Optional[str] = None, sharded: bool = False,
+                 spread: bool = False) -> None:
         self.cfg, self.storage, self.is_writer, self.run_id = cfg, storage, is_writer, run_id
         self.local_dir = Path(local_dir).absolute()
         self.policy = SavePolicy(cfg)
@@ -59,9 +61,16 @@ class Checkpointer:
             self._uploader = Uploader(cfg, self._local, Store(fs, root, self.remote_uri or remote), run_id,
                                       self._saves_log)
         self._saver: Optional[BackgroundSaver] = None
-        # sharded saves (every rank writes its shard): created on every rank, a collective
+        # sharded saves (every rank writes its shard): created on every rank, a collective. `spread`: the
+        # nodes share no folder, so each rank sends its own files to the store (spread.py)
+        if spread and (not sharded or self._uploader is None):
+            raise CheckpointError("a sharded checkpoint of nodes that share no folder needs checkpoint.uri on an "
+                                  "object store: each rank sends its shard there")
+        self.spread = spread
         self._shards = ShardedSaver(dist.get_rank(), self._commit_sharded if is_writer else None,
-                                    torch.cuda.is_available(), cfg.async_save) if sharded else None
+                                    torch.cuda.is_available(), cfg.async_save,
+                                    uploads=self._uploader if spread else None,
+                                    keep_local=cfg.keep_last) if sharded else None
         self._submitted: set[int] = set()
         self._closed = False
         if is_writer:
@@ -130,11 +139,11 @@ class Checkpointer:
         skipped: set[str] = set()
         while (found := self._find(skipped, full_hash=False, remote_only=remote_only)) is not None:
             store, name, manifest = found
-            location = store.location(name)
+            location = read_from = store.location(name)
             try:
                 if store is not self._local and any(is_shard_file(f) for f in manifest.files):
-                    location = self._download(store, name, manifest)  # DCP reads shards from a local folder
-                return location, load_checkpoint(location, self.storage, map_location, keys)
+                    read_from = self._download(store, name, manifest)  # DCP reads shards from a local folder
+                return location, load_checkpoint(read_from, self.storage, map_location, keys)
             except CorruptCheckpoint as err:
                 log.warning("skipping checkpoint %s: %s", location, err)
                 skipped.add(store.location(name))
@@ -144,10 +153,23 @@ class Checkpointer:
 
     def _download(self, remote: Store, name: str, manifest: Manifest) -> str:
         """A remote sharded checkpoint copied into the local folder and committed there, every file
-        checked against the manifest on the way; returns the local folder."""
+        checked against the manifest on the way (one rank of a node copies it); returns the local folder."""
         log.info("downloading sharded checkpoint %s (%.1f MB)", remote.location(name), manifest.total_bytes / 1e6)
-        download_folder(remote, name, manifest, self.local_dir / name)
+        fetch_once(remote, name, manifest, self.local_dir / name)
         return str(self.local_dir / name)
+
+    def local_copy(self, location: str) -> str:
+        """Where this node reads checkpoint `location` from: a remote sharded checkpoint (DCP reads
+        shards from a local folder) copied into this node's folder, once per node; anything else as is.
+        Every rank may call it; raises CorruptCheckpoint for a file that does not match its manifest."""
+        remote = self._uploader.remote if self._uploader is not None else None
+        name = location.rstrip("/").rsplit("/", 1)[-1]
+        if remote is None or location != remote.location(name):
+            return location
+        manifest = Manifest.from_json(remote.fs.cat_file(remote.path(name, MANIFEST)))
+        if not any(is_shard_file(f) for f in manifest.files):
+            return location
+        return self._download(remote, name, manifest)
 
     def load(self, location: str, map_location: str | torch.device = "cpu", keys: Optional[Collection[str]] = None,
              hash_local: bool = True) -> dict[str, Any]:
@@ -221,8 +243,10 @@ class Checkpointer:
             self._writer.count(committed=False)
             return
         try:
-            manifest = self._writer.commit(job.step, job.state, job.metrics, shards=shards)
-            if manifest is not None:
+            manifest = self._writer.commit(job.step, job.state, job.metrics, shards=shards, here=not self.spread)
+            if manifest is not None and self.spread:
+                self._after_spread_save(job, manifest)
+            elif manifest is not None:
                 self._after_local_commit(job, manifest)
         finally:
             if self._uploader is not None:
@@ -264,6 +288,17 @@ class Checkpointer:
             return
         self._uploader.add_pending([step_dir_name(job.step)])
         prune(self._local, self.cfg, self._uploader.drop_replaced)
+
+    def _after_spread_save(self, job: ShardJob, manifest: Manifest) -> None:
+        """Every rank sent its shard: the uploader sends rank 0's files and commits the remote folder."""
+        assert self._uploader is not None
+        log.info("checkpoint step %d: every rank's shard is on %s (%.1f MB; training blocked %.3f s); "
+                 "committing it there", job.step, self.remote_uri, manifest.total_bytes / 1e6, job.blocked_s,
+                 extra=FILE_ONLY)
+        self._saves_log.append({"event": "save", "step": job.step, "blocked_s": round(job.blocked_s, 4),
+                                "commit_s": round(time.perf_counter() - job.started, 4),
+                                "bytes": manifest.total_bytes, "async": self.cfg.async_save, "time": manifest.created})
+        self._uploader.add_spread(step_dir_name(job.step), manifest)
 
     def _not_yet_uploaded(self) -> set[str]:
         """At start, every retained local checkpoint may be missing remotely (a crash before its

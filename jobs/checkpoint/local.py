@@ -62,11 +62,13 @@ class LocalWriter:
 
     def commit(self, step: int, state: dict[str, Any], metrics: dict[str, float],
                shards: Optional[dict[str, FileEntry]] = None,
-               on_file: Optional[FileStarted] = None) -> Optional[Manifest]:
+               on_file: Optional[FileStarted] = None, here: bool = True) -> Optional[Manifest]:
         """Write the files, then the manifest (the commit), then the pointer. None if already there
         or if the disk refused the write. `shards`: the files the ranks of a sharded save already
         wrote into the folder (jobs.checkpoint.sharded), which the manifest covers too. `on_file`:
-        told of each file as it starts, with its progress (the uploader sends it as it grows)."""
+        told of each file as it starts, with its progress (the uploader sends it as it grows).
+        `here=False`: the files are written and the manifest returned, but nothing is committed in this
+        folder (a sharded save whose other shards are on other nodes: committed remotely only)."""
         folder = self.folder / step_dir_name(step)
         if shards is None and self.store.is_intact(folder.name):
             log.warning("%s is already committed (by an earlier run?); keeping it, not saving step %d again",
@@ -74,11 +76,13 @@ class LocalWriter:
             self.count(committed=True)
             return None
         try:
-            manifest = self._write_folder(folder, step, state, metrics, shards, on_file)
+            manifest = self._write_folder(folder, step, state, metrics, shards, on_file, here)
         except OSError as err:
             self._discard_failed_save(folder, step, err)
             return None
         self.count(committed=True)
+        if not here:
+            return manifest
         try:
             write_atomic(self.folder / POINTER, folder.name + "\n")
         except OSError as err:  # the checkpoint is committed: the pointer is only a hint for humans
@@ -92,7 +96,7 @@ class LocalWriter:
             return self.failed > 0 and self.committed == 0
 
     def _write_folder(self, folder: Path, step: int, state: dict[str, Any], metrics: dict[str, float],
-                      shards: Optional[dict[str, FileEntry]], on_file: Optional[FileStarted]) -> Manifest:
+                      shards: Optional[dict[str, FileEntry]], on_file: Optional[FileStarted], here: bool) -> Manifest:
         if shards is None:
             if folder.exists():
                 (folder / MANIFEST).unlink(missing_ok=True)  # uncommit first: a crash below leaves no half-valid folder
@@ -103,7 +107,8 @@ class LocalWriter:
         if clash:
             raise ValueError(f"checkpoint state keys {sorted(clash)} clash with the shards' files")
         manifest = Manifest(step, metrics, time.time(), {**files, **(shards or {})}, self.run_id)
-        commit_folder(folder, manifest)
+        if here:
+            commit_folder(folder, manifest)
         return manifest
 
     def _discard_failed_save(self, folder: Path, step: int, err: OSError) -> None:

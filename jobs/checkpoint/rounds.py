@@ -54,8 +54,9 @@ class UploadRounds:
 
     def _upload(self, name: str, deadline: Optional[float]) -> bool:
         """Files first, each confirmed by its size on the store; the manifest only after all."""
+        spread = self.state.spread(name)  # its ranks sent their own files: only confirmed here
         try:
-            manifest = self.files.local.verify(name, full_hash=False)
+            manifest = spread or self.files.local.verify(name, full_hash=False)
         except (InvalidCheckpoint, FileNotFoundError) as err:
             log.warning("cannot upload %s: its local copy is gone or invalid (%s)", self.files.local.location(name),
                         err)
@@ -69,7 +70,7 @@ class UploadRounds:
             if not self.backoff.retry(f"removal of the old {name}/{MANIFEST}", lambda: self.files.uncommit(name),
                                       deadline):
                 return False
-        if not self._send_files(name, manifest, deadline):
+        if not self._send_files(name, manifest, deadline, by_ranks=spread is not None):
             return False
         commit = lambda: self.files.put_text(name, MANIFEST, manifest.to_json())  # noqa: E731
         if not self.backoff.retry(f"upload of {name}/{MANIFEST}", commit, deadline):
@@ -81,12 +82,16 @@ class UploadRounds:
         self.published.uploaded(name, manifest, time.perf_counter() - started)
         return True
 
-    def _send_files(self, name: str, manifest: Manifest, deadline: Optional[float]) -> bool:
-        """Every file of the manifest on the store, skipping those sent early and still there."""
+    def _send_files(self, name: str, manifest: Manifest, deadline: Optional[float], by_ranks: bool) -> bool:
+        """Every file of the manifest on the store, skipping those sent early and still there. `by_ranks`:
+        the files a rank wrote (their entries name it) were sent by that rank; their sizes are checked."""
         for file, entry in manifest.files.items():
             if self.early.already_sent(name, file, entry):
                 continue
-            send = lambda f=file, e=entry: self.files.put_confirmed(name, f, e.size)  # noqa: E731
+            if by_ranks and entry.rank is not None:
+                send = lambda f=file, e=entry: self.files.confirm_size(name, f, e.size)  # noqa: E731
+            else:
+                send = lambda f=file, e=entry: self.files.put_confirmed(name, f, e.size)  # noqa: E731
             if not self.backoff.retry(f"upload of {name}/{file}", send, deadline):
                 return False
         return True

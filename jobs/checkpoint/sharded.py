@@ -24,7 +24,8 @@ a known deadlock). Training waits only for the copy of its shard into host memor
 whose buffers are kept across saves). One save is in flight per rank; the next waits for it.
 
 Uploads are not DCP's: its fsspec writer has lost data on object stores. The committed folder is
-uploaded by the Checkpointer's uploader, files first and manifest last, like any checkpoint.
+uploaded by the Checkpointer's uploader, files first and manifest last, like any checkpoint. Nodes
+that share no folder (VMs) commit nowhere locally: each rank sends its own files (spread.py).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry
+from jobs.checkpoint.spread import prune_node_folder
 from jobs.checkpoint.store import sha256_of
 from jobs.parallel.distributed import gloo_group
 
@@ -68,6 +70,17 @@ class ShardJob:
     shards: dict[str, Any] = field(default_factory=dict)  # the staged shard state
 
 
+class OwnUploads(Protocol):
+    """The store side of a save whose ranks send their own files (the Uploader, see spread.py)."""
+
+    def uncommit_remote(self, name: str) -> bool: ...
+
+    def send_own_files(self, name: str, files: dict[str, FileEntry]) -> bool: ...
+
+    @property
+    def pending(self) -> set[str]: ...
+
+
 class _RecordingWriter(dcp.FileSystemWriter):
     """DCP's file writer, noting which files this rank wrote (the manifest names them, by rank)."""
 
@@ -88,8 +101,10 @@ class ShardedSaver:
     the job and every rank's confirmed files, and commits the folder (or None: the save failed)."""
 
     def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, Optional[dict[str, FileEntry]]], None]],
-                 cuda: bool, asynchronous: bool = True) -> None:
+                 cuda: bool, asynchronous: bool = True, uploads: Optional[OwnUploads] = None,
+                 keep_local: int = 1) -> None:
         self.rank, self.commit, self.asynchronous = rank, commit, asynchronous
+        self.uploads, self.keep_local = uploads, keep_local  # every rank sends its own files (spread.py)
         self.group = gloo_group()  # never shared with training's collectives
         self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                                     use_async_staging=False, use_non_blocking_copy=cuda))
@@ -140,6 +155,8 @@ class ShardedSaver:
     def _write(self, job: ShardJob) -> None:
         try:
             entries = self._write_shard(job)
+            if entries is not None and self.uploads is not None:
+                entries = self._send_own(job, entries)
         except (Exception, CheckpointException) as err:  # DCP raises on every rank when one rank's write fails
             if self.rank == 0:  # every rank got the same exception: one line says it
                 log.error("checkpoint step %d NOT saved: writing the shards into %s failed (%s); training "
@@ -168,13 +185,31 @@ class ShardedSaver:
         except BaseException as err:
             self._error = self._error or CheckpointError(f"committing sharded step {job.step} failed: {err}")
 
+    def _send_own(self, job: ShardJob, entries: dict[str, FileEntry]) -> Optional[dict[str, FileEntry]]:
+        """This rank's files sent to the store by this rank (None if they could not be: not committed),
+        then this node's older step folders dropped (spread.py)."""
+        assert self.uploads is not None
+        sent = self.uploads.send_own_files(job.folder.name, entries)
+        if not sent:
+            log.error("checkpoint step %d: rank %d could not send its shard to the store; the save is not "
+                      "committed", job.step, self.rank)
+        prune_node_folder(job.folder.parent, self.keep_local, self.uploads.pending)
+        return entries if sent else None
+
     def _write_shard(self, job: ShardJob) -> Optional[dict[str, FileEntry]]:
         """DCP's save of this rank's shard, then its files' sizes and hashes (None if they cannot be read)."""
+        uncommitted = True
         if self.rank == 0:
             (job.folder / MANIFEST).unlink(missing_ok=True)  # uncommit an earlier save of this step first
+            if self.uploads is not None:  # and its remote copy, before any rank replaces a file of it
+                uncommitted = self.uploads.uncommit_remote(job.folder.name)
         job.folder.mkdir(parents=True, exist_ok=True)
         writer = _RecordingWriter(job.folder)
-        dcp.save(job.shards, storage_writer=writer, process_group=self.group)
+        dcp.save(job.shards, storage_writer=writer, process_group=self.group)  # every rank enters it, always
+        if not uncommitted:
+            log.error("checkpoint step %d NOT committed: its earlier copy on the store could not be uncommitted",
+                      job.step)
+            return None
         files = sorted(writer.written | ({DCP_METADATA} if self.rank == 0 else set()))
         try:
             return {name: _hashed(job.folder / name, self.rank) for name in files}

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
 
 from jobs.checkpoint.disk import commit_folder
 from jobs.checkpoint.errors import CorruptCheckpoint, InvalidCheckpoint
-from jobs.checkpoint.layout import MANIFEST, Manifest, parse_step_dir, step_dir_name
+from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest, parse_step_dir, step_dir_name
 from jobs.storage import fresh_listing, join
 
 HASH_CHUNK = 8 << 20
@@ -104,11 +105,14 @@ def sha256_of(fs: AbstractFileSystem, path: str) -> str:
 
 def download_folder(remote: Store, name: str, manifest: Manifest, folder: Path) -> None:
     """Copy a committed remote checkpoint into the local `folder` and commit it there: files
-    streamed and checked against the manifest (size and SHA-256), fsynced, then the manifest.
+    streamed and checked against the manifest (size and SHA-256), fsynced, then the manifest. A file
+    already there with the manifest's size and SHA-256 is kept (a node's own shard, on a restart).
     Raises CorruptCheckpoint for a file that does not match."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # uncommitted while its files are replaced
     for file, entry in manifest.files.items():
+        if _matches(folder / file, entry):
+            continue
         digest, size = hashlib.sha256(), 0
         with remote.fs.open(remote.path(name, file), "rb") as src, open(folder / file, "wb") as dst:
             while chunk := src.read(HASH_CHUNK):
@@ -121,3 +125,10 @@ def download_folder(remote: Store, name: str, manifest: Manifest, folder: Path) 
             raise CorruptCheckpoint(f"{remote.location(name)}/{file} does not match the size/SHA-256 in its "
                                     f"manifest: the checkpoint is corrupt")
     commit_folder(folder, manifest)
+
+
+def _matches(path: Path, entry: FileEntry) -> bool:
+    try:
+        return path.stat().st_size == entry.size and sha256_of(LocalFileSystem(), str(path)) == entry.sha256
+    except OSError:
+        return False

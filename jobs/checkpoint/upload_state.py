@@ -15,6 +15,7 @@ from collections import deque
 from typing import Iterable, Optional
 
 from jobs.checkpoint.errors import FILE_ONLY, ForeignRunFolder, log
+from jobs.checkpoint.layout import Manifest
 from jobs.checkpoint.stream import FileProgress
 
 EarlyFile = tuple[str, str, FileProgress]  # (checkpoint folder, file, the writer's progress on it)
@@ -26,6 +27,7 @@ class UploadState:
         self.stop = threading.Event()  # stop(): the thread ends, backoff waits are cut short
         self.deadline: Optional[float] = None  # of the flush() in progress: backoff stops there
         self._pending: set[str] = set()  # committed locally, not yet on the remote store
+        self._spread: dict[str, Manifest] = {}  # pending saves committed nowhere yet: their ranks' files are up (spread.py)
         self._uploading: Optional[str] = None
         self._rounds_requested = self._rounds_done = 0
         self._early: deque[EarlyFile] = deque()  # files being written locally, to send as they grow
@@ -41,6 +43,17 @@ class UploadState:
         with self.cond:
             self._pending.update(names)
 
+    def add_spread(self, name: str, manifest: Manifest) -> None:
+        """A sharded save whose ranks sent their own files (spread.py): its manifest is committed by the
+        next round, which sends only the writer's files; there is no local commit to read it from."""
+        with self.cond:
+            self._spread[name] = manifest
+            self._pending.add(name)
+
+    def spread(self, name: str) -> Optional[Manifest]:
+        with self.cond:
+            return self._spread.get(name)
+
     def begin_upload(self, name: str) -> bool:
         """Mark `name` as being uploaded, which retention must not drop (drop_replaced); False if it is
         no longer pending (dropped by retention meanwhile). end_upload() when done, either way."""
@@ -55,6 +68,7 @@ class UploadState:
             self._uploading = None
             if uploaded:
                 self._pending.discard(name)
+                self._spread.pop(name, None)
 
     def drop_replaced(self, keep: set[str]) -> set[str]:
         """Pending uploads outside `keep` are dropped, except the one being uploaded; returns that one."""
@@ -64,6 +78,8 @@ class UploadState:
                 log.info("not uploading %s any more: newer checkpoints replace them", sorted(dropped),
                          extra=FILE_ONLY)
             self._pending -= dropped
+            for name in dropped:
+                self._spread.pop(name, None)
             return {self._uploading} if self._uploading else set()
 
     # ------------------------------------------------------------------ work for the thread

@@ -23,6 +23,7 @@ from jobs.checkpoint.backoff import BACKOFF_FIRST_S, Backoff
 from jobs.checkpoint.disk import SavesLog
 from jobs.checkpoint.early import EarlyUploads
 from jobs.checkpoint.errors import ForeignRunFolder, log
+from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest
 from jobs.checkpoint.owner import FolderOwner
 from jobs.checkpoint.published import Published
 from jobs.checkpoint.remote_files import RemoteFiles
@@ -40,7 +41,7 @@ class Uploader:
                  saves_log: SavesLog) -> None:
         self.cfg, self.local, self.remote, self.run_id = cfg, local, remote, run_id
         self._state = UploadState()
-        files = RemoteFiles(local, remote)
+        files = self._files = RemoteFiles(local, remote)
         backoff = Backoff(cfg.upload_retries, remote.uri, self._state.stop)
         self._owner = FolderOwner(files, run_id)
         self._early = EarlyUploads(files, self._owner.check, self._state.stop)
@@ -92,6 +93,32 @@ class Uploader:
         (synchronous saves) the round sends everything."""
         if self._thread is not None:
             self._state.push_early((name, file, progress))
+
+    # ------------------------------------------------------------------ sharded saves sent by their ranks
+    def add_spread(self, name: str, manifest: Manifest) -> None:
+        """Rank 0: a sharded save whose ranks sent their own files (spread.py); the next round sends the
+        writer's files and commits `manifest` remotely. Nothing of it is committed locally."""
+        self._state.add_spread(name, manifest)
+
+    def send_own_files(self, name: str, files: dict[str, FileEntry]) -> bool:
+        """Any rank: its own files of a sharded save, from its local folder to the store, each retried and
+        confirmed by its size (each part's CRC32 is checked by S3 on the way; readers check the SHA-256).
+        False if one could not be sent: the save is then not committed."""
+        for file in sorted(files, key=lambda f: -files[f].size):
+            send = lambda f=file: self._files.put_confirmed(name, f, files[f].size)  # noqa: E731
+            if self._backoff.run(f"upload of {name}/{file}", send, None) is not None:
+                return False
+        return True
+
+    def uncommit_remote(self, name: str) -> bool:
+        """Rank 0, before the ranks send a save of step folder `name`: an earlier remote commit of it goes
+        first, so its files are never replaced under a committed manifest. False if the store refused."""
+        def uncommit() -> None:
+            try:
+                self._files.uncommit(name)
+            except FileNotFoundError:
+                pass
+        return self._backoff.run(f"removal of the old {name}/{MANIFEST}", uncommit, None) is None
 
     # ------------------------------------------------------------------ rounds
     def request_round(self) -> int:

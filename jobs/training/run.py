@@ -71,7 +71,9 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
     # a model spread over ranks is saved the same way: each rank writes its part (DCP), nothing is gathered
     sharded = env.distributed and p.strategy in ("fsdp", "pipeline")
-    checkpointer = checkpointer_for(run, recipe, storage, is_writer=env.is_main, sharded=sharded)
+    # nodes without a shared folder (VMs): each rank sends its own shard to the store (jobs/checkpoint/spread.py)
+    spread = sharded and not run.shared_run_dir and env.world_size > env.local_world_size
+    checkpointer = checkpointer_for(run, recipe, storage, is_writer=env.is_main, sharded=sharded, spread=spread)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
                             env.is_main)
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,

@@ -152,9 +152,11 @@ class Trainer:
             return
         # Rank 0 hashed every file while loading; of the other ranks, one per node hashes local files (a
         # shared folder is the same bytes for its node-mates) and the rest check sizes. Downloads are always hashed.
-        state = loaded[1] if loaded else self.checkpointer.load(found[0], map_location="cpu",
+        # a remote sharded checkpoint is read from this node's copy (made once per node: VMs share no folder)
+        here = self.checkpointer.local_copy(found[0])
+        state = loaded[1] if loaded else self.checkpointer.load(here, map_location="cpu",
                                                                  hash_local=self.env.local_rank == 0)
-        self.load_state_dict(state, found[0])
+        self.load_state_dict(state, here)
         if self.env.is_main:
             saved_hash, st = state["meta"]["config_hash"], self.progress
             changed = " (config changed since: %s)" % saved_hash if saved_hash != config_hash(self.recipe) else ""

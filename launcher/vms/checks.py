@@ -140,8 +140,8 @@ REMOTE_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")  # object stor
 
 
 def check_recipe_on_vms(recipe: RecipeConfig, cluster: ClusterConfig, src: str) -> None:
-    """Multi-node VM runs have no shared file system: checkpoints must live in an object store, and
-    sharded checkpoints (FSDP, pipeline) that each rank writes into one folder cannot be assembled."""
+    """Multi-node VM runs have no shared file system: checkpoints must live in an object store (where
+    each rank of a sharded save, FSDP or pipeline, sends its own shard: jobs/checkpoint/spread.py)."""
     nodes, uri = recipe.parallel.nodes, recipe.checkpoint.uri
     if nodes <= 1:
         return
@@ -151,10 +151,6 @@ def check_recipe_on_vms(recipe: RecipeConfig, cluster: ClusterConfig, src: str) 
                                   f"(parallel.nodes={nodes}) has {shown}", 320),
                          hint="set checkpoint.uri=s3://BUCKET/PREFIX (or gs://...) so every node saves to and "
                          "resumes from the object store")
-    if recipe.parallel.strategy in ("fsdp", "pipeline"):
-        raise UsageError(f"{src}: parallel.strategy={recipe.parallel.strategy} on {nodes} VMs: its sharded "
-                         "checkpoints need a folder shared by every node, and VMs have none",
-                         hint="use parallel.strategy=ddp, or parallel.nodes=1 (one VM)")
 
 
 # ----------------------------------------------------------------------------- launcher doctor

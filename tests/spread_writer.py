@@ -1,0 +1,83 @@
+"""Helper for the tests of sharded saves across nodes that share no folder (jobs/checkpoint/spread.py), run by
+torchrun on 2 ranks (gloo); each rank is a "node" with its own folder BASE/node<rank>, the checkpoints go to
+s3://spread/run on the moto server at $S3_ENDPOINT:
+
+    torchrun --nproc-per-node 2 tests/spread_writer.py save BASE
+        commits steps 1 and 2 (prints COMMITTED <step> on rank 0), then starts step 3, during whose upload
+        rank 1 is SIGKILLed (its upload has sent part of its shard).
+    torchrun --nproc-per-node 2 tests/spread_writer.py resume BASE
+        what the next launch on other VMs does: rank 0 finds the newest committed checkpoint on the store,
+        every rank copies it into its own folder and loads its shard from there; prints
+        "RESUMED <step> <rank> <value of its shard> <location>" per rank.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `jobs`
+
+import jobs.checkpoint.remote_files as remote_files  # noqa: E402
+from jobs.checkpoint import Checkpointer  # noqa: E402
+from jobs.checkpoint.sharded import load_shards  # noqa: E402
+from jobs.schema import CheckpointConfig, StorageConfig  # noqa: E402
+
+NUMEL = 300_000  # fp32 per rank: 1.2 MB
+
+
+def shards(rank: int, step: int) -> dict:
+    return {"model": {f"w{rank}": torch.full((NUMEL,), float(10 * step + rank))}}
+
+
+def killed_midway(fs, local: str, target: str) -> None:
+    """Rank 1's upload of its shard of step 3: part of it reaches the store, then the process is killed."""
+    if "step-000000003" in target and target.endswith(".distcp"):
+        fs.pipe_file(target, Path(local).read_bytes()[:1000])
+        os.kill(os.getpid(), signal.SIGKILL)
+    real_put_file(fs, local, target)
+
+
+real_put_file = remote_files.put_file
+
+
+def main() -> None:
+    mode, base = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    storage = StorageConfig(endpoint_url=os.environ["S3_ENDPOINT"])
+    ckpt = Checkpointer(CheckpointConfig(async_save=True, keep_last=2), base / f"node{rank}", "s3://spread/run",
+                        storage, is_writer=rank == 0, run_id="spread-test", sharded=True, spread=True)
+    if mode == "save":
+        for step in (1, 2):
+            ckpt.save(step, {"trainer": {"step": step}}, {"loss": 1.0 / step}, shards=shards(rank, step))
+            assert ckpt.flush(timeout=60), f"step {step} did not commit"
+            dist.barrier()
+            if rank == 0:
+                print(f"COMMITTED {step}", flush=True)
+        if rank == 1:
+            remote_files.put_file = killed_midway
+        ckpt.save(3, {"trainer": {"step": 3}}, {"loss": 0.3}, shards=shards(rank, 3))
+        ckpt.flush(timeout=60)
+    else:
+        found = [None]
+        loaded = ckpt.load_latest(remote_only=True) if rank == 0 else None
+        found = [loaded[0] if loaded else None]
+        dist.broadcast_object_list(found, src=0)
+        here = ckpt.local_copy(found[0])
+        state = loaded[1] if loaded else ckpt.load(here)
+        template = {"model": {f"w{rank}": torch.empty(NUMEL)}}
+        load_shards(here, template)
+        print(f"RESUMED {state['trainer']['step']} {rank} {template['model'][f'w{rank}'][0].item()} {found[0]}",
+              flush=True)
+    ckpt.close()
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Model-parallel runs (FSDP, pipeline) across VMs that share no folder: each rank sends its own shard to S3,
+rank 0 commits the remote folder, and a spot notice ends in a committed checkpoint that VMs with empty
+disks resume from (jobs/checkpoint/spread.py). Loopback VMs (scripts/vms_local.sh), a metadata server on
+each host's address standing in for GCE, moto's S3, real torchrun ranks; the GPT recipe, shortened."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from conftest import run_cli, wait_until
+from metadata_server import MetadataServer
+from s3_server import S3Server, TEST_CREDENTIALS, free_port, s3_server_fixture
+from test_vms_runs import HOSTS, REPLACEMENT, assert_bit_equal, cli, exported, head_info, host_run, \
+    steps_logged, vm_cluster, wait_state
+
+pytestmark = pytest.mark.slow
+s3_server = pytest.fixture(scope="module")(s3_server_fixture)
+
+# 2 VMs x 1 rank; a tiny GPT, 24 steps, a checkpoint every 12 (the notice's comes between)
+GPT = ["trainer.max_steps=24", "trainer.eval_every=24", "trainer.global_batch=8", "trainer.micro_batch=4",
+       "model.kwargs.dim=32", "model.kwargs.layers=2", "model.kwargs.heads=2", "model.kwargs.seq_len=32",
+       "data.kwargs.seq_len=32", "data.kwargs.max_bytes=100000", "checkpoint.every_steps=12", "logging.log_every=1"]
+LAYOUTS = {"fsdp": ["parallel.strategy=fsdp"],
+           "pipeline": ["parallel.strategy=pipeline", "parallel.microbatches=2", "trainer.micro_batch=8",
+                        "model.kwargs.tied_embeddings=false"]}
+
+
+@pytest.fixture
+def metadata() -> Iterator[dict[str, MetadataServer]]:
+    port = free_port()
+    servers = {host: MetadataServer(host, port) for host in [*HOSTS, REPLACEMENT]}
+    for server in servers.values():
+        server.start()
+    try:
+        yield servers
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], dict]:
+    """The same run on one machine with 2 ranks, never stopped: its final weights (made once per layout)."""
+    import torch
+
+    cache: dict[str, dict] = {}
+
+    def get(layout: str) -> dict:
+        if layout not in cache:
+            runs = tmp_path_factory.mktemp("straight")
+            run_cli("launch", "gpt_small", *GPT, *LAYOUTS[layout], "--run-name", "s", runs_dir=runs, check=True)
+            cache[layout] = torch.load(runs / "s" / "model.pt", weights_only=True)
+        return cache[layout]
+    return get
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "pipeline"])
+def test_a_spot_notice_commits_every_ranks_shard_to_s3_and_empty_vms_resume_bit_equal(
+        layout: str, tmp_path: Path, vm_hosts: Path, s3_server: S3Server, metadata: dict[str, MetadataServer],
+        straight: Callable[[str], dict]) -> None:
+    """A GCE notice on node 1: each rank sends its shard to S3 and rank 0 commits the folder (as at every
+    save: the manifest names both ranks' shards). Node 1 is replaced by a VM with an empty disk and node 0's checkpoint folder
+    is wiped too: the ranks resume from S3 alone and end bit-equal to the uninterrupted run; `launcher
+    export` reads the final shards from the store."""
+    bucket = f"vm{layout}"
+    s3_server.create_bucket(bucket)
+    hosts_file = tmp_path / "hosts.txt"
+    hosts_file.write_text("\n".join(HOSTS) + "\n")
+    cluster = vm_cluster(tmp_path, vm_hosts, s3_server, hosts=[], hosts_command=f"cat {hosts_file}",
+                         provider="gce", metadata_url=f"http://{{host}}:{metadata[HOSTS[0]].port}")
+    runs = tmp_path / "runs"
+    out = cli(cluster, runs, "launch", "gpt_small", *GPT, *LAYOUTS[layout], "parallel.nodes=2",
+              "parallel.procs_per_node=1", f"checkpoint.uri=s3://{bucket}/runs", "--run-name", "mp")
+    assert out.returncode == 0, out.stdout + out.stderr
+    wait_until(lambda: steps_logged(tmp_path, "mp") >= 3, "step 3", timeout=180, poll=0.05)
+    hosts_file.write_text(f"{HOSTS[0]}\n")
+    metadata[HOSTS[1]].notice()
+    wait_until(lambda: head_info(tmp_path, "mp").get("state") == "waiting_for_hosts", "the supervisor to wait")
+    shutil.rmtree(host_run(tmp_path, HOSTS[0], "mp") / "checkpoints")  # nothing local is needed to resume
+    hosts_file.write_text(f"{HOSTS[0]}\n{REPLACEMENT}\n")
+    assert wait_state(cluster, runs, "mp")["state"] == "completed"
+    info = head_info(tmp_path, "mp")
+    assert info["requeues"] == {"preemptions": 1}, info
+    assert info["notice_to_saved_s"] < 30, info
+
+    logs = "".join(p.read_text() for p in (tmp_path / "hosts").glob("*/runs/mp/logs/rank*.log"))
+    resumed = [line for line in logs.splitlines() if f"resumed from s3://{bucket}/runs/mp/step-" in line]
+    assert resumed, logs
+    step = resumed[0].split("/step-")[1][:9]
+    import fsspec
+
+    fs = fsspec.filesystem("s3", endpoint_url=s3_server.endpoint, key="testing", secret="testing",
+                           skip_instance_cache=True)
+    manifest = json.loads(fs.cat_file(f"{bucket}/runs/mp/step-000000024/manifest.json"))  # (the notice's is pruned)
+    shards = {name: entry.get("rank") for name, entry in manifest["files"].items() if name.endswith(".distcp")}
+    assert shards == {"__0_0.distcp": 0, "__1_0.distcp": 1}, manifest["files"]
+    assert 3 <= int(step) < 12  # the notice's own checkpoint, not a scheduled one
+    assert_bit_equal(exported(cluster, runs, "mp", tmp_path / "mp.pt"), straight(layout))
