@@ -25,7 +25,7 @@ from jobs.progress import StepReporter
 from jobs.training.callbacks import Callback, FirstStepMarker
 from jobs.training.context import RunContext
 from jobs.training.run import train
-from jobs.schema import UsageError, to_dict
+from jobs.schema import RecipeConfig, UsageError, to_dict
 from jobs.schema.run_dir import LOGS, Run, RunResult
 from jobs.schema.secrets import RedactFilter, secret_values
 from jobs.schema.study import TrialTicket
@@ -88,6 +88,7 @@ def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | N
     logging.getLogger("jobs.train").info("rank %d of %d on %s (local rank %d), run %s", env.rank, env.world_size,
                                          socket.gethostname(), env.local_rank, run.dir)
     recipe, cluster = run.recipe(), run.cluster()
+    recipe = _on_the_nodes_there_are(recipe, env)
     redact_logs(secret_values([to_dict(recipe), to_dict(cluster)]))
     info = run.readable_info()
     if info.code_dir:  # the user's package next to the recipe: importable as in the launcher's check
@@ -105,6 +106,22 @@ def run_training(run: Run | Path, env: RankEnv | None = None, stop: StopFlag | N
         raise
     parallel.shutdown()
     return result
+
+
+def _on_the_nodes_there_are(recipe: RecipeConfig, env: RankEnv) -> RecipeConfig:
+    """A run relaunched on fewer nodes than its recipe names (the VMs that came back, vms.min_nodes; checked
+    at launch for every size allowed): the same global batch over fewer replicas, each accumulating more."""
+    p = recipe.parallel
+    nodes = env.world_size // p.procs_per_node
+    if env.world_size == p.world_size or nodes * p.procs_per_node != env.world_size or nodes > p.nodes:
+        return recipe
+    resized = recipe.on_nodes(nodes)
+    if env.is_main:
+        logging.getLogger("jobs.train").info(
+            "running on %d of the recipe's %d nodes: %s micro-batches per replica and step instead of %s; the "
+            "global batch stays %d", nodes, p.nodes, resized.grad_accum or "auto", recipe.grad_accum or "auto",
+            recipe.trainer.global_batch)
+    return resized
 
 
 def _log_failure(err: BaseException) -> None:

@@ -5,6 +5,8 @@ ranges and cross-field rules, so a bad value fails before anything is started or
 """
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
@@ -280,6 +282,11 @@ class RecipeConfig:
         if self.trainer.micro_batch == "auto":
             return None
         return self.replica_batch // self.trainer.micro_batch
+
+    def on_nodes(self, nodes: int) -> "RecipeConfig":
+        """This recipe on `nodes` nodes (a run resumed on the VMs that came back, vms.min_nodes): the same
+        global batch, split over fewer replicas, so each accumulates more micro-batches per step."""
+        return dataclasses.replace(self, parallel=dataclasses.replace(self.parallel, nodes=nodes))
 
     def check(self, src: str) -> None:
         non_empty(src, "name", self.name)

@@ -57,6 +57,9 @@ class VmsConfig:
     notice_poll_s: float = 5.0  # AWS: how often spot/instance-action is polled (GCE long-polls)
     rdzv_port: int = 29400  # torchrun's c10d rendezvous on node 0
     host_wait_s: int = 600  # after a preemption or failure, wait this long for every host to answer again
+    # then resume on the hosts that answer, if at least this many (default: every one of parallel.nodes); the
+    # global batch is kept (more micro-batches per step), and the next relaunch grows back when they return
+    min_nodes: Optional[int] = None
     max_preemptions: int = 20  # relaunches after a spot notice before giving up
     max_failures: int = 1  # relaunches after a crash or a lost node before giving up
 
@@ -93,6 +96,8 @@ class VmsConfig:
         self._check_env_and_sync(src)
         for key in ("connect_timeout_s", "host_wait_s", "notice_poll_s"):
             positive(src, f"vms.{key}", getattr(self, key))
+        if self.min_nodes is not None:
+            positive(src, "vms.min_nodes", self.min_nodes)
         for key in ("max_preemptions", "max_failures"):
             non_negative(src, f"vms.{key}", getattr(self, key))
 

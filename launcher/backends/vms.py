@@ -194,6 +194,9 @@ def status(run: Run) -> dict[str, Any]:
     for key in ("stop_reason", "last_requeue", "placement"):
         if there.get(key):
             out[key] = there[key]
+    sized = VmState.from_dict(there)
+    if sized.resizes:  # relaunched on the VMs that came back (vms.min_nodes), or grown back since
+        out["nodes"] = f"{sized.nodes} of {run.recipe().parallel.nodes} (resized {sized.resizes}x)"
     # restarts in place by kind (the supervisor's, after a hang or a crash) and why the last one was refused
     out.update(status_fields(RunInfo.from_dict(there), alive))
     return {**out, **result.pick("step", "epoch", "outcome", "signal"), **result.metrics}

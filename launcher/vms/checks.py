@@ -18,7 +18,7 @@ from launcher.vms.remote_output import json_object
 from launcher.vms.hosts import hosts_from_command
 from launcher.vms.ssh import HostError, HostSpec
 from jobs.schema import ClusterConfig, RecipeConfig
-from jobs.schema.errors import UsageError, one_line, short
+from jobs.schema.errors import ConfigError, UsageError, one_line, short
 from jobs.schema.vms import VmsConfig
 
 PROBE_TIMEOUT_S = 120  # importing torch on a cold VM disk can take tens of seconds
@@ -151,6 +151,28 @@ def check_recipe_on_vms(recipe: RecipeConfig, cluster: ClusterConfig, src: str) 
                                   f"(parallel.nodes={nodes}) has {shown}", 320),
                          hint="set checkpoint.uri=s3://BUCKET/PREFIX (or gs://...) so every node saves to and "
                          "resumes from the object store")
+    _check_min_nodes(recipe, cluster, src)
+
+
+def _check_min_nodes(recipe: RecipeConfig, cluster: ClusterConfig, src: str) -> None:
+    """vms.min_nodes: the run must be able to resume on every size from min_nodes to parallel.nodes (the
+    global batch split over fewer replicas, a pipeline's stages on fewer ranks): refused now, not after an
+    hour of training when a spot VM does not come back."""
+    assert cluster.vms is not None
+    least, nodes = cluster.vms.min_nodes, recipe.parallel.nodes
+    if least is None:
+        return
+    if least > nodes:
+        raise UsageError(f"cluster config {cluster.name}: vms.min_nodes={least} is more than the recipe's "
+                         f"parallel.nodes={nodes}", hint=f"set vms.min_nodes between 1 and {nodes}")
+    for size in range(least, nodes):
+        try:
+            recipe.on_nodes(size).check(recipe.name)
+        except ConfigError as err:
+            raise UsageError(one_line(f"cluster config {cluster.name}: vms.min_nodes={least} lets this run resume on "
+                                      f"{size} of its {nodes} VMs, where {err.key}: {err.message}", 400),
+                             hint=f"raise vms.min_nodes to {size + 1}, or change the recipe ({err.hint})"
+                             if err.hint else f"raise vms.min_nodes to {size + 1}") from None
 
 
 # ----------------------------------------------------------------------------- launcher doctor

@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Sequence
+from typing import Optional, Sequence
 
 from jobs.schema.errors import ConfigError, one_line, short
+from jobs.schema import RecipeConfig
 from jobs.schema.vms import VmsConfig, valid_host
 
 HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a hung one must not hang launch
@@ -16,15 +17,38 @@ HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a 
 
 def resolve_hosts(cfg: VmsConfig, src: str, nodes: int) -> list[str]:
     """The first `nodes` hosts (node 0 first); ConfigError if there are fewer, or the command fails."""
-    if cfg.hosts:
-        hosts, key, what = list(cfg.hosts), "vms.hosts", "lists"
-    else:
-        hosts, key, what = hosts_from_command(cfg.hosts_command or "", src), "vms.hosts_command", "printed"
+    hosts = listed_hosts(cfg, src)
     if len(hosts) < nodes:
+        key, what = ("vms.hosts", "lists") if cfg.hosts else ("vms.hosts_command", "printed")
         raise ConfigError(src, key, f"the recipe asks for parallel.nodes={nodes} but {key} {what} "
                           f"{len(hosts)} host{'s' if len(hosts) != 1 else ''}: {', '.join(hosts)}",
                           f"start more VMs, or set parallel.nodes={len(hosts)}")
     return hosts[:nodes]
+
+
+def listed_hosts(cfg: VmsConfig, src: str) -> list[str]:
+    """Every host the config lists or its command prints now, node 0 first."""
+    return list(cfg.hosts) if cfg.hosts else hosts_from_command(cfg.hosts_command or "", src)
+
+
+def launch_size(answering: int, nodes: int, min_nodes: Optional[int], waited_out: bool) -> Optional[int]:
+    """How many nodes the next launch gets: every one of `nodes` once they answer; once vms.host_wait_s has
+    passed (`waited_out`), the ones that answer if they are at least vms.min_nodes; None: no launch now."""
+    if answering >= nodes:
+        return nodes
+    if waited_out and min_nodes is not None and answering >= min_nodes:
+        return answering
+    return None
+
+
+def resize_line(before: int, size: int, recipe: RecipeConfig, cfg: VmsConfig) -> Optional[str]:
+    """The line for `launcher logs` when a launch has another number of VMs than the last (None if not)."""
+    if size == before:
+        return None
+    nodes = recipe.parallel.nodes
+    how = f"on {size} of its {nodes} VMs (vms.min_nodes={cfg.min_nodes}): the others did not answer within " \
+          f"vms.host_wait_s={cfg.host_wait_s} s" if size < nodes else f"on all {nodes} VMs again"
+    return f"the run resumes {how}; the global batch stays {recipe.trainer.global_batch}"
 
 
 def hosts_from_command(command: str, src: str, timeout_s: float = HOSTS_COMMAND_TIMEOUT_S) -> list[str]:

@@ -34,6 +34,8 @@ class VmState:
     waiting_for: Optional[str] = None  # node 0: why the supervisor waits for hosts
     last_notice: Optional[dict] = None  # node 0: the last spot notice, as the node agent reported it, and when
     notice_to_saved_s: Optional[float] = None  # node 0: from a preemption notice to every node having saved
+    nodes: Optional[int] = field(default=None, metadata={"key": "vm_nodes"})  # node 0: VMs of the last launch
+    resizes: int = field(default=0, metadata={"key": "vm_resizes"})  # node 0: launches on another number of VMs
 
     @classmethod
     def of(cls, info: RunInfo) -> "VmState":
@@ -89,4 +91,4 @@ def _json(value: Any) -> Any:
 
 _TYPES: dict[str, Any] = {"head": str, "run_dir": str, "started_pid": int, "launches": int, "supervisor_pid": int,
                           "supervisor_start": int, "placement": dict, "waiting_for": str, "last_notice": dict,
-                          "notice_to_saved_s": (int, float)}
+                          "notice_to_saved_s": (int, float), "nodes": int, "resizes": int}

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from launcher.vms import layout
-from launcher.vms.hosts import resolve_hosts
+from launcher.vms.hosts import launch_size, listed_hosts, resize_line
 from launcher.vms.restarts import Stalls, verdict
 from launcher.vms.ssh import HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
@@ -126,16 +126,20 @@ class Supervisor:
             _order(proc, "stop")
 
     async def wait_for_hosts(self) -> Optional[list[str]]:
-        """Every host of the next launch, answering over SSH; None once vms.host_wait_s has passed."""
-        deadline = time.monotonic() + self.cfg.host_wait_s
+        """The hosts of the next launch, answering over SSH: every one of parallel.nodes, or after vms.host_wait_s
+        as many as answer if they are at least vms.min_nodes; None once vms.host_wait_s has passed without."""
+        nodes, deadline = self.recipe.parallel.nodes, time.monotonic() + self.cfg.host_wait_s
         while not self.cancelled.is_set():
+            waited_out = time.monotonic() > deadline
             try:
-                hosts = resolve_hosts(self.cfg, CLUSTER_YAML, self.recipe.parallel.nodes)
-                await asyncio.gather(*(self.prepare(spec) for spec in host_specs(self.cfg, hosts)))
-                return hosts
+                answering, why = await self.answering(listed_hosts(self.cfg, CLUSTER_YAML)[:nodes])
+                size = launch_size(len(answering), nodes, self.cfg.min_nodes, waited_out)
+                if size is not None:
+                    self.resized(size)
+                    return answering[:size]
             except (UsageError, OSError) as err:
                 why = str(err)
-            if time.monotonic() > deadline:
+            if waited_out:
                 self.stop(f"hosts did not come back within vms.host_wait_s={self.cfg.host_wait_s} s: {why}")
                 return None
             self.run.update(state="waiting_for_hosts", **VmState.entries(waiting_for=why))
@@ -143,6 +147,25 @@ class Supervisor:
             await asyncio.sleep(5)
         self.stop("cancelled while waiting for hosts", state="cancelled")
         return None
+
+    async def answering(self, hosts: list[str]) -> tuple[list[str], str]:
+        """The `hosts` that answer, prepared (node 0's order kept), and why the others do not."""
+        tried = await asyncio.gather(*(self.prepare(spec) for spec in host_specs(self.cfg, hosts)),
+                                     return_exceptions=True)
+        for err in tried:
+            if isinstance(err, BaseException) and not isinstance(err, (UsageError, OSError)):
+                raise err
+        why = "; ".join(f"{h}: {err}" for h, err in zip(hosts, tried) if isinstance(err, BaseException))
+        return [h for h, err in zip(hosts, tried) if err is None], why or \
+            f"{len(hosts)} of the {self.recipe.parallel.nodes} hosts are listed: {', '.join(hosts) or 'none'}"
+
+    def resized(self, size: int) -> None:
+        """A launch on another number of VMs than the last one (vms.min_nodes): a line in the logs, counted."""
+        state = VmState.of(self.run.info())
+        line = resize_line(state.nodes or self.recipe.parallel.nodes, size, self.recipe, self.cfg)
+        if line is not None:
+            self.note(line)
+            self.run.update(**VmState.entries(nodes=size, resizes=state.resizes + 1))
 
     async def prepare(self, spec: HostSpec) -> None:
         """The code and the run's files on `spec`'s host (node 0 has them: this process runs there)."""
