@@ -290,7 +290,7 @@ def table(results: dict) -> str:
         rows += pipeline_rows(results["pipeline"])
     if "shardsave" in results:
         rows += shardsave_rows(results["shardsave"])
-    for row in results.get("vms_rows", []):
+    for row in results.get("vms_rows", []) + results.get("vm_shards_rows", []):
         rows.append(tuple(row))
     for row in results.get("bayes_rows", []):
         rows.append(tuple(row))
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms", "bayes", "slowrank", "restarts"],
+                                           "vms", "vmshards", "bayes", "slowrank", "restarts"],
                         default=None)
     parser.add_argument("--small", action="store_true",
                         help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
@@ -341,6 +341,13 @@ def main() -> None:
         results["vms"] = vms.get("results", vms)
         if "rows" in vms:
             results["vms_rows"] = vms["rows"]
+    if args.only in (None, "vmshards"):
+        from bench import vm_sharded
+
+        shards = vm_sharded.run()
+        results["vm_shards"] = shards.get("results", shards)
+        if "rows" in shards:
+            results["vm_shards_rows"] = shards["rows"]
     if args.only in (None, "bayes"):
         from bench import bayes_sweep
 

@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, TypeVar
+from typing import Callable, Iterator, Optional, Sequence, TypeVar
 
 import yaml
 
@@ -245,9 +245,10 @@ def raw_upload_s(lb: Loopback, name: str) -> Optional[float]:
     return time.monotonic() - start
 
 
-def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240) -> dict:
-    """(1) and (2): a GCE notice on node 1 mid-run, the stop's checkpoint in S3, the relaunch's resume."""
-    lb.cli("launch", "gpt_small", *GPT_100M, "parallel.nodes=2", *ONE_RANK_PER_NODE,
+def notice_to_upload(lb: Loopback, name: str = "notice", timeout: float = 240, layout: Sequence[str] = ()) -> dict:
+    """(1) and (2): a GCE notice on node 1 mid-run, the stop's checkpoint in S3, the relaunch's resume
+    (`layout`: overrides such as parallel.strategy=fsdp; DDP by default)."""
+    lb.cli("launch", "gpt_small", *GPT_100M, *layout, "parallel.nodes=2", *ONE_RANK_PER_NODE,
            f"checkpoint.uri=s3://{BUCKET}/runs", "--run-name", name)
     with cancelled_on_error(lb, name):
         # past the launch's first steps, where the stop agreement measures the step time and chooses its mode

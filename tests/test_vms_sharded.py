@@ -20,10 +20,10 @@ from test_vms_runs import HOSTS, REPLACEMENT, assert_bit_equal, cli, exported, h
 pytestmark = pytest.mark.slow
 s3_server = pytest.fixture(scope="module")(s3_server_fixture)
 
-# 2 VMs x 1 rank; a tiny GPT, 24 steps, a checkpoint every 12 (the notice's comes between)
+# 2 VMs x 1 rank; a tiny GPT, 24 steps, saved at the end (and on the notice)
 GPT = ["trainer.max_steps=24", "trainer.eval_every=24", "trainer.global_batch=8", "trainer.micro_batch=4",
        "model.kwargs.dim=32", "model.kwargs.layers=2", "model.kwargs.heads=2", "model.kwargs.seq_len=32",
-       "data.kwargs.seq_len=32", "data.kwargs.max_bytes=100000", "checkpoint.every_steps=12", "logging.log_every=1"]
+       "data.kwargs.seq_len=32", "data.kwargs.max_bytes=100000", "checkpoint.every_steps=24", "logging.log_every=1"]
 LAYOUTS = {"fsdp": ["parallel.strategy=fsdp"],
            "pipeline": ["parallel.strategy=pipeline", "parallel.microbatches=2", "trainer.micro_batch=8",
                         "model.kwargs.tied_embeddings=false"]}
@@ -104,15 +104,17 @@ def test_a_spot_notice_commits_every_ranks_shard_to_s3_and_empty_vms_resume_bit_
     info = head_info(tmp_path, "mp")
     assert info["requeues"] == {"preemptions": 1}, info
     assert info["notice_to_saved_s"] < 30, info
-    assert 3 <= resumed_step(tmp_path, bucket) < 12  # the notice's own checkpoint, not a scheduled one
+    step = resumed_step(tmp_path, bucket)
+    assert 3 <= step < 24  # the notice's own checkpoint
 
     import fsspec
 
     fs = fsspec.filesystem("s3", endpoint_url=s3_server.endpoint, key="testing", secret="testing",
                            skip_instance_cache=True)
-    manifest = json.loads(fs.cat_file(f"{bucket}/runs/mp/step-000000024/manifest.json"))  # (the notice's is pruned)
-    shards = {name: entry.get("rank") for name, entry in manifest["files"].items() if name.endswith(".distcp")}
-    assert shards == {"__0_0.distcp": 0, "__1_0.distcp": 1}, manifest["files"]
+    for saved in (step, 24):  # the notice's and the last, each with both ranks' shards
+        manifest = json.loads(fs.cat_file(f"{bucket}/runs/mp/step-{saved:09d}/manifest.json"))
+        shards = {name: entry.get("rank") for name, entry in manifest["files"].items() if name.endswith(".distcp")}
+        assert shards == {"__0_0.distcp": 0, "__1_0.distcp": 1}, manifest["files"]
     import torch
 
     assert_bit_equal(exported(cluster, runs, "mp", tmp_path / "mp.pt"),

@@ -2,6 +2,7 @@
 (the `vm_hosts` fixture: scripts/vms_local.sh), each "host" 127.0.0.x with its own folder."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -20,7 +21,7 @@ import pytest
 from conftest import run_cli
 from launcher.vms import ssh
 from launcher.vms.checks import HostFacts, check_hosts, check_recipe_on_vms, compare_hosts, release
-from launcher.vms.hosts import resolve_hosts
+from launcher.vms.hosts import launch_size, resize_line, resolve_hosts
 from launcher.vms.ssh import HostError, HostSpec
 from jobs.schema import load_cluster, load_recipe
 from jobs.schema.errors import ConfigError, UsageError
@@ -280,6 +281,49 @@ def test_runs_that_fit_vms_pass() -> None:
     # several VMs: each rank sends its own shard to the store (jobs/checkpoint/spread.py)
     for layout in (["parallel.strategy=fsdp"], ["parallel.strategy=pipeline", "trainer.micro_batch=64"]):
         check_recipe_on_vms(_recipe("parallel.nodes=2", "checkpoint.uri=s3://b/p", *layout), cluster, SRC)
+
+
+@pytest.mark.parametrize("answering, waited_out, min_nodes, size", [
+    (3, False, None, 3), (4, False, None, 3),  # every node answers: the recipe's size, at once
+    (2, False, 1, None),  # fewer, before vms.host_wait_s: wait for the others
+    (2, True, None, None), (2, True, 3, None),  # after it, without min_nodes or below it: no launch (stop)
+    (2, True, 2, 2), (1, True, 1, 1), (0, True, 1, None),  # after it, at least min_nodes: those that answer
+])
+def test_the_launch_size_waits_for_every_node_then_takes_at_least_min_nodes(
+        answering: int, waited_out: bool, min_nodes: int | None, size: int | None) -> None:
+    assert launch_size(answering, 3, min_nodes, waited_out) == size
+
+
+def test_a_change_of_size_is_said_once_each_way() -> None:
+    recipe, cfg = _recipe("parallel.nodes=2", "trainer.micro_batch=32"), VmsConfig(hosts=("h0",), min_nodes=1,
+                                                                                   host_wait_s=90)
+    assert resize_line(2, 2, recipe, cfg) is None and resize_line(1, 1, recipe, cfg) is None
+    assert resize_line(2, 1, recipe, cfg) == ("the run resumes on 1 of its 2 VMs (vms.min_nodes=1): the others did "
+                                              "not answer within vms.host_wait_s=90 s; the global batch stays 64")
+    assert resize_line(1, 2, recipe, cfg) == "the run resumes on all 2 VMs again; the global batch stays 64"
+
+
+@pytest.mark.parametrize("overrides, min_nodes, words", [
+    (["parallel.nodes=2", "trainer.micro_batch=64", "parallel.strategy=pipeline"], 1,
+     ["vms.min_nodes=1 lets this run resume on 1 of its 2 VMs", "a pipeline needs at least 2 ranks",
+      "raise vms.min_nodes to 2"]),
+    (["parallel.nodes=3", "trainer.micro_batch=32", "trainer.global_batch=96"], 1,
+     ["resume on 2 of its 3 VMs", "trainer.global_batch: 96 is not divisible", "raise vms.min_nodes to 3"]),
+    (["parallel.nodes=2", "trainer.micro_batch=32"], 3, ["vms.min_nodes=3 is more than", "parallel.nodes=2"]),
+])
+def test_min_nodes_is_refused_when_a_smaller_run_could_not_resume(overrides: list[str], min_nodes: int,
+                                                                  words: list[str]) -> None:
+    """Every size from vms.min_nodes up must be a valid run, checked before launch: not after an hour of
+    training, when a spot VM does not come back."""
+    base = load_cluster("local_vms")
+    cluster = dataclasses.replace(base, vms=dataclasses.replace(base.vms, min_nodes=min_nodes))
+    with pytest.raises(UsageError) as exc:
+        check_recipe_on_vms(_recipe("checkpoint.uri=s3://b/p", *overrides), cluster, SRC)
+    said = refused(exc) + str(exc.value.hint)
+    assert all(w in said for w in words), said
+    cluster = dataclasses.replace(base, vms=dataclasses.replace(base.vms, min_nodes=1))
+    check_recipe_on_vms(_recipe("checkpoint.uri=s3://b/p", "parallel.nodes=2", "parallel.strategy=fsdp",
+                                "trainer.micro_batch=16"), cluster, SRC)  # 64 = 16 x 2 x 2 = 32 x 2 x 1
 
 
 # ------------------------------------------------------------------------------------------ through the CLI
