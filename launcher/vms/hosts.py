@@ -15,16 +15,19 @@ HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a 
 
 
 def resolve_hosts(cfg: VmsConfig, src: str, nodes: int) -> list[str]:
-    """The first `nodes` hosts (node 0 first); ConfigError if there are fewer, or the command fails."""
+    """The run's `nodes` hosts (node 0 first): the first ones, or from vms.host_offset on; ConfigError if there are
+    fewer, or the command fails."""
     if cfg.hosts:
         hosts, key, what = list(cfg.hosts), "vms.hosts", "lists"
     else:
         hosts, key, what = hosts_from_command(cfg.hosts_command or "", src), "vms.hosts_command", "printed"
-    if len(hosts) < nodes:
-        raise ConfigError(src, key, f"the recipe asks for parallel.nodes={nodes} but {key} {what} "
+    first = cfg.host_offset
+    if len(hosts) < first + nodes:
+        asked = f"parallel.nodes={nodes}" + (f" from vms.host_offset={first} on" if first else "")
+        raise ConfigError(src, key, f"the recipe asks for {asked} but {key} {what} "
                           f"{len(hosts)} host{'s' if len(hosts) != 1 else ''}: {', '.join(hosts)}",
-                          f"start more VMs, or set parallel.nodes={len(hosts)}")
-    return hosts[:nodes]
+                          f"start more VMs, or set parallel.nodes={max(1, len(hosts) - first)}")
+    return hosts[first:first + nodes]
 
 
 def hosts_from_command(command: str, src: str, timeout_s: float = HOSTS_COMMAND_TIMEOUT_S) -> list[str]:
