@@ -132,3 +132,30 @@ def test_grid_sweeps_on_vms_are_refused_naming_the_bayesian_one(tmp_path: Path, 
     assert out.returncode == 2, out.stdout + out.stderr
     assert "grid and random sweeps do not run on VMs" in out.stderr and "--search bayes" in out.stderr
     assert not runs.exists() or not any(runs.rglob("*"))
+
+
+def test_the_new_vms_keys_are_checked_at_load_and_shown(tmp_path: Path) -> None:
+    """vms.supervisor_host (where a run's supervisor runs) and vms.host_offset (a slot of the pool): refused at load
+    when bad, naming the key; shown by `launcher show`."""
+    path = tmp_path / "c.yaml"
+    for key, value in (("supervisor_host", "10.0.0.9; rm -rf /"), ("host_offset", -1)):
+        path.write_text(yaml.safe_dump({"backend": "vms", "vms": {"hosts": ["10.0.0.2"], key: value}}))
+        out = run_cli("show", "digits", "--cluster", str(path))
+        assert out.returncode == 2 and f"vms.{key}" in out.stderr, out.stdout + out.stderr
+    path.write_text(yaml.safe_dump({"backend": "vms", "vms": {"hosts": ["10.0.0.2", "10.0.0.3"],
+                                                             "supervisor_host": "10.0.0.9", "host_offset": 1}}))
+    out = run_cli("show", "digits", "--cluster", str(path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "supervisor_host: 10.0.0.9" in out.stdout and "host_offset: 1" in out.stdout, out.stdout
+
+
+def test_a_slot_of_the_pool_is_the_hosts_from_its_offset() -> None:
+    from jobs.schema.errors import ConfigError
+    from jobs.schema.vms import VmsConfig
+    from launcher.vms.hosts import resolve_hosts
+
+    pool = ("10.0.0.2", "10.0.0.3", "10.0.0.4")
+    assert resolve_hosts(VmsConfig(hosts=pool), "c", 2) == ["10.0.0.2", "10.0.0.3"]
+    assert resolve_hosts(VmsConfig(hosts=pool, host_offset=1), "c", 2) == ["10.0.0.3", "10.0.0.4"]
+    with pytest.raises(ConfigError, match="parallel.nodes=2 from vms.host_offset=2 on but vms.hosts lists 3"):
+        resolve_hosts(VmsConfig(hosts=pool, host_offset=2), "c", 2)
