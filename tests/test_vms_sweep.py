@@ -1,6 +1,7 @@
 """Bayesian sweeps on VMs: the loopback "VMs" of scripts/vms_local.sh, moto's S3 holding the study and the trials'
 checkpoints, metadata servers on the hosts' addresses for spot notices (as tests/test_vms_runs.py). The refusals
-that remain are pure: one line, exit 2, nothing started or written."""
+that remain are pure: one line, exit 2, nothing started or written (grid and random sweeps, refused after the
+hosts were checked: tests/test_vms_ssh.py)."""
 from __future__ import annotations
 
 import json
@@ -119,19 +120,6 @@ def test_more_workers_than_slots_of_vms_are_refused(tmp_path: Path) -> None:
                   "checkpoint.uri=s3://b/p")
     assert "--workers 3 of parallel.nodes=1 need 3 VMs" in err and "vms.hosts lists 2" in err, err
     assert "use --workers 2" in err
-
-
-def test_grid_sweeps_on_vms_are_refused_naming_the_bayesian_one(tmp_path: Path, vm_hosts: Path) -> None:
-    """After each trial's checks (which reach the VMs): the loopback VMs answer."""
-    runs, cluster = tmp_path / "runs", tmp_path / "vms.yaml"
-    cluster.write_text(yaml.safe_dump({"backend": "vms", "vms": {
-        "hosts": HOSTS, "user": "root", "identity_file": str(vm_hosts / "client_key"), "port": 2222,
-        "known_hosts": "ignore", "remote_dir": str(tmp_path / "hosts" / "{host}")}}))
-    out = run_cli("sweep", "digits", "--grid", "optim.lr=0.01,0.1", "parallel.procs_per_node=1",
-                  "checkpoint.uri=s3://b/p", "--cluster", str(cluster), runs_dir=runs)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "grid and random sweeps do not run on VMs" in out.stderr and "--search bayes" in out.stderr
-    assert not runs.exists() or not any(runs.rglob("*"))
 
 
 def test_the_new_vms_keys_are_checked_at_load_and_shown(tmp_path: Path) -> None:
