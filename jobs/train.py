@@ -150,7 +150,7 @@ def _callbacks(run: Run, env: RankEnv) -> list[Callback]:
     if ticket is not None:
         from jobs.training.pruning import TrialReporter  # optuna: only in a Bayesian sweep's trials
 
-        callbacks.append(TrialReporter(ticket))
+        callbacks.append(TrialReporter(ticket, run.cluster().storage))
     return callbacks
 
 

@@ -343,14 +343,16 @@ def test_launch_with_an_open_key_exits_2_and_writes_nothing(vm_hosts: Path, tmp_
 
 
 def test_a_sweep_on_vms_is_refused_and_writes_nothing(vm_hosts: Path, tmp_path: Path, runs_dir: Path) -> None:
-    """Sweeps are not built for VMs: refused after the hosts were checked, before any run directory exists."""
+    """Grid and random sweeps are not built for VMs (a Bayesian one is: tests/test_vms_sweep.py): refused after the
+    hosts were checked, before any run directory exists, naming the sweep that does run."""
     cluster = tmp_path / "vms.yaml"
     cluster.write_text(f"backend: vms\nvms:\n  hosts: [{', '.join(HOSTS)}]\n  user: root\n"
                        f"  identity_file: {vm_hosts / 'client_key'}\n  port: {PORT}\n  known_hosts: ignore\n"
                        f"  remote_dir: '{tmp_path}/hosts/{{host}}'\n")
     proc = run_cli("sweep", "digits", "parallel.procs_per_node=1", "--grid", "optim.lr=0.01,0.02", "--cluster",
                    str(cluster), runs_dir=runs_dir)
-    assert proc.returncode == 2 and "sweeps do not run on VMs yet (2 trials)" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "grid and random sweeps do not run on VMs (2 trials)" in proc.stderr, proc.stderr
+    assert "use --search bayes" in proc.stderr
     assert list(runs_dir.iterdir()) == [] and not (tmp_path / "hosts").exists()
 
 

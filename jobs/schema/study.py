@@ -21,6 +21,8 @@ from jobs.schema.run_files import replace_text
 if TYPE_CHECKING:
     import optuna
 
+    from jobs.schema.cluster import StorageConfig
+
 STUDY_JOURNAL, TRIAL_JSON = "study.journal", "trial.json"
 # Pruning is asynchronous successive halving (ASHA: Li et al., MLSys 2020; Optuna's SuccessiveHalvingPruner),
 # the early-stopping half of BOHB. A trial's first rung is the step of its 3rd evaluation (the first ones fall
@@ -44,7 +46,7 @@ REDUCTION_FACTOR, JUDGED_FROM_REPORT = 3, 3
 class TrialTicket:
     """trial.json, written by the launcher into a Bayesian trial's run directory before it starts."""
 
-    journal: str  # the study's journal file (absolute path, on the file system every node shares)
+    journal: str  # the study's journal file (absolute path, on the file system every node shares), or its URI
     study: str  # study name: the sweep's name
     number: int  # Optuna's trial number: a resumed run reports to the same trial
     metric: str  # what rank 0 reports after each evaluation, e.g. val/acc
@@ -64,15 +66,30 @@ class TrialTicket:
                    metric=str(data["metric"]), prune=bool(data["prune"]))
 
 
-def journal_storage(journal: Path | str) -> "optuna.storages.JournalStorage":
+def journal_storage(journal: Path | str, storage: Optional["StorageConfig"] = None) -> "optuna.storages.JournalStorage":
     """The study store: one append-only file, safe for several processes and nodes on a shared file
-    system (Optuna's open-with-O_EXCL lock, which NFSv3 and later honour)."""
+    system (Optuna's open-with-O_EXCL lock, which NFSv3 and later honour); or, for a URI (`s3://...`), one
+    object per entry in that store, reached with `storage` (`jobs.study_store`: nodes that share no file system)."""
     import optuna
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
     quiet()
+    if is_uri(str(journal)):
+        from jobs.study_store import object_storage
+
+        return object_storage(str(journal), storage)
     keep_private(Path(journal))
     return optuna.storages.JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal))))
+
+
+def study_uri(checkpoint_uri: str, sweep: str) -> str:
+    """Where a sweep's study lives in an object store: beside its trials' checkpoints (`jobs.study_store`)."""
+    return f"{checkpoint_uri.rstrip('/')}/sweeps/{sweep}/study"
+
+
+def is_uri(journal: str) -> bool:
+    """A study in an object store (`s3://bucket/...`), not a journal file."""
+    return "://" in journal
 
 
 def keep_private(journal: Path) -> None:

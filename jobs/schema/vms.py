@@ -62,6 +62,10 @@ class VmsConfig:
     min_nodes: Optional[int] = None
     max_preemptions: int = 20  # relaunches after a spot notice before giving up
     max_failures: int = 1  # relaunches after a crash or a lost node before giving up
+    # where the run's supervisor runs (it follows the nodes and relaunches them): default node 0; another VM (an
+    # on-demand one beside spot nodes) keeps it when the nodes are preempted. A sweep's trials use node 0 of the pool
+    supervisor_host: Optional[str] = None
+    host_offset: int = 0  # the run's nodes are the hosts from this index on (a sweep's worker i: i x parallel.nodes)
 
     @property
     def interpreter(self) -> str:
@@ -79,6 +83,9 @@ class VmsConfig:
             if not valid_host(host):
                 raise ConfigError(src, f"vms.hosts[{i}]", f"{short(host)} is not a host name or address",
                                   "list each VM's DNS name or IP address (e.g. 10.0.0.5), nothing else")
+        if self.supervisor_host is not None and not valid_host(self.supervisor_host):
+            raise ConfigError(src, "vms.supervisor_host", f"{short(self.supervisor_host)} is not a host name or "
+                              "address", "give one VM's DNS name or IP address, or leave it out (node 0)")
         if len(set(self.hosts)) != len(self.hosts):
             raise ConfigError(src, "vms.hosts", "a host is listed twice", "list each VM once")
         for key in ("hosts_command", "user", "identity_file", "known_hosts", "code_path", "metadata_url", "python"):
@@ -98,7 +105,7 @@ class VmsConfig:
             positive(src, f"vms.{key}", getattr(self, key))
         if self.min_nodes is not None:
             positive(src, "vms.min_nodes", self.min_nodes)
-        for key in ("max_preemptions", "max_failures"):
+        for key in ("max_preemptions", "max_failures", "host_offset"):
             non_negative(src, f"vms.{key}", getattr(self, key))
 
     def _check_env_and_sync(self, src: str) -> None:

@@ -8,7 +8,9 @@ tells the study how the trial ended: it also sees runs that crashed before they 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
+
+from jobs.schema import StorageConfig
 
 from jobs.training.state import TrainState
 from jobs.schema.study import JUDGED_FROM_REPORT, TrialTicket, journal_storage, load_study, make_pruner, trial_id
@@ -19,8 +21,9 @@ log = logging.getLogger("jobs.pruning")
 class TrialReporter:
     """`on_evaluate`: report the ticket's metric at this step; True when the pruner says stop."""
 
-    def __init__(self, ticket: TrialTicket) -> None:
+    def __init__(self, ticket: TrialTicket, storage: Optional[StorageConfig] = None) -> None:
         self.ticket = ticket
+        self.storage = storage  # how to reach a study kept in an object store (the run's cluster config)
         self._storage: Any = None  # the journal, opened at the first evaluation
         self._study: Any = None  # optuna.Study
         self._trial: Any = None  # optuna.trial.Trial
@@ -29,7 +32,7 @@ class TrialReporter:
     def _open(self) -> None:
         import optuna
 
-        self._storage = journal_storage(self.ticket.journal)
+        self._storage = journal_storage(self.ticket.journal, self.storage)
         self._study = load_study(self._storage, self.ticket.study)
         self._id = trial_id(self._storage, self.ticket.study, self.ticket.number)
         self._trial = optuna.trial.Trial(self._study, self._id)

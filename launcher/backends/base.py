@@ -100,8 +100,15 @@ class Backend(Protocol):
 
 
 class SweepWorkers(Protocol):
-    """What a backend that runs Bayesian sweeps offers besides `Backend` (local and Slurm do; `workers()`
+    """What a backend that runs Bayesian sweeps offers besides `Backend` (local, Slurm and VMs do; `workers()`
     says whether one does): workers that draw trials from the study, and a trial run from inside one."""
+
+    def check_workers(self, recipe: RecipeConfig, cluster: ClusterConfig, workers: int) -> None:
+        """Raise UsageError if `workers` workers of trials like `recipe` cannot run here; before anything exists."""
+
+    def study_uri(self, recipe: RecipeConfig, cluster: ClusterConfig, name: str) -> Optional[str]:
+        """Where sweep `name`'s study lives when its workers share no file system (an object store URI); None:
+        the journal file in the sweep's folder."""
 
     def launch_workers(self, recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, name: str, attempt: int,
                        workers: int, work_here: Callable[[int], int]) -> Launched:

@@ -151,6 +151,15 @@ def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch
     return Launched(1 if failed else 0, ended=True)
 
 
+def check_workers(recipe: RecipeConfig, cluster: ClusterConfig, workers: int) -> None:
+    """Any number of workers: they queue for this machine's cores."""
+
+
+def study_uri(recipe: RecipeConfig, cluster: ClusterConfig, name: str) -> Optional[str]:
+    """None: the journal file in the sweep's folder, which every worker shares."""
+    return None
+
+
 def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     """A Bayesian sweep's trial, from its worker on this machine: an ordinary launch."""
     return launch(recipe, cluster, run)

@@ -324,6 +324,15 @@ def launch_workers(recipe: RecipeConfig, cluster: ClusterConfig, folder: Path, n
     return Launched(0, ended=False, batch_id=array_id)
 
 
+def check_workers(recipe: RecipeConfig, cluster: ClusterConfig, workers: int) -> None:
+    """Any number of workers: they queue for the cluster's cores."""
+
+
+def study_uri(recipe: RecipeConfig, cluster: ClusterConfig, name: str) -> Optional[str]:
+    """None: the journal file in the sweep's folder, which every worker shares."""
+    return None
+
+
 def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     """A trial, from its worker inside an array element: srun starts its ranks in the element's
     allocation, as `launcher sbatch`'s script does. USR2 and TERM to the worker go on to srun."""

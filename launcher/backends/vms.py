@@ -31,6 +31,8 @@ from launcher.vms.sync import code_to_copy, known_hosts_for
 from launcher.vms.remote_output import LOG_MARK, json_object, last_json_object, marked_log
 from launcher.vms.ssh import HostError, HostSpec, connect, host_specs, run as run_remote, sync_tree_async
 from launcher.vms.state import VmState
+from launcher.vms.sweep import (  # noqa: F401 - a Bayesian sweep's part of this backend (SweepWorkers)
+    check_workers, launch_workers, study_uri, wait_workers, workers_live)
 from jobs.watchdog import status_fields
 from jobs.schema import ClusterConfig, RecipeConfig
 from jobs.stacks import read_answers
@@ -63,13 +65,16 @@ def check(recipe: RecipeConfig, cluster: ClusterConfig) -> None:
         runs = Path(cluster.runs_dir).expanduser().resolve() if cluster.runs_dir else None
         code_to_copy(cfg, str(code_dir_of(recipe)), runs, _src(cluster))
     hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
-    check_hosts(cfg, hosts, _src(cluster))
+    supervisor = [cfg.supervisor_host] if cfg.supervisor_host and cfg.supervisor_host not in hosts else []
+    check_hosts(cfg, hosts + supervisor, _src(cluster))
 
 
 def check_many(named: Sequence[tuple[str, RecipeConfig]], cluster: ClusterConfig) -> None:
-    """Sweeps on VMs are not built yet: refused before anything is written."""
-    raise UsageError(f"cluster config {cluster.name}: sweeps do not run on VMs yet ({len(named)} trials)",
-                     hint="run the sweep locally or on Slurm, or launch the trials one by one with launcher launch")
+    """Grid and random sweeps on VMs are not built: refused before anything is written. A Bayesian sweep runs
+    (`launcher.vms.sweep`): its workers draw trials from a study in the object store."""
+    raise UsageError(f"cluster config {cluster.name}: grid and random sweeps do not run on VMs ({len(named)} "
+                     "trials); a Bayesian sweep does, its study in the object store", hint="use --search bayes "
+                     "--param KEY=DIST:ARGS --trials N --workers K, or run this sweep locally or on Slurm")
 
 
 # ----------------------------------------------------------------------------- launching
@@ -77,7 +82,7 @@ def launch(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
     """Copy code and run files to node 0 and start the supervisor there; 0 once it runs (`wait` follows it)."""
     cfg = _cfg(cluster)
     hosts = resolve_hosts(cfg, _src(cluster), recipe.parallel.nodes)
-    head = host_specs(cfg, hosts[:1])[0]
+    head = host_specs(cfg, [cfg.supervisor_host or hosts[0]])[0]  # where the supervisor runs: node 0 by default
     try:
         code = code_to_copy(cfg, run.info().code_dir, run.dir.parent, _src(cluster)) if cfg.code == "sync" else []
         pid = asyncio.run(_start(cfg, head, run, code, hosts))
@@ -147,8 +152,17 @@ async def send_ssh_files(conn: Any, cfg: VmsConfig, head: str, hosts: Sequence[s
 
 
 def launch_many(planned: Sequence[Planned], cluster: ClusterConfig, batch: Batch) -> Launched:
-    """Never called: `check_many` refuses sweeps on VMs."""
-    raise UsageError(f"sweep {batch.name}: sweeps do not run on VMs yet")
+    """Never called: `check_many` refuses grid and random sweeps on VMs."""
+    raise UsageError(f"sweep {batch.name}: grid and random sweeps do not run on VMs")
+
+
+def run_trial_here(recipe: RecipeConfig, cluster: ClusterConfig, run: Run) -> int:
+    """A Bayesian sweep's trial, from its worker on node 0: an ordinary VM run on the worker's slot of the pool
+    (vms.host_offset), its supervisor beside the worker (vms.supervisor_host), followed to its end."""
+    launch(recipe, cluster, run)
+    wait([run])
+    result = run.result()
+    return 0 if result.outcome == "completed" else (run.info().exit_code or 1)
 
 
 # ----------------------------------------------------------------------------- following

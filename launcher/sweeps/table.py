@@ -36,6 +36,8 @@ def trial_rows(root: Path, record: dict[str, Any], metric: str) -> list[dict[str
         result = run.result()
         final = metric in result.metrics
         step, value = (result.step, result.metrics[metric]) if final else _latest_logged(run, metric)
+        if value is None and entry.get("value") is not None and entry.get("value_of") == metric:  # the study's: the run directory is elsewhere (VMs)
+            step, value, final = entry.get("step"), entry["value"], True
         rows.append({"run": run.name, "overrides": list(entry["overrides"]), "state": state,
                      "step": step if step is not None else result.step, "metric": value, "final": final})
     return rows

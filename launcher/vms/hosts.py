@@ -16,18 +16,21 @@ HOSTS_COMMAND_TIMEOUT_S = 120  # a cloud CLI listing instances takes seconds; a 
 
 
 def resolve_hosts(cfg: VmsConfig, src: str, nodes: int) -> list[str]:
-    """The first `nodes` hosts (node 0 first); ConfigError if there are fewer, or the command fails."""
+    """The run's `nodes` hosts (node 0 first): the first ones, or from vms.host_offset on; ConfigError if there are
+    fewer, or the command fails."""
     hosts = listed_hosts(cfg, src)
-    if len(hosts) < nodes:
-        key, what = ("vms.hosts", "lists") if cfg.hosts else ("vms.hosts_command", "printed")
-        raise ConfigError(src, key, f"the recipe asks for parallel.nodes={nodes} but {key} {what} "
+    key, what = ("vms.hosts", "lists") if cfg.hosts else ("vms.hosts_command", "printed")
+    first = cfg.host_offset
+    if len(hosts) < first + nodes:
+        asked = f"parallel.nodes={nodes}" + (f" from vms.host_offset={first} on" if first else "")
+        raise ConfigError(src, key, f"the recipe asks for {asked} but {key} {what} "
                           f"{len(hosts)} host{'s' if len(hosts) != 1 else ''}: {', '.join(hosts)}",
-                          f"start more VMs, or set parallel.nodes={len(hosts)}")
-    return hosts[:nodes]
+                          f"start more VMs, or set parallel.nodes={max(1, len(hosts) - first)}")
+    return hosts[first:first + nodes]
 
 
 def listed_hosts(cfg: VmsConfig, src: str) -> list[str]:
-    """Every host the config lists or its command prints now, node 0 first."""
+    """Every host the config lists or its command prints now, node 0 first (vms.host_offset not applied)."""
     return list(cfg.hosts) if cfg.hosts else hosts_from_command(cfg.hosts_command or "", src)
 
 

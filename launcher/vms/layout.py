@@ -25,6 +25,8 @@ from launcher.vms.state import VmState
 from launcher.vms.sync import select
 from jobs.schema.vms import HOST_FIELD, VmsConfig
 
+SWEEP_RUNS = "sweep-runs"  # in node 0's remote_dir: the runs directory of a sweep's workers
+WORKER_MODULE = "launcher.sweeps.worker"
 PID_FILE = "supervisor.pid"  # in node 0's run directory: the supervisor's pid from the moment it is started
 
 
@@ -109,6 +111,27 @@ def supervisor_command(cfg: VmsConfig, run_name: str, host: str) -> str:
                        f"(setsid {' '.join(map(shlex.quote, start))} --run-dir {run_dir} "
                        f">> {run_dir}/logs/supervisor.log 2>&1 < /dev/null & echo $! > {run_dir}/{PID_FILE}; "
                        f"cat {run_dir}/{PID_FILE})")
+
+
+def sweep_folder(cfg: VmsConfig, host: str, sweep: str) -> str:
+    """A sweep's folder on node 0, in the workers' runs directory (beside `runs/`, which the trials' supervisors
+    use: a worker's record of a trial and the trial's own run directory are two folders even on one host)."""
+    return f"{host_root(cfg, host)}/{SWEEP_RUNS}/sweeps/{sweep}"
+
+
+def workers_command(cfg: VmsConfig, host: str, folder: str, workers: int) -> str:
+    """Start a sweep's workers on node 0, each in a session of its own (they outlive this SSH session), with
+    vms.env from the sweep folder's worker.env (never on a command line); prints their pids. Each worker's
+    exit status goes into worker-<i>.code when it ends."""
+    d = shell_path(folder)
+    starts = []
+    for i in range(workers):
+        worker = [cfg.interpreter, "-u", "-m", WORKER_MODULE, "--worker", str(i)]
+        inner = (f"{' '.join(map(shlex.quote, worker))} --sweep-dir {d} --cluster {d}/cluster-{i}.yaml "
+                 f">> {d}/worker-{i}.log 2>&1; echo $? > {d}/worker-{i}.code")
+        starts.append(f"(rm -f {d}/worker-{i}.code; setsid sh -c {shlex.quote(inner)} < /dev/null > /dev/null 2>&1 & "
+                      "echo $!)")
+    return _in_project(cfg, host, f"set -a; . {d}/worker.env || exit 1; set +a", *starts)
 
 
 def supervisor_view(cfg: VmsConfig, run_dir: Path) -> VmsConfig:

@@ -132,7 +132,8 @@ class Supervisor:
         while not self.cancelled.is_set():
             waited_out = time.monotonic() > deadline
             try:
-                answering, why = await self.answering(listed_hosts(self.cfg, CLUSTER_YAML)[:nodes])
+                first = self.cfg.host_offset  # a sweep worker's slot of the pool
+                answering, why = await self.answering(listed_hosts(self.cfg, CLUSTER_YAML)[first:first + nodes])
                 size = launch_size(len(answering), nodes, self.cfg.min_nodes, waited_out)
                 if size is not None:
                     self.resized(size)

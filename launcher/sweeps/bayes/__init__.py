@@ -12,7 +12,8 @@ A worker loops: claim a trial, run it, tell the study how it ended, until the bu
 trial the study holds) is spent. Claiming takes the worker's own unfinished trial first (one that was
 preempted or killed mid-run resumes as the same trial, from its checkpoints), else asks for a new one.
 Locally `launcher sweep` is the one worker, trials one after another; on Slurm every element of a job
-array is a worker (`launcher.sweeps.worker`), `--workers` of them.
+array is a worker (`launcher.sweeps.worker`), `--workers` of them; on VMs the workers run on node 0 of the pool,
+each with its slot of VMs, and the study lives in the object store (`launcher.vms.sweep`, `jobs.study_store`).
 
 Seeded: trial n of worker w is sampled by a TPESampler seeded with (seed, w, n), and TPE's draw depends
 only on that and the study's history, so one worker suggests the same sequence for the same seed, even

@@ -2,6 +2,7 @@
 run it, tell the study how it ended. `Sweep` is the sweep as a worker sees it."""
 from __future__ import annotations
 
+import hashlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,17 +38,26 @@ class Sweep:
     root: Path  # the runs directory
     metric: str
     mode: str  # "max" or "min"
+    study: str = ""  # the study's URI where the backend keeps it in an object store (VMs); "": the journal file
 
     @property
     def folder(self) -> Path:
         return sweeps_dir(self.root) / self.name
 
     @property
-    def journal(self) -> Path:
-        return self.folder / STUDY_JOURNAL
+    def journal(self) -> str:
+        """Where the study lives: its journal file in the sweep's folder, or its object store URI."""
+        return self.study or str(self.folder / STUDY_JOURNAL)
 
     def storage(self) -> "optuna.storages.BaseStorage":
-        return journal_storage(self.journal)
+        return journal_storage(self.journal, self.target.cluster.storage)
+
+    def run_id(self, number: int) -> Optional[str]:
+        """A trial's run id where its run directory may be lost with a machine (a study in an object store): the
+        same for every start of the trial, so a new directory resumes the checkpoints its earlier starts made."""
+        if not self.study:
+            return None
+        return hashlib.sha256(f"{self.study}#{number}".encode()).hexdigest()[:12]
 
     def recipe(self, overrides: tuple[str, ...]) -> RecipeConfig:
         return self.target.recipe(self.spec.recipe, [*self.spec.fixed, *overrides])
@@ -124,7 +134,7 @@ def _trial_run(sweep: Sweep, name: object) -> Run:
     """The run of a trial the journal names: checked as a launch checks a run name (the journal is a file
     anyone with the runs directory can edit, and `../x` or `/etc` must not become a run directory)."""
     if not isinstance(name, str):
-        raise UsageError(f"{sweep.folder / STUDY_JOURNAL}: a trial's run_name is {name!r:.40}, not a name",
+        raise UsageError(f"{sweep.journal}: a trial's run_name is {name!r:.40}, not a name",
                          hint="the study journal is damaged: start the sweep again under another --name")
     return run_at(sweep.root, name)
 
@@ -158,8 +168,8 @@ def run_claimed(sweep: Sweep, claimed: Claimed, worker: int, runner: Runner) -> 
     print(f"trial {name} (#{claimed.number}, {how}, worker {worker}): {' '.join(shown(claimed.overrides))}",
           flush=True)
     recipe = sweep.recipe(claimed.overrides)
-    run = prepare_run(recipe, sweep.target.cluster, name, sweep.root, "auto")
-    TrialTicket(str(sweep.journal), sweep.name, claimed.number, sweep.metric, sweep.spec.prune).write(run.dir)
+    run = prepare_run(recipe, sweep.target.cluster, name, sweep.root, "auto", run_id=sweep.run_id(claimed.number))
+    TrialTicket(sweep.journal, sweep.name, claimed.number, sweep.metric, sweep.spec.prune).write(run.dir)
     code = runner(recipe, run)
     outcome = tell(load_study(storage, sweep.name), claimed.number, run, sweep.metric, code)
     result = run.result()

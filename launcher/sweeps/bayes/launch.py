@@ -2,6 +2,7 @@
 the study created, and the backend's workers started."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -21,10 +22,21 @@ from jobs.schema.names import check_name
 from jobs.schema.secrets import write_private
 
 
-def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
-    """Everything a trial can get wrong, before anything exists: names, each bound and choice, the backend."""
+def check_sweep(spec: BayesSpec, name: str, target: Target, workers: int = 1) -> RecipeConfig:
+    """Everything a trial can get wrong, before anything exists: names, the backend and its workers, each bound and
+    choice."""
     space = spec.space()
     check_name("trial run name (a shorter --name makes it fit)", trial_name(name, spec.trials - 1, spec.trials))
+    found = sweep_workers(target.backend)
+    if found is None:
+        raise UsageError(f"cluster config {target.cluster.name!r} uses backend {target.cluster.backend!r}, which "
+                         "does not run Bayesian sweeps", hint="use a local, Slurm or VMs cluster config (--cluster)")
+    try:
+        base: Optional[RecipeConfig] = target.recipe(spec.recipe, list(spec.fixed), check_backend=False)
+    except UsageError:
+        base = None  # the corners below say what is wrong, naming the --param values
+    if base is not None:  # the backend's own refusals first: they reach no host (the corners' checks do, on VMs)
+        found.check_workers(base, target.cluster, workers)
     recipes = []
     for overrides in corners(space):
         try:
@@ -32,9 +44,6 @@ def check_sweep(spec: BayesSpec, name: str, target: Target) -> RecipeConfig:
         except UsageError as err:
             raise UsageError(f"--param {' '.join(shown(overrides))} (the bounds of the search space) is invalid, so "
                              f"nothing was created or submitted: {str(err).splitlines()[0]}", hint=err.hint) from None
-    if sweep_workers(target.backend) is None:
-        raise UsageError(f"cluster config {target.cluster.name!r} uses backend {target.cluster.backend!r}, which "
-                         "does not run Bayesian sweeps", hint="use a local or Slurm cluster config (--cluster)")
     return recipes[0]
 
 
@@ -55,15 +64,18 @@ def run_bayes(spec: BayesSpec, name: str, target_given: str, runs_dir: Optional[
               wait: bool) -> int:
     """`launcher sweep --search bayes`: checked, then the study created and its workers started."""
     target = Target.load(target_given)
-    recipe = check_sweep(spec, name, target)
+    recipe = check_sweep(spec, name, target, workers)
     root = target.runs_root(runs_dir)
     record = new_record(spec, name, target, recipe, root, workers)
-    sweep = Sweep(name, spec, target, root, record["best_metric"], record["best_mode"])
+    study = workers_of(target).study_uri(recipe, target.cluster, name)
+    if study:  # sweep-status reads it from there, with the store's endpoint, region and profile (no credentials)
+        record.update(study=study, study_storage=dataclasses.asdict(target.cluster.storage))
+    sweep = Sweep(name, spec, target, root, record["best_metric"], record["best_mode"], study or "")
     refuse_if_live(sweep, record)
     sweep.folder.mkdir(parents=True, exist_ok=True)
     sweep.create_study()
     given = {"spec": spec.raw(), "cluster": target_given, "cwd": os.getcwd(), "metric": sweep.metric,
-             "mode": sweep.mode}
+             "mode": sweep.mode, "study": sweep.study}
     write_private(sweep.folder / WORKER_JSON, json.dumps(given, indent=2) + "\n")  # unmasked: 0600 whatever was there
     record["launches"] += 1
     write_record(root, name, record)

@@ -5,11 +5,16 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from launcher.sweeps.record import sweeps_dir
 from launcher.sweeps.space import shown
+from jobs.schema import StorageConfig
 from jobs.schema.study import STUDY_JOURNAL, journal_storage, load_study
+
+
+if TYPE_CHECKING:
+    import optuna
 
 
 def is_bayes(record: dict[str, Any]) -> bool:
@@ -21,13 +26,14 @@ def summarize(root: Path, record: dict[str, Any]) -> dict[str, Any]:
     import optuna
     from optuna.trial import TrialState
 
-    journal = sweeps_dir(root) / record["name"] / STUDY_JOURNAL
-    if not journal.exists():
+    study = _open(root, record)
+    if study is None:
         return {"trials": [], "best": None, "pruned": [], "importances": None, "why_no_importances": "no study yet"}
-    study = load_study(journal_storage(journal), record["name"])
     trials = study.get_trials(deepcopy=False)
+    # value and step: for the table, where the trial's run directory is on another machine (VMs)
     rows = [{"run_name": t.user_attrs.get("run_name", f"#{t.number}"), "number": t.number,
-             "overrides": shown(t.user_attrs.get("overrides", [])), "state": t.state.name.lower()} for t in trials]
+             "overrides": shown(t.user_attrs.get("overrides", [])), "state": t.state.name.lower(),
+             "value": t.value if t.state == TrialState.COMPLETE else None, "step": t.last_step} for t in trials]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     best = None
     if complete:
@@ -50,10 +56,24 @@ def summarize(root: Path, record: dict[str, Any]) -> dict[str, Any]:
             "counts": {s: sum(r["state"] == s for r in rows) for s in ("complete", "pruned", "fail", "running")}}
 
 
+def _open(root: Path, record: dict[str, Any]) -> Optional["optuna.Study"]:
+    """The sweep's study: in its object store (the record's `study` URI, with the store's settings), else the
+    journal file in the sweep's folder; None where there is none yet."""
+    if record.get("study"):
+        try:
+            return load_study(journal_storage(record["study"], StorageConfig(**record.get("study_storage", {}))),
+                              record["name"])
+        except KeyError:  # optuna: no study of that name there yet
+            return None
+    journal = sweeps_dir(root) / record["name"] / STUDY_JOURNAL
+    return load_study(journal_storage(journal), record["name"]) if journal.exists() else None
+
+
 def table_record(record: dict[str, Any], summary: dict[str, Any]) -> dict[str, Any]:
     """The record with its trials from the study, as the results table (`sweeps.table`) reads them."""
     told = {"complete": "completed", "pruned": "pruned", "fail": "failed"}
-    return {**record, "trials": [{"run_name": r["run_name"], "overrides": r["overrides"], "state": told.get(r["state"])}
+    return {**record, "trials": [{"run_name": r["run_name"], "overrides": r["overrides"], "state": told.get(r["state"]),
+                                  "value": r.get("value"), "step": r.get("step"), "value_of": record["best_metric"]}
                                  for r in summary["trials"]]}
 
 
