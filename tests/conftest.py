@@ -228,3 +228,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group("services" if shared else item.path.name))
         if item.path.name in EXCLUSIVE_FILES:
             item.add_marker(pytest.mark.exclusive)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the collected ids to the scheduler
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The group of each test at the end of its id, as `--dist loadgroup` schedules by ("...::test@services").
+
+    xdist (3.8) appends it by assigning `item._nodeid`, which pytest 9 no longer reads (its ids are
+    structured: pytest-dev/pytest-xdist#1386): each test was then scheduled on its own, so a module's
+    fixtures were made on both workers and two Slurm tests ran at once. Where the suffix is missing, the
+    id is rebuilt with it; where xdist's own assignment still works, it is there already."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist's workers under loadgroup
+        return
+    for item in session.items:
+        group = item.get_closest_marker("xdist_group")
+        node_id = getattr(item, "_id", None)
+        if group is None or item.nodeid.endswith(f"@{group.args[0]}") or not hasattr(node_id, "parse"):
+            continue
+        item._id = type(node_id).parse(f"{item.nodeid}@{group.args[0]}")
