@@ -1,6 +1,8 @@
 """Shared fixtures. Multi-rank tests run real processes (torchrun, gloo on CPU)."""
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -8,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import pytest
 
@@ -143,39 +145,74 @@ class Uninterrupted:
     """Final weights of uninterrupted local vgg_pretrain runs, one per distinct list of overrides, made
     once for every test that stops a run and compares the resumed one with it (test_resume,
     test_s3_runs: where checkpoints are kept must not change what is trained). `start` begins one in
-    the background, for a test whose own run leaves a core idle (a 1-rank run); calling waits for it."""
+    the background, for a test whose own run leaves a core idle (a 1-rank run); calling waits for it.
 
-    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
-        self._factory = tmp_path_factory
-        self._started: dict[tuple[str, ...], tuple[Background, Path]] = {}
+    Under xdist the files of one session run on two workers: each run is kept in `folder` (shared by
+    the workers) under a lock, so the worker that starts it first trains it and the other one waits
+    for it and reads its weights, rather than training it a second time."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._started: dict[tuple[str, ...], tuple[Background, Any]] = {}  # ours, training; its lock held
         self._done: dict[tuple[str, ...], dict[str, torch.Tensor]] = {}
+
+    def _slot(self, key: tuple[str, ...]) -> Path:
+        slot = self._folder / hashlib.sha256("\0".join(key).encode()).hexdigest()[:16]
+        slot.mkdir(parents=True, exist_ok=True)
+        return slot
+
+    def _train(self, key: tuple[str, ...], slot: Path) -> Background:
+        return Background("launch", "vgg_pretrain", *key, "--run-name", "straight", runs_dir=slot / "runs")
 
     def start(self, overrides: list[str]) -> None:
         key = tuple(overrides)
-        if key not in self._started and key not in self._done:
-            runs = self._factory.mktemp("straight")
-            self._started[key] = (Background("launch", "vgg_pretrain", *overrides, "--run-name", "straight",
-                                             runs_dir=runs), runs)
+        if key in self._started or key in self._done:
+            return
+        slot = self._slot(key)
+        lock = open(slot / "lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # another worker is training it: calling waits for that one
+            lock.close()
+            return
+        if (slot / "done").exists():
+            lock.close()
+            return
+        self._started[key] = (self._train(key, slot), lock)
 
     def __call__(self, overrides: list[str]) -> dict[str, torch.Tensor]:
         key = tuple(overrides)
         if key not in self._done:
+            slot = self._slot(key)
             self.start(overrides)
-            run, runs = self._started.pop(key)
-            run.finish()
-            self._done[key] = final_params(runs / "straight")
+            if key in self._started:
+                run, lock = self._started.pop(key)
+            else:
+                lock = open(slot / "lock", "w")
+                fcntl.flock(lock, fcntl.LOCK_EX)  # while another worker trains it
+                run = None if (slot / "done").exists() else self._train(key, slot)  # unless that one failed
+            try:
+                if run is not None:
+                    run.finish()
+                    (slot / "done").touch()
+            finally:
+                lock.close()
+            self._done[key] = final_params(slot / "runs" / "straight")
         return self._done[key]
 
     def stop(self) -> None:
         """A test that failed before waiting leaves its run going."""
-        for run, _ in self._started.values():
+        for run, lock in self._started.values():
             run.stop()
+            lock.close()
 
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Uninterrupted]:
-    """The shared uninterrupted runs (Uninterrupted)."""
-    made = Uninterrupted(tmp_path_factory)
+    """The shared uninterrupted runs (Uninterrupted), in a folder every xdist worker of this session sees
+    (each worker's base temporary folder is inside the session's)."""
+    base = tmp_path_factory.getbasetemp()
+    made = Uninterrupted((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "uninterrupted")
     yield made
     made.stop()
 
@@ -228,3 +265,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         item.add_marker(pytest.mark.xdist_group("services" if shared else item.path.name))
         if item.path.name in EXCLUSIVE_FILES:
             item.add_marker(pytest.mark.exclusive)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the collected ids to the scheduler
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The group of each test at the end of its id, as `--dist loadgroup` schedules by ("...::test@services").
+
+    xdist (3.8) appends it by assigning `item._nodeid`, which pytest 9 no longer reads (its ids are
+    structured: pytest-dev/pytest-xdist#1386): each test was then scheduled on its own, so a module's
+    fixtures were made on both workers and two Slurm tests ran at once. Where the suffix is missing, the
+    id is rebuilt with it; where xdist's own assignment still works, it is there already."""
+    if not getattr(session.config.option, "loadgroup", False):  # set on xdist's workers under loadgroup
+        return
+    for item in session.items:
+        group = item.get_closest_marker("xdist_group")
+        node_id = getattr(item, "_id", None)
+        if group is None or item.nodeid.endswith(f"@{group.args[0]}") or not hasattr(node_id, "parse"):
+            continue
+        item._id = type(node_id).parse(f"{item.nodeid}@{group.args[0]}")
