@@ -240,9 +240,9 @@ def vm_hosts() -> Path:
     return ensure_vms()
 
 
-# Files whose tests use the machine's one Slurm or its loopback VMs (sshd on fixed addresses, the metadata
-# server on a fixed port) beyond what a fixture says: `make slurm-up`, `make vms-up` from the docs' commands.
-SHARED_SERVICE_FILES = {"test_readme.py", "test_vms_runs.py", "test_vms_ssh.py", "test_vms_restarts.py"}
+# Files whose tests use the machine's one Slurm beyond what a fixture says: `make slurm-up` and jobs from the
+# docs' commands. (Tests on the loopback VMs run side by side: each run has its own rendezvous port and folders.)
+SLURM_FILES = {"test_readme.py"}
 # Runs whose timing under a loaded machine is itself under test (spot notices over SSH across two "VMs", a
 # node killed mid-run): `make test` runs them after the others, one at a time, with nothing beside them. (A
 # hang across two "VMs" is not timing-bound: its 8 s timeout is many times a loaded step.)
@@ -255,21 +255,20 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     stays the quick tier on a machine where Slurm is installed.
 
     Under `pytest -n 2 --dist loadgroup` (make test) each file is one group, so its module fixtures are
-    made once, on one worker; every test that uses the machine's one Slurm or its loopback VMs is in one
-    group "services", so those run one at a time (a Slurm job never waits behind another test's)."""
+    made once, on one worker; every test that uses the machine's one Slurm is in one group "slurm", so those
+    run one at a time (a Slurm job never waits behind another test's)."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
-        shared = (item.get_closest_marker("slurm") or {"slurm", "vm_hosts"} & set(item.fixturenames)
-                  or item.path.name in SHARED_SERVICE_FILES)
-        item.add_marker(pytest.mark.xdist_group("services" if shared else item.path.name))
+        slurm = item.get_closest_marker("slurm") or "slurm" in item.fixturenames or item.path.name in SLURM_FILES
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.name))
         if item.path.name in EXCLUSIVE_FILES:
             item.add_marker(pytest.mark.exclusive)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's worker sends the collected ids to the scheduler
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """The group of each test at the end of its id, as `--dist loadgroup` schedules by ("...::test@services").
+    """The group of each test at the end of its id, as `--dist loadgroup` schedules by ("...::test@slurm").
 
     xdist (3.8) appends it by assigning `item._nodeid`, which pytest 9 no longer reads (its ids are
     structured: pytest-dev/pytest-xdist#1386): each test was then scheduled on its own, so a module's

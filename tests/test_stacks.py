@@ -12,7 +12,10 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from conftest import REPO, Background, run_cli, wait_until
+from s3_server import free_port
 from jobs import stacks
 from jobs.stack_report import parse, ranks_named
 from launcher.doctor.diagnose import diagnose
@@ -282,7 +285,11 @@ def test_stacks_reads_the_ranks_on_vms_over_ssh(vm_hosts: Path, runs_dir: Path) 
     """The same hang on the loopback "VMs" (one host, 2 ranks): `python -m jobs.stacks` runs there over SSH,
     in that host's own copy of the run directory."""
     name = f"hang-{os.getpid()}"  # the hosts keep their folders from one test run to the next
-    run_cli("run", str(HANG), "--procs-per-node", "2", "--cluster", "local_vms", "--run-name", name,
+    config = yaml.safe_load((REPO / "cluster_configs" / "local_vms.yaml").read_text())
+    config["vms"]["rdzv_port"] = free_port()  # other VM tests may run beside this one, on the same hosts
+    cluster = runs_dir.parent / "local_vms.yaml"
+    cluster.write_text(yaml.safe_dump(config))
+    run_cli("run", str(HANG), "--procs-per-node", "2", "--cluster", str(cluster), "--run-name", name,
             runs_dir=runs_dir, check=True)
     try:
         wait_for_both_ranks(Path(f"/tmp/launcher-vms/hosts/127.0.0.2/runs/{name}"))  # cluster_configs/local_vms.yaml

@@ -35,7 +35,7 @@ def vm_cluster(folder: Path, state: Path, s3: S3Server, **vms: object) -> Path:
               "vms": {"hosts": HOSTS, "user": "root", "identity_file": str(state / "client_key"), "port": 2222,
                       "known_hosts": "ignore", "remote_dir": str(folder / "hosts" / "{host}"),
                       "python": sys.executable, "env": {"OMP_NUM_THREADS": "1", **TEST_CREDENTIALS},
-                      "host_wait_s": 60, **vms}}
+                      "host_wait_s": 60, "rdzv_port": free_port(), **vms}}  # a port of its own: VM tests run side by side
     path = folder / "vms.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
