@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo root, for `jobs`
 
-import jobs.checkpoint.remote_files as remote_files  # noqa: E402
+import jobs.checkpoint.uploader as uploader  # noqa: E402
 from jobs.checkpoint import Checkpointer  # noqa: E402
 from jobs.checkpoint.sharded import load_shards  # noqa: E402
 from jobs.schema import CheckpointConfig, StorageConfig  # noqa: E402
@@ -34,15 +34,17 @@ def shards(rank: int, step: int) -> dict:
     return {"model": {f"w{rank}": torch.full((NUMEL,), float(10 * step + rank))}}
 
 
-def killed_midway(fs, local: str, target: str) -> None:
-    """Rank 1's upload of its shard of step 3: part of it reaches the store, then the process is killed."""
-    if "step-000000003" in target and target.endswith(".distcp"):
-        fs.pipe_file(target, Path(local).read_bytes()[:1000])
+def killed_midway(client, bucket: str, key: str, local: Path, progress, stop):
+    """Rank 1's upload of its shard of step 3 (streamed as DCP writes it): part of it reaches the store, then
+    the process is killed."""
+    if "step-000000003" in key and key.endswith(".distcp"):
+        progress.wait_end(stop)
+        client.put_object(Bucket=bucket, Key=key, Body=local.read_bytes()[:1000])
         os.kill(os.getpid(), signal.SIGKILL)
-    real_put_file(fs, local, target)
+    return real_stream(client, bucket, key, local, progress, stop)
 
 
-real_put_file = remote_files.put_file
+real_stream = uploader.stream_to_s3
 
 
 def main() -> None:
@@ -60,7 +62,7 @@ def main() -> None:
             if rank == 0:
                 print(f"COMMITTED {step}", flush=True)
         if rank == 1:
-            remote_files.put_file = killed_midway
+            uploader.stream_to_s3 = killed_midway
         ckpt.save(3, {"trainer": {"step": 3}}, {"loss": 0.3}, shards=shards(rank, 3))
         ckpt.flush(timeout=60)
     else:

@@ -65,3 +65,56 @@ def test_each_rank_sends_its_shard_and_a_killed_upload_or_an_altered_shard_is_ne
     assert "RESUMED 1 1 11.0 s3://spread/run/step-000000001" in resumed.stdout, resumed.stdout
     for node in ("node0", "node1"):  # each node copied the checkpoint into its own empty folder
         assert (tmp_path / "b" / node / "step-000000001" / "manifest.json").exists()
+
+
+def test_a_file_another_writer_appends_to_is_hashed_and_streamed_as_it_grows(tmp_path: Path,
+                                                                               s3_server: S3Server) -> None:
+    """GrowingFile follows a file DCP writes (here a thread appending 20 MB in pieces) and stream_to_s3 sends
+    its parts while it grows: the object is the file, byte for byte, over several multipart parts, and the
+    entry's size and SHA-256 are the file's. A write that failed fails the stream: nothing is left on S3."""
+    import hashlib
+    import threading
+    import time
+
+    import boto3
+
+    from jobs.checkpoint.stream import GrowingFile, stream_to_s3
+
+    s3_server.create_bucket("grow")
+    client = boto3.client("s3", endpoint_url=s3_server.endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    path = tmp_path / "__1_0.distcp"
+    path.write_bytes(b"an older save's bytes")  # removed by start(): never taken for new ones
+    data = os.urandom(20 << 20)
+
+    def write() -> None:
+        with open(path, "wb") as f:
+            for i in range(0, len(data), 3 << 20):
+                f.write(data[i:i + (3 << 20)])
+                f.flush()
+                time.sleep(0.05)
+
+    growing = GrowingFile(path, rank=1)
+    growing.start()
+    sent: list = []
+    sender = threading.Thread(target=lambda: sent.append(stream_to_s3(client, "grow", "k", path, growing.progress,
+                                                                      threading.Event())))
+    sender.start()
+    writer = threading.Thread(target=write)
+    writer.start()
+    writer.join()
+    entry = growing.finish(written=True)
+    sender.join()
+    assert entry is not None and entry.size == len(data) and entry.rank == 1
+    assert entry.sha256 == hashlib.sha256(data).hexdigest() and sent == [entry]
+    assert client.get_object(Bucket="grow", Key="k")["Body"].read() == data
+
+    failed = GrowingFile(tmp_path / "other", rank=0)
+    failed.start()
+    sender = threading.Thread(target=lambda: sent.append(stream_to_s3(client, "grow", "f", tmp_path / "other",
+                                                                      failed.progress, threading.Event())))
+    sender.start()
+    (tmp_path / "other").write_bytes(os.urandom(9 << 20))
+    assert failed.finish(written=False) is None
+    sender.join()
+    assert sent[-1] is None and "Contents" not in client.list_objects_v2(Bucket="grow", Prefix="f")

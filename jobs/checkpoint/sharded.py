@@ -35,7 +35,7 @@ import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Protocol
+from typing import Any, Callable, Collection, Iterator, Optional, Protocol
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,8 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry
-from jobs.checkpoint.spread import prune_node_folder
+from jobs.checkpoint.spread import OwnShard, prune_node_folder
+from jobs.checkpoint.stream import FileProgress
 from jobs.checkpoint.store import sha256_of
 from jobs.parallel.distributed import gloo_group
 
@@ -67,6 +68,7 @@ class ShardJob:
     metrics: dict[str, float]
     started: float  # perf_counter at save() entry
     blocked_s: float = 0.0  # how long training waited for this save
+    sent: set[str] = field(default_factory=set)  # this rank's files already on the store (spread.py)
     shards: dict[str, Any] = field(default_factory=dict)  # the staged shard state
 
 
@@ -75,7 +77,9 @@ class OwnUploads(Protocol):
 
     def uncommit_remote(self, name: str) -> bool: ...
 
-    def send_own_files(self, name: str, files: dict[str, FileEntry]) -> bool: ...
+    def send_own_files(self, name: str, files: dict[str, FileEntry], sent: Collection[str] = ()) -> bool: ...
+
+    def stream_own_file(self, name: str, file: str, progress: FileProgress) -> bool: ...
 
     @property
     def pending(self) -> set[str]: ...
@@ -189,7 +193,7 @@ class ShardedSaver:
         """This rank's files sent to the store by this rank (None if they could not be: not committed),
         then this node's older step folders dropped (spread.py)."""
         assert self.uploads is not None
-        sent = self.uploads.send_own_files(job.folder.name, entries)
+        sent = self.uploads.send_own_files(job.folder.name, entries, job.sent)
         if not sent:
             log.error("checkpoint step %d: rank %d could not send its shard to the store; the save is not "
                       "committed", job.step, self.rank)
@@ -205,14 +209,23 @@ class ShardedSaver:
                 uncommitted = self.uploads.uncommit_remote(job.folder.name)
         job.folder.mkdir(parents=True, exist_ok=True)
         writer = _RecordingWriter(job.folder)
-        dcp.save(job.shards, storage_writer=writer, process_group=self.group)  # every rank enters it, always
+        own = OwnShard(self.uploads, job.folder, self.rank) if self.uploads is not None and uncommitted else None
+        if own is not None:
+            own.start()
+        known: dict[str, FileEntry] = {}  # hashed as DCP wrote them
+        try:
+            dcp.save(job.shards, storage_writer=writer, process_group=self.group)  # every rank enters it, always
+        finally:
+            if own is not None:
+                entry, sent = own.finish(own.file in writer.written)
+                known, job.sent = ({own.file: entry}, {own.file} if sent else set()) if entry else ({}, set())
         if not uncommitted:
             log.error("checkpoint step %d NOT committed: its earlier copy on the store could not be uncommitted",
                       job.step)
             return None
         files = sorted(writer.written | ({DCP_METADATA} if self.rank == 0 else set()))
         try:
-            return {name: _hashed(job.folder / name, self.rank) for name in files}
+            return {name: known.get(name) or _hashed(job.folder / name, self.rank) for name in files}
         except OSError as err:
             log.error("checkpoint step %d: rank %d cannot read back its shard (%s)", job.step, self.rank,
                       describe(err))

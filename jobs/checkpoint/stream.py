@@ -11,6 +11,7 @@ file-by-file upload can even start; streamed, the first part leaves 8 MiB into t
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -140,3 +141,54 @@ def _send_parts(client: Any, bucket: str, key: str, upload: str, local: Path, pr
             if ended and offset >= written:
                 break
         return [future.result() for future in sent]
+
+
+class GrowingFile:
+    """A file that another writer (DCP's) writes, followed on disk: its bytes are hashed as they appear and
+    published as a FileProgress, so stream_to_s3 sends the parts already there while the write goes on.
+
+    The writer must only append (DCP's file writer does: it records offsets from the stream's position) and
+    the file must not exist at start(), so that no old bytes are taken for new ones."""
+
+    def __init__(self, path: Path, rank: Optional[int]) -> None:
+        self.path, self.rank = path, rank
+        self.progress = FileProgress()
+        self._digest, self._size = hashlib.sha256(), 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="ckpt-follow", daemon=True)
+
+    def start(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self._thread.start()
+
+    def finish(self, written: bool) -> Optional[FileEntry]:
+        """The writer is done (`written`: and succeeded): the rest hashed and published; the file's entry."""
+        self._done.set()
+        self._thread.join()
+        if not written:
+            self.progress.fail()
+            return None
+        try:
+            self._read_new()
+        except OSError:
+            self.progress.fail()
+            return None
+        entry = FileEntry(self._size, self._digest.hexdigest(), self.rank)
+        self.progress.finish(entry)
+        return entry
+
+    def _follow(self) -> None:
+        while not self._done.wait(POLL_S / 5):
+            try:
+                self._read_new()
+            except FileNotFoundError:
+                continue  # not created yet
+            except OSError:
+                return  # finish() reads what is left, or fails
+
+    def _read_new(self) -> None:
+        with open(self.path, "rb") as f:
+            while chunk := os.pread(f.fileno(), 8 << 20, self._size):
+                self._digest.update(chunk)
+                self._size += len(chunk)
+                self.progress.advance(len(chunk))

@@ -17,21 +17,23 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Iterable, Optional
+from pathlib import Path
+from typing import Collection, Iterable, Optional
 
 from jobs.checkpoint.backoff import BACKOFF_FIRST_S, Backoff
 from jobs.checkpoint.disk import SavesLog
 from jobs.checkpoint.early import EarlyUploads
-from jobs.checkpoint.errors import ForeignRunFolder, log
+from jobs.checkpoint.errors import FILE_ONLY, ForeignRunFolder, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest
 from jobs.checkpoint.owner import FolderOwner
 from jobs.checkpoint.published import Published
 from jobs.checkpoint.remote_files import RemoteFiles
 from jobs.checkpoint.rounds import UploadRounds
 from jobs.checkpoint.store import Store
-from jobs.checkpoint.stream import FileProgress
+from jobs.checkpoint.stream import FileProgress, stream_to_s3
 from jobs.checkpoint.upload_state import UploadState
 from jobs.schema import CheckpointConfig
+from jobs.storage import s3_client
 
 
 class Uploader:
@@ -100,15 +102,32 @@ class Uploader:
         writer's files and commits `manifest` remotely. Nothing of it is committed locally."""
         self._state.add_spread(name, manifest)
 
-    def send_own_files(self, name: str, files: dict[str, FileEntry]) -> bool:
-        """Any rank: its own files of a sharded save, from its local folder to the store, each retried and
-        confirmed by its size (each part's CRC32 is checked by S3 on the way; readers check the SHA-256).
-        False if one could not be sent: the save is then not committed."""
-        for file in sorted(files, key=lambda f: -files[f].size):
+    def send_own_files(self, name: str, files: dict[str, FileEntry], sent: Collection[str] = ()) -> bool:
+        """Any rank: its own files of a sharded save but those already `sent`, from its local folder to the store,
+        each retried and confirmed by its size (each part's CRC32 is checked by S3 on the way; readers check
+        the SHA-256). False if one could not be sent: the save is then not committed."""
+        for file in sorted(set(files) - set(sent), key=lambda f: -files[f].size):
             send = lambda f=file: self._files.put_confirmed(name, f, files[f].size)  # noqa: E731
             if self._backoff.run(f"upload of {name}/{file}", send, None) is not None:
                 return False
         return True
+
+    def stream_own_file(self, name: str, file: str, progress: FileProgress) -> bool:
+        """Any rank: its file of a sharded save sent to S3 part by part while it is written (`progress`), its size
+        confirmed; False on other stores or a failure, and send_own_files() sends it whole instead."""
+        client = s3_client(self.remote.fs)
+        if client is None:
+            return False
+        bucket, key = self.remote.path(name, file).split("/", 1)
+        try:
+            entry = stream_to_s3(client, bucket, key, Path(self.local.path(name, file)), progress, self._state.stop)
+            if entry is not None:
+                self._files.confirm_size(name, file, entry.size)
+            return entry is not None
+        except Exception as err:
+            log.info("upload of %s/%s as it was written failed (%s); sent whole instead", name, file, describe(err),
+                     extra=FILE_ONLY)
+            return False
 
     def uncommit_remote(self, name: str) -> bool:
         """Rank 0, before the ranks send a save of step folder `name`: an earlier remote commit of it goes
