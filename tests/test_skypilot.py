@@ -306,3 +306,13 @@ def test_a_recovered_task_resumes_and_ends_as_an_uninterrupted_one(tmp_path: Pat
     metadata.stop()
     expected, got = final_params(run_dir(straight[0])), final_params(run_dir(recovered[0]))
     assert expected.keys() == got.keys() and all((expected[k] == got[k]).all() for k in expected)
+
+
+def test_an_fsdp_task_on_several_nodes_saves_through_the_store() -> None:
+    """FSDP across SkyPilot nodes: the task is written, and its nodes share no folder, so each rank sends its
+    own shard to checkpoint.uri (jobs/checkpoint/spread.py, chosen by the trainer from the cluster config)."""
+    text = rendered("skypilot_gcp", ["parallel.nodes=2", "parallel.procs_per_node=8", "parallel.strategy=fsdp",
+                                     "trainer.micro_batch=4", "checkpoint.uri=gs://my-bucket/checkpoints"])
+    recipe, cluster = node.decode_configs(yaml.safe_load(text)["envs"][node.RUN_VARIABLE])
+    assert recipe.parallel.strategy == "fsdp" and recipe.parallel.nodes == 2
+    assert not cluster.nodes_share_run_dir  # what makes the trainer's checkpointer send each rank's shard
