@@ -98,7 +98,7 @@ class Trainer:
             "trainer": self.progress.state_dict(),
             "rng": self.rng.state_dict(),
             "meta": {"config": to_yaml(self.recipe, redacted=True),  # read by people: credentials masked
-                     "config_hash": config_hash(self.recipe), "run_id": self.run.run_id,
+                     "config_hash": _config_hash(self.recipe), "run_id": self.run.run_id,
                      "world_size": self.env.world_size, "metrics": self._eval_metrics(),
                      "layout": {**self._layout(), "sharded": self.checkpointer.sharded}},
         }
@@ -159,7 +159,7 @@ class Trainer:
         self.load_state_dict(state, here)
         if self.env.is_main:
             saved_hash, st = state["meta"]["config_hash"], self.progress
-            changed = " (config changed since: %s)" % saved_hash if saved_hash != config_hash(self.recipe) else ""
+            changed = " (config changed since: %s)" % saved_hash if saved_hash != _config_hash(self.recipe) else ""
             log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s%s", found[0], st.step, st.epoch,
                      st.step_in_epoch, changed, self._layout_change(state["meta"]))
 
@@ -363,3 +363,9 @@ def _progress_bar(recipe: RecipeConfig, total: int, done: int, env: RankEnv) -> 
     from tqdm import tqdm
 
     return tqdm(total=total, initial=done, desc=recipe.name, unit="step", dynamic_ncols=True)
+
+
+def _config_hash(recipe: RecipeConfig) -> str:
+    """The recipe's hash but for its number of nodes: a run resumed on the VMs that came back (vms.min_nodes)
+    or grown back to all of them runs the same config."""
+    return config_hash(recipe.on_nodes(1))
