@@ -213,12 +213,17 @@ class ShardedSaver:
         if own is not None:
             own.start()
         known: dict[str, FileEntry] = {}  # hashed as DCP wrote them
+        started = time.perf_counter()
         try:
             dcp.save(job.shards, storage_writer=writer, process_group=self.group)  # every rank enters it, always
         finally:
+            written = time.perf_counter()
             if own is not None:
                 entry, sent = own.finish(own.file in writer.written)
                 known, job.sent = ({own.file: entry}, {own.file} if sent else set()) if entry else ({}, set())
+                log.info("checkpoint step %d: rank %d wrote its shard in %.2f s; %s %.2f s later", job.step,
+                         self.rank, written - started, "on the store" if sent else "not streamed to the store",
+                         time.perf_counter() - written, extra=FILE_ONLY)
         if not uncommitted:
             log.error("checkpoint step %d NOT committed: its earlier copy on the store could not be uncommitted",
                       job.step)
