@@ -61,7 +61,7 @@ class Checkpointer:
         self._saver: Optional[BackgroundSaver] = None
         # sharded saves (every rank writes its shard): created on every rank, a collective
         self._shards = ShardedSaver(dist.get_rank(), self._commit_sharded if is_writer else None,
-                                    torch.cuda.is_available(), cfg.async_save) if sharded else None
+                                    cfg.async_save) if sharded else None
         self._submitted: set[int] = set()
         self._closed = False
         if is_writer:
