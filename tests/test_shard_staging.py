@@ -162,3 +162,16 @@ def test_copy_threads_share_the_cpus_among_the_ranks_of_a_machine() -> None:
     assert copy_threads(local_ranks=1, cpus=2) == 2
     assert copy_threads(local_ranks=8, cpus=4) == 1
     assert copy_threads(local_ranks=8, cpus=96) == 8 and copy_threads(local_ranks=1, cpus=96) == 8
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sources_are_copied_into_pinned_buffers_kept_across_saves() -> None:
+    source = {"w": torch.randn(ODD, device="cuda"), "step": torch.tensor(2.0, device="cuda")}
+    stager = ShardStager(2)
+    first = stager.stage(source)
+    assert first["w"].is_pinned() and first["w"].device.type == "cpu" and torch.equal(first["w"], source["w"].cpu())
+    stager.release()
+    source["w"].mul_(2)  # queued on the current stream: the copy must come after it
+    second = stager.stage(source)
+    assert second["w"].data_ptr() == first["w"].data_ptr() and torch.equal(second["w"], source["w"].cpu())
