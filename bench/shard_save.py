@@ -10,8 +10,10 @@ folder under /tmp (removed at the end), the reference first:
 - ours: on the training thread, building that shard state (jobs.parallel.state.model_shard and
   optimizer_shard: get_model_state_dict and get_optimizer_state_dict with the flatten option, as the
   trainer does) and `Checkpointer(..., sharded=True).save(step, small_state, metrics, shards=state)`,
-  which returns once the shard is copied to host memory. Then, outside the timed part, flush() waits
-  for the background write, the confirmations and rank 0's commit: that wait is the time to commit.
+  which returns once the shard is copied to host memory (jobs/checkpoint/shard_staging.py, on
+  copy_threads_per_rank threads: this machine's CPUs over its ranks). Then, outside the timed part,
+  flush() waits for the background write, the confirmations and rank 0's commit: that wait is the
+  time to commit.
 Each figure is the maximum over the ranks (training waits for its slowest rank at the next
 collective), and the median over rounds 2..SAVES: the first of ours allocates the host buffers that
 later saves reuse (it is reported apart). Both write the same bytes to the same disk, and both fsync.
@@ -34,6 +36,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from jobs.checkpoint import Checkpointer
+from jobs.checkpoint.shard_staging import copy_threads
 from jobs.env import RankEnv
 from jobs.gpt import gpt, lm_loss
 from jobs.parallel import init_distributed, parallelize
@@ -121,6 +124,7 @@ def measure(env: RankEnv, model_kwargs: dict, root: Path) -> dict:
     nbytes = sum(f.stat().st_size for f in (root / "ours").rglob("*.distcp"))
     med = statistics.median
     return {"parameters": params, "shard_bytes_all_ranks": nbytes, "saves": SAVES,
+            "copy_threads_per_rank": copy_threads(env.local_world_size),
             "sync_dcp_save_s": med(sync[1:]), "async_blocked_s": med(blocked[1:]),
             "async_blocked_first_s": blocked[0], "async_build_shard_state_s": med(built[1:]),
             "async_commit_s": med(committed[1:]),

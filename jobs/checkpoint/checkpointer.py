@@ -68,8 +68,7 @@ class Checkpointer:
                                   "object store: each rank sends its shard there")
         self.spread = spread
         self._shards = ShardedSaver(dist.get_rank(), self._commit_sharded if is_writer else None,
-                                    torch.cuda.is_available(), cfg.async_save,
-                                    uploads=self._uploader if spread else None,
+                                    cfg.async_save, uploads=self._uploader if spread else None,
                                     keep_local=cfg.keep_last) if sharded else None
         self._submitted: set[int] = set()
         self._closed = False

@@ -20,8 +20,9 @@ manifest's check like any other file.
 
 The save runs on one background thread per rank, with its own gloo process group: DCP's
 collectives and the confirmations never share a group with training's collectives (sharing one is
-a known deadlock). Training waits only for the copy of its shard into host memory (DCP's stager,
-whose buffers are kept across saves). One save is in flight per rank; the next waits for it.
+a known deadlock). Training waits only for the copy of its shard into host memory (shard_staging:
+buffers kept across saves, several copy threads). One save is in flight per rank; the next waits for
+it, as the buffers it would copy into are still being written.
 
 Uploads are not DCP's: its fsspec writer has lost data on object stores. The committed folder is
 uploaded by the Checkpointer's uploader, files first and manifest last, like any checkpoint. Nodes
@@ -43,13 +44,14 @@ from fsspec.implementations.local import LocalFileSystem
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry
 from jobs.checkpoint.spread import OwnShard, prune_node_folder
 from jobs.checkpoint.stream import FileProgress
+from jobs.checkpoint.shard_staging import ShardStager, copy_threads
 from jobs.checkpoint.store import sha256_of
+from jobs.env import RankEnv
 from jobs.parallel.distributed import gloo_group
 
 DCP_METADATA = ".metadata"
@@ -105,13 +107,12 @@ class ShardedSaver:
     the job and every rank's confirmed files, and commits the folder (or None: the save failed)."""
 
     def __init__(self, rank: int, commit: Optional[Callable[[ShardJob, Optional[dict[str, FileEntry]]], None]],
-                 cuda: bool, asynchronous: bool = True, uploads: Optional[OwnUploads] = None,
-                 keep_local: int = 1) -> None:
+                 asynchronous: bool = True, uploads: Optional[OwnUploads] = None, keep_local: int = 1) -> None:
         self.rank, self.commit, self.asynchronous = rank, commit, asynchronous
         self.uploads, self.keep_local = uploads, keep_local  # every rank sends its own files (spread.py)
         self.group = gloo_group()  # never shared with training's collectives
-        self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                    use_async_staging=False, use_non_blocking_copy=cuda))
+        # the ranks of this machine copy at the same moment: each gets its share of the CPUs
+        self._stager = ShardStager(copy_threads(RankEnv.from_environ().local_world_size))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-shards")
         self._pending: Optional[Future] = None
         self._error: Optional[BaseException] = None
@@ -169,6 +170,7 @@ class ShardedSaver:
             return
         finally:
             job.shards = {}
+            self._stager.release()
         everyone: Optional[list[Any]] = [None] * dist.get_world_size(self.group) if self.rank == 0 else None
         dist.gather_object(entries, everyone, dst=0, group=self.group)
         if everyone is None:
