@@ -15,30 +15,41 @@ from __future__ import annotations
 import datetime
 import json
 import re
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import yaml
 
-from bench.vm_notice import BUCKET, GPT_100M, HOSTS, ONE_RANK_PER_NODE, Loopback, cancelled_on_error, loopback, \
-    notice_to_upload, say, seconds, wait_for
+from bench.vm_notice import BUCKET, ENV, GPT_100M, HOSTS, ONE_RANK_PER_NODE, REPO, Loopback, cancelled_on_error, \
+    loopback, notice_to_upload, say, seconds, wait_for
 from vm_hosts import vms_available  # noqa: E402 (bench.vm_notice put the tests' helpers on the path)
 
 FSDP = ["parallel.strategy=fsdp"]
 LAUNCH_LINE = re.compile(r"^(\S+ \S+) supervisor: launch (\d+) \(attempt \d+\) on (.*) \(rendezvous", re.M)
 
 
-def shrinking_cluster(lb: Loopback, min_nodes: Optional[int]) -> None:
-    """The loopback cluster config with its hosts from a file the bench edits, and vms.min_nodes."""
-    path = lb.cluster()
-    config = yaml.safe_load(path.read_text())
+def shrinking_cluster(lb: Loopback, min_nodes: Optional[int]) -> Path:
+    """The loopback cluster config with its hosts from a file the bench edits, and vms.min_nodes (its own
+    file: Loopback.cli() writes lb.cluster() afresh at every call)."""
+    config = yaml.safe_load(lb.cluster().read_text())
     hosts_file = lb.folder / "hosts.txt"
     hosts_file.write_text("\n".join(HOSTS) + "\n")
     config["vms"].pop("hosts")
     config["vms"].update(hosts_command=f"cat {hosts_file}", host_wait_s=1,
                          **({"min_nodes": min_nodes} if min_nodes else {}))
+    path = lb.folder / f"vms-{min_nodes or 'all'}.yaml"
     path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(lb: Loopback, cluster: Path, *args: str) -> None:
+    cmd = [sys.executable, "-m", "launcher", *args, "--cluster", str(cluster), "--runs-dir", str(lb.folder / "runs")]
+    out = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"launcher {' '.join(args)} failed ({out.returncode}): {out.stdout}{out.stderr}")
 
 
 def launch_times(lb: Loopback, name: str) -> list[tuple[float, int, str]]:
@@ -51,8 +62,8 @@ def launch_times(lb: Loopback, name: str) -> list[tuple[float, int, str]]:
 def resume_after_notice(lb: Loopback, name: str, shrink: bool, timeout: float = 300) -> dict:
     """FSDP on 2 VMs, a notice on node 1, then the relaunch on 1 VM (`shrink`: node 1 never returns) or on both:
     seconds from the relaunch's launch line to its first step."""
-    shrinking_cluster(lb, 1 if shrink else None)
-    lb.cli("launch", "gpt_small", *GPT_100M, *FSDP, "parallel.nodes=2", *ONE_RANK_PER_NODE,
+    cluster = shrinking_cluster(lb, 1 if shrink else None)
+    cli(lb, cluster, "launch", "gpt_small", *GPT_100M, *FSDP, "parallel.nodes=2", *ONE_RANK_PER_NODE,
            f"checkpoint.uri=s3://{BUCKET}/runs", "--run-name", name)
     hosts_file = lb.folder / "hosts.txt"
     with cancelled_on_error(lb, name):
@@ -66,7 +77,7 @@ def resume_after_notice(lb: Loopback, name: str, shrink: bool, timeout: float = 
         first = wait_for(f"{name}: the relaunch's first step", lambda: lb.first_step(name, after=raised), timeout)
         launches = wait_for(f"{name}: the relaunch's launch line", lambda: [x for x in launch_times(lb, name)
                                                                              if x[1] == 2], 30)
-        lb.cli("cancel", name)
+        cli(lb, cluster, "cancel", name)
         wait_for(f"{name} to end", lambda: lb.ended(name), timeout, poll=0.5)
     hosts_file.write_text("\n".join(HOSTS) + "\n")
     return {"relaunch_to_first_step_s": first["time"] - launches[0][0], "hosts": launches[0][2],
@@ -83,6 +94,8 @@ def run() -> dict:
         notice = notice_to_upload(lb, "fsdpnotice", layout=FSDP)
         same = resume_after_notice(lb, "same", shrink=False)
         fewer = resume_after_notice(lb, "fewer", shrink=True)
+    if "127.0.0.3" in fewer["hosts"] or "127.0.0.3" not in same["hosts"]:
+        raise RuntimeError(f"the resumes ran on {same['hosts']} and {fewer['hosts']}, not 2 and 1 VMs")
     results = {"notice": notice, "same_size": same, "fewer": fewer}
     return {"results": results, "rows": rows(results)}
 
