@@ -84,9 +84,10 @@ def test_a_spot_notice_commits_every_ranks_shard_to_s3_and_empty_vms_resume_bit_
         layout: str, tmp_path: Path, vm_hosts: Path, s3_server: S3Server, metadata: dict[str, MetadataServer],
         straight: Callable[[str], dict]) -> None:
     """A GCE notice on node 1: each rank sends its shard to S3 and rank 0 commits the folder (as at every
-    save: the manifest names both ranks' shards). Node 1 is replaced by a VM with an empty disk and node 0's checkpoint folder
-    is wiped too: the ranks resume from S3 alone and end bit-equal to the uninterrupted run; `launcher
-    export` reads the final shards from the store."""
+    save: the manifest names both ranks' shards). FSDP: node 1 is replaced by a VM with an empty disk and node
+    0's checkpoint folder is wiped too, so the ranks resume from S3 alone. Pipeline: the same VMs come back,
+    each keeping its own shard and copying the other's. Both end bit-equal to the uninterrupted run;
+    `launcher export` reads the final shards from the store."""
     bucket = f"vm{layout}"
     s3_server.create_bucket(bucket)
     cluster, hosts_file = gce_cluster(tmp_path, vm_hosts, s3_server, metadata)
@@ -95,12 +96,19 @@ def test_a_spot_notice_commits_every_ranks_shard_to_s3_and_empty_vms_resume_bit_
               "parallel.procs_per_node=1", f"checkpoint.uri=s3://{bucket}/runs", "--run-name", "mp")
     assert out.returncode == 0, out.stdout + out.stderr
     wait_until(lambda: steps_logged(tmp_path, "mp") >= 3, "step 3", timeout=180, poll=0.05)
-    hosts_file.write_text(f"{HOSTS[0]}\n")
+    replaced = layout == "fsdp"
+    if replaced:
+        hosts_file.write_text(f"{HOSTS[0]}\n")
     metadata[HOSTS[1]].notice()
-    wait_until(lambda: head_info(tmp_path, "mp").get("state") == "waiting_for_hosts", "the supervisor to wait")
-    shutil.rmtree(host_run(tmp_path, HOSTS[0], "mp") / "checkpoints")  # nothing local is needed to resume
-    hosts_file.write_text(f"{HOSTS[0]}\n{REPLACEMENT}\n")
+    if replaced:
+        wait_until(lambda: head_info(tmp_path, "mp").get("state") == "waiting_for_hosts", "the supervisor to wait")
+        shutil.rmtree(host_run(tmp_path, HOSTS[0], "mp") / "checkpoints")  # nothing local is needed to resume
+        hosts_file.write_text(f"{HOSTS[0]}\n{REPLACEMENT}\n")
+    else:
+        wait_until(lambda: head_info(tmp_path, "mp").get("requeues"), "the preemption to be counted")
+        metadata[HOSTS[1]].reset()  # the VM came back without a pending notice
     assert wait_state(cluster, runs, "mp")["state"] == "completed"
+    assert head_info(tmp_path, "mp")["hosts"] == [HOSTS[0], REPLACEMENT if replaced else HOSTS[1]]
     info = head_info(tmp_path, "mp")
     assert info["requeues"] == {"preemptions": 1}, info
     assert info["notice_to_saved_s"] > 0, info  # measured (how fast: bench/vm_sharded.py)
