@@ -6,8 +6,8 @@ s3://spread/run on the moto server at $S3_ENDPOINT:
         commits steps 1 and 2 (prints COMMITTED <step> on rank 0), then starts step 3, during whose upload
         rank 1 is SIGKILLed (its upload has sent part of its shard).
     torchrun --nproc-per-node 2 tests/spread_writer.py resume BASE
-        what the next launch on other VMs does: rank 0 finds the newest committed checkpoint on the store,
-        every rank copies it into its own folder and loads its shard from there; prints
+        what the next launch on other VMs does (Checkpointer.resume_spread, as the trainer): rank 0 picks the
+        newest committed checkpoint on the store, each rank's node copies what its rank reads; prints
         "RESUMED <step> <rank> <value of its shard> <location>" per rank.
 """
 from __future__ import annotations
@@ -66,15 +66,13 @@ def main() -> None:
         ckpt.save(3, {"trainer": {"step": 3}}, {"loss": 0.3}, shards=shards(rank, 3))
         ckpt.flush(timeout=60)
     else:
-        found = [None]
-        loaded = ckpt.load_latest(remote_only=True) if rank == 0 else None
-        found = [loaded[0] if loaded else None]
-        dist.broadcast_object_list(found, src=0)
-        here = ckpt.local_copy(found[0])
-        state = loaded[1] if loaded else ckpt.load(here)
-        template = {"model": {f"w{rank}": torch.empty(NUMEL)}}
-        load_shards(here, template)
-        print(f"RESUMED {state['trainer']['step']} {rank} {template['model'][f'w{rank}'][0].item()} {found[0]}",
+        template, state = {"model": {f"w{rank}": torch.empty(NUMEL)}}, {}
+
+        def apply(small: dict, reader) -> None:  # what the trainer does: its shards through DCP's reader
+            load_shards("", template, reader)
+            state.update(small)
+        found = ckpt.resume_spread(apply)
+        print(f"RESUMED {state['trainer']['step']} {rank} {template['model'][f'w{rank}'][0].item()} {found}",
               flush=True)
     ckpt.close()
     dist.barrier()

@@ -31,7 +31,8 @@ def test_each_rank_sends_its_shard_and_a_killed_upload_or_an_altered_shard_is_ne
     """Steps 1 and 2 are committed on the store with a manifest naming both ranks' shards, while each node's
     folder holds only its own rank's files; rank 1 killed while sending its shard of step 3 leaves step 3
     uncommitted. With step 2's shard of rank 1 then altered in the store, a resume on two empty folders
-    warns naming that file and resumes both ranks from step 1, each copying it into its own folder."""
+    (rank 1 finds it as its node copies it; DCP fails the load on both ranks) warns naming that file and
+    resumes both ranks from step 1, each node copying only what its rank reads."""
     import fsspec
 
     s3_server.create_bucket("spread")
@@ -63,8 +64,10 @@ def test_each_rank_sends_its_shard_and_a_killed_upload_or_an_altered_shard_is_ne
     assert "step-000000002/__1_0.distcp does not match" in resumed.stderr, resumed.stderr
     assert "RESUMED 1 0 10.0 s3://spread/run/step-000000001" in resumed.stdout, resumed.stdout
     assert "RESUMED 1 1 11.0 s3://spread/run/step-000000001" in resumed.stdout, resumed.stdout
-    for node in ("node0", "node1"):  # each node copied the checkpoint into its own empty folder
-        assert (tmp_path / "b" / node / "step-000000001" / "manifest.json").exists()
+    for rank in (0, 1):  # each node copied into its own empty folder what its rank reads, no other shard
+        copied = {p.name for p in (tmp_path / "b" / f"node{rank}" / "step-000000001").iterdir()}
+        assert {f"__{rank}_0.distcp", ".metadata", "trainer.pt"} <= copied, copied
+        assert f"__{1 - rank}_0.distcp" not in copied, copied
 
 
 def test_a_file_another_writer_appends_to_is_hashed_and_streamed_as_it_grows(tmp_path: Path,

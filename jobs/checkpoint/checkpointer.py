@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Collection, Optional
+from typing import Any, Callable, Collection, Optional
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from fsspec.implementations.local import LocalFileSystem
 
 from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, ForeignRunFolder, \
@@ -20,9 +21,10 @@ from jobs.checkpoint.policy import SavePolicy
 from jobs.checkpoint.reader import load_checkpoint
 from jobs.checkpoint.retention import prune, retained
 from jobs.checkpoint.saver import BackgroundSaver, SaveJob
-from jobs.checkpoint.sharded import ShardedSaver, ShardJob, is_shard_file
+from jobs.checkpoint.sharded import DCP_METADATA, FetchingReader, ShardedSaver, ShardJob, failure_reason, \
+    is_shard_file, only_corrupt_files
 from jobs.checkpoint.staging import check_leaves, check_state, copy_tree
-from jobs.checkpoint.spread import fetch_once
+from jobs.checkpoint.spread import NodeCopy, fetch_once
 from jobs.checkpoint.store import Store
 from jobs.checkpoint.uploader import Uploader
 from jobs.storage import filesystem
@@ -169,6 +171,44 @@ class Checkpointer:
         if not any(is_shard_file(f) for f in manifest.files):
             return location
         return self._download(remote, name, manifest)
+
+    def resume_spread(self, apply: Callable[[dict[str, Any], FetchingReader], None]) -> Optional[str]:
+        """Every rank of a spread run (spread.py), a collective: the newest remote checkpoint that reads intact,
+        given to `apply(state, reader)` (rank 0's small files; DCP's reader fetching this rank's shards into
+        the node's folder as its read plan asks). A file that does not match its manifest, on any rank, moves
+        every rank to the next older checkpoint. Returns the location loaded, None if there is none."""
+        assert self._uploader is not None
+        skip: set[str] = set()
+        while True:
+            found: list[Any] = [None]
+            if self.is_writer and (newest := self._find(skip, full_hash=False, remote_only=True)) is not None:
+                found = [(newest[0].location(newest[1]), newest[1], newest[2].to_json())]
+            dist.broadcast_object_list(found, src=0)
+            if found[0] is None:
+                return None
+            location, name, text = found[0]
+            copy = NodeCopy(self._uploader.remote, name, Manifest.from_json(text), self.local_dir / name)
+            plain = [f for f in copy.manifest.files if not is_shard_file(f)]
+            problem: Optional[str] = None
+            try:
+                copy.fetch([*plain, DCP_METADATA])
+                state = {f.removesuffix(".pt"): torch.load(copy.folder / f, map_location="cpu", weights_only=True)
+                         for f in plain}
+            except CorruptCheckpoint as err:
+                problem = str(err)
+            problems: list[Optional[str]] = [None] * dist.get_world_size()
+            dist.all_gather_object(problems, problem)  # every rank enters DCP's load, or none
+            try:
+                if any(problems):
+                    raise CorruptCheckpoint(next(p for p in problems if p))
+                apply(state, FetchingReader(str(copy.folder), copy.fetch))
+                return location
+            except (Exception, CheckpointException) as err:
+                if not only_corrupt_files(err):
+                    raise
+                if self.is_writer:  # DCP's exception is every rank's: one line
+                    log.warning("skipping checkpoint %s: %s", location, failure_reason(err))
+                skip.add(location)
 
     def load(self, location: str, map_location: str | torch.device = "cpu", keys: Optional[Collection[str]] = None,
              hash_local: bool = True) -> dict[str, Any]:

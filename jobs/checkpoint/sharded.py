@@ -45,7 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
-from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, describe, log
+from jobs.checkpoint.errors import FILE_ONLY, CheckpointError, CorruptCheckpoint, describe, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry
 from jobs.checkpoint.spread import OwnShard, prune_node_folder
 from jobs.checkpoint.stream import FileProgress
@@ -165,7 +165,7 @@ class ShardedSaver:
         except (Exception, CheckpointException) as err:  # DCP raises on every rank when one rank's write fails
             if self.rank == 0:  # every rank got the same exception: one line says it
                 log.error("checkpoint step %d NOT saved: writing the shards into %s failed (%s); training "
-                          "continues and the next save tries again", job.step, job.folder, _reason(err))
+                          "continues and the next save tries again", job.step, job.folder, failure_reason(err))
             self._commit(job, None)
             return
         finally:
@@ -239,7 +239,7 @@ class ShardedSaver:
             return None
 
 
-def _reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     """One line: DCP's CheckpointException carries each failing rank's exception and traceback."""
     if isinstance(err, CheckpointException):
         return "; ".join(f"rank {rank}: {describe(e[0] if isinstance(e, tuple) else e)}"
@@ -253,11 +253,35 @@ def _hashed(path: Path, rank: int) -> FileEntry:
 
 # ---------------------------------------------------------------------- loading
 
-def load_shards(folder: str, template: dict[str, Any]) -> None:
+def load_shards(folder: str, template: dict[str, Any], reader: Optional[dcp.FileSystemReader] = None) -> None:
     """Fill `template` (this layout's sharded state: what the ranks would save now) from the shards
-    in the local `folder`, resharding as needed. A collective when a process group exists."""
+    in the local `folder` (or through `reader`), resharding as needed. A collective when a process group
+    exists; a rank's failure to read raises CheckpointException on every rank."""
     with _one_process_is_meant():
-        dcp.load(template, storage_reader=dcp.FileSystemReader(folder))
+        dcp.load(template, storage_reader=reader or dcp.FileSystemReader(folder))
+
+
+class FetchingReader(dcp.FileSystemReader):
+    """DCP's file reader over a node's copy of a remote checkpoint that holds only what was read so far: the
+    files this rank's read plan needs are fetched first (spread.NodeCopy.fetch)."""
+
+    def __init__(self, folder: str, fetch: Callable[[set[str]], None]) -> None:
+        super().__init__(folder)
+        self._fetch = fetch
+
+    def read_data(self, plan: Any, planner: Any) -> Any:
+        self._fetch({self.storage_data[item.storage_index].relative_path for item in plan.items})
+        return super().read_data(plan, planner)
+
+
+def only_corrupt_files(err: BaseException) -> bool:
+    """Whether DCP's load failed only because files did not match their manifest (on any rank)."""
+    if isinstance(err, CorruptCheckpoint):
+        return True
+    failures = getattr(err, "failures", None) if isinstance(err, CheckpointException) else None
+    return bool(failures) and all(isinstance(e[0] if isinstance(e, tuple) else e, CorruptCheckpoint)
+                                  for e in failures.values())
+
 
 
 @contextlib.contextmanager

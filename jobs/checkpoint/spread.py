@@ -14,26 +14,32 @@ A rank killed anywhere before 3 leaves a remote folder without a manifest, never
 Nothing is committed locally (a node's folder holds its ranks' shards only); each node keeps its
 newest `keep_last` step folders, so a restart on the same VMs downloads only what it lacks.
 
-A resume: rank 0 picks the newest remote checkpoint that downloads intact (a file that does not match
-its manifest skips it, with a warning naming the file) and tells the others its location; on every
-node one rank copies it into the node's folder (files already there with the right hash are kept)
-while the node's other ranks wait on a lock, and DCP reads and reshards from there. A replacement VM
-with an empty disk resumes the same way.
+A resume (Checkpointer.resume_spread): rank 0 picks the newest committed remote checkpoint and tells the
+others; each node copies the small files and DCP's index into its folder, then each shard file only
+when DCP's read plan for the node's ranks asks for it (NodeCopy: a same-size FSDP resume reads one shard
+per rank, a resharding one what it needs), one rank of the node at a time under a lock, a file already
+there with the manifest's SHA-256 (the node's own shard, on a restart on the same VMs) kept. A file that
+does not match its manifest fails the load on every rank (DCP gathers each rank's failure), and every
+rank moves on to the next older checkpoint, with a warning naming the file. A replacement VM with an
+empty disk resumes the same way.
 """
 from __future__ import annotations
 
 import fcntl
+import json
 import shutil
 import threading
 from pathlib import Path
-from typing import Optional, Protocol
+from typing import Iterable, Optional, Protocol
 
 from jobs.checkpoint.errors import FILE_ONLY, log
 from jobs.checkpoint.layout import MANIFEST, FileEntry, Manifest, parse_step_dir
-from jobs.checkpoint.store import Store, download_folder
+from jobs.checkpoint.disk import write_atomic
+from jobs.checkpoint.store import Store, download_file, download_folder, matches
 from jobs.checkpoint.stream import FileProgress, GrowingFile
 
 FETCH_LOCK = ".fetching"  # in the step folder: the node's ranks copy a checkpoint once
+CHECKED = ".checked.json"  # in a node's copy: file -> the SHA-256 it was checked against
 
 
 class Streams(Protocol):
@@ -93,3 +99,35 @@ def _committed_here(folder: Path) -> object:
         return Manifest.from_json((folder / MANIFEST).read_text()).files
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+class NodeCopy:
+    """A remote sharded checkpoint as this node reads it: the files fetch() is asked for, each copied (or found
+    already there) and checked against the manifest once per node, under the node's lock."""
+
+    def __init__(self, remote: Store, name: str, manifest: Manifest, folder: Path) -> None:
+        self.remote, self.name, self.manifest, self.folder = remote, name, manifest, folder
+
+    def fetch(self, files: Iterable[str]) -> None:
+        """`files` of the checkpoint in this node's folder, checked; CorruptCheckpoint naming one that is not."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / FETCH_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            checked = self._checked()
+            for file in sorted(set(files)):
+                entry = self.manifest.files[file]
+                if checked.get(file) == entry.sha256:
+                    continue
+                if not matches(self.folder / file, entry):
+                    log.info("copying %s/%s (%.1f MB)", self.remote.location(self.name), file, entry.size / 1e6,
+                             extra=FILE_ONLY)
+                    download_file(self.remote, self.name, file, entry, self.folder / file)
+                checked[file] = entry.sha256
+                write_atomic(self.folder / CHECKED, json.dumps(checked))
+
+    def _checked(self) -> dict[str, str]:
+        try:
+            found = json.loads((self.folder / CHECKED).read_text())
+            return found if isinstance(found, dict) else {}
+        except (OSError, ValueError):
+            return {}

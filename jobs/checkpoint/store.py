@@ -111,23 +111,29 @@ def download_folder(remote: Store, name: str, manifest: Manifest, folder: Path) 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST).unlink(missing_ok=True)  # uncommitted while its files are replaced
     for file, entry in manifest.files.items():
-        if _matches(folder / file, entry):
-            continue
-        digest, size = hashlib.sha256(), 0
-        with remote.fs.open(remote.path(name, file), "rb") as src, open(folder / file, "wb") as dst:
-            while chunk := src.read(HASH_CHUNK):
-                digest.update(chunk)
-                size += len(chunk)
-                dst.write(chunk)
-            dst.flush()
-            os.fsync(dst.fileno())
-        if size != entry.size or digest.hexdigest() != entry.sha256:
-            raise CorruptCheckpoint(f"{remote.location(name)}/{file} does not match the size/SHA-256 in its "
-                                    f"manifest: the checkpoint is corrupt")
+        if not matches(folder / file, entry):
+            download_file(remote, name, file, entry, folder / file)
     commit_folder(folder, manifest)
 
 
-def _matches(path: Path, entry: FileEntry) -> bool:
+def download_file(remote: Store, name: str, file: str, entry: FileEntry, dest: Path) -> None:
+    """`file` of remote checkpoint `name` streamed into `dest`, fsynced, checked against its manifest `entry`
+    (size and SHA-256): CorruptCheckpoint naming it if it does not match."""
+    digest, size = hashlib.sha256(), 0
+    with remote.fs.open(remote.path(name, file), "rb") as src, open(dest, "wb") as dst:
+        while chunk := src.read(HASH_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+            dst.write(chunk)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if size != entry.size or digest.hexdigest() != entry.sha256:
+        raise CorruptCheckpoint(f"{remote.location(name)}/{file} does not match the size/SHA-256 in its "
+                                f"manifest: the checkpoint is corrupt")
+
+
+def matches(path: Path, entry: FileEntry) -> bool:
+    """Whether the local file at `path` is the one `entry` describes (its size, then its SHA-256)."""
     try:
         return path.stat().st_size == entry.size and sha256_of(LocalFileSystem(), str(path)) == entry.sha256
     except OSError:

@@ -106,7 +106,7 @@ class Trainer:
             state["scaler"] = self.scaler.state_dict()
         return state
 
-    def load_state_dict(self, state: dict[str, Any], shards_at: Optional[str] = None) -> None:
+    def load_state_dict(self, state: dict[str, Any], shards_at: Optional[str] = None, reader: Any = None) -> None:
         """The inverse of state_dict() ("meta" is only read by people and resume()'s log line). A sharded
         checkpoint's state has no model or optimizer: they are read from the shards at `shards_at` into
         this layout (a collective), whatever layout wrote them."""
@@ -114,10 +114,10 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizers.load_state_dict(state["optimizer"])
         else:
-            if shards_at is None:
+            if shards_at is None and reader is None:
                 raise ValueError("a sharded checkpoint's state needs the folder of its shards")
             template = self.shard_state()
-            load_shards(shards_at, template)
+            load_shards(shards_at or "", template, reader)
             self.model.load_shard_state(template["model"])
             self.optimizers.load_shard_state(template["optimizer"])
         self.schedulers.load_state_dict(state["scheduler"])
@@ -138,6 +138,14 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from the newest committed checkpoint, if there is one."""
+        if self.checkpointer.spread:  # nodes without a shared folder: each reads its shards from the store
+            loaded: dict[str, Any] = {}
+
+            def apply(state: dict[str, Any], reader: Any) -> None:
+                self.load_state_dict(state, reader=reader)
+                loaded.update(state)
+            self._say_resumed(self.checkpointer.resume_spread(apply), loaded.get("meta"))
+            return
         # Rank 0 picks (skipping corrupt checkpoints as it loads them); the others load what it picked.
         # Nodes that cannot read rank 0's folder (VMs) load the remote copy it picked among the remote ones.
         remote_only = not self.run.shared_run_dir and self.env.world_size > self.env.local_world_size
@@ -147,8 +155,7 @@ class Trainer:
         if dist.is_initialized():
             dist.broadcast_object_list(found, src=0)
         if found[0] is None:
-            if self.env.is_main:
-                log.info("no committed checkpoint: starting from step 0")
+            self._say_resumed(None, None)
             return
         # Rank 0 hashed every file while loading; of the other ranks, one per node hashes local files (a
         # shared folder is the same bytes for its node-mates) and the rest check sizes. Downloads are always hashed.
@@ -157,11 +164,19 @@ class Trainer:
         state = loaded[1] if loaded else self.checkpointer.load(here, map_location="cpu",
                                                                  hash_local=self.env.local_rank == 0)
         self.load_state_dict(state, here)
-        if self.env.is_main:
-            saved_hash, st = state["meta"]["config_hash"], self.progress
-            changed = " (config changed since: %s)" % saved_hash if saved_hash != _config_hash(self.recipe) else ""
-            log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s%s", found[0], st.step, st.epoch,
-                     st.step_in_epoch, changed, self._layout_change(state["meta"]))
+        self._say_resumed(found[0], state["meta"])
+
+    def _say_resumed(self, found: Optional[str], meta: Optional[dict[str, Any]]) -> None:
+        """Rank 0's line on what the run resumed from (or that it starts from step 0)."""
+        if not self.env.is_main:
+            return
+        if found is None or meta is None:
+            log.info("no committed checkpoint: starting from step 0")
+            return
+        saved_hash, st = meta["config_hash"], self.progress
+        changed = " (config changed since: %s)" % saved_hash if saved_hash != _config_hash(self.recipe) else ""
+        log.info("resumed from %s: step %d, epoch %d, step %d in epoch%s%s", found, st.step, st.epoch,
+                 st.step_in_epoch, changed, self._layout_change(meta))
 
     def _layout_change(self, meta: dict[str, Any]) -> str:
         """How the checkpoint's layout differs from this run's, for the resume log line ("" if it does not)."""
