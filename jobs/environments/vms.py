@@ -52,11 +52,16 @@ STACK_CHARS = 64_000  # of each rank's stack sent to the supervisor (the whole d
 
 
 def torchrun_command(recipe: RecipeConfig, args: argparse.Namespace) -> list[str]:
-    """One torchrun per node; the rendezvous id is per launch, so a relaunch never meets the last one's state."""
+    """One torchrun per node; the rendezvous id is per launch, so a relaunch never meets the last one's state.
+    A run on one VM (one node, a sweep's trial, a run resumed on the one VM that came back) meets nobody: its
+    rendezvous is a free local port (torchrun --standalone), never vms.rdzv_port, which another run on the
+    same VM may hold (its store listens on every address)."""
     entry = ["-m", "jobs.script" if recipe.script else "jobs.train", "--run-dir", args.run_dir]
-    return [sys.executable, "-m", "jobs.torchrun", f"--nnodes={args.nnodes}",
-            f"--nproc-per-node={args.nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv}",
-            f"--rdzv-id={args.rdzv_id}", f"--local-addr={args.local_addr}", "--max-restarts=0", *entry]
+    meet = ["--standalone"] if args.nnodes == 1 else [
+        "--rdzv-backend=c10d", f"--rdzv-endpoint={args.rdzv}", f"--rdzv-id={args.rdzv_id}",
+        f"--local-addr={args.local_addr}"]
+    return [sys.executable, "-m", "jobs.torchrun", f"--nnodes={args.nnodes}", f"--nproc-per-node={args.nproc}",
+            *meet, "--max-restarts=0", *entry]
 
 
 class Agent:
