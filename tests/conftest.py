@@ -241,8 +241,11 @@ def vm_hosts() -> Path:
 
 
 # Files whose tests use the machine's one Slurm beyond what a fixture says: `make slurm-up` and jobs from the
-# docs' commands. (Tests on the loopback VMs run side by side: each run has its own rendezvous port and folders.)
+# docs' commands.
 SLURM_FILES = {"test_readme.py"}
+# Files whose tests use the loopback VMs beyond what a fixture says (spot notices from metadata servers on the
+# hosts' addresses: two VM tests side by side once heard each other's node agents).
+VM_FILES = {"test_vms_runs.py", "test_vms_ssh.py", "test_vms_restarts.py"}
 # Runs whose timing under a loaded machine is itself under test (spot notices over SSH across two "VMs", a
 # node killed mid-run): `make test` runs them after the others, one at a time, with nothing beside them. (A
 # hang across two "VMs" is not timing-bound: its 8 s timeout is many times a loaded step.)
@@ -256,12 +259,15 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
     Under `pytest -n 2 --dist loadgroup` (make test) each file is one group, so its module fixtures are
     made once, on one worker; every test that uses the machine's one Slurm is in one group "slurm", so those
-    run one at a time (a Slurm job never waits behind another test's)."""
+    run one at a time (a Slurm job never waits behind another test's), and every test on the loopback VMs in
+    one group "vms" (their metadata servers and node agents share the hosts' addresses); the two groups run
+    beside each other."""
     for item in items:
         if item.get_closest_marker("slurm"):
             item.add_marker(pytest.mark.slow)
         slurm = item.get_closest_marker("slurm") or "slurm" in item.fixturenames or item.path.name in SLURM_FILES
-        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else item.path.name))
+        vms = "vm_hosts" in item.fixturenames or item.path.name in VM_FILES
+        item.add_marker(pytest.mark.xdist_group("slurm" if slurm else "vms" if vms else item.path.name))
         if item.path.name in EXCLUSIVE_FILES:
             item.add_marker(pytest.mark.exclusive)
 

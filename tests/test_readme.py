@@ -19,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -117,9 +118,10 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "data.root=s3://bucket/flowers model.num_classes=5": ((AS_SHOW, "world size 16"),),
     "make vms-up && launcher launch digits --cluster local_vms parallel.procs_per_node=1 --wait": (
         ("make vms-up", ""),
-        # a run name of its own: the "VMs" keep their folders (in /tmp/launcher-vms) from one test run to the next
+        # a run name of its own: the "VMs" keep their folders (in /tmp/launcher-vms) from one test run to the next,
+        # and a pid alone comes back (a run of an earlier session once held this pid's name)
         (f"launcher launch digits --cluster local_vms parallel.procs_per_node=1 {SHORT} --run-name readme-vms-"
-         f"{os.getpid()} --wait", "completed at step 2"),),
+         f"{os.getpid()}-{time.time_ns() % 10**9} --wait", "completed at step 2"),),
     "launcher skypilot digits --cluster skypilot_aws parallel.procs_per_node=1 "
     "checkpoint.uri=s3://my-bucket/checkpoints --out task.yaml": (
         ("launcher skypilot digits --cluster skypilot_aws parallel.procs_per_node=1 "
