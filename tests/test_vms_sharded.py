@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 from conftest import run_cli, wait_until
 from metadata_server import MetadataServer
-from s3_server import S3Server, TEST_CREDENTIALS, free_port, s3_server_fixture
+from s3_server import S3Server, s3_server_fixture
 from test_vms_runs import HOSTS, REPLACEMENT, assert_bit_equal, cli, exported, head_info, host_run, \
     steps_logged, vm_cluster, wait_state
+from test_vms_runs import metadata  # noqa: F401 (the fixture: a metadata server on each host's address)
 
 pytestmark = pytest.mark.slow
 s3_server = pytest.fixture(scope="module")(s3_server_fixture)
@@ -27,19 +28,6 @@ GPT = ["trainer.max_steps=24", "trainer.eval_every=24", "trainer.global_batch=8"
 LAYOUTS = {"fsdp": ["parallel.strategy=fsdp"],
            "pipeline": ["parallel.strategy=pipeline", "parallel.microbatches=2", "trainer.micro_batch=8",
                         "model.kwargs.tied_embeddings=false"]}
-
-
-@pytest.fixture
-def metadata() -> Iterator[dict[str, MetadataServer]]:
-    port = free_port()
-    servers = {host: MetadataServer(host, port) for host in [*HOSTS, REPLACEMENT]}
-    for server in servers.values():
-        server.start()
-    try:
-        yield servers
-    finally:
-        for server in servers.values():
-            server.stop()
 
 
 @pytest.fixture(scope="module")
