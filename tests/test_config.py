@@ -78,7 +78,7 @@ def test_unknown_section() -> None:
     ("trainer.epochs=two", "trainer.epochs", "expected int"),
     ("trainer.epochs=0", "trainer.epochs", "must be > 0"),
     ("optim.lr=-0.1", "optim.lr", "must be > 0"),
-    ("trainer.precision=fp8", "trainer.precision", "choose one of: fp32, bf16, fp16"),
+    ("trainer.precision=fp4", "trainer.precision", "choose one of: fp32, bf16, fp16, fp8"),
     ("model.dropout=1.5", "model.dropout", "between 0 and 1"),
     ("data.val_fraction=1", "data.val_fraction", "between 0 and 1"),
     ("trainer.deterministic=yes please", "trainer.deterministic", "expected bool"),

@@ -5,28 +5,37 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
 from jobs.env import RankEnv
+from jobs.parallel.activation import apply_ac
+from jobs.parallel.compiler import apply_compile
+from jobs.parallel.float8 import apply_float8
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
 from jobs.parallel.pipeline import PipelineLayout, build_stage, split_points
-from jobs.schema import ParallelConfig, UsageError
+from jobs.schema import ParallelConfig, TrainerConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
 
 
-def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
-    """Wrap or shard a plain model for the configured strategy. One rank runs the plain model
-    whatever the strategy: there is nothing to spread (a pipeline needs 2 ranks: checked at load).
-    A pipeline rank gets its stage: the part of the model it owns, under the model's own names."""
+def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device,
+                trainer: Optional[TrainerConfig] = None) -> nn.Module:
+    """Wrap or shard a plain model for the configured strategy, in torchtitan's order: activation
+    checkpointing and compile per block, then the data-parallel wrapping (FSDP's hooks and DDP's reducer stay
+    outside the compiled graphs). One rank runs the plain model whatever the strategy: there is nothing to
+    spread (a pipeline needs 2 ranks: checked at load). A pipeline rank gets its stage: the part of the model
+    it owns, under the model's own names."""
     if cfg.strategy == "fsdp":
         check_device(cfg, device)
     if cfg.strategy == "pipeline":
-        return pipeline_stage(model, cfg, env, device)
+        return per_block(pipeline_stage(model, cfg, env, device), cfg, trainer, env)
     model = model.to(device)
+    if trainer is not None and trainer.precision == "fp8":
+        apply_float8(model, announce=env.is_main)
+    model = per_block(model, cfg, trainer, env)
     if not env.distributed:
         if cfg.strategy != "ddp" and env.is_main:
             log.info("%s on one rank: the plain model, nothing to shard", cfg.strategy)
@@ -35,6 +44,22 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
         return apply_fsdp(model, cfg, env, device)
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+
+
+def per_block(model: nn.Module, cfg: ParallelConfig, trainer: Optional[TrainerConfig], env: RankEnv) -> nn.Module:
+    """What applies to each block of the model (or of a pipeline stage): activation checkpointing, then
+    compile around it (the recomputation is compiled with the block)."""
+    try:
+        checkpointed = apply_ac(model, cfg.activation_checkpointing, cfg.selective_ac)
+    except ValueError as err:  # a model without blocks: the recipe asks for what this model cannot take
+        raise UsageError(str(err), "set parallel.activation_checkpointing=none") from None
+    if checkpointed and env.is_main:
+        log.info("activation checkpointing (%s%s): %s (%s)", cfg.activation_checkpointing,
+                 f", {cfg.selective_ac}" if cfg.activation_checkpointing == "selective" else "",
+                 _blocks(len(checkpointed)), _span(checkpointed))
+    if trainer is not None and trainer.compile:
+        apply_compile(model, trainer.compile_exclude, announce=env.is_main)
+    return model
 
 
 def pipeline_layout(cfg: ParallelConfig, env: RankEnv) -> PipelineLayout:
@@ -62,6 +87,10 @@ def pipeline_stage(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: 
                  "stages own %s", layout.stages, layout.replicas, layout.replicas, cfg.pipeline_schedule,
                  cfg.microbatches, " | ".join(_span(o) for o in owned))
     return stage
+
+
+def _blocks(n: int) -> str:
+    return f"{n} block" if n == 1 else f"{n} blocks"
 
 
 def _span(owned: list[str]) -> str:

@@ -53,7 +53,7 @@ def shard_blocks(model: nn.Module, patterns: tuple[str, ...]) -> list[str]:
         names = default_blocks(model)
     else:
         names = [name for name, module in model.named_modules()
-                 if name and any(_matches(name, type(module).__name__, p) for p in patterns)]
+                 if name and any(matches(name, type(module).__name__, p) for p in patterns)]
         if not names:
             children = [n for n, _ in model.named_children()]
             raise ValueError(f"parallel.fsdp_blocks {list(patterns)} match no module of {type(model).__name__} "
@@ -81,7 +81,7 @@ def _has_parameters(module: nn.Module) -> bool:
     return next(module.parameters(), None) is not None
 
 
-def _matches(name: str, class_name: str, pattern: str) -> bool:
+def matches(name: str, class_name: str, pattern: str) -> bool:
     parts, wanted = name.split("."), pattern.split(".")
     by_name = len(parts) == len(wanted) and all(fnmatch.fnmatchcase(a, b) for a, b in zip(parts, wanted))
     return by_name or fnmatch.fnmatchcase(class_name, pattern)

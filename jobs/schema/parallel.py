@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from jobs.schema.checks import non_empty, positive
 from jobs.schema.errors import ConfigError, short
@@ -37,6 +37,12 @@ class ParallelConfig:
     microbatches: int = 1  # pipeline: pieces each micro batch is cut into to keep the stages busy
     # pipeline: the block each stage after the first starts at ("layers.2"); unset: balanced by parameters
     split_points: Optional[tuple[str, ...]] = None
+    # activations kept for the backward pass: none recomputes nothing; full keeps only each block's input and
+    # recomputes the block in the backward pass; selective recomputes part (parallel.selective_ac)
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # selective: "op" keeps every matmul's output but every second one and attention's (torchtitan's op-level
+    # policy) and recomputes the cheap element-wise ops; N: every Nth block fully checkpointed, the others not
+    selective_ac: Union[int, Literal["op"]] = "op"
     # a collective that waits longer than this fails the run (init_process_group's timeout, NCCL and gloo alike)
     collective_timeout_s: float = 600.0
     # what NCCL does with a timed-out or failed collective (TORCH_NCCL_ASYNC_ERROR_HANDLING, set on every rank of
@@ -83,10 +89,16 @@ class ParallelConfig:
                 if getattr(self, key):
                     raise ConfigError(src, f"parallel.{key}", f"is only read with parallel.strategy=fsdp, "
                                       f"not {self.strategy}", f"set parallel.strategy=fsdp, or drop parallel.{key}")
-        for i, pattern in enumerate(self.fsdp_blocks):
-            if not _BLOCK_PATTERN.match(pattern):
-                raise ConfigError(src, f"parallel.fsdp_blocks[{i}]", f"{short(pattern)} is not a module name "
-                                  "pattern or class name", 'e.g. "layers.*", "features.0" or "TransformerBlock"')
+        check_block_patterns(src, "parallel.fsdp_blocks", self.fsdp_blocks)
+        self._check_activation_checkpointing(src)
+
+    def _check_activation_checkpointing(self, src: str) -> None:
+        if self.activation_checkpointing != "selective" and self.selective_ac != "op":
+            raise ConfigError(src, "parallel.selective_ac", "is only read with parallel.activation_checkpointing="
+                              f"selective, not {self.activation_checkpointing}",
+                              "set parallel.activation_checkpointing=selective, or drop parallel.selective_ac")
+        if self.selective_ac != "op":
+            positive(src, "parallel.selective_ac", self.selective_ac)
 
     def _check_pipeline(self, src: str) -> None:
         if self.pipeline_schedule in MULTI_STAGE_SCHEDULES:
@@ -124,3 +136,11 @@ class ParallelConfig:
 
     def _stages_from(self) -> str:
         return "parallel.pipeline_stages" if self.pipeline_stages is not None else "one per rank, world size"
+
+
+def check_block_patterns(src: str, key: str, patterns: tuple[str, ...]) -> None:
+    """Module name patterns ("layers.*") or class names, as parallel.fsdp_blocks and trainer.compile_exclude take."""
+    for i, pattern in enumerate(patterns):
+        if not _BLOCK_PATTERN.match(pattern):
+            raise ConfigError(src, f"{key}[{i}]", f"{short(pattern)} is not a module name pattern or class name",
+                              'e.g. "layers.*", "features.0" or "TransformerBlock"')

@@ -13,7 +13,7 @@ from typing import Any, Literal, Optional, Union
 
 from jobs.schema.checks import fraction, non_empty, non_negative, positive, seed
 from jobs.schema.errors import ConfigError, short
-from jobs.schema.parallel import ParallelConfig
+from jobs.schema.parallel import ParallelConfig, check_block_patterns
 from jobs.schema.resilience import ResilienceConfig
 from jobs.schema.script import ScriptConfig
 
@@ -170,7 +170,8 @@ class TrainerConfig:
     # first step, agreed by the ranks and lowered on an out-of-memory error (accumulation keeps global_batch)
     micro_batch: Union[int, Literal["auto"]] = 32
     grad_accum: Optional[int] = None  # micro-steps per optimizer step; derived when unset
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype; fp16 uses a GradScaler (CUDA only)
+    # autocast dtype; fp16 uses a GradScaler (CUDA only); fp8: float8 matmuls (torchao) under bf16, H100-class GPUs
+    precision: Literal["fp32", "bf16", "fp16", "fp8"] = "fp32"
     grad_clip: Optional[float] = None  # max global gradient norm
     eval_every: int = 0  # evaluate every N optimizer steps; 0 = at the end of every epoch
     seed: int = 0  # seeds model init, data order and dropout
@@ -179,8 +180,17 @@ class TrainerConfig:
     # slow-rank report (jobs.training.slow_ranks): WARNING when a rank's compute time per step is more than this
     # many times the median of the other ranks', over a log interval; 0 = not measured
     slow_rank_factor: float = 1.5
+    compile: bool = False  # torch.compile each block (the model's repeated layers) after parallelism is applied
+    compile_exclude: tuple[str, ...] = ()  # blocks left eager: name patterns ("layers.3") or class names
 
     def check(self, src: str) -> None:
+        check_block_patterns(src, "trainer.compile_exclude", self.compile_exclude)
+        if self.compile_exclude and not self.compile:
+            raise ConfigError(src, "trainer.compile_exclude", "is only read with trainer.compile=true",
+                              "set trainer.compile=true, or drop trainer.compile_exclude")
+        if self.precision == "fp8" and self.device == "cpu":
+            raise ConfigError(src, "trainer.precision", "fp8 needs an H100-class GPU (float8 matmuls), and "
+                              "trainer.device is cpu", "use trainer.precision=bf16 on the CPU")
         if self.slow_rank_factor != 0 and not self.slow_rank_factor > 1:  # also refuses nan
             raise ConfigError(src, "trainer.slow_rank_factor", f"{short(self.slow_rank_factor)} must be above 1, or "
                               "0 to turn the slow-rank report off", "e.g. trainer.slow_rank_factor=1.5")

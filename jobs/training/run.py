@@ -13,6 +13,7 @@ from jobs import flight_recorder, parallel
 from jobs.data import build_datasets
 from jobs.env import RankEnv
 from jobs.parallel.apply import pipeline_mesh
+from jobs.parallel.float8 import check_float8
 from jobs.parallel.pipeline import PipelineRunner
 from jobs.models import build_model, freeze, summary
 from jobs.preempt import StopFlag
@@ -60,7 +61,7 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     train_set, val_set = build_datasets(recipe.data, recipe.model, storage, src)
     p = recipe.parallel
     pipelined = p.strategy == "pipeline"
-    model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), p, env, device)], pipelined)
+    model = ModelParts([parallel.parallelize(_plain_model(recipe, src, storage, env), p, env, device, t)], pipelined)
     # a pipeline stage runs through its schedule, which passes activations between the stages
     runner = PipelineRunner(model.single, pipeline_mesh(p, env, device), p.pipeline_schedule, p.microbatches,
                             objective.loss) if pipelined else None
@@ -97,6 +98,8 @@ def _plain_model(recipe: RecipeConfig, src: str, storage: StorageConfig, env: Ra
 
 
 def _check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp8":
+        check_float8(device)
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("trainer.precision=fp16 needs CUDA (GradScaler); use trainer.precision=bf16 on CPU")
 

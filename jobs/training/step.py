@@ -180,7 +180,7 @@ def pipeline_train_step(runner: PipelineRunner, optimizers: Optimizers, micro: M
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16  # fp8: float8 matmuls, bf16 around them
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
