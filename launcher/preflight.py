@@ -109,10 +109,12 @@ def check_imports(recipe: RecipeConfig, src: str) -> None:
 
 
 def check_layout(recipe: RecipeConfig, src: str) -> None:
-    """Split points and FSDP block names checked against the model (built on the meta device), before
-    anything is written or queued. Only recipes that name modules pay for the torch import."""
+    """Split points, FSDP and compile's block names, and blocks to checkpoint, checked against the model
+    (built on the meta device) before anything is written or queued. Only recipes that name modules or
+    need blocks pay for the torch import."""
     p = recipe.parallel
-    if p.strategy == "pipeline" or p.fsdp_blocks:
+    if p.strategy == "pipeline" or p.fsdp_blocks or p.activation_checkpointing != "none" \
+            or recipe.trainer.compile_exclude:
         from jobs.parallel.preflight import check_layout as check_model_layout
 
         check_model_layout(recipe, src)

@@ -135,6 +135,8 @@ def test_fp8_is_refused_on_the_cpu_with_a_hint() -> None:
     (["parallel.activation_checkpointing=selective", "parallel.selective_ac=0"], "parallel.selective_ac"),
     (["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing"),
     (["trainer.precision=fp8", "trainer.device=cpu"], "trainer.precision"),
+    # checked against the model built on the meta device
+    (["trainer.compile=true", "trainer.compile_exclude=[blocks.*]"], "trainer.compile_exclude[0]"),
 ])
 def test_bad_compile_and_checkpointing_values_exit_2(overrides: list[str], key: str, runs_dir: Path) -> None:
     proc = run_cli("launch", "gpt_small", *overrides, "--run-name", "bad", runs_dir=runs_dir)

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from jobs.models import build_model
-from jobs.parallel.fsdp import shard_blocks
+from jobs.parallel.fsdp import default_blocks, matches, shard_blocks
 from jobs.parallel.pipeline import split_points
 from jobs.schema import ConfigError, RecipeConfig
 
@@ -18,8 +18,6 @@ log = logging.getLogger("launcher")
 
 def check_layout(recipe: RecipeConfig, src: str) -> None:
     p = recipe.parallel
-    if p.strategy != "pipeline" and not p.fsdp_blocks:
-        return  # nothing the recipe names about the model's modules
     try:
         with torch.device("meta"):
             model = build_model(recipe.model, src)
@@ -43,3 +41,19 @@ def check_layout(recipe: RecipeConfig, src: str) -> None:
         except ValueError as err:
             raise ConfigError(src, "parallel.fsdp_blocks", str(err), "or drop parallel.fsdp_blocks to shard the "
                               "model's repeated layers") from None
+    _check_blocks(recipe, model, src)
+
+
+def _check_blocks(recipe: RecipeConfig, model: torch.nn.Module, src: str) -> None:
+    """What activation checkpointing and compile's exclusions need: blocks, and exclusions that name some."""
+    blocks = default_blocks(model)
+    p, t = recipe.parallel, recipe.trainer
+    if p.activation_checkpointing != "none" and not blocks:
+        raise ConfigError(src, "parallel.activation_checkpointing", f"{p.activation_checkpointing}: "
+                          f"{type(model).__name__} has no repeated blocks (a ModuleList/ModuleDict or Sequential of "
+                          "layers) to checkpoint", "set parallel.activation_checkpointing=none")
+    for i, pattern in enumerate(t.compile_exclude):
+        if not any(matches(n, type(model.get_submodule(n)).__name__, pattern) for n in blocks):
+            raise ConfigError(src, f"trainer.compile_exclude[{i}]", f"{pattern} matches none of the blocks "
+                              f"compiled ({', '.join(blocks[:4])}{', ...' if len(blocks) > 4 else ''})",
+                              "name a block (layers.3) or a block's class")
