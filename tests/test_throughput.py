@@ -21,7 +21,7 @@ from jobs.schema import StorageConfig, load_recipe
 from jobs.training import peaks
 from jobs.training.context import RunContext
 from jobs.training.run import train
-from jobs.training.throughput import Throughput, mfu, tokens_per_sample, train_flops_per_sample
+from jobs.training.throughput import Throughput, measure, mfu, tokens_per_sample, train_flops_per_sample
 from launcher.plot import latest_rates
 
 
@@ -155,6 +155,16 @@ def test_a_short_run_logs_rates_and_an_mfu_in_0_1(tmp_path: Path) -> None:
     shown = latest_rates(run_dir)  # what `launcher status` prints
     assert shown.startswith(f"{steps[4]['samples_per_s']:,.1f} samples/s") and shown.endswith("(step 4)"), shown
     assert f"MFU {100 * steps[4]['mfu']:.2f}%" in shown
+
+
+def test_the_benchmarks_measure_gives_an_mfu_in_0_1() -> None:
+    """`measure` (what a benchmark calls, eager or compiled): a small GPT on this CPU, eager."""
+    size = dict(seq_len=32, dim=32, layers=2, heads=2)
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    got = measure(lambda: gpt(**size), tokens, tokens, lm_loss, steps=3)
+    assert 0 < got["mfu"] <= 1 and got["first_step_s"] > 0, got
+    assert got["tokens_per_s"] == pytest.approx(got["samples_per_s"] * 32)
+    assert got["flops_per_sample"] == pytest.approx(_gpt_closed_form(32, 32, 2), rel=0.02)
 
 
 def test_status_line_is_the_newest_rates(tmp_path: Path) -> None:

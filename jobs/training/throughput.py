@@ -44,6 +44,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from jobs.training.peaks import device_peak
+from jobs.training.step import autocast
 
 log = logging.getLogger("jobs.trainer")
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -73,6 +74,44 @@ def tokens_per_sample(x: torch.Tensor) -> Optional[int]:
 def mfu(flops_per_sample: float, samples_per_s: float, devices: int, peak: float) -> float:
     """The fraction of `devices` devices' peak FLOP/s (`peak` each) that the model's FLOPs use."""
     return flops_per_sample * samples_per_s / devices / peak
+
+
+def measure(build: Callable[[], nn.Module], x: torch.Tensor, y: torch.Tensor, loss: Loss, steps: int = 10,
+            compile: bool = False, device: Optional[torch.device] = None, precision: str = "fp32") -> dict[str, float]:
+    """A benchmark's figures for one device: a plain loop (AdamW) over the batch (x, y), `steps` timed steps
+    after an untimed first one (with `compile`, the model is `torch.compile`d: that first step compiles it).
+    Returns first_step_s, samples_per_s, tokens_per_s (token models), flops_per_sample, tflops_per_device
+    and, where the device's peak is known, mfu (the same figures and peak as a run's log lines)."""
+    device = device or torch.device("cpu")
+    flops = train_flops_per_sample(build, x, y, loss)
+    model = build().to(device)
+    forward = torch.compile(model) if compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = x.to(device), y.to(device)
+
+    def timed(count: int) -> float:
+        start = time.perf_counter()
+        for _ in range(count):
+            with autocast(precision, device):
+                value = loss(forward(x), y)
+            value.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    first = timed(1)
+    samples = steps * x.shape[0] / max(timed(steps), 1e-9)
+    out = {"first_step_s": first, "samples_per_s": samples, "flops_per_sample": flops,
+           "tflops_per_device": flops * samples / 1e12}
+    tokens = tokens_per_sample(x)
+    if tokens:
+        out["tokens_per_s"] = samples * tokens
+    peak, _ = device_peak(device, precision)
+    if peak:
+        out["mfu"] = mfu(flops, samples, 1, peak)
+    return out
 
 
 class Throughput:
