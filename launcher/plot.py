@@ -18,7 +18,10 @@ from jobs.schema.run_dir import METRICS_JSONL
 from jobs.schema.run_files import open_regular, parse_json
 
 FORMATS = (".png", ".pdf", ".svg")
-NOT_CURVES = {"step", "time", "epoch", "samples_per_s"}  # bookkeeping, not something one compares runs by
+NOT_CURVES = {"step", "time", "epoch"}  # bookkeeping, not something one compares runs by
+# what `launcher status` shows of the newest training log line that measured a rate (jobs.training.throughput)
+RATES = ("tokens_per_s", "samples_per_s", "tflops_per_device", "mfu", "peak_mem_gb", "peak_rss_gb")
+TAIL = 1 << 18  # the end of metrics.jsonl read for it: many log lines, whatever the file's length
 Curve = list[tuple[int, float]]
 MAX_LINE = 1 << 20  # one line of metrics.jsonl: a few hundred bytes when a rank writes it
 MAX_STEP = 2**53  # a step a float axis can place exactly
@@ -63,6 +66,40 @@ def _rows(path: Path) -> Iterator[dict]:
                 continue
             if isinstance(row, dict):
                 yield row
+
+
+def latest_rates(run_dir: Path) -> Optional[str]:
+    """The newest throughput in the run's metrics.jsonl, as `launcher status` shows it ("12,345 tok/s,
+    0.0439 TFLOP/s per device, MFU 26.80%, peak RSS 0.35 GB (step 24)"); None if it has logged none (or
+    cannot be read). Only the end of the file is read."""
+    try:
+        with open_regular(run_dir / METRICS_JSONL) as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - TAIL))
+            lines = f.read(TAIL).splitlines()[1 if size > TAIL else 0:]  # the first may be cut
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            row = parse_json(line) if line.lstrip().startswith(b"{") else None
+        except ValueError:
+            continue
+        if isinstance(row, dict) and _number(row.get("samples_per_s")) is not None:
+            values = {key: number for key in RATES if (number := _number(row.get(key))) is not None}
+            return _rates_line(values, row.get("step"))
+    return None
+
+
+def _rates_line(values: dict[str, float], step: Any) -> str:
+    parts = [f"{values['tokens_per_s']:,.0f} tok/s" if "tokens_per_s" in values
+             else f"{values['samples_per_s']:,.1f} samples/s"]
+    if "tflops_per_device" in values:
+        parts.append(f"{values['tflops_per_device']:.3g} TFLOP/s per device")
+    if "mfu" in values:
+        parts.append(f"MFU {100 * values['mfu']:.2f}%")
+    parts += [f"{name} {values[key]:.2f} GB" for key, name in (("peak_mem_gb", "peak memory"),
+                                                                  ("peak_rss_gb", "peak RSS")) if key in values]
+    return ", ".join(parts) + (f" (step {step})" if isinstance(step, int) else "")
 
 
 def _number(value: Any) -> Optional[float]:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import math
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -203,7 +205,8 @@ SHORT = ["trainer.max_steps=24", "trainer.eval_every=24", "trainer.global_batch=
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     runs = tmp_path_factory.mktemp("gpt")
-    run_cli("launch", "gpt_small", *SHORT, "--run-name", "straight", runs_dir=runs, check=True)
+    run_cli("launch", "gpt_small", *SHORT, "--run-name", "straight", runs_dir=runs, check=True,
+            env={"XDG_CACHE_HOME": str(runs / "cache")})  # the CPU peak's cache: here, not the user's
     return runs / "straight"
 
 
@@ -218,6 +221,27 @@ def test_recipe_learns_on_two_ddp_ranks(straight: Path) -> None:
     assert "micro batch 8 x accumulation 1 x 2 ranks = 16" in log
     weights = final_params(straight)
     assert {"layers.0.attn.qkv.weight", "layers.1.mlp.fc.weight", "output.weight"} <= set(weights)
+
+
+@pytest.mark.slow
+def test_every_log_line_carries_throughput_mfu_and_peak_memory(straight: Path) -> None:
+    """Through the CLI on 2 ranks (jobs.training.throughput): tokens/s is samples/s x 64 tokens, MFU is in
+    (0, 1] against the CPU peak the rank probed and cached, and `launcher status` shows the newest line."""
+    rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    lines = {row["step"]: row for row in rows if "train/loss" in row}
+    assert sorted(lines) == list(range(1, 25))
+    assert "samples_per_s" not in lines[1]  # the first step of the process: compile and warm-up
+    for step in range(2, 25):
+        row = lines[step]
+        assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 64), row
+        assert 0 < row["mfu"] <= 1 and row["tflops_per_device"] > 0 and row["peak_rss_gb"] > 0.05, row
+    assert json.loads((straight.parent / "cache" / "torchferry" / "cpu_peak.json").read_text())
+    log = (straight / "logs" / "rank0.log").read_text()
+    assert "first step took" in log and "per token; peak: CPU" in log
+    assert re.search(r"step 24 epoch \d+: train/loss [\d.]+ lr \S+ tok/s [\d,]+ TFLOP/s \S+ MFU [\d.]+% peak RSS", log)
+    status = run_cli("status", "straight", runs_dir=straight.parent, check=True).stdout
+    shown = f"throughput: {lines[24]['tokens_per_s']:,.0f} tok/s"
+    assert shown in status and f"MFU {100 * lines[24]['mfu']:.2f}%" in status and "(step 24)" in status, status
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import final_params, read_result, run_cli
+from jobs.training.peaks import gpu_peak
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -24,6 +25,12 @@ def test_single_gpu_run(precision: str, runs_dir: Path) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "device cuda:0 (requested)" in proc.stdout
     assert read_result(runs_dir / precision)["val/acc"] >= 0.9
+    # the rates on CUDA: the allocator's peak, and an MFU against the data sheet's peak where the GPU is known
+    rows = [json.loads(x) for x in (runs_dir / precision / "metrics.jsonl").read_text().splitlines()]
+    rated = [r for r in rows if "samples_per_s" in r]
+    assert rated and all(r["peak_mem_gb"] > 0 and "peak_rss_gb" not in r for r in rated), rated
+    if gpu_peak(torch.cuda.get_device_name(0), precision, tf32=False) is not None:
+        assert all(0 < r["mfu"] <= 1 for r in rated), rated
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for NCCL")

@@ -32,7 +32,8 @@ def test_curves_keep_the_last_value_of_a_step_logged_twice(tmp_path: Path) -> No
         f.write('{"step": 5, "train/lo')  # cut short by a crash
     curves = plot.read_curves(tmp_path)
     assert curves == {"train/loss": [(1, 2.0), (2, 1.5), (3, 1.1)], "lr": [(1, 0.1), (2, 0.1), (3, 0.1)],
-                      "val/loss": [(2, 1.6)], "val/acc": [(2, 0.4)]}
+                      "val/loss": [(2, 1.6)], "val/acc": [(2, 0.4)], "samples_per_s": [(1, 9.0)]}
+    # rates (samples_per_s, tokens_per_s, mfu, ...) are drawn when asked for with --metric, not by default
     assert plot.default_metrics([curves]) == ["train/loss", "val/loss", "val/acc"]
 
 

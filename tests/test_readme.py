@@ -73,6 +73,9 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "launcher plot my-run --out my-run.png": (
         (MY_RUN, ""), ("launcher plot my-run --out my-run.png", "wrote my-run.png: train/loss, val/loss")),
     "launcher doctor my-run": ((MY_RUN, ""), ("launcher doctor my-run", "run my-run: nothing wrong found")),
+    "launcher plot my-run --metric samples_per_s --metric mfu --out my-run-speed.png": (
+        (MY_RUN, ""), ("launcher plot my-run --metric samples_per_s --metric mfu --out my-run-speed.png",
+                       "wrote my-run-speed.png: samples_per_s, mfu of my-run")),
     # `make test` runs the suite; `make test-fast` a part of it: the target is checked, not run
     "make test-fast": (("make -n test-fast", '-m pytest -q -m "not slow and not slurm and not gpu"'),),
     "make bench": (('make bench BENCH_ARGS="--only startup --startup-repeats 1"', "bench.json"),),

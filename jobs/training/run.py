@@ -26,6 +26,7 @@ from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts
 from jobs.training.schedule import build_optimizers, build_schedulers, planned_steps
 from jobs.training.state import RankRNG, seed_rank
+from jobs.training.throughput import Throughput
 from jobs.training.trainer import Trainer
 from jobs.schema import RecipeConfig, StorageConfig, to_dict
 from jobs.schema.run_dir import CONFIG_YAML, RunResult
@@ -77,10 +78,12 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     checkpointer = checkpointer_for(run, recipe, storage, is_writer=env.is_main, sharded=sharded, spread=spread)
     metrics = MetricsLogger(recipe.logging, run.run_dir, run.run_name, run.run_id, redact(to_dict(recipe)),
                             env.is_main)
+    throughput = Throughput(lambda: _meta_model(recipe, src), objective.loss, t.global_batch, device, t.precision,
+                            env.world_size, env.is_main)
     return Trainer(recipe=recipe, run=run, env=env, device=device, train_set=train_set, val_set=val_set,
                    total_steps=total, model=model, optimizers=optimizers, schedulers=schedulers, scaler=scaler,
                    rng=RankRNG(env, device), checkpointer=checkpointer, metrics=metrics, stop=stop,
-                   objective=objective, callbacks=Callbacks(callbacks), pipeline=runner)
+                   objective=objective, throughput=throughput, callbacks=Callbacks(callbacks), pipeline=runner)
 
 
 def _plain_model(recipe: RecipeConfig, src: str, storage: StorageConfig, env: RankEnv) -> nn.Module:
@@ -94,6 +97,14 @@ def _plain_model(recipe: RecipeConfig, src: str, storage: StorageConfig, env: Ra
     frozen = freeze(model, recipe.model.freeze)
     if env.is_main:
         log.info("model %s; %d tensors frozen %s", summary(model), frozen, list(recipe.model.freeze))
+    return model
+
+
+def _meta_model(recipe: RecipeConfig, src: str) -> nn.Module:
+    """The plain model again, its layers frozen as in training (frozen weights have no gradient to count),
+    for the FLOP count (built on the meta device: no pretrained weights to load)."""
+    model = build_model(recipe.model, src)
+    freeze(model, recipe.model.freeze)
     return model
 
 

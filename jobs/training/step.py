@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -185,19 +184,16 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 
 
 class LossWindow:
-    """Training loss and throughput since the last log line. The loss stays a device tensor so that
-    steps between log lines never wait for the device."""
+    """Training loss since the last log line (its rates: jobs.training.throughput). The loss stays a device
+    tensor so that steps between log lines never wait for the device."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.loss_sum, self.steps, self.started = torch.zeros((), device=self.device), 0, time.perf_counter()
+        self.loss_sum, self.steps = torch.zeros((), device=self.device), 0
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
         self.steps += 1
-
-    def seconds(self) -> float:
-        return time.perf_counter() - self.started

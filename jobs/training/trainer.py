@@ -30,6 +30,7 @@ from jobs.training.state import RankRNG, TrainState
 from jobs.training.memory import DoesNotFit, release
 from jobs.training.probe import find_micro_batch
 from jobs.training.slow_ranks import SlowRankReport
+from jobs.training.throughput import Throughput, line as speed_line
 from jobs.training.step import LossWindow, MicroBatches, StepOutOfMemory, StepSettings, micro_batches, \
     pipeline_train_step, resplit, train_step
 from jobs.schema import RecipeConfig, config_hash, to_yaml
@@ -59,6 +60,7 @@ class Trainer:
     metrics: MetricsLogger
     stop: StopFlag
     objective: Objective  # the loss trained on and the metrics evaluated
+    throughput: Throughput  # samples and tokens/s, TFLOP/s, MFU, peak memory of each log window
     callbacks: Callbacks = field(default_factory=Callbacks)
     pipeline: Optional[PipelineRunner] = None  # parallel.strategy=pipeline: runs this rank's stage
     progress: TrainState = field(default_factory=TrainState)
@@ -250,6 +252,7 @@ class Trainer:
             self._slow = SlowRankReport(t.slow_rank_factor, self.device, st.step)
         window, agreement = LossWindow(self.device), StopAgreement()
         self.checkpointer.policy.restart_clock()  # every_minutes counts from the first step
+        self.throughput.restart_clock()
         preempted = False
         while st.step < self.total_steps and not (preempted or self.pruned):
             sampler.set_epoch(st.epoch)  # a fresh shuffle every epoch, the same on every rank
@@ -276,6 +279,7 @@ class Trainer:
             window.add(pipeline_train_step(self.pipeline, self.optimizers, micro, self.settings))
         else:
             window.add(self._train_step(micro))
+        self.throughput.step_done(micro)
         self.schedulers.step()
         st.step += 1
         st.step_in_epoch += 1
@@ -347,13 +351,12 @@ class Trainer:
         return dict(self.last_eval.metrics) if self.last_eval is not None else {}
 
     def _log_train(self, window: LossWindow) -> None:
-        st, seconds, samples = self.progress, window.seconds(), window.steps * self.recipe.trainer.global_batch
+        st, speed = self.progress, self.throughput.metrics()
         loss = parallel.all_reduce_mean(window.loss_sum.detach().clone().float()).item() / max(1, window.steps)
         lr = self.optimizers.lr
-        self.metrics.log(st.step, {"train/loss": loss, "lr": lr, "epoch": st.epoch,
-                                   "samples_per_s": samples / max(seconds, 1e-9), **self._slow_ranks()})
+        self.metrics.log(st.step, {"train/loss": loss, "lr": lr, "epoch": st.epoch, **speed, **self._slow_ranks()})
         if self.metrics.enabled and not sys.stderr.isatty():
-            log.info("step %d epoch %d: train/loss %.4f lr %.3g", st.step, st.epoch, loss, lr)
+            log.info("step %d epoch %d: train/loss %.4f lr %.3g%s", st.step, st.epoch, loss, lr, speed_line(speed))
         window.reset()
 
     def _slow_ranks(self) -> dict[str, float]:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional, cast
 
 from launcher.backends.base import Backend
+from launcher.plot import latest_rates
 from jobs.schema.run_dir import Run, RunInfo
 from jobs.schema.errors import UsageError
 
@@ -51,6 +52,9 @@ def status(run: Run) -> dict[str, Any]:
         out["warning"] = info.restart_note
     if info.slow_rank:  # rank 0's newest slow-rank warning (jobs.training.slow_ranks)
         out["slow_rank"] = info.slow_rank
+    rates = latest_rates(run.dir)  # the newest log line's throughput, MFU and peak memory
+    if rates:
+        out["throughput"] = rates
     return {**out, **({"note": "; ".join(problems)} if problems else {})}
 
 
