@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 from jobs import parallel
@@ -24,6 +23,7 @@ from jobs.train import exit_cleanly
 from jobs.checkpoint.policy import SavePolicy
 from jobs.training.agreement import StopAgreement
 from jobs.training.context import RunContext
+from jobs.training.objective import Objective
 from jobs.training.run import train
 from jobs.training.schedule import lr_multiplier
 from jobs.schema import RecipeConfig, StorageConfig, load_recipe
@@ -32,7 +32,8 @@ STEPS, WINDOW = 70, 10
 PAIRS = 6
 OVERRIDES = [f"trainer.max_steps={STEPS}", "trainer.epochs=null", "checkpoint.every_steps=0",
              "checkpoint.at_end=false", f"logging.log_every={WINDOW}", "logging.progress_bar=false",
-             "trainer.eval_every=1000000", "model.dropout=0"]  # eval only after the loop
+             "trainer.eval_every=1000000"]  # eval only after the loop
+NO_DROPOUT = {"gpt_small": "model.kwargs.dropout=0.0"}  # a model by import path takes its own kwargs
 
 
 def plain_ddp(recipe: RecipeConfig, env: RankEnv) -> list[float]:
@@ -41,13 +42,14 @@ def plain_ddp(recipe: RecipeConfig, env: RankEnv) -> list[float]:
     torch.manual_seed(t.seed)
     train_set, _ = build_datasets(recipe.data, recipe.model)
     model = torch.nn.parallel.DistributedDataParallel(build_model(recipe.model))
+    loss_fn = Objective.from_recipe(recipe, "bench").loss  # cross-entropy; over every token for a GPT
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.optim.lr, weight_decay=recipe.optim.weight_decay)
     sampler = DistributedSampler(train_set, env.world_size, env.rank, shuffle=True, seed=t.seed, drop_last=True)
     windows, step, start = [], 0, time.perf_counter()
     while step < STEPS:
         sampler.set_epoch(step)
         for x, y in DataLoader(train_set, batch_size=t.micro_batch, sampler=sampler, drop_last=True):
-            loss = F.cross_entropy(model(x), y)
+            loss = loss_fn(model(x), y)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or 1e9)
             opt.step()
@@ -103,7 +105,8 @@ def main() -> None:
     if len(cpus) >= env.local_world_size:  # one core per rank: less scheduler noise, for both loops alike
         os.sched_setaffinity(0, {cpus[env.local_rank]})
     recipe_name = sys.argv[1] if len(sys.argv) > 1 else "vgg_pretrain"
-    recipe = load_recipe(recipe_name, OVERRIDES + [f"parallel.procs_per_node={env.world_size}"])
+    recipe = load_recipe(recipe_name, OVERRIDES + [NO_DROPOUT.get(recipe_name, "model.dropout=0"),
+                                                   f"parallel.procs_per_node={env.world_size}"])
     parallel.init_distributed(env, torch.device("cpu"))
     pairs = []
     for _ in range(PAIRS):  # A B A B ...: each ratio compares neighbours, so slow drift in load cancels

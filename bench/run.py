@@ -292,7 +292,7 @@ def table(results: dict) -> str:
         rows += shardsave_rows(results["shardsave"])
     for row in results.get("vms_rows", []) + results.get("vm_shards_rows", []):
         rows.append(tuple(row))
-    for row in results.get("bayes_rows", []):
+    for row in results.get("bayes_rows", []) + results.get("lm_stack_rows", []):
         rows.append(tuple(row))
     if "slow_rank" in results:
         rows += slow_rank_rows(results["slow_rank"])
@@ -313,7 +313,7 @@ def main() -> None:
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
     parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms", "vmshards", "bayes", "slowrank", "restarts"],
+                                           "vms", "vmshards", "bayes", "slowrank", "restarts", "lmstack"],
                         default=None)
     parser.add_argument("--small", action="store_true",
                         help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
@@ -353,6 +353,11 @@ def main() -> None:
 
         results["bayes"] = bayes_sweep.run()
         results["bayes_rows"] = bayes_sweep.rows(results["bayes"])
+    if args.only in (None, "lmstack"):
+        from bench import lm_stack
+
+        stack = lm_stack.run()
+        results["lm_stack"], results["lm_stack_rows"] = stack["results"], stack["rows"]
     if args.only in (None, "slowrank"):
         results["slow_rank"] = bench_slow_rank(args.recipe)
     if args.only in (None, "restarts"):

@@ -121,3 +121,41 @@ def test_cuda_out_of_memory_mid_training_lowers_the_micro_batch(runs_dir: Path, 
     assert [len(m) for m in trained] == [16, 16] + [8] * 6
     seen = [i for m in trained for i in m]
     assert len(seen) == 5 * 16 == len(set(seen))
+
+
+GPT_ON_ONE_GPU = ["parallel.procs_per_node=1", "trainer.device=cuda", "trainer.max_steps=30", "trainer.eval_every=30",
+                  "logging.log_every=10", "logging.progress_bar=false", "data.kwargs.max_bytes=400000",
+                  "checkpoint.every_steps=0"]
+
+
+def _rates(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if "tokens_per_s" in r]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+def test_compiled_gpt_with_selective_checkpointing_on_one_gpu(precision: str, runs_dir: Path) -> None:
+    """The language-model stack on one GPU: compiled blocks, selective activation checkpointing, bf16 (and fp8
+    through torchao where the GPU has float8 tensor cores): it trains, and reports tokens/s and an MFU against
+    the GPU's table peak."""
+    if precision == "fp8":
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("fp8 needs compute capability 8.9+")
+        pytest.importorskip("torchao.float8")
+    proc = run_cli("launch", "gpt_small", *GPT_ON_ONE_GPU, f"trainer.precision={precision}", "trainer.compile=true",
+                   "parallel.activation_checkpointing=selective", "--run-name", precision, runs_dir=runs_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert read_result(runs_dir / precision)["val/loss"] < 5.0  # below ln(256) = 5.55: it learned
+    assert "torch.compile: the blocks' forward passes compiled in" in proc.stdout
+    if precision == "fp8":
+        assert re.search(r"fp8: \d+ linear layers run float8 matmuls", proc.stdout)
+    rates = _rates(runs_dir / precision)
+    assert rates and all(0 < r["mfu"] <= 1 and r["peak_mem_gb"] > 0 for r in rates if "mfu" in r), rates
+
+
+def test_fp8_refused_on_a_gpu_without_float8_tensor_cores(runs_dir: Path) -> None:
+    if torch.cuda.get_device_capability() >= (8, 9):
+        pytest.skip("this GPU has float8 tensor cores")
+    proc = run_cli("launch", "gpt_small", *GPT_ON_ONE_GPU, "trainer.precision=fp8", "--run-name", "fp8",
+                   runs_dir=runs_dir)
+    assert proc.returncode != 0 and "needs float8 tensor cores (compute capability 8.9+" in proc.stdout + proc.stderr
