@@ -13,6 +13,7 @@ from torch import nn
 from jobs.env import RankEnv
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
 from jobs.parallel.pipeline import PipelineLayout, build_stage, split_points
+from jobs.parallel.tensor import apply_tensor_parallel, device_mesh
 from jobs.schema import ParallelConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
@@ -32,7 +33,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
             log.info("%s on one rank: the plain model, nothing to shard", cfg.strategy)
         return model
     if cfg.strategy == "fsdp":
-        return apply_fsdp(model, cfg, env, device)
+        mesh = device_mesh(cfg, env.world_size, device)
+        if cfg.tensor_parallel > 1:  # first, on the plain model (torchtitan's order: TP, then FSDP)
+            apply_tensor_parallel(model, cfg, mesh["tp"], env.is_main)
+        return apply_fsdp(model, cfg, env, device, mesh["dp"])
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -70,11 +74,12 @@ def _span(owned: list[str]) -> str:
 
 def data_parallel(cfg: ParallelConfig, env: RankEnv) -> tuple[int, int]:
     """(replicas, this rank's replica) of the data: every rank reads its own share, except in a
-    pipeline, where the stages of one replica all read that replica's whole batch."""
+    pipeline, where the stages of one replica all read that replica's whole batch, and with tensor
+    parallelism, where the ranks of a group (neighbours: tp is the mesh's inner dimension) all read theirs."""
     if cfg.strategy == "pipeline":
         layout = pipeline_layout(cfg, env)
         return layout.replicas, layout.replica
-    return env.world_size, env.rank
+    return env.world_size // cfg.tensor_parallel, env.rank // cfg.tensor_parallel
 
 
 def unwrap(model: nn.Module) -> nn.Module:

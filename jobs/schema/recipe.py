@@ -374,6 +374,7 @@ class RecipeConfig:
 
     def _check_fsdp(self, src: str) -> None:
         """What FSDP cannot do with this trainer config (a device chosen by `auto` is checked on the rank)."""
+        check_target(src, "parallel.tp_plan", self.parallel.tp_plan)
         if self.parallel.mixed_precision and self.trainer.device == "cpu":
             raise ConfigError(src, "parallel.mixed_precision", "needs CUDA, and trainer.device is cpu",
                               "set parallel.mixed_precision=false (trainer.precision=bf16 autocasts on the CPU)")

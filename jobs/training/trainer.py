@@ -335,7 +335,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and logging
     def _evaluate(self) -> None:
         step = self.progress.step
-        metrics = evaluate(self.model.single, self.val_set, self.env, self.settings) if self.pipeline is None \
+        replicas = parallel.data_parallel(self.recipe.parallel, self.env)
+        metrics = evaluate(self.model.single, self.val_set, replicas, self.settings) if self.pipeline is None \
             else evaluate_pipeline(self.pipeline, self.val_set, self.settings)
         self.metrics.log(step, metrics)
         if self.env.is_main:  # e.g. "val/loss 0.1234 val/acc 0.9700"
