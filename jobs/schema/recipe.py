@@ -331,12 +331,13 @@ class RecipeConfig:
         if t.global_batch % per_step:
             raise ConfigError(
                 src, "trainer.global_batch",
-                f"{t.global_batch} is not divisible by micro_batch x world_size = {t.micro_batch} x {world} = {per_step}",
+                f"{t.global_batch} is not divisible by micro_batch x data-parallel size = {t.micro_batch} x {world} = "
+                f"{per_step}",
                 f"use a global_batch that is a multiple of {per_step}, or change trainer.micro_batch / parallel.*")
         if t.grad_accum is not None and t.grad_accum != self.grad_accum:
             raise ConfigError(
                 src, "trainer.grad_accum",
-                f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
+                f"{t.grad_accum} disagrees with global_batch / (micro_batch x data-parallel size) = {self.grad_accum}",
                 "leave trainer.grad_accum unset to derive it")
 
     def _check_auto(self, src: str) -> None:
