@@ -38,9 +38,12 @@ def plan_of_mlp(model: nn.Module, ranks: int) -> dict[str, str]:  # a user's pla
 
 
 def test_a_user_plan_is_checked_against_the_widths_it_splits() -> None:
-    cfg = ParallelConfig(strategy="fsdp", procs_per_node=4, tensor_parallel=2, tp_plan="test_tensor_parallel:plan_of_mlp")
-    assert tensor_plan(nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3)), cfg) == {"0": "colwise", "2": "rowwise"}
-    with pytest.raises(ValueError, match=r"^0 \(colwise\) has out_features=7, not divisible by parallel.tensor_parallel=2"):
+    cfg = ParallelConfig(strategy="fsdp", procs_per_node=4, tensor_parallel=2,
+                         tp_plan="test_tensor_parallel:plan_of_mlp")
+    mlp = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 3))
+    assert tensor_plan(mlp, cfg) == {"0": "colwise", "2": "rowwise"}
+    with pytest.raises(ValueError, match=r"^0 \(colwise\) has out_features=7, not divisible by "
+                       r"parallel.tensor_parallel=2"):
         tensor_plan(nn.Sequential(nn.Linear(3, 7), nn.ReLU(), nn.Linear(7, 3)), cfg)
     with pytest.raises(ValueError, match="Sequential has no tensor-parallel plan: give parallel.tp_plan="):
         tensor_plan(nn.Sequential(nn.Linear(3, 8)), TP)

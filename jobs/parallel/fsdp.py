@@ -1,6 +1,7 @@
 """FSDP2: `fully_shard` per block, then the root, on the data-parallel mesh: every rank, or with tensor
-parallelism the "dp" dimension of the (dp, tp) mesh (torchtitan's apply_fsdp). Each block is one communication group: its parameters are all-gathered just before
-its forward and freed after, so a rank holds its shard plus one block's full weights at a time."""
+parallelism the "dp" dimension of the (dp, tp) mesh (torchtitan's apply_fsdp). Each block is one
+communication group: its parameters are all-gathered just before its forward and freed after, so a rank
+holds its shard plus one block's full weights at a time."""
 from __future__ import annotations
 
 import fnmatch

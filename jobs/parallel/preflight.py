@@ -50,4 +50,5 @@ def check_layout(recipe: RecipeConfig, src: str) -> None:
             tensor_plan(model, p)
         except ValueError as err:
             raise ConfigError(src, "parallel.tensor_parallel", f"{p.tensor_parallel}: {err}",
-                              "use a tensor_parallel that divides the split widths, or fix the plan") from None
+                              "use a parallel.tensor_parallel that divides the heads and split widths, or 1 "
+                              "(no split)") from None
