@@ -53,6 +53,8 @@ def main(layout: str, steps: int = 4, small: bool = False) -> None:
     cfg = ParallelConfig(strategy=strategy, procs_per_node=env.world_size, tensor_parallel=tensor_parallel)
     model = parallelize(model, cfg, env, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    setup_peak = _peak_rss()
+    _reset_peak_rss()  # from here on the high-water mark is the training steps' own
     gen = torch.Generator().manual_seed(env.rank // tensor_parallel)  # a group's ranks: the same batch
     times, grads = [], 0
     for step in range(steps):
@@ -72,9 +74,24 @@ def main(layout: str, steps: int = 4, small: bool = False) -> None:
         print(json.dumps({"strategy": layout, "ranks": env.world_size, "parameters": n_params, "param_bytes": params, "grad_bytes": grads,
                           "optimizer_bytes": states, "train_bytes": params + grads + states,
                           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                          "setup_peak_rss_bytes": setup_peak, "train_peak_rss_bytes": _peak_rss(),
                           "s_per_step": sorted(times[1:])[len(times[1:]) // 2]}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _peak_rss() -> int:
+    """The process's resident high-water mark (VmHWM) since it started or since _reset_peak_rss()."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Linux resets VmHWM to the current RSS when "5" is written to clear_refs (proc(5))."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,10 @@ def test_tensor_parallel_equals_ddp_on_four_ranks(straight: dict[str, Path]) -> 
     log = (straight["tp"] / "logs" / "rank0.log").read_text()
     assert "tensor parallel: groups of 2 ranks; 12 layers split" in log and "fsdp: 2 ranks;" in log
     assert "(2 data-parallel replicas of 2-rank tensor-parallel groups)" in log
+    # export reads the sharded checkpoint (DTensors on two meshes) whole, on one process
+    out = straight["tp"].parent / "tp.pt"
+    run_cli("export", "tp", "--to", str(out), runs_dir=straight["tp"].parent, check=True)
+    assert _max_diff(torch.load(out, weights_only=True), tp) == 0
 
 
 @pytest.mark.slow

@@ -32,10 +32,10 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
         if cfg.strategy != "ddp" and env.is_main:
             log.info("%s on one rank: the plain model, nothing to shard", cfg.strategy)
         return model
-    if cfg.strategy == "fsdp":
-        mesh = device_mesh(cfg, env.world_size, device)
-        if cfg.tensor_parallel > 1:  # first, on the plain model (torchtitan's order: TP, then FSDP)
-            apply_tensor_parallel(model, cfg, mesh["tp"], env.is_main)
+    mesh = device_mesh(cfg, env.world_size, device) if cfg.strategy == "fsdp" else None
+    if mesh is not None and cfg.tensor_parallel > 1:  # first, on the plain model (torchtitan's order)
+        apply_tensor_parallel(model, cfg, mesh["tp"], env.is_main)
+    if mesh is not None:  # FSDP last, over the data-parallel dimension
         return apply_fsdp(model, cfg, env, device, mesh["dp"])
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
