@@ -5,6 +5,8 @@
 (b') the same for `launcher run` of that minimal script itself (a script run: wrapper per rank)
 (d) FSDP vs DDP on a 101M-parameter GPT, 2 ranks: per-rank parameter+gradient+optimizer bytes (goal
     FSDP <= 0.55 of DDP), peak RSS and step time
+(d') FSDP vs tensor parallel x FSDP (TP=2 x FSDP=2) on the same GPT, 4 ranks: peak RSS per rank, the same
+    bytes, step time (bench/tp_memory.py)
 (c) checkpoints (when jobs.checkpoint is present): blocked seconds per async save vs torch.save
     of the same >= 100M-parameter state; seconds to resume vs a fresh start
 (e) step time of DDP, FSDP and a 2-stage pipeline (GPipe, 1F1B at 2, 4, 8 microbatches) on one GPT and
@@ -292,7 +294,7 @@ def table(results: dict) -> str:
         rows += shardsave_rows(results["shardsave"])
     for row in results.get("vms_rows", []) + results.get("vm_shards_rows", []):
         rows.append(tuple(row))
-    for row in results.get("bayes_rows", []) + results.get("lm_stack_rows", []):
+    for row in [*results.get("tp_rows", []), *results.get("bayes_rows", []), *results.get("lm_stack_rows", [])]:
         rows.append(tuple(row))
     if "slow_rank" in results:
         rows += slow_rank_rows(results["slow_rank"])
@@ -312,11 +314,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", default="vgg_pretrain")
     parser.add_argument("--startup-repeats", type=int, default=3)
-    parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "checkpoint", "pipeline", "shardsave",
-                                           "vms", "vmshards", "bayes", "slowrank", "restarts", "lmstack"],
+    parser.add_argument("--only", choices=["step", "startup", "script", "fsdp", "tp", "checkpoint", "pipeline",
+                                           "shardsave", "vms", "vmshards", "bayes", "slowrank", "restarts", "lmstack"],
                         default=None)
     parser.add_argument("--small", action="store_true",
-                        help="tiny models in the pipeline and shardsave benches: checks that they run, nothing more")
+                        help="tiny models in the tp, pipeline and shardsave benches: checks that they run, nothing more")
     args = parser.parse_args()
     results: dict = {"machine": {"cpus": os.cpu_count()}, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
     if args.only in (None, "step"):
@@ -327,6 +329,11 @@ def main() -> None:
         results["script"] = bench_script(args.startup_repeats)
     if args.only in (None, "fsdp"):
         results["fsdp"] = bench_fsdp()
+    if args.only in (None, "tp"):
+        from bench import tp_memory
+
+        results["tp"] = tp_memory.run(args.small)
+        results["tp_rows"] = tp_memory.rows(results["tp"])
     if args.only in (None, "checkpoint"):
         ckpt = bench_checkpoints()
         if ckpt:

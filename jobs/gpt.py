@@ -2,13 +2,15 @@
 (`jobs.gpt:bits_per_byte`), free of distributed code like every model here.
 
 Laid out as torchtitan lays out its models, so that every parallelism applies to it unchanged:
-- the repeated blocks live in an `nn.ModuleDict` keyed "0", "1", ... (`layers.3.attn.qkv.weight`): a pipeline
+- the repeated blocks live in an `nn.ModuleDict` keyed "0", "1", ... (`layers.3.attn.q.weight`): a pipeline
   stage deletes the blocks it does not own and the others keep their names, so a checkpoint written by any
   layout has the same keys as one written by a single process;
 - `forward` skips whatever a stage has set to None (`tok_embeddings`, `pos_embeddings`, `norm`, `output`):
   the first stage maps tokens to hidden states, middle stages map hidden states to hidden states, the last
   one maps them to logits;
-- `Block` is the unit FSDP shards one by one.
+- `Block` is the unit FSDP shards one by one;
+- queries, keys and values are three projections, not one fused one: tensor parallelism splits each by
+  heads (`GPT.tensor_parallel_plan`), and a fused weight cut in equal pieces would not split by heads.
 """
 from __future__ import annotations
 
@@ -22,21 +24,26 @@ from torch import nn
 
 class Attention(nn.Module):
     """Multi-head causal self-attention through `scaled_dot_product_attention` (a fused kernel where one
-    exists: flash attention on GPUs, a blocked kernel on CPUs)."""
+    exists: flash attention on GPUs, a blocked kernel on CPUs). Under tensor parallelism q, k and v hold
+    this rank's heads only: the head count is read from their width, so one process and a rank of many
+    run the same code."""
 
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
-        self.heads, self.dropout = heads, dropout
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.head_dim, self.dropout = dim // heads, dropout
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.k = nn.Linear(dim, dim, bias=False)
+        self.v = nn.Linear(dim, dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, steps, dim = x.shape
-        q, k, v = self.qkv(x).split(dim, dim=2)
-        q, k, v = (t.view(batch, steps, self.heads, dim // self.heads).transpose(1, 2) for t in (q, k, v))
+        batch, steps, _ = x.shape
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        width = q.shape[-1]  # dim, or dim / tensor_parallel on a rank holding a share of the heads
+        q, k, v = (t.view(batch, steps, width // self.head_dim, self.head_dim).transpose(1, 2) for t in (q, k, v))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                            is_causal=True)
-        return self.proj(y.transpose(1, 2).reshape(batch, steps, dim))
+        return self.proj(y.transpose(1, 2).reshape(batch, steps, width))
 
 
 class MLP(nn.Module):
@@ -71,7 +78,7 @@ class GPT(nn.Module):
     def __init__(self, vocab: int, seq_len: int, dim: int, layers: int, heads: int, mlp_ratio: int,
                  dropout: float, tied_embeddings: bool) -> None:
         super().__init__()
-        self.seq_len = seq_len
+        self.seq_len, self.heads = seq_len, heads
         self.tok_embeddings: Optional[nn.Embedding] = nn.Embedding(vocab, dim)
         self.pos_embeddings: Optional[nn.Embedding] = nn.Embedding(seq_len, dim)
         self.drop = nn.Dropout(dropout)
@@ -84,6 +91,18 @@ class GPT(nn.Module):
             # depend on the tying. A pipeline that puts the two on different stages cannot tie them (the
             # gradient would have to be summed across stages): build it with tied_embeddings=False.
             self.output.weight = self.tok_embeddings.weight
+
+    def tensor_parallel_plan(self, ranks: int) -> dict[str, str]:
+        """How `parallel.tensor_parallel` splits the model over `ranks` ranks (jobs.parallel.tensor applies
+        it; a plan is only declared here): in every block q, k, v and the MLP's first layer column-wise, each
+        rank computing heads / ranks heads and hidden / ranks hidden units, and the two output projections
+        row-wise, their partial sums added across the ranks. Embeddings, norms and the output layer are
+        replicated: the residual stream is whole on every rank between blocks."""
+        if self.heads % ranks:
+            raise ValueError(f"model.kwargs.heads={self.heads} is not divisible by parallel.tensor_parallel="
+                             f"{ranks}: each rank computes a whole number of heads")
+        return {"layers.*.attn.q": "colwise", "layers.*.attn.k": "colwise", "layers.*.attn.v": "colwise",
+                "layers.*.attn.proj": "rowwise", "layers.*.mlp.fc": "colwise", "layers.*.mlp.proj": "rowwise"}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tok_embeddings is not None:  # the first stage: x holds token ids

@@ -51,6 +51,8 @@ def recipe_targets(recipe: RecipeConfig) -> dict[str, str]:
     data_key = "data.target" if recipe.data.target else "data.name"
     found = {model_key: recipe.model.factory, data_key: recipe.data.factory, "loss.target": recipe.loss.target}
     found.update({f"metrics.{name}": path for name, path in recipe.eval_metrics.items()})
+    if recipe.parallel.tp_plan is not None:
+        found["parallel.tp_plan"] = recipe.parallel.tp_plan
     return found
 
 

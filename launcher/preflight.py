@@ -104,16 +104,17 @@ def check_imports(recipe: RecipeConfig, src: str) -> None:
     Built-in recipes name only the project's own modules and skip it: no torch import for them."""
     from jobs.targets import check_imports as import_targets  # imports user code, which imports torch
 
-    if any((recipe.model.target, recipe.data.target, recipe.loss.target != DEFAULT_LOSS, recipe.metrics)):
+    if any((recipe.model.target, recipe.data.target, recipe.loss.target != DEFAULT_LOSS, recipe.metrics,
+            recipe.parallel.tp_plan)):
         import_targets(recipe, src, code_dir_of(recipe))
 
 
 def check_layout(recipe: RecipeConfig, src: str) -> None:
-    """Split points, FSDP and compile's block names, and blocks to checkpoint, checked against the model
-    (built on the meta device) before anything is written or queued. Only recipes that name modules or
-    need blocks pay for the torch import."""
+    """Split points, FSDP and compile's block names, blocks to checkpoint and the tensor-parallel plan checked
+    against the model (built on the meta device) before anything is written or queued. Only recipes that
+    name modules, need blocks or split them pay for the torch import."""
     p = recipe.parallel
-    if p.strategy == "pipeline" or p.fsdp_blocks or p.activation_checkpointing != "none" \
+    if p.strategy == "pipeline" or p.fsdp_blocks or p.tensor_parallel > 1 or p.activation_checkpointing != "none" \
             or recipe.trainer.compile_exclude:
         from jobs.parallel.preflight import check_layout as check_model_layout
 

@@ -53,7 +53,7 @@ def test_blocks_are_indexed_by_name_in_a_module_dict() -> None:
     assert all(isinstance(block, Block) for block in model.layers.values())
     names = set(model.state_dict())
     assert {"tok_embeddings.weight", "pos_embeddings.weight", "norm.weight", "output.weight",
-            "layers.3.attn.qkv.weight", "layers.3.mlp.proj.weight"} <= names
+            "layers.3.attn.q.weight", "layers.3.attn.v.weight", "layers.3.mlp.proj.weight"} <= names
     prefixes = {"tok_embeddings", "pos_embeddings", "layers", "norm", "output"}
     assert {name.split(".")[0] for name in names} == prefixes
     assert {name.split(".")[1] for name in names if name.startswith("layers.")} == {"0", "1", "2", "3"}
@@ -70,7 +70,7 @@ def test_tied_embeddings_share_one_tensor_and_keep_both_names() -> None:
 def test_same_seed_same_weights_other_seed_other_weights() -> None:
     a, b, c = _model(seed=3).state_dict(), _model(seed=3).state_dict(), _model(seed=4).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert not torch.equal(a["layers.0.attn.qkv.weight"], c["layers.0.attn.qkv.weight"])
+    assert not torch.equal(a["layers.0.attn.q.weight"], c["layers.0.attn.q.weight"])
 
 
 def test_causal_a_token_changes_no_earlier_logit() -> None:
@@ -220,7 +220,7 @@ def test_recipe_learns_on_two_ddp_ranks(straight: Path) -> None:
     log = (straight / "logs" / "rank0.log").read_text()
     assert "micro batch 8 x accumulation 1 x 2 ranks = 16" in log
     weights = final_params(straight)
-    assert {"layers.0.attn.qkv.weight", "layers.1.mlp.fc.weight", "output.weight"} <= set(weights)
+    assert {"layers.0.attn.k.weight", "layers.1.mlp.fc.weight", "output.weight"} <= set(weights)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 - distributed: the device and process group of a rank, the trainer's own collectives;
 - apply: parallelize() per `parallel.strategy` (DDP, FSDP, a pipeline stage), unwrap(), gradient_sync();
 - fsdp: fully_shard per block, then the root;
+- tensor: tensor parallelism, the model's plan on the tp dimension of a (dp, tp) mesh;
 - pipeline: manual pipeline stages, their (pp, dp) layout and the runner that drives a schedule;
 - state: each part's model and optimizer state in a layout-independent form (checkpoints).
 """

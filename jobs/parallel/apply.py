@@ -16,6 +16,7 @@ from jobs.parallel.compiler import apply_compile
 from jobs.parallel.float8 import apply_float8
 from jobs.parallel.fsdp import apply_fsdp, check_device, is_fsdp
 from jobs.parallel.pipeline import PipelineLayout, build_stage, split_points
+from jobs.parallel.tensor import apply_tensor_parallel, device_mesh
 from jobs.schema import ParallelConfig, TrainerConfig, UsageError
 
 log = logging.getLogger("jobs.parallel")
@@ -23,8 +24,8 @@ log = logging.getLogger("jobs.parallel")
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device,
                 trainer: Optional[TrainerConfig] = None) -> nn.Module:
-    """Wrap or shard a plain model for the configured strategy, in torchtitan's order: activation
-    checkpointing and compile per block, then the data-parallel wrapping (FSDP's hooks and DDP's reducer stay
+    """Wrap or shard a plain model for the configured strategy, in torchtitan's order: float8 layers, tensor
+    parallel, activation checkpointing and compile per block, then the data-parallel wrapping (FSDP's hooks and DDP's reducer stay
     outside the compiled graphs). One rank runs the plain model whatever the strategy: there is nothing to
     spread (a pipeline needs 2 ranks: checked at load). A pipeline rank gets its stage: the part of the model
     it owns, under the model's own names."""
@@ -35,13 +36,16 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: tor
     model = model.to(device)
     if trainer is not None and trainer.precision == "fp8":
         apply_float8(model, announce=env.is_main)
+    mesh = device_mesh(cfg, env.world_size, device) if cfg.strategy == "fsdp" and env.distributed else None
+    if mesh is not None and cfg.tensor_parallel > 1:  # first, on the plain model (torchtitan's order)
+        apply_tensor_parallel(model, cfg, mesh["tp"], env.is_main)
     model = per_block(model, cfg, trainer, env)
     if not env.distributed:
         if cfg.strategy != "ddp" and env.is_main:
             log.info("%s on one rank: the plain model, nothing to shard", cfg.strategy)
         return model
-    if cfg.strategy == "fsdp":
-        return apply_fsdp(model, cfg, env, device)
+    if mesh is not None:  # FSDP last, over the data-parallel dimension
+        return apply_fsdp(model, cfg, env, device, mesh["dp"])
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -99,11 +103,12 @@ def _span(owned: list[str]) -> str:
 
 def data_parallel(cfg: ParallelConfig, env: RankEnv) -> tuple[int, int]:
     """(replicas, this rank's replica) of the data: every rank reads its own share, except in a
-    pipeline, where the stages of one replica all read that replica's whole batch."""
+    pipeline, where the stages of one replica all read that replica's whole batch, and with tensor
+    parallelism, where the ranks of a group (neighbours: tp is the mesh's inner dimension) all read theirs."""
     if cfg.strategy == "pipeline":
         layout = pipeline_layout(cfg, env)
         return layout.replicas, layout.replica
-    return env.world_size, env.rank
+    return env.world_size // cfg.tensor_parallel, env.rank // cfg.tensor_parallel
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
-"""FSDP2: `fully_shard` per block, then the root, on a 1-D mesh of every rank (torchtitan's
-apply_fsdp). Each block is one communication group: its parameters are all-gathered just before
-its forward and freed after, so a rank holds its shard plus one block's full weights at a time."""
+"""FSDP2: `fully_shard` per block, then the root, on the data-parallel mesh: every rank, or with tensor
+parallelism the "dp" dimension of the (dp, tp) mesh (torchtitan's apply_fsdp). Each block is one
+communication group: its parameters are all-gathered just before its forward and freed after, so a rank
+holds its shard plus one block's full weights at a time."""
 from __future__ import annotations
 
 import fnmatch
@@ -8,7 +9,7 @@ import logging
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from jobs.env import RankEnv
@@ -17,9 +18,9 @@ from jobs.schema import ParallelConfig
 log = logging.getLogger("jobs.parallel")
 
 
-def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device) -> nn.Module:
-    """Shard `model` in place over all ranks; its parameter names (FQNs) are unchanged."""
-    mesh = init_device_mesh(device.type, (env.world_size,))
+def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device,
+               mesh: DeviceMesh) -> nn.Module:
+    """Shard `model` in place over the ranks of `mesh`; its parameter names (FQNs) are unchanged."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cfg.mixed_precision \
         else MixedPrecisionPolicy()
     # pinned host memory speeds the copies to a GPU; a CPU-only build has no pinned memory to give
@@ -30,7 +31,7 @@ def apply_fsdp(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torc
         fully_shard(model.get_submodule(name), mesh=mesh, mp_policy=mp, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=mp, offload_policy=offload)  # the rest: embeddings, heads
     if env.is_main:
-        log.info("fsdp: %d ranks; %d blocks sharded apart (%s) + the root%s%s", env.world_size, len(blocks),
+        log.info("fsdp: %d ranks; %d blocks sharded apart (%s) + the root%s%s", mesh.size(), len(blocks),
                  _few(blocks), "; bf16 parameters, fp32 reduction" if cfg.mixed_precision else "",
                  "; parameters offloaded to the CPU" if cfg.cpu_offload else "")
     return model

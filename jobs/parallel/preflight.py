@@ -1,7 +1,8 @@
 """The layout checks the ranks would make, made before submission on the model built on the meta
 device (no memory, no weights): pipeline split points that name no block, more stages than blocks,
-FSDP block patterns that match nothing. A refusal after an hour in the queue is the failure this
-avoids. A factory that cannot build on the meta device is left to the ranks' own checks."""
+FSDP block patterns that match nothing, a tensor-parallel plan that is missing or cannot split the
+model (heads or widths not divisible by parallel.tensor_parallel). A refusal after an hour in the queue is
+the failure this avoids. A factory that cannot build on the meta device is left to the ranks' own checks."""
 from __future__ import annotations
 
 import logging
@@ -11,6 +12,7 @@ import torch
 from jobs.models import build_model
 from jobs.parallel.fsdp import default_blocks, matches, shard_blocks
 from jobs.parallel.pipeline import split_points
+from jobs.parallel.tensor import tensor_plan
 from jobs.schema import ConfigError, RecipeConfig
 
 log = logging.getLogger("launcher")
@@ -41,6 +43,13 @@ def check_layout(recipe: RecipeConfig, src: str) -> None:
         except ValueError as err:
             raise ConfigError(src, "parallel.fsdp_blocks", str(err), "or drop parallel.fsdp_blocks to shard the "
                               "model's repeated layers") from None
+    if p.tensor_parallel > 1:
+        try:
+            tensor_plan(model, p)
+        except ValueError as err:
+            raise ConfigError(src, "parallel.tensor_parallel", f"{p.tensor_parallel}: {err}",
+                              "use a parallel.tensor_parallel that divides the heads and split widths, or 1 "
+                              "(no split)") from None
     _check_blocks(recipe, model, src)
 
 

@@ -43,6 +43,13 @@ class ParallelConfig:
     # selective: "op" keeps every matmul's output but every second one and attention's (torchtitan's op-level
     # policy) and recomputes the cheap element-wise ops; N: every Nth block fully checkpointed, the others not
     selective_ac: Union[int, Literal["op"]] = "op"
+    # fsdp: ranks that split each layer's weights and compute (tensor parallelism, innermost: ranks r and r+1
+    # of a group); FSDP shards over the world_size / tensor_parallel replicas, which read their own data
+    tensor_parallel: int = 1
+    # how the layers are split: "pkg.module:function" called with (model, tensor_parallel) returning
+    # {module name pattern: "colwise" | "rowwise" (or a torch ParallelStyle)}; unset: the model's own
+    # tensor_parallel_plan(tensor_parallel) method (jobs.gpt's GPT has one)
+    tp_plan: Optional[str] = None
     # a collective that waits longer than this fails the run (init_process_group's timeout, NCCL and gloo alike)
     collective_timeout_s: float = 600.0
     # what NCCL does with a timed-out or failed collective (TORCH_NCCL_ASYNC_ERROR_HANDLING, set on every rank of
@@ -63,8 +70,9 @@ class ParallelConfig:
     @property
     def data_parallel_size(self) -> int:
         """Ranks that each train on their own share of the batch: every rank; in a pipeline, the replicas
-        of a stage (the stages of one replica all see the same batch)."""
-        return max(1, self.world_size // self.stages)
+        of a stage (the stages of one replica all see the same batch); with tensor parallelism, the groups
+        (the ranks of one group all see the same batch)."""
+        return max(1, self.world_size // self.stages // self.tensor_parallel)
 
     def rank_environment(self) -> dict[str, str]:
         """The variables torch reads when a rank makes its process group (the trainer's and a script's alike)."""
@@ -84,6 +92,7 @@ class ParallelConfig:
                 if getattr(self, key) != unset:
                     raise ConfigError(src, f"parallel.{key}", f"is only read with parallel.strategy=pipeline, not "
                                       f"{self.strategy}", f"set parallel.strategy=pipeline, or drop parallel.{key}")
+        self._check_tensor(src)
         if self.strategy != "fsdp":
             for key in ("fsdp_blocks", "mixed_precision", "cpu_offload"):
                 if getattr(self, key):
@@ -99,6 +108,25 @@ class ParallelConfig:
                               "set parallel.activation_checkpointing=selective, or drop parallel.selective_ac")
         if self.selective_ac != "op":
             positive(src, "parallel.selective_ac", self.selective_ac)
+
+    def _check_tensor(self, src: str) -> None:
+        positive(src, "parallel.tensor_parallel", self.tensor_parallel)
+        if self.tensor_parallel == 1:
+            if self.tp_plan is not None:
+                raise ConfigError(src, "parallel.tp_plan", "is only read with parallel.tensor_parallel > 1",
+                                  "set parallel.tensor_parallel=2 or more, or drop parallel.tp_plan")
+            return
+        if self.strategy != "fsdp":
+            # FSDP2 shards the tensor-parallel weights over the other mesh dimension and DCP reshards its
+            # checkpoints to any layout; DDP and pipeline stages over a 2-D mesh are not built
+            raise ConfigError(src, "parallel.tensor_parallel", f"{self.tensor_parallel} with parallel.strategy="
+                              f"{self.strategy}: tensor parallelism is built on FSDP only (FSDP shards over the "
+                              "data-parallel dimension)", "set parallel.strategy=fsdp, or parallel.tensor_parallel=1")
+        if self.world_size % self.tensor_parallel:
+            raise ConfigError(src, "parallel.tensor_parallel", f"{self.tensor_parallel} does not divide the world "
+                              f"size {self.world_size} (nodes x procs_per_node): every data-parallel replica is "
+                              "a whole tensor-parallel group", f"use a divisor of {self.world_size}, or change "
+                              "parallel.nodes / parallel.procs_per_node")
 
     def _check_pipeline(self, src: str) -> None:
         if self.pipeline_schedule in MULTI_STAGE_SCHEDULES:

@@ -341,12 +341,13 @@ class RecipeConfig:
         if t.global_batch % per_step:
             raise ConfigError(
                 src, "trainer.global_batch",
-                f"{t.global_batch} is not divisible by micro_batch x world_size = {t.micro_batch} x {world} = {per_step}",
+                f"{t.global_batch} is not divisible by micro_batch x data-parallel size = {t.micro_batch} x {world} = "
+                f"{per_step}",
                 f"use a global_batch that is a multiple of {per_step}, or change trainer.micro_batch / parallel.*")
         if t.grad_accum is not None and t.grad_accum != self.grad_accum:
             raise ConfigError(
                 src, "trainer.grad_accum",
-                f"{t.grad_accum} disagrees with global_batch / (micro_batch x world_size) = {self.grad_accum}",
+                f"{t.grad_accum} disagrees with global_batch / (micro_batch x data-parallel size) = {self.grad_accum}",
                 "leave trainer.grad_accum unset to derive it")
 
     def _check_auto(self, src: str) -> None:
@@ -384,9 +385,13 @@ class RecipeConfig:
 
     def _check_fsdp(self, src: str) -> None:
         """What FSDP cannot do with this trainer config (a device chosen by `auto` is checked on the rank)."""
+        check_target(src, "parallel.tp_plan", self.parallel.tp_plan)
         if self.parallel.mixed_precision and self.trainer.device == "cpu":
             raise ConfigError(src, "parallel.mixed_precision", "needs CUDA, and trainer.device is cpu",
                               "set parallel.mixed_precision=false (trainer.precision=bf16 autocasts on the CPU)")
+        if self.trainer.precision == "fp8" and self.parallel.tensor_parallel > 1:
+            raise ConfigError(src, "trainer.precision", "fp8 with parallel.tensor_parallel > 1 is not built (the "
+                              "split layers would need float8 tensor-parallel styles)", "use trainer.precision=bf16")
         if self.trainer.precision == "fp16":
             raise ConfigError(src, "trainer.precision", "fp16 with parallel.strategy=fsdp: the gradient scaler "
                               "would skip steps rank by rank", "use trainer.precision=bf16, or "

@@ -9,7 +9,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from jobs import parallel
-from jobs.env import RankEnv
 from jobs.parallel.pipeline import PipelineRunner
 from jobs.training.objective import batch_sum
 from jobs.training.step import StepSettings, autocast
@@ -26,12 +25,16 @@ class EvalResult:
         return ", ".join(f"{k}={v:.4f}" for k, v in self.metrics.items())
 
 
-def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSettings) -> dict[str, float]:
-    """val/loss and val/<metric> over the whole validation set, each sample counted once across ranks."""
+def evaluate(model: nn.Module, dataset: Dataset, replicas: tuple[int, int], settings: StepSettings) -> dict[str, float]:
+    """val/loss and val/<metric> over the whole validation set, each sample counted once per data-parallel
+    replica: `replicas` is (replicas, this rank's replica), parallel.data_parallel's. The ranks of a tensor-
+    parallel group evaluate their replica's share together (their forward is a collective); each adds the
+    same sums, which count its samples as often as their count does: the means are the same."""
     model.eval()
     device, objective, t = settings.device, settings.objective, settings.trainer
     fns = {"loss": objective.loss, **objective.metrics}
-    shard = list(range(env.rank, len(dataset), env.world_size))  # no padding: no sample counted twice
+    count, replica = replicas
+    shard = list(range(replica, len(dataset), count))  # no padding: no sample counted twice
     sums = torch.zeros(len(fns) + 1, dtype=torch.float64, device=device)  # one sum per fn, then the count
     batch = settings.eval_batch
     loader = DataLoader(dataset, batch_size=batch, sampler=shard, generator=torch.Generator())
@@ -44,7 +47,7 @@ def evaluate(model: nn.Module, dataset: Dataset, env: RankEnv, settings: StepSet
                 sums[i] += batch_sum(fn(outputs, y), len(y))
             sums[-1] += len(y)
         if parallel.forward_is_collective(model):  # FSDP gathers weights in every forward: match rank 0's count
-            most = math.ceil(math.ceil(len(dataset) / env.world_size) / batch)  # rank 0 has the largest shard
+            most = math.ceil(math.ceil(len(dataset) / count) / batch)  # replica 0 has the largest shard
             _idle_forwards(model, dataset, most - len(loader), settings)
     sums = parallel.all_reduce_sum(sums)
     return {f"val/{name}": (sums[i] / sums[-1]).item() for i, name in enumerate(fns)}

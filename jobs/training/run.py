@@ -70,7 +70,9 @@ def build_trainer(recipe: RecipeConfig, run: RunContext, storage: StorageConfig,
     optimizers = build_optimizers(recipe.optim, model)
     schedulers = build_schedulers(recipe.schedule, optimizers, total)
     scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-    seed_rank(t.seed, env.rank)  # distinct dropout streams per rank
+    # distinct dropout streams per rank; the same within a tensor-parallel group, whose ranks each hold the
+    # whole residual stream and must drop the same units of it
+    seed_rank(t.seed, env.rank // p.tensor_parallel)
     # a model spread over ranks is saved the same way: each rank writes its part (DCP), nothing is gathered
     sharded = env.distributed and p.strategy in ("fsdp", "pipeline")
     # nodes without a shared folder (VMs): each rank sends its own shard to the store (jobs/checkpoint/spread.py)

@@ -8,13 +8,13 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from jobs import parallel
 from jobs.data import ignore_stop_signals
 from jobs.parallel.pipeline import PipelineRunner
 from jobs.parallel.pipeline import clip_grad_norm_ as pipeline_clip_grad_norm_
+from jobs.parallel.tensor import clip_grad_norm_
 from jobs.training.memory import is_oom
 from jobs.training.objective import Objective
 from jobs.training.parts import ModelParts, Optimizers
@@ -114,9 +114,9 @@ def train_step(model: ModelParts, optimizers: Optimizers, scaler: Optional[torch
         for opt in optimizers:
             scaler.unscale_(opt)
     if cfg.grad_clip is not None:
-        # over FSDP's sharded gradients (DTensors) torch reduces the shards' norms across ranks: the
-        # total norm is the whole model's, as with DDP
-        nn.utils.clip_grad_norm_(model.trainable(), cfg.grad_clip)
+        # over FSDP's sharded gradients (DTensors) the shards' norms are reduced across ranks: the
+        # total norm is the whole model's, as with DDP (tensor parallelism: gradients on two meshes)
+        clip_grad_norm_(model.trainable(), cfg.grad_clip)
     if scaler is not None:
         for opt in optimizers:
             scaler.step(opt)

@@ -191,8 +191,9 @@ class Trainer:
                 f"{now['strategy']} on {now['world_size']}: {how}")
 
     def _layout(self) -> dict[str, Any]:
-        return {"strategy": self.recipe.parallel.strategy if self.env.distributed else "single",
-                "world_size": self.env.world_size}
+        p = self.recipe.parallel  # "fsdp x tp2": FSDP over tensor-parallel groups of 2 ranks
+        strategy = p.strategy + (f" x tp{p.tensor_parallel}" if p.tensor_parallel > 1 else "")
+        return {"strategy": strategy if self.env.distributed else "single", "world_size": self.env.world_size}
 
     # ------------------------------------------------------------------ the batch split
     def _plan_batch(self, replicas: int) -> str:
@@ -243,8 +244,10 @@ class Trainer:
         how = self._plan_batch(replicas)
         steps_per_epoch = len(sampler) // self.recipe.replica_batch
         if self.env.is_main:
-            ranks = "" if self.pipeline is None else \
-                f" ({replicas} data-parallel replicas of {self.pipeline.num_stages} pipeline stages)"
+            tp = self.recipe.parallel.tensor_parallel
+            ranks = f" ({replicas} data-parallel replicas of {tp}-rank tensor-parallel groups)" if tp > 1 else ""
+            if self.pipeline is not None:
+                ranks = f" ({replicas} data-parallel replicas of {self.pipeline.num_stages} pipeline stages)"
             log.info("%s%s%s; %d steps/epoch, %d steps", self.batch.line(), ranks, how, steps_per_epoch,
                      self.total_steps)
         bar = _progress_bar(self.recipe, self.total_steps, st.step, self.env)
@@ -339,7 +342,8 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and logging
     def _evaluate(self) -> None:
         step = self.progress.step
-        metrics = evaluate(self.model.single, self.val_set, self.env, self.settings) if self.pipeline is None \
+        replicas = parallel.data_parallel(self.recipe.parallel, self.env)
+        metrics = evaluate(self.model.single, self.val_set, replicas, self.settings) if self.pipeline is None \
             else evaluate_pipeline(self.pipeline, self.val_set, self.settings)
         self.metrics.log(step, metrics)
         if self.env.is_main:  # e.g. "val/loss 0.1234 val/acc 0.9700"
