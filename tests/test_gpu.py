@@ -159,3 +159,17 @@ def test_fp8_refused_on_a_gpu_without_float8_tensor_cores(runs_dir: Path) -> Non
     proc = run_cli("launch", "gpt_small", *GPT_ON_ONE_GPU, "trainer.precision=fp8", "--run-name", "fp8",
                    runs_dir=runs_dir)
     assert proc.returncode != 0 and "needs float8 tensor cores (compute capability 8.9+" in proc.stdout + proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices for tensor parallel over NCCL")
+def test_tensor_parallel_compiled_bf16_over_nccl(runs_dir: Path) -> None:
+    """TP=2 on 2 GPUs (one FSDP replica), compiled blocks, bf16 autocast, selective checkpointing: it trains and
+    its sharded checkpoint exports to the plain names."""
+    proc = run_cli("launch", "gpt_small", *GPT_ON_ONE_GPU, "parallel.procs_per_node=2", "parallel.strategy=fsdp",
+                   "parallel.tensor_parallel=2", "trainer.precision=bf16", "trainer.compile=true",
+                   "parallel.activation_checkpointing=selective", "checkpoint.every_steps=10", "--run-name", "tp",
+                   runs_dir=runs_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "process group: nccl, 2 ranks" in proc.stdout
+    assert read_result(runs_dir / "tp")["val/loss"] < 5.0
+    assert "layers.0.attn.q.weight" in final_params(runs_dir / "tp")
