@@ -28,7 +28,9 @@ and the CPU probe run then too, on rank 0, outside every window.
 
 Peak memory is the largest over the ranks since the process started: on CUDA the allocator's high-water
 mark (`torch.cuda.max_memory_allocated`, key peak_mem_gb), on a CPU the process's resident set high-water
-mark (`getrusage` ru_maxrss, key peak_rss_gb: it includes Python, torch and the data). GB = 10⁹ bytes.
+mark (Linux's VmHWM, key peak_rss_gb: it includes Python, torch and the data; not getrusage's ru_maxrss,
+which a process keeps across exec from the process it was forked from: a rank would report torchrun's
+agent, or a test runner's, when that was larger). GB = 10⁹ bytes.
 """
 from __future__ import annotations
 
@@ -180,12 +182,25 @@ class Throughput:
         if cuda:
             used = float(torch.cuda.max_memory_allocated(self.device))
         else:  # kilobytes on Linux, bytes on macOS
-            used = float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
+            used = float(peak_rss_bytes())
         if dist.is_initialized():
             value = torch.tensor([used], dtype=torch.float64, device=self.device)
             dist.all_reduce(value, op=dist.ReduceOp.MAX)
             used = value.item()
         return {"peak_mem_gb" if cuda else "peak_rss_gb": round(used / 1e9, 4)}
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident-set high-water mark: VmHWM where /proc has it (its own memory since exec),
+    else getrusage's ru_maxrss (kilobytes on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            for entry in status:
+                if entry.startswith("VmHWM:"):
+                    return int(entry.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def line(metrics: dict[str, float]) -> str:
