@@ -114,11 +114,12 @@ CASES: dict[str, tuple[tuple[str, str], ...]] = {
     "launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 200": (
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", SCRIPT_DONE),
         ("launcher run train_resumable.py --procs-per-node 2 --run-name res -- --steps 20", "resumed at step 20"),),
-    # shrunk to the shapes of tests/test_compile_ac.py's runs (inductor's cache may hold their kernels)
+    # one rank and one small block: what is compiled, and how long it takes, is the block's graph per process
     "launcher launch gpt_small trainer.compile=true parallel.activation_checkpointing=selective": (
         (f"launcher launch gpt_small trainer.compile=true parallel.activation_checkpointing=selective {SHORT} "
-         "trainer.global_batch=16 trainer.micro_batch=8 model.kwargs.dim=64 model.kwargs.layers=2 "
-         "model.kwargs.seq_len=64 data.kwargs.seq_len=64 data.kwargs.max_bytes=100000 --run-name readme-compile",
+         "parallel.procs_per_node=1 trainer.global_batch=8 trainer.micro_batch=8 model.kwargs.dim=32 "
+         "model.kwargs.layers=1 model.kwargs.seq_len=32 data.kwargs.seq_len=32 data.kwargs.max_bytes=50000 "
+         "--run-name readme-compile",
          "torch.compile: the blocks' forward passes compiled in"),),
     # needs a GPU cluster: its arguments are validated by `show` instead
     "launcher launch vgg_finetune --cluster cluster_configs/examples/gpu_cluster.yaml parallel.nodes=2 "
