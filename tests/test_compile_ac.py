@@ -58,6 +58,7 @@ def test_a_model_without_blocks_cannot_be_checkpointed() -> None:
 
 # the high-water mark is reset to the current resident set after building (Linux: "5" to clear_refs); not
 # getrusage's ru_maxrss, which survives exec: under a big test runner it never moved
+FIXED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 _MEASURE = """
 import sys, torch
 import torch.nn.functional as F
@@ -79,15 +80,17 @@ print((peak_rss_bytes() - before) // 1024)
 @pytest.mark.slow
 def test_checkpointing_lowers_the_peak_memory_of_a_deep_model() -> None:
     """Measured: the growth of the process's peak resident memory over one forward and backward pass of an
-    8-block GPT (batch 8 x 256 tokens, width 256), each setting in a fresh process."""
+    8-block GPT (batch 8 x 256 tokens, width 256), each setting in a fresh process. glibc's mmap threshold is
+    fixed: by default it rises after large frees, and freed activations then stay resident (the measure
+    followed the allocator's history, not the live tensors: full checkpointing read 0.55-0.65 of none)."""
     def growth(mode: str, selective: str = "op") -> int:
         out = subprocess.run([sys.executable, "-c", _MEASURE, mode, selective], cwd=REPO, check=True, text=True,
-                             capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
+                             capture_output=True, env={**os.environ, **FIXED_MALLOC, "OMP_NUM_THREADS": "1"}).stdout
         return int(out.split()[-1])  # KiB
 
     none, full, op = growth("none"), growth("full"), growth("selective")
     print(f"peak memory growth: none {none} KiB, selective op {op} KiB, full {full} KiB")
-    assert full < 0.6 * none and op < none, (none, op, full)
+    assert full < 0.5 * none and op < 0.8 * none, (none, op, full)
 
 
 class _Branchy(nn.Module):
@@ -152,7 +155,7 @@ def test_bad_compile_and_checkpointing_values_exit_2(overrides: list[str], key: 
 
 
 # ---------------------------------------------------------------- tier 2: real 2-rank runs
-SHORT = ["trainer.max_steps=12", "trainer.eval_every=12", "trainer.global_batch=16", "trainer.micro_batch=8",
+SHORT = ["trainer.max_steps=20", "trainer.eval_every=20", "trainer.global_batch=16", "trainer.micro_batch=8",
          "model.kwargs.dim=64", "model.kwargs.layers=2", "model.kwargs.seq_len=64", "data.kwargs.seq_len=64",
          "data.kwargs.max_bytes=100000", "checkpoint.every_steps=4", "logging.log_every=1",
          "logging.progress_bar=false"]
@@ -183,14 +186,14 @@ def compiled(runs: Path) -> Path:
 
 
 def _close(a: dict[int, float], b: dict[int, float], tolerance: float) -> float:
-    assert sorted(a) == sorted(b) == list(range(1, 13))
+    assert sorted(a) == sorted(b) == list(range(1, 21))
     return max(abs(a[s] - b[s]) for s in a)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_compiled_and_checkpointed_trains_as_eager(strategy: str, eager: Path, compiled: Path, runs: Path) -> None:
-    """12 steps on 2 ranks: the losses of every step within 1e-4 of eager DDP's (inductor's fused kernels sum
+    """20 steps on 2 ranks: the losses of every step within 1e-4 of eager DDP's (inductor's fused kernels sum
     in another order); FSDP with compile and full checkpointing too (FSDP shards after compile wraps)."""
     run = compiled if strategy == "ddp" else runs / "fsdp"
     if strategy == "fsdp":
@@ -215,7 +218,7 @@ def test_compiled_run_stopped_and_relaunched_is_bit_equal(compiled: Path, runs: 
     os.kill(proc.pid, signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     stopped = read_result(runs / "cut")
-    assert stopped["outcome"] == "preempted" and target <= stopped["step"] < 12, (stopped, out)
+    assert stopped["outcome"] == "preempted" and target <= stopped["step"] < 20, (stopped, out)
     run_cli("launch", "gpt_small", *SHORT, *COMPILED, "--run-name", "cut", runs_dir=runs, check=True, timeout=600)
     assert "resumed from" in (runs / "cut" / "logs" / "rank0.log").read_text()
     expected, got = final_params(compiled), final_params(runs / "cut")
