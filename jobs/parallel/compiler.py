@@ -32,6 +32,11 @@ log = logging.getLogger("jobs.parallel")
 def apply_compile(model: nn.Module, exclude: tuple[str, ...], announce: bool) -> list[str]:
     """Compile the model's blocks (or the whole model, when it has no repeated blocks) but those matching
     `exclude`; returns the names compiled ("" for the model itself)."""
+    # The blocks share their graphs (dynamo inlines nn.Modules: parameters are inputs, not guarded by
+    # identity), one per batch shape and mode, all counted against one code object's recompile limit (8):
+    # an auto micro-batch search, the last batches of an epoch and evaluation can reach it, and past it
+    # dynamo runs the block eagerly without a word (slower, and a resumed run would not run the same kernels)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     blocks = default_blocks(model) or [""]
     kept = [n for n in blocks if not any(matches(n, type(model.get_submodule(n)).__name__, p) for p in exclude)]
     first_calls = _FirstCalls(len(kept), announce)
