@@ -98,19 +98,22 @@ def bench_script(repeats: int) -> dict:
 
 def bench_fsdp() -> dict:
     """FSDP vs DDP per-rank training memory and step time on a 101M-parameter GPT, 2 ranks (bench/fsdp_memory.py)."""
-    out = {}
-    for strategy in ("ddp", "fsdp"):
-        proc = subprocess.run(torchrun("-m", "bench.fsdp_memory", strategy), cwd=REPO, env=ENV, capture_output=True,
-                              text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"bench.fsdp_memory {strategy} failed: {proc.stderr[-2000:]}")
-        out[strategy] = json.loads(lines[-1])
+    out = {strategy: memory_layout(strategy) for strategy in ("ddp", "fsdp")}
     ddp, fsdp = out["ddp"], out["fsdp"]
     out["train_bytes_ratio"] = fsdp["train_bytes"] / ddp["train_bytes"]
     out["peak_rss_ratio"] = fsdp["peak_rss_bytes"] / ddp["peak_rss_bytes"]
     out["step_time_ratio"] = fsdp["s_per_step"] / ddp["s_per_step"]
     return out
+
+
+def memory_layout(layout: str, *args: str, nproc: int = 2, env: dict | None = None) -> dict:
+    """bench/fsdp_memory.py's figures for one layout ("ddp", "fsdp", "fsdp-tp2"), run under torchrun."""
+    proc = subprocess.run(torchrun("-m", "bench.fsdp_memory", layout, *args, nproc=nproc), cwd=REPO,
+                          env={**ENV, **(env or {})}, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"bench.fsdp_memory {layout} failed: {proc.stderr[-2000:]}")
+    return json.loads(lines[-1])
 
 
 def descendants(pid: int) -> dict[int, bytes]:

@@ -9,9 +9,8 @@ direction."""
 from __future__ import annotations
 
 import json
-import subprocess
 
-from bench.run import ENV, REPO, torchrun
+from bench.run import memory_layout
 
 LAYOUTS = ("fsdp", "fsdp-tp2")
 # glibc keeps freed heap memory, and its mmap threshold grows as large blocks are freed: RSS then measured the
@@ -22,14 +21,8 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"
 
 
 def run(small: bool = False) -> dict:
-    out: dict = {}
-    for layout in LAYOUTS:
-        args = ["-m", "bench.fsdp_memory", layout, *(["small"] if small else [])]
-        proc = subprocess.run(torchrun(*args, nproc=4), cwd=REPO, env={**ENV, **MALLOC}, capture_output=True, text=True)
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-        if not lines:
-            raise RuntimeError(f"bench.fsdp_memory {layout} failed: {proc.stderr[-2000:]}")
-        out[layout] = json.loads(lines[-1])
+    out: dict = {layout: memory_layout(layout, *(["small"] if small else []), nproc=4, env=MALLOC)
+                 for layout in LAYOUTS}
     fsdp, tp = out["fsdp"], out["fsdp-tp2"]
     out["train_bytes_ratio"] = tp["train_bytes"] / fsdp["train_bytes"]
     out["peak_rss_ratio"] = tp["peak_rss_bytes"] / fsdp["peak_rss_bytes"]

@@ -94,6 +94,14 @@ class Background:
             self.proc.wait(timeout=120)
 
 
+def assert_refused_at_load(proc: subprocess.CompletedProcess, key: str, runs_dir: Path) -> None:
+    """A bad recipe value: exit 2, the first line of stderr an error naming `key`, nothing written."""
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith("error:") and f"{key}:" in first, proc.stderr
+    assert not any(runs_dir.iterdir())
+
+
 def read_result(run_dir: Path) -> dict:
     return json.loads((run_dir / "result.json").read_text())
 

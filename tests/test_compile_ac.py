@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import REPO, final_params, launch_until_step, read_result, run_cli
+from conftest import REPO, assert_refused_at_load, final_params, launch_until_step, read_result, run_cli
 from jobs.gpt import gpt
 from jobs.parallel.activation import apply_ac
 from jobs.parallel.compiler import apply_compile
@@ -148,10 +148,7 @@ def test_fp8_is_refused_on_the_cpu_with_a_hint() -> None:
 ])
 def test_bad_compile_and_checkpointing_values_exit_2(overrides: list[str], key: str, runs_dir: Path) -> None:
     proc = run_cli("launch", "gpt_small", *overrides, "--run-name", "bad", runs_dir=runs_dir)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    first = proc.stderr.strip().splitlines()[0]
-    assert first.startswith("error:") and f"{key}:" in first, proc.stderr
-    assert not any(runs_dir.iterdir())
+    assert_refused_at_load(proc, key, runs_dir)
 
 
 # ---------------------------------------------------------------- tier 2: real 2-rank runs

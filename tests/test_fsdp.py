@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import final_params, launch_until_step, read_result, run_cli
+from conftest import assert_refused_at_load, final_params, launch_until_step, read_result, run_cli
 from jobs.models import SmallCNN, VGG
 from jobs.parallel.fsdp import shard_blocks
 from jobs.parallel.state import named_optimizer_state, numbered_optimizer_state
@@ -88,10 +88,7 @@ def test_optimizer_state_converts_between_numbered_and_named_forms() -> None:
 ])
 def test_bad_fsdp_values_exit_2_before_anything_is_written(overrides: list[str], key: str, runs_dir: Path) -> None:
     proc = run_cli("launch", "digits", *overrides, "--run-name", "bad", runs_dir=runs_dir)
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    first = proc.stderr.strip().splitlines()[0]
-    assert first.startswith("error:") and f"{key}:" in first, proc.stderr
-    assert not any(runs_dir.iterdir())
+    assert_refused_at_load(proc, key, runs_dir)
 
 
 # ---------------------------------------------------------------- tier 2: real 2-rank runs
