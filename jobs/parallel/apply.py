@@ -25,10 +25,10 @@ log = logging.getLogger("jobs.parallel")
 def parallelize(model: nn.Module, cfg: ParallelConfig, env: RankEnv, device: torch.device,
                 trainer: Optional[TrainerConfig] = None) -> nn.Module:
     """Wrap or shard a plain model for the configured strategy, in torchtitan's order: float8 layers, tensor
-    parallel, activation checkpointing and compile per block, then the data-parallel wrapping (FSDP's hooks and DDP's reducer stay
-    outside the compiled graphs). One rank runs the plain model whatever the strategy: there is nothing to
-    spread (a pipeline needs 2 ranks: checked at load). A pipeline rank gets its stage: the part of the model
-    it owns, under the model's own names."""
+    parallel, activation checkpointing and compile per block, then the data-parallel wrapping (FSDP's hooks
+    and DDP's reducer stay outside the compiled graphs). One rank runs the plain model whatever the strategy:
+    there is nothing to spread (a pipeline needs 2 ranks: checked at load). A pipeline rank gets its stage:
+    the part of the model it owns, under the model's own names."""
     if cfg.strategy == "fsdp":
         check_device(cfg, device)
     if cfg.strategy == "pipeline":
